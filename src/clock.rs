@@ -1,0 +1,43 @@
+//! The monotonic clock the layer measures token lifetimes with.
+
+use std::fmt;
+
+use tokio::time::Instant;
+
+/// A monotonic clock. The default, [`TokioClock`], follows Tokio's clock, so tests that pause
+/// time (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) move token expiry
+/// without sleeping, and a jump of the wall clock cannot expire or revive a token.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use tokio::time::Instant;
+/// use tower_auth_refresh::Clock;
+///
+/// /// A clock that runs one hour ahead, to see how the layer copes with expiry.
+/// #[derive(Debug)]
+/// struct Ahead;
+///
+/// impl Clock for Ahead {
+///     fn now(&self) -> Instant {
+///         Instant::now() + std::time::Duration::from_secs(3600)
+///     }
+/// }
+/// let clock: Arc<dyn Clock> = Arc::new(Ahead);
+/// # let _ = clock;
+/// ```
+pub trait Clock: fmt::Debug + Send + Sync + 'static {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// Tokio's clock ([`tokio::time::Instant::now`]), which honours paused time in tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}

@@ -1,0 +1,80 @@
+//! Events about the token, for logging the user out or auditing refreshes.
+
+use tokio::sync::broadcast;
+
+/// Something that happened to the shared token. Received through
+/// [`TokenHandle::subscribe`](crate::TokenHandle::subscribe). Never carries a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefreshEvent {
+    /// A refresh produced a new token, now at `generation`.
+    Refreshed {
+        /// The new token's generation.
+        generation: u64,
+    },
+    /// A refresh failed (after its retries, for a foreground refresh).
+    RefreshFailed {
+        /// The generation that could not be replaced.
+        generation: u64,
+        /// Whether the failure was terminal.
+        terminal: bool,
+    },
+    /// A terminal failure ended the session: the "log the user out" signal. Sent once per
+    /// session end, however many requests were waiting.
+    SessionEnded {
+        /// The generation whose refresh was rejected.
+        generation: u64,
+    },
+    /// A token was installed through the handle.
+    Installed {
+        /// The installed token's generation.
+        generation: u64,
+    },
+    /// The token was cleared through the handle (logout).
+    Cleared {
+        /// The generation after clearing.
+        generation: u64,
+    },
+}
+
+/// A stream of [`RefreshEvent`]s from one [`TokenHandle`](crate::TokenHandle).
+///
+/// Events are buffered (64); a subscriber that falls further behind skips the oldest and is
+/// told how many it missed.
+#[derive(Debug)]
+pub struct Events {
+    rx: broadcast::Receiver<RefreshEvent>,
+}
+
+/// What [`Events::recv`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// The next event.
+    Event(RefreshEvent),
+    /// The subscriber fell behind and this many events were dropped.
+    Lagged(u64),
+}
+
+impl Events {
+    pub(crate) fn new(rx: broadcast::Receiver<RefreshEvent>) -> Self {
+        Self { rx }
+    }
+
+    /// Waits for the next event. `None` once the layer, its services and handles are gone.
+    pub async fn recv(&mut self) -> Option<Received> {
+        match self.rx.recv().await {
+            Ok(ev) => Some(Received::Event(ev)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Received::Lagged(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// The next event if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Option<Received> {
+        match self.rx.try_recv() {
+            Ok(ev) => Some(Received::Event(ev)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Received::Lagged(n)),
+            Err(_) => None,
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! When a response asks for a refresh: RFC 6750 `WWW-Authenticate` handling.
+//!
+//! By default a response triggers a refresh when its status is 401 and it does not carry a
+//! Bearer challenge whose `error` is something other than `invalid_token`. So
+//! `insufficient_scope` and `invalid_request` (RFC 6750 §3.1) reach the caller untouched:
+//! a new token would not fix them.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{HeaderMap, HeaderValue, StatusCode};
+//! use tower_auth_refresh::policy::{default_trigger, parse_challenges};
+//!
+//! let mut headers = HeaderMap::new();
+//! headers.insert(
+//!     "www-authenticate",
+//!     HeaderValue::from_static(r#"Bearer realm="api", error="insufficient_scope""#),
+//! );
+//! assert!(!default_trigger(StatusCode::UNAUTHORIZED, &headers));
+//! assert!(default_trigger(StatusCode::UNAUTHORIZED, &HeaderMap::new()));
+//!
+//! let challenges = parse_challenges(br#"Basic realm="x", Bearer error="invalid_token""#);
+//! assert_eq!(challenges[1].param("error"), Some("invalid_token"));
+//! ```
+
+use http::header::WWW_AUTHENTICATE;
+use http::{HeaderMap, StatusCode};
+
+/// One challenge of a `WWW-Authenticate` header (RFC 9110 §11.6.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    scheme: String,
+    token68: Option<String>,
+    params: Vec<(String, String)>,
+}
+
+impl Challenge {
+    /// The auth scheme as sent (compare case-insensitively).
+    pub fn scheme(&self) -> &str {
+        &self.scheme
+    }
+
+    /// The `token68` form of the credentials, if the challenge used it.
+    pub fn token68(&self) -> Option<&str> {
+        self.token68.as_deref()
+    }
+
+    /// The auth parameters, names as sent, quoted values unescaped.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
+    /// The value of a parameter, its name compared case-insensitively.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// True for the Bearer scheme, in any case.
+    pub fn is_bearer(&self) -> bool {
+        self.scheme.eq_ignore_ascii_case("bearer")
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token68_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~+/".contains(&b)
+}
+
+struct Parser<'a> {
+    input: &'a [u8],
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.input.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.pos += 1;
+        }
+    }
+
+    fn skip_ws_and_commas(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b',')) {
+            self.pos += 1;
+        }
+    }
+
+    fn token(&mut self) -> Option<String> {
+        let start = self.pos;
+        while self.peek().is_some_and(is_tchar) {
+            self.pos += 1;
+        }
+        (self.pos > start)
+            .then(|| String::from_utf8_lossy(&self.input[start..self.pos]).into_owned())
+    }
+
+    /// A quoted string with backslash escapes; an unterminated one runs to the end.
+    fn quoted(&mut self) -> String {
+        debug_assert_eq!(self.peek(), Some(b'"'));
+        self.pos += 1;
+        let mut out = Vec::new();
+        while let Some(b) = self.peek() {
+            self.pos += 1;
+            match b {
+                b'"' => break,
+                b'\\' => {
+                    if let Some(escaped) = self.peek() {
+                        out.push(escaped);
+                        self.pos += 1;
+                    }
+                }
+                _ => out.push(b),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Skips to the next comma (junk the grammar does not allow).
+    fn skip_junk(&mut self) {
+        while let Some(b) = self.peek() {
+            if b == b',' {
+                break;
+            }
+            if b == b'"' {
+                self.quoted();
+            } else {
+                self.pos += 1;
+            }
+        }
+    }
+
+    /// Looks ahead: is there `token BWS "="` (not `==`, which ends a token68) at the cursor?
+    fn at_param(&self) -> bool {
+        let mut i = self.pos;
+        let start = i;
+        while self.input.get(i).copied().is_some_and(is_tchar) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+        while matches!(self.input.get(i), Some(b' ' | b'\t')) {
+            i += 1;
+        }
+        self.input.get(i) == Some(&b'=') && self.input.get(i + 1) != Some(&b'=')
+    }
+
+    fn params(&mut self, challenge: &mut Challenge) {
+        loop {
+            self.skip_ws();
+            if !self.at_param() {
+                return;
+            }
+            let Some(name) = self.token() else { return };
+            self.skip_ws();
+            self.pos += 1; // '='
+            self.skip_ws();
+            let value = match self.peek() {
+                Some(b'"') => self.quoted(),
+                _ => self.token().unwrap_or_default(),
+            };
+            challenge.params.push((name, value));
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => {
+                    // Another param of this challenge, or the next challenge.
+                    let save = self.pos;
+                    self.skip_ws_and_commas();
+                    if !self.at_param() {
+                        self.pos = save;
+                        return;
+                    }
+                }
+                None => return,
+                Some(_) => {
+                    self.skip_junk();
+                    if self.peek().is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn challenges(&mut self, out: &mut Vec<Challenge>) {
+        loop {
+            self.skip_ws_and_commas();
+            if self.peek().is_none() {
+                return;
+            }
+            let Some(scheme) = self.token() else {
+                self.pos += 1;
+                self.skip_junk();
+                continue;
+            };
+            let mut challenge = Challenge { scheme, token68: None, params: Vec::new() };
+            self.skip_ws();
+            if self.at_param() {
+                self.params(&mut challenge);
+            } else if self.peek().is_some_and(is_token68_char) {
+                let start = self.pos;
+                while self.peek().is_some_and(is_token68_char) {
+                    self.pos += 1;
+                }
+                while self.peek() == Some(b'=') {
+                    self.pos += 1;
+                }
+                challenge.token68 =
+                    Some(String::from_utf8_lossy(&self.input[start..self.pos]).into_owned());
+            }
+            out.push(challenge);
+            self.skip_ws();
+            if !matches!(self.peek(), None | Some(b',')) {
+                self.skip_junk();
+            }
+        }
+    }
+}
+
+/// Parses one `WWW-Authenticate` field value into its challenges. Never panics: junk is
+/// skipped up to the next comma.
+pub fn parse_challenges(value: &[u8]) -> Vec<Challenge> {
+    let mut out = Vec::new();
+    Parser { input: value, pos: 0 }.challenges(&mut out);
+    out
+}
+
+/// The challenges of every `WWW-Authenticate` header in `headers`, in order.
+pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
+    let mut out = Vec::new();
+    for value in headers.get_all(WWW_AUTHENTICATE) {
+        Parser { input: value.as_bytes(), pos: 0 }.challenges(&mut out);
+    }
+    out
+}
+
+/// The default refresh trigger: status 401, unless every Bearer challenge names an `error`
+/// other than `invalid_token` (RFC 6750 §3.1).
+pub fn default_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
+    if status != StatusCode::UNAUTHORIZED {
+        return false;
+    }
+    if !headers.contains_key(WWW_AUTHENTICATE) {
+        return true;
+    }
+    let all = challenges(headers);
+    let mut bearer = all.iter().filter(|c| c.is_bearer()).peekable();
+    if bearer.peek().is_none() {
+        return true;
+    }
+    bearer.any(|c| c.param("error").is_none_or(|e| e == "invalid_token"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(values: &[&str]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for v in values {
+            m.append(WWW_AUTHENTICATE, HeaderValue::from_str(v).unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn rfc6750_errors() {
+        let s = StatusCode::UNAUTHORIZED;
+        assert!(default_trigger(s, &h(&[])));
+        assert!(default_trigger(s, &h(&["Bearer"])));
+        assert!(default_trigger(s, &h(&[r#"Bearer realm="example""#])));
+        assert!(default_trigger(s, &h(&[r#"bEaReR error="invalid_token", error_description="expired""#])));
+        assert!(!default_trigger(s, &h(&[r#"Bearer error="insufficient_scope", scope="a b""#])));
+        assert!(!default_trigger(s, &h(&["Bearer error=invalid_request"])));
+        assert!(default_trigger(s, &h(&[r#"Basic realm="x""#])));
+        assert!(!default_trigger(StatusCode::FORBIDDEN, &h(&[])));
+        // Several headers, several challenges.
+        assert!(!default_trigger(s, &h(&[r#"Basic realm="a", Bearer error="insufficient_scope""#])));
+        assert!(default_trigger(s, &h(&["Basic realm=a", r#"Bearer error="invalid_token""#])));
+    }
+
+    #[test]
+    fn parses_several_challenges_and_escapes() {
+        let c = parse_challenges(
+            br#"Newauth realm="apps", type=1, title="Login to \"apps\"", Basic realm="simple", Token abc123==, Bearer"#,
+        );
+        let schemes: Vec<_> = c.iter().map(Challenge::scheme).collect();
+        assert_eq!(schemes, ["Newauth", "Basic", "Token", "Bearer"]);
+        assert_eq!(c[0].param("TITLE"), Some(r#"Login to "apps""#));
+        assert_eq!(c[0].param("type"), Some("1"));
+        assert_eq!(c[2].token68(), Some("abc123=="));
+    }
+
+    #[test]
+    fn junk_never_panics() {
+        for junk in [
+            &b""[..],
+            b",,,",
+            b"=",
+            b"Bearer ===",
+            b"Bearer error=\"unterminated",
+            b"Bearer error=\"x\\",
+            b"\xff\xfe Bearer error=invalid_token",
+            b"Bearer , , error=\"invalid_token\"",
+            b"@@@ Bearer error=1 junk junk, Basic",
+        ] {
+            let _ = parse_challenges(junk);
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Access tokens whose secret never prints.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+/// An access token, with the `Authorization` header value that carries it and an optional
+/// lifetime.
+///
+/// The secret is validated once, when the token is built, and kept as a ready-made
+/// [`HeaderValue`] marked [sensitive](HeaderValue::set_sensitive), so attaching it to a request
+/// is a reference-count bump. Cloning a `Token` is cheap.
+///
+/// `Token`'s [`Debug`](fmt::Debug) and [`Display`](fmt::Display) never show the secret: they
+/// show the scheme, the lifetime and a redaction marker.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_auth_refresh::Token;
+///
+/// let token = Token::bearer("s3cr3t")?.with_expires_in(Duration::from_secs(3600));
+/// assert_eq!(token.scheme(), "Bearer");
+/// assert_eq!(token.secret(), "s3cr3t");
+/// assert!(!format!("{token:?}").contains("s3cr3t"));
+/// assert!(!token.to_string().contains("s3cr3t"));
+/// # Ok::<(), tower_auth_refresh::InvalidToken>(())
+/// ```
+#[derive(Clone)]
+pub struct Token {
+    inner: Arc<TokenInner>,
+    expires_in: Option<Duration>,
+}
+
+struct TokenInner {
+    secret: Box<str>,
+    scheme: Box<str>,
+    header: HeaderValue,
+}
+
+impl Token {
+    /// Builds a bearer token (`Authorization: Bearer <secret>`, RFC 6750).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidToken`] if the secret is empty or holds bytes that cannot appear in a header
+    /// value (control characters such as `\r` or `\n`, or non-visible ASCII). The error never
+    /// repeats the secret.
+    pub fn bearer(secret: impl Into<String>) -> Result<Self, InvalidToken> {
+        Self::with_scheme("Bearer", secret)
+    }
+
+    /// Builds a token for another `Authorization` scheme, such as `DPoP` or `MAC`.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidToken`] if the scheme is not an HTTP token (letters, digits and `!#$%&'*+-.^_`|~`),
+    /// or the secret is empty or cannot appear in a header value.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::Token;
+    /// let token = Token::with_scheme("DPoP", "abc")?;
+    /// assert_eq!(token.scheme(), "DPoP");
+    /// assert!(Token::with_scheme("two words", "abc").is_err());
+    /// # Ok::<(), tower_auth_refresh::InvalidToken>(())
+    /// ```
+    pub fn with_scheme(scheme: &str, secret: impl Into<String>) -> Result<Self, InvalidToken> {
+        let secret = secret.into();
+        if scheme.is_empty() || !scheme.bytes().all(is_tchar) {
+            return Err(InvalidToken(InvalidKind::Scheme));
+        }
+        if secret.is_empty() {
+            return Err(InvalidToken(InvalidKind::Empty));
+        }
+        // Visible ASCII only: RFC 6750's b64token is narrower still, but servers hand out
+        // opaque tokens in the wild that use other visible characters, so only what cannot
+        // be sent safely in a header is refused. Spaces would split the credentials.
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(InvalidToken(InvalidKind::Secret));
+        }
+        let mut value = String::with_capacity(scheme.len() + 1 + secret.len());
+        value.push_str(scheme);
+        value.push(' ');
+        value.push_str(&secret);
+        let mut header =
+            HeaderValue::from_str(&value).map_err(|_| InvalidToken(InvalidKind::Secret))?;
+        header.set_sensitive(true);
+        Ok(Self {
+            inner: Arc::new(TokenInner {
+                secret: secret.into_boxed_str(),
+                scheme: scheme.into(),
+                header,
+            }),
+            expires_in: None,
+        })
+    }
+
+    /// Sets how long the token lives, counted from when the layer receives it
+    /// (RFC 6749's `expires_in`).
+    ///
+    /// The layer measures the lifetime on its own monotonic clock, so a jump of the wall clock
+    /// cannot expire or revive a token.
+    #[must_use]
+    pub fn with_expires_in(mut self, lifetime: Duration) -> Self {
+        self.expires_in = Some(lifetime);
+        self
+    }
+
+    /// The lifetime given by [`with_expires_in`](Self::with_expires_in), if any.
+    pub fn expires_in(&self) -> Option<Duration> {
+        self.expires_in
+    }
+
+    /// The `Authorization` scheme, `Bearer` unless built with [`with_scheme`](Self::with_scheme).
+    pub fn scheme(&self) -> &str {
+        &self.inner.scheme
+    }
+
+    /// The secret itself. Handle with care: this is the only accessor that reveals it.
+    pub fn secret(&self) -> &str {
+        &self.inner.secret
+    }
+
+    /// The `Authorization` header value (`<scheme> <secret>`), marked sensitive.
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.inner.header
+    }
+
+    /// True when both tokens carry the same secret and scheme.
+    pub fn same_secret(&self, other: &Token) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner) || self.inner.header == other.inner.header
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("scheme", &self.scheme())
+            .field("secret", &"<redacted>")
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} <redacted>", self.scheme())
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A token string that cannot be used: empty, or not sendable in an `Authorization` header.
+///
+/// The message says what is wrong without repeating the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidToken(InvalidKind);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InvalidKind {
+    Empty,
+    Secret,
+    Scheme,
+}
+
+impl fmt::Display for InvalidToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            InvalidKind::Empty => "invalid token: the secret is empty",
+            InvalidKind::Secret => {
+                "invalid token: the secret holds characters that cannot appear in an Authorization header"
+            }
+            InvalidKind::Scheme => "invalid token: the scheme is not an HTTP token",
+        })
+    }
+}
+
+impl std::error::Error for InvalidToken {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_sensitive_and_well_formed() {
+        let t = Token::bearer("abc.def-ghi").unwrap();
+        assert!(t.header_value().is_sensitive());
+        assert_eq!(t.header_value(), "Bearer abc.def-ghi");
+    }
+
+    #[test]
+    fn invalid_secrets_are_refused_without_echo() {
+        for bad in ["", "a b", "line\r\nInjected: 1", "tab\t", "é"] {
+            let err = Token::bearer(bad).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            if !bad.is_empty() {
+                assert!(!shown.contains(bad), "{shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn debug_and_display_redact() {
+        let t = Token::bearer("topsecret").unwrap();
+        assert!(!format!("{t:?}{t}{t:#?}").contains("topsecret"));
+    }
+}
