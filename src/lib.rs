@@ -93,6 +93,9 @@ mod token;
 
 pub mod error;
 pub mod future;
+#[cfg(feature = "oauth2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
+pub mod oauth2;
 pub mod policy;
 
 pub use body::{DEFAULT_MAX_REPLAY_BODY, ReplayBody};
