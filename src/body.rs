@@ -81,9 +81,17 @@ enum SlotState<B> {
     /// The first attempt's body is still alive and has not finished.
     Pending,
     /// Everything was captured.
-    Complete { chunks: Vec<Bytes>, trailers: Option<HeaderMap>, len: usize },
+    Complete {
+        chunks: Vec<Bytes>,
+        trailers: Option<HeaderMap>,
+        len: usize,
+    },
     /// The body was dropped before its end: the captured start and the unread rest.
-    Partial { chunks: Vec<Bytes>, rest: Pin<Box<B>>, total: u64 },
+    Partial {
+        chunks: Vec<Bytes>,
+        rest: Pin<Box<B>>,
+        total: u64,
+    },
     /// Not replayable, or already taken.
     Gone,
 }
@@ -98,20 +106,35 @@ impl<B> ReplaySource<B> {
     /// The body for the one replay, if the first attempt left a complete copy.
     pub(crate) fn take(self) -> Option<ReplayBody<B>> {
         match self {
-            Self::Empty => Some(ReplayBody { kind: Kind::Empty }),
+            Self::Empty => Some(ReplayBody {
+                kind: Kind::Replay(Replay {
+                    chunks: VecDeque::new(),
+                    trailers: None,
+                    rest: None,
+                    remaining: 0,
+                }),
+            }),
             Self::Captured(slot) => {
                 let state = std::mem::replace(
                     &mut *slot.state.lock().unwrap_or_else(PoisonError::into_inner),
                     SlotState::Gone,
                 );
                 let replay = match state {
-                    SlotState::Complete { chunks, trailers, len } => Replay {
+                    SlotState::Complete {
+                        chunks,
+                        trailers,
+                        len,
+                    } => Replay {
                         chunks: chunks.into(),
                         trailers,
                         rest: None,
                         remaining: len as u64,
                     },
-                    SlotState::Partial { chunks, rest, total } => Replay {
+                    SlotState::Partial {
+                        chunks,
+                        rest,
+                        total,
+                    } => Replay {
                         chunks: chunks.into(),
                         trailers: None,
                         rest: Some(rest),
@@ -119,7 +142,9 @@ impl<B> ReplaySource<B> {
                     },
                     SlotState::Pending | SlotState::Gone => return None,
                 };
-                Some(ReplayBody { kind: Kind::Replay(replay) })
+                Some(ReplayBody {
+                    kind: Kind::Replay(replay),
+                })
             }
         }
     }
@@ -134,7 +159,9 @@ impl<B: Body> ReplayBody<B> {
         }
         match body.size_hint().exact() {
             Some(n) if n <= cap as u64 => {
-                let slot = Arc::new(Slot { state: Mutex::new(SlotState::Pending) });
+                let slot = Arc::new(Slot {
+                    state: Mutex::new(SlotState::Pending),
+                });
                 let capture = Capture {
                     body: Some(Box::pin(body)),
                     cap,
@@ -145,7 +172,12 @@ impl<B: Body> ReplayBody<B> {
                     spoiled: false,
                     slot: slot.clone(),
                 };
-                (Self { kind: Kind::Capture(capture) }, Some(ReplaySource::Captured(slot)))
+                (
+                    Self {
+                        kind: Kind::Capture(capture),
+                    },
+                    Some(ReplaySource::Captured(slot)),
+                )
             }
             _ => (Self::passthrough(body), None),
         }
@@ -153,7 +185,9 @@ impl<B: Body> ReplayBody<B> {
 
     /// Wraps `body` without keeping anything.
     pub(crate) fn passthrough(body: B) -> Self {
-        Self { kind: Kind::Passthrough(Box::pin(body)) }
+        Self {
+            kind: Kind::Passthrough(Box::pin(body)),
+        }
     }
 }
 
@@ -178,7 +212,11 @@ impl<B> Capture<B> {
     /// The body ended: hand the complete copy to the slot and drop the finished body.
     fn publish(&mut self) {
         self.body = None;
-        let mut state = self.slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self
+            .slot
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         *state = if self.spoiled {
             SlotState::Gone
         } else {
@@ -199,7 +237,11 @@ impl<B> Capture<B> {
 
 impl<B> Drop for Capture<B> {
     fn drop(&mut self) {
-        let mut state = self.slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self
+            .slot
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if !matches!(*state, SlotState::Pending) {
             return;
         }
@@ -239,7 +281,9 @@ where
                 Poll::Ready(frame.map(|r| r.map(|f| f.map_data(to_bytes))))
             }
             Kind::Capture(c) => {
-                let Some(body) = c.body.as_mut() else { return Poll::Ready(None) };
+                let Some(body) = c.body.as_mut() else {
+                    return Poll::Ready(None);
+                };
                 let frame = match ready!(body.as_mut().poll_frame(cx)) {
                     None => {
                         c.publish();
@@ -326,7 +370,10 @@ where
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Passthrough(body) => body.size_hint(),
-            Kind::Capture(c) => c.body.as_ref().map_or(SizeHint::with_exact(0), |b| b.size_hint()),
+            Kind::Capture(c) => c
+                .body
+                .as_ref()
+                .map_or(SizeHint::with_exact(0), |b| b.size_hint()),
             // The same exact size the caller's body announced, minus what was replayed.
             Kind::Replay(r) => SizeHint::with_exact(r.remaining),
         }

@@ -123,7 +123,12 @@ impl State {
 /// What the hot path found.
 pub(crate) enum Lookup {
     /// A usable token. `ahead` asks the caller to start a background refresh.
-    Ready { generation: u64, attempts: u64, header: HeaderValue, ahead: bool },
+    Ready {
+        generation: u64,
+        attempts: u64,
+        header: HeaderValue,
+        ahead: bool,
+    },
     /// No usable token: the request must wait for a refresh.
     Refresh { generation: u64, attempts: u64 },
     /// The session ended; fail fast.
@@ -230,13 +235,19 @@ impl Cell {
             return Lookup::Ended(err.clone());
         }
         let Some(token) = &st.token else {
-            return Lookup::Refresh { generation: st.generation, attempts: st.attempts };
+            return Lookup::Refresh {
+                generation: st.generation,
+                attempts: st.attempts,
+            };
         };
         let mut ahead = false;
         if st.refresh_at.is_some() {
             let now = st.settings.clock.now();
             if st.refresh_at.is_some_and(|at| now >= at) {
-                return Lookup::Refresh { generation: st.generation, attempts: st.attempts };
+                return Lookup::Refresh {
+                    generation: st.generation,
+                    attempts: st.attempts,
+                };
             }
             ahead = !st.refreshing && st.ahead_at.is_some_and(|at| now >= at);
         }
@@ -288,7 +299,9 @@ impl Cell {
                 }));
             }
         }
-        st.ended.as_ref().map(|err| Err(ObtainError::Ended(err.clone())))
+        st.ended
+            .as_ref()
+            .map(|err| Err(ObtainError::Ended(err.clone())))
     }
 
     /// A token newer than `generation`: the one already there if the cell moved on (a late
@@ -355,8 +368,12 @@ impl Cell {
 
     /// Starts one background refresh if none is in flight (refresh-ahead).
     pub(crate) fn refresh_ahead(self: &Arc<Self>) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-        let Some(guard) = self.gate.try_lock_arc() else { return };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(guard) = self.gate.try_lock_arc() else {
+            return;
+        };
         {
             let st = self.read();
             let due = st.ended.is_none()
@@ -379,7 +396,12 @@ impl Cell {
         let (stale, epoch, generation, settings) = {
             let mut st = self.write();
             st.refreshing = true;
-            (st.token.clone(), st.epoch, st.generation, st.settings.clone())
+            (
+                st.token.clone(),
+                st.epoch,
+                st.generation,
+                st.settings.clone(),
+            )
         };
         let started = settings.clock.now();
         tracing::debug!(generation, background, force, "token refresh started");
@@ -406,7 +428,9 @@ impl Cell {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let result = IN_REFRESH.scope((), self.refresher.refresh(stale.clone())).await;
+            let result = IN_REFRESH
+                .scope((), self.refresher.refresh(stale.clone()))
+                .await;
             let err = match result {
                 Ok(token) => return Ok(token),
                 Err(err) => err,
@@ -441,14 +465,26 @@ impl Cell {
                 let attempts = st.attempts;
                 let header = st.token.as_ref().map(|t| t.header_value().clone());
                 drop(st);
-                tracing::debug!(generation, elapsed_ms, background, "token refresh succeeded");
+                tracing::debug!(
+                    generation,
+                    elapsed_ms,
+                    background,
+                    "token refresh succeeded"
+                );
                 self.emit(RefreshEvent::Refreshed { generation });
-                Ok(Fresh { generation, attempts, header: header.expect("token was just stored") })
+                Ok(Fresh {
+                    generation,
+                    attempts,
+                    header: header.expect("token was just stored"),
+                })
             }
             Ok(_) => {
                 // A token was installed or cleared through the handle while this refresh ran:
                 // what the handle set wins.
-                tracing::debug!(elapsed_ms, "token refresh result discarded: the token was replaced meanwhile");
+                tracing::debug!(
+                    elapsed_ms,
+                    "token refresh result discarded: the token was replaced meanwhile"
+                );
                 st.attempts += 1;
                 match (&st.token, &st.ended) {
                     (_, Some(err)) => Err(ObtainError::Ended(err.clone())),
@@ -475,7 +511,10 @@ impl Cell {
                 let generation = st.generation;
                 drop(st);
                 tracing::warn!(generation, elapsed_ms, error = %err, backoff_ms = backoff.as_millis() as u64, "background token refresh failed; keeping the current token");
-                self.emit(RefreshEvent::RefreshFailed { generation, terminal: err.is_terminal() });
+                self.emit(RefreshEvent::RefreshFailed {
+                    generation,
+                    terminal: err.is_terminal(),
+                });
                 Err(ObtainError::Failed(Arc::new(err)))
             }
             Err(err) => {
@@ -490,12 +529,22 @@ impl Cell {
                 }
                 drop(st);
                 tracing::warn!(generation, elapsed_ms, terminal, error = %err, "token refresh failed");
-                self.emit(RefreshEvent::RefreshFailed { generation, terminal });
+                self.emit(RefreshEvent::RefreshFailed {
+                    generation,
+                    terminal,
+                });
                 if newly_ended {
-                    tracing::warn!(generation, "session ended: install new credentials to resume");
+                    tracing::warn!(
+                        generation,
+                        "session ended: install new credentials to resume"
+                    );
                     self.emit(RefreshEvent::SessionEnded { generation });
                 }
-                Err(if terminal { ObtainError::Rejected(err) } else { ObtainError::Failed(err) })
+                Err(if terminal {
+                    ObtainError::Rejected(err)
+                } else {
+                    ObtainError::Failed(err)
+                })
             }
         }
     }
@@ -522,7 +571,9 @@ impl Cell {
         st.expires_at = None;
         st.refresh_at = None;
         st.ahead_at = None;
-        st.ended = Some(Arc::new(RefreshError::terminal("logged out through the token handle")));
+        st.ended = Some(Arc::new(RefreshError::terminal(
+            "logged out through the token handle",
+        )));
         let generation = st.generation;
         drop(st);
         tracing::debug!(generation, "token cleared");

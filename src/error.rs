@@ -39,7 +39,11 @@ pub struct ResponseHead {
 
 impl ResponseHead {
     pub(crate) fn from_parts(parts: &http::response::Parts) -> Self {
-        Self { status: parts.status, version: parts.version, headers: parts.headers.clone() }
+        Self {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
     }
 
     /// The response's status.
@@ -143,7 +147,10 @@ pub struct UnauthorizedAfterRefresh {
 
 impl UnauthorizedAfterRefresh {
     pub(crate) fn new(first: ResponseHead, second: ResponseHead) -> Self {
-        Self { first: Box::new(first), second: Box::new(second) }
+        Self {
+            first: Box::new(first),
+            second: Box::new(second),
+        }
     }
 
     /// The response to the first attempt, which made the layer refresh.

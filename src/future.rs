@@ -14,7 +14,9 @@ use tower_service::Service;
 use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
 use crate::cell::ObtainError;
-use crate::error::{RefreshFailed, RefreshRejected, ResponseHead, SessionEnded, UnauthorizedAfterRefresh};
+use crate::error::{
+    RefreshFailed, RefreshRejected, ResponseHead, SessionEnded, UnauthorizedAfterRefresh,
+};
 use crate::layer::Shared;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -70,7 +72,9 @@ where
             State::Slow { .. } => "refreshing or replaying",
             State::Failed { .. } => "failed",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 
@@ -83,19 +87,32 @@ where
     ResBody: Send + 'static,
 {
     pub(crate) fn direct(fut: S::Future) -> Self {
-        Self { state: State::Direct { fut } }
+        Self {
+            state: State::Direct { fut },
+        }
     }
 
     pub(crate) fn failed(error: BoxError) -> Self {
-        Self { state: State::Failed { error: Some(error) } }
+        Self {
+            state: State::Failed { error: Some(error) },
+        }
     }
 
     pub(crate) fn first(fut: S::Future, retry: Retry<S, B>) -> Self {
-        Self { state: State::First { fut, retry: Some(retry) } }
+        Self {
+            state: State::First {
+                fut,
+                retry: Some(retry),
+            },
+        }
     }
 
     pub(crate) fn after_refresh(retry: Retry<S, B>, body: ReplayBody<B>, no_refresh: bool) -> Self {
-        Self { state: State::Slow { fut: Box::pin(send_after_refresh(retry, body, no_refresh)) } }
+        Self {
+            state: State::Slow {
+                fut: Box::pin(send_after_refresh(retry, body, no_refresh)),
+            },
+        }
     }
 }
 
@@ -123,7 +140,9 @@ where
                         return Poll::Ready(Ok(res));
                     }
                     let retry = retry.take().expect("checked above");
-                    this.state.set(State::Slow { fut: Box::pin(replay_after(retry, res)) });
+                    this.state.set(State::Slow {
+                        fut: Box::pin(replay_after(retry, res)),
+                    });
                 }
                 StateProj::Slow { fut } => return fut.as_mut().poll(cx),
                 StateProj::Failed { error } => {
@@ -159,7 +178,10 @@ where
         .fresher_than(retry.generation, retry.attempts)
         .await
         .map_err(|e| obtain_error(e, None))?;
-    let mut parts = retry.head.take().expect("the head is kept for the first send");
+    let mut parts = retry
+        .head
+        .take()
+        .expect("the head is kept for the first send");
     parts.headers.insert(AUTHORIZATION, fresh.header);
     retry.generation = fresh.generation;
     retry.attempts = fresh.attempts;
@@ -167,7 +189,11 @@ where
         retry.head = Some(parts.clone());
     }
     // `svc` was made ready by `poll_ready` before `call`.
-    let res = retry.svc.call(Request::from_parts(parts, body)).await.map_err(Into::into)?;
+    let res = retry
+        .svc
+        .call(Request::from_parts(parts, body))
+        .await
+        .map_err(Into::into)?;
     if no_refresh || !retry.shared.config.triggers(res.status(), res.headers()) {
         return Ok(res);
     }
@@ -185,7 +211,14 @@ where
     S::Error: Into<BoxError>,
     B: Body,
 {
-    let Retry { mut svc, shared, head, body, generation, attempts } = retry;
+    let Retry {
+        mut svc,
+        shared,
+        head,
+        body,
+        generation,
+        attempts,
+    } = retry;
     let (first_parts, first_body) = first.into_parts();
     let replay = match (head, body) {
         (Some(head), Some(source)) if shared.config.may_replay(&head.method) => {
@@ -217,7 +250,10 @@ where
         "replaying request with a fresh token"
     );
     poll_fn(|cx| svc.poll_ready(cx)).await.map_err(Into::into)?;
-    let second = svc.call(Request::from_parts(head, body)).await.map_err(Into::into)?;
+    let second = svc
+        .call(Request::from_parts(head, body))
+        .await
+        .map_err(Into::into)?;
     if shared.config.triggers(second.status(), second.headers()) {
         let (parts, _) = second.into_parts();
         tracing::warn!(
@@ -225,7 +261,9 @@ where
             status = parts.status.as_u16(),
             "request refused again after a token refresh"
         );
-        return Err(UnauthorizedAfterRefresh::new(first_head, ResponseHead::from_parts(&parts)).into());
+        return Err(
+            UnauthorizedAfterRefresh::new(first_head, ResponseHead::from_parts(&parts)).into(),
+        );
     }
     Ok(second)
 }

@@ -41,7 +41,9 @@ pub struct TokenHandle {
 
 impl std::fmt::Debug for TokenHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenHandle").field("cell", &self.cell).finish()
+        f.debug_struct("TokenHandle")
+            .field("cell", &self.cell)
+            .finish()
     }
 }
 
@@ -72,7 +74,10 @@ impl TokenHandle {
     /// [`RefreshRejected`](crate::error::RefreshRejected) or
     /// [`RefreshFailed`](crate::error::RefreshFailed).
     pub async fn refresh(&self) -> Result<TokenState, BoxError> {
-        self.cell.force_refresh().await.map_err(|e| obtain_error(e, None))?;
+        self.cell
+            .force_refresh()
+            .await
+            .map_err(|e| obtain_error(e, None))?;
         Ok(self.state())
     }
 

@@ -46,7 +46,11 @@ impl Origin {
             "http" | "ws" => Some(80),
             _ => None,
         })?;
-        Some(Self { scheme: scheme.clone(), host: authority.host().to_ascii_lowercase(), port })
+        Some(Self {
+            scheme: scheme.clone(),
+            host: authority.host().to_ascii_lowercase(),
+            port,
+        })
     }
 
     fn of_uri(uri: &Uri) -> Option<Self> {
@@ -76,7 +80,12 @@ impl Config {
             ReplayMethods::All => true,
             ReplayMethods::Idempotent => matches!(
                 *method,
-                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::TRACE
+                    | Method::PUT
+                    | Method::DELETE
             ),
         }
     }
@@ -146,7 +155,10 @@ pub struct RefreshLayer<R> {
 
 impl<R> Clone for RefreshLayer<R> {
     fn clone(&self) -> Self {
-        Self { shared: self.shared.clone(), _refresher: PhantomData }
+        Self {
+            shared: self.shared.clone(),
+            _refresher: PhantomData,
+        }
     }
 }
 
@@ -188,7 +200,9 @@ impl<R> RefreshLayer<R> {
                 config: self.shared.config.clone(),
             });
         }
-        &mut Arc::get_mut(&mut self.shared).expect("just detached").config
+        &mut Arc::get_mut(&mut self.shared)
+            .expect("just detached")
+            .config
     }
 
     /// The handle to the shared token: install, clear, force a refresh, read the state,
@@ -218,7 +232,9 @@ impl<R> RefreshLayer<R> {
     /// token. A failed background refresh keeps the old token and backs off. Off by default.
     #[must_use]
     pub fn refresh_ahead(self, window: Duration) -> Self {
-        self.shared.cell.update_settings(|s| s.refresh_ahead = Some(window));
+        self.shared
+            .cell
+            .update_settings(|s| s.refresh_ahead = Some(window));
         self
     }
 
@@ -302,7 +318,12 @@ impl<R> RefreshLayer<R> {
         let parsed = origins
             .into_iter()
             .map(|o| {
-                o.as_ref().parse::<Uri>().ok().as_ref().and_then(Origin::of_uri).ok_or(InvalidOrigin)
+                o.as_ref()
+                    .parse::<Uri>()
+                    .ok()
+                    .as_ref()
+                    .and_then(Origin::of_uri)
+                    .ok_or(InvalidOrigin)
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.config_mut().origins = Some(parsed.into());

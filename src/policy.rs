@@ -52,7 +52,10 @@ impl Challenge {
 
     /// The value of a parameter, its name compared case-insensitively.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// True for the Bearer scheme, in any case.
@@ -199,7 +202,11 @@ impl Parser<'_> {
                 self.skip_junk();
                 continue;
             };
-            let mut challenge = Challenge { scheme, token68: None, params: Vec::new() };
+            let mut challenge = Challenge {
+                scheme,
+                token68: None,
+                params: Vec::new(),
+            };
             self.skip_ws();
             if self.at_param() {
                 self.params(&mut challenge);
@@ -227,7 +234,11 @@ impl Parser<'_> {
 /// skipped up to the next comma.
 pub fn parse_challenges(value: &[u8]) -> Vec<Challenge> {
     let mut out = Vec::new();
-    Parser { input: value, pos: 0 }.challenges(&mut out);
+    Parser {
+        input: value,
+        pos: 0,
+    }
+    .challenges(&mut out);
     out
 }
 
@@ -235,7 +246,11 @@ pub fn parse_challenges(value: &[u8]) -> Vec<Challenge> {
 pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
     let mut out = Vec::new();
     for value in headers.get_all(WWW_AUTHENTICATE) {
-        Parser { input: value.as_bytes(), pos: 0 }.challenges(&mut out);
+        Parser {
+            input: value.as_bytes(),
+            pos: 0,
+        }
+        .challenges(&mut out);
     }
     out
 }
@@ -276,14 +291,26 @@ mod tests {
         assert!(default_trigger(s, &h(&[])));
         assert!(default_trigger(s, &h(&["Bearer"])));
         assert!(default_trigger(s, &h(&[r#"Bearer realm="example""#])));
-        assert!(default_trigger(s, &h(&[r#"bEaReR error="invalid_token", error_description="expired""#])));
-        assert!(!default_trigger(s, &h(&[r#"Bearer error="insufficient_scope", scope="a b""#])));
+        assert!(default_trigger(
+            s,
+            &h(&[r#"bEaReR error="invalid_token", error_description="expired""#])
+        ));
+        assert!(!default_trigger(
+            s,
+            &h(&[r#"Bearer error="insufficient_scope", scope="a b""#])
+        ));
         assert!(!default_trigger(s, &h(&["Bearer error=invalid_request"])));
         assert!(default_trigger(s, &h(&[r#"Basic realm="x""#])));
         assert!(!default_trigger(StatusCode::FORBIDDEN, &h(&[])));
         // Several headers, several challenges.
-        assert!(!default_trigger(s, &h(&[r#"Basic realm="a", Bearer error="insufficient_scope""#])));
-        assert!(default_trigger(s, &h(&["Basic realm=a", r#"Bearer error="invalid_token""#])));
+        assert!(!default_trigger(
+            s,
+            &h(&[r#"Basic realm="a", Bearer error="insufficient_scope""#])
+        ));
+        assert!(default_trigger(
+            s,
+            &h(&["Basic realm=a", r#"Bearer error="invalid_token""#])
+        ));
     }
 
     #[test]

@@ -107,13 +107,21 @@ impl RefreshError {
     /// session ends until new credentials are installed through the
     /// [`TokenHandle`](crate::TokenHandle).
     pub fn terminal(source: impl Into<BoxError>) -> Self {
-        Self { terminal: true, retry_after: None, source: source.into() }
+        Self {
+            terminal: true,
+            retry_after: None,
+            source: source.into(),
+        }
     }
 
     /// A failure that may pass: network error, 5xx, 429, "refresh already in progress".
     /// Retried with backoff before it reaches callers.
     pub fn transient(source: impl Into<BoxError>) -> Self {
-        Self { terminal: false, retry_after: None, source: source.into() }
+        Self {
+            terminal: false,
+            retry_after: None,
+            source: source.into(),
+        }
     }
 
     /// Classifies a token endpoint's HTTP status: 400, 401, 403 and 422 are terminal,

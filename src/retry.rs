@@ -43,7 +43,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// One attempt, no retry.
     pub fn none() -> Self {
-        Self { max_attempts: 1, ..Self::default() }
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
     }
 
     /// Attempts in all, the first included (at least 1).
@@ -97,7 +100,8 @@ impl RetryPolicy {
     /// The pause before the next background (refresh-ahead) attempt after `failures` failures.
     pub(crate) fn background_backoff(&self, failures: u32) -> Duration {
         let base = self.base_delay.max(Duration::from_secs(1));
-        base.saturating_mul(1u32 << failures.saturating_sub(1).min(20)).min(Duration::from_secs(60))
+        base.saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+            .min(Duration::from_secs(60))
     }
 }
 

@@ -3,8 +3,8 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::AUTHORIZATION;
 use http::Request;
+use http::header::AUTHORIZATION;
 use http_body::Body;
 use tower_service::Service;
 
@@ -54,7 +54,11 @@ pub struct Refresh<S, R> {
 
 impl<S, R> Refresh<S, R> {
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared, _refresher: PhantomData }
+        Self {
+            inner,
+            shared,
+            _refresher: PhantomData,
+        }
     }
 
     /// The handle to the shared token.
@@ -80,7 +84,11 @@ impl<S, R> Refresh<S, R> {
 
 impl<S: Clone, R> Clone for Refresh<S, R> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), shared: self.shared.clone(), _refresher: PhantomData }
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            _refresher: PhantomData,
+        }
     }
 }
 
@@ -125,7 +133,12 @@ where
         let (mut parts, body) = req.into_parts();
         match self.shared.cell.lookup() {
             Lookup::Ended(cause) => ResponseFuture::failed(SessionEnded::new(cause).into()),
-            Lookup::Ready { generation, header, ahead, attempts } => {
+            Lookup::Ready {
+                generation,
+                header,
+                ahead,
+                attempts,
+            } => {
                 if ahead {
                     self.shared.cell.refresh_ahead();
                 }
@@ -147,7 +160,10 @@ where
                 };
                 ResponseFuture::first(fut, retry)
             }
-            Lookup::Refresh { generation, attempts } => {
+            Lookup::Refresh {
+                generation,
+                attempts,
+            } => {
                 let no_refresh = parts.extensions.get::<NoRefresh>().is_some();
                 let (body, source) = if no_refresh {
                     (ReplayBody::passthrough(body), None)

@@ -1,0 +1,599 @@
+//! Behaviour of the core layer, driven step by step with `tower_test::mock`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::sync::{Notify, Semaphore};
+use tower::{Layer, Service, ServiceExt};
+use tower_auth_refresh::error::{
+    RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh,
+};
+use tower_auth_refresh::{
+    BoxError, NoRefresh, Received, Refresh, RefreshError, RefreshEvent, RefreshLayer,
+    RefreshRequest, ReplayBody, RetryPolicy, Token, TokenRefresher, refresh_fn,
+};
+use tower_test::mock;
+
+type Body = Full<Bytes>;
+type Mock = mock::Mock<Request<ReplayBody<Body>>, Response<String>>;
+type Handle = mock::Handle<Request<ReplayBody<Body>>, Response<String>>;
+
+/// A refresher that hands out `fresh-1`, `fresh-2`, ... and counts its calls. When `gate` is
+/// set, each call waits for one permit first.
+#[derive(Clone, Default)]
+struct Counting {
+    calls: Arc<AtomicUsize>,
+    gate: Option<Arc<Semaphore>>,
+    lifetime: Option<Duration>,
+}
+
+impl Counting {
+    fn gated() -> (Self, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(0));
+        (
+            Self {
+                gate: Some(gate.clone()),
+                ..Self::default()
+            },
+            gate,
+        )
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl TokenRefresher for Counting {
+    type Future = futures_util::future::BoxFuture<'static, Result<Token, RefreshError>>;
+
+    fn refresh(&self, _stale: Option<Token>) -> Self::Future {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let gate = self.gate.clone();
+        let lifetime = self.lifetime;
+        Box::pin(async move {
+            if let Some(gate) = gate {
+                gate.acquire().await.expect("gate open").forget();
+            }
+            let token = Token::bearer(format!("fresh-{n}"))?;
+            Ok(match lifetime {
+                Some(life) => token.with_expires_in(life),
+                None => token,
+            })
+        })
+    }
+}
+
+fn layered<R: TokenRefresher>(layer: RefreshLayer<R>) -> (Refresh<Mock, R>, Handle) {
+    let (mock, handle) = mock::pair();
+    (layer.layer(mock), handle)
+}
+
+fn stale_layer(refresher: Counting) -> RefreshLayer<Counting> {
+    RefreshLayer::new(refresher).initial_token(Token::bearer("stale").unwrap())
+}
+
+fn auth(req: &Request<ReplayBody<Body>>) -> String {
+    let values: Vec<_> = req.headers().get_all(AUTHORIZATION).iter().collect();
+    assert_eq!(values.len(), 1, "exactly one Authorization header");
+    values[0].to_str().unwrap().to_owned()
+}
+
+fn status(code: StatusCode) -> Response<String> {
+    Response::builder()
+        .status(code)
+        .body(String::new())
+        .unwrap()
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::default()).unwrap()
+}
+
+fn spawn_call<S>(
+    svc: &S,
+    req: Request<Body>,
+) -> tokio::task::JoinHandle<Result<Response<String>, BoxError>>
+where
+    S: Service<Request<Body>, Response = Response<String>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let svc = svc.clone();
+    tokio::spawn(svc.oneshot(req))
+}
+
+async fn read_body(req: Request<ReplayBody<Body>>) -> (http::request::Parts, Bytes) {
+    let (parts, body) = req.into_parts();
+    (parts, body.collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn attaches_sensitive_bearer_and_leaves_callers_own_authorization_alone() {
+    let refresher = Counting::default();
+    let (svc, mut handle) = layered(stale_layer(refresher.clone()));
+
+    let call = spawn_call(&svc, get("/a"));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(auth(&req), "Bearer stale");
+    assert!(req.headers()[AUTHORIZATION].is_sensitive());
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+
+    // The caller's own credentials win, and their 401 is theirs: no refresh, no replay.
+    let mut own = get("/b");
+    own.headers_mut().insert(
+        AUTHORIZATION,
+        HeaderValue::from_static("Basic dXNlcjpwdw=="),
+    );
+    let call = spawn_call(&svc, own);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(auth(&req), "Basic dXNlcjpwdw==");
+    send.send_response(status(StatusCode::UNAUTHORIZED));
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(refresher.calls(), 0);
+}
+
+#[tokio::test]
+async fn first_requests_share_one_initial_refresh() {
+    let (refresher, gate) = Counting::gated();
+    let (svc, mut handle) = layered(RefreshLayer::new(refresher.clone()));
+
+    let calls: Vec<_> = (0..20)
+        .map(|i| spawn_call(&svc, get(&format!("/{i}"))))
+        .collect();
+    // Let every request reach the cell before the refresh completes.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(refresher.calls(), 1);
+    gate.add_permits(1);
+    for _ in 0..20 {
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(auth(&req), "Bearer fresh-1");
+        send.send_response(status(StatusCode::OK));
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(refresher.calls(), 1);
+}
+
+#[tokio::test]
+async fn late_401_for_an_older_generation_reuses_the_refreshed_token() {
+    let refresher = Counting::default();
+    let (svc, mut handle) = layered(stale_layer(refresher.clone()));
+    let mut seen = Vec::new();
+
+    let a = spawn_call(&svc, get("/a"));
+    let (req_a, send_a) = handle.next_request().await.unwrap();
+    seen.push(auth(&req_a));
+    let b = spawn_call(&svc, get("/b"));
+    let (req_b, send_b) = handle.next_request().await.unwrap();
+    seen.push(auth(&req_b));
+
+    // A's 401 refreshes; A replays with fresh-1.
+    send_a.send_response(status(StatusCode::UNAUTHORIZED));
+    let (replay_a, send) = handle.next_request().await.unwrap();
+    seen.push(auth(&replay_a));
+    assert_eq!(replay_a.uri(), "/a");
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
+
+    // B's response was held back until now: a 401 for the stale generation.
+    send_b.send_response(status(StatusCode::UNAUTHORIZED));
+    let (replay_b, send) = handle.next_request().await.unwrap();
+    seen.push(auth(&replay_b));
+    assert_eq!(replay_b.uri(), "/b");
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
+
+    assert_eq!(
+        seen,
+        [
+            "Bearer stale",
+            "Bearer stale",
+            "Bearer fresh-1",
+            "Bearer fresh-1"
+        ]
+    );
+    assert_eq!(refresher.calls(), 1);
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct TraceId(u64);
+
+#[tokio::test]
+async fn replay_repeats_method_uri_version_headers_extensions_and_body() {
+    let cases = [
+        (Method::GET, "/items?page=2", Bytes::new()),
+        (
+            Method::POST,
+            "/orders",
+            Bytes::from_static(br#"{"sku":"A-1","qty":3}"#),
+        ),
+        (Method::PUT, "/flags/x", Bytes::new()),
+    ];
+    for (method, uri, body) in cases {
+        let refresher = Counting::default();
+        let (svc, mut handle) = layered(stale_layer(refresher.clone()));
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .version(Version::HTTP_11)
+            .header("content-type", "application/json")
+            .header("x-multi", "1")
+            .header("x-multi", "2")
+            .body(Full::new(body.clone()))
+            .unwrap();
+        req.extensions_mut().insert(TraceId(7));
+        let call = spawn_call(&svc, req);
+
+        let (first, send) = handle.next_request().await.unwrap();
+        let (first, first_body) = read_body(first).await;
+        send.send_response(status(StatusCode::UNAUTHORIZED));
+        let (replay, send) = handle.next_request().await.unwrap();
+        assert!(replay.body().is_replay());
+        let (replay, replay_body) = read_body(replay).await;
+        send.send_response(status(StatusCode::OK));
+        assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+
+        assert_eq!(replay.method, method);
+        assert_eq!(replay.uri, first.uri);
+        assert_eq!(replay.version, first.version);
+        assert_eq!(replay.extensions.get::<TraceId>(), Some(&TraceId(7)));
+        assert_eq!(first_body, body, "{method}: first body");
+        assert_eq!(replay_body, body, "{method}: replayed body, byte for byte");
+        let mut expected = first.headers.clone();
+        assert_eq!(
+            expected
+                .insert(AUTHORIZATION, HeaderValue::from_static("Bearer fresh-1"))
+                .unwrap(),
+            "Bearer stale"
+        );
+        assert_eq!(replay.headers, expected, "{method}: headers");
+        assert_eq!(replay.headers.get_all("x-multi").iter().count(), 2);
+        assert_eq!(refresher.calls(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_401_to_the_replay_is_a_typed_error_and_never_a_loop() {
+    let refresher = Counting::default();
+    let (svc, mut handle) = layered(stale_layer(refresher.clone()));
+    let call = spawn_call(&svc, get("/a"));
+
+    let (_, send) = handle.next_request().await.unwrap();
+    let mut first = status(StatusCode::UNAUTHORIZED);
+    first.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static(r#"Bearer realm="api", error="invalid_token""#),
+    );
+    send.send_response(first);
+    let (replay, send) = handle.next_request().await.unwrap();
+    assert_eq!(auth(&replay), "Bearer fresh-1");
+    send.send_response(status(StatusCode::UNAUTHORIZED));
+
+    let err = call.await.unwrap().unwrap_err();
+    let err = err
+        .downcast_ref::<UnauthorizedAfterRefresh>()
+        .expect("typed error");
+    assert_eq!(err.first().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        err.first().headers()[WWW_AUTHENTICATE],
+        r#"Bearer realm="api", error="invalid_token""#
+    );
+    assert_eq!(err.second().status(), StatusCode::UNAUTHORIZED);
+    // Exactly two sends, one refresh.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), handle.next_request())
+            .await
+            .is_err()
+    );
+    assert_eq!(refresher.calls(), 1);
+}
+
+#[tokio::test]
+async fn terminal_failure_reaches_every_waiter_as_one_shared_error_then_fails_fast() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let refresher = {
+        let (calls, gate) = (calls.clone(), gate.clone());
+        refresh_fn(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                Err(RefreshError::terminal("invalid_grant"))
+            }
+        })
+    };
+    let layer = RefreshLayer::new(refresher);
+    let token = layer.handle();
+    let mut events = token.subscribe();
+    let (svc, mut handle) = layered(layer);
+
+    let waiters: Vec<_> = (0..50)
+        .map(|i| spawn_call(&svc, get(&format!("/{i}"))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.notify_one();
+    let mut shared = None;
+    for w in waiters {
+        let err = w.await.unwrap().unwrap_err();
+        let err = err
+            .downcast_ref::<RefreshRejected>()
+            .expect("RefreshRejected");
+        assert!(err.refresh_error().is_terminal());
+        let arc = err.refresh_error().clone();
+        if let Some(first) = &shared {
+            assert!(Arc::ptr_eq(first, &arc), "every waiter gets the same Arc");
+        }
+        shared = Some(arc);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Later requests fail fast: no refresher call, nothing sent.
+    let err = svc.clone().oneshot(get("/later")).await.unwrap_err();
+    assert!(err.is::<SessionEnded>());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), handle.next_request())
+            .await
+            .is_err()
+    );
+
+    let mut ended = 0;
+    while let Some(ev) = events.try_recv() {
+        if ev == Received::Event(RefreshEvent::SessionEnded { generation: 0 }) {
+            ended += 1;
+        }
+    }
+    assert_eq!(ended, 1, "one session-ended event");
+
+    // A login re-arms the layer.
+    token.set_token(Token::bearer("after-login").unwrap());
+    let call = spawn_call(&svc, get("/again"));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(auth(&req), "Bearer after-login");
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn refresh_runs_to_completion_when_every_waiter_is_dropped() {
+    let (refresher, gate) = Counting::gated();
+    let layer = stale_layer(refresher.clone());
+    let token = layer.handle();
+    let mut events = token.subscribe();
+    let (svc, mut handle) = layered(layer);
+
+    let callers: Vec<_> = (0..5)
+        .map(|i| spawn_call(&svc, get(&format!("/{i}"))))
+        .collect();
+    for _ in 0..5 {
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(status(StatusCode::UNAUTHORIZED));
+    }
+    // Wait until the refresh is in flight, then cancel every caller.
+    while refresher.calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    for c in &callers {
+        c.abort();
+    }
+    for c in callers {
+        assert!(c.await.unwrap_err().is_cancelled());
+    }
+    gate.add_permits(1);
+    assert_eq!(
+        events.recv().await,
+        Some(Received::Event(RefreshEvent::Refreshed { generation: 2 }))
+    );
+
+    // The stored token is used, no second refresh.
+    let call = spawn_call(&svc, get("/next"));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(auth(&req), "Bearer fresh-1");
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(refresher.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_waiter_finishes_the_job_when_the_request_that_started_the_refresh_is_dropped() {
+    let (refresher, gate) = Counting::gated();
+    let (svc, mut handle) = layered(RefreshLayer::new(refresher.clone()));
+    let driver = spawn_call(&svc, get("/driver"));
+    while refresher.calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let waiter = spawn_call(&svc, get("/waiter"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    driver.abort();
+    gate.add_permits(1);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.uri(), "/waiter");
+    assert_eq!(auth(&req), "Bearer fresh-1");
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(waiter.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(refresher.calls(), 1);
+}
+
+#[tokio::test]
+async fn refresh_requests_and_opted_out_requests_are_not_refreshed() {
+    let refresher = Counting::default();
+    let (svc, mut handle) = layered(stale_layer(refresher.clone()));
+
+    let mut marked = get("/token");
+    marked.extensions_mut().insert(RefreshRequest);
+    let call = spawn_call(&svc, marked);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert!(
+        req.headers().get(AUTHORIZATION).is_none(),
+        "refresh requests get no token"
+    );
+    send.send_response(status(StatusCode::UNAUTHORIZED));
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    let mut opted_out = get("/no-refresh");
+    opted_out.extensions_mut().insert(NoRefresh);
+    let call = spawn_call(&svc, opted_out);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(auth(&req), "Bearer stale");
+    send.send_response(status(StatusCode::UNAUTHORIZED));
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(refresher.calls(), 0);
+}
+
+#[tokio::test]
+async fn rfc6750_insufficient_scope_is_returned_untouched() {
+    let refresher = Counting::default();
+    let (svc, mut handle) = layered(stale_layer(refresher.clone()));
+    let call = spawn_call(&svc, get("/admin"));
+    let (_, send) = handle.next_request().await.unwrap();
+    let mut res = status(StatusCode::UNAUTHORIZED);
+    res.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static(r#"Bearer error="insufficient_scope", scope="admin""#),
+    );
+    send.send_response(res);
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(refresher.calls(), 0);
+}
+
+#[tokio::test]
+async fn streaming_body_is_not_replayed_but_the_refresh_still_happens() {
+    let refresher = Counting::default();
+    let layer = stale_layer(refresher.clone());
+    let (mock, mut handle) = mock::pair::<Request<ReplayBody<StreamBody<_>>>, Response<String>>();
+    let svc = layer.layer(mock);
+    let chunks = vec![Ok::<_, Infallible>(http_body::Frame::data(
+        Bytes::from_static(b"chunk"),
+    ))];
+    let req = Request::post("/upload")
+        .body(StreamBody::new(stream::iter(chunks)))
+        .unwrap();
+    let call = tokio::spawn(svc.clone().oneshot(req));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.body().buffered_bytes(), 0);
+    send.send_response(status(StatusCode::UNAUTHORIZED));
+    // The caller gets the 401 after the refresh ran.
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(refresher.calls(), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), handle.next_request())
+            .await
+            .is_err(),
+        "not replayed"
+    );
+
+    let empty = StreamBody::new(stream::iter(Vec::new()));
+    let call = tokio::spawn(svc.oneshot(Request::get("/next").body(empty).unwrap()));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.headers()[AUTHORIZATION], "Bearer fresh-1");
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[derive(Debug)]
+struct InnerBoom;
+impl std::fmt::Display for InnerBoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("inner boom")
+    }
+}
+impl std::error::Error for InnerBoom {}
+
+#[tokio::test]
+async fn inner_errors_and_readiness_pass_through() {
+    let (mut svc, mut handle) = layered(stale_layer(Counting::default()));
+    handle.allow(0);
+    let mut ready = tokio_test::task::spawn(());
+    ready.enter(|cx, _| assert!(svc.poll_ready(cx).is_pending()));
+    handle.allow(1);
+    assert!(ready.is_woken());
+    ready.enter(|cx, _| assert!(svc.poll_ready(cx).is_ready()));
+    let call = tokio::spawn(svc.call(get("/x")));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error(InnerBoom);
+    let err = call.await.unwrap().unwrap_err();
+    assert!(err.is::<InnerBoom>(), "unchanged: {err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_then_reported() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let refresher = {
+        let calls = calls.clone();
+        refresh_fn(move |_| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                match n {
+                    1 | 2 => Err(RefreshError::from_status(StatusCode::SERVICE_UNAVAILABLE)),
+                    _ => Ok(Token::bearer(format!("fresh-{n}"))?),
+                }
+            }
+        })
+    };
+    let (svc, mut handle) = layered(RefreshLayer::new(refresher).retry(RetryPolicy::default()));
+    let call = spawn_call(&svc, get("/a"));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(auth(&req), "Bearer fresh-3");
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    // Always failing: the attempts run out, the typed transient error, the session goes on.
+    let always = refresh_fn(|_| async { Err::<Token, _>(RefreshError::transient("503")) });
+    let (svc, _handle) =
+        layered(RefreshLayer::new(always).retry(RetryPolicy::default().max_attempts(3)));
+    let err = svc.clone().oneshot(get("/b")).await.unwrap_err();
+    let failed = err.downcast_ref::<RefreshFailed>().expect("RefreshFailed");
+    assert!(failed.refresh_error().is_transient());
+    let err = svc.oneshot(get("/c")).await.unwrap_err();
+    assert!(
+        err.is::<RefreshFailed>(),
+        "a transient failure does not end the session"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_inside_the_leeway_is_refreshed_before_sending() {
+    let refresher = Counting {
+        lifetime: Some(Duration::from_secs(600)),
+        ..Counting::default()
+    };
+    let (svc, mut handle) =
+        layered(RefreshLayer::new(refresher.clone()).leeway(Duration::from_secs(30)));
+    for expected in ["Bearer fresh-1", "Bearer fresh-1", "Bearer fresh-2"] {
+        let call = spawn_call(&svc, get("/"));
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(auth(&req), expected);
+        send.send_response(status(StatusCode::OK));
+        call.await.unwrap().unwrap();
+        // 600 s lifetime, 30 s leeway: the third request (at 570 s) refreshes first.
+        tokio::time::advance(Duration::from_secs(285)).await;
+    }
+    assert_eq!(refresher.calls(), 2);
+}
