@@ -380,6 +380,13 @@ where
     }
 }
 
+/// An empty body, for layers that need to make one (tower-http's `FollowRedirect`, for one).
+impl<B> Default for ReplayBody<B> {
+    fn default() -> Self {
+        Self { kind: Kind::Empty }
+    }
+}
+
 impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {

@@ -1,0 +1,724 @@
+//! Token lifecycle and refresh policy: expiry, refresh-ahead, retries, session end, the handle,
+//! RFC 6750 gating, custom triggers, replay policy and origin scoping.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proptest::prelude::*;
+use tokio::sync::Semaphore;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_auth_refresh::error::{RefreshRejected, SessionEnded};
+use tower_auth_refresh::policy::{default_trigger, parse_challenges};
+use tower_auth_refresh::{
+    BoxError, Clock, NoRefresh, Received, RefreshError, RefreshEvent, RefreshLayer, ReplayBody,
+    ReplayMethods, RetryPolicy, Token, TokenRefresher, refresh_fn,
+};
+use tower_http::follow_redirect::FollowRedirectLayer;
+
+type Body = Full<Bytes>;
+
+/// What the fake API saw: the Authorization header of every request (or "-").
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<String>>>);
+
+impl Seen {
+    fn push(&self, req_headers: &HeaderMap) {
+        let auth = req_headers
+            .get(AUTHORIZATION)
+            .map_or("-".to_owned(), |v| v.to_str().unwrap().to_owned());
+        self.0.lock().unwrap().push(auth);
+    }
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// An in-memory API that accepts only `Bearer <accepted>` and answers 401 otherwise.
+fn api(
+    seen: Seen,
+    accepted: Arc<Mutex<String>>,
+) -> impl Service<
+    Request<ReplayBody<Body>>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |req: Request<ReplayBody<Body>>| {
+        seen.push(req.headers());
+        let ok = req
+            .headers()
+            .get(AUTHORIZATION)
+            .is_some_and(|v| *v == format!("Bearer {}", accepted.lock().unwrap()));
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        async move {
+            Ok(Response::builder()
+                .status(status)
+                .body(String::new())
+                .unwrap())
+        }
+    })
+}
+
+/// Counts calls; hands out `t1`, `t2`, ... with `lifetime`, and makes the API accept it.
+#[derive(Clone)]
+struct Issuer {
+    calls: Arc<AtomicUsize>,
+    accepted: Arc<Mutex<String>>,
+    lifetime: Option<Duration>,
+    gate: Option<Arc<Semaphore>>,
+    fail: Arc<Mutex<Option<bool>>>, // Some(terminal)
+}
+
+impl Issuer {
+    fn new(lifetime: Option<Duration>) -> Self {
+        Self {
+            calls: Arc::default(),
+            accepted: Arc::new(Mutex::new(String::new())),
+            lifetime,
+            gate: None,
+            fail: Arc::default(),
+        }
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl TokenRefresher for Issuer {
+    type Future = futures_util::future::BoxFuture<'static, Result<Token, RefreshError>>;
+
+    fn refresh(&self, _stale: Option<Token>) -> Self::Future {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let this = self.clone();
+        Box::pin(async move {
+            if let Some(gate) = &this.gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            if let Some(terminal) = *this.fail.lock().unwrap() {
+                return Err(if terminal {
+                    RefreshError::terminal("invalid_grant")
+                } else {
+                    RefreshError::transient("503")
+                });
+            }
+            let secret = format!("t{n}");
+            *this.accepted.lock().unwrap() = secret.clone();
+            let token = Token::bearer(secret)?;
+            Ok(match this.lifetime {
+                Some(l) => token.with_expires_in(l),
+                None => token,
+            })
+        })
+    }
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::default()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn short_lived_token_is_not_refreshed_on_every_request() {
+    // A 5 s token with the default 30 s leeway: the leeway is clamped to 0.5 s.
+    let issuer = Issuer::new(Some(Duration::from_secs(5)));
+    let seen = Seen::default();
+    let svc = RefreshLayer::new(issuer.clone()).layer(api(seen.clone(), issuer.accepted.clone()));
+    for _ in 0..1000 {
+        let res = svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen.count(), 1000);
+    assert!(
+        issuer.calls() <= 3,
+        "{} refreshes for 1,000 requests over 5 s",
+        issuer.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_token_is_refreshed_once_for_concurrent_requests() {
+    let mut issuer = Issuer::new(Some(Duration::from_secs(60)));
+    let gate = Arc::new(Semaphore::new(1));
+    issuer.gate = Some(gate.clone());
+    let seen = Seen::default();
+    let svc = RefreshLayer::new(issuer.clone()).layer(api(seen.clone(), issuer.accepted.clone()));
+    svc.clone().oneshot(get("/")).await.unwrap();
+    tokio::time::advance(Duration::from_secs(59)).await;
+    let calls: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    gate.add_permits(1);
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(issuer.calls(), 2);
+    assert!(
+        seen.all()
+            .iter()
+            .all(|a| a != "Bearer t1" || seen.count() == 101)
+    );
+    assert_eq!(seen.all().iter().filter(|a| *a == "Bearer t2").count(), 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_ahead_runs_one_background_refresh_without_delaying_requests() {
+    let mut issuer = Issuer::new(Some(Duration::from_secs(100)));
+    let gate = Arc::new(Semaphore::new(1));
+    issuer.gate = Some(gate.clone());
+    let seen = Seen::default();
+    let layer = RefreshLayer::new(issuer.clone())
+        .leeway(Duration::from_secs(5))
+        .refresh_ahead(Duration::from_secs(20));
+    let handle = layer.handle();
+    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+    svc.clone().oneshot(get("/")).await.unwrap();
+    assert_eq!(issuer.calls(), 1);
+
+    // Inside the window: the background refresh is stuck on the gate, yet every request goes
+    // out at once with the still-valid token, and only one refresh starts.
+    tokio::time::advance(Duration::from_secs(85)).await;
+    let accepted_t1 = issuer.accepted.clone();
+    for _ in 0..50 {
+        let res = svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(issuer.calls(), 2);
+    assert_eq!(*accepted_t1.lock().unwrap(), "t1");
+    assert!(seen.all().iter().all(|a| a == "Bearer t1"));
+    gate.add_permits(1);
+    while handle.state().generation() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let res = svc.clone().oneshot(get("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(seen.all().last().unwrap(), "Bearer t2");
+    assert_eq!(issuer.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_background_refresh_keeps_the_token_and_backs_off() {
+    let issuer = Issuer::new(Some(Duration::from_secs(100)));
+    let seen = Seen::default();
+    let layer = RefreshLayer::new(issuer.clone())
+        .leeway(Duration::from_secs(5))
+        .refresh_ahead(Duration::from_secs(40));
+    let mut events = layer.handle().subscribe();
+    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+    svc.clone().oneshot(get("/")).await.unwrap();
+    *issuer.fail.lock().unwrap() = Some(false);
+
+    tokio::time::advance(Duration::from_secs(70)).await;
+    svc.clone().oneshot(get("/")).await.unwrap();
+    loop {
+        if let Some(Received::Event(RefreshEvent::RefreshFailed { .. })) = events.recv().await {
+            break;
+        }
+    }
+    assert_eq!(issuer.calls(), 2);
+    // Within the backoff: requests keep the old token and start no refresh.
+    for _ in 0..20 {
+        assert_eq!(
+            svc.clone().oneshot(get("/")).await.unwrap().status(),
+            StatusCode::OK
+        );
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    assert_eq!(issuer.calls(), 2);
+    // After the backoff, one more background attempt.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    svc.clone().oneshot(get("/")).await.unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(issuer.calls(), 3);
+    assert!(seen.all().iter().all(|a| a == "Bearer t1"));
+}
+
+/// A clock the test moves by hand.
+#[derive(Debug, Clone)]
+struct ManualClock(Arc<Mutex<tokio::time::Instant>>);
+
+impl Clock for ManualClock {
+    fn now(&self) -> tokio::time::Instant {
+        *self.0.lock().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn expiry_follows_the_injected_clock() {
+    let clock = ManualClock(Arc::new(Mutex::new(tokio::time::Instant::now())));
+    let issuer = Issuer::new(Some(Duration::from_secs(3600)));
+    let seen = Seen::default();
+    let svc = RefreshLayer::new(issuer.clone())
+        .clock(clock.clone())
+        .layer(api(seen.clone(), issuer.accepted.clone()));
+    svc.clone().oneshot(get("/")).await.unwrap();
+    svc.clone().oneshot(get("/")).await.unwrap();
+    assert_eq!(issuer.calls(), 1);
+    *clock.0.lock().unwrap() += Duration::from_secs(3600);
+    svc.clone().oneshot(get("/")).await.unwrap();
+    assert_eq!(issuer.calls(), 2);
+}
+
+#[tokio::test]
+async fn session_end_one_call_one_event_every_waiter_typed_then_no_network_until_rearmed() {
+    let mut issuer = Issuer::new(None);
+    let gate = Arc::new(Semaphore::new(0));
+    issuer.gate = Some(gate.clone());
+    *issuer.fail.lock().unwrap() = Some(true);
+    let seen = Seen::default();
+    let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("stale").unwrap());
+    let handle = layer.handle();
+    let mut events = handle.subscribe();
+    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+
+    let calls: Vec<_> = (0..500)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
+        .collect();
+    while seen.count() < 500 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1);
+    for c in calls {
+        let err = c.await.unwrap().unwrap_err();
+        let rejected = err.downcast_ref::<RefreshRejected>().expect("typed");
+        assert_eq!(
+            rejected.unauthorized().unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(issuer.calls(), 1);
+    let mut ended = 0;
+    while let Some(ev) = events.try_recv() {
+        ended += usize::from(matches!(
+            ev,
+            Received::Event(RefreshEvent::SessionEnded { .. })
+        ));
+    }
+    assert_eq!(ended, 1);
+    assert!(handle.state().session_ended());
+
+    // Fail fast: no refresher call, no network.
+    for _ in 0..100 {
+        let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+        assert!(err.is::<SessionEnded>());
+    }
+    assert_eq!(seen.count(), 500);
+    assert_eq!(issuer.calls(), 1);
+
+    // Re-armed by a login.
+    *issuer.accepted.lock().unwrap() = "relogin".into();
+    handle.set_token(Token::bearer("relogin").unwrap());
+    assert_eq!(
+        svc.clone().oneshot(get("/")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(seen.count(), 501);
+}
+
+#[tokio::test]
+async fn handle_installs_clears_forces_and_reports() {
+    let issuer = Issuer::new(Some(Duration::from_secs(600)));
+    let seen = Seen::default();
+    let layer = RefreshLayer::new(issuer.clone());
+    let handle = layer.handle();
+    let mut events = handle.subscribe();
+    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+
+    assert!(!handle.state().has_token());
+    let generation = handle.set_token(Token::bearer("login").unwrap());
+    assert_eq!(generation, 1);
+    *issuer.accepted.lock().unwrap() = "login".into();
+    assert_eq!(
+        svc.clone().oneshot(get("/")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(issuer.calls(), 0);
+
+    // A forced refresh always calls the refresher.
+    let state = handle.refresh().await.unwrap();
+    assert_eq!(state.generation(), 2);
+    assert_eq!(issuer.calls(), 1);
+    assert!(state.expires_in().unwrap() <= Duration::from_secs(600));
+    assert!(!format!("{state:?}{handle:?}").contains("t1"));
+
+    // Two forced refreshes at once share one refresher call.
+    let (a, b) = tokio::join!(handle.refresh(), handle.refresh());
+    assert_eq!(a.unwrap().generation(), b.unwrap().generation());
+    assert_eq!(issuer.calls(), 2);
+
+    // Logout: fail fast until a token is installed.
+    handle.clear();
+    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+    assert!(err.is::<SessionEnded>());
+    assert_eq!(issuer.calls(), 2);
+
+    let mut kinds = Vec::new();
+    while let Some(Received::Event(ev)) = events.try_recv() {
+        kinds.push(ev);
+    }
+    assert_eq!(kinds[0], RefreshEvent::Installed { generation: 1 });
+    assert_eq!(kinds[1], RefreshEvent::Refreshed { generation: 2 });
+    assert!(matches!(kinds.last(), Some(RefreshEvent::Cleared { .. })));
+}
+
+#[tokio::test]
+async fn late_401_for_a_token_older_than_an_installed_one_reuses_the_installed_one() {
+    let issuer = Issuer::new(None);
+    let seen = Seen::default();
+    let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("old").unwrap());
+    let handle = layer.handle();
+    // An API that holds the first response until the new token is installed.
+    let release = Arc::new(Semaphore::new(0));
+    let inner = {
+        let (seen, release) = (seen.clone(), release.clone());
+        service_fn(move |req: Request<ReplayBody<Body>>| {
+            seen.push(req.headers());
+            let auth = req.headers()[AUTHORIZATION].clone();
+            let release = release.clone();
+            async move {
+                if auth == "Bearer old" {
+                    release.acquire().await.unwrap().forget();
+                    return Ok::<_, Infallible>(
+                        Response::builder().status(401).body(String::new()).unwrap(),
+                    );
+                }
+                Ok(Response::new(String::new()))
+            }
+        })
+    };
+    let svc = layer.layer(inner);
+    let call = tokio::spawn(svc.oneshot(get("/")));
+    while seen.count() < 1 {
+        tokio::task::yield_now().await;
+    }
+    handle.set_token(Token::bearer("installed").unwrap());
+    release.add_permits(1);
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(seen.all(), ["Bearer old", "Bearer installed"]);
+    assert_eq!(issuer.calls(), 0);
+}
+
+#[tokio::test]
+async fn custom_trigger_and_replay_policy() {
+    // An API that signals expiry with 403 + x-token-expired.
+    let issuer = Issuer::new(None);
+    let seen = Seen::default();
+    let inner = {
+        let (seen, accepted) = (seen.clone(), issuer.accepted.clone());
+        service_fn(move |req: Request<ReplayBody<Body>>| {
+            seen.push(req.headers());
+            let ok = req.headers()[AUTHORIZATION] == format!("Bearer {}", accepted.lock().unwrap());
+            let res = if ok {
+                Response::new(String::new())
+            } else {
+                Response::builder()
+                    .status(403)
+                    .header("x-token-expired", "1")
+                    .body(String::new())
+                    .unwrap()
+            };
+            async move { Ok::<_, Infallible>(res) }
+        })
+    };
+    let layer = RefreshLayer::new(issuer.clone())
+        .initial_token(Token::bearer("stale").unwrap())
+        .refresh_on(|status, headers| {
+            default_trigger(status, headers)
+                || (status == StatusCode::FORBIDDEN && headers.contains_key("x-token-expired"))
+        })
+        .replay_methods(ReplayMethods::Idempotent);
+    let svc = layer.layer(inner);
+    assert_eq!(
+        svc.clone().oneshot(get("/")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(seen.all(), ["Bearer stale", "Bearer t1"]);
+
+    // POST is not idempotent: its 403 is returned, the refresh still happens.
+    *issuer.accepted.lock().unwrap() = "rotated-elsewhere".into();
+    let post = Request::post("/").body(Body::from("x")).unwrap();
+    assert_eq!(
+        svc.clone().oneshot(post).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(issuer.calls(), 2);
+    assert_eq!(seen.count(), 3);
+
+    // A request opted out of refresh gets its 403.
+    *issuer.accepted.lock().unwrap() = "rotated-again".into();
+    let mut opted = get("/");
+    opted.extensions_mut().insert(NoRefresh);
+    assert_eq!(
+        svc.clone().oneshot(opted).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(issuer.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc6750_errors_other_than_invalid_token_are_returned_untouched() {
+    for (challenge, refreshes) in [
+        (r#"Bearer error="insufficient_scope", scope="admin""#, 0),
+        ("Bearer error=invalid_request", 0),
+        (r#"Basic realm="x", bearer error="invalid_token""#, 1),
+        (r#"Bearer realm="api""#, 1),
+    ] {
+        let issuer = Issuer::new(None);
+        let inner = service_fn(move |req: Request<ReplayBody<Body>>| {
+            let fresh = req.headers()[AUTHORIZATION] == "Bearer t1";
+            let res = if fresh {
+                Response::new(String::new())
+            } else {
+                Response::builder()
+                    .status(401)
+                    .header(WWW_AUTHENTICATE, challenge)
+                    .body(String::new())
+                    .unwrap()
+            };
+            async move { Ok::<_, Infallible>(res) }
+        });
+        let svc = RefreshLayer::new(issuer.clone())
+            .initial_token(Token::bearer("stale").unwrap())
+            .layer(inner);
+        let res = svc.oneshot(get("/")).await.unwrap();
+        assert_eq!(issuer.calls(), refreshes, "{challenge}");
+        let expected = if refreshes == 0 {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(res.status(), expected, "{challenge}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn www_authenticate_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = parse_challenges(&bytes);
+        if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+            let mut headers = HeaderMap::new();
+            headers.insert(WWW_AUTHENTICATE, value);
+            let _ = default_trigger(StatusCode::UNAUTHORIZED, &headers);
+        }
+    }
+
+    #[test]
+    fn www_authenticate_parser_round_trips_params(
+        scheme in "[A-Za-z][A-Za-z0-9]{0,8}",
+        params in proptest::collection::vec(("[a-z_]{1,8}", "[ -~]{0,16}"), 1..4),
+    ) {
+        let rendered: Vec<String> = params
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+            .collect();
+        let header = format!("{scheme} {}, Other realm=\"x\"", rendered.join(", "));
+        let parsed = parse_challenges(header.as_bytes());
+        prop_assert_eq!(parsed.len(), 2);
+        prop_assert_eq!(parsed[0].scheme(), scheme.as_str());
+        let got: Vec<(String, String)> = parsed[0].params().to_vec();
+        prop_assert_eq!(got, params);
+    }
+}
+
+// ---- Origin scoping, against real loopback servers ----
+
+/// A loopback server that records the Authorization header of each request and answers with
+/// `respond(path)`.
+async fn serve(
+    seen: Seen,
+    respond: impl Fn(&str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let respond = Arc::new(respond);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (seen, respond) = (seen.clone(), respond.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    seen.push(req.headers());
+                    let res = respond(req.uri().path());
+                    async move { Ok::<_, Infallible>(res) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, ReplayBody<Body>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+#[tokio::test]
+async fn token_goes_only_to_allowed_origins_and_never_follows_a_cross_origin_redirect() {
+    let other_seen = Seen::default();
+    let other = serve(other_seen.clone(), |_| {
+        Response::builder()
+            .status(401)
+            .body(Full::default())
+            .unwrap()
+    })
+    .await;
+    let api_seen = Seen::default();
+    let api = serve(api_seen.clone(), move |path| match path {
+        "/redirect" => Response::builder()
+            .status(302)
+            .header(LOCATION, format!("http://{other}/landing"))
+            .body(Full::default())
+            .unwrap(),
+        _ => Response::new(Full::default()),
+    })
+    .await;
+    let refresher = refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("secret-token")?) });
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = {
+        let calls = calls.clone();
+        refresh_fn(move |stale| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            refresher.refresh(stale)
+        })
+    };
+
+    // Allowed origins: a request to another origin gets no token and its 401 triggers nothing.
+    let layer = RefreshLayer::new(counted)
+        .allowed_origins([format!("http://{api}")])
+        .unwrap();
+    let svc = ServiceBuilder::new().layer(layer.clone()).service(client());
+    let res = svc
+        .clone()
+        .oneshot(
+            Request::get(format!("http://{api}/a"))
+                .body(Body::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = svc
+        .clone()
+        .oneshot(
+            Request::get(format!("http://{other}/b"))
+                .body(Body::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Recommended order: this layer outside the redirect layer. The token is attached once;
+    // tower-http's standard policy drops it on the cross-origin hop.
+    let outside = ServiceBuilder::new()
+        .layer(RefreshLayer::new(refresh_fn(|_| async {
+            Ok::<_, RefreshError>(Token::bearer("secret-token")?)
+        })))
+        .layer(FollowRedirectLayer::new())
+        .service(client());
+    let _ = outside
+        .oneshot(
+            Request::get(format!("http://{api}/redirect"))
+                .body(Body::default())
+                .unwrap(),
+        )
+        .await;
+
+    // Redirect layer outside: every hop passes through this layer, so allowed origins are
+    // what keeps the token at home.
+    let redirect_outside = ServiceBuilder::new()
+        .layer(FollowRedirectLayer::new())
+        .layer(layer)
+        .service(client());
+    let res = redirect_outside
+        .oneshot(
+            Request::get(format!("http://{api}/redirect"))
+                .body(Body::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+
+    let leaked: Vec<_> = other_seen.all().into_iter().filter(|a| a != "-").collect();
+    assert!(
+        leaked.is_empty(),
+        "the other origin saw credentials: {leaked:?}"
+    );
+    assert!(other_seen.count() >= 3);
+    assert!(api_seen.all().iter().all(|a| a == "Bearer secret-token"));
+}
+
+#[tokio::test]
+async fn transient_failure_waits_out_retry_after_then_succeeds() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let refresher = {
+        let calls = calls.clone();
+        refresh_fn(move |_| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    return Err(RefreshError::transient("rotation_in_progress")
+                        .with_retry_after(Duration::from_millis(30)));
+                }
+                Ok(Token::bearer("ok")?)
+            }
+        })
+    };
+    let started = tokio::time::Instant::now();
+    let layer = RefreshLayer::new(refresher)
+        .retry(RetryPolicy::default().base_delay(Duration::from_millis(1)));
+    let handle = layer.handle();
+    handle
+        .refresh()
+        .await
+        .map_err(|e: BoxError| e.to_string())
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(30),
+        "Retry-After is a floor"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Terminal failures are not retried.
+    let terminal_calls = Arc::new(AtomicUsize::new(0));
+    let terminal = {
+        let c = terminal_calls.clone();
+        refresh_fn(move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Err::<Token, _>(RefreshError::terminal("invalid_grant")) }
+        })
+    };
+    let err = RefreshLayer::new(terminal)
+        .handle()
+        .refresh()
+        .await
+        .unwrap_err();
+    assert!(err.is::<RefreshRejected>());
+    assert_eq!(terminal_calls.load(Ordering::SeqCst), 1);
+}
