@@ -1,30 +1,4 @@
-//! The request body the inner service receives: the caller's body, captured on its way out
-//! when it is small enough to be replayed once.
-//!
-//! The layer decides before the first send, from the body's size hint:
-//!
-//! - **empty** (`is_end_stream()`): always replayable, nothing kept;
-//! - **known size ≤ the cap** (default 1 MiB): the data frames are kept as they stream to the
-//!   inner service (zero-copy: each frame's [`Bytes`] is reference-counted, not copied), along
-//!   with trailers, so the first attempt is never delayed;
-//! - **unknown size or above the cap**: passed through untouched and never replayed.
-//!
-//! A body whose size hint lies and outgrows the cap while streaming drops what it kept and
-//! stops keeping, so the layer never holds more than the cap for one request.
-//!
-//! # Example
-//!
-//! ```
-//! use http_body::Body;
-//! use tower_auth_refresh::ReplayBody;
-//!
-//! // What the inner service sees: the same size hint and bytes as the caller's body.
-//! fn inspect<B: Body>(body: &ReplayBody<B>) -> (Option<u64>, usize) {
-//!     (body.size_hint().exact(), body.buffered_bytes())
-//! }
-//! # let _ = inspect::<String>;
-//! ```
-
+//! The replayable request body.
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
@@ -38,9 +12,33 @@ use http_body::{Body, Frame, SizeHint};
 /// The default cap on a body kept for replay: 1 MiB.
 pub const DEFAULT_MAX_REPLAY_BODY: usize = 1024 * 1024;
 
-/// A request body that can be replayed once after a 401.
+/// A request body that can be replayed once after a 401: the caller's body, captured on its
+/// way out when it is small enough.
+/// when it is small enough to be replayed once.
 ///
-/// See the [module documentation](self) for when a body is kept.
+/// The layer decides before the first send, from the body's size hint:
+///
+/// - **empty** (`is_end_stream()`): always replayable, nothing kept;
+/// - **known size ≤ the cap** (default 1 MiB): the data frames are kept as they stream to the
+///   inner service (zero-copy: each frame's [`Bytes`] is reference-counted, not copied), along
+///   with trailers, so the first attempt is never delayed;
+/// - **unknown size or above the cap**: passed through untouched and never replayed.
+///
+/// A body whose size hint lies and outgrows the cap while streaming drops what it kept and
+/// stops keeping, so the layer never holds more than the cap for one request.
+///
+/// # Example
+///
+/// ```
+/// use http_body::Body;
+/// use tower_auth_refresh::ReplayBody;
+///
+/// // What the inner service sees: the same size hint and bytes as the caller's body.
+/// fn inspect<B: Body>(body: &ReplayBody<B>) -> (Option<u64>, usize) {
+///     (body.size_hint().exact(), body.buffered_bytes())
+/// }
+/// # let _ = inspect::<String>;
+/// ```
 pub struct ReplayBody<B> {
     kind: Kind<B>,
 }
