@@ -165,7 +165,11 @@ pub(crate) struct Status {
     pub(crate) refreshing: bool,
 }
 
+/// Sees every event of a cell.
+pub(crate) type EventHook = Box<dyn Fn(RefreshEvent) + Send + Sync>;
+
 pub(crate) struct Cell {
+    hook: Option<EventHook>,
     state: RwLock<State>,
     gate: Arc<AsyncMutex<()>>,
     refresher: Box<dyn ErasedRefresher>,
@@ -185,10 +189,20 @@ impl std::fmt::Debug for Cell {
 
 impl Cell {
     pub(crate) fn new<R: TokenRefresher>(refresher: R) -> Self {
+        Self::with_settings(refresher, Settings::default(), None)
+    }
+
+    /// A cell with the given settings; `hook` sees every event (the keyed layer tags them).
+    pub(crate) fn with_settings<R: TokenRefresher>(
+        refresher: R,
+        settings: Settings,
+        hook: Option<EventHook>,
+    ) -> Self {
         let (events, _) = broadcast::channel(64);
         Self {
+            hook,
             state: RwLock::new(State {
-                settings: Settings::default(),
+                settings,
                 generation: 0,
                 token: None,
                 expires_at: None,
@@ -220,6 +234,9 @@ impl Cell {
     }
 
     fn emit(&self, event: RefreshEvent) {
+        if let Some(hook) = &self.hook {
+            hook(event);
+        }
         // No subscriber is fine.
         let _ = self.events.send(event);
     }

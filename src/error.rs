@@ -224,3 +224,21 @@ impl std::error::Error for SessionEnded {
 pub fn is_auth_failure(err: &(dyn std::error::Error + 'static)) -> bool {
     err.is::<RefreshRejected>() || err.is::<SessionEnded>() || err.is::<UnauthorizedAfterRefresh>()
 }
+
+/// A request for a [keyed layer](crate::keyed) carried no key and no default key is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingKey(());
+
+impl MissingKey {
+    pub(crate) fn new() -> Self {
+        Self(())
+    }
+}
+
+impl fmt::Display for MissingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request has no principal key for the keyed token layer")
+    }
+}
+
+impl std::error::Error for MissingKey {}

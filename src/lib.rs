@@ -93,6 +93,7 @@ mod token;
 
 pub mod error;
 pub mod future;
+pub mod keyed;
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub mod oauth2;

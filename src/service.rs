@@ -119,67 +119,83 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let config = &self.shared.config;
+        let inner = std::mem::replace(&mut self.inner, clone);
+        dispatch(&self.shared, inner, req)
+    }
+}
 
-        let untouched = req.headers().contains_key(AUTHORIZATION)
-            || req.extensions().get::<RefreshRequest>().is_some()
-            || !config.origin_allowed(req.uri())
-            || cell::in_refresh();
-        if untouched {
-            return ResponseFuture::direct(inner.call(req.map(ReplayBody::passthrough)));
+/// Sends `req` through `inner` (already ready) with the token of `shared`'s cell.
+pub(crate) fn dispatch<S, B, ResBody>(
+    shared: &Arc<Shared>,
+    mut inner: S,
+    req: Request<B>,
+) -> ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>, Response = http::Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    ResBody: Send + 'static,
+{
+    let config = &shared.config;
+
+    let untouched = req.headers().contains_key(AUTHORIZATION)
+        || req.extensions().get::<RefreshRequest>().is_some()
+        || !config.origin_allowed(req.uri())
+        || cell::in_refresh();
+    if untouched {
+        return ResponseFuture::direct(inner.call(req.map(ReplayBody::passthrough)));
+    }
+
+    let (mut parts, body) = req.into_parts();
+    match shared.cell.lookup() {
+        Lookup::Ended(cause) => ResponseFuture::failed(SessionEnded::new(cause).into()),
+        Lookup::Ready {
+            generation,
+            header,
+            ahead,
+            attempts,
+        } => {
+            if ahead {
+                shared.cell.refresh_ahead();
+            }
+            parts.headers.insert(AUTHORIZATION, header);
+            if parts.extensions.get::<NoRefresh>().is_some() {
+                let req = Request::from_parts(parts, ReplayBody::passthrough(body));
+                return ResponseFuture::direct(inner.call(req));
+            }
+            let (body, source) = ReplayBody::new(body, config.max_replay_body);
+            let head = source.as_ref().map(|_| parts.clone());
+            let fut = inner.call(Request::from_parts(parts, body));
+            let retry = Retry {
+                svc: inner,
+                shared: shared.clone(),
+                head,
+                body: source,
+                generation,
+                attempts,
+            };
+            ResponseFuture::first(fut, retry)
         }
-
-        let (mut parts, body) = req.into_parts();
-        match self.shared.cell.lookup() {
-            Lookup::Ended(cause) => ResponseFuture::failed(SessionEnded::new(cause).into()),
-            Lookup::Ready {
-                generation,
-                header,
-                ahead,
-                attempts,
-            } => {
-                if ahead {
-                    self.shared.cell.refresh_ahead();
-                }
-                parts.headers.insert(AUTHORIZATION, header);
-                if parts.extensions.get::<NoRefresh>().is_some() {
-                    let req = Request::from_parts(parts, ReplayBody::passthrough(body));
-                    return ResponseFuture::direct(inner.call(req));
-                }
-                let (body, source) = ReplayBody::new(body, config.max_replay_body);
-                let head = source.as_ref().map(|_| parts.clone());
-                let fut = inner.call(Request::from_parts(parts, body));
-                let retry = Retry {
-                    svc: inner,
-                    shared: self.shared.clone(),
-                    head,
-                    body: source,
-                    generation,
-                    attempts,
-                };
-                ResponseFuture::first(fut, retry)
-            }
-            Lookup::Refresh {
+        Lookup::Refresh {
+            generation,
+            attempts,
+        } => {
+            let no_refresh = parts.extensions.get::<NoRefresh>().is_some();
+            let (body, source) = if no_refresh {
+                (ReplayBody::passthrough(body), None)
+            } else {
+                ReplayBody::new(body, config.max_replay_body)
+            };
+            let retry = Retry {
+                svc: inner,
+                shared: shared.clone(),
+                head: Some(parts),
+                body: source,
                 generation,
                 attempts,
-            } => {
-                let no_refresh = parts.extensions.get::<NoRefresh>().is_some();
-                let (body, source) = if no_refresh {
-                    (ReplayBody::passthrough(body), None)
-                } else {
-                    ReplayBody::new(body, config.max_replay_body)
-                };
-                let retry = Retry {
-                    svc: inner,
-                    shared: self.shared.clone(),
-                    head: Some(parts),
-                    body: source,
-                    generation,
-                    attempts,
-                };
-                ResponseFuture::after_refresh(retry, body, no_refresh)
-            }
+            };
+            ResponseFuture::after_refresh(retry, body, no_refresh)
         }
     }
 }
