@@ -130,7 +130,7 @@ struct Template<K> {
 
 struct Entry {
     shared: Arc<Shared>,
-    /// Milliseconds since `Keyed::base` at the last use.
+    /// Nanoseconds since `Keyed::base` at the last use.
     last_used: AtomicU64,
 }
 
@@ -179,7 +179,7 @@ where
             return entry.shared.clone();
         }
         if cells.len() >= template.capacity {
-            let idle = template.idle_timeout.as_millis() as u64;
+            let idle = template.idle_timeout.as_nanos() as u64;
             let before = cells.len();
             cells.retain(|_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < idle);
             if cells.len() >= template.capacity {

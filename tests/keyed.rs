@@ -1,0 +1,360 @@
+//! Per-key tokens: isolation between principals, per-key handles, the bounded map.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Semaphore;
+use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
+use tower_auth_refresh::error::{MissingKey, RefreshRejected, SessionEnded};
+use tower_auth_refresh::keyed::KeyedRefreshLayer;
+use tower_auth_refresh::{RefreshError, RefreshEvent, ReplayBody, Token};
+
+type Body = Full<Bytes>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Tenant(u32);
+
+/// The identity provider and API state: the valid token of each tenant.
+#[derive(Default)]
+struct Registry {
+    current: Mutex<HashMap<u32, String>>,
+    refreshes: Mutex<HashMap<u32, usize>>,
+    mismatches: AtomicUsize,
+    served: AtomicUsize,
+    rejected: AtomicUsize,
+}
+
+impl Registry {
+    fn issue(&self, tenant: u32) -> String {
+        let mut refreshes = self.refreshes.lock().unwrap();
+        let n = refreshes.entry(tenant).or_default();
+        *n += 1;
+        let token = format!("tenant{tenant}-gen{n}");
+        self.current.lock().unwrap().insert(tenant, token.clone());
+        token
+    }
+
+    /// Revokes `tenant`'s token, as an expiry on the server side would.
+    fn revoke(&self, tenant: u32) {
+        self.current.lock().unwrap().remove(&tenant);
+    }
+}
+
+#[tokio::test]
+async fn every_request_carries_its_own_tenants_token_under_a_concurrent_mix() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let registry = Arc::new(Registry::default());
+        // The API: 200 only for the tenant's current token; records any token of another tenant.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let api_registry = registry.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let registry = api_registry.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let tenant: u32 =
+                                req.headers()["x-tenant"].to_str().unwrap().parse().unwrap();
+                            let auth = req
+                                .headers()
+                                .get(AUTHORIZATION)
+                                .map(|v| v.to_str().unwrap().to_owned());
+                            let token = auth
+                                .as_deref()
+                                .and_then(|a| a.strip_prefix("Bearer "))
+                                .unwrap_or("");
+                            if !token.starts_with(&format!("tenant{tenant}-")) {
+                                registry.mismatches.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let valid = registry
+                                .current
+                                .lock()
+                                .unwrap()
+                                .get(&tenant)
+                                .is_some_and(|t| t == token);
+                            let status = if valid {
+                                registry.served.fetch_add(1, Ordering::SeqCst);
+                                StatusCode::OK
+                            } else {
+                                registry.rejected.fetch_add(1, Ordering::SeqCst);
+                                StatusCode::UNAUTHORIZED
+                            };
+                            async move {
+                                Ok::<_, Infallible>(
+                                    Response::builder()
+                                        .status(status)
+                                        .body(Full::<Bytes>::default())
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+
+        let issuer = registry.clone();
+        let layer = KeyedRefreshLayer::new(move |tenant: Tenant, _stale: Option<Token>| {
+            let issuer = issuer.clone();
+            async move {
+                // Some refreshes are slow, and each token lives a random short time.
+                let lifetime = Duration::from_millis(50 + u64::from(tenant.0 % 7) * 40);
+                tokio::time::sleep(Duration::from_millis(u64::from(tenant.0 % 5))).await;
+                Ok::<_, RefreshError>(
+                    Token::bearer(issuer.issue(tenant.0))?.with_expires_in(lifetime),
+                )
+            }
+        })
+        .key_fn(|parts| {
+            parts
+                .headers
+                .get("x-tenant")?
+                .to_str()
+                .ok()?
+                .parse()
+                .ok()
+                .map(Tenant)
+        });
+        let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Body>>();
+        let svc = ServiceBuilder::new().layer(layer).service(client);
+
+        // 1,000 requests over 50 tenants, in waves, with server-side revocations between.
+        let mut ok = 0;
+        for wave in 0..4u32 {
+            let calls: Vec<_> = (0..250u32)
+                .map(|i| {
+                    let tenant = (i * 7 + wave) % 50;
+                    let req = Request::get(format!("http://{addr}/t/{tenant}"))
+                        .header("x-tenant", tenant.to_string())
+                        .body(Body::default())
+                        .unwrap();
+                    tokio::spawn(svc.clone().oneshot(req))
+                })
+                .collect();
+            for c in calls {
+                let res = c.await.unwrap().expect("request succeeds");
+                assert_eq!(res.status(), StatusCode::OK);
+                ok += 1;
+            }
+            for tenant in (wave..50).step_by(3) {
+                registry.revoke(tenant);
+            }
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert_eq!(ok, 1000);
+        assert_eq!(
+            registry.mismatches.load(Ordering::SeqCst),
+            0,
+            "a request carried another tenant's token"
+        );
+        assert_eq!(registry.served.load(Ordering::SeqCst), 1000);
+        let refreshes = registry.refreshes.lock().unwrap();
+        assert_eq!(refreshes.len(), 50);
+        // One refresh per generation a tenant needed: at most one per wave for expiry and one
+        // for revocation, never one per request.
+        let total: usize = refreshes.values().sum();
+        println!(
+            "keyed mix: 1000 requests, 50 tenants, {total} refreshes, {} 401s replayed",
+            registry.rejected.load(Ordering::SeqCst)
+        );
+        assert!(refreshes.values().all(|&n| n <= 9), "{refreshes:?}");
+    })
+    .await
+    .expect("no hang");
+}
+
+fn echo() -> impl tower::Service<
+    Request<ReplayBody<Body>>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(|req: Request<ReplayBody<Body>>| async move {
+        let auth = req
+            .headers()
+            .get(AUTHORIZATION)
+            .map_or("-".into(), |v| v.to_str().unwrap().to_owned());
+        Ok::<_, Infallible>(Response::new(auth))
+    })
+}
+
+fn for_tenant(t: u32) -> Request<Body> {
+    let mut req = Request::get("/").body(Body::default()).unwrap();
+    req.extensions_mut().insert(Tenant(t));
+    req
+}
+
+#[tokio::test]
+async fn a_slow_or_failing_tenant_never_delays_or_fails_another() {
+    let gate = Arc::new(Semaphore::new(0));
+    let calls = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+    let layer = {
+        let (gate, calls) = (gate.clone(), calls.clone());
+        KeyedRefreshLayer::new(move |tenant: Tenant, _| {
+            *calls.lock().unwrap().entry(tenant.0).or_default() += 1;
+            let gate = gate.clone();
+            async move {
+                match tenant.0 {
+                    // Tenant 1 is slow, then rejected.
+                    1 => {
+                        gate.acquire().await.unwrap().forget();
+                        Err(RefreshError::terminal("invalid_grant"))
+                    }
+                    n => Ok(Token::bearer(format!("t{n}"))?),
+                }
+            }
+        })
+    };
+    let handle = layer.handle();
+    let mut events = handle.subscribe();
+    let svc = layer.layer(echo());
+
+    let slow: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(svc.clone().oneshot(for_tenant(1))))
+        .collect();
+    tokio::task::yield_now().await;
+    // Tenant 2 is served while tenant 1's refresh hangs.
+    let res = tokio::time::timeout(Duration::from_secs(5), svc.clone().oneshot(for_tenant(2)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.body(), "Bearer t2");
+    gate.add_permits(1);
+    for s in slow {
+        let err = s.await.unwrap().unwrap_err();
+        assert!(err.is::<RefreshRejected>(), "{err}");
+    }
+    // Tenant 1's session ended; tenant 2 works on.
+    assert!(
+        svc.clone()
+            .oneshot(for_tenant(1))
+            .await
+            .unwrap_err()
+            .is::<SessionEnded>()
+    );
+    assert_eq!(
+        svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
+        "Bearer t2"
+    );
+    assert_eq!(calls.lock().unwrap()[&1], 1);
+    assert_eq!(calls.lock().unwrap()[&2], 1);
+    assert!(handle.key(&Tenant(1)).state().session_ended());
+    assert!(!handle.key(&Tenant(2)).state().session_ended());
+
+    let mut ended = Vec::new();
+    while let Some(Ok((key, ev))) = events.try_recv() {
+        if matches!(ev, RefreshEvent::SessionEnded { .. }) {
+            ended.push(key);
+        }
+    }
+    assert_eq!(ended, [Tenant(1)], "events carry their key");
+}
+
+#[tokio::test]
+async fn per_key_handle_installs_and_forces_and_the_newest_token_wins() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let layer = {
+        let n = n.clone();
+        KeyedRefreshLayer::new(move |tenant: Tenant, _| {
+            let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}-r{i}", tenant.0))?) }
+        })
+    };
+    let handle = layer.handle();
+    let svc = layer.layer(echo());
+
+    let old = Token::bearer("t3-login").unwrap();
+    handle.key(&Tenant(3)).set_token(old.clone());
+    assert_eq!(
+        svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
+        "Bearer t3-login"
+    );
+    // The caller still holds `old`; after a forced refresh the cell's newer token is used.
+    let state = handle.key(&Tenant(3)).refresh().await.unwrap();
+    assert_eq!(state.generation(), 2);
+    assert_eq!(
+        svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
+        "Bearer t3-r1"
+    );
+    assert_eq!(old.secret(), "t3-login");
+    // Another key is untouched by all of this.
+    assert_eq!(
+        svc.clone().oneshot(for_tenant(4)).await.unwrap().body(),
+        "Bearer t4-r2"
+    );
+    assert_eq!(handle.len(), 2);
+}
+
+#[tokio::test]
+async fn the_map_is_bounded_and_an_evicted_key_refreshes_anew() {
+    let calls = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+    let layer = {
+        let calls = calls.clone();
+        KeyedRefreshLayer::new(move |tenant: Tenant, _| {
+            *calls.lock().unwrap().entry(tenant.0).or_default() += 1;
+            async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?) }
+        })
+        .capacity(3)
+    };
+    let handle = layer.handle();
+    let svc = layer.layer(echo());
+    for t in [1, 2, 3, 1, 4, 5, 1] {
+        assert_eq!(
+            *svc.clone().oneshot(for_tenant(t)).await.unwrap().body(),
+            format!("Bearer t{t}")
+        );
+        assert!(handle.len() <= 3);
+        // Distinct instants, so that "least recently used" is well defined.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let calls = calls.lock().unwrap();
+    // 1 stayed in use (LRU keeps it); 2 and 3 were evicted for 4 and 5.
+    assert_eq!(calls[&1], 1, "{calls:?}");
+    assert_eq!(calls.values().sum::<usize>(), 5);
+    drop(calls);
+    // An evicted key comes back with a fresh refresh.
+    assert_eq!(
+        svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
+        "Bearer t2"
+    );
+    assert!(handle.len() <= 3);
+}
+
+#[tokio::test]
+async fn requests_without_a_key_fail_typed_or_use_the_default_principal() {
+    let refresher = |tenant: Tenant, _: Option<Token>| async move {
+        Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?)
+    };
+    let strict = KeyedRefreshLayer::new(refresher).layer(echo());
+    let err = strict
+        .oneshot(Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.is::<MissingKey>());
+
+    let lenient = KeyedRefreshLayer::new(refresher)
+        .default_key(Tenant(0))
+        .layer(echo());
+    let res = lenient
+        .oneshot(Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.body(), "Bearer t0");
+}
