@@ -98,6 +98,9 @@ pub mod keyed;
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub mod oauth2;
 pub mod policy;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 
 pub use body::{DEFAULT_MAX_REPLAY_BODY, ReplayBody};
 pub use clock::{Clock, TokioClock};

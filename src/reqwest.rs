@@ -1,0 +1,1 @@
+//! The reqwest-middleware adapter.
