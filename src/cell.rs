@@ -18,6 +18,7 @@ use futures_util::FutureExt;
 use http::HeaderValue;
 use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::clock::{Clock, TokioClock};
 use crate::events::RefreshEvent;
@@ -421,13 +422,18 @@ impl Cell {
             )
         };
         let started = settings.clock.now();
-        tracing::debug!(generation, background, force, "token refresh started");
-        let result = AssertUnwindSafe(self.attempt_all(stale, &settings, background))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| Err(RefreshError::transient("the token refresher panicked")));
-        let elapsed = settings.clock.now().saturating_duration_since(started);
-        let outcome = self.finish(result, epoch, background, elapsed);
+        let span = tracing::debug_span!("token_refresh", generation, background, force);
+        let outcome = async {
+            tracing::debug!("token refresh started");
+            let result = AssertUnwindSafe(self.attempt_all(stale, &settings, background))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(RefreshError::transient("the token refresher panicked")));
+            let elapsed = settings.clock.now().saturating_duration_since(started);
+            self.finish(result, epoch, background, elapsed)
+        }
+        .instrument(span)
+        .await;
         drop(guard);
         if let Some(reply) = reply {
             let _ = reply.send(outcome);
