@@ -8,7 +8,7 @@
 //!
 //! The key comes from a request extension of type `K` by default, or from any closure over the
 //! request head ([`KeyedRefreshLayer::key_fn`]). A request without a key fails with the typed
-//! [`MissingKey`](crate::error::MissingKey) error unless a default principal is configured
+//! [`MissingKey`] error unless a default principal is configured
 //! ([`KeyedRefreshLayer::default_key`]): never guess a principal.
 //!
 //! The map of cells is bounded ([`KeyedRefreshLayer::capacity`], default 10,000) with idle
@@ -264,7 +264,7 @@ where
 /// The per-key options and their defaults are those of
 /// [`RefreshLayer`](crate::RefreshLayer); besides them: key from a request extension of
 /// type `K`, no default key (requests without one fail with
-/// [`MissingKey`](crate::error::MissingKey)), capacity 10,000 cells, idle timeout 30 minutes.
+/// [`MissingKey`]), capacity 10,000 cells, idle timeout 30 minutes.
 /// Options apply to cells created after they are set: configure before the first request.
 pub struct KeyedRefreshLayer<K, R> {
     keyed: Arc<Keyed<K, R>>,

@@ -37,45 +37,114 @@
 //!
 //! # How a request goes through
 //!
-//! 1. The current `(generation, token)` is read without awaiting anything. A request that
-//!    already has an `Authorization` header, is marked [`RefreshRequest`], or is for an origin
-//!    outside [`RefreshLayer::allowed_origins`] passes through untouched.
-//! 2. With no token, or one inside the expiry leeway, the request waits for a refresh first.
+//! 1. The current `(generation, token)` is read without awaiting anything (a `std` read lock
+//!    held for a reference-count bump). A request that already has an `Authorization` header,
+//!    is marked [`RefreshRequest`], is sent from inside a refresher, or is for an origin outside
+//!    [`RefreshLayer::allowed_origins`] passes through untouched.
+//! 2. With no token, or one inside the expiry leeway, the request waits for a refresh first
+//!    (the same single flight as a 401).
 //! 3. The body is wrapped in a [`ReplayBody`]: empty bodies and bodies of known size up to the
-//!    cap (1 MiB) are captured as they stream out, so they can be replayed; others pass through
-//!    and are never replayed.
-//! 4. `Authorization: <scheme> <token>` is set (marked sensitive) and the request is sent.
-//! 5. If the response asks for a refresh (by default a 401 not excluded by RFC 6750), the
-//!    request asks the cell for a token newer than the generation it was sent with: if another
-//!    request already refreshed, it gets that token; otherwise it joins or starts the one
-//!    refresh in flight. Then it is replayed once. A second refusal is the typed
-//!    [`UnauthorizedAfterRefresh`](error::UnauthorizedAfterRefresh) error.
-//!
-//! A request whose body cannot be replayed gets its 401 response back, after the refresh has
-//! run, so a retry by the caller goes out with the new token.
+//!    cap are captured as they stream out, so they can be replayed; others pass through.
+//! 4. `Authorization: <scheme> <token>` is set (replacing, never appending; marked sensitive)
+//!    and the request is sent with the inner service that `poll_ready` made ready.
+//! 5. If the response asks for a refresh (by default a 401 not excluded by RFC 6750, see
+//!    [`policy`]), the request asks the cell for a token *newer than the generation it was
+//!    sent with*: if another request already refreshed, it reuses that token; otherwise it
+//!    joins or starts the one refresh in flight. Then it is replayed once, with the same
+//!    method, URI, version, headers, extensions and body bytes. The response to the replay is
+//!    final: a second refusal is the typed [`UnauthorizedAfterRefresh`](error::UnauthorizedAfterRefresh)
+//!    error, which keeps both responses' status and headers.
 //!
 //! # The refresh
 //!
-//! One refresh runs at a time for all clones of the service. It runs as a Tokio task of its own
-//! and stores its result even if every request waiting on it is dropped: with rotating refresh
-//! tokens, a cancelled refresh may already have spent the old refresh token on the server.
-//! Outside a Tokio runtime it runs inside the waiting request instead.
+//! One refresh runs at a time for the layer and all clones of its services. It runs as a Tokio
+//! task of its own and stores its result even if every request waiting on it is dropped: with
+//! rotating refresh tokens, a cancelled refresh may already have spent the old refresh token
+//! on the server. (Outside a Tokio runtime it runs inside the waiting request instead.)
 //!
-//! Transient failures are retried with backoff ([`RetryPolicy`]); a terminal failure reaches
-//! every waiter as the same error ([`RefreshRejected`](error::RefreshRejected)) and ends the
-//! session: later requests fail fast with [`SessionEnded`](error::SessionEnded), without a
-//! network call, until new credentials are installed through the [`TokenHandle`].
+//! - Transient failures ([`RefreshError::transient`]) are retried with exponential backoff and
+//!   full jitter ([`RetryPolicy`]), honouring a server's `Retry-After`; then every waiter gets
+//!   [`RefreshFailed`](error::RefreshFailed) and the next request tries again.
+//! - A terminal failure ([`RefreshError::terminal`]) is never retried. Every waiter gets
+//!   [`RefreshRejected`](error::RefreshRejected) holding the *same* `Arc`'d error, one
+//!   [`RefreshEvent::SessionEnded`] is emitted (the "log the user out" signal), and later
+//!   requests fail fast with [`SessionEnded`](error::SessionEnded), without calling the
+//!   refresher or the network, until the [`TokenHandle`] installs new credentials.
+//! - A refresher that panics is caught: waiters get a transient error and the layer stays
+//!   usable.
+//!
+//! # Bodies and replay
+//!
+//! A replay needs the body twice. The layer keeps a body only when it is empty or its size is
+//! known and at most [`RefreshLayer::max_replay_body`] (1 MiB by default), and keeps it
+//! zero-copy (the [`Bytes`](bytes::Bytes) of each frame are shared, not copied) while it
+//! streams to the inner service, so the first attempt is never delayed. A body of unknown size
+//! or above the cap passes through untouched and is **not replayed**: its 401 response goes back
+//! to the caller, after the refresh has run, so a retry by the caller goes out with the new
+//! token. Memory stays bounded by the cap in every case, even when a size hint lies.
+//!
+//! # Layer order
+//!
+//! ```text
+//! ServiceBuilder::new()
+//!     .layer(TraceLayer::new_for_http())        // sees the caller's request and the final response
+//!     .layer(RetryLayer::new(policy))           // retries 5xx/transport errors; see `error::is_auth_failure`
+//!     .layer(TimeoutLayer::new(total))          // cancelling a caller never cancels a refresh
+//!     .layer(RefreshLayer::new(refresher))
+//!     .layer(FollowRedirectLayer::new())        // inside: the token is attached once, and tower-http
+//!                                               // drops it on a cross-origin redirect
+//!     .layer(TimeoutLayer::new(per_attempt))    // each attempt, the replay included
+//!     .service(client)
+//! ```
+//!
+//! If `FollowRedirectLayer` must sit outside this layer, every hop passes through this layer
+//! and gets the token: configure [`RefreshLayer::allowed_origins`] then.
+//!
+//! # Errors
+//!
+//! The service's error is [`BoxError`]. Downcast to tell the layer's failures apart; errors of
+//! the inner service pass through unchanged:
+//!
+//! ```
+//! use tower_auth_refresh::error::{RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh};
+//! use tower_auth_refresh::BoxError;
+//!
+//! fn classify(err: &BoxError) -> &'static str {
+//!     if err.is::<RefreshRejected>() || err.is::<SessionEnded>() {
+//!         "credentials are gone: ask the user to log in again"
+//!     } else if err.is::<RefreshFailed>() {
+//!         "the identity provider is unavailable: try again later"
+//!     } else if let Some(e) = err.downcast_ref::<UnauthorizedAfterRefresh>() {
+//!         let _ = e.first().headers(); // e.g. WWW-Authenticate of the first 401
+//!         "a fresh token is not enough for this resource"
+//!     } else {
+//!         "the inner service failed"
+//!     }
+//! }
+//! # let _ = classify;
+//! ```
 //!
 //! # Security
 //!
-//! - No public type prints a token: [`Token`]'s `Debug` and `Display` redact the secret, and
-//!   no error or tracing event carries it.
-//! - The `Authorization` value is marked sensitive, so tower-http's tracing and
-//!   `SetSensitiveRequestHeaders` layers treat it as such.
-//! - [`RefreshLayer::allowed_origins`] keeps the token off requests to other origins. Put
-//!   tower-http's `FollowRedirectLayer` *outside* this layer only if you also restrict origins;
-//!   the safe order is this layer outside the redirect layer, so a redirect to another origin
-//!   is followed without the token being re-attached by this layer.
+//! - No public type prints a token: [`Token`]'s `Debug` and `Display` redact the secret, and no
+//!   error message or tracing event carries it (tests capture all output at TRACE level).
+//! - The `Authorization` value is marked sensitive, so tower-http's `TraceLayer` and hyper print
+//!   it as `Sensitive`.
+//! - [`RefreshLayer::allowed_origins`] keeps the token off requests to other origins.
+//! - The refresh-token grant of the [`oauth2`] module refuses a non-https token endpoint that
+//!   is not loopback, and persists rotated refresh tokens before the new access token is used.
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `oauth2` | yes | the RFC 6749 refresh-token grant refresher ([`oauth2`]) |
+//! | `reqwest` | no | a `reqwest-middleware` adapter ([`reqwest`]) sharing the layer's token |
+//!
+//! # Many principals
+//!
+//! [`keyed::KeyedRefreshLayer`] keeps one token per key (tenant, account, user), chosen from the
+//! request, with the same guarantees per key and isolation between keys.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
