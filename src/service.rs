@@ -159,13 +159,16 @@ where
             if ahead {
                 shared.cell.refresh_ahead();
             }
-            parts.headers.insert(AUTHORIZATION, header);
             if parts.extensions.get::<NoRefresh>().is_some() {
+                parts.headers.insert(AUTHORIZATION, header);
                 let req = Request::from_parts(parts, ReplayBody::passthrough(body));
                 return ResponseFuture::direct(inner.call(req));
             }
             let (body, source) = ReplayBody::new(body, config.max_replay_body);
+            // The head is kept without the token (the replay sets a newer one); a request
+            // without headers then clones without allocating.
             let head = source.as_ref().map(|_| parts.clone());
+            parts.headers.insert(AUTHORIZATION, header);
             let fut = inner.call(Request::from_parts(parts, body));
             let retry = Retry {
                 svc: inner,
