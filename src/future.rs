@@ -182,12 +182,12 @@ where
         .head
         .take()
         .expect("the head is kept for the first send");
-    parts.headers.insert(AUTHORIZATION, fresh.header);
-    retry.generation = fresh.generation;
-    retry.attempts = fresh.attempts;
     if retry.body.is_some() {
         retry.head = Some(parts.clone());
     }
+    parts.headers.insert(AUTHORIZATION, fresh.header);
+    retry.generation = fresh.generation;
+    retry.attempts = fresh.attempts;
     // `svc` was made ready by `poll_ready` before `call`.
     let res = retry
         .svc
