@@ -324,16 +324,18 @@ async fn the_map_is_bounded_and_an_evicted_key_refreshes_anew() {
         // Distinct instants, so that "least recently used" is well defined.
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let calls = calls.lock().unwrap();
-    // 1 stayed in use (LRU keeps it); 2 and 3 were evicted for 4 and 5.
-    assert_eq!(calls[&1], 1, "{calls:?}");
-    assert_eq!(calls.values().sum::<usize>(), 5);
-    drop(calls);
+    {
+        let calls = calls.lock().unwrap();
+        // 1 stayed in use (LRU keeps it); 2 and 3 were evicted for 4 and 5.
+        assert_eq!(calls[&1], 1, "{calls:?}");
+        assert_eq!(calls.values().sum::<usize>(), 5);
+    }
     // An evicted key comes back with a fresh refresh.
     assert_eq!(
         svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
         "Bearer t2"
     );
+    assert_eq!(calls.lock().unwrap()[&2], 2);
     assert!(handle.len() <= 3);
 }
 
