@@ -197,7 +197,7 @@ impl SessionEnded {
 
 impl fmt::Display for SessionEnded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("session ended: a token refresh was rejected; install new credentials")
+        f.write_str("session ended: install new credentials to send authenticated requests")
     }
 }
 

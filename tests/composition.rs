@@ -201,6 +201,11 @@ async fn trace_and_sensitive_headers_layers_never_print_the_token() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests of this binary run on threads without a subscriber: with a single registered
+    // dispatcher, a callsite they hit first would be switched off for good. A second live
+    // dispatcher makes tracing ask each one, and the rebuild resets callsites seen before.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
+    tracing::callsite::rebuild_interest_cache();
 
     let api = Api::default();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -235,6 +240,7 @@ async fn trace_and_sensitive_headers_layers_never_print_the_token() {
         "the trace shows headers: {text}"
     );
     assert!(text.contains("Sensitive"));
+    assert!(text.contains("token refresh succeeded"), "the layer's own events are captured");
     assert!(
         !text.contains("stale-secret-value") && !text.contains("fresh-1"),
         "token leaked: {text}"
