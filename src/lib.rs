@@ -83,6 +83,10 @@
 //! to the caller, after the refresh has run, so a retry by the caller goes out with the new
 //! token. Memory stays bounded by the cap in every case, even when a size hint lies.
 //!
+//! A server that answers 401 before reading the request body should close the connection
+//! (`Connection: close`), as HTTP/1.1 asks; otherwise a pooled client may send the replay on a
+//! connection that is being torn down and fail it with an incomplete-message error.
+//!
 //! # Layer order
 //!
 //! ```text
