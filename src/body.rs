@@ -320,8 +320,9 @@ where
                         }
                     },
                 };
-                if c.body.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    // Senders may stop polling once a body says it has ended: publish now.
+                if frame.is_trailers() || c.body.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    // Trailers are the last frame, and senders may stop polling once a body
+                    // says it has ended (or after its trailers): publish now.
                     c.publish();
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -105,7 +105,11 @@ impl State {
         self.refresh_at = None;
         self.ahead_at = None;
         self.expires_at = None;
-        if let Some(life) = token.expires_in() {
+        // A lifetime too long to represent is treated as no expiry.
+        if let Some(life) = token
+            .expires_in()
+            .filter(|life| now.checked_add(*life).is_some())
+        {
             self.expires_at = Some(now + life);
             let leeway = self.settings.leeway.min(life / LEEWAY_DIVISOR);
             self.refresh_at = Some(now + (life - leeway));

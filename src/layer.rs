@@ -192,6 +192,12 @@ impl<R: TokenRefresher> RefreshLayer<R> {
 }
 
 impl<R> RefreshLayer<R> {
+    /// The cell and configuration, for adapters that share them (the reqwest middleware).
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     fn config_mut(&mut self) -> &mut Config {
         if Arc::get_mut(&mut self.shared).is_none() {
             // Cloned layer: detach the configuration, keep sharing the cell.

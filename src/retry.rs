@@ -94,7 +94,7 @@ impl RetryPolicy {
             .min(self.max_delay);
         let jittered = ceiling.mul_f64(jitter());
         let delay = retry_after.map_or(jittered, |floor| floor.max(jittered));
-        (elapsed + delay <= self.max_elapsed).then_some(delay)
+        (elapsed.saturating_add(delay) <= self.max_elapsed).then_some(delay)
     }
 
     /// The pause before the next background (refresh-ahead) attempt after `failures` failures.

@@ -722,3 +722,23 @@ async fn transient_failure_waits_out_retry_after_then_succeeds() {
     assert!(err.is::<RefreshRejected>());
     assert_eq!(terminal_calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn an_absurd_lifetime_is_treated_as_no_expiry() {
+    let refresher = refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer("forever")?.with_expires_in(Duration::MAX))
+    });
+    let layer = RefreshLayer::new(refresher);
+    let handle = layer.handle();
+    let state = handle.refresh().await.unwrap();
+    assert_eq!(state.expires_in(), None);
+    let svc = layer.layer(service_fn(|req: Request<ReplayBody<Body>>| async move {
+        Ok::<_, Infallible>(Response::new(
+            req.headers()[AUTHORIZATION].to_str().unwrap().to_owned(),
+        ))
+    }));
+    assert_eq!(
+        svc.oneshot(get("/")).await.unwrap().body(),
+        "Bearer forever"
+    );
+}

@@ -1,0 +1,189 @@
+//! The reqwest-middleware adapter against two loopback servers: a token endpoint and an API
+//! that has just revoked the client's token. A stampede of concurrent requests is refused,
+//! the token is refreshed once, and every request is replayed once.
+//!
+//! Run with `cargo run --example reqwest --features reqwest`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tower_auth_refresh::{RefreshError, RefreshLayer, Token, refresh_fn};
+
+const GETS: usize = 200;
+const POSTS: usize = 20;
+
+/// Serves `handler` on `127.0.0.1:0` until the runtime shuts down.
+async fn serve<F, Fut>(handler: F) -> std::io::Result<SocketAddr>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[derive(Default)]
+struct Figures {
+    token_calls: AtomicUsize,
+    refused: AtomicUsize,
+    served: AtomicUsize,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // The one access token the API accepts; none yet: the client's token was revoked.
+    let valid: Arc<Mutex<Option<String>>> = Arc::default();
+    let figures = Arc::new(Figures::default());
+
+    // The token endpoint issues a new token on every call and tells the API about it.
+    let idp = serve({
+        let (valid, figures) = (valid.clone(), figures.clone());
+        move |_req: Request<Incoming>| {
+            let n = figures.token_calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let token = format!("access-{n}");
+            *valid.lock().unwrap() = Some(token.clone());
+            async move {
+                // A token endpoint takes a moment: requests pile up behind the refresh.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Response::new(Full::new(Bytes::from(token)))
+            }
+        }
+    })
+    .await?;
+
+    // The API: 200 with the valid token, 401 `invalid_token` otherwise.
+    let api = serve({
+        let (valid, figures) = (valid.clone(), figures.clone());
+        move |req: Request<Incoming>| {
+            let expected = valid
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|t| format!("Bearer {t}"));
+            let ok =
+                expected.is_some_and(|e| req.headers().get(AUTHORIZATION).is_some_and(|v| v == &e));
+            let figures = figures.clone();
+            async move {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                if ok {
+                    figures.served.fetch_add(1, Ordering::SeqCst);
+                    Response::new(Full::new(body))
+                } else {
+                    figures.refused.fetch_add(1, Ordering::SeqCst);
+                    let mut res = Response::new(Full::default());
+                    *res.status_mut() = StatusCode::UNAUTHORIZED;
+                    res.headers_mut().insert(
+                        WWW_AUTHENTICATE,
+                        r#"Bearer error="invalid_token""#.parse().unwrap(),
+                    );
+                    res
+                }
+            }
+        }
+    })
+    .await?;
+
+    let http = reqwest::Client::builder().no_proxy().build()?;
+
+    // The refresher calls the token endpoint with the plain client. (Through the middleware
+    // client, a request sent from inside the refresher passes through untouched anyway.)
+    let idp_client = http.clone();
+    let refresher = refresh_fn(move |_stale: Option<Token>| {
+        let idp_client = idp_client.clone();
+        async move {
+            let res = idp_client
+                .post(format!("http://{idp}/token"))
+                .send()
+                .await
+                .map_err(RefreshError::transient)?;
+            if !res.status().is_success() {
+                return Err(RefreshError::from_status(res.status()));
+            }
+            let text = res.text().await.map_err(RefreshError::transient)?;
+            Ok(Token::bearer(text)?.with_expires_in(Duration::from_secs(3600)))
+        }
+    });
+    let layer = RefreshLayer::new(refresher).initial_token(Token::bearer("access-0")?);
+    let handle = layer.handle();
+    let client = reqwest_middleware::ClientBuilder::new(http)
+        .with(layer.reqwest_middleware())
+        .build();
+
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for i in 0..GETS + POSTS {
+        let client = client.clone();
+        let url = format!("http://{api}/items/{i}");
+        tasks.spawn(async move {
+            let req = if i < GETS {
+                client.get(url)
+            } else {
+                client.post(url).body(format!(r#"{{"item":{i}}}"#))
+            };
+            req.send().await.map(|res| res.status())
+        });
+    }
+    let mut ok = 0;
+    while let Some(joined) = tasks.join_next().await {
+        if joined?? == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+
+    let total = GETS + POSTS;
+    println!("stampede: {GETS} GETs + {POSTS} POSTs, all at once, with a revoked token");
+    println!(
+        "  succeeded:            {ok}/{total} in {} ms",
+        elapsed.as_millis()
+    );
+    println!(
+        "  token endpoint calls: {}",
+        figures.token_calls.load(Ordering::SeqCst)
+    );
+    println!(
+        "  API answers:          {} x 401 (old token), {} x 200 (new token)",
+        figures.refused.load(Ordering::SeqCst),
+        figures.served.load(Ordering::SeqCst)
+    );
+    let state = handle.state();
+    println!(
+        "  token generation:     {} (expires in {} s)",
+        state.generation(),
+        state.expires_in().unwrap_or_default().as_secs()
+    );
+    Ok(())
+}

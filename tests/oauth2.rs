@@ -1,0 +1,1165 @@
+//! The OAuth 2.0 refresh-token grant refresher against a real (loopback) token endpoint that
+//! rotates refresh tokens and revokes the token family on reuse (RFC 9700), through the
+//! `RefreshLayer` and a hyper-util client.
+
+mod oauth2_server;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_auth_refresh::error::{RefreshRejected, SessionEnded};
+use tower_auth_refresh::oauth2::{
+    ClientAuth, ErrorKind, OAuth2Error, OAuth2Refresher, RefreshToken,
+};
+use tower_auth_refresh::{
+    BoxError, Events, Received, Refresh, RefreshError, RefreshEvent, RefreshRequest, ReplayBody,
+    RetryPolicy, Token, TokenHandle, TokenRefresher,
+};
+
+use oauth2_server::{ClientCheck, Scripted, Servers, SharedOrigin, TokenConfig};
+
+/// Every test runs under this guard: a hang fails instead of blocking CI.
+const GUARD: Duration = Duration::from_secs(60);
+
+async fn guard<F: Future<Output = ()>>(test: F) {
+    tokio::time::timeout(GUARD, test)
+        .await
+        .expect("test exceeded its guard time");
+}
+
+type TokenClient = Client<HttpConnector, Full<Bytes>>;
+type ApiClient<C = TokenClient> =
+    Refresh<Client<HttpConnector, ReplayBody<Full<Bytes>>>, OAuth2Refresher<C>>;
+type Persisted = Arc<Mutex<Vec<String>>>;
+
+fn token_client() -> TokenClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy::default()
+        .base_delay(Duration::from_millis(5))
+        .max_delay(Duration::from_millis(50))
+}
+
+/// A confidential client (`client_secret_basic`) whose rotation hook appends to `persisted`.
+fn refresher(s: &Servers, refresh: &str, persisted: &Persisted) -> OAuth2Refresher<TokenClient> {
+    let persisted = persisted.clone();
+    OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+        .client_id("app")
+        .client_secret("app-secret", ClientAuth::Basic)
+        .refresh_token(refresh)
+        .on_rotation(move |new: RefreshToken| {
+            let persisted = persisted.clone();
+            async move {
+                persisted.lock().unwrap().push(new.secret().to_owned());
+                Ok::<_, Infallible>(())
+            }
+        })
+        .build()
+        .unwrap()
+}
+
+fn api_client<C>(refresher: OAuth2Refresher<C>, initial: &str) -> (ApiClient<C>, TokenHandle)
+where
+    OAuth2Refresher<C>: TokenRefresher,
+{
+    let layer = tower_auth_refresh::RefreshLayer::new(refresher)
+        .initial_token(Token::bearer(initial).unwrap())
+        .retry(fast_retry());
+    let handle = layer.handle();
+    let http = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+    (ServiceBuilder::new().layer(layer).service(http), handle)
+}
+
+async fn get<S>(client: S, url: String) -> Result<StatusCode, BoxError>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<Incoming>, Error = BoxError>,
+{
+    let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+    let res = client.oneshot(req).await?;
+    let status = res.status();
+    // Read the body so the connection goes back to the pool.
+    res.into_body().collect().await?;
+    Ok(status)
+}
+
+/// `n` concurrent GETs, each in its own task.
+async fn burst(client: &ApiClient, url: &str, n: usize) -> Vec<Result<StatusCode, BoxError>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(get(client.clone(), url.to_owned())))
+        .collect();
+    let mut results = Vec::with_capacity(n);
+    for task in tasks {
+        results.push(task.await.expect("request task panicked"));
+    }
+    results
+}
+
+/// Events received so far, without waiting.
+fn drain(events: &mut Events) -> Vec<RefreshEvent> {
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        match events.try_recv() {
+            Some(Received::Event(ev)) => out.push(ev),
+            Some(Received::Lagged(n)) => panic!("lagged by {n} events"),
+            None => break,
+        }
+    }
+    out
+}
+
+/// The `OAuth2Error` behind a refresher error.
+fn oauth2_cause(err: &RefreshError) -> &OAuth2Error {
+    std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<OAuth2Error>())
+        .expect("the cause is an OAuth2Error")
+}
+
+/// Everything an error shows, through its whole source chain.
+fn shown(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(err);
+    for _ in 0..16 {
+        let Some(e) = next else { break };
+        out.push_str(&format!("{e} | {e:?} | "));
+        next = e.source();
+    }
+    out
+}
+
+/// The 1,000 concurrent connections need about 4,000 file descriptors.
+fn assert_fd_limit() {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(soft) = soft {
+        assert!(
+            soft >= 4500,
+            "this test needs `ulimit -n` >= 4500 (1,000 loopback connections), found {soft}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_401s_then_twenty_rounds_refresh_once_each_without_reuse() {
+    assert_fd_limit();
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = refresher(&s, &rt0, &persisted);
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        let mut events = handle.subscribe();
+        let url = s.api_url();
+
+        // 1,000 requests with the expired token, all refused together.
+        s.api.gather_unauthorized(1000);
+        let results = burst(&client, &url, 1000).await;
+        assert!(
+            results.iter().all(|r| matches!(r, Ok(StatusCode::OK))),
+            "every request succeeds after one refresh"
+        );
+        assert_eq!(s.api.unauthorized(), 1000);
+        assert_eq!(s.api.ok(), 1000, "each request replayed exactly once");
+        assert_eq!(
+            s.token.requests(),
+            1,
+            "one token request for 1,000 concurrent 401s"
+        );
+
+        // 20 rounds of expiry, 25 concurrent requests refused together in each.
+        for round in 1..=20 {
+            s.token.expire_access_tokens();
+            s.api.gather_unauthorized(25);
+            let results = burst(&client, &url, 25).await;
+            assert!(
+                results.iter().all(|r| matches!(r, Ok(StatusCode::OK))),
+                "round {round}"
+            );
+            assert_eq!(
+                s.token.requests(),
+                1 + round,
+                "one refresh in round {round}"
+            );
+            assert_eq!(
+                persisted.lock().unwrap().len(),
+                1 + round,
+                "rotation persisted in round {round}"
+            );
+        }
+
+        assert_eq!(s.token.grants(), 21);
+        assert_eq!(
+            s.token.reuse_detected(),
+            0,
+            "no rotated refresh token was ever presented again"
+        );
+        assert_eq!(
+            *persisted.lock().unwrap(),
+            s.token.rotated(),
+            "every new refresh token persisted, in order"
+        );
+        assert_eq!(
+            Some(refresher.refresh_token().secret().to_owned()),
+            s.token.current_of(&rt0)
+        );
+        assert_eq!(s.api.unauthorized(), 1000 + 20 * 25);
+        assert_eq!(s.api.ok(), 1000 + 20 * 25);
+        let refreshed = drain(&mut events)
+            .iter()
+            .filter(|e| matches!(e, RefreshEvent::Refreshed { .. }))
+            .count();
+        assert_eq!(refreshed, 21);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_callers_never_cause_reuse() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = refresher(&s, &rt0, &persisted);
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        let mut events = handle.subscribe();
+        let url = s.api_url();
+
+        // The token endpoint rotates, then holds its answer while every caller goes away.
+        s.token.hold_next(1);
+        let timed: Vec<_> = (0..20)
+            .map(|_| {
+                tokio::spawn(tokio::time::timeout(
+                    Duration::from_millis(100),
+                    get(client.clone(), url.clone()),
+                ))
+            })
+            .collect();
+        let dropped: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(get(client.clone(), url.clone())))
+            .collect();
+        s.token.held(1).await;
+        for task in &dropped {
+            task.abort();
+        }
+        for task in timed {
+            assert!(
+                task.await.unwrap().is_err(),
+                "the caller timed out while the answer was held"
+            );
+        }
+        for task in dropped {
+            assert!(task.await.unwrap_err().is_cancelled());
+        }
+        assert!(persisted.lock().unwrap().is_empty());
+
+        // The refresh runs on without its callers and keeps the rotated refresh token.
+        s.token.release();
+        loop {
+            match events.recv().await {
+                Some(Received::Event(RefreshEvent::Refreshed { .. })) => break,
+                Some(_) => {}
+                None => panic!("event stream closed"),
+            }
+        }
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+        assert_eq!(
+            Some(refresher.refresh_token().secret().to_owned()),
+            s.token.current_of(&rt0)
+        );
+
+        // The next expiry presents the kept token: no reuse.
+        s.token.expire_access_tokens();
+        assert_eq!(
+            get(client.clone(), url.clone()).await.unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(s.token.grants(), 2);
+        assert_eq!(s.token.reuse_detected(), 0);
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_ends_the_session_once_then_a_new_login_resumes() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let unknown = "rt-never-issued-SECRET";
+        let persisted = Persisted::default();
+        let refresher = refresher(&s, unknown, &persisted);
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        let mut events = handle.subscribe();
+        let url = s.api_url();
+
+        s.api.gather_unauthorized(10);
+        let results = burst(&client, &url, 10).await;
+        let mut shared: Option<Arc<RefreshError>> = None;
+        for result in results {
+            let err = result.expect_err("the refresh was rejected");
+            assert!(
+                !shown(&*err).contains(unknown),
+                "no error shows the refresh token"
+            );
+            let rejected = err
+                .downcast_ref::<RefreshRejected>()
+                .expect("RefreshRejected");
+            let cause = oauth2_cause(rejected.refresh_error());
+            assert_eq!(cause.kind(), ErrorKind::ErrorResponse);
+            assert_eq!(cause.status(), Some(StatusCode::BAD_REQUEST));
+            assert_eq!(cause.error_code(), Some("invalid_grant"));
+            assert_eq!(cause.error_description(), Some("unknown refresh token"));
+            match &shared {
+                None => shared = Some(rejected.refresh_error().clone()),
+                Some(first) => assert!(
+                    Arc::ptr_eq(first, rejected.refresh_error()),
+                    "one failure shared by all"
+                ),
+            }
+        }
+        assert_eq!(s.token.requests(), 1, "a terminal failure is not retried");
+        let ended = drain(&mut events)
+            .iter()
+            .filter(|e| matches!(e, RefreshEvent::SessionEnded { .. }))
+            .count();
+        assert_eq!(ended, 1, "exactly one SessionEnded event");
+        assert!(handle.state().session_ended());
+
+        // Later requests fail fast, without a token request.
+        let err = get(client.clone(), url.clone()).await.unwrap_err();
+        assert!(err.is::<SessionEnded>());
+        assert_eq!(s.token.requests(), 1);
+
+        // A new login resumes.
+        let (access, refresh) = s.token.login();
+        refresher.set_refresh_token(RefreshToken::new(refresh));
+        handle.set_token(Token::bearer(access).unwrap());
+        assert_eq!(
+            get(client.clone(), url.clone()).await.unwrap(),
+            StatusCode::OK
+        );
+        s.token.expire_access_tokens();
+        assert_eq!(
+            get(client.clone(), url.clone()).await.unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(s.token.grants(), 1);
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_unavailable_then_success_is_retried() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let (client, handle) = api_client(refresher(&s, &rt0, &persisted), "expired-at-start");
+        let mut events = handle.subscribe();
+
+        s.token.script(Scripted::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("text/plain"),
+            "upstream down",
+        ));
+        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
+        assert_eq!(s.token.requests(), 2, "the 503 was retried once");
+        assert_eq!(s.token.grants(), 1);
+        assert_eq!(s.token.reuse_detected(), 0);
+        let events = drain(&mut events);
+        assert!(events.iter().all(|e| !matches!(
+            e,
+            RefreshEvent::SessionEnded { .. } | RefreshEvent::RefreshFailed { .. }
+        )));
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, RefreshEvent::Refreshed { .. }))
+                .count(),
+            1
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_in_progress_is_waited_out_and_retried() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let (client, _handle) = api_client(refresher(&s, &rt0, &persisted), "expired-at-start");
+
+        s.token.script(
+            Scripted::json(
+                StatusCode::BAD_REQUEST,
+                json!({ "error": "rotation_in_progress", "error_description": "another refresh is rotating" }),
+            )
+            .retry_after("0"),
+        );
+        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
+        assert_eq!(s.token.requests(), 2);
+        assert_eq!(s.token.grants(), 1);
+        assert_eq!(s.token.reuse_detected(), 0);
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+    })
+    .await;
+}
+
+/// (status, JSON body, terminal?, expected `error` code, `Retry-After`)
+type ErrorCase = (
+    StatusCode,
+    Option<serde_json::Value>,
+    bool,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+#[tokio::test]
+async fn error_answers_are_classified_and_carry_code_and_description() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let refresher = refresher(&s, &rt0, &Persisted::default());
+        let custom = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+            .client_id("app")
+            .client_secret("app-secret", ClientAuth::Basic)
+            .refresh_token(rt0.as_str())
+            .transient_error_codes(["busy"])
+            .build()
+            .unwrap();
+
+        let err_body = |code: &str| json!({ "error": code, "error_description": "why" });
+        let cases: Vec<ErrorCase> = vec![
+            (StatusCode::BAD_REQUEST, Some(err_body("invalid_grant")), true, Some("invalid_grant"), None),
+            (StatusCode::UNAUTHORIZED, Some(err_body("invalid_client")), true, Some("invalid_client"), None),
+            (StatusCode::BAD_REQUEST, Some(err_body("unauthorized_client")), true, Some("unauthorized_client"), None),
+            (StatusCode::BAD_REQUEST, Some(err_body("unsupported_grant_type")), true, Some("unsupported_grant_type"), None),
+            (StatusCode::BAD_REQUEST, Some(err_body("invalid_scope")), true, Some("invalid_scope"), None),
+            (StatusCode::BAD_REQUEST, Some(err_body("invalid_request")), true, Some("invalid_request"), None),
+            (StatusCode::INTERNAL_SERVER_ERROR, Some(err_body("invalid_grant")), true, Some("invalid_grant"), None),
+            (StatusCode::BAD_REQUEST, Some(err_body("something_new")), true, Some("something_new"), None),
+            (StatusCode::FORBIDDEN, None, true, None, None),
+            (StatusCode::UNPROCESSABLE_ENTITY, None, true, None, None),
+            (StatusCode::INTERNAL_SERVER_ERROR, None, false, None, None),
+            (StatusCode::BAD_GATEWAY, None, false, None, None),
+            (StatusCode::SERVICE_UNAVAILABLE, Some(err_body("temporarily_unavailable")), false, Some("temporarily_unavailable"), Some("3")),
+            (StatusCode::TOO_MANY_REQUESTS, None, false, None, Some("7")),
+            (StatusCode::TOO_MANY_REQUESTS, None, false, None, Some("Thu, 01 Jan 1970 00:00:00 GMT")),
+            (StatusCode::BAD_REQUEST, Some(err_body("rotation_in_progress")), false, Some("rotation_in_progress"), Some("1")),
+            (StatusCode::CONFLICT, Some(err_body("refresh_in_progress")), false, Some("refresh_in_progress"), None),
+        ];
+        for (status, body, terminal, code, retry_after) in cases {
+            let mut answer = match &body {
+                Some(body) => Scripted::json(status, body.clone()),
+                None => Scripted::new(status, None, ""),
+            };
+            if let Some(ra) = retry_after {
+                answer = answer.retry_after(ra);
+            }
+            s.token.script(answer);
+            let err = refresher.refresh(None).await.expect_err("an error answer");
+            assert_eq!(err.is_terminal(), terminal, "{status} {body:?}");
+            let cause = oauth2_cause(&err);
+            assert_eq!(cause.kind(), ErrorKind::ErrorResponse);
+            assert_eq!(cause.status(), Some(status));
+            assert_eq!(cause.error_code(), code);
+            assert_eq!(cause.error_description(), code.map(|_| "why"));
+            let expected_delay = match retry_after {
+                Some("3") => Some(Duration::from_secs(3)),
+                Some("7") => Some(Duration::from_secs(7)),
+                Some("1") => Some(Duration::from_secs(1)),
+                Some(_) => Some(Duration::ZERO),
+                None => None,
+            };
+            assert_eq!(err.retry_after(), expected_delay, "{status} {body:?}");
+            assert!(!shown(&err).contains(&rt0));
+        }
+
+        // A custom list replaces the defaults.
+        s.token.script(Scripted::json(StatusCode::BAD_REQUEST, err_body("busy")));
+        assert!(custom.refresh(None).await.unwrap_err().is_transient());
+        s.token.script(Scripted::json(StatusCode::BAD_REQUEST, err_body("rotation_in_progress")));
+        assert!(custom.refresh(None).await.unwrap_err().is_terminal());
+
+        // A description that echoes the refresh token is blanked out.
+        let echo = json!({ "error": "invalid_grant", "error_description": format!("token {rt0} is revoked") });
+        s.token.script(Scripted::json(StatusCode::BAD_REQUEST, echo));
+        let err = refresher.refresh(None).await.unwrap_err();
+        assert_eq!(oauth2_cause(&err).error_description(), Some("token <redacted> is revoked"));
+        assert!(!shown(&err).contains(&rt0));
+
+        assert_eq!(s.token.grants(), 0);
+        assert_eq!(refresher.refresh_token().secret(), rt0, "no answer rotated the refresh token");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_answers_are_typed_errors() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = refresher(&s, &rt0, &persisted);
+        let marker = "SECRET-BODY-MARKER";
+        let huge = format!(
+            r#"{{"access_token":"{marker}","pad":"{}"}}"#,
+            "x".repeat(100 * 1024)
+        );
+        let json = Some("application/json");
+        // (status, content type, body, kind, terminal?)
+        let cases: Vec<(StatusCode, Option<&'static str>, String, ErrorKind, bool)> = vec![
+            (
+                StatusCode::OK,
+                json,
+                format!("this is not JSON {marker}"),
+                ErrorKind::Malformed,
+                false,
+            ),
+            (
+                StatusCode::OK,
+                json,
+                format!(r#"{{"token_type":"Bearer","note":"{marker}"}}"#),
+                ErrorKind::MissingAccessToken,
+                false,
+            ),
+            (
+                StatusCode::OK,
+                json,
+                huge.clone(),
+                ErrorKind::BodyTooLarge,
+                false,
+            ),
+            // An error answer is classified by its status even when its body is too large.
+            (
+                StatusCode::BAD_REQUEST,
+                Some("text/html"),
+                huge,
+                ErrorKind::ErrorResponse,
+                true,
+            ),
+            (
+                StatusCode::OK,
+                Some("text/html"),
+                format!(r#"{{"access_token":"{marker}","token_type":"Bearer"}}"#),
+                ErrorKind::ContentType,
+                false,
+            ),
+            (
+                StatusCode::OK,
+                json,
+                format!(r#"["{marker}"]"#),
+                ErrorKind::Malformed,
+                false,
+            ),
+            (
+                StatusCode::OK,
+                json,
+                r#"{"access_token":42,"token_type":"Bearer"}"#.to_owned(),
+                ErrorKind::Malformed,
+                false,
+            ),
+            (
+                StatusCode::OK,
+                json,
+                format!(r#"{{"access_token":"two words {marker}","token_type":"Bearer"}}"#),
+                ErrorKind::InvalidAccessToken,
+                false,
+            ),
+            (
+                StatusCode::OK,
+                json,
+                format!(r#"{{"access_token":"{marker}","token_type":"mac"}}"#),
+                ErrorKind::UnsupportedTokenType,
+                true,
+            ),
+            (
+                StatusCode::OK,
+                json,
+                String::new(),
+                ErrorKind::Malformed,
+                false,
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                Some("text/html"),
+                format!("<html>{marker}</html>"),
+                ErrorKind::ErrorResponse,
+                true,
+            ),
+        ];
+        for (status, content_type, body, kind, terminal) in cases {
+            s.token.script(Scripted::new(status, content_type, body));
+            let err = refresher
+                .refresh(None)
+                .await
+                .expect_err("a malformed answer");
+            let cause = oauth2_cause(&err);
+            assert_eq!(cause.kind(), kind, "{cause}");
+            assert_eq!(err.is_terminal(), terminal, "{cause}");
+            let shown = shown(&err);
+            assert!(!shown.contains(marker) && !shown.contains(&rt0), "{shown}");
+        }
+        assert_eq!(s.token.requests(), 11);
+        assert_eq!(refresher.refresh_token().secret(), rt0);
+        // The refresher still works afterwards.
+        let token = refresher.refresh(None).await.unwrap();
+        assert!(s.token.access_valid(token.secret()));
+
+        // A rotated refresh token is kept even from an answer with the wrong content type.
+        let body =
+            json!({ "access_token": "x", "token_type": "Bearer", "refresh_token": "rescued" });
+        s.token.script(Scripted::new(
+            StatusCode::OK,
+            Some("text/plain"),
+            body.to_string(),
+        ));
+        let err = refresher.refresh(None).await.unwrap_err();
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::ContentType);
+        assert_eq!(refresher.refresh_token().secret(), "rescued");
+        assert_eq!(
+            persisted.lock().unwrap().last().map(String::as_str),
+            Some("rescued")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rotation_is_persisted_before_the_token_is_returned_and_a_failed_hook_keeps_the_new_token()
+{
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (p, c) = (persisted.clone(), calls.clone());
+        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+            .client_id("app")
+            .client_secret("app-secret", ClientAuth::Basic)
+            .refresh_token(rt0.as_str())
+            .on_rotation(move |new: RefreshToken| {
+                let (p, c) = (p.clone(), c.clone());
+                async move {
+                    if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(std::io::Error::other("disk full"));
+                    }
+                    p.lock().unwrap().push(new.secret().to_owned());
+                    Ok(())
+                }
+            })
+            .build()
+            .unwrap();
+
+        // The hook fails: transient error, but the rotated token is kept (the old one is spent).
+        let err = refresher.refresh(None).await.unwrap_err();
+        assert!(err.is_transient());
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Persist);
+        let rotated = s.token.rotated();
+        assert_eq!(rotated.len(), 1);
+        assert_eq!(refresher.refresh_token().secret(), rotated[0]);
+
+        // The retry presents the kept token, rotates again and persists before returning.
+        let token = refresher.refresh(None).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let rotated = s.token.rotated();
+        assert_eq!(*persisted.lock().unwrap(), vec![rotated[1].clone()]);
+        assert_eq!(refresher.refresh_token().secret(), rotated[1]);
+        assert!(s.token.access_valid(token.secret()));
+        assert_eq!(token.expires_in(), Some(Duration::from_secs(3600)));
+        assert_eq!(s.token.reuse_detected(), 0);
+        assert_eq!(
+            s.token.seen()[1].field("refresh_token"),
+            Some(rotated[0].as_str())
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_string() {
+    guard(async {
+        let config = TokenConfig {
+            rotate: false,
+            token_type: "bearer",
+            expires_in: json!("120"),
+            ..TokenConfig::default()
+        };
+        let s = Servers::start(config).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = refresher(&s, &rt0, &persisted);
+        for _ in 0..2 {
+            let token = refresher.refresh(None).await.unwrap();
+            assert_eq!(token.expires_in(), Some(Duration::from_secs(120)));
+            assert_eq!(token.scheme(), "Bearer");
+            assert!(s.token.access_valid(token.secret()));
+        }
+        assert_eq!(refresher.refresh_token().secret(), rt0);
+        assert!(
+            persisted.lock().unwrap().is_empty(),
+            "no rotation, no hook call"
+        );
+        assert!(
+            s.token
+                .seen()
+                .iter()
+                .all(|r| r.field("refresh_token") == Some(rt0.as_str()))
+        );
+        assert_eq!(s.token.grants(), 2);
+
+        let config = TokenConfig {
+            token_type: "BEARER",
+            expires_in: json!(90),
+            ..TokenConfig::default()
+        };
+        let s = Servers::start(config).await;
+        let (_, rt0) = s.token.login();
+        let token = refresher_for(&s, &rt0).refresh(None).await.unwrap();
+        assert_eq!(token.expires_in(), Some(Duration::from_secs(90)));
+    })
+    .await;
+}
+
+fn refresher_for(s: &Servers, refresh: &str) -> OAuth2Refresher<TokenClient> {
+    refresher(s, refresh, &Persisted::default())
+}
+
+/// A tower service in front of the token client that counts requests carrying the
+/// `RefreshRequest` marker.
+#[derive(Clone)]
+struct MarkerCounter {
+    inner: TokenClient,
+    marked: Arc<AtomicUsize>,
+    total: Arc<AtomicUsize>,
+}
+
+impl Service<Request<Full<Bytes>>> for MarkerCounter {
+    type Response = Response<Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = <TokenClient as Service<Request<Full<Bytes>>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        self.total.fetch_add(1, Ordering::SeqCst);
+        if req.extensions().get::<RefreshRequest>().is_some() {
+            self.marked.fetch_add(1, Ordering::SeqCst);
+        }
+        Service::call(&mut self.inner, req)
+    }
+}
+
+#[tokio::test]
+async fn token_requests_are_well_formed_for_every_client_authentication() {
+    guard(async {
+        // client_secret_basic, with characters that need encoding everywhere.
+        let basic = "Basic bXkrY2xpZW50OnAlNDBzcyUzQXclMjZyZCUyQiVDMyVBOQ=="; // my+client:p%40ss%3Aw%26rd%2B%C3%A9
+        let s = Servers::start(TokenConfig {
+            client: ClientCheck::Basic(basic.to_owned()),
+            ..TokenConfig::default()
+        })
+        .await;
+        let odd_refresh = "rt+1&x=y %";
+        s.token.login_with(odd_refresh);
+        let counter = MarkerCounter {
+            inner: token_client(),
+            marked: Arc::default(),
+            total: Arc::default(),
+        };
+        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), counter.clone())
+            .client_id("my client")
+            .client_secret("p@ss:w&rd+é", ClientAuth::Basic)
+            .refresh_token(odd_refresh)
+            .scope("read write&admin=1")
+            .build()
+            .unwrap();
+        refresher
+            .refresh(None)
+            .await
+            .expect("the server accepted the client and the grant");
+        let seen = s.token.seen().remove(0);
+        assert_eq!(seen.method, http::Method::POST);
+        assert_eq!(
+            seen.content_type.as_deref(),
+            Some("application/x-www-form-urlencoded")
+        );
+        assert_eq!(seen.authorization.as_deref(), Some(basic));
+        let mut fields: Vec<_> = seen
+            .form
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                ("grant_type", "refresh_token"),
+                ("refresh_token", odd_refresh),
+                ("scope", "read write&admin=1")
+            ]
+        );
+        assert_eq!(counter.total.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            counter.marked.load(Ordering::SeqCst),
+            1,
+            "token requests carry RefreshRequest"
+        );
+
+        // client_secret_post.
+        let client = ClientCheck::Post {
+            id: "app".to_owned(),
+            secret: "s&=+ é".to_owned(),
+        };
+        let s = Servers::start(TokenConfig {
+            client,
+            ..TokenConfig::default()
+        })
+        .await;
+        let (_, rt0) = s.token.login();
+        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+            .client_id("app")
+            .client_secret("s&=+ é", ClientAuth::Post)
+            .refresh_token(rt0.as_str())
+            .build()
+            .unwrap();
+        refresher
+            .refresh(None)
+            .await
+            .expect("client_secret_post accepted");
+        let seen = s.token.seen().remove(0);
+        assert_eq!(seen.authorization, None);
+        assert_eq!(seen.field("client_secret"), Some("s&=+ é"));
+        assert_eq!(seen.field("scope"), None);
+
+        // A public client.
+        let s = Servers::start(TokenConfig {
+            client: ClientCheck::Public {
+                id: "spa".to_owned(),
+            },
+            ..TokenConfig::default()
+        })
+        .await;
+        let (_, rt0) = s.token.login();
+        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+            .client_id("spa")
+            .refresh_token(rt0.as_str())
+            .build()
+            .unwrap();
+        refresher
+            .refresh(None)
+            .await
+            .expect("public client accepted");
+        let seen = s.token.seen().remove(0);
+        assert_eq!(seen.authorization, None);
+        assert_eq!(seen.field("client_id"), Some("spa"));
+        assert_eq!(seen.field("client_secret"), None);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn timeouts_and_connection_errors_are_transient() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        s.token.hold_next(1);
+        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+            .client_id("app")
+            .client_secret("app-secret", ClientAuth::Basic)
+            .refresh_token(rt0.as_str())
+            .timeout(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let err = refresher.refresh(None).await.unwrap_err();
+        assert!(err.is_transient());
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Timeout);
+
+        // A port nobody listens on.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let refresher = OAuth2Refresher::builder(
+            format!("http://{addr}/token").parse().unwrap(),
+            token_client(),
+        )
+        .refresh_token("rt")
+        .build()
+        .unwrap();
+        let err = refresher.refresh(None).await.unwrap_err();
+        assert!(err.is_transient());
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Transport);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_is_covered_by_the_grace_window_and_detected_as_reuse_without_it() {
+    guard(async {
+        for grace in [Some(Duration::from_secs(60)), None] {
+            let s = Servers::start(TokenConfig {
+                grace,
+                ..TokenConfig::default()
+            })
+            .await;
+            let (_, rt0) = s.token.login();
+            let persisted = Persisted::default();
+            let p = persisted.clone();
+            // The first answer is held past the refresher's timeout: the server rotated, the
+            // client never learns the new refresh token and presents the old one again.
+            s.token.hold_next(1);
+            let refresher =
+                OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+                    .client_id("app")
+                    .client_secret("app-secret", ClientAuth::Basic)
+                    .refresh_token(rt0.as_str())
+                    .timeout(Duration::from_millis(200))
+                    .on_rotation(move |new: RefreshToken| {
+                        let p = p.clone();
+                        async move {
+                            p.lock().unwrap().push(new.secret().to_owned());
+                            Ok::<_, Infallible>(())
+                        }
+                    })
+                    .build()
+                    .unwrap();
+            let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+            let mut events = handle.subscribe();
+            let result = get(client, s.api_url()).await;
+            assert_eq!(s.token.requests(), 2);
+            let current = s.token.current_of(&rt0).unwrap();
+            if grace.is_some() {
+                assert_eq!(result.unwrap(), StatusCode::OK);
+                assert_eq!(s.token.grace_uses(), 1);
+                assert_eq!(s.token.reuse_detected(), 0);
+                assert_eq!(
+                    refresher.refresh_token().secret(),
+                    current,
+                    "the grace answer re-sent the current token"
+                );
+                assert_eq!(*persisted.lock().unwrap(), vec![current]);
+            } else {
+                let err = result.unwrap_err();
+                let rejected = err
+                    .downcast_ref::<RefreshRejected>()
+                    .expect("RefreshRejected");
+                assert_eq!(
+                    oauth2_cause(rejected.refresh_error()).error_code(),
+                    Some("invalid_grant")
+                );
+                assert_eq!(s.token.reuse_detected(), 1);
+                assert!(s.token.family_revoked(&rt0));
+                let ended = drain(&mut events)
+                    .iter()
+                    .filter(|e| matches!(e, RefreshEvent::SessionEnded { .. }))
+                    .count();
+                assert_eq!(ended, 1);
+            }
+        }
+    })
+    .await;
+}
+
+type SharedClient = BoxCloneSyncService<Request<Full<Bytes>>, Response<Incoming>, BoxError>;
+
+/// A client whose inner service is set after construction: lets the refresher share the very
+/// client that wears the refresh layer.
+#[derive(Clone, Default)]
+struct LateClient(Arc<OnceLock<SharedClient>>);
+
+impl Service<Request<Full<Bytes>>> for LateClient {
+    type Response = Response<Incoming>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let inner = self.0.get().expect("client set").clone();
+        Box::pin(inner.oneshot(req))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_client_wearing_the_layer_does_not_recurse() {
+    guard(async {
+        // Token endpoint and API on one origin, so the origin check cannot be what lets the
+        // token request through untouched.
+        let s = SharedOrigin::start(TokenConfig {
+            client: ClientCheck::Public {
+                id: "cli".to_owned(),
+            },
+            ..TokenConfig::default()
+        })
+        .await;
+        let (_, rt0) = s.token.login();
+        let late = LateClient::default();
+        let refresher =
+            OAuth2Refresher::builder(s.server.url("/oauth/token").parse().unwrap(), late.clone())
+                .client_id("cli")
+                .refresh_token(rt0.as_str())
+                .build()
+                .unwrap();
+        let (shared, _handle) = api_client(refresher, "expired-at-start");
+        assert!(late.0.set(BoxCloneSyncService::new(shared.clone())).is_ok());
+
+        assert_eq!(
+            get(shared.clone(), s.server.url("/resource"))
+                .await
+                .unwrap(),
+            StatusCode::OK
+        );
+        let seen = s.token.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            seen[0].authorization, None,
+            "no bearer token on the token request"
+        );
+        assert_eq!(s.token.grants(), 1);
+        assert_eq!(s.api.unauthorized(), 1);
+        assert_eq!(s.api.ok(), 1);
+    })
+    .await;
+}
+
+#[test]
+fn configuration_is_checked_and_debug_output_is_redacted() {
+    let dummy = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    let build = |endpoint: &str| {
+        OAuth2Refresher::builder(endpoint.parse().unwrap(), dummy)
+            .refresh_token("rt-SECRET")
+            .build()
+    };
+    for ok in [
+        "https://idp.example/token",
+        "http://localhost:8080/token",
+        "http://127.0.0.1:9/t",
+        "http://[::1]:9/t",
+    ] {
+        assert!(build(ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "http://idp.example/token",
+        "ftp://idp.example/token",
+        "/token",
+        "http://10.0.0.1/token",
+    ] {
+        let err = build(bad).unwrap_err();
+        assert!(!err.to_string().contains("SECRET"));
+    }
+    assert!(
+        build("http://idp.example/token")
+            .unwrap_err()
+            .to_string()
+            .contains("https")
+    );
+    let insecure = OAuth2Refresher::builder("http://idp.internal/token".parse().unwrap(), dummy)
+        .refresh_token("rt")
+        .allow_insecure_http(true)
+        .build();
+    assert!(insecure.is_ok());
+
+    let base = || OAuth2Refresher::builder("https://idp.example/token".parse().unwrap(), dummy);
+    assert!(base().build().is_err(), "a refresh token is required");
+    assert!(
+        base().refresh_token("").build().is_err(),
+        "an empty refresh token is refused"
+    );
+    assert!(
+        base()
+            .refresh_token("rt")
+            .client_secret("x", ClientAuth::Post)
+            .build()
+            .is_err(),
+        "a secret needs a client id"
+    );
+
+    let builder = base()
+        .client_id("app")
+        .client_secret("client-SECRET", ClientAuth::Basic)
+        .refresh_token("rt-SECRET");
+    assert!(!format!("{builder:?}").contains("SECRET"));
+    let refresher = builder.build().unwrap();
+    let shown = format!("{refresher:?} {:?}", refresher.refresh_token());
+    assert!(!shown.contains("SECRET"), "{shown}");
+    assert!(shown.contains("client_secret_basic") && shown.contains("app"));
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_secret_reaches_tracing_output() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = refresher(&s, &rt0, &persisted);
+        let (client, _handle) = api_client(refresher.clone(), "expired-at-start");
+        s.token.script(Scripted::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("down {rt0}")));
+        assert_eq!(get(client.clone(), s.api_url()).await.unwrap(), StatusCode::OK);
+        let echo = json!({ "error": "invalid_grant", "error_description": format!("bad {}", refresher.refresh_token().secret()) });
+        s.token.script(Scripted::json(StatusCode::BAD_REQUEST, echo));
+        s.token.expire_access_tokens();
+        assert!(get(client, s.api_url()).await.is_err());
+
+        let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(output.contains("oauth2"), "the refresher logs: {output}");
+        let mut secrets = vec![rt0.clone(), "app-secret".to_owned(), "YXBwOmFwcC1zZWNyZXQ".to_owned()];
+        secrets.extend(s.token.rotated());
+        for secret in &secrets {
+            assert!(!output.contains(secret.as_str()), "a secret reached the logs");
+        }
+        assert!(!output.contains("atok-"), "an access token reached the logs");
+    })
+    .await;
+}

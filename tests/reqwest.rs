@@ -1,0 +1,659 @@
+//! The reqwest-middleware adapter with a real `reqwest` client against hyper servers on
+//! `127.0.0.1:0`.
+//!
+//! Every test is bounded by [`guard`] and talks to loopback only.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_auth_refresh::error::{
+    RefreshRejected, SessionEnded, UnauthorizedAfterRefresh, is_auth_failure,
+};
+use tower_auth_refresh::reqwest::RefreshMiddleware;
+use tower_auth_refresh::{
+    NoRefresh, RefreshError, RefreshLayer, RefreshRequest, ReplayBody, ReplayMethods, RetryPolicy,
+    Token, TokenRefresher, refresh_fn,
+};
+
+/// Distinctive secrets, so a leak is unmistakable in any output.
+const STALE: &str = "stale-rq-5c2e9a71f0b4";
+const FRESH: &str = "fresh-rq-83d0b6e4a21f";
+
+/// Bounds every test body: a hang fails instead of blocking the suite.
+async fn guard<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), fut)
+        .await
+        .expect("test did not finish within 60 s")
+}
+
+/// What the fake API saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    /// The `Authorization` header, or "-".
+    auth: String,
+    content_type: Option<String>,
+    content_length: Option<String>,
+    body: Bytes,
+}
+
+/// A fake API on `127.0.0.1:0`: answers 200 (echoing the body) to `Bearer <accepted>` and
+/// 401 with an RFC 6750 `invalid_token` challenge to anything else.
+#[derive(Clone)]
+struct Api {
+    addr: SocketAddr,
+    accepted: Arc<Mutex<Option<String>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Api {
+    async fn start(accepted: Option<&str>) -> Self {
+        let accepted = Arc::new(Mutex::new(accepted.map(str::to_owned)));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let api = Self {
+            addr,
+            accepted,
+            seen,
+        };
+        let server = api.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.respond(req).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        api
+    }
+
+    async fn respond(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let header = |name| {
+            parts
+                .headers
+                .get(name)
+                .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+        };
+        let auth = header(AUTHORIZATION).unwrap_or_else(|| "-".to_owned());
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        self.seen.lock().unwrap().push(Seen {
+            path: parts.uri.path().to_owned(),
+            auth: auth.clone(),
+            content_type: header(CONTENT_TYPE),
+            content_length: header(CONTENT_LENGTH),
+            body: body.clone(),
+        });
+        let ok = self
+            .accepted
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|t| auth == format!("Bearer {t}"));
+        if ok {
+            Response::new(Full::new(body))
+        } else {
+            Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .header(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)
+                .body(Full::default())
+                .unwrap()
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// How many requests carried `Bearer <secret>`.
+    fn count(&self, secret: &str) -> usize {
+        let want = format!("Bearer {secret}");
+        self.seen().iter().filter(|s| s.auth == want).count()
+    }
+}
+
+/// A refresher that counts its calls and returns `secret` after `delay`.
+fn counting(
+    calls: &Arc<AtomicUsize>,
+    secret: &'static str,
+    delay: Duration,
+) -> impl TokenRefresher {
+    let calls = calls.clone();
+    refresh_fn(move |_stale: Option<Token>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, RefreshError>(Token::bearer(secret)?)
+        }
+    })
+}
+
+fn reqwest_client(middleware: RefreshMiddleware) -> ClientWithMiddleware {
+    // `no_proxy`: loopback traffic must not be sent to a proxy configured in the environment.
+    let inner = reqwest::Client::builder().no_proxy().build().unwrap();
+    ClientBuilder::new(inner).with(middleware).build()
+}
+
+/// The layer's own error inside a `reqwest_middleware::Error`, downcast.
+fn layer_error<E: std::error::Error + Send + Sync + 'static>(
+    err: &reqwest_middleware::Error,
+) -> Option<&E> {
+    match err {
+        reqwest_middleware::Error::Middleware(e) => e.downcast_ref::<E>(),
+        reqwest_middleware::Error::Reqwest(_) => None,
+    }
+}
+
+/// Every log line, for checking that no secret is printed.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// 1,000 concurrent requests with a stale token: one refresh, every request replayed once
+/// with the fresh token, and no secret in the TRACE-level logs.
+///
+/// Current-thread runtime: the thread-local subscriber sees every task's events.
+#[tokio::test(flavor = "current_thread")]
+async fn stampede_of_1000_refreshes_once_and_replays_each_request_once() {
+    const N: usize = 1000;
+    let logs = CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    // With a single registered dispatcher, tracing caches a callsite's interest from the
+    // default of whichever thread hits it first: another test's thread (no subscriber) could
+    // switch it off for good. A second live dispatcher makes tracing ask every registered one;
+    // the rebuild fixes callsites registered before.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
+    tracing::callsite::rebuild_interest_cache();
+
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::from_millis(20)))
+            .initial_token(Token::bearer(STALE).unwrap());
+        let client = reqwest_client(layer.reqwest_middleware());
+
+        let mut tasks = JoinSet::new();
+        for i in 0..N {
+            let (client, url) = (client.clone(), api.url(&format!("/items/{i}")));
+            tasks.spawn(async move {
+                let res = client.post(url).body(format!("item {i}")).send().await?;
+                let status = res.status();
+                let body = res.bytes().await?;
+                Ok::<_, reqwest_middleware::Error>((i, status, body))
+            });
+        }
+        let mut ok = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, status, body) = joined.unwrap().unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body, format!("item {i}"));
+            ok += 1;
+        }
+
+        assert_eq!(ok, N);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "exactly one refresh");
+        assert_eq!(api.count(STALE), N, "every request first went out stale");
+        assert_eq!(api.count(FRESH), N, "every request was replayed once");
+        assert_eq!(api.seen().len(), 2 * N);
+        assert_eq!(layer.handle().state().generation(), 2);
+    })
+    .await;
+
+    let text = logs.text();
+    assert!(
+        text.contains("tower_auth_refresh::reqwest")
+            && text.contains("replaying request with a fresh token")
+            && text.contains("token refresh succeeded"),
+        "the middleware's and the cell's events were captured"
+    );
+    assert!(
+        !text.contains(STALE) && !text.contains(FRESH),
+        "a token leaked into the logs"
+    );
+}
+
+/// A JSON POST refused with 401 is replayed with the same bytes and content headers.
+#[tokio::test]
+async fn post_json_body_is_replayed_byte_for_byte() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
+            .initial_token(Token::bearer(STALE).unwrap());
+        let client = reqwest_client(layer.reqwest_middleware());
+
+        let json = r#"{"order":{"id":42,"items":["é","\u0000",[1,2.5e3]],"note":"  spaces  "}}"#;
+        let res = client
+            .post(api.url("/orders"))
+            .header(CONTENT_TYPE, "application/json")
+            .body(json)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.bytes().await.unwrap(), json.as_bytes());
+
+        let seen = api.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].auth, format!("Bearer {STALE}"));
+        assert_eq!(seen[1].auth, format!("Bearer {FRESH}"));
+        for s in &seen {
+            assert_eq!(s.body, json.as_bytes());
+            assert_eq!(s.content_type.as_deref(), Some("application/json"));
+            assert_eq!(s.content_length, Some(json.len().to_string()));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// A streaming body of known size (in memory, but not cloneable by reqwest) is captured as
+/// it streams out and replayed, as the tower layer does.
+#[tokio::test]
+async fn streaming_body_of_known_size_is_captured_and_replayed() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
+            .initial_token(Token::bearer(STALE).unwrap());
+        let client = reqwest_client(layer.reqwest_middleware());
+
+        let payload = "x".repeat(64 * 1024);
+        let body = reqwest::Body::wrap(Full::new(Bytes::from(payload.clone())));
+        assert!(body.as_bytes().is_none(), "a streaming body");
+        let res = client
+            .put(api.url("/blob"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+
+        let seen = api.seen();
+        assert_eq!(seen.len(), 2);
+        assert!(seen.iter().all(|s| s.body == payload.as_bytes()));
+        assert_eq!(seen[1].auth, format!("Bearer {FRESH}"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// A streaming body of unknown size cannot be cloned: it is sent once (no "request not
+/// cloneable" failure up front), its 401 is returned, and the refresh still runs so the next
+/// request goes out with the new token.
+#[tokio::test]
+async fn non_cloneable_stream_is_sent_once_and_its_401_returned_after_the_refresh() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
+            .initial_token(Token::bearer(STALE).unwrap());
+        let client = reqwest_client(layer.reqwest_middleware());
+
+        let chunks = ["chunk-1;", "chunk-2;", "chunk-3"]
+            .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from_static(c.as_bytes()))));
+        let body = reqwest::Body::wrap(StreamBody::new(futures_util::stream::iter(chunks)));
+        let req = client.post(api.url("/upload")).body(body);
+        assert!(req.try_clone().is_none(), "the request is not cloneable");
+
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+
+        let seen = api.seen();
+        assert_eq!(seen.len(), 1, "sent exactly once");
+        assert_eq!(seen[0].auth, format!("Bearer {STALE}"));
+        assert_eq!(seen[0].body, "chunk-1;chunk-2;chunk-3");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the refresh ran anyway");
+        assert_eq!(layer.handle().state().generation(), 2);
+
+        // The caller's retry goes out with the new token.
+        let res = client.get(api.url("/after")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(api.seen()[1].auth, format!("Bearer {FRESH}"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// A replay refused again is the typed `UnauthorizedAfterRefresh`, with both response heads.
+#[tokio::test]
+async fn second_401_is_unauthorized_after_refresh() {
+    guard(async {
+        // Accepts no token at all.
+        let api = Api::start(None).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
+            .initial_token(Token::bearer(STALE).unwrap());
+        let client = reqwest_client(layer.reqwest_middleware());
+
+        let err = client
+            .get(api.url("/secret"))
+            .send()
+            .await
+            .expect_err("refused twice");
+        assert!(err.is_middleware());
+        let typed = layer_error::<UnauthorizedAfterRefresh>(&err).expect("typed error");
+        assert_eq!(typed.first().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(typed.second().status(), StatusCode::UNAUTHORIZED);
+        assert!(typed.second().headers().contains_key(WWW_AUTHENTICATE));
+        let reqwest_middleware::Error::Middleware(inner) = &err else {
+            unreachable!()
+        };
+        assert!(is_auth_failure(&**inner));
+        assert!(!format!("{err:?}").contains(FRESH));
+
+        let seen = api.seen();
+        assert_eq!(seen.len(), 2, "replayed exactly once");
+        assert_eq!(seen[1].auth, format!("Bearer {FRESH}"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// A terminal refresh failure reaches the request as `RefreshRejected` (with the 401 that
+/// caused it); later requests fail fast with `SessionEnded`, without a network call, until a
+/// new token is installed.
+#[tokio::test]
+async fn terminal_failure_is_rejected_then_session_ended_without_network_calls() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let refresher = refresh_fn({
+            let calls = calls.clone();
+            move |_stale: Option<Token>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<Token, _>(RefreshError::terminal("invalid_grant")) }
+            }
+        });
+        let layer = RefreshLayer::new(refresher)
+            .initial_token(Token::bearer(STALE).unwrap())
+            .retry(RetryPolicy::none());
+        let middleware = layer.reqwest_middleware();
+        let handle = middleware.token_handle();
+        let client = reqwest_client(middleware);
+
+        let err = client.get(api.url("/a")).send().await.unwrap_err();
+        let rejected = layer_error::<RefreshRejected>(&err).expect("RefreshRejected");
+        assert_eq!(
+            rejected.unauthorized().map(|h| h.status()),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert!(rejected.refresh_error().is_terminal());
+        assert_eq!(api.seen().len(), 1);
+        assert!(handle.state().session_ended());
+
+        for _ in 0..5 {
+            let err = client.get(api.url("/b")).send().await.unwrap_err();
+            let ended = layer_error::<SessionEnded>(&err).expect("SessionEnded");
+            assert!(ended.cause().is_terminal());
+        }
+        assert_eq!(
+            api.seen().len(),
+            1,
+            "no network call after the session ended"
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no refresh after the session ended"
+        );
+
+        // A login resumes the session.
+        handle.set_token(Token::bearer(FRESH).unwrap());
+        let res = client.get(api.url("/c")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    })
+    .await;
+}
+
+/// A tower client and a reqwest client built from one layer share the token: one refresh,
+/// started by whichever saw the 401 first, serves both.
+#[tokio::test]
+async fn reqwest_middleware_and_tower_service_share_one_token() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::from_millis(50)))
+            .initial_token(Token::bearer(STALE).unwrap());
+        let reqwest_client = reqwest_client(RefreshMiddleware::from_layer(&layer));
+        let tower_client = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>());
+
+        let via_reqwest = reqwest_client.get(api.url("/reqwest")).send();
+        let via_tower = tower_client.clone().oneshot(
+            Request::get(api.url("/tower"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        );
+        let (a, b) = tokio::join!(via_reqwest, via_tower);
+        assert_eq!(a.unwrap().status(), StatusCode::OK);
+        assert_eq!(b.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one refresh for both clients"
+        );
+        assert_eq!(api.count(STALE), 2);
+        assert_eq!(api.count(FRESH), 2);
+
+        // Afterwards both send the fresh token straight away.
+        let a = reqwest_client
+            .get(api.url("/reqwest"))
+            .send()
+            .await
+            .unwrap();
+        let b = tower_client
+            .oneshot(
+                Request::get(api.url("/tower"))
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
+        assert_eq!(api.count(FRESH), 4);
+        assert_eq!(api.count(STALE), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(layer.handle().state().generation(), 2);
+    })
+    .await;
+}
+
+/// Requests that must not be touched pass through; `NoRefresh` keeps the token but returns
+/// the 401; `ReplayMethods::Idempotent` returns a POST's 401 after refreshing; a layer with no
+/// token refreshes before the first send.
+#[tokio::test]
+async fn markers_origins_and_replay_policy_are_honoured() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let other = Api::start(Some(FRESH)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
+            .initial_token(Token::bearer(STALE).unwrap())
+            .replay_methods(ReplayMethods::Idempotent)
+            .allowed_origins([api.url("")])
+            .unwrap();
+        let client = reqwest_client(layer.reqwest_middleware());
+
+        // Another origin: no token, no refresh.
+        let res = client.get(other.url("/x")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(other.seen()[0].auth, "-");
+
+        // The caller's own Authorization header is left alone.
+        let res = client
+            .get(api.url("/own"))
+            .header(AUTHORIZATION, "Basic dTpw")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        // A refresher's own request: no token.
+        let res = client
+            .get(api.url("/token"))
+            .with_extension(RefreshRequest)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        // NoRefresh: the token is attached, the 401 comes back, nothing is refreshed.
+        let res = client
+            .get(api.url("/no-refresh"))
+            .with_extension(NoRefresh)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        let auths: Vec<_> = api.seen().into_iter().map(|s| s.auth).collect();
+        assert_eq!(
+            auths,
+            [
+                "Basic dTpw".to_owned(),
+                "-".to_owned(),
+                format!("Bearer {STALE}")
+            ]
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+        // Idempotent only: a POST's 401 is returned, after the refresh.
+        let res = client
+            .post(api.url("/orders"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(api.seen().len(), 4);
+        // ...and the next one goes out fresh.
+        let res = client.get(api.url("/next")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(api.seen()[4].auth, format!("Bearer {FRESH}"));
+
+        // No token at all: the first request waits for a refresh, then goes out once.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO));
+        let client = reqwest_client(layer.reqwest_middleware());
+        let res = client.get(api.url("/first")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(api.seen().last().unwrap().auth, format!("Bearer {FRESH}"));
+        assert_eq!(api.seen().len(), 6);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// A refresher that sends its token request through the very client wearing the middleware
+/// is not intercepted (no deadlock, no token on the token request).
+#[tokio::test]
+async fn refresher_sending_through_the_same_client_passes_through() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let slot: Arc<Mutex<Option<(ClientWithMiddleware, String)>>> = Arc::default();
+        let refresher = refresh_fn({
+            let slot = slot.clone();
+            move |_stale: Option<Token>| {
+                let (client, url) = slot.lock().unwrap().clone().expect("client installed");
+                async move {
+                    let res = client
+                        .post(url)
+                        .send()
+                        .await
+                        .map_err(RefreshError::transient)?;
+                    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+                    Ok::<_, RefreshError>(Token::bearer(FRESH)?)
+                }
+            }
+        });
+        let layer = RefreshLayer::new(refresher).initial_token(Token::bearer(STALE).unwrap());
+        let client = reqwest_client(layer.reqwest_middleware());
+        *slot.lock().unwrap() = Some((client.clone(), api.url("/oauth/token")));
+
+        let res = client.get(api.url("/data")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let seen: Vec<_> = api.seen().into_iter().map(|s| (s.path, s.auth)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("/data".to_owned(), format!("Bearer {STALE}")),
+                ("/oauth/token".to_owned(), "-".to_owned()),
+                ("/data".to_owned(), format!("Bearer {FRESH}")),
+            ]
+        );
+    })
+    .await;
+}
+
+#[test]
+fn debug_of_the_middleware_shows_no_token() {
+    let layer = RefreshLayer::new(refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer(FRESH)?)
+    }))
+    .initial_token(Token::bearer(STALE).unwrap());
+    let middleware = layer.reqwest_middleware();
+    let printed = format!(
+        "{middleware:?} {middleware:#?} {:?}",
+        middleware.token_handle()
+    );
+    assert!(printed.contains("RefreshMiddleware"));
+    assert!(!printed.contains(STALE) && !printed.contains(FRESH));
+    assert!(!printed.contains("stale-rq") && !printed.contains("fresh-rq"));
+}
