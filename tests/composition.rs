@@ -240,7 +240,10 @@ async fn trace_and_sensitive_headers_layers_never_print_the_token() {
         "the trace shows headers: {text}"
     );
     assert!(text.contains("Sensitive"));
-    assert!(text.contains("token refresh succeeded"), "the layer's own events are captured");
+    assert!(
+        text.contains("token refresh succeeded"),
+        "the layer's own events are captured"
+    );
     assert!(
         !text.contains("stale-secret-value") && !text.contains("fresh-1"),
         "token leaked: {text}"
