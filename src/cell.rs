@@ -99,6 +99,21 @@ struct State {
 }
 
 impl State {
+    /// What the handle set: the answer for a refresh it superseded.
+    fn current(&self) -> Result<Fresh, ObtainError> {
+        match (&self.token, &self.ended) {
+            (_, Some(err)) => Err(ObtainError::Ended(err.clone())),
+            (Some(token), None) => Ok(Fresh {
+                generation: self.generation,
+                attempts: self.attempts,
+                header: token.header_value().clone(),
+            }),
+            (None, None) => Err(ObtainError::Failed(Arc::new(RefreshError::transient(
+                "the token was cleared during the refresh",
+            )))),
+        }
+    }
+
     fn store(&mut self, token: Token) {
         let now = self.settings.clock.now();
         self.generation += 1;
@@ -122,6 +137,17 @@ impl State {
         self.last_failure = None;
         self.ended = None;
         self.ahead_failures = 0;
+    }
+}
+
+/// Resets `refreshing` if a refresh future is dropped before it finishes.
+struct Running<'a>(Option<&'a Cell>);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(cell) = self.0 {
+            cell.write().refreshing = false;
+        }
     }
 }
 
@@ -372,7 +398,9 @@ impl Cell {
         force: bool,
     ) -> Result<Fresh, ObtainError> {
         let (tx, rx) = oneshot::channel();
-        let task = Arc::clone(self).run(guard, false, force, Some(tx));
+        // Decided now, under the gate: a token installed before the task starts wins.
+        let decided = self.read().epoch;
+        let task = Arc::clone(self).run(guard, false, force, Some(tx), decided);
         match tokio::runtime::Handle::try_current() {
             // A task of its own: the refresh survives the cancellation of every waiter.
             Ok(handle) => drop(handle.spawn(task)),
@@ -396,7 +424,7 @@ impl Cell {
         let Some(guard) = self.gate.try_lock_arc() else {
             return;
         };
-        {
+        let decided = {
             let st = self.read();
             let due = st.ended.is_none()
                 && st.token.is_some()
@@ -404,8 +432,9 @@ impl Cell {
             if !due {
                 return;
             }
-        }
-        drop(handle.spawn(Arc::clone(self).run(guard, true, false, None)));
+            st.epoch
+        };
+        drop(handle.spawn(Arc::clone(self).run(guard, true, false, None, decided)));
     }
 
     async fn run(
@@ -414,9 +443,21 @@ impl Cell {
         background: bool,
         force: bool,
         reply: Option<oneshot::Sender<Result<Fresh, ObtainError>>>,
+        decided: u64,
     ) {
         let (stale, epoch, generation, settings) = {
             let mut st = self.write();
+            if st.epoch != decided {
+                // The handle installed or cleared a token after this refresh was decided and
+                // before it started: that token is the answer; do not refresh it away.
+                let outcome = st.current();
+                drop(st);
+                drop(guard);
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
+                }
+                return;
+            }
             st.refreshing = true;
             (
                 st.token.clone(),
@@ -425,6 +466,9 @@ impl Cell {
                 st.settings.clone(),
             )
         };
+        // Without a runtime the refresh runs inside a request, and dropping that request
+        // drops this future: reset `refreshing` then too (the gate is still held).
+        let mut running = Running(Some(&self));
         let started = settings.clock.now();
         let span = tracing::debug_span!("token_refresh", generation, background, force);
         let outcome = async {
@@ -434,6 +478,7 @@ impl Cell {
                 .await
                 .unwrap_or_else(|_| Err(RefreshError::transient("the token refresher panicked")));
             let elapsed = settings.clock.now().saturating_duration_since(started);
+            running.0 = None;
             self.finish(result, epoch, background, elapsed)
         }
         .instrument(span)
@@ -469,6 +514,10 @@ impl Cell {
             let Some(delay) = settings.retry.delay(attempt, elapsed, err.retry_after()) else {
                 return Err(err);
             };
+            if tokio::runtime::Handle::try_current().is_err() {
+                // No timer outside a Tokio runtime: report the failure itself.
+                return Err(err);
+            }
             tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, error = %err, "transient token refresh failure; retrying");
             tokio::time::sleep(delay).await;
         }
@@ -484,8 +533,25 @@ impl Cell {
         let elapsed_ms = elapsed.as_millis() as u64;
         let mut st = self.write();
         st.refreshing = false;
+        if st.epoch != epoch {
+            // A token was installed or cleared through the handle while this refresh ran:
+            // what the handle set wins, whether the refresh succeeded or failed (a failure of
+            // the superseded refresh must not end the new session).
+            tracing::debug!(
+                elapsed_ms,
+                "token refresh result discarded: the token was replaced meanwhile"
+            );
+            if background {
+                return Err(ObtainError::Failed(Arc::new(RefreshError::transient(
+                    "the token was replaced during the refresh",
+                ))));
+            }
+            st.attempts += 1;
+            st.last_failure = None;
+            return st.current();
+        }
         match result {
-            Ok(token) if st.epoch == epoch => {
+            Ok(token) => {
                 st.attempts += 1;
                 st.store(token);
                 let generation = st.generation;
@@ -504,26 +570,6 @@ impl Cell {
                     attempts,
                     header: header.expect("token was just stored"),
                 })
-            }
-            Ok(_) => {
-                // A token was installed or cleared through the handle while this refresh ran:
-                // what the handle set wins.
-                tracing::debug!(
-                    elapsed_ms,
-                    "token refresh result discarded: the token was replaced meanwhile"
-                );
-                st.attempts += 1;
-                match (&st.token, &st.ended) {
-                    (_, Some(err)) => Err(ObtainError::Ended(err.clone())),
-                    (Some(token), None) => Ok(Fresh {
-                        generation: st.generation,
-                        attempts: st.attempts,
-                        header: token.header_value().clone(),
-                    }),
-                    (None, None) => Err(ObtainError::Failed(Arc::new(RefreshError::transient(
-                        "the token was cleared during the refresh",
-                    )))),
-                }
             }
             Err(err) if background => {
                 st.ahead_failures = st.ahead_failures.saturating_add(1);
@@ -598,6 +644,7 @@ impl Cell {
         st.expires_at = None;
         st.refresh_at = None;
         st.ahead_at = None;
+        st.last_failure = None;
         st.ended = Some(Arc::new(RefreshError::terminal(
             "logged out through the token handle",
         )));

@@ -1,0 +1,355 @@
+//! Property tests of `ReplayBody`, driven through the layer: whatever the chunking, trailers,
+//! size hint and however far the first attempt reads, the replay reproduces the caller's body
+//! byte for byte (trailers included), and the layer never holds more than its cap.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use proptest::prelude::*;
+use tower::{Layer, ServiceExt, service_fn};
+use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
+
+/// A caller's body: a fixed list of frames, a chosen size hint and an `is_end_stream` that is
+/// accurate (like `Full`) or always false (like `StreamBody`).
+#[derive(Debug)]
+struct Scripted {
+    frames: VecDeque<Frame<Bytes>>,
+    hint: Option<u64>,
+    accurate_end: bool,
+}
+
+impl Body for Scripted {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.frames.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.accurate_end && self.frames.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.hint {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// How the inner service reads the first attempt's body before answering 401.
+#[derive(Debug, Clone, Copy)]
+enum Reader {
+    /// Polls until `None`.
+    ToEnd,
+    /// Stops like hyper's HTTP/1 client: after the trailers frame, once the body says it has
+    /// ended, or once the announced length was written.
+    HyperLike,
+    /// Reads this many frames, then drops the body (a cancelled or failed send).
+    Drop(usize),
+}
+
+/// What one attempt's body looked like from the inner service.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    replay: bool,
+    hint_at_start: Option<u64>,
+    data: BytesMut,
+    trailers: Option<HeaderMap>,
+    max_buffered: usize,
+}
+
+async fn read(mut body: ReplayBody<Scripted>, reader: Reader) -> Seen {
+    let mut seen = Seen {
+        replay: body.is_replay(),
+        hint_at_start: body.size_hint().exact(),
+        max_buffered: body.buffered_bytes(),
+        ..Seen::default()
+    };
+    let announced = seen.hint_at_start;
+    let mut frames = 0;
+    loop {
+        if let Reader::Drop(k) = reader {
+            if frames == k {
+                break;
+            }
+        }
+        let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        else {
+            break;
+        };
+        frames += 1;
+        let frame = frame.unwrap();
+        seen.max_buffered = seen.max_buffered.max(body.buffered_bytes());
+        let trailers = match frame.into_data() {
+            Ok(data) => {
+                seen.data.extend_from_slice(&data);
+                false
+            }
+            Err(frame) => {
+                seen.trailers = Some(frame.into_trailers().expect("data or trailers"));
+                true
+            }
+        };
+        if let Reader::HyperLike = reader {
+            let length_written = announced.is_some_and(|n| seen.data.len() as u64 >= n);
+            if trailers || body.is_end_stream() || length_written {
+                break;
+            }
+        }
+    }
+    seen
+}
+
+struct Case {
+    chunks: Vec<Vec<u8>>,
+    trailers: Option<Vec<(String, String)>>,
+    /// `None`: the honest exact size. `Some(None)`: unknown. `Some(Some(n))`: a lie.
+    hint: Option<Option<u64>>,
+    accurate_end: bool,
+    cap: usize,
+    reader: Reader,
+}
+
+impl std::fmt::Debug for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lens: Vec<usize> = self.chunks.iter().map(Vec::len).collect();
+        f.debug_struct("Case")
+            .field("chunk_lens", &lens)
+            .field("trailers", &self.trailers)
+            .field("hint", &self.hint)
+            .field("accurate_end", &self.accurate_end)
+            .field("cap", &self.cap)
+            .field("reader", &self.reader)
+            .finish()
+    }
+}
+
+fn header_map(pairs: &[(String, String)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (k, v) in pairs {
+        map.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    map
+}
+
+struct Outcome {
+    attempts: Vec<Seen>,
+    status: StatusCode,
+    refreshes: usize,
+}
+
+/// Sends the case's body through the layer with a stale token: the inner service reads the
+/// first attempt with `case.reader` and answers 401, then reads the replay to its end.
+fn run(case: &Case) -> Outcome {
+    let total: usize = case.chunks.iter().map(Vec::len).sum();
+    let mut frames: VecDeque<Frame<Bytes>> = case
+        .chunks
+        .iter()
+        .map(|c| Frame::data(Bytes::copy_from_slice(c)))
+        .collect();
+    if let Some(t) = &case.trailers {
+        frames.push_back(Frame::trailers(header_map(t)));
+    }
+    let body = Scripted {
+        frames,
+        hint: case.hint.unwrap_or(Some(total as u64)),
+        accurate_end: case.accurate_end,
+    };
+
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let refreshes = Arc::new(Mutex::new(0usize));
+    let refresher = {
+        let refreshes = refreshes.clone();
+        refresh_fn(move |_| {
+            *refreshes.lock().unwrap() += 1;
+            async { Ok::<_, RefreshError>(Token::bearer("fresh")?) }
+        })
+    };
+    let reader = case.reader;
+    let inner = {
+        let attempts = attempts.clone();
+        service_fn(move |req: Request<ReplayBody<Scripted>>| {
+            let attempts = attempts.clone();
+            async move {
+                let stale = req.headers()[AUTHORIZATION] == "Bearer stale";
+                let body = req.into_body();
+                let seen = read(body, if stale { reader } else { Reader::ToEnd }).await;
+                attempts.lock().unwrap().push(seen);
+                let status = if stale {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::OK
+                };
+                Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+            }
+        })
+    };
+    let svc = RefreshLayer::new(refresher)
+        .initial_token(Token::bearer("stale").unwrap())
+        .max_replay_body(case.cap)
+        .layer(inner);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let res = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            svc.oneshot(Request::post("/upload").body(body).unwrap()),
+        )
+        .await
+        .expect("no hang")
+        .expect("no error")
+    });
+    let attempts = attempts.lock().unwrap().clone();
+    let refreshes = *refreshes.lock().unwrap();
+    Outcome {
+        attempts,
+        status: res.status(),
+        refreshes,
+    }
+}
+
+fn check(case: &Case) -> Result<(), TestCaseError> {
+    let total: usize = case.chunks.iter().map(Vec::len).sum();
+    let original: Vec<u8> = case.chunks.concat();
+    let expected_trailers = case.trailers.as_deref().map(header_map);
+    let out = run(case);
+    prop_assert_eq!(out.refreshes, 1, "one refresh for the 401");
+
+    // Never more than the cap held for a replay, at any frame of any attempt.
+    for seen in &out.attempts {
+        prop_assert!(
+            seen.max_buffered <= case.cap,
+            "buffered {} > cap {}",
+            seen.max_buffered,
+            case.cap
+        );
+    }
+
+    let empty = case.accurate_end && case.chunks.is_empty() && case.trailers.is_none();
+    let announced = case.hint.unwrap_or(Some(total as u64));
+    let replayable_up_front = empty || announced.is_some_and(|n| n <= case.cap as u64);
+    if !replayable_up_front {
+        // Passed through: nothing kept, not replayed, the caller gets the 401 itself.
+        prop_assert_eq!(out.attempts.len(), 1);
+        prop_assert_eq!(out.attempts[0].max_buffered, 0);
+        prop_assert_eq!(out.status, StatusCode::UNAUTHORIZED);
+        return Ok(());
+    }
+    let honest = case.hint.is_none();
+    if honest {
+        // An honest body of known size within the cap is always replayed.
+        prop_assert_eq!(out.attempts.len(), 2, "replayed");
+    }
+    if out.attempts.len() == 1 {
+        // A lying size hint outgrew the cap: not replayed, the 401 is the caller's.
+        prop_assert!(total > case.cap);
+        prop_assert_eq!(out.status, StatusCode::UNAUTHORIZED);
+        return Ok(());
+    }
+    prop_assert_eq!(out.attempts.len(), 2);
+    prop_assert_eq!(out.status, StatusCode::OK);
+    let first = &out.attempts[0];
+    let replay = &out.attempts[1];
+    prop_assert!(!first.replay);
+    prop_assert!(replay.replay);
+    if honest {
+        prop_assert_eq!(first.hint_at_start, Some(total as u64));
+        prop_assert_eq!(replay.hint_at_start, Some(total as u64), "replay size hint");
+    }
+    if let Reader::ToEnd = case.reader {
+        prop_assert_eq!(&first.data[..], &original[..]);
+        prop_assert_eq!(&first.trailers, &expected_trailers);
+    }
+    prop_assert_eq!(&replay.data[..], &original[..], "replayed bytes");
+    prop_assert_eq!(&replay.trailers, &expected_trailers, "replayed trailers");
+    Ok(())
+}
+
+fn chunks() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    // Empty chunks included: they must not disturb the replay.
+    proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..12)
+}
+
+fn trailers() -> impl Strategy<Value = Option<Vec<(String, String)>>> {
+    proptest::option::of(proptest::collection::vec(
+        ("x-[a-z]{1,6}", "[ -~]{0,12}").prop_map(|(k, v)| (k, v.trim().to_owned())),
+        1..4,
+    ))
+}
+
+fn reader() -> impl Strategy<Value = Reader> {
+    prop_oneof![
+        Just(Reader::ToEnd),
+        Just(Reader::HyperLike),
+        (0usize..14).prop_map(Reader::Drop),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        // Failures print their minimal input; no regression files in the source tree.
+        failure_persistence: None,
+        ..ProptestConfig::with_cases(1000)
+    })]
+
+    /// Honest bodies of known size: replayed byte for byte, trailers included, however the
+    /// first attempt read them.
+    #[test]
+    fn replay_reproduces_any_chunking_byte_for_byte(
+        chunks in chunks(),
+        trailers in trailers(),
+        accurate_end in any::<bool>(),
+        reader in reader(),
+    ) {
+        let total: usize = chunks.iter().map(Vec::len).sum();
+        check(&Case { chunks, trailers, hint: None, accurate_end, cap: total.max(1) + 16, reader })?;
+    }
+
+    /// Any size hint (honest, unknown, lying) against any cap: never more than the cap kept,
+    /// and whatever is replayed is the caller's body exactly.
+    #[test]
+    fn never_buffers_past_the_cap(
+        chunks in chunks(),
+        trailers in trailers(),
+        hint in proptest::option::of(proptest::option::of(0u64..800)),
+        accurate_end in any::<bool>(),
+        cap in 0usize..600,
+        reader in reader(),
+    ) {
+        check(&Case { chunks, trailers, hint, accurate_end, cap, reader })?;
+    }
+}
+
+/// The smallest case the property finds for the trailers bug: a known-size body with
+/// trailers whose `is_end_stream` stays false (as `StreamBody`'s does), sent by a client that
+/// stops polling after the trailers frame (as hyper's HTTP/1 and HTTP/2 clients do).
+#[test]
+fn trailers_survive_a_sender_that_stops_after_the_trailers_frame() {
+    check(&Case {
+        chunks: vec![b"abc".to_vec()],
+        trailers: Some(vec![("x-checksum".into(), "1234".into())]),
+        hint: None,
+        accurate_end: false,
+        cap: 1024,
+        reader: Reader::HyperLike,
+    })
+    .unwrap();
+}
