@@ -119,13 +119,37 @@ where
 type KeyFn<K> = Arc<dyn Fn(&http::request::Parts) -> Option<K> + Send + Sync>;
 
 #[derive(Clone)]
-struct Template<K> {
+struct Template {
     settings: Settings,
     config: Config,
     capacity: usize,
     idle_timeout: Duration,
+}
+
+/// How a service picks the key of a request; fixed when the service is made, so the hot
+/// path reads it without a lock.
+struct Picker<K> {
     key_fn: Option<KeyFn<K>>,
     default_key: Option<K>,
+}
+
+impl<K: Clone> Clone for Picker<K> {
+    fn clone(&self) -> Self {
+        Self {
+            key_fn: self.key_fn.clone(),
+            default_key: self.default_key.clone(),
+        }
+    }
+}
+
+impl<K: Clone + Send + Sync + 'static> Picker<K> {
+    fn pick(&self, parts: &http::request::Parts) -> Option<K> {
+        match &self.key_fn {
+            Some(f) => f(parts),
+            None => parts.extensions.get::<K>().cloned(),
+        }
+        .or_else(|| self.default_key.clone())
+    }
 }
 
 struct Entry {
@@ -138,7 +162,7 @@ struct Entry {
 struct Keyed<K, R> {
     refresher: Arc<R>,
     cells: RwLock<HashMap<K, Entry>>,
-    template: RwLock<Template<K>>,
+    template: RwLock<Template>,
     base: Instant,
     events: broadcast::Sender<(K, RefreshEvent)>,
 }
@@ -154,7 +178,7 @@ where
             .as_millis() as u64
     }
 
-    fn template(&self) -> Template<K> {
+    fn template(&self) -> Template {
         self.template
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -268,12 +292,14 @@ where
 /// Options apply to cells created after they are set: configure before the first request.
 pub struct KeyedRefreshLayer<K, R> {
     keyed: Arc<Keyed<K, R>>,
+    picker: Arc<Picker<K>>,
 }
 
 impl<K, R> Clone for KeyedRefreshLayer<K, R> {
     fn clone(&self) -> Self {
         Self {
             keyed: self.keyed.clone(),
+            picker: self.picker.clone(),
         }
     }
 }
@@ -314,16 +340,18 @@ where
                     },
                     capacity: 10_000,
                     idle_timeout: Duration::from_secs(30 * 60),
-                    key_fn: None,
-                    default_key: None,
                 }),
                 base: Instant::now(),
                 events,
             }),
+            picker: Arc::new(Picker {
+                key_fn: None,
+                default_key: None,
+            }),
         }
     }
 
-    fn edit(self, f: impl FnOnce(&mut Template<K>)) -> Self {
+    fn edit(self, f: impl FnOnce(&mut Template)) -> Self {
         f(&mut self
             .keyed
             .template
@@ -338,13 +366,17 @@ where
     where
         F: Fn(&http::request::Parts) -> Option<K> + Send + Sync + 'static,
     {
-        self.edit(|t| t.key_fn = Some(Arc::new(f)))
+        let mut this = self;
+        Arc::make_mut(&mut this.picker).key_fn = Some(Arc::new(f));
+        this
     }
 
     /// Sends requests without a key as this principal instead of failing them.
     #[must_use]
     pub fn default_key(self, key: K) -> Self {
-        self.edit(|t| t.default_key = Some(key))
+        let mut this = self;
+        Arc::make_mut(&mut this.picker).default_key = Some(key);
+        this
     }
 
     /// At most this many cells (at least 1). When full, idle cells go first, then the least
@@ -393,6 +425,7 @@ impl<S, K, R> Layer<S> for KeyedRefreshLayer<K, R> {
         KeyedRefresh {
             inner,
             keyed: self.keyed.clone(),
+            picker: self.picker.clone(),
         }
     }
 }
@@ -401,6 +434,7 @@ impl<S, K, R> Layer<S> for KeyedRefreshLayer<K, R> {
 pub struct KeyedRefresh<S, K, R> {
     inner: S,
     keyed: Arc<Keyed<K, R>>,
+    picker: Arc<Picker<K>>,
 }
 
 impl<S: Clone, K, R> Clone for KeyedRefresh<S, K, R> {
@@ -408,6 +442,7 @@ impl<S: Clone, K, R> Clone for KeyedRefresh<S, K, R> {
         Self {
             inner: self.inner.clone(),
             keyed: self.keyed.clone(),
+            picker: self.picker.clone(),
         }
     }
 }
@@ -455,19 +490,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
-        let key = {
-            let template = self
-                .keyed
-                .template
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            match &template.key_fn {
-                Some(f) => f(&parts),
-                None => parts.extensions.get::<K>().cloned(),
-            }
-            .or_else(|| template.default_key.clone())
-        };
-        let Some(key) = key else {
+        let Some(key) = self.picker.pick(&parts) else {
             return ResponseFuture::failed(MissingKey::new().into());
         };
         let shared = self.keyed.shared(&key);
