@@ -2,11 +2,13 @@
 //! be header values, refreshers that return invalid tokens or panic, inner services that fail
 //! or are never ready, request bodies that fail, malformed challenges and origins.
 
+mod support;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -23,79 +25,17 @@ use tower_auth_refresh::{
     Token, TokenRefresher,
 };
 use tower_test::mock;
-use tracing_subscriber::fmt::MakeWriter;
+
+use support::{InMemoryApi, PANIC_MARKER, capture_logs, run_paused, silence_deliberate_panics};
 
 type Body = Full<Bytes>;
-
-const PANIC_MARKER: &str = "deliberate refresher panic";
-
-/// Keeps the deliberate refresher panics out of the test output.
-fn quiet_deliberate_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let payload = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            if !payload.contains(PANIC_MARKER) {
-                previous(info);
-            }
-        }));
-    });
-}
-
-/// TRACE output of the code under test, captured in memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// Runs `test` on a paused current-thread runtime, with a global deadline, and with TRACE
 /// output captured; returns the captured output.
 fn traced<F: Future<Output = ()>>(test: impl FnOnce() -> F) -> String {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(captured.clone())
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(3600), test())
-                .await
-                .expect("global deadline: the test hung");
-        });
-    });
-    captured.text()
+    let (logs, _tracing) = capture_logs();
+    run_paused(Duration::from_secs(3600), test());
+    logs.text()
 }
 
 /// Drives `fut` to completion without any runtime.
@@ -119,21 +59,11 @@ fn block_on_without_runtime<T>(fut: impl Future<Output = T>) -> T {
 }
 
 fn get() -> Request<Body> {
-    Request::get("/").body(Body::default()).unwrap()
+    support::get("/")
 }
 
 /// An in-memory API that accepts only `Bearer <accepted>`, counting sends.
-fn api(
-    accepted: &'static str,
-    sends: Arc<AtomicUsize>,
-) -> impl Service<
-    Request<ReplayBody<Body>>,
-    Response = Response<()>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-+ Send
-+ 'static {
+fn api(accepted: &'static str, sends: Arc<AtomicUsize>) -> impl InMemoryApi<()> {
     service_fn(move |req: Request<ReplayBody<Body>>| {
         sends.fetch_add(1, Ordering::SeqCst);
         let ok = req.headers().get(AUTHORIZATION).is_some_and(|v| {
@@ -271,7 +201,7 @@ fn panics(n: usize) -> Result<Token, RefreshError> {
 
 #[test]
 fn a_refresher_returning_an_invalid_token_gives_every_waiter_a_typed_refresh_failed() {
-    quiet_deliberate_panics();
+    silence_deliberate_panics();
     for bad in [invalid_token, invalid_scheme] {
         let refresher = BadThenGood::new(1, bad);
         let layer = RefreshLayer::new(refresher.clone()).retry(RetryPolicy::none());
@@ -324,7 +254,7 @@ fn a_refresher_returning_an_invalid_token_gives_every_waiter_a_typed_refresh_fai
 
 #[test]
 fn a_panicking_refresher_leaves_the_cell_usable_and_every_waiter_gets_an_error() {
-    quiet_deliberate_panics();
+    silence_deliberate_panics();
     // Call 1 panics inside its future, call 2 before returning one, call 3 works.
     let refresher = BadThenGood::new(2, panics);
     let layer = RefreshLayer::new(refresher.clone())
@@ -376,7 +306,7 @@ fn a_panicking_refresher_leaves_the_cell_usable_and_every_waiter_gets_an_error()
 
 #[test]
 fn a_panicking_refresher_without_a_runtime_gives_an_error_not_a_hang() {
-    quiet_deliberate_panics();
+    silence_deliberate_panics();
     let refresher = BadThenGood::new(1, panics);
     let layer = RefreshLayer::new(refresher.clone()).retry(RetryPolicy::none());
     let sends = Arc::new(AtomicUsize::new(0));

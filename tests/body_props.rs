@@ -2,52 +2,24 @@
 //! size hint and however far the first attempt reads, the replay reproduces the caller's body
 //! byte for byte (trailers included), and the layer never holds more than its cap.
 
+mod support;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt, service_fn};
-use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
+use tower_auth_refresh::{RefreshLayer, ReplayBody, Token};
 
-/// A caller's body: a fixed list of frames, a chosen size hint and an `is_end_stream` that is
-/// accurate (like `Full`) or always false (like `StreamBody`).
-#[derive(Debug)]
-struct Scripted {
-    frames: VecDeque<Frame<Bytes>>,
-    hint: Option<u64>,
-    accurate_end: bool,
-}
-
-impl Body for Scripted {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.frames.pop_front().map(Ok))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.accurate_end && self.frames.is_empty()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.hint {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
-}
+use support::{ScriptedBody, counting};
 
 /// How the inner service reads the first attempt's body before answering 401.
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +43,7 @@ struct Seen {
     max_buffered: usize,
 }
 
-async fn read(mut body: ReplayBody<Scripted>, reader: Reader) -> Seen {
+async fn read(mut body: ReplayBody<ScriptedBody>, reader: Reader) -> Seen {
     let mut seen = Seen {
         replay: body.is_replay(),
         hint_at_start: body.size_hint().exact(),
@@ -166,25 +138,20 @@ fn run(case: &Case) -> Outcome {
     if let Some(t) = &case.trailers {
         frames.push_back(Frame::trailers(header_map(t)));
     }
-    let body = Scripted {
+    // The caller's body.
+    let body = ScriptedBody {
         frames,
         hint: case.hint.unwrap_or(Some(total as u64)),
         accurate_end: case.accurate_end,
     };
 
     let attempts = Arc::new(Mutex::new(Vec::new()));
-    let refreshes = Arc::new(Mutex::new(0usize));
-    let refresher = {
-        let refreshes = refreshes.clone();
-        refresh_fn(move |_| {
-            *refreshes.lock().unwrap() += 1;
-            async { Ok::<_, RefreshError>(Token::bearer("fresh")?) }
-        })
-    };
+    let refreshes = Arc::new(AtomicUsize::new(0));
+    let refresher = counting(&refreshes, "fresh");
     let reader = case.reader;
     let inner = {
         let attempts = attempts.clone();
-        service_fn(move |req: Request<ReplayBody<Scripted>>| {
+        service_fn(move |req: Request<ReplayBody<ScriptedBody>>| {
             let attempts = attempts.clone();
             async move {
                 let stale = req.headers()[AUTHORIZATION] == "Bearer stale";
@@ -218,7 +185,7 @@ fn run(case: &Case) -> Outcome {
         .expect("no error")
     });
     let attempts = attempts.lock().unwrap().clone();
-    let refreshes = *refreshes.lock().unwrap();
+    let refreshes = refreshes.load(Ordering::SeqCst);
     Outcome {
         attempts,
         status: res.status(),

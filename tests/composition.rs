@@ -1,8 +1,9 @@
 //! Composition with tower and tower-http layers: retry, timeout, trace, sensitive headers,
 //! buffer, concurrency limit.
 
+mod support;
+
 use std::convert::Infallible;
-use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -21,6 +22,8 @@ use tower_auth_refresh::error::{RefreshRejected, is_auth_failure};
 use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnRequest, TraceLayer};
+
+use support::{capture_logs, rejecting};
 
 type Body = Full<Bytes>;
 
@@ -82,9 +85,7 @@ fn issuing(
 }
 
 fn get() -> Request<Body> {
-    Request::get("http://api.test/")
-        .body(Body::default())
-        .unwrap()
+    support::get("http://api.test/")
 }
 
 /// Retries 5xx and transport errors, never the layer's auth failures.
@@ -136,16 +137,9 @@ async fn retry_outside_picks_up_the_fresh_token_and_never_retries_auth_failures(
 
     // A terminal refresh failure is not retried.
     let tries = Arc::new(AtomicUsize::new(0));
-    let rejecting = {
-        let tries = tries.clone();
-        refresh_fn(move |_| {
-            tries.fetch_add(1, Ordering::SeqCst);
-            async { Err::<Token, _>(RefreshError::terminal("invalid_grant")) }
-        })
-    };
     let svc = ServiceBuilder::new()
         .layer(RetryLayer::new(RetryServerErrors(3)))
-        .layer(RefreshLayer::new(rejecting))
+        .layer(RefreshLayer::new(rejecting(&tries)))
         .service(api.clone());
     let err = svc.oneshot(get()).await.unwrap_err();
     assert!(err.is::<RefreshRejected>(), "{err}");
@@ -178,34 +172,9 @@ async fn an_outer_timeout_cancels_the_request_but_not_the_refresh() {
     assert_eq!(api.seen.load(Ordering::SeqCst), 1);
 }
 
-/// A `Write` that appends to a shared buffer, for capturing tracing output.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn trace_and_sensitive_headers_layers_never_print_the_token() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // Other tests of this binary run on threads without a subscriber: with a single registered
-    // dispatcher, a callsite they hit first would be switched off for good. A second live
-    // dispatcher makes tracing ask each one, and the rebuild resets callsites seen before.
-    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
-    tracing::callsite::rebuild_interest_cache();
+    let (logs, _tracing) = capture_logs();
 
     let api = Api::default();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -234,7 +203,7 @@ async fn trace_and_sensitive_headers_layers_never_print_the_token() {
             StatusCode::OK
         );
     }
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert!(
         text.contains("authorization"),
         "the trace shows headers: {text}"

@@ -1,5 +1,7 @@
 //! Behaviour of the core layer, driven step by step with `tower_test::mock`.
 
+mod support;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +22,8 @@ use tower_auth_refresh::{
     RefreshRequest, ReplayBody, RetryPolicy, Token, TokenRefresher, refresh_fn,
 };
 use tower_test::mock;
+
+use support::get;
 
 type Body = Full<Bytes>;
 type Mock = mock::Mock<Request<ReplayBody<Body>>, Response<String>>;
@@ -93,23 +97,73 @@ fn status(code: StatusCode) -> Response<String> {
         .unwrap()
 }
 
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::default()).unwrap()
+/// A 401 with a `WWW-Authenticate` challenge.
+fn challenge(value: &'static str) -> Response<String> {
+    let mut res = status(StatusCode::UNAUTHORIZED);
+    res.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static(value));
+    res
 }
 
-fn spawn_call<S>(
-    svc: &S,
-    req: Request<Body>,
-) -> tokio::task::JoinHandle<Result<Response<String>, BoxError>>
+type Call = tokio::task::JoinHandle<Result<Response<String>, BoxError>>;
+
+fn spawn_call<S, B>(svc: &S, req: Request<B>) -> Call
 where
-    S: Service<Request<Body>, Response = Response<String>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<B>, Response = Response<String>, Error = BoxError> + Clone + Send + 'static,
     S::Future: Send,
+    B: Send + 'static,
 {
     let svc = svc.clone();
     tokio::spawn(svc.oneshot(req))
+}
+
+/// The status the caller of `call` got.
+async fn status_of(call: Call) -> StatusCode {
+    call.await.unwrap().unwrap().status()
+}
+
+/// Takes the next request that reaches the inner service and answers it with `response`.
+async fn answer<B>(
+    handle: &mut mock::Handle<Request<ReplayBody<B>>, Response<String>>,
+    response: Response<String>,
+) -> Request<ReplayBody<B>> {
+    let (req, send) = handle.next_request().await.unwrap();
+    send.send_response(response);
+    req
+}
+
+/// Sends `req` through `svc`, answers it with `response` when it reaches the inner service,
+/// checks that the caller gets that answer's status, and returns the request as sent.
+async fn round_trip<S, B>(
+    svc: &S,
+    handle: &mut mock::Handle<Request<ReplayBody<B>>, Response<String>>,
+    req: Request<B>,
+    response: Response<String>,
+) -> Request<ReplayBody<B>>
+where
+    S: Service<Request<B>, Response = Response<String>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    let code = response.status();
+    let call = spawn_call(svc, req);
+    let sent = answer(handle, response).await;
+    assert_eq!(status_of(call).await, code);
+    sent
+}
+
+/// Asserts that no request reaches the inner service within `within`.
+async fn assert_nothing_sent<Req, Res>(
+    handle: &mut mock::Handle<Req, Res>,
+    within: Duration,
+    why: &str,
+) {
+    assert!(
+        tokio::time::timeout(within, handle.next_request())
+            .await
+            .is_err(),
+        "{why}"
+    );
 }
 
 async fn read_body(req: Request<ReplayBody<Body>>) -> (http::request::Parts, Bytes) {
@@ -122,12 +176,9 @@ async fn attaches_sensitive_bearer_and_leaves_callers_own_authorization_alone() 
     let refresher = Counting::default();
     let (svc, mut handle) = layered(stale_layer(refresher.clone()));
 
-    let call = spawn_call(&svc, get("/a"));
-    let (req, send) = handle.next_request().await.unwrap();
+    let req = round_trip(&svc, &mut handle, get("/a"), status(StatusCode::OK)).await;
     assert_eq!(auth(&req), "Bearer stale");
     assert!(req.headers()[AUTHORIZATION].is_sensitive());
-    send.send_response(status(StatusCode::OK));
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
 
     // The caller's own credentials win, and their 401 is theirs: no refresh, no replay.
     let mut own = get("/b");
@@ -135,14 +186,8 @@ async fn attaches_sensitive_bearer_and_leaves_callers_own_authorization_alone() 
         AUTHORIZATION,
         HeaderValue::from_static("Basic dXNlcjpwdw=="),
     );
-    let call = spawn_call(&svc, own);
-    let (req, send) = handle.next_request().await.unwrap();
+    let req = round_trip(&svc, &mut handle, own, status(StatusCode::UNAUTHORIZED)).await;
     assert_eq!(auth(&req), "Basic dXNlcjpwdw==");
-    send.send_response(status(StatusCode::UNAUTHORIZED));
-    assert_eq!(
-        call.await.unwrap().unwrap().status(),
-        StatusCode::UNAUTHORIZED
-    );
     assert_eq!(refresher.calls(), 0);
 }
 
@@ -152,19 +197,18 @@ async fn first_requests_share_one_initial_refresh() {
     let (svc, mut handle) = layered(RefreshLayer::new(refresher.clone()));
 
     let calls: Vec<_> = (0..20)
-        .map(|i| spawn_call(&svc, get(&format!("/{i}"))))
+        .map(|i| spawn_call(&svc, get(format!("/{i}"))))
         .collect();
     // Let every request reach the cell before the refresh completes.
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(refresher.calls(), 1);
     gate.add_permits(1);
     for _ in 0..20 {
-        let (req, send) = handle.next_request().await.unwrap();
+        let req = answer(&mut handle, status(StatusCode::OK)).await;
         assert_eq!(auth(&req), "Bearer fresh-1");
-        send.send_response(status(StatusCode::OK));
     }
     for call in calls {
-        assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(status_of(call).await, StatusCode::OK);
     }
     assert_eq!(refresher.calls(), 1);
 }
@@ -184,19 +228,17 @@ async fn late_401_for_an_older_generation_reuses_the_refreshed_token() {
 
     // A's 401 refreshes; A replays with fresh-1.
     send_a.send_response(status(StatusCode::UNAUTHORIZED));
-    let (replay_a, send) = handle.next_request().await.unwrap();
+    let replay_a = answer(&mut handle, status(StatusCode::OK)).await;
     seen.push(auth(&replay_a));
     assert_eq!(replay_a.uri(), "/a");
-    send.send_response(status(StatusCode::OK));
-    assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(status_of(a).await, StatusCode::OK);
 
     // B's response was held back until now: a 401 for the stale generation.
     send_b.send_response(status(StatusCode::UNAUTHORIZED));
-    let (replay_b, send) = handle.next_request().await.unwrap();
+    let replay_b = answer(&mut handle, status(StatusCode::OK)).await;
     seen.push(auth(&replay_b));
     assert_eq!(replay_b.uri(), "/b");
-    send.send_response(status(StatusCode::OK));
-    assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(status_of(b).await, StatusCode::OK);
 
     assert_eq!(
         seen,
@@ -246,7 +288,7 @@ async fn replay_repeats_method_uri_version_headers_extensions_and_body() {
         assert!(replay.body().is_replay());
         let (replay, replay_body) = read_body(replay).await;
         send.send_response(status(StatusCode::OK));
-        assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(status_of(call).await, StatusCode::OK);
 
         assert_eq!(replay.method, method);
         assert_eq!(replay.uri, first.uri);
@@ -273,16 +315,13 @@ async fn a_401_to_the_replay_is_a_typed_error_and_never_a_loop() {
     let (svc, mut handle) = layered(stale_layer(refresher.clone()));
     let call = spawn_call(&svc, get("/a"));
 
-    let (_, send) = handle.next_request().await.unwrap();
-    let mut first = status(StatusCode::UNAUTHORIZED);
-    first.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        HeaderValue::from_static(r#"Bearer realm="api", error="invalid_token""#),
-    );
-    send.send_response(first);
-    let (replay, send) = handle.next_request().await.unwrap();
+    answer(
+        &mut handle,
+        challenge(r#"Bearer realm="api", error="invalid_token""#),
+    )
+    .await;
+    let replay = answer(&mut handle, status(StatusCode::UNAUTHORIZED)).await;
     assert_eq!(auth(&replay), "Bearer fresh-1");
-    send.send_response(status(StatusCode::UNAUTHORIZED));
 
     let err = call.await.unwrap().unwrap_err();
     let err = err
@@ -294,12 +333,7 @@ async fn a_401_to_the_replay_is_a_typed_error_and_never_a_loop() {
         r#"Bearer realm="api", error="invalid_token""#
     );
     assert_eq!(err.second().status(), StatusCode::UNAUTHORIZED);
-    // Exactly two sends, one refresh.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(50), handle.next_request())
-            .await
-            .is_err()
-    );
+    assert_nothing_sent(&mut handle, Duration::from_millis(50), "exactly two sends").await;
     assert_eq!(refresher.calls(), 1);
 }
 
@@ -324,7 +358,7 @@ async fn terminal_failure_reaches_every_waiter_as_one_shared_error_then_fails_fa
     let (svc, mut handle) = layered(layer);
 
     let waiters: Vec<_> = (0..50)
-        .map(|i| spawn_call(&svc, get(&format!("/{i}"))))
+        .map(|i| spawn_call(&svc, get(format!("/{i}"))))
         .collect();
     tokio::time::sleep(Duration::from_millis(20)).await;
     gate.notify_one();
@@ -347,11 +381,7 @@ async fn terminal_failure_reaches_every_waiter_as_one_shared_error_then_fails_fa
     let err = svc.clone().oneshot(get("/later")).await.unwrap_err();
     assert!(err.is::<SessionEnded>());
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(20), handle.next_request())
-            .await
-            .is_err()
-    );
+    assert_nothing_sent(&mut handle, Duration::from_millis(20), "nothing sent").await;
 
     let mut ended = 0;
     while let Some(ev) = events.try_recv() {
@@ -363,11 +393,8 @@ async fn terminal_failure_reaches_every_waiter_as_one_shared_error_then_fails_fa
 
     // A login re-arms the layer.
     token.set_token(Token::bearer("after-login").unwrap());
-    let call = spawn_call(&svc, get("/again"));
-    let (req, send) = handle.next_request().await.unwrap();
+    let req = round_trip(&svc, &mut handle, get("/again"), status(StatusCode::OK)).await;
     assert_eq!(auth(&req), "Bearer after-login");
-    send.send_response(status(StatusCode::OK));
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -379,11 +406,10 @@ async fn refresh_runs_to_completion_when_every_waiter_is_dropped() {
     let (svc, mut handle) = layered(layer);
 
     let callers: Vec<_> = (0..5)
-        .map(|i| spawn_call(&svc, get(&format!("/{i}"))))
+        .map(|i| spawn_call(&svc, get(format!("/{i}"))))
         .collect();
     for _ in 0..5 {
-        let (_, send) = handle.next_request().await.unwrap();
-        send.send_response(status(StatusCode::UNAUTHORIZED));
+        answer(&mut handle, status(StatusCode::UNAUTHORIZED)).await;
     }
     // Wait until the refresh is in flight, then cancel every caller.
     while refresher.calls() == 0 {
@@ -402,11 +428,8 @@ async fn refresh_runs_to_completion_when_every_waiter_is_dropped() {
     );
 
     // The stored token is used, no second refresh.
-    let call = spawn_call(&svc, get("/next"));
-    let (req, send) = handle.next_request().await.unwrap();
+    let req = round_trip(&svc, &mut handle, get("/next"), status(StatusCode::OK)).await;
     assert_eq!(auth(&req), "Bearer fresh-1");
-    send.send_response(status(StatusCode::OK));
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
     assert_eq!(refresher.calls(), 1);
 }
 
@@ -422,11 +445,10 @@ async fn a_waiter_finishes_the_job_when_the_request_that_started_the_refresh_is_
     tokio::time::sleep(Duration::from_millis(10)).await;
     driver.abort();
     gate.add_permits(1);
-    let (req, send) = handle.next_request().await.unwrap();
+    let req = answer(&mut handle, status(StatusCode::OK)).await;
     assert_eq!(req.uri(), "/waiter");
     assert_eq!(auth(&req), "Bearer fresh-1");
-    send.send_response(status(StatusCode::OK));
-    assert_eq!(waiter.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(status_of(waiter).await, StatusCode::OK);
     assert_eq!(refresher.calls(), 1);
 }
 
@@ -437,28 +459,22 @@ async fn refresh_requests_and_opted_out_requests_are_not_refreshed() {
 
     let mut marked = get("/token");
     marked.extensions_mut().insert(RefreshRequest);
-    let call = spawn_call(&svc, marked);
-    let (req, send) = handle.next_request().await.unwrap();
+    let req = round_trip(&svc, &mut handle, marked, status(StatusCode::UNAUTHORIZED)).await;
     assert!(
         req.headers().get(AUTHORIZATION).is_none(),
         "refresh requests get no token"
     );
-    send.send_response(status(StatusCode::UNAUTHORIZED));
-    assert_eq!(
-        call.await.unwrap().unwrap().status(),
-        StatusCode::UNAUTHORIZED
-    );
 
     let mut opted_out = get("/no-refresh");
     opted_out.extensions_mut().insert(NoRefresh);
-    let call = spawn_call(&svc, opted_out);
-    let (req, send) = handle.next_request().await.unwrap();
+    let req = round_trip(
+        &svc,
+        &mut handle,
+        opted_out,
+        status(StatusCode::UNAUTHORIZED),
+    )
+    .await;
     assert_eq!(auth(&req), "Bearer stale");
-    send.send_response(status(StatusCode::UNAUTHORIZED));
-    assert_eq!(
-        call.await.unwrap().unwrap().status(),
-        StatusCode::UNAUTHORIZED
-    );
     assert_eq!(refresher.calls(), 0);
 }
 
@@ -466,16 +482,14 @@ async fn refresh_requests_and_opted_out_requests_are_not_refreshed() {
 async fn rfc6750_insufficient_scope_is_returned_untouched() {
     let refresher = Counting::default();
     let (svc, mut handle) = layered(stale_layer(refresher.clone()));
-    let call = spawn_call(&svc, get("/admin"));
-    let (_, send) = handle.next_request().await.unwrap();
-    let mut res = status(StatusCode::UNAUTHORIZED);
-    res.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        HeaderValue::from_static(r#"Bearer error="insufficient_scope", scope="admin""#),
-    );
-    send.send_response(res);
-    let res = call.await.unwrap().unwrap();
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    // The caller gets the 401 itself.
+    round_trip(
+        &svc,
+        &mut handle,
+        get("/admin"),
+        challenge(r#"Bearer error="insufficient_scope", scope="admin""#),
+    )
+    .await;
     assert_eq!(refresher.calls(), 0);
 }
 
@@ -491,29 +505,19 @@ async fn streaming_body_is_not_replayed_but_the_refresh_still_happens() {
     let req = Request::post("/upload")
         .body(StreamBody::new(stream::iter(chunks)))
         .unwrap();
-    let call = tokio::spawn(svc.clone().oneshot(req));
+    let call = spawn_call(&svc, req);
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(req.body().buffered_bytes(), 0);
     send.send_response(status(StatusCode::UNAUTHORIZED));
     // The caller gets the 401 after the refresh ran.
-    assert_eq!(
-        call.await.unwrap().unwrap().status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(status_of(call).await, StatusCode::UNAUTHORIZED);
     assert_eq!(refresher.calls(), 1);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(20), handle.next_request())
-            .await
-            .is_err(),
-        "not replayed"
-    );
+    assert_nothing_sent(&mut handle, Duration::from_millis(20), "not replayed").await;
 
     let empty = StreamBody::new(stream::iter(Vec::new()));
-    let call = tokio::spawn(svc.oneshot(Request::get("/next").body(empty).unwrap()));
-    let (req, send) = handle.next_request().await.unwrap();
+    let next = Request::get("/next").body(empty).unwrap();
+    let req = round_trip(&svc, &mut handle, next, status(StatusCode::OK)).await;
     assert_eq!(req.headers()[AUTHORIZATION], "Bearer fresh-1");
-    send.send_response(status(StatusCode::OK));
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
 }
 
 #[derive(Debug)]
@@ -557,11 +561,8 @@ async fn transient_failures_are_retried_then_reported() {
         })
     };
     let (svc, mut handle) = layered(RefreshLayer::new(refresher).retry(RetryPolicy::default()));
-    let call = spawn_call(&svc, get("/a"));
-    let (req, send) = handle.next_request().await.unwrap();
+    let req = round_trip(&svc, &mut handle, get("/a"), status(StatusCode::OK)).await;
     assert_eq!(auth(&req), "Bearer fresh-3");
-    send.send_response(status(StatusCode::OK));
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 
     // Always failing: the attempts run out, the typed transient error, the session goes on.
@@ -587,11 +588,8 @@ async fn token_inside_the_leeway_is_refreshed_before_sending() {
     let (svc, mut handle) =
         layered(RefreshLayer::new(refresher.clone()).leeway(Duration::from_secs(30)));
     for expected in ["Bearer fresh-1", "Bearer fresh-1", "Bearer fresh-2"] {
-        let call = spawn_call(&svc, get("/"));
-        let (req, send) = handle.next_request().await.unwrap();
+        let req = round_trip(&svc, &mut handle, get("/"), status(StatusCode::OK)).await;
         assert_eq!(auth(&req), expected);
-        send.send_response(status(StatusCode::OK));
-        call.await.unwrap().unwrap();
         // 600 s lifetime, 30 s leeway: the third request (at 570 s) refreshes first.
         tokio::time::advance(Duration::from_secs(285)).await;
     }

@@ -33,15 +33,16 @@
 //! `INTERLEAVING_VERBOSE=1` prints every failing seed. The tests at the end pin down, one by
 //! one, the schedules the explorer found.
 
+mod support;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::convert::Infallible;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
+use std::panic::{AssertUnwindSafe, PanicHookInfo};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -49,7 +50,7 @@ use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, ServiceExt, service_fn};
 use tower_auth_refresh::error::{
     RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh,
 };
@@ -58,7 +59,11 @@ use tower_auth_refresh::{
     Token, TokenHandle, TokenRefresher,
 };
 
-const PANIC_MARKER: &str = "deliberate refresher panic";
+use support::{
+    InMemoryApi, PANIC_MARKER, Rng, authorization, get, panic_message, run_paused,
+    silence_deliberate_panics_and,
+};
+
 const DEFAULT_SCHEDULES: u64 = 10_000;
 const MAX_STEPS: usize = 20_000;
 
@@ -69,61 +74,23 @@ thread_local! {
     static UNEXPECTED_PANICS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Keeps the deliberate refresher panics out of the test output, and records any other
-/// panic raised while exploring (even one the layer catches) so a schedule can report it.
-fn install_panic_hook() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let payload = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            if payload.contains(PANIC_MARKER) {
-                return;
-            }
-            if EXPLORING.with(std::cell::Cell::get) {
-                let at = info
-                    .location()
-                    .map(|l| format!("{}:{}", l.file(), l.line()))
-                    .unwrap_or_default();
-                UNEXPECTED_PANICS.with(|p| p.borrow_mut().push(format!("{payload} at {at}")));
-                return;
-            }
-            previous(info);
-        }));
-    });
+/// While this thread explores schedules, records a panic other than the deliberate ones (even
+/// one the layer catches) instead of printing it, so a schedule can report it.
+fn record_while_exploring(info: &PanicHookInfo<'_>, message: &str) -> bool {
+    if !EXPLORING.with(std::cell::Cell::get) {
+        return false;
+    }
+    let at = info
+        .location()
+        .map(|l| format!("{}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    UNEXPECTED_PANICS.with(|p| p.borrow_mut().push(format!("{message} at {at}")));
+    true
 }
 
-// ---------------------------------------------------------------------------------------------
-// A small seeded generator (splitmix64): the whole schedule follows from the seed.
-
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn index(&mut self, len: usize) -> usize {
-        self.below(len as u64) as usize
-    }
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
+/// The generator of a seed (splitmix64): the whole schedule follows from the seed.
+fn seeded(seed: u64) -> Rng {
+    Rng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -473,17 +440,7 @@ async fn yield_times(n: u64) {
 
 type Body = Full<Bytes>;
 
-fn api(
-    world: Shared,
-    server_rng: Arc<Mutex<Rng>>,
-) -> impl Service<
-    Request<ReplayBody<Body>>,
-    Response = Response<()>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-+ Send
-+ 'static {
+fn api(world: Shared, server_rng: Arc<Mutex<Rng>>) -> impl InMemoryApi<()> {
     service_fn(move |req: Request<ReplayBody<Body>>| {
         let world = world.clone();
         let yields = server_rng.lock().unwrap().below(3);
@@ -782,16 +739,16 @@ fn check_error(err: &BoxError, start: usize, w: &World, who: &str) -> Result<(),
 }
 
 async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), String> {
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     let ahead = (runtime && rng.chance(1, 3)).then_some(Duration::from_secs(5));
     let world: Shared = Arc::new(Mutex::new(World {
-        plan: Some(Rng::new(rng.next())),
+        plan: Some(seeded(rng.next())),
         lifetimes: runtime,
         leeway: Duration::from_secs(1),
         ahead,
         ..World::default()
     }));
-    let server_rng = Arc::new(Mutex::new(Rng::new(rng.next())));
+    let server_rng = Arc::new(Mutex::new(seeded(rng.next())));
 
     let retry = if rng.chance(1, 2) {
         RetryPolicy::none()
@@ -890,7 +847,7 @@ async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), Str
                 yield_times(delay).await;
                 let token = {
                     let mut w = lock(&world);
-                    let life = w.lifetime(&mut Rng::new(life_seed));
+                    let life = w.lifetime(&mut seeded(life_seed));
                     w.installs += 1;
                     w.trace.push(format!("install {n}"));
                     let at = w.trace.len();
@@ -1099,12 +1056,7 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
     let mut local = *tally;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         if runtime {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap();
-            rt.block_on(async {
+            support::paused_runtime().block_on(async {
                 tokio::time::timeout(Duration::from_secs(3600), schedule(seed, true, &mut local))
                     .await
                     .unwrap_or_else(|_| Err("global deadline: the schedule never ended".into()))
@@ -1123,11 +1075,7 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
         Ok(Ok(())) => {}
         Ok(Err(p)) => problems.push(p),
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let msg = panic_message(&*panic);
             problems.push(format!("panic escaped the layer: {msg}"));
         }
     }
@@ -1140,7 +1088,7 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
 
 #[test]
 fn explore_schedules_of_401s_cancellations_installs_and_refresher_failures() {
-    install_panic_hook();
+    silence_deliberate_panics_and(record_while_exploring);
     EXPLORING.with(|e| e.set(true));
     let seeds: Vec<u64> = match std::env::var("INTERLEAVING_SEED") {
         Ok(seed) => vec![seed.parse().expect("INTERLEAVING_SEED is a number")],
@@ -1279,39 +1227,14 @@ impl TokenRefresher for Scripted {
 }
 
 /// An API that accepts only `Bearer <accepted>` and records the Authorization of each send.
-fn gatekeeper(
-    accepted: &'static str,
-    seen: Arc<Mutex<Vec<String>>>,
-) -> impl Service<
-    Request<ReplayBody<Body>>,
-    Response = Response<()>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-+ Send
-+ 'static {
+fn gatekeeper(accepted: &'static str, seen: Arc<Mutex<Vec<String>>>) -> impl InMemoryApi<()> {
     service_fn(move |req: Request<ReplayBody<Body>>| {
-        let auth = req
-            .headers()
-            .get(AUTHORIZATION)
-            .map_or("-".to_owned(), |v| v.to_str().unwrap().to_owned());
+        let auth = authorization(req.headers());
         let ok = auth == format!("Bearer {accepted}");
         seen.lock().unwrap().push(auth);
         let status = if ok { 200 } else { 401 };
         std::future::ready(Ok(Response::builder().status(status).body(()).unwrap()))
     })
-}
-
-fn paused_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
-}
-
-fn plain_get() -> Request<Body> {
-    Request::get("/").body(Body::default()).unwrap()
 }
 
 /// Explorer: "refreshing flag stuck" (seed 11). Without a runtime the refresh runs inside
@@ -1327,7 +1250,7 @@ fn dropping_a_request_that_runs_the_refresh_inline_resets_the_refreshing_flag() 
 
     // No runtime: the request drives the refresh itself, then is dropped.
     {
-        let mut fut = std::pin::pin!(svc.clone().oneshot(plain_get()));
+        let mut fut = std::pin::pin!(svc.clone().oneshot(get("/")));
         let waker = Waker::from(Arc::new(Flag::default()));
         assert!(
             fut.as_mut()
@@ -1342,23 +1265,19 @@ fn dropping_a_request_that_runs_the_refresh_inline_resets_the_refreshing_flag() 
     );
 
     // The consequence on a runtime: refresh-ahead never starts again.
-    paused_runtime().block_on(async {
-        tokio::time::timeout(Duration::from_secs(600), async {
-            handle.set_token(
-                Token::bearer("login")
-                    .unwrap()
-                    .with_expires_in(Duration::from_secs(100)),
-            );
-            tokio::time::advance(Duration::from_secs(60)).await;
-            let res = svc.clone().oneshot(plain_get()).await.unwrap();
-            assert_eq!(res.status(), StatusCode::OK);
-            for _ in 0..10 {
-                tokio::task::yield_now().await;
-            }
-            assert_eq!(refresher.calls(), 2, "the refresh-ahead ran");
-        })
-        .await
-        .expect("global deadline");
+    run_paused(Duration::from_secs(600), async {
+        handle.set_token(
+            Token::bearer("login")
+                .unwrap()
+                .with_expires_in(Duration::from_secs(100)),
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let res = svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(refresher.calls(), 2, "the refresh-ahead ran");
     });
 }
 
@@ -1376,31 +1295,27 @@ fn a_logout_during_a_refresh_gives_waiters_session_ended_not_an_older_failure() 
     let handle = layer.handle();
     let seen = Arc::default();
     let svc = layer.layer(gatekeeper("fresh", seen));
-    paused_runtime().block_on(async {
-        tokio::time::timeout(Duration::from_secs(600), async {
-            let first = svc.clone().oneshot(plain_get()).await.unwrap_err();
-            assert!(first.is::<RefreshFailed>(), "{first}");
+    run_paused(Duration::from_secs(600), async {
+        let first = svc.clone().oneshot(get("/")).await.unwrap_err();
+        assert!(first.is::<RefreshFailed>(), "{first}");
 
-            let driver = tokio::spawn(svc.clone().oneshot(plain_get()));
-            while refresher.calls() < 2 {
-                tokio::task::yield_now().await;
-            }
-            let waiter = tokio::spawn(svc.clone().oneshot(plain_get()));
-            for _ in 0..10 {
-                tokio::task::yield_now().await;
-            }
-            handle.clear();
-            gate.add_permits(1);
-            let driver = driver.await.unwrap().unwrap_err();
-            assert!(driver.is::<SessionEnded>(), "{driver}");
-            let waiter = waiter.await.unwrap().unwrap_err();
-            assert!(
-                waiter.is::<SessionEnded>(),
-                "the waiter got the failure from before it started: {waiter:?}"
-            );
-        })
-        .await
-        .expect("global deadline");
+        let driver = tokio::spawn(svc.clone().oneshot(get("/")));
+        while refresher.calls() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let waiter = tokio::spawn(svc.clone().oneshot(get("/")));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        handle.clear();
+        gate.add_permits(1);
+        let driver = driver.await.unwrap().unwrap_err();
+        assert!(driver.is::<SessionEnded>(), "{driver}");
+        let waiter = waiter.await.unwrap().unwrap_err();
+        assert!(
+            waiter.is::<SessionEnded>(),
+            "the waiter got the failure from before it started: {waiter:?}"
+        );
     });
 }
 
@@ -1417,25 +1332,21 @@ fn a_login_during_a_doomed_refresh_is_not_ended_by_its_failure() {
     let handle = layer.handle();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let svc = layer.layer(gatekeeper("after-login", seen.clone()));
-    paused_runtime().block_on(async {
-        tokio::time::timeout(Duration::from_secs(600), async {
-            let before = tokio::spawn(svc.clone().oneshot(plain_get()));
-            while refresher.calls() < 1 {
-                tokio::task::yield_now().await;
-            }
-            handle.set_token(Token::bearer("after-login").unwrap());
-            gate.add_permits(1);
-            let _ = before.await.unwrap();
-            assert!(
-                !handle.state().session_ended(),
-                "the login was ended by a refresh that started before it"
-            );
-            let after = svc.clone().oneshot(plain_get()).await;
-            assert_eq!(after.map(|r| r.status()).ok(), Some(StatusCode::OK));
-            assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer after-login");
-        })
-        .await
-        .expect("global deadline");
+    run_paused(Duration::from_secs(600), async {
+        let before = tokio::spawn(svc.clone().oneshot(get("/")));
+        while refresher.calls() < 1 {
+            tokio::task::yield_now().await;
+        }
+        handle.set_token(Token::bearer("after-login").unwrap());
+        gate.add_permits(1);
+        let _ = before.await.unwrap();
+        assert!(
+            !handle.state().session_ended(),
+            "the login was ended by a refresh that started before it"
+        );
+        let after = svc.clone().oneshot(get("/")).await;
+        assert_eq!(after.map(|r| r.status()).ok(), Some(StatusCode::OK));
+        assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer after-login");
     });
 }
 
@@ -1450,27 +1361,23 @@ fn a_token_installed_before_the_refresh_task_starts_is_not_refreshed_away() {
     let handle = layer.handle();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let svc = layer.layer(gatekeeper("installed", seen.clone()));
-    paused_runtime().block_on(async {
-        tokio::time::timeout(Duration::from_secs(600), async {
-            // One poll: sent with the revoked token, 401, refresh decided and spawned.
-            let mut call = tokio_test::task::spawn(svc.clone().oneshot(plain_get()));
-            assert!(call.poll().is_pending());
-            assert_eq!(refresher.calls(), 0, "the refresh task has not run yet");
-            let generation = handle.set_token(Token::bearer("installed").unwrap());
-            let res = call.await.unwrap();
-            assert_eq!(res.status(), StatusCode::OK);
-            assert_eq!(
-                *seen.lock().unwrap(),
-                ["Bearer revoked", "Bearer installed"]
-            );
-            assert_eq!(
-                refresher.calls(),
-                0,
-                "the installed token was not refreshed"
-            );
-            assert_eq!(handle.state().generation(), generation);
-        })
-        .await
-        .expect("global deadline");
+    run_paused(Duration::from_secs(600), async {
+        // One poll: sent with the revoked token, 401, refresh decided and spawned.
+        let mut call = tokio_test::task::spawn(svc.clone().oneshot(get("/")));
+        assert!(call.poll().is_pending());
+        assert_eq!(refresher.calls(), 0, "the refresh task has not run yet");
+        let generation = handle.set_token(Token::bearer("installed").unwrap());
+        let res = call.await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["Bearer revoked", "Bearer installed"]
+        );
+        assert_eq!(
+            refresher.calls(),
+            0,
+            "the installed token was not refreshed"
+        );
+        assert_eq!(handle.state().generation(), generation);
     });
 }

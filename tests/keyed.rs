@@ -1,5 +1,7 @@
 //! Per-key tokens: isolation between principals, per-key handles, the bounded map.
 
+mod support;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -7,16 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
 use tower_auth_refresh::error::{MissingKey, RefreshRejected, SessionEnded};
 use tower_auth_refresh::keyed::KeyedRefreshLayer;
 use tower_auth_refresh::{RefreshError, RefreshEvent, ReplayBody, Token};
+
+use support::{InMemoryApi, authorization, guard, http_client, response, serve};
 
 type Body = Full<Bytes>;
 
@@ -51,62 +53,35 @@ impl Registry {
 
 #[tokio::test]
 async fn every_request_carries_its_own_tenants_token_under_a_concurrent_mix() {
-    tokio::time::timeout(Duration::from_secs(60), async {
+    guard(async {
         let registry = Arc::new(Registry::default());
         // The API: 200 only for the tenant's current token; records any token of another tenant.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let api_registry = registry.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
+        let addr = serve({
+            let registry = registry.clone();
+            move |req: Request<Incoming>| {
+                let tenant: u32 = req.headers()["x-tenant"].to_str().unwrap().parse().unwrap();
+                let auth = authorization(req.headers());
+                let token = auth.strip_prefix("Bearer ").unwrap_or("");
+                if !token.starts_with(&format!("tenant{tenant}-")) {
+                    registry.mismatches.fetch_add(1, Ordering::SeqCst);
+                }
+                let valid = registry
+                    .current
+                    .lock()
+                    .unwrap()
+                    .get(&tenant)
+                    .is_some_and(|t| t == token);
+                let status = if valid {
+                    registry.served.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::OK
+                } else {
+                    registry.rejected.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::UNAUTHORIZED
                 };
-                let registry = api_registry.clone();
-                tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let tenant: u32 =
-                                req.headers()["x-tenant"].to_str().unwrap().parse().unwrap();
-                            let auth = req
-                                .headers()
-                                .get(AUTHORIZATION)
-                                .map(|v| v.to_str().unwrap().to_owned());
-                            let token = auth
-                                .as_deref()
-                                .and_then(|a| a.strip_prefix("Bearer "))
-                                .unwrap_or("");
-                            if !token.starts_with(&format!("tenant{tenant}-")) {
-                                registry.mismatches.fetch_add(1, Ordering::SeqCst);
-                            }
-                            let valid = registry
-                                .current
-                                .lock()
-                                .unwrap()
-                                .get(&tenant)
-                                .is_some_and(|t| t == token);
-                            let status = if valid {
-                                registry.served.fetch_add(1, Ordering::SeqCst);
-                                StatusCode::OK
-                            } else {
-                                registry.rejected.fetch_add(1, Ordering::SeqCst);
-                                StatusCode::UNAUTHORIZED
-                            };
-                            async move {
-                                Ok::<_, Infallible>(
-                                    Response::builder()
-                                        .status(status)
-                                        .body(Full::<Bytes>::default())
-                                        .unwrap(),
-                                )
-                            }
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                std::future::ready(response(status, ""))
             }
-        });
+        })
+        .await;
 
         let issuer = registry.clone();
         let layer = KeyedRefreshLayer::new(move |tenant: Tenant, _stale: Option<Token>| {
@@ -130,7 +105,7 @@ async fn every_request_carries_its_own_tenants_token_under_a_concurrent_mix() {
                 .ok()
                 .map(Tenant)
         });
-        let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Body>>();
+        let client = http_client::<ReplayBody<Body>>();
         let svc = ServiceBuilder::new().layer(layer).service(client);
 
         // 1,000 requests over 50 tenants, in waves, with server-side revocations between.
@@ -174,24 +149,12 @@ async fn every_request_carries_its_own_tenants_token_under_a_concurrent_mix() {
         );
         assert!(refreshes.values().all(|&n| n <= 9), "{refreshes:?}");
     })
-    .await
-    .expect("no hang");
+    .await;
 }
 
-fn echo() -> impl tower::Service<
-    Request<ReplayBody<Body>>,
-    Response = Response<String>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-+ Send
-+ 'static {
+fn echo() -> impl InMemoryApi<String> {
     service_fn(|req: Request<ReplayBody<Body>>| async move {
-        let auth = req
-            .headers()
-            .get(AUTHORIZATION)
-            .map_or("-".into(), |v| v.to_str().unwrap().to_owned());
-        Ok::<_, Infallible>(Response::new(auth))
+        Ok::<_, Infallible>(Response::new(authorization(req.headers())))
     })
 }
 

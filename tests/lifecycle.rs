@@ -1,6 +1,8 @@
 //! Token lifecycle and refresh policy: expiry, refresh-ahead, retries, session end, the handle,
 //! RFC 6750 gating, custom triggers, replay policy and origin scoping.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,11 +13,10 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Incoming;
 use proptest::prelude::*;
 use tokio::sync::Semaphore;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
 use tower_auth_refresh::error::{RefreshRejected, SessionEnded};
 use tower_auth_refresh::policy::{default_trigger, parse_challenges};
 use tower_auth_refresh::{
@@ -23,6 +24,8 @@ use tower_auth_refresh::{
     ReplayMethods, RetryPolicy, Token, TokenRefresher, refresh_fn,
 };
 use tower_http::follow_redirect::FollowRedirectLayer;
+
+use support::{InMemoryApi, authorization, get, http_client, rejecting, serve};
 
 type Body = Full<Bytes>;
 
@@ -32,10 +35,7 @@ struct Seen(Arc<Mutex<Vec<String>>>);
 
 impl Seen {
     fn push(&self, req_headers: &HeaderMap) {
-        let auth = req_headers
-            .get(AUTHORIZATION)
-            .map_or("-".to_owned(), |v| v.to_str().unwrap().to_owned());
-        self.0.lock().unwrap().push(auth);
+        self.0.lock().unwrap().push(authorization(req_headers));
     }
     fn count(&self) -> usize {
         self.0.lock().unwrap().len()
@@ -46,17 +46,7 @@ impl Seen {
 }
 
 /// An in-memory API that accepts only `Bearer <accepted>` and answers 401 otherwise.
-fn api(
-    seen: Seen,
-    accepted: Arc<Mutex<String>>,
-) -> impl Service<
-    Request<ReplayBody<Body>>,
-    Response = Response<String>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-+ Send
-+ 'static {
+fn api(seen: Seen, accepted: Arc<Mutex<String>>) -> impl InMemoryApi<String> {
     service_fn(move |req: Request<ReplayBody<Body>>| {
         seen.push(req.headers());
         let ok = req
@@ -97,6 +87,15 @@ impl Issuer {
             fail: Arc::default(),
         }
     }
+    /// An issuer whose calls each wait for a permit of the returned gate first.
+    fn gated(lifetime: Option<Duration>, permits: usize) -> (Self, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(permits));
+        let issuer = Self {
+            gate: Some(gate.clone()),
+            ..Self::new(lifetime)
+        };
+        (issuer, gate)
+    }
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
@@ -130,10 +129,6 @@ impl TokenRefresher for Issuer {
     }
 }
 
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::default()).unwrap()
-}
-
 #[tokio::test(start_paused = true)]
 async fn short_lived_token_is_not_refreshed_on_every_request() {
     // A 5 s token with the default 30 s leeway: the leeway is clamped to 0.5 s.
@@ -155,9 +150,7 @@ async fn short_lived_token_is_not_refreshed_on_every_request() {
 
 #[tokio::test(start_paused = true)]
 async fn expired_token_is_refreshed_once_for_concurrent_requests() {
-    let mut issuer = Issuer::new(Some(Duration::from_secs(60)));
-    let gate = Arc::new(Semaphore::new(1));
-    issuer.gate = Some(gate.clone());
+    let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(60)), 1);
     let seen = Seen::default();
     let svc = RefreshLayer::new(issuer.clone()).layer(api(seen.clone(), issuer.accepted.clone()));
     svc.clone().oneshot(get("/")).await.unwrap();
@@ -181,9 +174,7 @@ async fn expired_token_is_refreshed_once_for_concurrent_requests() {
 
 #[tokio::test(start_paused = true)]
 async fn refresh_ahead_runs_one_background_refresh_without_delaying_requests() {
-    let mut issuer = Issuer::new(Some(Duration::from_secs(100)));
-    let gate = Arc::new(Semaphore::new(1));
-    issuer.gate = Some(gate.clone());
+    let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(100)), 1);
     let seen = Seen::default();
     let layer = RefreshLayer::new(issuer.clone())
         .leeway(Duration::from_secs(5))
@@ -280,9 +271,7 @@ async fn expiry_follows_the_injected_clock() {
 
 #[tokio::test]
 async fn session_end_one_call_one_event_every_waiter_typed_then_no_network_until_rearmed() {
-    let mut issuer = Issuer::new(None);
-    let gate = Arc::new(Semaphore::new(0));
-    issuer.gate = Some(gate.clone());
+    let (issuer, gate) = Issuer::gated(None, 0);
     *issuer.fail.lock().unwrap() = Some(true);
     let seen = Seen::default();
     let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("stale").unwrap());
@@ -545,42 +534,22 @@ proptest! {
 
 /// A loopback server that records the Authorization header of each request and answers with
 /// `respond(path)`.
-async fn serve(
+async fn recording_server(
     seen: Seen,
     respond: impl Fn(&str) -> Response<Full<Bytes>> + Send + Sync + 'static,
 ) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let respond = Arc::new(respond);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (seen, respond) = (seen.clone(), respond.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    seen.push(req.headers());
-                    let res = respond(req.uri().path());
-                    async move { Ok::<_, Infallible>(res) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, ReplayBody<Body>> {
-    Client::builder(TokioExecutor::new()).build_http()
+    serve(move |req: Request<Incoming>| {
+        seen.push(req.headers());
+        std::future::ready(respond(req.uri().path()))
+    })
+    .await
 }
 
 #[tokio::test]
 async fn token_goes_only_to_allowed_origins_and_never_follows_a_cross_origin_redirect() {
     let other_seen = Seen::default();
-    let other = serve(other_seen.clone(), |_| {
+    let other = recording_server(other_seen.clone(), |_| {
         Response::builder()
             .status(401)
             .body(Full::default())
@@ -588,7 +557,7 @@ async fn token_goes_only_to_allowed_origins_and_never_follows_a_cross_origin_red
     })
     .await;
     let api_seen = Seen::default();
-    let api = serve(api_seen.clone(), move |path| match path {
+    let api = recording_server(api_seen.clone(), move |path| match path {
         "/redirect" => Response::builder()
             .status(302)
             .header(LOCATION, format!("http://{other}/landing"))
@@ -611,24 +580,18 @@ async fn token_goes_only_to_allowed_origins_and_never_follows_a_cross_origin_red
     let layer = RefreshLayer::new(counted)
         .allowed_origins([format!("http://{api}")])
         .unwrap();
-    let svc = ServiceBuilder::new().layer(layer.clone()).service(client());
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(http_client::<ReplayBody<Body>>());
     let res = svc
         .clone()
-        .oneshot(
-            Request::get(format!("http://{api}/a"))
-                .body(Body::default())
-                .unwrap(),
-        )
+        .oneshot(get(format!("http://{api}/a")))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let res = svc
         .clone()
-        .oneshot(
-            Request::get(format!("http://{other}/b"))
-                .body(Body::default())
-                .unwrap(),
-        )
+        .oneshot(get(format!("http://{other}/b")))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -641,27 +604,17 @@ async fn token_goes_only_to_allowed_origins_and_never_follows_a_cross_origin_red
             Ok::<_, RefreshError>(Token::bearer("secret-token")?)
         })))
         .layer(FollowRedirectLayer::new())
-        .service(client());
-    let _ = outside
-        .oneshot(
-            Request::get(format!("http://{api}/redirect"))
-                .body(Body::default())
-                .unwrap(),
-        )
-        .await;
+        .service(http_client::<ReplayBody<Body>>());
+    let _ = outside.oneshot(get(format!("http://{api}/redirect"))).await;
 
     // Redirect layer outside: every hop passes through this layer, so allowed origins are
     // what keeps the token at home.
     let redirect_outside = ServiceBuilder::new()
         .layer(FollowRedirectLayer::new())
         .layer(layer)
-        .service(client());
+        .service(http_client::<ReplayBody<Body>>());
     let res = redirect_outside
-        .oneshot(
-            Request::get(format!("http://{api}/redirect"))
-                .body(Body::default())
-                .unwrap(),
-        )
+        .oneshot(get(format!("http://{api}/redirect")))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -707,14 +660,7 @@ async fn transient_failure_waits_out_retry_after_then_succeeds() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     // Terminal failures are not retried.
     let terminal_calls = Arc::new(AtomicUsize::new(0));
-    let terminal = {
-        let c = terminal_calls.clone();
-        refresh_fn(move |_| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async { Err::<Token, _>(RefreshError::terminal("invalid_grant")) }
-        })
-    };
-    let err = RefreshLayer::new(terminal)
+    let err = RefreshLayer::new(rejecting(&terminal_calls))
         .handle()
         .refresh()
         .await

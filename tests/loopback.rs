@@ -3,6 +3,8 @@
 //!
 //! Every test is bounded by [`guard`] and talks to loopback only.
 
+mod support;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -20,12 +22,11 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::util::BoxCloneSyncService;
@@ -38,6 +39,10 @@ use tower_auth_refresh::{
     RetryPolicy, Token, TokenHandle, TokenRefresher, refresh_fn,
 };
 
+use support::{
+    ScriptedBody, capture_logs, counting, counting_after, get, guard, http_client, response, serve,
+};
+
 /// The layered client, type-erased: what a refresher can hold a clone of.
 type Stack = BoxCloneSyncService<Request<Full<Bytes>>, Response<Incoming>, BoxError>;
 
@@ -45,55 +50,22 @@ type Stack = BoxCloneSyncService<Request<Full<Bytes>>, Response<Incoming>, BoxEr
 const STALE: &str = "stale-tok-7d1f0c9a2b5e";
 const FRESH: &str = "fresh-tok-4e8b6a0d13c7";
 
-/// Bounds every test body: a hang fails instead of blocking the suite.
-async fn guard<T>(fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .expect("test did not finish within 60 s")
-}
-
 fn bearer(secret: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("Bearer {secret}")).unwrap()
 }
 
-fn status(code: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(body.into()));
-    *res.status_mut() = code;
-    res
+/// 200 with `body` if `ok`, else an empty 401.
+fn ok_or_401(ok: bool, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    if ok {
+        response(StatusCode::OK, body)
+    } else {
+        response(StatusCode::UNAUTHORIZED, "")
+    }
 }
 
-/// Serves `handler` on `127.0.0.1:0` (HTTP/1.1, one task per connection) until the test's
-/// runtime shuts down.
-async fn serve<F, Fut>(handler: F) -> SocketAddr
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let fut = handler(req);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// A refresher that counts its calls and always returns `secret`.
-fn counting(calls: Arc<AtomicUsize>, secret: &'static str) -> impl TokenRefresher {
-    refresh_fn(move |_stale: Option<Token>| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        async move { Ok::<_, RefreshError>(Token::bearer(secret)?) }
-    })
+/// A layer whose refresher counts its calls and returns `FRESH`, starting with `STALE`.
+fn stale_layer(calls: &Arc<AtomicUsize>) -> RefreshLayer<impl TokenRefresher> {
+    RefreshLayer::new(counting(calls, FRESH)).initial_token(Token::bearer(STALE).unwrap())
 }
 
 /// What the server saw of one request.
@@ -228,29 +200,6 @@ impl AsyncWrite for CappedStream {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tracing capture.
-
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for CapturedLogs {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl CapturedLogs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // 1. Stampede.
 
 /// 1,000 concurrent requests with a stale token: one refresh, 1,000 replays, and not a byte of
@@ -262,21 +211,7 @@ impl CapturedLogs {
 #[tokio::test(flavor = "current_thread")]
 async fn stampede_of_1000_401s_refreshes_once_and_replays_all() {
     const N: usize = 1000;
-    let logs = CapturedLogs::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer({
-            let logs = logs.clone();
-            move || logs.clone()
-        })
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
-    // With a single registered dispatcher, tracing caches each callsite's interest from the
-    // default of whichever thread hits it first: another test's thread (no subscriber) could
-    // switch a callsite off for good, hiding its output here. A second live dispatcher makes
-    // tracing ask every registered one; the rebuild fixes callsites registered before.
-    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
-    tracing::callsite::rebuild_interest_cache();
+    let (logs, _tracing) = capture_logs();
 
     guard(async {
         let current = Arc::new(Mutex::new(FRESH.to_owned()));
@@ -302,28 +237,15 @@ async fn stampede_of_1000_401s_refreshes_once_and_replays_all() {
                         Some(a) if a == bearer(FRESH) => fresh_seen.fetch_add(1, Ordering::SeqCst),
                         _ => other_seen.fetch_add(1, Ordering::SeqCst),
                     };
-                    if req.headers().get(AUTHORIZATION) == Some(&expected) {
-                        status(StatusCode::OK, path)
-                    } else {
-                        status(StatusCode::UNAUTHORIZED, "")
-                    }
+                    ok_or_401(req.headers().get(AUTHORIZATION) == Some(&expected), path)
                 }
             }
         })
         .await;
 
         let calls = Arc::new(AtomicUsize::new(0));
-        let refresher = refresh_fn({
-            let calls = calls.clone();
-            move |_stale: Option<Token>| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async {
-                    // Keep the refresh in flight a little, so 401s pile up behind it.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    Ok::<_, RefreshError>(Token::bearer(FRESH)?)
-                }
-            }
-        });
+        // Keep the refresh in flight a little, so 401s pile up behind it.
+        let refresher = counting_after(&calls, FRESH, Duration::from_millis(20));
         let layer = RefreshLayer::new(refresher).initial_token(Token::bearer(STALE).unwrap());
         let client = Client::builder(TokioExecutor::new()).build::<_, ReplayBody<Full<Bytes>>>(
             CappedConnector {
@@ -336,10 +258,7 @@ async fn stampede_of_1000_401s_refreshes_once_and_replays_all() {
         for i in 0..N {
             let svc = svc.clone();
             tasks.spawn(async move {
-                let req = Request::get(format!("http://{addr}/items/{i}"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                let res = svc.oneshot(req).await?;
+                let res = svc.oneshot(get(format!("http://{addr}/items/{i}"))).await?;
                 let status = res.status();
                 let body = res.into_body().collect().await?.to_bytes();
                 Ok::<_, BoxError>((i, status, body))
@@ -399,11 +318,7 @@ async fn recording_server() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
                 let rec = Seen::record(req).await;
                 let ok = rec.authorization() == Some(bearer(FRESH).as_bytes());
                 seen.lock().unwrap().push(rec);
-                if ok {
-                    status(StatusCode::OK, "ok")
-                } else {
-                    status(StatusCode::UNAUTHORIZED, "")
-                }
+                ok_or_401(ok, "ok")
             }
         }
     })
@@ -414,9 +329,9 @@ async fn recording_server() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
 /// The layer over a small inner layer that copies [`Tag`] into `x-tag` and records
 /// `is_replay()`, over a real client.
 fn tagging_stack(calls: Arc<AtomicUsize>, replays: Arc<Mutex<Vec<bool>>>) -> (Stack, TokenHandle) {
-    let layer = RefreshLayer::new(counting(calls, FRESH));
+    let layer = RefreshLayer::new(counting(&calls, FRESH));
     let handle = layer.handle();
-    let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+    let client = http_client::<ReplayBody<Full<Bytes>>>();
     let svc = ServiceBuilder::new()
         .layer(layer)
         .map_request(move |mut req: Request<ReplayBody<Full<Bytes>>>| {
@@ -551,7 +466,7 @@ async fn replay_401_again_is_typed_error() {
             move |_req: Request<Incoming>| {
                 let n = hits.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
-                    let mut res = status(StatusCode::UNAUTHORIZED, "");
+                    let mut res = response(StatusCode::UNAUTHORIZED, "");
                     let h = res.headers_mut();
                     h.append(
                         WWW_AUTHENTICATE,
@@ -567,9 +482,8 @@ async fn replay_401_again_is_typed_error() {
         })
         .await;
         let calls = Arc::new(AtomicUsize::new(0));
-        let layer =
-            RefreshLayer::new(counting(calls.clone(), FRESH)).initial_token(Token::bearer(STALE).unwrap());
-        let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+        let layer = stale_layer(&calls);
+        let client = http_client::<ReplayBody<Full<Bytes>>>();
         let svc = ServiceBuilder::new().layer(layer).service(client);
 
         for call in 1..=2 {
@@ -644,17 +558,17 @@ async fn self_refreshing(marker: bool, initial: bool, token_status: StatusCode) 
                         .unwrap()
                         .push(req.headers().get(AUTHORIZATION).cloned());
                     if token_status != StatusCode::OK {
-                        return status(token_status, "");
+                        return response(token_status, "");
                     }
                     let token = format!("issued-{n}");
                     *issued.lock().unwrap() = Some(token.clone());
-                    return status(StatusCode::OK, token);
+                    return response(StatusCode::OK, token);
                 }
                 api_hits.fetch_add(1, Ordering::SeqCst);
                 let expected = issued.lock().unwrap().as_deref().map(bearer);
                 match (req.headers().get(AUTHORIZATION), expected) {
-                    (Some(got), Some(want)) if *got == want => status(StatusCode::OK, "data"),
-                    _ => status(StatusCode::UNAUTHORIZED, ""),
+                    (Some(got), Some(want)) if *got == want => response(StatusCode::OK, "data"),
+                    _ => response(StatusCode::UNAUTHORIZED, ""),
                 }
             }
         }
@@ -697,7 +611,7 @@ async fn self_refreshing(marker: bool, initial: bool, token_status: StatusCode) 
     if initial {
         layer = layer.initial_token(Token::bearer(STALE).unwrap());
     }
-    let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+    let client = http_client::<ReplayBody<Full<Bytes>>>();
     let svc = Stack::new(ServiceBuilder::new().layer(layer).service(client));
     assert!(slot.set(svc.clone()).is_ok());
     SelfRefreshing {
@@ -711,9 +625,7 @@ async fn self_refreshing(marker: bool, initial: bool, token_status: StatusCode) 
 }
 
 fn api_request(addr: SocketAddr) -> Request<Full<Bytes>> {
-    Request::get(format!("http://{addr}/api/data"))
-        .body(Full::new(Bytes::new()))
-        .unwrap()
+    get(format!("http://{addr}/api/data"))
 }
 
 /// The refresher's token request goes through the same layer, recognised either by the
@@ -879,26 +791,21 @@ async fn streaming_64mib_body_passes_through_unbuffered() {
                     while let Some(frame) = body.frame().await {
                         match frame {
                             Ok(frame) => n += frame.data_ref().map_or(0, |d| d.len() as u64),
-                            Err(_) => return status(StatusCode::BAD_REQUEST, ""),
+                            Err(_) => return response(StatusCode::BAD_REQUEST, ""),
                         }
                     }
                     let ok = auth.as_ref() == Some(&bearer(FRESH));
                     received.lock().unwrap().push((auth, n));
-                    if ok {
-                        status(StatusCode::OK, "")
-                    } else {
-                        status(StatusCode::UNAUTHORIZED, "")
-                    }
+                    ok_or_401(ok, "")
                 }
             }
         })
         .await;
 
         let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(calls.clone(), FRESH))
-            .initial_token(Token::bearer(STALE).unwrap());
+        let layer = stale_layer(&calls);
         let stats = Arc::new(Mutex::new(Vec::<Arc<ProbeStats>>::new()));
-        let client = Client::builder(TokioExecutor::new()).build_http::<Probe<Boxed>>();
+        let client = http_client::<Probe<Boxed>>();
         let svc = ServiceBuilder::new()
             .layer(layer)
             .map_request({
@@ -971,36 +878,6 @@ async fn streaming_64mib_body_passes_through_unbuffered() {
     .await;
 }
 
-/// Says it is exactly 10 bytes long, then sends `chunks` × 64 KiB.
-struct LyingBody {
-    chunks: usize,
-    chunk: Bytes,
-}
-
-impl Body for LyingBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.chunks == 0 {
-            return Poll::Ready(None);
-        }
-        self.chunks -= 1;
-        Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.chunks == 0
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(10)
-    }
-}
-
 /// A body whose size hint lies (10 bytes, then 4 MiB): the layer starts capturing, but never
 /// holds more than the cap, drops what it kept once the cap is passed, and does not replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1016,7 +893,7 @@ async fn lying_size_hint_never_buffers_more_than_the_cap() {
         let seen = Arc::new(Mutex::new(Observed::default()));
         let inner = tower::service_fn({
             let seen = seen.clone();
-            move |req: Request<ReplayBody<LyingBody>>| {
+            move |req: Request<ReplayBody<ScriptedBody>>| {
                 let seen = seen.clone();
                 async move {
                     let ok = req.headers().get(AUTHORIZATION) == Some(&bearer(FRESH));
@@ -1031,23 +908,20 @@ async fn lying_size_hint_never_buffers_more_than_the_cap() {
                     s.bytes += bytes;
                     s.max_buffered = s.max_buffered.max(max);
                     s.buffered_at_end = body.buffered_bytes();
-                    let code = if ok {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::UNAUTHORIZED
-                    };
-                    Ok::<_, Infallible>(status(code, ""))
+                    Ok::<_, Infallible>(ok_or_401(ok, ""))
                 }
             }
         });
         let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(calls.clone(), FRESH))
-            .initial_token(Token::bearer(STALE).unwrap());
+        let layer = stale_layer(&calls);
         let svc = ServiceBuilder::new().layer(layer).service(inner);
 
-        let body = LyingBody {
-            chunks: 64,
-            chunk: Bytes::from(vec![7; CHUNK]),
+        // Says it is exactly 10 bytes long, then sends 64 × 64 KiB.
+        let chunk = Bytes::from(vec![7; CHUNK]);
+        let body = ScriptedBody {
+            frames: (0..64).map(|_| Frame::data(chunk.clone())).collect(),
+            hint: Some(10),
+            accurate_end: true,
         };
         let res = svc
             .oneshot(Request::post("http://127.0.0.1/lie").body(body).unwrap())
@@ -1097,7 +971,7 @@ async fn debug_output_never_contains_the_token() {
             } else {
                 StatusCode::UNAUTHORIZED
             };
-            let mut res = status(code, "");
+            let mut res = response(code, "");
             res.headers_mut().insert(
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static(r#"Bearer realm="x""#),
@@ -1105,12 +979,8 @@ async fn debug_output_never_contains_the_token() {
             res
         })
         .await;
-        let req = |path: &str| {
-            Request::get(format!("http://{addr}{path}"))
-                .body(Full::new(Bytes::new()))
-                .unwrap()
-        };
-        let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+        let req = |path: &str| get(format!("http://{addr}{path}"));
+        let client = http_client::<ReplayBody<Full<Bytes>>>();
 
         let token = Token::bearer(STALE)
             .unwrap()
@@ -1123,7 +993,8 @@ async fn debug_output_never_contains_the_token() {
         );
 
         // Refreshes to FRESH; the server refuses `/never` even with it.
-        let layer = RefreshLayer::new(counting(Arc::default(), FRESH)).initial_token(token.clone());
+        let layer =
+            RefreshLayer::new(counting(&Arc::default(), FRESH)).initial_token(token.clone());
         let svc = ServiceBuilder::new()
             .layer(layer.clone())
             .service(client.clone());
@@ -1228,7 +1099,7 @@ async fn early_401_before_the_body_is_read_still_replays_it_whole() {
                         // `Connection: close`, so the client does not race the closing
                         // connection with the replay (a keep-alive race, not the layer's).
                         received.lock().unwrap().push((false, Bytes::new()));
-                        let mut res = status(StatusCode::UNAUTHORIZED, "");
+                        let mut res = response(StatusCode::UNAUTHORIZED, "");
                         res.headers_mut()
                             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                         return res;
@@ -1238,15 +1109,15 @@ async fn early_401_before_the_body_is_read_still_replays_it_whole() {
                         .lock()
                         .unwrap()
                         .push((true, body.unwrap_or_default()));
-                    status(StatusCode::OK, "")
+                    response(StatusCode::OK, "")
                 }
             }
         })
         .await;
         let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(calls.clone(), FRESH));
+        let layer = RefreshLayer::new(counting(&calls, FRESH));
         let handle = layer.handle();
-        let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+        let client = http_client::<ReplayBody<Full<Bytes>>>();
         let svc = ServiceBuilder::new().layer(layer).service(client);
         for size in [16 * 1024, 256 * 1024, DEFAULT_MAX_REPLAY_BODY] {
             handle.set_token(Token::bearer(STALE).unwrap());

@@ -3,6 +3,7 @@
 //! `RefreshLayer` and a hyper-util client.
 
 mod oauth2_server;
+mod support;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,13 +19,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_auth_refresh::error::{RefreshRejected, SessionEnded};
 use tower_auth_refresh::oauth2::{
-    ClientAuth, ErrorKind, OAuth2Error, OAuth2Refresher, RefreshToken,
+    ClientAuth, ErrorKind, OAuth2Error, OAuth2Refresher, OAuth2RefresherBuilder, RefreshToken,
 };
 use tower_auth_refresh::{
     BoxError, Events, Received, Refresh, RefreshError, RefreshEvent, RefreshRequest, ReplayBody,
@@ -32,15 +32,7 @@ use tower_auth_refresh::{
 };
 
 use oauth2_server::{ClientCheck, Scripted, Servers, SharedOrigin, TokenConfig};
-
-/// Every test runs under this guard: a hang fails instead of blocking CI.
-const GUARD: Duration = Duration::from_secs(60);
-
-async fn guard<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(GUARD, test)
-        .await
-        .expect("test exceeded its guard time");
-}
+use support::{capture_logs, guard, http_client};
 
 type TokenClient = Client<HttpConnector, Full<Bytes>>;
 type ApiClient<C = TokenClient> =
@@ -48,7 +40,7 @@ type ApiClient<C = TokenClient> =
 type Persisted = Arc<Mutex<Vec<String>>>;
 
 fn token_client() -> TokenClient {
-    Client::builder(TokioExecutor::new()).build_http()
+    http_client()
 }
 
 fn fast_retry() -> RetryPolicy {
@@ -57,22 +49,46 @@ fn fast_retry() -> RetryPolicy {
         .max_delay(Duration::from_millis(50))
 }
 
-/// A confidential client (`client_secret_basic`) whose rotation hook appends to `persisted`.
-fn refresher(s: &Servers, refresh: &str, persisted: &Persisted) -> OAuth2Refresher<TokenClient> {
-    let persisted = persisted.clone();
+/// A confidential client (`client_secret_basic`, "app" / "app-secret") of the token endpoint
+/// of `s`, presenting `refresh`.
+fn app(s: &Servers, refresh: &str) -> OAuth2RefresherBuilder<TokenClient> {
     OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
         .client_id("app")
         .client_secret("app-secret", ClientAuth::Basic)
         .refresh_token(refresh)
-        .on_rotation(move |new: RefreshToken| {
-            let persisted = persisted.clone();
-            async move {
-                persisted.lock().unwrap().push(new.secret().to_owned());
-                Ok::<_, Infallible>(())
-            }
-        })
-        .build()
-        .unwrap()
+}
+
+/// [`app`], with a rotation hook that appends to `persisted`.
+fn app_persisting(
+    s: &Servers,
+    refresh: &str,
+    persisted: &Persisted,
+) -> OAuth2RefresherBuilder<TokenClient> {
+    let persisted = persisted.clone();
+    app(s, refresh).on_rotation(move |new: RefreshToken| {
+        let persisted = persisted.clone();
+        async move {
+            persisted.lock().unwrap().push(new.secret().to_owned());
+            Ok::<_, Infallible>(())
+        }
+    })
+}
+
+/// A confidential client (`client_secret_basic`) whose rotation hook appends to `persisted`.
+fn refresher(s: &Servers, refresh: &str, persisted: &Persisted) -> OAuth2Refresher<TokenClient> {
+    app_persisting(s, refresh, persisted).build().unwrap()
+}
+
+/// Servers started with `config` and one login: the servers, the login's refresh token, what
+/// the rotation hook persisted, and a [`refresher`] presenting the refresh token.
+async fn logged_in(
+    config: TokenConfig,
+) -> (Servers, String, Persisted, OAuth2Refresher<TokenClient>) {
+    let s = Servers::start(config).await;
+    let (_, rt0) = s.token.login();
+    let persisted = Persisted::default();
+    let refresher = refresher(&s, &rt0, &persisted);
+    (s, rt0, persisted, refresher)
 }
 
 fn api_client<C>(refresher: OAuth2Refresher<C>, initial: &str) -> (ApiClient<C>, TokenHandle)
@@ -83,7 +99,7 @@ where
         .initial_token(Token::bearer(initial).unwrap())
         .retry(fast_retry());
     let handle = layer.handle();
-    let http = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+    let http = http_client::<ReplayBody<Full<Bytes>>>();
     (ServiceBuilder::new().layer(layer).service(http), handle)
 }
 
@@ -91,8 +107,7 @@ async fn get<S>(client: S, url: String) -> Result<StatusCode, BoxError>
 where
     S: Service<Request<Full<Bytes>>, Response = Response<Incoming>, Error = BoxError>,
 {
-    let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
-    let res = client.oneshot(req).await?;
+    let res = client.oneshot(support::get(url)).await?;
     let status = res.status();
     // Read the body so the connection goes back to the pool.
     res.into_body().collect().await?;
@@ -122,6 +137,22 @@ fn drain(events: &mut Events) -> Vec<RefreshEvent> {
         }
     }
     out
+}
+
+/// How many `Refreshed` events there are in `events`.
+fn refreshed(events: &[RefreshEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, RefreshEvent::Refreshed { .. }))
+        .count()
+}
+
+/// How many `SessionEnded` events there are in `events`.
+fn sessions_ended(events: &[RefreshEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, RefreshEvent::SessionEnded { .. }))
+        .count()
 }
 
 /// The `OAuth2Error` behind a refresher error.
@@ -165,10 +196,7 @@ fn assert_fd_limit() {
 async fn thousand_concurrent_401s_then_twenty_rounds_refresh_once_each_without_reuse() {
     assert_fd_limit();
     guard(async {
-        let s = Servers::start(TokenConfig::default()).await;
-        let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let refresher = refresher(&s, &rt0, &persisted);
+        let (s, rt0, persisted, refresher) = logged_in(TokenConfig::default()).await;
         let (client, handle) = api_client(refresher.clone(), "expired-at-start");
         let mut events = handle.subscribe();
         let url = s.api_url();
@@ -226,11 +254,7 @@ async fn thousand_concurrent_401s_then_twenty_rounds_refresh_once_each_without_r
         );
         assert_eq!(s.api.unauthorized(), 1000 + 20 * 25);
         assert_eq!(s.api.ok(), 1000 + 20 * 25);
-        let refreshed = drain(&mut events)
-            .iter()
-            .filter(|e| matches!(e, RefreshEvent::Refreshed { .. }))
-            .count();
-        assert_eq!(refreshed, 21);
+        assert_eq!(refreshed(&drain(&mut events)), 21);
     })
     .await;
 }
@@ -238,10 +262,7 @@ async fn thousand_concurrent_401s_then_twenty_rounds_refresh_once_each_without_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_callers_never_cause_reuse() {
     guard(async {
-        let s = Servers::start(TokenConfig::default()).await;
-        let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let refresher = refresher(&s, &rt0, &persisted);
+        let (s, rt0, persisted, refresher) = logged_in(TokenConfig::default()).await;
         let (client, handle) = api_client(refresher.clone(), "expired-at-start");
         let mut events = handle.subscribe();
         let url = s.api_url();
@@ -339,11 +360,11 @@ async fn invalid_grant_ends_the_session_once_then_a_new_login_resumes() {
             }
         }
         assert_eq!(s.token.requests(), 1, "a terminal failure is not retried");
-        let ended = drain(&mut events)
-            .iter()
-            .filter(|e| matches!(e, RefreshEvent::SessionEnded { .. }))
-            .count();
-        assert_eq!(ended, 1, "exactly one SessionEnded event");
+        assert_eq!(
+            sessions_ended(&drain(&mut events)),
+            1,
+            "exactly one SessionEnded event"
+        );
         assert!(handle.state().session_ended());
 
         // Later requests fail fast, without a token request.
@@ -373,10 +394,8 @@ async fn invalid_grant_ends_the_session_once_then_a_new_login_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_unavailable_then_success_is_retried() {
     guard(async {
-        let s = Servers::start(TokenConfig::default()).await;
-        let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let (client, handle) = api_client(refresher(&s, &rt0, &persisted), "expired-at-start");
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let (client, handle) = api_client(refresher, "expired-at-start");
         let mut events = handle.subscribe();
 
         s.token.script(Scripted::new(
@@ -393,13 +412,7 @@ async fn service_unavailable_then_success_is_retried() {
             e,
             RefreshEvent::SessionEnded { .. } | RefreshEvent::RefreshFailed { .. }
         )));
-        assert_eq!(
-            events
-                .iter()
-                .filter(|e| matches!(e, RefreshEvent::Refreshed { .. }))
-                .count(),
-            1
-        );
+        assert_eq!(refreshed(&events), 1);
     })
     .await;
 }
@@ -407,10 +420,8 @@ async fn service_unavailable_then_success_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_in_progress_is_waited_out_and_retried() {
     guard(async {
-        let s = Servers::start(TokenConfig::default()).await;
-        let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let (client, _handle) = api_client(refresher(&s, &rt0, &persisted), "expired-at-start");
+        let (s, _, persisted, refresher) = logged_in(TokenConfig::default()).await;
+        let (client, _handle) = api_client(refresher, "expired-at-start");
 
         s.token.script(
             Scripted::json(
@@ -440,13 +451,8 @@ type ErrorCase = (
 #[tokio::test]
 async fn error_answers_are_classified_and_carry_code_and_description() {
     guard(async {
-        let s = Servers::start(TokenConfig::default()).await;
-        let (_, rt0) = s.token.login();
-        let refresher = refresher(&s, &rt0, &Persisted::default());
-        let custom = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
-            .client_id("app")
-            .client_secret("app-secret", ClientAuth::Basic)
-            .refresh_token(rt0.as_str())
+        let (s, rt0, _, refresher) = logged_in(TokenConfig::default()).await;
+        let custom = app(&s, &rt0)
             .transient_error_codes(["busy"])
             .build()
             .unwrap();
@@ -520,10 +526,7 @@ async fn error_answers_are_classified_and_carry_code_and_description() {
 #[tokio::test]
 async fn malformed_answers_are_typed_errors() {
     guard(async {
-        let s = Servers::start(TokenConfig::default()).await;
-        let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let refresher = refresher(&s, &rt0, &persisted);
+        let (s, rt0, persisted, refresher) = logged_in(TokenConfig::default()).await;
         let marker = "SECRET-BODY-MARKER";
         let huge = format!(
             r#"{{"access_token":"{marker}","pad":"{}"}}"#,
@@ -657,10 +660,7 @@ async fn rotation_is_persisted_before_the_token_is_returned_and_a_failed_hook_ke
         let persisted = Persisted::default();
         let calls = Arc::new(AtomicUsize::new(0));
         let (p, c) = (persisted.clone(), calls.clone());
-        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
-            .client_id("app")
-            .client_secret("app-secret", ClientAuth::Basic)
-            .refresh_token(rt0.as_str())
+        let refresher = app(&s, &rt0)
             .on_rotation(move |new: RefreshToken| {
                 let (p, c) = (p.clone(), c.clone());
                 async move {
@@ -708,10 +708,7 @@ async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_str
             expires_in: json!("120"),
             ..TokenConfig::default()
         };
-        let s = Servers::start(config).await;
-        let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let refresher = refresher(&s, &rt0, &persisted);
+        let (s, rt0, persisted, refresher) = logged_in(config).await;
         for _ in 0..2 {
             let token = refresher.refresh(None).await.unwrap();
             assert_eq!(token.expires_in(), Some(Duration::from_secs(120)));
@@ -736,16 +733,11 @@ async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_str
             expires_in: json!(90),
             ..TokenConfig::default()
         };
-        let s = Servers::start(config).await;
-        let (_, rt0) = s.token.login();
-        let token = refresher_for(&s, &rt0).refresh(None).await.unwrap();
+        let (_s, _, _, refresher) = logged_in(config).await;
+        let token = refresher.refresh(None).await.unwrap();
         assert_eq!(token.expires_in(), Some(Duration::from_secs(90)));
     })
     .await;
-}
-
-fn refresher_for(s: &Servers, refresh: &str) -> OAuth2Refresher<TokenClient> {
-    refresher(s, refresh, &Persisted::default())
 }
 
 /// A tower service in front of the token client that counts requests carrying the
@@ -775,16 +767,35 @@ impl Service<Request<Full<Bytes>>> for MarkerCounter {
     }
 }
 
+/// Servers whose token endpoint authenticates clients with `client`.
+async fn servers_checking(client: ClientCheck) -> Servers {
+    Servers::start(TokenConfig {
+        client,
+        ..TokenConfig::default()
+    })
+    .await
+}
+
+/// Refreshes with `refresher`, which must succeed (`accepted` says why), and returns the token
+/// request the endpoint of `s` saw.
+async fn first_token_request<C>(
+    refresher: &OAuth2Refresher<C>,
+    s: &Servers,
+    accepted: &str,
+) -> oauth2_server::Seen
+where
+    OAuth2Refresher<C>: TokenRefresher,
+{
+    refresher.refresh(None).await.expect(accepted);
+    s.token.seen().remove(0)
+}
+
 #[tokio::test]
 async fn token_requests_are_well_formed_for_every_client_authentication() {
     guard(async {
         // client_secret_basic, with characters that need encoding everywhere.
         let basic = "Basic bXkrY2xpZW50OnAlNDBzcyUzQXclMjZyZCUyQiVDMyVBOQ=="; // my+client:p%40ss%3Aw%26rd%2B%C3%A9
-        let s = Servers::start(TokenConfig {
-            client: ClientCheck::Basic(basic.to_owned()),
-            ..TokenConfig::default()
-        })
-        .await;
+        let s = servers_checking(ClientCheck::Basic(basic.to_owned())).await;
         let odd_refresh = "rt+1&x=y %";
         s.token.login_with(odd_refresh);
         let counter = MarkerCounter {
@@ -799,11 +810,12 @@ async fn token_requests_are_well_formed_for_every_client_authentication() {
             .scope("read write&admin=1")
             .build()
             .unwrap();
-        refresher
-            .refresh(None)
-            .await
-            .expect("the server accepted the client and the grant");
-        let seen = s.token.seen().remove(0);
+        let seen = first_token_request(
+            &refresher,
+            &s,
+            "the server accepted the client and the grant",
+        )
+        .await;
         assert_eq!(seen.method, http::Method::POST);
         assert_eq!(
             seen.content_type.as_deref(),
@@ -832,13 +844,9 @@ async fn token_requests_are_well_formed_for_every_client_authentication() {
         );
 
         // client_secret_post.
-        let client = ClientCheck::Post {
+        let s = servers_checking(ClientCheck::Post {
             id: "app".to_owned(),
             secret: "s&=+ é".to_owned(),
-        };
-        let s = Servers::start(TokenConfig {
-            client,
-            ..TokenConfig::default()
         })
         .await;
         let (_, rt0) = s.token.login();
@@ -848,21 +856,14 @@ async fn token_requests_are_well_formed_for_every_client_authentication() {
             .refresh_token(rt0.as_str())
             .build()
             .unwrap();
-        refresher
-            .refresh(None)
-            .await
-            .expect("client_secret_post accepted");
-        let seen = s.token.seen().remove(0);
+        let seen = first_token_request(&refresher, &s, "client_secret_post accepted").await;
         assert_eq!(seen.authorization, None);
         assert_eq!(seen.field("client_secret"), Some("s&=+ é"));
         assert_eq!(seen.field("scope"), None);
 
         // A public client.
-        let s = Servers::start(TokenConfig {
-            client: ClientCheck::Public {
-                id: "spa".to_owned(),
-            },
-            ..TokenConfig::default()
+        let s = servers_checking(ClientCheck::Public {
+            id: "spa".to_owned(),
         })
         .await;
         let (_, rt0) = s.token.login();
@@ -871,11 +872,7 @@ async fn token_requests_are_well_formed_for_every_client_authentication() {
             .refresh_token(rt0.as_str())
             .build()
             .unwrap();
-        refresher
-            .refresh(None)
-            .await
-            .expect("public client accepted");
-        let seen = s.token.seen().remove(0);
+        let seen = first_token_request(&refresher, &s, "public client accepted").await;
         assert_eq!(seen.authorization, None);
         assert_eq!(seen.field("client_id"), Some("spa"));
         assert_eq!(seen.field("client_secret"), None);
@@ -889,10 +886,7 @@ async fn timeouts_and_connection_errors_are_transient() {
         let s = Servers::start(TokenConfig::default()).await;
         let (_, rt0) = s.token.login();
         s.token.hold_next(1);
-        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
-            .client_id("app")
-            .client_secret("app-secret", ClientAuth::Basic)
-            .refresh_token(rt0.as_str())
+        let refresher = app(&s, &rt0)
             .timeout(Duration::from_millis(100))
             .build()
             .unwrap();
@@ -929,25 +923,13 @@ async fn a_lost_answer_is_covered_by_the_grace_window_and_detected_as_reuse_with
             .await;
             let (_, rt0) = s.token.login();
             let persisted = Persisted::default();
-            let p = persisted.clone();
             // The first answer is held past the refresher's timeout: the server rotated, the
             // client never learns the new refresh token and presents the old one again.
             s.token.hold_next(1);
-            let refresher =
-                OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
-                    .client_id("app")
-                    .client_secret("app-secret", ClientAuth::Basic)
-                    .refresh_token(rt0.as_str())
-                    .timeout(Duration::from_millis(200))
-                    .on_rotation(move |new: RefreshToken| {
-                        let p = p.clone();
-                        async move {
-                            p.lock().unwrap().push(new.secret().to_owned());
-                            Ok::<_, Infallible>(())
-                        }
-                    })
-                    .build()
-                    .unwrap();
+            let refresher = app_persisting(&s, &rt0, &persisted)
+                .timeout(Duration::from_millis(200))
+                .build()
+                .unwrap();
             let (client, handle) = api_client(refresher.clone(), "expired-at-start");
             let mut events = handle.subscribe();
             let result = get(client, s.api_url()).await;
@@ -974,11 +956,7 @@ async fn a_lost_answer_is_covered_by_the_grace_window_and_detected_as_reuse_with
                 );
                 assert_eq!(s.token.reuse_detected(), 1);
                 assert!(s.token.family_revoked(&rt0));
-                let ended = drain(&mut events)
-                    .iter()
-                    .filter(|e| matches!(e, RefreshEvent::SessionEnded { .. }))
-                    .count();
-                assert_eq!(ended, 1);
+                assert_eq!(sessions_ended(&drain(&mut events)), 1);
             }
         }
     })
@@ -1114,36 +1092,11 @@ fn configuration_is_checked_and_debug_output_is_redacted() {
     assert!(shown.contains("client_secret_basic") && shown.contains("app"));
 }
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn no_secret_reaches_tracing_output() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (logs, _tracing) = capture_logs();
     guard(async {
-        let s = Servers::start(TokenConfig::default()).await;
-        let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let refresher = refresher(&s, &rt0, &persisted);
+        let (s, rt0, _, refresher) = logged_in(TokenConfig::default()).await;
         let (client, _handle) = api_client(refresher.clone(), "expired-at-start");
         s.token.script(Scripted::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("down {rt0}")));
         assert_eq!(get(client.clone(), s.api_url()).await.unwrap(), StatusCode::OK);
@@ -1152,7 +1105,7 @@ async fn no_secret_reaches_tracing_output() {
         s.token.expire_access_tokens();
         assert!(get(client, s.api_url()).await.is_err());
 
-        let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let output = logs.text();
         assert!(output.contains("oauth2"), "the refresher logs: {output}");
         let mut secrets = vec![rt0.clone(), "app-secret".to_owned(), "YXBwOmFwcC1zZWNyZXQ".to_owned()];
         secrets.extend(s.token.rotated());

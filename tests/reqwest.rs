@@ -3,9 +3,9 @@
 //!
 //! Every test is bounded by [`guard`] and talks to loopback only.
 
+mod support;
+
 use std::convert::Infallible;
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,11 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::error::{
@@ -30,19 +26,16 @@ use tower_auth_refresh::error::{
 use tower_auth_refresh::reqwest::RefreshMiddleware;
 use tower_auth_refresh::{
     NoRefresh, RefreshError, RefreshLayer, RefreshRequest, ReplayBody, ReplayMethods, RetryPolicy,
-    Token, TokenRefresher, refresh_fn,
+    Token, TokenHandle, refresh_fn,
+};
+
+use support::{
+    authorization, capture_logs, counting_after, get, guard, http_client, rejecting, serve,
 };
 
 /// Distinctive secrets, so a leak is unmistakable in any output.
 const STALE: &str = "stale-rq-5c2e9a71f0b4";
 const FRESH: &str = "fresh-rq-83d0b6e4a21f";
-
-/// Bounds every test body: a hang fails instead of blocking the suite.
-async fn guard<T>(fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .expect("test did not finish within 60 s")
-}
 
 /// What the fake API saw of one request.
 #[derive(Debug, Clone)]
@@ -60,75 +53,19 @@ struct Seen {
 #[derive(Clone)]
 struct Api {
     addr: SocketAddr,
-    accepted: Arc<Mutex<Option<String>>>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Api {
     async fn start(accepted: Option<&str>) -> Self {
-        let accepted = Arc::new(Mutex::new(accepted.map(str::to_owned)));
+        let accepted = Arc::new(accepted.map(str::to_owned));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let api = Self {
-            addr,
-            accepted,
-            seen,
-        };
-        let server = api.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let server = server.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let server = server.clone();
-                        async move { Ok::<_, Infallible>(server.respond(req).await) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        api
-    }
-
-    async fn respond(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let (parts, body) = req.into_parts();
-        let header = |name| {
-            parts
-                .headers
-                .get(name)
-                .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
-        };
-        let auth = header(AUTHORIZATION).unwrap_or_else(|| "-".to_owned());
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        self.seen.lock().unwrap().push(Seen {
-            path: parts.uri.path().to_owned(),
-            auth: auth.clone(),
-            content_type: header(CONTENT_TYPE),
-            content_length: header(CONTENT_LENGTH),
-            body: body.clone(),
-        });
-        let ok = self
-            .accepted
-            .lock()
-            .unwrap()
-            .as_ref()
-            .is_some_and(|t| auth == format!("Bearer {t}"));
-        if ok {
-            Response::new(Full::new(body))
-        } else {
-            Response::builder()
-                .status(StatusCode::UNAUTHORIZED)
-                .header(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)
-                .body(Full::default())
-                .unwrap()
-        }
+        let addr = serve({
+            let seen = seen.clone();
+            move |req| respond(accepted.clone(), seen.clone(), req)
+        })
+        .await;
+        Self { addr, seen }
     }
 
     fn url(&self, path: &str) -> String {
@@ -146,26 +83,64 @@ impl Api {
     }
 }
 
-/// A refresher that counts its calls and returns `secret` after `delay`.
-fn counting(
-    calls: &Arc<AtomicUsize>,
-    secret: &'static str,
-    delay: Duration,
-) -> impl TokenRefresher {
-    let calls = calls.clone();
-    refresh_fn(move |_stale: Option<Token>| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        async move {
-            tokio::time::sleep(delay).await;
-            Ok::<_, RefreshError>(Token::bearer(secret)?)
-        }
-    })
+async fn respond(
+    accepted: Arc<Option<String>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let header = |name| {
+        parts
+            .headers
+            .get(name)
+            .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+    };
+    let auth = authorization(&parts.headers);
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    seen.lock().unwrap().push(Seen {
+        path: parts.uri.path().to_owned(),
+        auth: auth.clone(),
+        content_type: header(CONTENT_TYPE),
+        content_length: header(CONTENT_LENGTH),
+        body: body.clone(),
+    });
+    let ok = accepted
+        .as_deref()
+        .is_some_and(|t| auth == format!("Bearer {t}"));
+    if ok {
+        Response::new(Full::new(body))
+    } else {
+        Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)
+            .body(Full::default())
+            .unwrap()
+    }
 }
 
 fn reqwest_client(middleware: RefreshMiddleware) -> ClientWithMiddleware {
     // `no_proxy`: loopback traffic must not be sent to a proxy configured in the environment.
     let inner = reqwest::Client::builder().no_proxy().build().unwrap();
     ClientBuilder::new(inner).with(middleware).build()
+}
+
+/// An API accepting `accepted`, and a reqwest client whose layer starts with `STALE` and
+/// refreshes to `FRESH` after `delay`: the API, the refresher's call count, the layer's
+/// handle and the client.
+async fn stale_client(
+    accepted: Option<&str>,
+    delay: Duration,
+) -> (Api, Arc<AtomicUsize>, TokenHandle, ClientWithMiddleware) {
+    let api = Api::start(accepted).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RefreshLayer::new(counting_after(&calls, FRESH, delay))
+        .initial_token(Token::bearer(STALE).unwrap());
+    let client = reqwest_client(layer.reqwest_middleware());
+    (api, calls, layer.handle(), client)
 }
 
 /// The layer's own error inside a `reqwest_middleware::Error`, downcast.
@@ -178,27 +153,6 @@ fn layer_error<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
-/// Every log line, for checking that no secret is printed.
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for CapturedLogs {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl CapturedLogs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// 1,000 concurrent requests with a stale token: one refresh, every request replayed once
 /// with the fresh token, and no secret in the TRACE-level logs.
 ///
@@ -206,28 +160,11 @@ impl CapturedLogs {
 #[tokio::test(flavor = "current_thread")]
 async fn stampede_of_1000_refreshes_once_and_replays_each_request_once() {
     const N: usize = 1000;
-    let logs = CapturedLogs::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer({
-            let logs = logs.clone();
-            move || logs.clone()
-        })
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
-    // With a single registered dispatcher, tracing caches a callsite's interest from the
-    // default of whichever thread hits it first: another test's thread (no subscriber) could
-    // switch it off for good. A second live dispatcher makes tracing ask every registered one;
-    // the rebuild fixes callsites registered before.
-    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
-    tracing::callsite::rebuild_interest_cache();
+    let (logs, _tracing) = capture_logs();
 
     guard(async {
-        let api = Api::start(Some(FRESH)).await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::from_millis(20)))
-            .initial_token(Token::bearer(STALE).unwrap());
-        let client = reqwest_client(layer.reqwest_middleware());
+        let (api, calls, handle, client) =
+            stale_client(Some(FRESH), Duration::from_millis(20)).await;
 
         let mut tasks = JoinSet::new();
         for i in 0..N {
@@ -252,7 +189,7 @@ async fn stampede_of_1000_refreshes_once_and_replays_each_request_once() {
         assert_eq!(api.count(STALE), N, "every request first went out stale");
         assert_eq!(api.count(FRESH), N, "every request was replayed once");
         assert_eq!(api.seen().len(), 2 * N);
-        assert_eq!(layer.handle().state().generation(), 2);
+        assert_eq!(handle.state().generation(), 2);
     })
     .await;
 
@@ -273,11 +210,7 @@ async fn stampede_of_1000_refreshes_once_and_replays_each_request_once() {
 #[tokio::test]
 async fn post_json_body_is_replayed_byte_for_byte() {
     guard(async {
-        let api = Api::start(Some(FRESH)).await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
-            .initial_token(Token::bearer(STALE).unwrap());
-        let client = reqwest_client(layer.reqwest_middleware());
+        let (api, calls, _, client) = stale_client(Some(FRESH), Duration::ZERO).await;
 
         let json = r#"{"order":{"id":42,"items":["é","\u0000",[1,2.5e3]],"note":"  spaces  "}}"#;
         let res = client
@@ -309,11 +242,7 @@ async fn post_json_body_is_replayed_byte_for_byte() {
 #[tokio::test]
 async fn streaming_body_of_known_size_is_captured_and_replayed() {
     guard(async {
-        let api = Api::start(Some(FRESH)).await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
-            .initial_token(Token::bearer(STALE).unwrap());
-        let client = reqwest_client(layer.reqwest_middleware());
+        let (api, calls, _, client) = stale_client(Some(FRESH), Duration::ZERO).await;
 
         let payload = "x".repeat(64 * 1024);
         let body = reqwest::Body::wrap(Full::new(Bytes::from(payload.clone())));
@@ -341,11 +270,7 @@ async fn streaming_body_of_known_size_is_captured_and_replayed() {
 #[tokio::test]
 async fn non_cloneable_stream_is_sent_once_and_its_401_returned_after_the_refresh() {
     guard(async {
-        let api = Api::start(Some(FRESH)).await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
-            .initial_token(Token::bearer(STALE).unwrap());
-        let client = reqwest_client(layer.reqwest_middleware());
+        let (api, calls, handle, client) = stale_client(Some(FRESH), Duration::ZERO).await;
 
         let chunks = ["chunk-1;", "chunk-2;", "chunk-3"]
             .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from_static(c.as_bytes()))));
@@ -361,7 +286,7 @@ async fn non_cloneable_stream_is_sent_once_and_its_401_returned_after_the_refres
         assert_eq!(seen[0].auth, format!("Bearer {STALE}"));
         assert_eq!(seen[0].body, "chunk-1;chunk-2;chunk-3");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "the refresh ran anyway");
-        assert_eq!(layer.handle().state().generation(), 2);
+        assert_eq!(handle.state().generation(), 2);
 
         // The caller's retry goes out with the new token.
         let res = client.get(api.url("/after")).send().await.unwrap();
@@ -377,11 +302,7 @@ async fn non_cloneable_stream_is_sent_once_and_its_401_returned_after_the_refres
 async fn second_401_is_unauthorized_after_refresh() {
     guard(async {
         // Accepts no token at all.
-        let api = Api::start(None).await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
-            .initial_token(Token::bearer(STALE).unwrap());
-        let client = reqwest_client(layer.reqwest_middleware());
+        let (api, calls, _, client) = stale_client(None, Duration::ZERO).await;
 
         let err = client
             .get(api.url("/secret"))
@@ -415,14 +336,7 @@ async fn terminal_failure_is_rejected_then_session_ended_without_network_calls()
     guard(async {
         let api = Api::start(Some(FRESH)).await;
         let calls = Arc::new(AtomicUsize::new(0));
-        let refresher = refresh_fn({
-            let calls = calls.clone();
-            move |_stale: Option<Token>| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err::<Token, _>(RefreshError::terminal("invalid_grant")) }
-            }
-        });
-        let layer = RefreshLayer::new(refresher)
+        let layer = RefreshLayer::new(rejecting(&calls))
             .initial_token(Token::bearer(STALE).unwrap())
             .retry(RetryPolicy::none());
         let middleware = layer.reqwest_middleware();
@@ -470,19 +384,15 @@ async fn reqwest_middleware_and_tower_service_share_one_token() {
     guard(async {
         let api = Api::start(Some(FRESH)).await;
         let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::from_millis(50)))
+        let layer = RefreshLayer::new(counting_after(&calls, FRESH, Duration::from_millis(50)))
             .initial_token(Token::bearer(STALE).unwrap());
         let reqwest_client = reqwest_client(RefreshMiddleware::from_layer(&layer));
         let tower_client = ServiceBuilder::new()
             .layer(layer.clone())
-            .service(Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>());
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
 
         let via_reqwest = reqwest_client.get(api.url("/reqwest")).send();
-        let via_tower = tower_client.clone().oneshot(
-            Request::get(api.url("/tower"))
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        );
+        let via_tower = tower_client.clone().oneshot(get(api.url("/tower")));
         let (a, b) = tokio::join!(via_reqwest, via_tower);
         assert_eq!(a.unwrap().status(), StatusCode::OK);
         assert_eq!(b.unwrap().status(), StatusCode::OK);
@@ -500,14 +410,7 @@ async fn reqwest_middleware_and_tower_service_share_one_token() {
             .send()
             .await
             .unwrap();
-        let b = tower_client
-            .oneshot(
-                Request::get(api.url("/tower"))
-                    .body(Full::<Bytes>::default())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let b = tower_client.oneshot(get(api.url("/tower"))).await.unwrap();
         assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
         assert_eq!(api.count(FRESH), 4);
         assert_eq!(api.count(STALE), 2);
@@ -526,7 +429,7 @@ async fn markers_origins_and_replay_policy_are_honoured() {
         let api = Api::start(Some(FRESH)).await;
         let other = Api::start(Some(FRESH)).await;
         let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO))
+        let layer = RefreshLayer::new(counting_after(&calls, FRESH, Duration::ZERO))
             .initial_token(Token::bearer(STALE).unwrap())
             .replay_methods(ReplayMethods::Idempotent)
             .allowed_origins([api.url("")])
@@ -590,7 +493,7 @@ async fn markers_origins_and_replay_policy_are_honoured() {
 
         // No token at all: the first request waits for a refresh, then goes out once.
         let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(counting(&calls, FRESH, Duration::ZERO));
+        let layer = RefreshLayer::new(counting_after(&calls, FRESH, Duration::ZERO));
         let client = reqwest_client(layer.reqwest_middleware());
         let res = client.get(api.url("/first")).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);

@@ -18,6 +18,8 @@
 //! `SOAK_REQUESTS` scales the run (default 20,000); `SOAK_SEED` fixes the chaos seed.
 //! Run with `--nocapture` to see the figures.
 
+mod support;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,7 +37,6 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::error::{
@@ -47,7 +48,8 @@ use tower_auth_refresh::{
 };
 use tower_http::trace::{DefaultMakeSpan, DefaultOnRequest, DefaultOnResponse, TraceLayer};
 use tracing::Level;
-use tracing_subscriber::fmt::MakeWriter;
+
+use support::{Rng, http_client, response, serve_fallible, trace_to};
 
 /// Every token the token server issues contains this; it must never show up in output.
 const MARKER: &str = "zz9secret";
@@ -64,26 +66,9 @@ type ReqBody = BoxBody<Bytes, Infallible>;
 // ---------------------------------------------------------------------------------------------
 // Seeded randomness, one generator per task.
 
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    /// True with probability `per_mille` / 1000.
-    fn per_mille(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
+/// The generator of a seed (splitmix64).
+fn seeded(seed: u64) -> Rng {
+    Rng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
@@ -178,12 +163,6 @@ impl Servers {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(body.into()));
-    *res.status_mut() = status;
-    res
-}
-
 async fn api(servers: Arc<Servers>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     servers.api_requests.add();
     let id: u64 = req.headers()["x-id"].to_str().unwrap().parse().unwrap();
@@ -197,7 +176,7 @@ async fn api(servers: Arc<Servers>, req: Request<Incoming>) -> Response<Full<Byt
         .map(|v| v.to_str().unwrap().to_owned());
     let Ok(body) = req.into_body().collect().await else {
         // The client went away mid-body (a cancelled request).
-        return text(StatusCode::BAD_REQUEST, "incomplete body");
+        return response(StatusCode::BAD_REQUEST, "incomplete body");
     };
     let body = body.to_bytes();
     *servers.sends.lock().unwrap().entry(id).or_default() += 1;
@@ -208,7 +187,7 @@ async fn api(servers: Arc<Servers>, req: Request<Incoming>) -> Response<Full<Byt
     }
     let Some(secret) = auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) else {
         servers.api_without_token.add();
-        return text(StatusCode::UNAUTHORIZED, "");
+        return response(StatusCode::UNAUTHORIZED, "");
     };
     let verdict = {
         let mut tokens = servers.tokens.lock().unwrap();
@@ -231,12 +210,12 @@ async fn api(servers: Arc<Servers>, req: Request<Incoming>) -> Response<Full<Byt
     match verdict {
         Ok(()) => {
             servers.api_ok.add();
-            text(StatusCode::OK, "ok")
+            response(StatusCode::OK, "ok")
         }
         Err(counter) => {
             counter.add();
             servers.rejected.lock().unwrap().insert(secret.to_owned());
-            let mut res = text(StatusCode::UNAUTHORIZED, "");
+            let mut res = response(StatusCode::UNAUTHORIZED, "");
             if servers.roll(500) {
                 res.headers_mut().insert(
                     WWW_AUTHENTICATE,
@@ -259,7 +238,7 @@ async fn token_endpoint(servers: Arc<Servers>, req: Request<Incoming>) -> TokenA
     if req.uri().path() == "/login" {
         servers.logins.add();
         let (secret, life) = servers.issue();
-        return TokenAnswer::Answer(text(
+        return TokenAnswer::Answer(response(
             StatusCode::OK,
             format!("{secret} {}", life.as_millis()),
         ));
@@ -272,12 +251,12 @@ async fn token_endpoint(servers: Arc<Servers>, req: Request<Incoming>) -> TokenA
     match servers.below(1000) {
         0..=119 => {
             servers.token_503.add();
-            TokenAnswer::Answer(text(StatusCode::SERVICE_UNAVAILABLE, "busy"))
+            TokenAnswer::Answer(response(StatusCode::SERVICE_UNAVAILABLE, "busy"))
         }
         120..=179 => {
             servers.token_hang.add();
             tokio::time::sleep(REFRESH_TIMEOUT * 4).await;
-            TokenAnswer::Answer(text(StatusCode::SERVICE_UNAVAILABLE, "too late"))
+            TokenAnswer::Answer(response(StatusCode::SERVICE_UNAVAILABLE, "too late"))
         }
         180..=259 => {
             servers.token_reset.add();
@@ -285,12 +264,12 @@ async fn token_endpoint(servers: Arc<Servers>, req: Request<Incoming>) -> TokenA
         }
         260..=279 => {
             servers.token_terminal.add();
-            TokenAnswer::Answer(text(StatusCode::BAD_REQUEST, "invalid_grant"))
+            TokenAnswer::Answer(response(StatusCode::BAD_REQUEST, "invalid_grant"))
         }
         _ => {
             servers.token_ok.add();
             let (secret, life) = servers.issue();
-            TokenAnswer::Answer(text(
+            TokenAnswer::Answer(response(
                 StatusCode::OK,
                 format!("{secret} {}", life.as_millis()),
             ))
@@ -308,28 +287,6 @@ impl std::fmt::Display for Reset {
 }
 
 impl std::error::Error for Reset {}
-
-/// Serves on `127.0.0.1:0`; an `Err` from the handler closes the connection unanswered.
-async fn serve<F, Fut>(handler: F) -> SocketAddr
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Reset>> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(handler);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 // ---------------------------------------------------------------------------------------------
 // The refresher: POSTs the stale token to the token endpoint through the layered client
@@ -459,13 +416,6 @@ impl std::io::Write for Trace {
     }
 }
 
-impl<'a> MakeWriter<'a> for Trace {
-    type Writer = Trace;
-    fn make_writer(&'a self) -> Trace {
-        self.clone()
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The clients.
 
@@ -585,7 +535,7 @@ fn chaos_soak_against_loopback_servers() {
 
     // The servers run on their own runtime thread.
     let servers = Arc::new(Servers {
-        rng: Mutex::new(Some(Rng::new(seed ^ 0xA5A5))),
+        rng: Mutex::new(Some(seeded(seed ^ 0xA5A5))),
         ..Servers::default()
     });
     let server_rt = tokio::runtime::Builder::new_multi_thread()
@@ -595,13 +545,13 @@ fn chaos_soak_against_loopback_servers() {
         .unwrap();
     let (api_addr, token_addr) = server_rt.block_on(async {
         let s = servers.clone();
-        let api_addr = serve(move |req| {
+        let api_addr = serve_fallible(move |req| {
             let s = s.clone();
-            async move { Ok(api(s, req).await) }
+            async move { Ok::<_, Reset>(api(s, req).await) }
         })
         .await;
         let s = servers.clone();
-        let token_addr = serve(move |req| {
+        let token_addr = serve_fallible(move |req| {
             let s = s.clone();
             async move {
                 match token_endpoint(s, req).await {
@@ -615,14 +565,14 @@ fn chaos_soak_against_loopback_servers() {
     });
 
     let trace = Trace::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(Level::TRACE)
-        .with_writer(trace.clone())
-        .finish();
     let log = Arc::new(RefresherLog::default());
     let outcomes = Arc::new(Outcomes::default());
 
-    let figures = tracing::subscriber::with_default(subscriber, || {
+    let figures = {
+        let _tracing = trace_to({
+            let trace = trace.clone();
+            move || trace.clone()
+        });
         let client_rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -642,7 +592,7 @@ fn chaos_soak_against_loopback_servers() {
                 )
             })
         })
-    });
+    };
     drop(server_rt);
 
     // ---- The figures --------------------------------------------------------------------
@@ -838,8 +788,7 @@ async fn run_clients(
         );
     let handle = layer.handle();
     let _ = handle_slot.set(handle.clone());
-    let client: Client<HttpConnector, ReplayBody<ReqBody>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<HttpConnector, ReplayBody<ReqBody>> = http_client();
     let stack = ServiceBuilder::new()
         .layer(layer)
         .layer(
@@ -868,8 +817,7 @@ async fn run_clients(
     // Logs in again through the handle whenever a terminal failure ended the session.
     let login = {
         let (handle, done) = (handle.clone(), done.clone());
-        let plain: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
+        let plain: Client<HttpConnector, Full<Bytes>> = http_client();
         let uri = format!("http://{token_addr}/login");
         tokio::spawn(async move {
             while !done.load(Ordering::Relaxed) {
@@ -908,7 +856,7 @@ async fn run_clients(
     let mut clients = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
         let (stack, next, outcomes) = (stack.clone(), next.clone(), outcomes.clone());
-        let mut rng = Rng::new(seed ^ (c as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
+        let mut rng = seeded(seed ^ (c as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
         clients.spawn(async move {
             loop {
                 let id = next.fetch_add(1, Ordering::Relaxed);

@@ -4,9 +4,6 @@
 //! that accepts only the access tokens the token endpoint issued and has not expired.
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,71 +13,22 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::{Barrier, Notify, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use crate::support::{self, Server, serve_scoped};
 
 /// How long a server-side wait (barrier, hold) may last before it gives up: a guard so a
 /// broken test fails on its counts instead of hanging.
 const SERVER_GUARD: Duration = Duration::from_secs(20);
-
-/// A server on 127.0.0.1:0; stops accepting when dropped.
-pub(crate) struct Server {
-    pub(crate) addr: SocketAddr,
-    accept: JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-impl Server {
-    pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-}
-
-/// Serves `handler` over HTTP/1.1 on a fresh loopback port.
-pub(crate) async fn serve<F, Fut>(handler: F) -> Server
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local addr");
-    let accept = tokio::spawn(async move {
-        // Ends when the Server is dropped (the task is aborted) or accepting fails.
-        while let Ok((stream, _)) = listener.accept().await {
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Server { addr, accept }
-}
 
 fn response(
     status: StatusCode,
     content_type: Option<&str>,
     body: impl Into<Bytes>,
 ) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(body.into()));
-    *res.status_mut() = status;
+    let mut res = support::response(status, body);
     if let Some(ct) = content_type {
         res.headers_mut().insert(CONTENT_TYPE, ct.parse().unwrap());
     }
@@ -611,9 +559,9 @@ impl Servers {
         let token = token_state(config);
         let api = api_state(token.clone());
         let t = token.clone();
-        let token_server = serve(move |req| t.clone().handle(req)).await;
+        let token_server = serve_scoped(move |req| t.clone().handle(req)).await;
         let a = api.clone();
-        let api_server = serve(move |req| a.clone().handle(req)).await;
+        let api_server = serve_scoped(move |req| a.clone().handle(req)).await;
         Self {
             token,
             api,
@@ -643,7 +591,7 @@ impl SharedOrigin {
         let token = token_state(config);
         let api = api_state(token.clone());
         let (t, a) = (token.clone(), api.clone());
-        let server = serve(move |req: Request<Incoming>| {
+        let server = serve_scoped(move |req: Request<Incoming>| {
             let (t, a) = (t.clone(), a.clone());
             async move {
                 if req.uri().path() == "/oauth/token" {
