@@ -187,3 +187,8 @@ pub use token::{InvalidToken, Token};
 
 /// The boxed error type of the layer's service, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The README's example compiles.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
