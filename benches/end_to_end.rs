@@ -9,10 +9,13 @@
 //!   counts its calls; the count must stay zero).
 //!
 //! Each line runs for a fixed time per round; throughput is completed requests (response body
-//! read to its end) per second. The server checks the header and counts refusals, which must
-//! stay zero for the two authorizing lines.
+//! read to its end) per second of wall time. The process's CPU time per request (client and
+//! server, from `/proc/self/stat`) is reported too: the run is CPU-bound, so on a machine
+//! shared with other work, `CPU(add_authorization) / CPU(refresh)` is the steadier estimate of
+//! the throughput ratio. The server checks the header and counts refusals, which must stay
+//! zero for the two authorizing lines.
 //!
-//! Environment: `E2E_ROUNDS` (default 5), `E2E_SECS` (seconds per line and round, default 2).
+//! Environment: `E2E_ROUNDS` (default 9), `E2E_SECS` (seconds per line and round, default 1).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,7 +53,10 @@ async fn server() -> SocketAddr {
             let expected = expected.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let ok = req.headers().get(AUTHORIZATION).is_some_and(|v| v == expected.as_str());
+                    let ok = req
+                        .headers()
+                        .get(AUTHORIZATION)
+                        .is_some_and(|v| v == expected.as_str());
                     async move {
                         if !ok {
                             REFUSED.fetch_add(1, Ordering::Relaxed);
@@ -105,8 +111,41 @@ fn request(case: Case, uri: &str, payload: &Bytes) -> Request<Full<Bytes>> {
     }
 }
 
-/// Runs `IN_FLIGHT` workers sending requests through `svc` for `secs`; returns requests/s.
-async fn run<S, ResBody>(svc: S, case: Case, uri: Arc<str>, payload: Bytes, secs: f64) -> f64
+/// How long a run lasts.
+#[derive(Clone, Copy)]
+enum Limit {
+    Secs(f64),
+    Requests(usize),
+}
+
+/// CPU time this process has used (all threads, user + system), from `/proc/self/stat`, in
+/// seconds (clock ticks of 10 ms).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at `state` (field 3).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after `state`.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// What one run measured.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    /// Completed requests per second of wall time.
+    rps: f64,
+    /// CPU time of the whole process (client and server) per request, in microseconds.
+    cpu_us: f64,
+}
+
+/// Runs `IN_FLIGHT` workers sending requests through `svc` until `limit`.
+async fn run<S, ResBody>(svc: S, case: Case, uri: Arc<str>, payload: Bytes, limit: Limit) -> Figures
 where
     S: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
@@ -117,13 +156,26 @@ where
 {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let max = match limit {
+        Limit::Secs(_) => usize::MAX,
+        Limit::Requests(n) => n,
+    };
     let start = Instant::now();
+    let cpu_start = cpu_secs();
     let workers: Vec<_> = (0..IN_FLIGHT)
         .map(|_| {
-            let (mut svc, stop, done, uri, payload) =
-                (svc.clone(), stop.clone(), done.clone(), uri.clone(), payload.clone());
+            let (mut svc, stop, done, started, uri, payload) = (
+                svc.clone(),
+                stop.clone(),
+                done.clone(),
+                started.clone(),
+                uri.clone(),
+                payload.clone(),
+            );
             tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) && started.fetch_add(1, Ordering::Relaxed) < max
+                {
                     let res = svc
                         .ready()
                         .await
@@ -140,42 +192,120 @@ where
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let n = done.load(Ordering::Relaxed);
-    let elapsed = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
+    let (n, elapsed, cpu_end) = match limit {
+        Limit::Secs(secs) => {
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            let counted = (done.load(Ordering::Relaxed), start.elapsed(), cpu_secs());
+            stop.store(true, Ordering::Relaxed);
+            for w in workers {
+                w.await.unwrap();
+            }
+            counted
+        }
+        Limit::Requests(_) => {
+            for w in workers {
+                w.await.unwrap();
+            }
+            (done.load(Ordering::Relaxed), start.elapsed(), cpu_secs())
+        }
+    };
+    Figures {
+        rps: n as f64 / elapsed.as_secs_f64(),
+        cpu_us: (cpu_end - cpu_start) * 1e6 / n.max(1) as f64,
     }
-    n as f64 / elapsed
 }
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `E2E_ITERS` mode: `n` requests of one line (`E2E_LINE`) and case (`E2E_CASE`) on a
+/// current-thread runtime, after a warm-up that opens the connections; for callgrind.
+fn count_mode(n: usize) {
+    let line = std::env::var("E2E_LINE").unwrap_or_else(|_| "refresh".into());
+    let case = match std::env::var("E2E_CASE").as_deref().unwrap_or("get") {
+        "get" => Case::Get,
+        "post_1k" => Case::Post1k,
+        other => panic!("unknown E2E_CASE {other}"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let addr = server().await;
+        let uri: Arc<str> = format!("http://{addr}/items").into();
+        let payload = Bytes::from(vec![b'x'; 1024]);
+        let (calls, layer) = refresh_layer();
+        let warm = Limit::Requests(4 * IN_FLIGHT);
+        let (u, p) = (uri.clone(), payload.clone());
+        match line.as_str() {
+            "bare" => {
+                let svc = client::<Full<Bytes>>();
+                run(svc.clone(), case, u.clone(), p.clone(), warm).await;
+                run(svc, case, u, p, Limit::Requests(n)).await;
+            }
+            "add_authorization" => {
+                let svc = AddAuthorizationLayer::bearer(SECRET).layer(client::<Full<Bytes>>());
+                run(svc.clone(), case, u.clone(), p.clone(), warm).await;
+                run(svc, case, u, p, Limit::Requests(n)).await;
+            }
+            "refresh" => {
+                let svc = layer.layer(client::<ReplayBody<Full<Bytes>>>());
+                run(svc.clone(), case, u.clone(), p.clone(), warm).await;
+                run(svc, case, u, p, Limit::Requests(n)).await;
+            }
+            other => panic!("unknown E2E_LINE {other}"),
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "the refresher was called");
+    });
+}
+
+/// The refresh line's layer: a valid token, a refresher that counts its calls.
+fn refresh_layer() -> (
+    Arc<AtomicUsize>,
+    RefreshLayer<impl tower_auth_refresh::TokenRefresher>,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let refresh_calls = calls.clone();
+    let layer = RefreshLayer::new(refresh_fn(move |_stale| {
+        refresh_calls.fetch_add(1, Ordering::SeqCst);
+        async { Err::<Token, _>(RefreshError::terminal("no refresh in this benchmark")) }
+    }))
+    .initial_token(Token::bearer(SECRET).unwrap());
+    (calls, layer)
 }
 
 fn main() {
-    let rounds: usize = env_or("E2E_ROUNDS", 5);
-    let secs: f64 = env_or("E2E_SECS", 2.0);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    if let Ok(n) = std::env::var("E2E_ITERS") {
+        count_mode(n.parse().expect("E2E_ITERS is a number"));
+        return;
+    }
+    let rounds: usize = env_or("E2E_ROUNDS", 9);
+    let secs: f64 = env_or("E2E_SECS", 1.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let addr = server().await;
         let uri: Arc<str> = format!("http://{addr}/items").into();
         let payload = Bytes::from(vec![b'x'; 1024]);
 
-        let calls = Arc::new(AtomicUsize::new(0));
-        let refresh_calls = calls.clone();
-        let layer = RefreshLayer::new(refresh_fn(move |_stale| {
-            refresh_calls.fetch_add(1, Ordering::SeqCst);
-            async { Err::<Token, _>(RefreshError::terminal("no refresh in this benchmark")) }
-        }))
-        .initial_token(Token::bearer(SECRET).unwrap());
+        let (calls, layer) = refresh_layer();
 
         let bare = client::<Full<Bytes>>();
         let add = AddAuthorizationLayer::bearer(SECRET).layer(client::<Full<Bytes>>());
@@ -187,22 +317,24 @@ fn main() {
         );
         for case in [Case::Get, Case::Post1k] {
             // Warm up: open the connections, fill the pools.
-            run(bare.clone(), case, uri.clone(), payload.clone(), 0.3).await;
-            run(add.clone(), case, uri.clone(), payload.clone(), 0.3).await;
-            run(refresh.clone(), case, uri.clone(), payload.clone(), 0.3).await;
+            run(bare.clone(), case, uri.clone(), payload.clone(), Limit::Secs(0.3)).await;
+            run(add.clone(), case, uri.clone(), payload.clone(), Limit::Secs(0.3)).await;
+            run(refresh.clone(), case, uri.clone(), payload.clone(), Limit::Secs(0.3)).await;
 
             let mut rps: [Vec<f64>; 3] = Default::default();
+            let mut cpu: [Vec<f64>; 3] = Default::default();
             let mut ratios = Vec::new();
+            let mut cpu_ratios = Vec::new();
             for round in 0..rounds {
-                let mut this = [0.0; 3];
+                let mut this = [Figures::default(); 3];
                 for k in 0..3 {
                     let line = (round + k) % 3;
                     let (u, p) = (uri.clone(), payload.clone());
                     let before = REFUSED.load(Ordering::Relaxed);
                     this[line] = match line {
-                        0 => run(bare.clone(), case, u, p, secs).await,
-                        1 => run(add.clone(), case, u, p, secs).await,
-                        _ => run(refresh.clone(), case, u, p, secs).await,
+                        0 => run(bare.clone(), case, u, p, Limit::Secs(secs)).await,
+                        1 => run(add.clone(), case, u, p, Limit::Secs(secs)).await,
+                        _ => run(refresh.clone(), case, u, p, Limit::Secs(secs)).await,
                     };
                     let refused = REFUSED.load(Ordering::Relaxed) - before;
                     if line == 0 {
@@ -212,25 +344,39 @@ fn main() {
                         assert_eq!(refused, 0, "the server refused the token");
                     }
                 }
+                let [tb, ta, tr] = this;
                 println!(
-                    "  {} round {round}: bare {:.0} req/s, add_authorization {:.0} req/s, refresh {:.0} req/s, refresh/add {:.3}",
+                    "  {} round {round}: req/s bare {:.0}, add_authorization {:.0}, refresh {:.0}, refresh/add {:.3} | CPU us/request bare {:.1}, add_authorization {:.1}, refresh {:.1}, add/refresh {:.3}",
                     case.name(),
-                    this[0],
-                    this[1],
-                    this[2],
-                    this[2] / this[1]
+                    tb.rps,
+                    ta.rps,
+                    tr.rps,
+                    tr.rps / ta.rps,
+                    tb.cpu_us,
+                    ta.cpu_us,
+                    tr.cpu_us,
+                    ta.cpu_us / tr.cpu_us
                 );
-                ratios.push(this[2] / this[1]);
-                for (v, x) in rps.iter_mut().zip(this) {
-                    v.push(x);
+                ratios.push(tr.rps / ta.rps);
+                cpu_ratios.push(ta.cpu_us / tr.cpu_us);
+                for (k, x) in this.iter().enumerate() {
+                    rps[k].push(x.rps);
+                    cpu[k].push(x.cpu_us);
                 }
             }
             let [b, a, r] = rps.each_mut().map(|v| median(v));
+            let [cb, ca, cr] = cpu.each_mut().map(|v| median(v));
             let ratio = median(&mut ratios);
+            let cpu_ratio = median(&mut cpu_ratios);
             println!(
-                "P2 {}: median bare {b:.0} req/s | add_authorization {a:.0} req/s | refresh {r:.0} req/s | refresh/add (median of rounds) {ratio:.3} (goal >= 0.97: {})",
+                "P2 {}: median req/s bare {b:.0} | add_authorization {a:.0} | refresh {r:.0} | refresh/add (median of rounds) {ratio:.3} (goal >= 0.97: {})",
                 case.name(),
                 if ratio >= 0.97 { "holds" } else { "MISSED" }
+            );
+            println!(
+                "P2 {}: median CPU us/request bare {cb:.1} | add_authorization {ca:.1} | refresh {cr:.1} | CPU-bound throughput ratio add/refresh (median of rounds) {cpu_ratio:.3} (goal >= 0.97: {})",
+                case.name(),
+                if cpu_ratio >= 0.97 { "holds" } else { "MISSED" }
             );
         }
         assert_eq!(calls.load(Ordering::SeqCst), 0, "the refresher was called");

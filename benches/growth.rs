@@ -24,7 +24,10 @@ const SECRET: &str = "growth-token-0123456789abcdef";
 const CONCURRENCY: [usize; 5] = [1, 10, 100, 1_000, 10_000];
 
 fn inner<B: Send + 'static>()
--> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send + 'static {
+-> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
     service_fn(|req: Request<B>| async move {
         tokio::task::yield_now().await;
         drop(req);
@@ -65,13 +68,19 @@ fn median(v: &mut [Duration]) -> Duration {
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
     let rounds: usize = env_or("GROWTH_ROUNDS", 5);
     let total: usize = env_or("GROWTH_TOTAL", 100_000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = calls.clone();

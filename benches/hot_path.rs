@@ -48,7 +48,8 @@ use tower_http::auth::AddAuthorizationLayer;
 const SECRET: &str = "hot-path-token-0123456789abcdef";
 
 /// The in-memory inner service: reads the body to its end, answers `200 ()` at once.
-fn inner<B>() -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone
+fn inner<B>()
+-> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone
 where
     B: Body + Unpin + Send + 'static,
 {
@@ -69,7 +70,10 @@ where
     B: Body + Send + 'static,
 {
     service_fn(move |req: Request<B>| {
-        let got = req.headers().get(AUTHORIZATION).map(|v| v.to_str().unwrap().to_owned());
+        let got = req
+            .headers()
+            .get(AUTHORIZATION)
+            .map(|v| v.to_str().unwrap().to_owned());
         assert_eq!(got.as_deref(), expected, "Authorization header");
         std::future::ready(Ok::<_, Infallible>(Response::new(())))
     })
@@ -82,7 +86,11 @@ struct KeepCopy;
 impl<B: Clone, Res, E> Policy<Request<B>, Res, E> for KeepCopy {
     type Future = std::future::Ready<()>;
 
-    fn retry(&mut self, _req: &mut Request<B>, _result: &mut Result<Res, E>) -> Option<Self::Future> {
+    fn retry(
+        &mut self,
+        _req: &mut Request<B>,
+        _result: &mut Result<Res, E>,
+    ) -> Option<Self::Future> {
         None
     }
 
@@ -148,7 +156,9 @@ impl Case {
 
 fn request(case: Case, payload: &Bytes) -> Request<Full<Bytes>> {
     match case {
-        Case::Get => Request::get("/items/42").body(Full::new(Bytes::new())).unwrap(),
+        Case::Get => Request::get("/items/42")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
         _ => Request::post("/items")
             .header(http::header::CONTENT_TYPE, "application/octet-stream")
             .body(Full::new(payload.clone()))
@@ -157,7 +167,9 @@ fn request(case: Case, payload: &Bytes) -> Request<Full<Bytes>> {
 }
 
 /// The refresh line's layer: a valid token, a refresher that counts its calls.
-fn refresh_layer(calls: &Arc<AtomicUsize>) -> RefreshLayer<impl tower_auth_refresh::TokenRefresher> {
+fn refresh_layer(
+    calls: &Arc<AtomicUsize>,
+) -> RefreshLayer<impl tower_auth_refresh::TokenRefresher> {
     let calls = calls.clone();
     RefreshLayer::new(refresh_fn(move |_stale| {
         calls.fetch_add(1, Ordering::SeqCst);
@@ -167,8 +179,10 @@ fn refresh_layer(calls: &Arc<AtomicUsize>) -> RefreshLayer<impl tower_auth_refre
 }
 
 /// The reference line: keep a copy of the request (tower `Retry`), attach the token.
-fn retry_stack() -> impl Service<Request<Full<Bytes>>, Response = Response<()>, Error: std::fmt::Debug> {
-    RetryLayer::new(KeepCopy).layer(AddAuthorizationLayer::bearer(SECRET).layer(inner::<Full<Bytes>>()))
+fn retry_stack()
+-> impl Service<Request<Full<Bytes>>, Response = Response<()>, Error: std::fmt::Debug> {
+    RetryLayer::new(KeepCopy)
+        .layer(AddAuthorizationLayer::bearer(SECRET).layer(inner::<Full<Bytes>>()))
 }
 
 /// Checks that every line sends what it should, and that `Refresh` does not refresh.
@@ -186,9 +200,16 @@ fn setup_check(calls: &Arc<AtomicUsize>) {
                 .layer(AddAuthorizationLayer::bearer(SECRET).layer(checking(Some(expected)))),
             request(case, &payload),
         );
-        drive(&mut refresh_layer(calls).layer(checking::<ReplayBody<Full<Bytes>>>(Some(expected))), request(case, &payload));
+        drive(
+            &mut refresh_layer(calls).layer(checking::<ReplayBody<Full<Bytes>>>(Some(expected))),
+            request(case, &payload),
+        );
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 0, "the hot path called the refresher");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "the hot path called the refresher"
+    );
 }
 
 fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
@@ -207,20 +228,40 @@ fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         let mut retry = retry_stack();
 
         group.bench_function("bare", |b| {
-            b.iter_batched(|| request(case, &payload), |req| drive(&mut bare, req), BatchSize::SmallInput)
+            b.iter_batched(
+                || request(case, &payload),
+                |req| drive(&mut bare, req),
+                BatchSize::SmallInput,
+            )
         });
         group.bench_function("add_authorization", |b| {
-            b.iter_batched(|| request(case, &payload), |req| drive(&mut add, req), BatchSize::SmallInput)
+            b.iter_batched(
+                || request(case, &payload),
+                |req| drive(&mut add, req),
+                BatchSize::SmallInput,
+            )
         });
         group.bench_function("refresh", |b| {
-            b.iter_batched(|| request(case, &payload), |req| drive(&mut refresh, req), BatchSize::SmallInput)
+            b.iter_batched(
+                || request(case, &payload),
+                |req| drive(&mut refresh, req),
+                BatchSize::SmallInput,
+            )
         });
         group.bench_function("add_authorization+retry", |b| {
-            b.iter_batched(|| request(case, &payload), |req| drive(&mut retry, req), BatchSize::SmallInput)
+            b.iter_batched(
+                || request(case, &payload),
+                |req| drive(&mut retry, req),
+                BatchSize::SmallInput,
+            )
         });
         group.finish();
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 0, "the hot path called the refresher");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "the hot path called the refresher"
+    );
 }
 
 /// `HOT_PATH_ITERS` mode: `n` requests of one line and one case, for callgrind.
@@ -232,7 +273,10 @@ fn count_mode(iters: u64) {
         "post_64k" => Case::Post64k,
         other => panic!("unknown HOT_PATH_CASE {other}"),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _enter = rt.enter();
     let calls = Arc::new(AtomicUsize::new(0));
     setup_check(&calls);
@@ -269,7 +313,11 @@ fn count_mode(iters: u64) {
         }
         other => panic!("unknown HOT_PATH_LINE {other}"),
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 0, "the hot path called the refresher");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "the hot path called the refresher"
+    );
 }
 
 fn main() {
@@ -277,7 +325,10 @@ fn main() {
         count_mode(iters.parse().expect("HOT_PATH_ITERS is a number"));
         return;
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))

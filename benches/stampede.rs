@@ -8,11 +8,13 @@
 //! each sending one GET through a clone of the service; the wall time runs from the first
 //! spawn to the last response.
 //!
-//! Environment: `STAMPEDE_ROUNDS` (default 7), `STAMPEDE_REQUESTS` (default 10000).
+//! Environment: `STAMPEDE_ROUNDS` (default 7), `STAMPEDE_REQUESTS` (default 10000);
+//! `STAMPEDE_ONLY=fresh|stale` runs one round of one kind on a current-thread runtime (for
+//! callgrind).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::header::AUTHORIZATION;
@@ -22,22 +24,42 @@ use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_
 
 const REFRESH_TIME: Duration = Duration::from_millis(50);
 
-/// Sends `n` concurrent requests through a fresh layer starting from `initial`; returns the
-/// wall time and the number of refresher calls.
-async fn round(n: usize, initial: &'static str) -> (Duration, usize) {
+/// What one round measured.
+struct Round {
+    /// From the first spawn to the last response.
+    wall: Duration,
+    /// Refresher calls.
+    calls: usize,
+    /// When the refresher returned, from the first spawn.
+    refreshed: Option<Duration>,
+}
+
+/// Sends `n` concurrent requests through a fresh layer starting from `initial`.
+async fn round(n: usize, initial: &'static str) -> Round {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
+    let refreshed_at = Arc::new(Mutex::new(None));
+    let refreshed = refreshed_at.clone();
     let layer = RefreshLayer::new(refresh_fn(move |_stale| {
         counter.fetch_add(1, Ordering::SeqCst);
-        async {
+        let refreshed = refreshed.clone();
+        async move {
             tokio::time::sleep(REFRESH_TIME).await;
+            *refreshed.lock().unwrap() = Some(Instant::now());
             Ok::<_, RefreshError>(Token::bearer("fresh")?)
         }
     }))
     .initial_token(Token::bearer(initial).unwrap());
     let svc = layer.layer(service_fn(|req: Request<ReplayBody<String>>| {
-        let ok = req.headers().get(AUTHORIZATION).is_some_and(|v| v == "Bearer fresh");
-        let status = if ok { StatusCode::OK } else { StatusCode::UNAUTHORIZED };
+        let ok = req
+            .headers()
+            .get(AUTHORIZATION)
+            .is_some_and(|v| v == "Bearer fresh");
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
         let mut res = Response::new(());
         *res.status_mut() = status;
         std::future::ready(Ok::<_, Infallible>(res))
@@ -48,7 +70,9 @@ async fn round(n: usize, initial: &'static str) -> (Duration, usize) {
         .map(|i| {
             let svc = svc.clone();
             tokio::spawn(async move {
-                let req = Request::get(format!("/items/{i}")).body(String::new()).unwrap();
+                let req = Request::get(format!("/items/{i}"))
+                    .body(String::new())
+                    .unwrap();
                 svc.oneshot(req).await.map(|r| r.status())
             })
         })
@@ -57,7 +81,13 @@ async fn round(n: usize, initial: &'static str) -> (Duration, usize) {
         let status = t.await.unwrap().expect("request failed");
         assert_eq!(status, StatusCode::OK);
     }
-    (start.elapsed(), calls.load(Ordering::SeqCst))
+    let wall = start.elapsed();
+    let refreshed = refreshed_at.lock().unwrap().map(|at| at - start);
+    Round {
+        wall,
+        calls: calls.load(Ordering::SeqCst),
+        refreshed,
+    }
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -66,13 +96,35 @@ fn median(v: &mut [Duration]) -> Duration {
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
     let rounds: usize = env_or("STAMPEDE_ROUNDS", 7);
     let n: usize = env_or("STAMPEDE_REQUESTS", 10_000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    if let Ok(kind) = std::env::var("STAMPEDE_ONLY") {
+        // One round of one kind (`fresh`: no refresh, `stale`: a stampede) on a current-thread
+        // runtime, for instruction counts under callgrind.
+        let token: &'static str = if kind == "stale" { "stale" } else { "fresh" };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(round(n, token));
+        println!(
+            "{kind}: {n} requests, {:.1} ms, {} refresher calls",
+            ms(r.wall),
+            r.calls
+        );
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         // Warm up the runtime's threads and allocator.
         round(n, "fresh").await;
@@ -82,15 +134,20 @@ fn main() {
         let mut refreshes = Vec::new();
         println!("P3 stampede: {n} concurrent requests, refresher takes {REFRESH_TIME:?}, {rounds} rounds");
         for r in 0..rounds {
-            let (b, calls) = round(n, "fresh").await;
-            assert_eq!(calls, 0);
-            let (s, calls) = round(n, "stale").await;
+            let fresh = round(n, "fresh").await;
+            assert_eq!(fresh.calls, 0);
+            let stale = round(n, "stale").await;
+            let calls = stale.calls;
             assert_eq!(calls, 1, "exactly one refresh");
+            let (b, s) = (fresh.wall, stale.wall);
             let bound = REFRESH_TIME + b.mul_f64(1.5);
+            let refreshed = stale.refreshed.unwrap_or_default();
             println!(
-                "  round {r}: no refresh {:.1} ms | stampede {:.1} ms, {calls} refresh | bound 50 ms + 1.5x = {:.1} ms",
+                "  round {r}: no refresh {:.1} ms | stampede {:.1} ms, {calls} refresh (refresher returned at {:.1} ms, last response {:.1} ms later) | bound 50 ms + 1.5x = {:.1} ms",
                 ms(b),
                 ms(s),
+                ms(refreshed),
+                ms(s.saturating_sub(refreshed)),
                 ms(bound)
             );
             base.push(b);
