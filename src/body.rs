@@ -1,13 +1,13 @@
 //! The replayable request body.
-use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 
 /// The default cap on a body kept for replay: 1 MiB.
 pub const DEFAULT_MAX_REPLAY_BODY: usize = 1024 * 1024;
@@ -43,31 +43,94 @@ pub struct ReplayBody<B> {
     kind: Kind<B>,
 }
 
+// `ReplayBody` stays two words: requests are moved many times on their way through a
+// client (hyper moves the body into its dispatcher, its channel, its connection task), so
+// the capture state lives in the one allocation that also holds the body, and the rare
+// replay state is boxed.
 enum Kind<B> {
     Empty,
     Passthrough(Pin<Box<B>>),
-    Capture(Capture<B>),
-    Replay(Replay<B>),
+    Capture(Pin<Box<Capture<B>>>),
+    Replay(Box<Replay<B>>),
 }
 
-struct Capture<B> {
-    body: Option<Pin<Box<B>>>,
-    cap: usize,
-    /// The exact size announced by the body's size hint.
-    total: u64,
-    chunks: Vec<Bytes>,
-    len: usize,
-    trailers: Option<HeaderMap>,
-    /// The captured copy is no longer complete (too big, an error, an unknown frame).
-    spoiled: bool,
-    slot: Arc<Slot<B>>,
+pin_project! {
+    /// The first send of a replayable body: the body itself and what was kept of it, in one
+    /// allocation.
+    #[project = CaptureProj]
+    struct Capture<B> {
+        // `None` once the body has ended.
+        #[pin]
+        body: Option<B>,
+        cap: usize,
+        // The exact size announced by the body's size hint.
+        total: u64,
+        chunks: Chunks,
+        // Small frames, copied back to back (see `SMALL_FRAME`); not yet in `chunks`.
+        tail: Option<BytesMut>,
+        len: usize,
+        trailers: Option<HeaderMap>,
+        // The captured copy is no longer complete (too big, an error, an unknown frame).
+        spoiled: bool,
+        // Where the kept copy goes; taken when it is published or handed over, so that a
+        // capture handed to the slot does not keep the slot alive.
+        slot: Option<Arc<Slot<B>>>,
+    }
 }
 
 struct Replay<B> {
-    chunks: VecDeque<Bytes>,
+    chunks: Chunks,
     trailers: Option<HeaderMap>,
-    rest: Option<Pin<Box<B>>>,
+    /// The unread rest of a body dropped before its end, still pinned in its capture.
+    rest: Option<Pin<Box<Capture<B>>>>,
     remaining: u64,
+}
+
+/// Data frames smaller than this are kept by copying them back to back, instead of by
+/// reference: keeping a frame by reference costs about 56 bytes of bookkeeping (a slot in the
+/// list, and a shared header when its `Bytes` was built from a `Vec`), over 10% of a frame
+/// this small. Larger frames are kept zero-copy.
+const SMALL_FRAME: usize = 1024;
+
+/// The size of the buffers small frames are copied into (at most what is left of the body).
+const TAIL_BLOCK: usize = 8 * 1024;
+
+/// Kept data chunks, in order. The first is stored inline: most bodies with a known size
+/// arrive as one frame, and keeping it then allocates nothing.
+#[derive(Default)]
+struct Chunks {
+    first: Option<Bytes>,
+    rest: Vec<Bytes>,
+    /// How many of `rest` a replay has sent.
+    sent: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, chunk: Bytes) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(chunk);
+        } else {
+            self.rest.push(chunk);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        let chunk = self.rest.get_mut(self.sent).map(std::mem::take)?;
+        self.sent += 1;
+        Some(chunk)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.sent >= self.rest.len()
+    }
+
+    fn bytes(&self) -> usize {
+        let rest = self.rest.get(self.sent..).unwrap_or_default();
+        self.first.iter().chain(rest).map(Bytes::len).sum()
+    }
 }
 
 /// Where a capturing body leaves what it kept, for the replay to pick up.
@@ -80,14 +143,14 @@ enum SlotState<B> {
     Pending,
     /// Everything was captured.
     Complete {
-        chunks: Vec<Bytes>,
+        chunks: Chunks,
         trailers: Option<HeaderMap>,
         len: usize,
     },
     /// The body was dropped before its end: the captured start and the unread rest.
     Partial {
-        chunks: Vec<Bytes>,
-        rest: Pin<Box<B>>,
+        chunks: Chunks,
+        rest: Pin<Box<Capture<B>>>,
         total: u64,
     },
     /// Not replayable, or already taken.
@@ -105,12 +168,12 @@ impl<B> ReplaySource<B> {
     pub(crate) fn take(self) -> Option<ReplayBody<B>> {
         match self {
             Self::Empty => Some(ReplayBody {
-                kind: Kind::Replay(Replay {
-                    chunks: VecDeque::new(),
+                kind: Kind::Replay(Box::new(Replay {
+                    chunks: Chunks::default(),
                     trailers: None,
                     rest: None,
                     remaining: 0,
-                }),
+                })),
             }),
             Self::Captured(slot) => {
                 let state = std::mem::replace(
@@ -123,7 +186,7 @@ impl<B> ReplaySource<B> {
                         trailers,
                         len,
                     } => Replay {
-                        chunks: chunks.into(),
+                        chunks,
                         trailers,
                         rest: None,
                         remaining: len as u64,
@@ -133,7 +196,7 @@ impl<B> ReplaySource<B> {
                         rest,
                         total,
                     } => Replay {
-                        chunks: chunks.into(),
+                        chunks,
                         trailers: None,
                         rest: Some(rest),
                         remaining: total,
@@ -141,7 +204,7 @@ impl<B> ReplaySource<B> {
                     SlotState::Pending | SlotState::Gone => return None,
                 };
                 Some(ReplayBody {
-                    kind: Kind::Replay(replay),
+                    kind: Kind::Replay(Box::new(replay)),
                 })
             }
         }
@@ -160,16 +223,17 @@ impl<B: Body> ReplayBody<B> {
                 let slot = Arc::new(Slot {
                     state: Mutex::new(SlotState::Pending),
                 });
-                let capture = Capture {
-                    body: Some(Box::pin(body)),
+                let capture = Box::pin(Capture {
+                    body: Some(body),
                     cap,
                     total: n,
-                    chunks: Vec::new(),
+                    chunks: Chunks::default(),
+                    tail: None,
                     len: 0,
                     trailers: None,
                     spoiled: false,
-                    slot: slot.clone(),
-                };
+                    slot: Some(slot.clone()),
+                });
                 (
                     Self {
                         kind: Kind::Capture(capture),
@@ -194,8 +258,10 @@ impl<B> ReplayBody<B> {
     /// Never more than the configured cap.
     pub fn buffered_bytes(&self) -> usize {
         match &self.kind {
-            Kind::Capture(c) if !c.spoiled => c.chunks.iter().map(Bytes::len).sum(),
-            Kind::Replay(r) => r.chunks.iter().map(Bytes::len).sum(),
+            Kind::Capture(c) if !c.spoiled => {
+                c.chunks.bytes() + c.tail.as_ref().map_or(0, BytesMut::len)
+            }
+            Kind::Replay(r) => r.chunks.bytes(),
             _ => 0,
         }
     }
@@ -206,53 +272,94 @@ impl<B> ReplayBody<B> {
     }
 }
 
-impl<B> Capture<B> {
-    /// The body ended: hand the complete copy to the slot and drop the finished body.
+impl<B> CaptureProj<'_, B> {
+    /// The body ended: drop it and hand the complete copy to the slot.
+    /// Keeps a data frame: by reference, or copied into the tail if it is small.
+    #[inline]
+    fn keep(&mut self, bytes: &Bytes) {
+        if bytes.len() >= SMALL_FRAME {
+            self.flush_tail();
+            self.chunks.push(bytes.clone());
+            return;
+        }
+        let fits = self
+            .tail
+            .as_ref()
+            .is_some_and(|t| t.capacity() - t.len() >= bytes.len());
+        if !fits {
+            self.flush_tail();
+            // `len` already counts this frame: what is left of the body, this frame included.
+            let left = (*self.total as usize).saturating_sub(*self.len - bytes.len());
+            *self.tail = Some(BytesMut::with_capacity(left.clamp(bytes.len(), TAIL_BLOCK)));
+        }
+        if let Some(tail) = self.tail.as_mut() {
+            tail.extend_from_slice(bytes);
+        }
+    }
+
+    fn flush_tail(&mut self) {
+        if let Some(tail) = self.tail.as_mut().filter(|t| !t.is_empty()) {
+            let full = tail.split().freeze();
+            self.chunks.push(full);
+        }
+    }
+
     fn publish(&mut self) {
-        self.body = None;
-        let mut state = self
-            .slot
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *state = if self.spoiled {
+        self.flush_tail();
+        self.body.set(None);
+        let Some(slot) = self.slot.take() else { return };
+        let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+        *state = if *self.spoiled {
             SlotState::Gone
         } else {
             SlotState::Complete {
-                chunks: std::mem::take(&mut self.chunks),
+                chunks: std::mem::take(self.chunks),
                 trailers: self.trailers.take(),
-                len: self.len,
+                len: *self.len,
             }
         };
     }
 
     fn spoil(&mut self) {
-        self.spoiled = true;
-        self.chunks = Vec::new();
-        self.len = 0;
+        *self.spoiled = true;
+        *self.chunks = Chunks::default();
+        *self.tail = None;
+        *self.len = 0;
     }
 }
 
-impl<B> Drop for Capture<B> {
-    fn drop(&mut self) {
-        let mut state = self
-            .slot
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if !matches!(*state, SlotState::Pending) {
-            return;
+/// The first attempt's body is dropped before its end (the inner service answered early, or
+/// gave up): hand the kept start and the unread rest to the slot, for the replay.
+fn hand_over<B>(mut capture: Pin<Box<Capture<B>>>) {
+    let mut this = capture.as_mut().project();
+    // Published already (or handed over): nothing to do.
+    let Some(slot) = this.slot.take() else { return };
+    let keep = !*this.spoiled && this.body.as_ref().get_ref().is_some();
+    this.flush_tail();
+    let chunks = std::mem::take(this.chunks);
+    let total = *this.total;
+    let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+    if !matches!(*state, SlotState::Pending) {
+        return;
+    }
+    *state = if keep {
+        SlotState::Partial {
+            chunks,
+            rest: capture,
+            total,
         }
-        *state = match self.body.take() {
-            _ if self.spoiled => SlotState::Gone,
-            // Finished: `poll_frame` already published, nothing to do (unreachable in practice).
-            None => SlotState::Gone,
-            Some(rest) => SlotState::Partial {
-                chunks: std::mem::take(&mut self.chunks),
-                rest,
-                total: self.total,
-            },
-        };
+    } else {
+        SlotState::Gone
+    };
+}
+
+impl<B> Drop for ReplayBody<B> {
+    fn drop(&mut self) {
+        if matches!(self.kind, Kind::Capture(_)) {
+            if let Kind::Capture(capture) = std::mem::replace(&mut self.kind, Kind::Empty) {
+                hand_over(capture);
+            }
+        }
     }
 }
 
@@ -279,10 +386,11 @@ where
                 Poll::Ready(frame.map(|r| r.map(|f| f.map_data(to_bytes))))
             }
             Kind::Capture(c) => {
-                let Some(body) = c.body.as_mut() else {
+                let mut c = c.as_mut().project();
+                let Some(body) = c.body.as_mut().as_pin_mut() else {
                     return Poll::Ready(None);
                 };
-                let frame = match ready!(body.as_mut().poll_frame(cx)) {
+                let frame = match ready!(body.poll_frame(cx)) {
                     None => {
                         c.publish();
                         return Poll::Ready(None);
@@ -296,21 +404,21 @@ where
                 let frame = match frame.into_data() {
                     Ok(data) => {
                         let bytes = to_bytes(data);
-                        if !c.spoiled {
-                            c.len += bytes.len();
-                            if c.len > c.cap {
+                        if !*c.spoiled {
+                            *c.len += bytes.len();
+                            if *c.len > *c.cap {
                                 // The size hint lied: stop keeping, free what was kept.
                                 c.spoil();
                             } else if !bytes.is_empty() {
-                                c.chunks.push(bytes.clone());
+                                c.keep(&bytes);
                             }
                         }
                         Frame::data(bytes)
                     }
                     Err(frame) => match frame.into_trailers() {
                         Ok(trailers) => {
-                            if !c.spoiled {
-                                c.trailers = Some(trailers.clone());
+                            if !*c.spoiled {
+                                *c.trailers = Some(trailers.clone());
                             }
                             Frame::trailers(trailers)
                         }
@@ -320,7 +428,13 @@ where
                         }
                     },
                 };
-                if frame.is_trailers() || c.body.as_ref().is_some_and(|b| b.is_end_stream()) {
+                let ended = c
+                    .body
+                    .as_ref()
+                    .get_ref()
+                    .as_ref()
+                    .is_none_or(|b| b.is_end_stream());
+                if frame.is_trailers() || ended {
                     // Trailers are the last frame, and senders may stop polling once a body
                     // says it has ended (or after its trailers): publish now.
                     c.publish();
@@ -332,8 +446,12 @@ where
                     r.remaining = r.remaining.saturating_sub(chunk.len() as u64);
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
-                if let Some(rest) = r.rest.as_mut() {
-                    let frame = ready!(rest.as_mut().poll_frame(cx));
+                if let Some(body) = r
+                    .rest
+                    .as_mut()
+                    .and_then(|c| c.as_mut().project().body.as_pin_mut())
+                {
+                    let frame = ready!(body.poll_frame(cx));
                     if frame.is_none() {
                         r.rest = None;
                     }
@@ -360,7 +478,10 @@ where
             Kind::Replay(r) => {
                 r.chunks.is_empty()
                     && r.trailers.is_none()
-                    && r.rest.as_ref().is_none_or(|b| b.is_end_stream())
+                    && r.rest
+                        .as_ref()
+                        .and_then(|c| c.body.as_ref())
+                        .is_none_or(|b| b.is_end_stream())
             }
         }
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_lock::{Mutex as AsyncMutex, MutexGuardArc};
 use futures_util::FutureExt;
 use http::HeaderValue;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{Notify, broadcast, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -196,6 +196,20 @@ pub(crate) struct Status {
     pub(crate) refreshing: bool,
 }
 
+/// The held gate. Releasing it wakes every request waiting on the cell.
+struct GateGuard {
+    guard: Option<MutexGuardArc<()>>,
+    released: Arc<Notify>,
+}
+
+impl Drop for GateGuard {
+    fn drop(&mut self) {
+        // Unlock first: a woken waiter must find the gate free.
+        drop(self.guard.take());
+        self.released.notify_waiters();
+    }
+}
+
 /// Sees every event of a cell.
 pub(crate) type EventHook = Box<dyn Fn(RefreshEvent) + Send + Sync>;
 
@@ -203,6 +217,9 @@ pub(crate) struct Cell {
     hook: Option<EventHook>,
     state: RwLock<State>,
     gate: Arc<AsyncMutex<()>>,
+    /// Signalled each time the gate is released, to wake every request waiting for the
+    /// refresh in flight at once.
+    released: Arc<Notify>,
     refresher: Box<dyn ErasedRefresher>,
     events: broadcast::Sender<RefreshEvent>,
 }
@@ -247,6 +264,7 @@ impl Cell {
                 refreshing: false,
             }),
             gate: Arc::new(AsyncMutex::new(())),
+            released: Arc::new(Notify::new()),
             refresher: Box::new(refresher),
             events,
         }
@@ -363,21 +381,49 @@ impl Cell {
         generation: u64,
         attempts: u64,
     ) -> Result<Fresh, ObtainError> {
-        if let Some(done) = self.settled(generation, attempts) {
-            return done;
+        loop {
+            // Registered before the checks, so a release between them is not missed.
+            let mut released = std::pin::pin!(self.released.notified());
+            released.as_mut().enable();
+            if let Some(done) = self.settled(generation, attempts) {
+                return done;
+            }
+            if let Some(guard) = self.try_lock_gate() {
+                if let Some(done) = self.settled(generation, attempts) {
+                    return done;
+                }
+                // Boxed: only the one request that starts the refresh needs this state, and
+                // the future of every request waiting in a stampede is sized for it.
+                return Box::pin(self.drive(guard, false)).await;
+            }
+            // A refresh is in flight: wait for it with every other waiter. Queueing on the
+            // gate instead would let a stampede's waiters through one at a time.
+            released.await;
         }
-        let guard = self.gate.lock_arc().await;
-        if let Some(done) = self.settled(generation, attempts) {
-            return done;
+    }
+
+    /// Takes the gate, waiting for the holder.
+    async fn lock_gate(&self) -> GateGuard {
+        GateGuard {
+            guard: Some(self.gate.lock_arc().await),
+            released: self.released.clone(),
         }
-        self.drive(guard, false).await
+    }
+
+    /// Takes the gate if it is free.
+    fn try_lock_gate(&self) -> Option<GateGuard> {
+        let guard = self.gate.try_lock_arc()?;
+        Some(GateGuard {
+            guard: Some(guard),
+            released: self.released.clone(),
+        })
     }
 
     /// Always calls the refresher, or joins the refresh already in flight. Ignores an ended
     /// session: the refresher may hold new credentials.
     pub(crate) async fn force_refresh(self: &Arc<Self>) -> Result<Fresh, ObtainError> {
         let (generation, attempts) = self.position();
-        let guard = self.gate.lock_arc().await;
+        let guard = self.lock_gate().await;
         {
             let st = self.read();
             if st.generation > generation || st.attempts > attempts {
@@ -392,11 +438,7 @@ impl Cell {
     }
 
     /// Runs one refresh as its own task, holding the gate, and waits for its result.
-    async fn drive(
-        self: &Arc<Self>,
-        guard: MutexGuardArc<()>,
-        force: bool,
-    ) -> Result<Fresh, ObtainError> {
+    async fn drive(self: &Arc<Self>, guard: GateGuard, force: bool) -> Result<Fresh, ObtainError> {
         let (tx, rx) = oneshot::channel();
         // Decided now, under the gate: a token installed before the task starts wins.
         let decided = self.read().epoch;
@@ -421,7 +463,7 @@ impl Cell {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Some(guard) = self.gate.try_lock_arc() else {
+        let Some(guard) = self.try_lock_gate() else {
             return;
         };
         let decided = {
@@ -439,7 +481,7 @@ impl Cell {
 
     async fn run(
         self: Arc<Self>,
-        guard: MutexGuardArc<()>,
+        guard: GateGuard,
         background: bool,
         force: bool,
         reply: Option<oneshot::Sender<Result<Fresh, ObtainError>>>,

@@ -86,18 +86,21 @@ where
     B: Body + Send + 'static,
     ResBody: Send + 'static,
 {
+    #[inline]
     pub(crate) fn direct(fut: S::Future) -> Self {
         Self {
             state: State::Direct { fut },
         }
     }
 
+    #[inline]
     pub(crate) fn failed(error: BoxError) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
         }
     }
 
+    #[inline]
     pub(crate) fn first(fut: S::Future, retry: Retry<S, B>) -> Self {
         Self {
             state: State::First {
@@ -107,6 +110,7 @@ where
         }
     }
 
+    #[inline]
     pub(crate) fn after_refresh(retry: Retry<S, B>, body: ReplayBody<B>, no_refresh: bool) -> Self {
         Self {
             state: State::Slow {

@@ -117,6 +117,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -125,6 +126,7 @@ where
 }
 
 /// Sends `req` through `inner` (already ready) with the token of `shared`'s cell.
+#[inline]
 pub(crate) fn dispatch<S, B, ResBody>(
     shared: &Arc<Shared>,
     mut inner: S,
