@@ -3,11 +3,16 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::Notify;
+
+/// How long a replay waits, by default, for the first attempt to let go of its body.
+pub(crate) const DEFAULT_REPLAY_BODY_WAIT: Duration = Duration::from_secs(1);
 
 /// The default cap on a body kept for replay: 1 MiB.
 pub const DEFAULT_MAX_REPLAY_BODY: usize = 1024 * 1024;
@@ -136,6 +141,8 @@ impl Chunks {
 /// Where a capturing body leaves what it kept, for the replay to pick up.
 pub(crate) struct Slot<B> {
     state: Mutex<SlotState<B>>,
+    /// Signalled when the first attempt lets go of the body (finished or dropped).
+    released: Notify,
 }
 
 enum SlotState<B> {
@@ -164,6 +171,27 @@ pub(crate) enum ReplaySource<B> {
 }
 
 impl<B> ReplaySource<B> {
+    /// Waits, at most `patience`, for the first attempt to let go of the body.
+    ///
+    /// A server may answer 401 before it has read the body; the client is then still
+    /// sending it (or about to drop it) when the response arrives. Either ends soon, and the
+    /// replay needs one of them: the whole body captured, or the unsent rest handed over.
+    /// Without a Tokio runtime there is no timer, so there is no wait.
+    pub(crate) async fn settle(&self, patience: Duration) {
+        let Self::Captured(slot) = self else { return };
+        let released = slot.released.notified();
+        let mut released = std::pin::pin!(released);
+        released.as_mut().enable();
+        let pending = matches!(
+            *slot.state.lock().unwrap_or_else(PoisonError::into_inner),
+            SlotState::Pending
+        );
+        if !pending || patience.is_zero() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(patience, released).await;
+    }
+
     /// The body for the one replay, if the first attempt left a complete copy.
     pub(crate) fn take(self) -> Option<ReplayBody<B>> {
         match self {
@@ -222,6 +250,7 @@ impl<B: Body> ReplayBody<B> {
             Some(n) if n <= cap as u64 => {
                 let slot = Arc::new(Slot {
                     state: Mutex::new(SlotState::Pending),
+                    released: Notify::new(),
                 });
                 let capture = Box::pin(Capture {
                     body: Some(body),
@@ -318,6 +347,8 @@ impl<B> CaptureProj<'_, B> {
                 len: *self.len,
             }
         };
+        drop(state);
+        slot.released.notify_waiters();
     }
 
     fn spoil(&mut self) {
@@ -351,6 +382,8 @@ fn hand_over<B>(mut capture: Pin<Box<Capture<B>>>) {
     } else {
         SlotState::Gone
     };
+    drop(state);
+    slot.released.notify_waiters();
 }
 
 impl<B> Drop for ReplayBody<B> {

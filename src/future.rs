@@ -226,6 +226,7 @@ where
     let (first_parts, first_body) = first.into_parts();
     let replay = match (head, body) {
         (Some(head), Some(source)) if shared.config.may_replay(&head.method) => {
+            source.settle(shared.config.replay_body_wait).await;
             source.take().map(|body| (head, body))
         }
         _ => None,

@@ -61,7 +61,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::{DEFAULT_MAX_REPLAY_BODY, ReplayBody};
+use crate::body::{DEFAULT_MAX_REPLAY_BODY, DEFAULT_REPLAY_BODY_WAIT, ReplayBody};
 use crate::cell::{Cell, Settings};
 use crate::error::MissingKey;
 use crate::events::RefreshEvent;
@@ -334,6 +334,7 @@ where
                     settings: Settings::default(),
                     config: Config {
                         max_replay_body: DEFAULT_MAX_REPLAY_BODY,
+                        replay_body_wait: DEFAULT_REPLAY_BODY_WAIT,
                         trigger: None,
                         replay_methods: ReplayMethods::All,
                         origins: None,

@@ -7,7 +7,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Method, StatusCode, Uri};
 use tower_layer::Layer;
 
-use crate::body::DEFAULT_MAX_REPLAY_BODY;
+use crate::body::{DEFAULT_MAX_REPLAY_BODY, DEFAULT_REPLAY_BODY_WAIT};
 use crate::cell::Cell;
 use crate::clock::Clock;
 use crate::handle::TokenHandle;
@@ -62,6 +62,7 @@ impl Origin {
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) max_replay_body: usize,
+    pub(crate) replay_body_wait: Duration,
     pub(crate) trigger: Option<Trigger>,
     pub(crate) replay_methods: ReplayMethods,
     pub(crate) origins: Option<Arc<[Origin]>>,
@@ -117,6 +118,7 @@ pub(crate) struct Shared {
 /// | [`refresh_ahead`](Self::refresh_ahead) | off |
 /// | [`retry`](Self::retry) | [`RetryPolicy::default`]: 4 attempts, 200 ms base, 30 s total |
 /// | [`max_replay_body`](Self::max_replay_body) | 1 MiB |
+/// | [`replay_body_wait`](Self::replay_body_wait) | 1 s |
 /// | [`refresh_on`](Self::refresh_on) | [`default_trigger`]: 401 unless RFC 6750 says otherwise |
 /// | [`replay_methods`](Self::replay_methods) | [`ReplayMethods::All`] |
 /// | [`allowed_origins`](Self::allowed_origins) | every origin |
@@ -181,6 +183,7 @@ impl<R: TokenRefresher> RefreshLayer<R> {
                 cell: Arc::new(Cell::new(refresher)),
                 config: Config {
                     max_replay_body: DEFAULT_MAX_REPLAY_BODY,
+                    replay_body_wait: DEFAULT_REPLAY_BODY_WAIT,
                     trigger: None,
                     replay_methods: ReplayMethods::All,
                     origins: None,
@@ -264,6 +267,16 @@ impl<R> RefreshLayer<R> {
     #[must_use]
     pub fn max_replay_body(mut self, bytes: usize) -> Self {
         self.config_mut().max_replay_body = bytes;
+        self
+    }
+
+    /// How long a 401 that arrives while the first attempt is still sending its body waits for
+    /// the send to finish or be dropped (default 1 s). A server may refuse a request before
+    /// reading its body; the replay needs the whole body, captured or handed over. After the
+    /// wait, the 401 goes back to the caller unreplayed. Zero never waits.
+    #[must_use]
+    pub fn replay_body_wait(mut self, wait: Duration) -> Self {
+        self.config_mut().replay_body_wait = wait;
         self
     }
 

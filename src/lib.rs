@@ -83,6 +83,11 @@
 //! to the caller, after the refresh has run, so a retry by the caller goes out with the new
 //! token. Memory stays bounded by the cap in every case, even when a size hint lies.
 //!
+//! A server may answer 401 before it has read the body, while the client is still sending it.
+//! The replay then waits, up to [`RefreshLayer::replay_body_wait`] (1 s), for the first send to
+//! finish or be dropped, and sends the whole body again (what was captured, then the unsent
+//! rest); after the wait the 401 goes back to the caller.
+//!
 //! A server that answers 401 before reading the request body should close the connection
 //! (`Connection: close`), as HTTP/1.1 asks; otherwise a pooled client may send the replay on a
 //! connection that is being torn down and fail it with an incomplete-message error.

@@ -86,6 +86,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::Extensions;
 use http::header::AUTHORIZATION;
@@ -240,7 +241,11 @@ impl RefreshMiddleware {
             return Ok(first);
         }
 
-        let Some(mut again) = replay.and_then(Replay::into_request) else {
+        let again = match replay {
+            Some(replay) => replay.into_request(config.replay_body_wait).await,
+            None => None,
+        };
+        let Some(mut again) = again else {
             // Not replayable: the caller gets the response, later requests get a fresh token.
             tracing::debug!(
                 generation,
@@ -368,11 +373,13 @@ impl Replay {
         })
     }
 
-    /// The request to replay, if its body is complete.
-    fn into_request(self) -> Option<Request> {
+    /// The request to replay, if its body is complete (waiting up to `patience` for the
+    /// first send to let go of it).
+    async fn into_request(self, patience: Duration) -> Option<Request> {
         match self {
             Self::Copy(req) => Some(req),
             Self::Captured { mut head, body } => {
+                body.settle(patience).await;
                 *head.body_mut() = Some(reqwest::Body::wrap(body.take()?));
                 Some(head)
             }

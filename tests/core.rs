@@ -595,3 +595,55 @@ async fn token_inside_the_leeway_is_refreshed_before_sending() {
     }
     assert_eq!(refresher.calls(), 2);
 }
+
+/// A 401 that arrives while the first attempt still holds an unsent body: the replay waits for
+/// the body to be let go of (here: dropped unread), then sends all of it.
+#[tokio::test(start_paused = true)]
+async fn a_401_before_the_body_was_sent_waits_for_it_then_replays_it_whole() {
+    let refresher = Counting::default();
+    let (svc, mut handle) = layered(stale_layer(refresher.clone()));
+    let payload = Bytes::from_static(b"{\"order\":42,\"lines\":[1,2,3]}");
+    let call = spawn_call(
+        &svc,
+        Request::post("/orders")
+            .body(Full::new(payload.clone()))
+            .unwrap(),
+    );
+    let (first, send) = handle.next_request().await.unwrap();
+    // Refused before a byte of the body was read; the client lets go of it a little later.
+    send.send_response(status(StatusCode::UNAUTHORIZED));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(first);
+    let (replay, send) = handle.next_request().await.unwrap();
+    assert_eq!(auth(&replay), "Bearer fresh-1");
+    let (_, body) = read_body(replay).await;
+    assert_eq!(body, payload, "the whole body, byte for byte");
+    send.send_response(status(StatusCode::OK));
+    assert_eq!(status_of(call).await, StatusCode::OK);
+    assert_eq!(refresher.calls(), 1);
+}
+
+/// If the first attempt never lets go of the body, the 401 goes back after the wait.
+#[tokio::test(start_paused = true)]
+async fn a_body_held_past_the_wait_is_not_replayed() {
+    let refresher = Counting::default();
+    let layer = stale_layer(refresher.clone()).replay_body_wait(Duration::from_millis(500));
+    let (svc, mut handle) = layered(layer);
+    let call = spawn_call(
+        &svc,
+        Request::post("/orders")
+            .body(Full::new(Bytes::from_static(b"held")))
+            .unwrap(),
+    );
+    let (first, send) = handle.next_request().await.unwrap();
+    send.send_response(status(StatusCode::UNAUTHORIZED));
+    assert_eq!(status_of(call).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(refresher.calls(), 1, "the refresh still happened");
+    drop(first);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .is_err(),
+        "sent once"
+    );
+}
