@@ -17,6 +17,8 @@
 //!
 //! Environment: `E2E_ROUNDS` (default 9), `E2E_SECS` (seconds per line and round, default 1).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -33,7 +35,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
+use tower_auth_refresh::ReplayBody;
 use tower_http::auth::AddAuthorizationLayer;
 
 const SECRET: &str = "end-to-end-token-0123456789abcdef";
@@ -215,23 +217,6 @@ where
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// `E2E_ITERS` mode: `n` requests of one line (`E2E_LINE`) and case (`E2E_CASE`) on a
 /// current-thread runtime, after a warm-up that opens the connections; for callgrind.
 fn count_mode(n: usize) {
@@ -249,7 +234,7 @@ fn count_mode(n: usize) {
         let addr = server().await;
         let uri: Arc<str> = format!("http://{addr}/items").into();
         let payload = Bytes::from(vec![b'x'; 1024]);
-        let (calls, layer) = refresh_layer();
+        let (calls, layer) = common::valid_token_layer(SECRET);
         let warm = Limit::Requests(4 * IN_FLIGHT);
         let (u, p) = (uri.clone(), payload.clone());
         match line.as_str() {
@@ -274,28 +259,13 @@ fn count_mode(n: usize) {
     });
 }
 
-/// The refresh line's layer: a valid token, a refresher that counts its calls.
-fn refresh_layer() -> (
-    Arc<AtomicUsize>,
-    RefreshLayer<impl tower_auth_refresh::TokenRefresher>,
-) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let refresh_calls = calls.clone();
-    let layer = RefreshLayer::new(refresh_fn(move |_stale| {
-        refresh_calls.fetch_add(1, Ordering::SeqCst);
-        async { Err::<Token, _>(RefreshError::terminal("no refresh in this benchmark")) }
-    }))
-    .initial_token(Token::bearer(SECRET).unwrap());
-    (calls, layer)
-}
-
 fn main() {
     if let Ok(n) = std::env::var("E2E_ITERS") {
         count_mode(n.parse().expect("E2E_ITERS is a number"));
         return;
     }
-    let rounds: usize = env_or("E2E_ROUNDS", 9);
-    let secs: f64 = env_or("E2E_SECS", 1.0);
+    let rounds: usize = common::env_or("E2E_ROUNDS", 9);
+    let secs: f64 = common::env_or("E2E_SECS", 1.0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -305,7 +275,7 @@ fn main() {
         let uri: Arc<str> = format!("http://{addr}/items").into();
         let payload = Bytes::from(vec![b'x'; 1024]);
 
-        let (calls, layer) = refresh_layer();
+        let (calls, layer) = common::valid_token_layer(SECRET);
 
         let bare = client::<Full<Bytes>>();
         let add = AddAuthorizationLayer::bearer(SECRET).layer(client::<Full<Bytes>>());
@@ -364,10 +334,10 @@ fn main() {
                     cpu[k].push(x.cpu_us);
                 }
             }
-            let [b, a, r] = rps.each_mut().map(|v| median(v));
-            let [cb, ca, cr] = cpu.each_mut().map(|v| median(v));
-            let ratio = median(&mut ratios);
-            let cpu_ratio = median(&mut cpu_ratios);
+            let [b, a, r] = rps.each_mut().map(|v| common::median(v));
+            let [cb, ca, cr] = cpu.each_mut().map(|v| common::median(v));
+            let ratio = common::median(&mut ratios);
+            let cpu_ratio = common::median(&mut cpu_ratios);
             println!(
                 "P2 {}: median req/s bare {b:.0} | add_authorization {a:.0} | refresh {r:.0} | refresh/add (median of rounds) {ratio:.3} (goal >= 0.97: {})",
                 case.name(),

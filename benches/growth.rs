@@ -10,14 +10,15 @@
 //! Environment: `GROWTH_ROUNDS` (default 5; the median is reported), `GROWTH_TOTAL`
 //! (requests per point, default 100000).
 
+mod common;
+
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
+use tower_auth_refresh::ReplayBody;
 use tower_http::auth::AddAuthorizationLayer;
 
 const SECRET: &str = "growth-token-0123456789abcdef";
@@ -62,33 +63,15 @@ where
     start.elapsed() / (per_task * c) as u32
 }
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let rounds: usize = env_or("GROWTH_ROUNDS", 5);
-    let total: usize = env_or("GROWTH_TOTAL", 100_000);
+    let rounds: usize = common::env_or("GROWTH_ROUNDS", 5);
+    let total: usize = common::env_or("GROWTH_TOTAL", 100_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = calls.clone();
-        let layer = RefreshLayer::new(refresh_fn(move |_stale| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async { Err::<Token, _>(RefreshError::terminal("no refresh in this benchmark")) }
-        }))
-        .initial_token(Token::bearer(SECRET).unwrap());
+        let (calls, layer) = common::valid_token_layer(SECRET);
         let bare = inner::<String>();
         let add = AddAuthorizationLayer::bearer(SECRET).layer(inner::<String>());
         let refresh = layer.layer(inner::<ReplayBody<String>>());
@@ -125,7 +108,7 @@ fn main() {
                     v.push(x);
                 }
             }
-            let [b, a, r] = lines.each_mut().map(|v| median(v));
+            let [b, a, r] = lines.each_mut().map(|v| common::median(v));
             ratios.sort_by(f64::total_cmp);
             let ratio = ratios[ratios.len() / 2];
             let (b, a, r) = (b.as_nanos() as i64, a.as_nanos() as i64, r.as_nanos() as i64);

@@ -23,10 +23,11 @@
 
 #![allow(unsafe_code)]
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
@@ -35,9 +36,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_auth_refresh::{
-    DEFAULT_MAX_REPLAY_BODY, RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn,
-};
+use tower_auth_refresh::{DEFAULT_MAX_REPLAY_BODY, ReplayBody};
 
 /// Counts live heap bytes and their high-water mark; forwards everything to `System`.
 struct Counting;
@@ -274,13 +273,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = calls.clone();
-        let layer = RefreshLayer::new(refresh_fn(move |_stale| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async { Err::<Token, _>(RefreshError::terminal("no refresh in this benchmark")) }
-        }))
-        .initial_token(Token::bearer("memory-token").unwrap());
+        let (calls, layer) = common::valid_token_layer("memory-token");
         let refresh_full = layer.layer(inner::<ReplayBody<Full<Bytes>>>());
         let refresh_streamed = layer.layer(inner::<ReplayBody<Streamed>>());
         let bare_full = inner::<Full<Bytes>>();

@@ -12,6 +12,8 @@
 //! `STAMPEDE_ONLY=fresh|stale` runs one round of one kind on a current-thread runtime (for
 //! callgrind).
 
+mod common;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,21 +92,9 @@ async fn round(n: usize, initial: &'static str) -> Round {
     }
 }
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let rounds: usize = env_or("STAMPEDE_ROUNDS", 7);
-    let n: usize = env_or("STAMPEDE_REQUESTS", 10_000);
+    let rounds: usize = common::env_or("STAMPEDE_ROUNDS", 7);
+    let n: usize = common::env_or("STAMPEDE_REQUESTS", 10_000);
     if let Ok(kind) = std::env::var("STAMPEDE_ONLY") {
         // One round of one kind (`fresh`: no refresh, `stale`: a stampede) on a current-thread
         // runtime, for instruction counts under callgrind.
@@ -154,7 +144,7 @@ fn main() {
             storm.push(s);
             refreshes.push(calls);
         }
-        let (b, s) = (median(&mut base), median(&mut storm));
+        let (b, s) = (common::median(&mut base), common::median(&mut storm));
         let bound = REFRESH_TIME + b.mul_f64(1.5);
         println!(
             "P3 median: no refresh {:.1} ms | stampede {:.1} ms | refresher calls per stampede {:?} | bound {:.1} ms | stampede - 50 ms = {:.2}x no-refresh (goal <= 1.5x: {})",

@@ -1,0 +1,38 @@
+//! Helpers shared by the bench binaries (each binary uses a part of them).
+
+#![allow(dead_code)]
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tower_auth_refresh::{RefreshError, RefreshLayer, Token, TokenRefresher, refresh_fn};
+
+/// The value of the environment variable `name`, or `default` if unset or unparsable.
+pub(crate) fn env_or<T: FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of `v` (the upper middle for an even count); sorts `v`.
+pub(crate) fn median<T: Copy + PartialOrd>(v: &mut [T]) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("comparable figures"));
+    v[v.len() / 2]
+}
+
+/// A layer holding a valid `secret`, whose refresher only counts its calls (and fails): a
+/// benchmark asserts the count stays zero, so no refresh skews a figure.
+pub(crate) fn valid_token_layer(
+    secret: &str,
+) -> (Arc<AtomicUsize>, RefreshLayer<impl TokenRefresher>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let layer = RefreshLayer::new(refresh_fn(move |_stale| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<Token, _>(RefreshError::terminal("no refresh in this benchmark")) }
+    }))
+    .initial_token(Token::bearer(secret).expect("a valid token"));
+    (calls, layer)
+}
