@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use futures_util::future::join;
 use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use http_body::Body;
@@ -224,26 +225,31 @@ where
         attempts,
     } = retry;
     let (first_parts, first_body) = first.into_parts();
-    let replay = match (head, body) {
-        (Some(head), Some(source)) if shared.config.may_replay(&head.method) => {
-            source.settle(shared.config.replay_body_wait).await;
-            source.take().map(|body| (head, body))
+    // The refresh runs while the body is being let go of (a server may answer before reading
+    // it): the wait and the refresh overlap, and a request that turns out not replayable still
+    // leaves a fresh token for later requests.
+    let replay = async {
+        match (head, body) {
+            (Some(head), Some(source)) if shared.config.may_replay(&head.method) => {
+                source.settle(shared.config.replay_body_wait).await;
+                source.take().map(|body| (head, body))
+            }
+            _ => None,
         }
-        _ => None,
     };
+    let (fresh, replay) = join(shared.cell.fresher_than(generation, attempts), replay).await;
     let Some((mut head, body)) = replay else {
-        // Not replayable: the caller gets the response, later requests get a fresh token.
+        // Not replayable: the caller gets the response, after the refresh.
         tracing::debug!(
             generation,
             status = first_parts.status.as_u16(),
-            "request cannot be replayed; refreshing for later requests"
+            "request cannot be replayed; refreshed for later requests"
         );
-        let _ = shared.cell.fresher_than(generation, attempts).await;
         return Ok(Response::from_parts(first_parts, first_body));
     };
     let first_head = ResponseHead::from_parts(&first_parts);
     drop(first_body);
-    let fresh = match shared.cell.fresher_than(generation, attempts).await {
+    let fresh = match fresh {
         Ok(fresh) => fresh,
         Err(err) => return Err(obtain_error(err, Some(first_head))),
     };

@@ -241,22 +241,26 @@ impl RefreshMiddleware {
             return Ok(first);
         }
 
-        let again = match replay {
-            Some(replay) => replay.into_request(config.replay_body_wait).await,
-            None => None,
+        // As in the tower layer: the refresh overlaps the wait for a body still being sent.
+        let again = async {
+            match replay {
+                Some(replay) => replay.into_request(config.replay_body_wait).await,
+                None => None,
+            }
         };
+        let (fresh, again) =
+            futures_util::future::join(shared.cell.fresher_than(generation, attempts), again).await;
         let Some(mut again) = again else {
-            // Not replayable: the caller gets the response, later requests get a fresh token.
+            // Not replayable: the caller gets the response, after the refresh.
             tracing::debug!(
                 generation,
                 status = first.status().as_u16(),
-                "request cannot be replayed; refreshing for later requests"
+                "request cannot be replayed; refreshed for later requests"
             );
-            let _ = shared.cell.fresher_than(generation, attempts).await;
             return Ok(first);
         };
         let first_head = ResponseHead::from_reqwest(first);
-        let fresh = match shared.cell.fresher_than(generation, attempts).await {
+        let fresh = match fresh {
             Ok(fresh) => fresh,
             Err(err) => return Err(obtain_error(err, Some(first_head))),
         };
