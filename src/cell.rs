@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::clock::{Clock, TokioClock};
 use crate::events::RefreshEvent;
-use crate::refresher::{RefreshError, TokenRefresher};
+use crate::refresher::{RefreshContext, RefreshError, RefreshReason, TokenRefresher};
 use crate::retry::RetryPolicy;
 use crate::token::Token;
 
@@ -40,12 +40,12 @@ pub(crate) fn in_refresh() -> bool {
 }
 
 trait ErasedRefresher: Send + Sync + 'static {
-    fn refresh(&self, stale: Option<Token>) -> BoxFuture<Result<Token, RefreshError>>;
+    fn refresh(&self, ctx: RefreshContext) -> BoxFuture<Result<Token, RefreshError>>;
 }
 
 impl<R: TokenRefresher> ErasedRefresher for R {
-    fn refresh(&self, stale: Option<Token>) -> BoxFuture<Result<Token, RefreshError>> {
-        Box::pin(TokenRefresher::refresh(self, stale))
+    fn refresh(&self, ctx: RefreshContext) -> BoxFuture<Result<Token, RefreshError>> {
+        Box::pin(TokenRefresher::refresh(self, ctx))
     }
 }
 
@@ -542,9 +542,13 @@ impl Cell {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let result = IN_REFRESH
-                .scope((), self.refresher.refresh(stale.clone()))
-                .await;
+            let reason = match (&stale, background) {
+                (_, true) => RefreshReason::Background,
+                (None, false) => RefreshReason::NoToken,
+                (Some(_), false) => RefreshReason::Expired,
+            };
+            let ctx = RefreshContext::new(stale.clone(), reason);
+            let result = IN_REFRESH.scope((), self.refresher.refresh(ctx)).await;
             let err = match result {
                 Ok(token) => return Ok(token),
                 Err(err) => err,

@@ -68,7 +68,7 @@ use crate::events::RefreshEvent;
 use crate::future::ResponseFuture;
 use crate::handle::TokenHandle;
 use crate::layer::{Config, ReplayMethods, Shared};
-use crate::refresher::{RefreshError, TokenRefresher};
+use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
 use crate::retry::RetryPolicy;
 use crate::service::dispatch;
 use crate::token::Token;
@@ -111,8 +111,8 @@ where
 {
     type Future = R::Future;
 
-    fn refresh(&self, stale: Option<Token>) -> R::Future {
-        self.refresher.refresh(&self.key, stale)
+    fn refresh(&self, ctx: RefreshContext) -> R::Future {
+        self.refresher.refresh(&self.key, ctx.into_stale())
     }
 }
 

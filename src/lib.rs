@@ -185,10 +185,12 @@ pub use clock::{Clock, TokioClock};
 pub use events::{Events, Received, RefreshEvent};
 pub use handle::{TokenHandle, TokenState};
 pub use layer::{InvalidOrigin, RefreshLayer, ReplayMethods};
-pub use refresher::{RefreshError, TokenRefresher, refresh_fn};
+pub use refresher::{
+    ContextFn, RefreshContext, RefreshError, RefreshReason, TokenRefresher, context_fn, refresh_fn,
+};
 pub use retry::RetryPolicy;
 pub use service::{NoRefresh, Refresh, RefreshRequest};
-pub use token::{InvalidToken, Token};
+pub use token::{Expiry, InvalidToken, Token};
 
 /// The boxed error type of the layer's service, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -99,7 +99,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 use tower_service::Service;
 
-use crate::{BoxError, RefreshError, RefreshRequest, Token, TokenRefresher};
+use crate::{BoxError, RefreshContext, RefreshError, RefreshRequest, Token, TokenRefresher};
 
 /// How long a token request may take, from sending to the last byte of the answer, unless
 /// [`timeout`](OAuth2RefresherBuilder::timeout) says otherwise: 10 seconds.
@@ -532,7 +532,7 @@ where
 {
     type Future = BoxFuture<Result<Token, RefreshError>>;
 
-    fn refresh(&self, _stale: Option<Token>) -> Self::Future {
+    fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
         Box::pin(refresh(Arc::clone(&self.inner)))
     }
 }

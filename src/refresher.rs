@@ -5,7 +5,73 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::BoxError;
+use crate::error::ResponseHead;
 use crate::token::{InvalidToken, Token};
+
+/// Why the layer asks for a new token.
+///
+/// Handed to the refresher inside a [`RefreshContext`], so a refresher can react to the
+/// response that caused the refresh (a step-up challenge, a claims or nonce challenge in
+/// `WWW-Authenticate`), or tell a proactive refresh from a forced one.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RefreshReason {
+    /// The layer has no token yet (the first request, or after an invalidate).
+    NoToken,
+    /// The token is expired or inside the expiry leeway.
+    Expired,
+    /// A response asked for a new token (by default a 401). The head keeps its status and
+    /// headers, `WWW-Authenticate` challenges included; never its body.
+    Unauthorized(ResponseHead),
+    /// [`TokenHandle::refresh`](crate::TokenHandle::refresh) asked for it.
+    Forced,
+    /// A background refresh inside the refresh-ahead window; the current token is still valid.
+    Background,
+}
+
+/// What a refresher is told about a refresh: the stale token and why a new one is needed.
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::{context_fn, RefreshContext, RefreshError, RefreshReason, Token};
+///
+/// let refresher = context_fn(|ctx: RefreshContext| async move {
+///     if let RefreshReason::Unauthorized(head) = ctx.reason() {
+///         // Look at head.headers().get_all("www-authenticate") for a step-up challenge.
+///         let _ = head.status();
+///     }
+///     Ok::<_, RefreshError>(Token::bearer("fresh")?)
+/// });
+/// # let _ = refresher;
+/// ```
+#[derive(Debug, Clone)]
+pub struct RefreshContext {
+    stale: Option<Token>,
+    reason: RefreshReason,
+}
+
+impl RefreshContext {
+    /// A context, for refreshers that call other refreshers (decorators) and for tests.
+    pub fn new(stale: Option<Token>, reason: RefreshReason) -> Self {
+        Self { stale, reason }
+    }
+
+    /// The token that was rejected or expired, `None` when the layer has none.
+    pub fn stale(&self) -> Option<&Token> {
+        self.stale.as_ref()
+    }
+
+    /// Takes the stale token out of the context.
+    pub fn into_stale(self) -> Option<Token> {
+        self.stale
+    }
+
+    /// Why the refresh was asked for.
+    pub fn reason(&self) -> &RefreshReason {
+        &self.reason
+    }
+}
 
 /// Produces a new access token when the current one went stale (or there is none yet).
 ///
@@ -14,8 +80,9 @@ use crate::token::{InvalidToken, Token};
 /// completion even if every request waiting for it is dropped: a rotating refresh token may
 /// already be spent on the server once the request is out, so the answer must not be lost.
 ///
-/// A blanket implementation makes any `Fn(Option<Token>) -> impl Future` a refresher;
-/// [`refresh_fn`] helps the compiler infer the closure's type.
+/// A blanket implementation makes any `Fn(Option<Token>) -> impl Future` a refresher (it is
+/// given the stale token); [`refresh_fn`] helps the compiler infer the closure's type, and
+/// [`context_fn`] makes a refresher of a closure that wants the whole [`RefreshContext`].
 ///
 /// # Errors
 ///
@@ -27,7 +94,7 @@ use crate::token::{InvalidToken, Token};
 ///
 /// ```
 /// use std::future::Ready;
-/// use tower_auth_refresh::{RefreshError, Token, TokenRefresher};
+/// use tower_auth_refresh::{RefreshContext, RefreshError, Token, TokenRefresher};
 ///
 /// /// A refresher that reads the token a sidecar keeps up to date.
 /// struct FromSidecar;
@@ -35,7 +102,7 @@ use crate::token::{InvalidToken, Token};
 /// impl TokenRefresher for FromSidecar {
 ///     type Future = Ready<Result<Token, RefreshError>>;
 ///
-///     fn refresh(&self, _stale: Option<Token>) -> Self::Future {
+///     fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
 ///         std::future::ready(Token::bearer("from-sidecar").map_err(RefreshError::from))
 ///     }
 /// }
@@ -44,9 +111,15 @@ pub trait TokenRefresher: Send + Sync + 'static {
     /// The future that resolves to the new token.
     type Future: Future<Output = Result<Token, RefreshError>> + Send + 'static;
 
-    /// Starts a refresh. `stale` is the token that was rejected or expired, `None` when the
-    /// layer has no token yet.
-    fn refresh(&self, stale: Option<Token>) -> Self::Future;
+    /// Starts a refresh. The context holds the token that was rejected or expired (`None`
+    /// when the layer has no token yet) and the reason for the refresh.
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future;
+
+    /// Called when the session is logged out through
+    /// [`TokenHandle::clear`](crate::TokenHandle::clear): a refresher that holds credentials of
+    /// its own (a refresh token) forgets them, so a later forced refresh cannot silently log
+    /// the old user back in. The default does nothing.
+    fn logout(&self) {}
 }
 
 impl<F, Fut> TokenRefresher for F
@@ -56,9 +129,56 @@ where
 {
     type Future = Fut;
 
-    fn refresh(&self, stale: Option<Token>) -> Fut {
-        self(stale)
+    fn refresh(&self, ctx: RefreshContext) -> Fut {
+        self(ctx.into_stale())
     }
+}
+
+/// A refresher made of a closure over the whole [`RefreshContext`]; see [`context_fn`].
+#[derive(Clone)]
+pub struct ContextFn<F>(F);
+
+impl<F> fmt::Debug for ContextFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ContextFn")
+            .field(&std::any::type_name::<F>())
+            .finish()
+    }
+}
+
+impl<F, Fut> TokenRefresher for ContextFn<F>
+where
+    F: Fn(RefreshContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Token, RefreshError>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn refresh(&self, ctx: RefreshContext) -> Fut {
+        (self.0)(ctx)
+    }
+}
+
+/// Turns an async closure over a [`RefreshContext`] into a [`TokenRefresher`], for refreshers
+/// that need to know why they are asked (the 401's `WWW-Authenticate` challenge, a forced or
+/// background refresh).
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::{context_fn, RefreshError, RefreshLayer, RefreshReason, Token};
+///
+/// let layer = RefreshLayer::new(context_fn(|ctx| async move {
+///     let forced = matches!(ctx.reason(), RefreshReason::Forced);
+///     Ok::<_, RefreshError>(Token::bearer(if forced { "forced" } else { "fresh" })?)
+/// }));
+/// # let _ = layer;
+/// ```
+pub fn context_fn<F, Fut>(f: F) -> ContextFn<F>
+where
+    F: Fn(RefreshContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Token, RefreshError>> + Send + 'static,
+{
+    ContextFn(f)
 }
 
 /// Turns an async closure into a [`TokenRefresher`], pinning down the closure's argument type.

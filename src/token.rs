@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 
@@ -19,7 +19,7 @@ use http::HeaderValue;
 /// # Example
 ///
 /// ```
-/// use std::time::Duration;
+/// use std::time::{Duration, SystemTime};
 /// use tower_auth_refresh::Token;
 ///
 /// let token = Token::bearer("s3cr3t")?.with_expires_in(Duration::from_secs(3600));
@@ -32,13 +32,23 @@ use http::HeaderValue;
 #[derive(Clone)]
 pub struct Token {
     inner: Arc<TokenInner>,
-    expires_in: Option<Duration>,
+    expiry: Option<Expiry>,
+    refresh_token: Option<Arc<str>>,
 }
 
 struct TokenInner {
     secret: Box<str>,
     scheme: Box<str>,
     header: HeaderValue,
+}
+
+/// When a token expires: a lifetime counted from receipt, or a wall-clock instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Expires this long after the layer receives it (RFC 6749's `expires_in`).
+    In(Duration),
+    /// Expires at this wall-clock time (a token loaded from storage, a JWT's `exp`).
+    At(SystemTime),
 }
 
 impl Token {
@@ -96,7 +106,8 @@ impl Token {
                 scheme: scheme.into(),
                 header,
             }),
-            expires_in: None,
+            expiry: None,
+            refresh_token: None,
         })
     }
 
@@ -105,15 +116,82 @@ impl Token {
     ///
     /// The layer measures the lifetime on its own monotonic clock, so a jump of the wall clock
     /// cannot expire or revive a token.
+    ///
+    /// `Duration::ZERO` means "already expired": the layer refreshes before sending it (a
+    /// token endpoint's `expires_in: 0` is read as "lifetime unknown" by the OAuth 2.0
+    /// refresher instead, see its documentation). A token without any expiry is used until a
+    /// server refuses it.
     #[must_use]
     pub fn with_expires_in(mut self, lifetime: Duration) -> Self {
-        self.expires_in = Some(lifetime);
+        self.expiry = Some(Expiry::In(lifetime));
         self
     }
 
-    /// The lifetime given by [`with_expires_in`](Self::with_expires_in), if any.
+    /// Sets the wall-clock time at which the token expires, for a token whose deadline is
+    /// absolute: loaded from a [store](crate), restored after a restart, or read from a JWT's
+    /// `exp`. A time in the past means "already expired".
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tower_auth_refresh::{Expiry, Token};
+    ///
+    /// let at = SystemTime::now() + Duration::from_secs(600);
+    /// let token = Token::bearer("s3cr3t")?.with_expires_at(at);
+    /// assert_eq!(token.expiry(), Some(Expiry::At(at)));
+    /// # Ok::<(), tower_auth_refresh::InvalidToken>(())
+    /// ```
+    #[must_use]
+    pub fn with_expires_at(mut self, at: SystemTime) -> Self {
+        self.expiry = Some(Expiry::At(at));
+        self
+    }
+
+    /// The expiry set by [`with_expires_in`](Self::with_expires_in) or
+    /// [`with_expires_at`](Self::with_expires_at), if any.
+    pub fn expiry(&self) -> Option<Expiry> {
+        self.expiry
+    }
+
+    /// The lifetime given by [`with_expires_in`](Self::with_expires_in), or the time left
+    /// until the instant given by [`with_expires_at`](Self::with_expires_at) (zero once past).
     pub fn expires_in(&self) -> Option<Duration> {
-        self.expires_in
+        match self.expiry? {
+            Expiry::In(life) => Some(life),
+            Expiry::At(at) => Some(
+                at.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            ),
+        }
+    }
+
+    /// Attaches the refresh token that belongs with this access token (a token set), for
+    /// refreshers that use one, such as the OAuth 2.0 refresher. The layer keeps it with the
+    /// access token: installing a set through the handle installs both, a logout forgets both.
+    /// It never prints and is never sent to the API.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_auth_refresh::Token;
+    ///
+    /// let set = Token::bearer("access")?.with_refresh_token("refresh-secret");
+    /// assert_eq!(set.refresh_token(), Some("refresh-secret"));
+    /// assert!(!format!("{set:?}").contains("refresh-secret"));
+    /// # Ok::<(), tower_auth_refresh::InvalidToken>(())
+    /// ```
+    #[must_use]
+    pub fn with_refresh_token(mut self, refresh_token: impl Into<String>) -> Self {
+        let refresh_token: String = refresh_token.into();
+        self.refresh_token = (!refresh_token.is_empty()).then(|| refresh_token.into());
+        self
+    }
+
+    /// The refresh token attached with [`with_refresh_token`](Self::with_refresh_token). A
+    /// secret, like [`secret`](Self::secret).
+    pub fn refresh_token(&self) -> Option<&str> {
+        self.refresh_token.as_deref()
     }
 
     /// The `Authorization` scheme, `Bearer` unless built with [`with_scheme`](Self::with_scheme).
@@ -142,7 +220,11 @@ impl fmt::Debug for Token {
         f.debug_struct("Token")
             .field("scheme", &self.scheme())
             .field("secret", &"<redacted>")
-            .field("expires_in", &self.expires_in)
+            .field("expiry", &self.expiry)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }

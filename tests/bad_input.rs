@@ -19,6 +19,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_auth_refresh::RefreshContext;
 use tower_auth_refresh::error::{RefreshFailed, SessionEnded};
 use tower_auth_refresh::{
     InvalidOrigin, Received, RefreshError, RefreshEvent, RefreshLayer, ReplayBody, RetryPolicy,
@@ -164,7 +165,7 @@ impl BadThenGood {
 impl TokenRefresher for BadThenGood {
     type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
 
-    fn refresh(&self, _stale: Option<Token>) -> Self::Future {
+    fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let (bad_calls, bad) = (self.bad_calls, self.bad);
         if n <= bad_calls && n % 2 == 0 {

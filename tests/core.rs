@@ -14,6 +14,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::sync::{Notify, Semaphore};
 use tower::{Layer, Service, ServiceExt};
+use tower_auth_refresh::RefreshContext;
 use tower_auth_refresh::error::{
     RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh,
 };
@@ -58,7 +59,7 @@ impl Counting {
 impl TokenRefresher for Counting {
     type Future = futures_util::future::BoxFuture<'static, Result<Token, RefreshError>>;
 
-    fn refresh(&self, _stale: Option<Token>) -> Self::Future {
+    fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let gate = self.gate.clone();
         let lifetime = self.lifetime;

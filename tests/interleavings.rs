@@ -51,6 +51,7 @@ use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt, service_fn};
+use tower_auth_refresh::RefreshContext;
 use tower_auth_refresh::error::{
     RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh,
 };
@@ -278,7 +279,8 @@ struct Refresher(Shared);
 impl TokenRefresher for Refresher {
     type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
 
-    fn refresh(&self, stale: Option<Token>) -> Self::Future {
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let stale = ctx.into_stale();
         let world = self.0.clone();
         let handle = lock(&world).handle.clone().expect("handle");
         let generation = handle.state().generation();
@@ -1212,7 +1214,7 @@ fn scripted_outcome(
 impl TokenRefresher for Scripted {
     type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
 
-    fn refresh(&self, _stale: Option<Token>) -> Self::Future {
+    fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
         *self.calls.lock().unwrap() += 1;
         let step = {
             let mut script = self.script.lock().unwrap();

@@ -23,6 +23,7 @@ use tower_auth_refresh::{
     BoxError, Clock, NoRefresh, Received, RefreshError, RefreshEvent, RefreshLayer, ReplayBody,
     ReplayMethods, RetryPolicy, Token, TokenRefresher, refresh_fn,
 };
+use tower_auth_refresh::{RefreshContext, RefreshReason};
 use tower_http::follow_redirect::FollowRedirectLayer;
 
 use support::{InMemoryApi, authorization, get, http_client, rejecting, serve};
@@ -104,7 +105,7 @@ impl Issuer {
 impl TokenRefresher for Issuer {
     type Future = futures_util::future::BoxFuture<'static, Result<Token, RefreshError>>;
 
-    fn refresh(&self, _stale: Option<Token>) -> Self::Future {
+    fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let this = self.clone();
         Box::pin(async move {
@@ -572,7 +573,7 @@ async fn token_goes_only_to_allowed_origins_and_never_follows_a_cross_origin_red
         let calls = calls.clone();
         refresh_fn(move |stale| {
             calls.fetch_add(1, Ordering::SeqCst);
-            refresher.refresh(stale)
+            refresher.refresh(RefreshContext::new(stale, RefreshReason::NoToken))
         })
     };
 

@@ -486,7 +486,7 @@ async fn error_answers_are_classified_and_carry_code_and_description() {
                 answer = answer.retry_after(ra);
             }
             s.token.script(answer);
-            let err = refresher.refresh(None).await.expect_err("an error answer");
+            let err = refresher.refresh(ctx()).await.expect_err("an error answer");
             assert_eq!(err.is_terminal(), terminal, "{status} {body:?}");
             let cause = oauth2_cause(&err);
             assert_eq!(cause.kind(), ErrorKind::ErrorResponse);
@@ -506,14 +506,14 @@ async fn error_answers_are_classified_and_carry_code_and_description() {
 
         // A custom list replaces the defaults.
         s.token.script(Scripted::json(StatusCode::BAD_REQUEST, err_body("busy")));
-        assert!(custom.refresh(None).await.unwrap_err().is_transient());
+        assert!(custom.refresh(ctx()).await.unwrap_err().is_transient());
         s.token.script(Scripted::json(StatusCode::BAD_REQUEST, err_body("rotation_in_progress")));
-        assert!(custom.refresh(None).await.unwrap_err().is_terminal());
+        assert!(custom.refresh(ctx()).await.unwrap_err().is_terminal());
 
         // A description that echoes the refresh token is blanked out.
         let echo = json!({ "error": "invalid_grant", "error_description": format!("token {rt0} is revoked") });
         s.token.script(Scripted::json(StatusCode::BAD_REQUEST, echo));
-        let err = refresher.refresh(None).await.unwrap_err();
+        let err = refresher.refresh(ctx()).await.unwrap_err();
         assert_eq!(oauth2_cause(&err).error_description(), Some("token <redacted> is revoked"));
         assert!(!shown(&err).contains(&rt0));
 
@@ -617,7 +617,7 @@ async fn malformed_answers_are_typed_errors() {
         for (status, content_type, body, kind, terminal) in cases {
             s.token.script(Scripted::new(status, content_type, body));
             let err = refresher
-                .refresh(None)
+                .refresh(ctx())
                 .await
                 .expect_err("a malformed answer");
             let cause = oauth2_cause(&err);
@@ -629,7 +629,7 @@ async fn malformed_answers_are_typed_errors() {
         assert_eq!(s.token.requests(), 11);
         assert_eq!(refresher.refresh_token().secret(), rt0);
         // The refresher still works afterwards.
-        let token = refresher.refresh(None).await.unwrap();
+        let token = refresher.refresh(ctx()).await.unwrap();
         assert!(s.token.access_valid(token.secret()));
 
         // A rotated refresh token is kept even from an answer with the wrong content type.
@@ -640,7 +640,7 @@ async fn malformed_answers_are_typed_errors() {
             Some("text/plain"),
             body.to_string(),
         ));
-        let err = refresher.refresh(None).await.unwrap_err();
+        let err = refresher.refresh(ctx()).await.unwrap_err();
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::ContentType);
         assert_eq!(refresher.refresh_token().secret(), "rescued");
         assert_eq!(
@@ -675,7 +675,7 @@ async fn rotation_is_persisted_before_the_token_is_returned_and_a_failed_hook_ke
             .unwrap();
 
         // The hook fails: transient error, but the rotated token is kept (the old one is spent).
-        let err = refresher.refresh(None).await.unwrap_err();
+        let err = refresher.refresh(ctx()).await.unwrap_err();
         assert!(err.is_transient());
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Persist);
         let rotated = s.token.rotated();
@@ -683,7 +683,7 @@ async fn rotation_is_persisted_before_the_token_is_returned_and_a_failed_hook_ke
         assert_eq!(refresher.refresh_token().secret(), rotated[0]);
 
         // The retry presents the kept token, rotates again and persists before returning.
-        let token = refresher.refresh(None).await.unwrap();
+        let token = refresher.refresh(ctx()).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         let rotated = s.token.rotated();
         assert_eq!(*persisted.lock().unwrap(), vec![rotated[1].clone()]);
@@ -710,7 +710,7 @@ async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_str
         };
         let (s, rt0, persisted, refresher) = logged_in(config).await;
         for _ in 0..2 {
-            let token = refresher.refresh(None).await.unwrap();
+            let token = refresher.refresh(ctx()).await.unwrap();
             assert_eq!(token.expires_in(), Some(Duration::from_secs(120)));
             assert_eq!(token.scheme(), "Bearer");
             assert!(s.token.access_valid(token.secret()));
@@ -734,7 +734,7 @@ async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_str
             ..TokenConfig::default()
         };
         let (_s, _, _, refresher) = logged_in(config).await;
-        let token = refresher.refresh(None).await.unwrap();
+        let token = refresher.refresh(ctx()).await.unwrap();
         assert_eq!(token.expires_in(), Some(Duration::from_secs(90)));
     })
     .await;
@@ -786,7 +786,7 @@ async fn first_token_request<C>(
 where
     OAuth2Refresher<C>: TokenRefresher,
 {
-    refresher.refresh(None).await.expect(accepted);
+    refresher.refresh(ctx()).await.expect(accepted);
     s.token.seen().remove(0)
 }
 
@@ -890,7 +890,7 @@ async fn timeouts_and_connection_errors_are_transient() {
             .timeout(Duration::from_millis(100))
             .build()
             .unwrap();
-        let err = refresher.refresh(None).await.unwrap_err();
+        let err = refresher.refresh(ctx()).await.unwrap_err();
         assert!(err.is_transient());
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Timeout);
 
@@ -905,7 +905,7 @@ async fn timeouts_and_connection_errors_are_transient() {
         .refresh_token("rt")
         .build()
         .unwrap();
-        let err = refresher.refresh(None).await.unwrap_err();
+        let err = refresher.refresh(ctx()).await.unwrap_err();
         assert!(err.is_transient());
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Transport);
     })
@@ -1115,4 +1115,9 @@ async fn no_secret_reaches_tracing_output() {
         assert!(!output.contains("atok-"), "an access token reached the logs");
     })
     .await;
+}
+
+/// The context of a first refresh (no token yet).
+fn ctx() -> tower_auth_refresh::RefreshContext {
+    tower_auth_refresh::RefreshContext::new(None, tower_auth_refresh::RefreshReason::NoToken)
 }

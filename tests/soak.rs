@@ -39,6 +39,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_auth_refresh::RefreshContext;
 use tower_auth_refresh::error::{
     RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh,
 };
@@ -329,7 +330,8 @@ fn parse_token(body: &[u8]) -> Result<Token, RefreshError> {
 impl TokenRefresher for Refresher {
     type Future = futures_util::future::BoxFuture<'static, Result<Token, RefreshError>>;
 
-    fn refresh(&self, stale: Option<Token>) -> Self::Future {
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let stale = ctx.into_stale();
         let this = self.clone();
         Box::pin(async move {
             let log = &this.log;
