@@ -167,9 +167,7 @@ fn request(case: Case, payload: &Bytes) -> Request<Full<Bytes>> {
 }
 
 /// The refresh line's layer: a valid token, a refresher that counts its calls.
-fn refresh_layer(
-    calls: &Arc<AtomicUsize>,
-) -> RefreshLayer<impl tower_auth_refresh::TokenRefresher> {
+fn refresh_layer(calls: &Arc<AtomicUsize>) -> RefreshLayer {
     let calls = calls.clone();
     RefreshLayer::new(refresh_fn(move |_stale| {
         calls.fetch_add(1, Ordering::SeqCst);

@@ -84,7 +84,7 @@ fn keyed(c: &mut Criterion) {
             ))
         })
         .capacity(keys as usize);
-        let handle = layer.handle();
+        let handle = layer.token_handle();
         for k in 0..keys {
             handle
                 .key(&Tenant(k))

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::error::SessionEnded;
 use tower_auth_refresh::{
-    BoxError, Events, Received, RefreshError, RefreshLayer, ReplayBody, Token, TokenHandle,
+    BoxError, Events, Lagged, RefreshError, RefreshLayer, ReplayBody, Token, TokenHandle,
     refresh_fn,
 };
 
@@ -72,7 +72,7 @@ async fn main() -> Result<(), BoxError> {
         }
     });
     let layer = RefreshLayer::new(refresher);
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let mut events = handle.subscribe();
 
     let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
@@ -149,8 +149,8 @@ async fn main() -> Result<(), BoxError> {
 fn show(handle: &TokenHandle, events: &mut Events) {
     while let Some(received) = events.try_recv() {
         match received {
-            Received::Event(event) => println!("  event: {event:?}"),
-            Received::Lagged(n) => println!("  event: ({n} missed)"),
+            Ok(event) => println!("  event: {event:?}"),
+            Err(Lagged(n)) => println!("  event: ({n} missed)"),
         }
     }
     println!("  state: {:?}", handle.state());

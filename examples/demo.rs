@@ -137,7 +137,7 @@ async fn main() -> Result<(), BoxError> {
 
     // The layer starts with a token the API server has already expired.
     let layer = RefreshLayer::new(refresher).initial_token(Token::bearer("access-0")?);
-    let handle = layer.handle();
+    let handle = layer.token_handle();
 
     // Count what the layer sends: first attempts and replays.
     let sent_by_layer = Arc::new(AtomicUsize::new(0));

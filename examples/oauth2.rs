@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::oauth2::{ClientAuth, OAuth2Refresher, RefreshToken};
-use tower_auth_refresh::{BoxError, Received, RefreshEvent, RefreshLayer, ReplayBody, Token};
+use tower_auth_refresh::{BoxError, RefreshEvent, RefreshLayer, ReplayBody, Token};
 
 const ROUNDS: usize = 5;
 const CONCURRENCY: usize = 50;
@@ -198,7 +198,7 @@ async fn main() -> Result<(), BoxError> {
     .build()?;
 
     let layer = RefreshLayer::new(refresher.clone()).initial_token(Token::bearer(access)?);
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let mut events = handle.subscribe();
     let api_client = ServiceBuilder::new()
         .layer(layer)
@@ -227,7 +227,7 @@ async fn main() -> Result<(), BoxError> {
         println!(
             "round {round}: {ok}/{CONCURRENCY} requests OK; {refused} were refused with 401 first"
         );
-        while let Some(Received::Event(event)) = events.try_recv() {
+        while let Some(Ok(event)) = events.try_recv() {
             if let RefreshEvent::Refreshed { generation } = event {
                 println!("  refreshed: the token is now generation {generation}");
             }

@@ -137,7 +137,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         }
     });
     let layer = RefreshLayer::new(refresher).initial_token(Token::bearer("access-0")?);
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let client = reqwest_middleware::ClientBuilder::new(http)
         .with(layer.reqwest_middleware())
         .build();

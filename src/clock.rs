@@ -1,6 +1,7 @@
 //! The monotonic clock the layer measures token lifetimes with.
 
 use std::fmt;
+use std::time::SystemTime;
 
 use tokio::time::Instant;
 
@@ -30,6 +31,13 @@ use tokio::time::Instant;
 pub trait Clock: fmt::Debug + Send + Sync + 'static {
     /// The current instant.
     fn now(&self) -> Instant;
+
+    /// The current wall-clock time. The layer checks token deadlines against it too, so a
+    /// machine that slept through a token's expiry (the monotonic clock stops during suspend
+    /// on Linux and macOS) does not send it. Defaults to [`SystemTime::now`].
+    fn wall(&self) -> SystemTime {
+        SystemTime::now()
+    }
 }
 
 /// Tokio's clock ([`tokio::time::Instant::now`]), which honours paused time in tests.

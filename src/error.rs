@@ -1,6 +1,6 @@
 //! Error types
 //!
-//! The service's error type is [`BoxError`](crate::BoxError), as in tower. Failures that the
+//! The service's error type is [`BoxError`], as in tower. Failures that the
 //! layer adds are the small types below; downcast to them to tell them apart. Errors of the
 //! inner service pass through unchanged.
 //!
@@ -22,20 +22,28 @@
 //! # let _ = explain;
 //! ```
 
-use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, StatusCode, Version};
 
+use crate::BoxError;
+use crate::cell::Unavailable;
 use crate::refresher::RefreshError;
 
-/// The status line and headers of a response, kept as context for an error.
+/// The status line and headers of a response, kept as context for an error, and (for the
+/// final refusal of [`UnauthorizedAfterRefresh`]) the start of its body.
 #[derive(Debug, Clone)]
 pub struct ResponseHead {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    body: Bytes,
 }
+
+/// How much of a refused response's body an error keeps: 8 KiB.
+pub const MAX_ERROR_BODY: usize = 8 * 1024;
 
 impl ResponseHead {
     pub(crate) fn from_parts(parts: &http::response::Parts) -> Self {
@@ -43,6 +51,7 @@ impl ResponseHead {
             status: parts.status,
             version: parts.version,
             headers: parts.headers.clone(),
+            body: Bytes::new(),
         }
     }
 
@@ -60,22 +69,53 @@ impl ResponseHead {
     pub fn headers(&self) -> &HeaderMap {
         &self.headers
     }
+
+    /// The first bytes (at most [`MAX_ERROR_BODY`]) of the response's body, where the layer
+    /// kept them (the final refusal in [`UnauthorizedAfterRefresh`]); empty otherwise.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
 }
 
-macro_rules! refresh_outcome_error {
-    ($(#[$doc:meta])* $name:ident, $msg:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone)]
-        pub struct $name {
-            error: Arc<RefreshError>,
-            unauthorized: Option<Box<ResponseHead>>,
-        }
+impl std::fmt::Display for ResponseHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a {} response", self.status)
+    }
+}
 
+impl std::error::Error for ResponseHead {}
+
+/// The refresher failed terminally (the refresh token was rejected: RFC 6749
+/// `invalid_grant`, a token endpoint answering 401 or 403). The session has ended: later
+/// requests fail with [`SessionEnded`] until new credentials are installed through the
+/// [`TokenHandle`](crate::TokenHandle).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("token refresh rejected: the session has ended{}", after(.unauthorized.as_deref()))]
+pub struct RefreshRejected {
+    #[source]
+    error: Arc<RefreshError>,
+    unauthorized: Option<Box<ResponseHead>>,
+}
+
+/// The refresher failed transiently and its retries ran out, or an earlier refresh failed and
+/// its [cool-down](crate::Cooldown) still runs (no refresh was attempted for this request).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("token refresh failed{}", after(.unauthorized.as_deref()))]
+pub struct RefreshFailed {
+    #[source]
+    error: Arc<RefreshError>,
+    unauthorized: Option<Box<ResponseHead>>,
+    next_attempt_in: Option<Duration>,
+}
+
+fn after(head: Option<&ResponseHead>) -> String {
+    head.map(|h| format!(" (after a {} response)", h.status))
+        .unwrap_or_default()
+}
+
+macro_rules! refresh_outcome_accessors {
+    ($name:ident) => {
         impl $name {
-            pub(crate) fn new(error: Arc<RefreshError>, unauthorized: Option<ResponseHead>) -> Self {
-                Self { error, unauthorized: unauthorized.map(Box::new) }
-            }
-
             /// The refresher's error, shared by every request that waited on the same refresh
             /// (compare with [`Arc::ptr_eq`]).
             pub fn refresh_error(&self) -> &Arc<RefreshError> {
@@ -88,99 +128,79 @@ macro_rules! refresh_outcome_error {
                 self.unauthorized.as_deref()
             }
         }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str($msg)?;
-                if let Some(head) = &self.unauthorized {
-                    write!(f, " (after a {} response)", head.status)?;
-                }
-                Ok(())
-            }
-        }
-
-        impl std::error::Error for $name {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&*self.error)
-            }
-        }
     };
 }
 
-refresh_outcome_error!(
-    /// The refresher failed terminally (the refresh token was rejected: RFC 6749
-    /// `invalid_grant`, a token endpoint answering 401 or 403). The session has ended: later
-    /// requests fail with [`SessionEnded`] until new credentials are installed through the
-    /// [`TokenHandle`](crate::TokenHandle).
-    RefreshRejected,
-    "token refresh rejected: the session has ended"
-);
-
-refresh_outcome_error!(
-    /// The refresher failed transiently and the retries ran out. The next request tries
-    /// again.
-    RefreshFailed,
-    "token refresh failed"
-);
+refresh_outcome_accessors!(RefreshRejected);
+refresh_outcome_accessors!(RefreshFailed);
 
 impl RefreshRejected {
-    /// Always true; lets code that holds a `&dyn Error` ask without downcasting twice.
-    pub fn is_terminal(&self) -> bool {
-        true
+    pub(crate) fn new(error: Arc<RefreshError>, unauthorized: Option<ResponseHead>) -> Self {
+        Self {
+            error,
+            unauthorized: unauthorized.map(Box::new),
+        }
     }
 }
 
 impl RefreshFailed {
-    /// Always true: a later attempt may succeed.
-    pub fn is_transient(&self) -> bool {
-        true
-    }
-}
-
-/// The request was replayed once with a refreshed token and was refused again. The layer
-/// never replays twice.
-#[derive(Debug, Clone)]
-pub struct UnauthorizedAfterRefresh {
-    first: Box<ResponseHead>,
-    second: Box<ResponseHead>,
-}
-
-impl UnauthorizedAfterRefresh {
-    pub(crate) fn new(first: ResponseHead, second: ResponseHead) -> Self {
+    pub(crate) fn new(
+        error: Arc<RefreshError>,
+        unauthorized: Option<ResponseHead>,
+        next_attempt_in: Option<Duration>,
+    ) -> Self {
         Self {
-            first: Box::new(first),
-            second: Box::new(second),
+            error,
+            unauthorized: unauthorized.map(Box::new),
+            next_attempt_in,
         }
     }
 
-    /// The response to the first attempt, which made the layer refresh.
-    pub fn first(&self) -> &ResponseHead {
-        &self.first
-    }
-
-    /// The response to the replay, with the refreshed token.
-    pub fn second(&self) -> &ResponseHead {
-        &self.second
+    /// How long, from when this error was made, until a refresh may be tried again: set when
+    /// the request failed fast inside the cool-down of an earlier failure.
+    pub fn next_attempt_in(&self) -> Option<Duration> {
+        self.next_attempt_in
     }
 }
 
-impl fmt::Display for UnauthorizedAfterRefresh {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "request refused with {} again after a token refresh (first response: {})",
-            self.second.status, self.first.status
-        )
+/// The request was replayed once with a refreshed token (or sent only after waiting for a
+/// refresh) and was refused again. The layer never refreshes or replays twice for one request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("request refused with {} again after a token refresh", .last.status)]
+pub struct UnauthorizedAfterRefresh {
+    #[source]
+    first: Option<Box<ResponseHead>>,
+    last: Box<ResponseHead>,
+}
+
+impl UnauthorizedAfterRefresh {
+    pub(crate) fn new(first: Option<ResponseHead>, last: ResponseHead) -> Self {
+        Self {
+            first: first.map(Box::new),
+            last: Box::new(last),
+        }
+    }
+
+    /// The response to the first attempt, which made the layer refresh; `None` for a request
+    /// that waited for a refresh before its first send. Also reachable through `source()`.
+    pub fn first(&self) -> Option<&ResponseHead> {
+        self.first.as_deref()
+    }
+
+    /// The final refusal, sent with the refreshed token, with the first bytes of its body
+    /// ([`ResponseHead::body`], at most [`MAX_ERROR_BODY`]).
+    pub fn last(&self) -> &ResponseHead {
+        &self.last
     }
 }
 
-impl std::error::Error for UnauthorizedAfterRefresh {}
-
-/// An earlier refresh failed terminally, so the layer fails requests locally, without calling
-/// the refresher or the network, until new credentials are installed through the
-/// [`TokenHandle`](crate::TokenHandle).
-#[derive(Debug, Clone)]
+/// An earlier refresh failed terminally, or the session was logged out, so the layer fails
+/// requests locally, without calling the refresher or the network, until new credentials are
+/// installed through the [`TokenHandle`](crate::TokenHandle).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("session ended: install new credentials to send authenticated requests")]
 pub struct SessionEnded {
+    #[source]
     cause: Arc<RefreshError>,
 }
 
@@ -195,15 +215,22 @@ impl SessionEnded {
     }
 }
 
-impl fmt::Display for SessionEnded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("session ended: install new credentials to send authenticated requests")
-    }
-}
+/// The request would carry the token over plain `http://` to a host that is not loopback.
+/// Nothing was sent. Use `https://`, or opt in with
+/// [`RefreshOptions::allow_insecure_http`](crate::RefreshOptions::allow_insecure_http).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("refusing to send a token over plain http to a host that is not loopback")]
+pub struct InsecureTransport(());
 
-impl std::error::Error for SessionEnded {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.cause)
+/// [`TokenHandle::refresh`](crate::TokenHandle::refresh) was called from inside the
+/// refresher: it would wait for itself forever.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("TokenHandle::refresh was called from inside the token refresher")]
+pub struct ReentrantRefresh(());
+
+impl ReentrantRefresh {
+    pub(crate) fn new() -> Self {
+        Self(())
     }
 }
 
@@ -222,11 +249,15 @@ impl std::error::Error for SessionEnded {
 /// assert!(!is_auth_failure(&*err));
 /// ```
 pub fn is_auth_failure(err: &(dyn std::error::Error + 'static)) -> bool {
-    err.is::<RefreshRejected>() || err.is::<SessionEnded>() || err.is::<UnauthorizedAfterRefresh>()
+    err.is::<RefreshRejected>()
+        || err.is::<SessionEnded>()
+        || err.is::<UnauthorizedAfterRefresh>()
+        || err.is::<InsecureTransport>()
 }
 
 /// A request for a [keyed layer](crate::keyed) carried no key and no default key is set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("request has no principal key for the keyed token layer")]
 pub struct MissingKey(());
 
 impl MissingKey {
@@ -235,10 +266,60 @@ impl MissingKey {
     }
 }
 
-impl fmt::Display for MissingKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("request has no principal key for the keyed token layer")
-    }
+/// Every way the request protocol fails, before it becomes the front end's error type.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// No token could be had; the 401 that asked for one, if any.
+    Unavailable(Unavailable, Option<ResponseHead>),
+    Insecure,
+    Twice(UnauthorizedAfterRefresh),
+    Reentrant,
 }
 
-impl std::error::Error for MissingKey {}
+impl Failure {
+    /// The error as one of the public types, boxed (the tower front end).
+    pub(crate) fn into_box(self) -> BoxError {
+        match self {
+            Self::Unavailable(Unavailable::Rejected(e), head) => {
+                RefreshRejected::new(e, head).into()
+            }
+            Self::Unavailable(Unavailable::Failed(e), head) => {
+                RefreshFailed::new(e, head, None).into()
+            }
+            Self::Unavailable(Unavailable::Cooling(c), head) => {
+                let left = c
+                    .until
+                    .saturating_duration_since(tokio::time::Instant::now());
+                RefreshFailed::new(c.error, head, Some(left)).into()
+            }
+            Self::Unavailable(Unavailable::Ended(e), _) => SessionEnded::new(e).into(),
+            Self::Insecure => InsecureTransport(()).into(),
+            Self::Twice(e) => e.into(),
+            Self::Reentrant => ReentrantRefresh::new().into(),
+        }
+    }
+
+    /// The error for the reqwest middleware: the same public types, wrapped.
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn into_reqwest(self) -> reqwest_middleware::Error {
+        use reqwest_middleware::Error;
+        match self {
+            Self::Unavailable(Unavailable::Rejected(e), head) => {
+                Error::middleware(RefreshRejected::new(e, head))
+            }
+            Self::Unavailable(Unavailable::Failed(e), head) => {
+                Error::middleware(RefreshFailed::new(e, head, None))
+            }
+            Self::Unavailable(Unavailable::Cooling(c), head) => {
+                let left = c
+                    .until
+                    .saturating_duration_since(tokio::time::Instant::now());
+                Error::middleware(RefreshFailed::new(c.error, head, Some(left)))
+            }
+            Self::Unavailable(Unavailable::Ended(e), _) => Error::middleware(SessionEnded::new(e)),
+            Self::Insecure => Error::middleware(InsecureTransport(())),
+            Self::Twice(e) => Error::middleware(e),
+            Self::Reentrant => Error::middleware(ReentrantRefresh::new()),
+        }
+    }
+}

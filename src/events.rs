@@ -35,7 +35,17 @@ pub enum RefreshEvent {
         /// The generation after clearing.
         generation: u64,
     },
+    /// The token was dropped through the handle without a logout; the next request refreshes.
+    Invalidated {
+        /// The generation after invalidating.
+        generation: u64,
+    },
 }
+
+/// A subscriber fell behind and this many events were dropped (the oldest ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} token events were missed")]
+pub struct Lagged(pub u64);
 
 /// A stream of [`RefreshEvent`]s from one [`TokenHandle`](crate::TokenHandle).
 ///
@@ -46,34 +56,26 @@ pub struct Events {
     rx: broadcast::Receiver<RefreshEvent>,
 }
 
-/// What [`Events::recv`] returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Received {
-    /// The next event.
-    Event(RefreshEvent),
-    /// The subscriber fell behind and this many events were dropped.
-    Lagged(u64),
-}
-
 impl Events {
     pub(crate) fn new(rx: broadcast::Receiver<RefreshEvent>) -> Self {
         Self { rx }
     }
 
-    /// Waits for the next event. `None` once the layer, its services and handles are gone.
-    pub async fn recv(&mut self) -> Option<Received> {
+    /// Waits for the next event; `Err(Lagged(n))` if `n` events were missed. `None` once the
+    /// layer, its services and handles are gone.
+    pub async fn recv(&mut self) -> Option<Result<RefreshEvent, Lagged>> {
         match self.rx.recv().await {
-            Ok(ev) => Some(Received::Event(ev)),
-            Err(broadcast::error::RecvError::Lagged(n)) => Some(Received::Lagged(n)),
+            Ok(ev) => Some(Ok(ev)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Err(Lagged(n))),
             Err(broadcast::error::RecvError::Closed) => None,
         }
     }
 
     /// The next event if one is ready, without waiting.
-    pub fn try_recv(&mut self) -> Option<Received> {
+    pub fn try_recv(&mut self) -> Option<Result<RefreshEvent, Lagged>> {
         match self.rx.try_recv() {
-            Ok(ev) => Some(Received::Event(ev)),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Received::Lagged(n)),
+            Ok(ev) => Some(Ok(ev)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(Lagged(n))),
             Err(_) => None,
         }
     }

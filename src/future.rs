@@ -2,10 +2,8 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use futures_util::future::join;
 use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use http_body::Body;
@@ -14,24 +12,24 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
-use crate::cell::ObtainError;
-use crate::error::{
-    RefreshFailed, RefreshRejected, ResponseHead, SessionEnded, UnauthorizedAfterRefresh,
-};
-use crate::layer::Shared;
+use crate::config::Shared;
+use crate::error::ResponseHead;
+use crate::refresher::RefreshReason;
+use crate::replay::{self, Recovery, Sent, Verdict};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// What a request keeps to ask for a fresher token and replay itself once.
-pub(crate) struct Retry<S, B> {
+/// What a request keeps to wait for a token, or to replay itself once.
+pub(crate) struct Kit<S, B> {
+    /// The inner service: the one `call` used (the replay readies it again), or an unready
+    /// clone for a request that waits before its first send.
     pub(crate) svc: S,
-    pub(crate) shared: Arc<Shared>,
-    /// The request head, kept only when the body can be replayed.
+    pub(crate) shared: Shared,
+    /// The request head without the token, kept only when the body can be replayed (or the
+    /// request has not been sent yet).
     pub(crate) head: Option<http::request::Parts>,
     pub(crate) body: Option<ReplaySource<B>>,
-    /// The generation and attempt counter of the token the request was sent with.
-    pub(crate) generation: u64,
-    pub(crate) attempts: u64,
+    pub(crate) sent: Sent,
 }
 
 pin_project! {
@@ -55,9 +53,13 @@ pin_project! {
     where
         S: Service<Request<ReplayBody<B>>>,
     {
-        Direct { #[pin] fut: S::Future },
-        First { #[pin] fut: S::Future, retry: Option<Retry<S, B>> },
-        Slow { fut: BoxFuture<Result<S::Response, BoxError>> },
+        // Not ours to touch: the inner future, as it is.
+        Passthrough { #[pin] fut: S::Future },
+        // Sent with the current token; a refusal moves on to `Recovering`.
+        Sent { #[pin] fut: S::Future, kit: Option<Kit<S, B>> },
+        // Waiting for a token, or replaying after a refusal (boxed: the rare path).
+        Recovering { fut: BoxFuture<Result<S::Response, BoxError>> },
+        // Failed before anything was sent.
         Failed { error: Option<BoxError> },
     }
 }
@@ -68,9 +70,9 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            State::Direct { .. } => "direct",
-            State::First { .. } => "first attempt",
-            State::Slow { .. } => "refreshing or replaying",
+            State::Passthrough { .. } => "passthrough",
+            State::Sent { .. } => "sent",
+            State::Recovering { .. } => "recovering",
             State::Failed { .. } => "failed",
         };
         f.debug_struct("ResponseFuture")
@@ -88,9 +90,9 @@ where
     ResBody: Send + 'static,
 {
     #[inline]
-    pub(crate) fn direct(fut: S::Future) -> Self {
+    pub(crate) fn passthrough(fut: S::Future) -> Self {
         Self {
-            state: State::Direct { fut },
+            state: State::Passthrough { fut },
         }
     }
 
@@ -102,20 +104,19 @@ where
     }
 
     #[inline]
-    pub(crate) fn first(fut: S::Future, retry: Retry<S, B>) -> Self {
+    pub(crate) fn sent(fut: S::Future, kit: Kit<S, B>) -> Self {
         Self {
-            state: State::First {
+            state: State::Sent {
                 fut,
-                retry: Some(retry),
+                kit: Some(kit),
             },
         }
     }
 
-    #[inline]
-    pub(crate) fn after_refresh(retry: Retry<S, B>, body: ReplayBody<B>, no_refresh: bool) -> Self {
+    pub(crate) fn after_wait(kit: Kit<S, B>, body: ReplayBody<B>, reason: RefreshReason) -> Self {
         Self {
-            state: State::Slow {
-                fut: Box::pin(send_after_refresh(retry, body, no_refresh)),
+            state: State::Recovering {
+                fut: Box::pin(send_after_wait(kit, body, reason)),
             },
         }
     }
@@ -135,21 +136,23 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Direct { fut } => return fut.poll(cx).map_err(Into::into),
-                StateProj::First { fut, retry } => {
+                StateProj::Passthrough { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Sent { fut, kit } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    let wants_refresh = retry
-                        .as_ref()
-                        .is_some_and(|r| r.shared.config.triggers(res.status(), res.headers()));
-                    if !wants_refresh {
+                    let Some(k) = kit.as_ref() else {
                         return Poll::Ready(Ok(res));
+                    };
+                    match replay::judge(&k.shared, k.sent, res.status(), res.headers(), false) {
+                        Verdict::Final => return Poll::Ready(Ok(res)),
+                        _ => {
+                            let kit = kit.take().expect("checked above");
+                            this.state.set(State::Recovering {
+                                fut: Box::pin(recover_and_replay(kit, res)),
+                            });
+                        }
                     }
-                    let retry = retry.take().expect("checked above");
-                    this.state.set(State::Slow {
-                        fut: Box::pin(replay_after(retry, res)),
-                    });
                 }
-                StateProj::Slow { fut } => return fut.as_mut().poll(cx),
+                StateProj::Recovering { fut } => return fut.as_mut().poll(cx),
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
@@ -158,57 +161,58 @@ where
     }
 }
 
-pub(crate) fn obtain_error(err: ObtainError, unauthorized: Option<ResponseHead>) -> BoxError {
-    match err {
-        ObtainError::Rejected(e) => RefreshRejected::new(e, unauthorized).into(),
-        ObtainError::Failed(e) => RefreshFailed::new(e, unauthorized).into(),
-        ObtainError::Ended(e) => SessionEnded::new(e).into(),
-    }
+/// Readies `svc` and sends `req` through it.
+async fn ready_call<S, B, ResBody>(
+    svc: &mut S,
+    req: Request<ReplayBody<B>>,
+) -> Result<Response<ResBody>, BoxError>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    poll_fn(|cx| svc.poll_ready(cx)).await.map_err(Into::into)?;
+    svc.call(req).await.map_err(Into::into)
 }
 
-/// No usable token at `call`: wait for one, then send.
-async fn send_after_refresh<S, B, ResBody>(
-    mut retry: Retry<S, B>,
+/// No usable token at `call`: wait for one (holding no readiness of the inner service), then
+/// send.
+async fn send_after_wait<S, B, ResBody>(
+    mut kit: Kit<S, B>,
     body: ReplayBody<B>,
-    no_refresh: bool,
+    reason: RefreshReason,
 ) -> Result<Response<ResBody>, BoxError>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
     B: Body,
 {
-    let fresh = retry
-        .shared
-        .cell
-        .fresher_than(retry.generation, retry.attempts)
+    let token = replay::wait_for_token(&kit.shared, kit.sent.ticket, reason)
         .await
-        .map_err(|e| obtain_error(e, None))?;
-    let mut parts = retry
+        .map_err(|f| f.into_box())?;
+    let mut parts = kit
         .head
         .take()
         .expect("the head is kept for the first send");
-    if retry.body.is_some() {
-        retry.head = Some(parts.clone());
+    let Some((ticket, header)) = token else {
+        // Anonymous: no token can be had; send it as it is.
+        return ready_call(&mut kit.svc, Request::from_parts(parts, body)).await;
+    };
+    if kit.body.is_some() {
+        kit.head = Some(parts.clone());
     }
-    parts.headers.insert(AUTHORIZATION, fresh.header);
-    retry.generation = fresh.generation;
-    retry.attempts = fresh.attempts;
-    // `svc` was made ready by `poll_ready` before `call`.
-    let res = retry
-        .svc
-        .call(Request::from_parts(parts, body))
-        .await
-        .map_err(Into::into)?;
-    if no_refresh || !retry.shared.config.triggers(res.status(), res.headers()) {
-        return Ok(res);
+    parts.headers.insert(AUTHORIZATION, header);
+    kit.sent.ticket = ticket;
+    let res = ready_call(&mut kit.svc, Request::from_parts(parts, body)).await?;
+    match replay::judge(&kit.shared, kit.sent, res.status(), res.headers(), false) {
+        Verdict::Final => Ok(res),
+        Verdict::RefusedAfterRefresh => refused_again(&kit.shared, None, res),
+        Verdict::Recover => recover_and_replay(kit, res).await,
     }
-    replay_after(retry, res).await
 }
 
-/// The response asked for a refresh: get a token newer than the one the request used and
-/// replay the request once.
-async fn replay_after<S, B, ResBody>(
-    retry: Retry<S, B>,
+/// The response refused the token the request carried: get a newer one and replay once.
+async fn recover_and_replay<S, B, ResBody>(
+    kit: Kit<S, B>,
     first: Response<ResBody>,
 ) -> Result<Response<ResBody>, BoxError>
 where
@@ -216,65 +220,48 @@ where
     S::Error: Into<BoxError>,
     B: Body,
 {
-    let Retry {
+    let Kit {
         mut svc,
         shared,
         head,
         body,
-        generation,
-        attempts,
-    } = retry;
-    let (first_parts, first_body) = first.into_parts();
-    // The refresh runs while the body is being let go of (a server may answer before reading
-    // it): the wait and the refresh overlap, and a request that turns out not replayable still
-    // leaves a fresh token for later requests.
-    let replay = async {
-        match (head, body) {
-            (Some(head), Some(source)) if shared.config.may_replay(&head.method) => {
-                source.settle(shared.config.replay_body_wait).await;
-                source.take().map(|body| (head, body))
-            }
-            _ => None,
-        }
-    };
-    let (fresh, replay) = join(shared.cell.fresher_than(generation, attempts), replay).await;
-    let Some((mut head, body)) = replay else {
-        // Not replayable: the caller gets the response, after the refresh.
-        tracing::debug!(
-            generation,
-            status = first_parts.status.as_u16(),
-            "request cannot be replayed; refreshed for later requests"
-        );
-        return Ok(Response::from_parts(first_parts, first_body));
-    };
-    let first_head = ResponseHead::from_parts(&first_parts);
-    drop(first_body);
-    let fresh = match fresh {
-        Ok(fresh) => fresh,
-        Err(err) => return Err(obtain_error(err, Some(first_head))),
-    };
-    head.headers.insert(AUTHORIZATION, fresh.header);
-    tracing::debug!(
-        stale_generation = generation,
-        generation = fresh.generation,
-        method = %head.method,
-        "replaying request with a fresh token"
-    );
-    poll_fn(|cx| svc.poll_ready(cx)).await.map_err(Into::into)?;
-    let second = svc
-        .call(Request::from_parts(head, body))
-        .await
-        .map_err(Into::into)?;
-    if shared.config.triggers(second.status(), second.headers()) {
-        let (parts, _) = second.into_parts();
-        tracing::warn!(
-            generation = fresh.generation,
-            status = parts.status.as_u16(),
-            "request refused again after a token refresh"
-        );
-        return Err(
-            UnauthorizedAfterRefresh::new(first_head, ResponseHead::from_parts(&parts)).into(),
-        );
+        sent,
+    } = kit;
+    if sent.waited {
+        return refused_again(&shared, None, first);
     }
-    Ok(second)
+    let (first_parts, first_body) = first.into_parts();
+    let first_head = ResponseHead::from_parts(&first_parts);
+    let method = head.as_ref().map(|h| h.method.clone()).unwrap_or_default();
+    let replayable = async {
+        let (head, source) = (head?, body?);
+        source.settle(shared.options.replay_body_wait).await;
+        source.take().map(|body| (head, body))
+    };
+    match replay::recover(&shared, sent, &first_head, &method, replayable).await {
+        Recovery::ReturnFirst => Ok(Response::from_parts(first_parts, first_body)),
+        Recovery::Fail(failure) => Err(failure.into_box()),
+        Recovery::Replay((mut head, body), ticket, header) => {
+            drop(first_body);
+            head.headers.insert(AUTHORIZATION, header);
+            let second = ready_call(&mut svc, Request::from_parts(head, body)).await?;
+            if replay::refused_again(&shared, ticket, second.status(), second.headers()) {
+                return refused_again(&shared, Some(first_head), second);
+            }
+            Ok(second)
+        }
+    }
+}
+
+/// A refusal after a refresh: the response itself, or the typed error.
+fn refused_again<ResBody>(
+    shared: &Shared,
+    first: Option<ResponseHead>,
+    last: Response<ResBody>,
+) -> Result<Response<ResBody>, BoxError> {
+    if shared.options.unauthorized_as_response {
+        return Ok(last);
+    }
+    let (parts, _) = last.into_parts();
+    Err(replay::twice(first, ResponseHead::from_parts(&parts)).into_box())
 }

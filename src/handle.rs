@@ -1,10 +1,10 @@
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::BoxError;
-use crate::cell::Cell;
+use crate::cell::in_refresh;
+use crate::config::Shared;
+use crate::error::Failure;
 use crate::events::Events;
-use crate::future::obtain_error;
 use crate::token::Token;
 
 /// A handle to the token shared by a [`RefreshLayer`](crate::RefreshLayer), every service it
@@ -18,15 +18,19 @@ use crate::token::Token;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower_auth_refresh::BoxError> {
 /// let layer = RefreshLayer::new(refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("refreshed")?) }));
-/// let handle = layer.handle();
+/// let handle = layer.token_handle();
 ///
-/// // After a login:
-/// handle.set_token(Token::bearer("from-login")?);
+/// // After a login (a token set: the refresh token goes with it):
+/// handle.set_token(Token::bearer("from-login")?.with_refresh_token("rt-1"));
 /// assert_eq!(handle.state().generation(), 1);
 ///
 /// // Refresh now, whatever the token's age:
 /// let state = handle.refresh().await?;
 /// assert_eq!(state.generation(), 2);
+///
+/// // Drop the token but stay logged in: the next request refreshes.
+/// handle.invalidate();
+/// assert!(!handle.state().has_token());
 ///
 /// // Logout: requests fail fast until the next `set_token`.
 /// handle.clear();
@@ -36,54 +40,79 @@ use crate::token::Token;
 /// ```
 #[derive(Clone)]
 pub struct TokenHandle {
-    cell: Arc<Cell>,
+    shared: Shared,
 }
 
 impl std::fmt::Debug for TokenHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenHandle")
-            .field("cell", &self.cell)
+            .field("cell", &self.shared.cell)
             .finish()
     }
 }
 
 impl TokenHandle {
-    pub(crate) fn new(cell: Arc<Cell>) -> Self {
-        Self { cell }
+    pub(crate) fn new(shared: Shared) -> Self {
+        Self { shared }
     }
 
-    /// Installs a token (after a login, or from storage) and returns its generation. Ends a
-    /// session-ended state. A late 401 for an older token replays with this one instead of
-    /// refreshing. A refresh in flight does not overwrite it.
+    /// Installs a token, or a whole token set (access token, expiry, refresh token: see
+    /// [`Token::with_refresh_token`]), after a login or from storage, and returns its
+    /// generation. Ends a session-ended state and a refresh cool-down. A late 401 for an older
+    /// token replays with this one instead of refreshing. A refresh in flight does not
+    /// overwrite it.
     pub fn set_token(&self, token: Token) -> u64 {
-        self.cell.install(token)
+        self.shared.cell.install(token, &self.shared.options)
     }
 
-    /// Drops the token (logout). Requests then fail fast with
-    /// [`SessionEnded`](crate::error::SessionEnded), without calling the refresher or the
-    /// network, until [`set_token`](Self::set_token) or [`refresh`](Self::refresh).
+    /// Drops the current token *without* logging out (Ktor's `clearToken`): the next request
+    /// gets a new one through the refresher, which is handed the dropped token (and its
+    /// refresh token). Concurrent requests share that one refresh.
+    pub fn invalidate(&self) -> u64 {
+        self.shared.cell.invalidate()
+    }
+
+    /// Logs out: drops the token and the refresher forgets its own credentials
+    /// ([`TokenRefresher::logout`](crate::TokenRefresher::logout)). Requests then fail fast
+    /// with [`SessionEnded`](crate::error::SessionEnded), without calling the refresher or the
+    /// network (or go out untouched, with
+    /// [`anonymous_when_logged_out`](crate::RefreshOptions::anonymous_when_logged_out)),
+    /// until [`set_token`](Self::set_token) or [`refresh`](Self::refresh).
     pub fn clear(&self) {
-        self.cell.clear();
+        self.shared.cell.clear();
     }
 
     /// Refreshes now: always calls the refresher, or joins the refresh already in flight.
-    /// Works in a session-ended state too (the refresher may hold new credentials).
+    /// Works in a session-ended state and during a cool-down (the refresher may hold new
+    /// credentials).
     ///
     /// # Errors
     ///
     /// [`RefreshRejected`](crate::error::RefreshRejected) or
-    /// [`RefreshFailed`](crate::error::RefreshFailed).
+    /// [`RefreshFailed`](crate::error::RefreshFailed); and
+    /// [`ReentrantRefresh`](crate::error::ReentrantRefresh) at once when called from inside
+    /// the refresher (it would wait for itself).
     pub async fn refresh(&self) -> Result<TokenState, BoxError> {
-        self.cell
-            .force_refresh()
+        if in_refresh() {
+            return Err(Failure::Reentrant.into_box());
+        }
+        self.shared
+            .cell
+            .force_refresh(&self.shared.options)
             .await
-            .map_err(|e| obtain_error(e, None))?;
+            .map_err(|e| Failure::Unavailable(e, None).into_box())?;
         Ok(self.state())
+    }
+
+    /// The current token, for code that must forward it (a WebSocket upgrade, a subprocess).
+    /// **A secret**: never log it. `None` when there is no token.
+    pub fn token(&self) -> Option<Token> {
+        self.shared.cell.current_token()
     }
 
     /// The state of the token, without its secret.
     pub fn state(&self) -> TokenState {
-        let s = self.cell.status();
+        let s = self.shared.cell.status(&self.shared.options);
         TokenState {
             generation: s.generation,
             has_token: s.has_token,
@@ -91,12 +120,13 @@ impl TokenHandle {
             refresh_in: s.refresh_in,
             session_ended: s.session_ended,
             refreshing: s.refreshing,
+            cooling_for: s.cooling_for,
         }
     }
 
     /// Subscribes to [`RefreshEvent`](crate::RefreshEvent)s from now on.
     pub fn subscribe(&self) -> Events {
-        Events::new(self.cell.subscribe())
+        Events::new(self.shared.cell.subscribe())
     }
 }
 
@@ -109,10 +139,12 @@ pub struct TokenState {
     refresh_in: Option<Duration>,
     session_ended: bool,
     refreshing: bool,
+    cooling_for: Option<Duration>,
 }
 
 impl TokenState {
-    /// The token generation: bumped by every refresh, install and clear. 0 before the first.
+    /// The token generation: bumped by every refresh, install, invalidate and clear. 0
+    /// before the first.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -140,5 +172,10 @@ impl TokenState {
     /// Whether a refresh is running.
     pub fn refreshing(&self) -> bool {
         self.refreshing
+    }
+
+    /// Time left in the cool-down after a failed refresh, if one runs.
+    pub fn cooling_for(&self) -> Option<Duration> {
+        self.cooling_for
     }
 }

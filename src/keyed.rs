@@ -11,9 +11,16 @@
 //! [`MissingKey`] error unless a default principal is configured
 //! ([`KeyedRefreshLayer::default_key`]): never guess a principal.
 //!
+//! Every per-token option of [`RefreshLayer`](crate::RefreshLayer) applies to each key
+//! ([`KeyedRefreshLayer::with_options`], or the same setters on the layer), with the same rule:
+//! options are a value, the tokens are shared by every clone.
+//!
 //! The map of cells is bounded ([`KeyedRefreshLayer::capacity`], default 10,000) with idle
-//! eviction ([`KeyedRefreshLayer::idle_timeout`], default 30 min); an evicted key is rebuilt on
-//! its next use with a fresh refresh.
+//! eviction ([`KeyedRefreshLayer::idle_timeout`], default 30 min), amortised O(1) per new key
+//! (a second-chance queue, not a scan). A cell is never evicted while a refresh for it runs,
+//! while its session is ended or logged out (the key stays ended), or while a [`TokenHandle`]
+//! for it is alive (the handle always acts on the key's current cell). An evicted key is
+//! rebuilt on its next use with a fresh refresh.
 //!
 //! # Example
 //!
@@ -43,11 +50,10 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
-use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
@@ -61,15 +67,14 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::{DEFAULT_MAX_REPLAY_BODY, DEFAULT_REPLAY_BODY_WAIT, ReplayBody};
-use crate::cell::{Cell, Settings};
+use crate::body::ReplayBody;
+use crate::cell::TokenCell;
+use crate::config::{RefreshOptions, Shared, option_setters};
 use crate::error::MissingKey;
-use crate::events::RefreshEvent;
+use crate::events::{Lagged, RefreshEvent};
 use crate::future::ResponseFuture;
 use crate::handle::TokenHandle;
-use crate::layer::{Config, ReplayMethods, Shared};
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
-use crate::retry::RetryPolicy;
 use crate::service::dispatch;
 use crate::token::Token;
 
@@ -81,8 +86,15 @@ pub trait KeyedRefresher<K>: Send + Sync + 'static {
     /// The future that resolves to the new token.
     type Future: Future<Output = Result<Token, RefreshError>> + Send + 'static;
 
-    /// Starts a refresh for `key`. `stale` is its rejected or expired token, if any.
-    fn refresh(&self, key: &K, stale: Option<Token>) -> Self::Future;
+    /// Starts a refresh for `key`. The context holds its rejected or expired token, if any,
+    /// and why the refresh is needed.
+    fn refresh(&self, key: &K, ctx: RefreshContext) -> Self::Future;
+
+    /// Called when `key` is logged out through its handle; see
+    /// [`TokenRefresher::logout`]. The default does nothing.
+    fn logout(&self, key: &K) {
+        let _ = key;
+    }
 }
 
 impl<K, F, Fut> KeyedRefresher<K> for F
@@ -93,8 +105,8 @@ where
 {
     type Future = Fut;
 
-    fn refresh(&self, key: &K, stale: Option<Token>) -> Fut {
-        self(key.clone(), stale)
+    fn refresh(&self, key: &K, ctx: RefreshContext) -> Fut {
+        self(key.clone(), ctx.into_stale())
     }
 }
 
@@ -112,19 +124,15 @@ where
     type Future = R::Future;
 
     fn refresh(&self, ctx: RefreshContext) -> R::Future {
-        self.refresher.refresh(&self.key, ctx.into_stale())
+        self.refresher.refresh(&self.key, ctx)
+    }
+
+    fn logout(&self) {
+        self.refresher.logout(&self.key);
     }
 }
 
 type KeyFn<K> = Arc<dyn Fn(&http::request::Parts) -> Option<K> + Send + Sync>;
-
-#[derive(Clone)]
-struct Template {
-    settings: Settings,
-    config: Config,
-    capacity: usize,
-    idle_timeout: Duration,
-}
 
 /// How a service picks the key of a request; fixed when the service is made, so the hot
 /// path reads it without a lock.
@@ -153,16 +161,31 @@ impl<K: Clone + Send + Sync + 'static> Picker<K> {
 }
 
 struct Entry {
-    shared: Arc<Shared>,
-    /// Nanoseconds since `Keyed::base` at the last use.
+    cell: Arc<TokenCell>,
+    /// Milliseconds since `Keyed::base` at the last use.
     last_used: AtomicU64,
+    /// Milliseconds since `Keyed::base` when the key was (re)queued for eviction.
+    queued_at: u64,
+}
+
+/// The cells and the eviction queue (every key once, oldest first; stale keys skipped).
+struct Cells<K> {
+    map: HashMap<K, Entry>,
+    order: VecDeque<K>,
+}
+
+/// The map's bounds; shared by every clone of the layer.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    capacity: usize,
+    idle_ms: u64,
 }
 
 /// The map of cells shared by a keyed layer, its services and handles.
 struct Keyed<K, R> {
     refresher: Arc<R>,
-    cells: RwLock<HashMap<K, Entry>>,
-    template: RwLock<Template>,
+    cells: RwLock<Cells<K>>,
+    limits: RwLock<Limits>,
     base: Instant,
     events: broadcast::Sender<(K, RefreshEvent)>,
 }
@@ -172,126 +195,113 @@ where
     K: Clone + Eq + Hash + Send + Sync + 'static,
     R: KeyedRefresher<K>,
 {
+    /// Milliseconds since the map was made (Tokio's clock: paused time moves it).
     fn tick(&self) -> u64 {
         Instant::now()
             .saturating_duration_since(self.base)
             .as_millis() as u64
     }
 
-    fn template(&self) -> Template {
-        self.template
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// The cell of `key`, created (and the map trimmed) if needed. The common case, an
-    /// existing key, takes a read lock and stores one relaxed atomic.
-    fn shared(&self, key: &K) -> Arc<Shared> {
+    /// The cell of `key`, created (and one cell evicted if the map is full) if needed. The
+    /// common case, an existing key, takes a read lock and stores one relaxed atomic.
+    fn cell(&self, key: &K) -> Arc<TokenCell> {
         let now = self.tick();
         {
             let cells = self.cells.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(entry) = cells.get(key) {
+            if let Some(entry) = cells.map.get(key) {
                 entry.last_used.store(now, Ordering::Relaxed);
-                return entry.shared.clone();
+                return entry.cell.clone();
             }
         }
-        let template = self.template();
+        let limits = *self.limits.read().unwrap_or_else(PoisonError::into_inner);
         let mut cells = self.cells.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = cells.get(key) {
+        if let Some(entry) = cells.map.get(key) {
             entry.last_used.store(now, Ordering::Relaxed);
-            return entry.shared.clone();
+            return entry.cell.clone();
         }
-        if cells.len() >= template.capacity {
-            let idle = template.idle_timeout.as_nanos() as u64;
-            let before = cells.len();
-            cells.retain(|_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < idle);
-            if cells.len() >= template.capacity {
-                let oldest = cells
-                    .iter()
-                    .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
-                    .map(|(k, _)| k.clone());
-                if let Some(oldest) = oldest {
-                    cells.remove(&oldest);
-                }
-            }
-            tracing::debug!(evicted = before - cells.len(), "token cells evicted");
+        if cells.map.len() >= limits.capacity && !evict_one(&mut cells, now, limits.idle_ms) {
+            tracing::debug!(
+                cells = cells.map.len(),
+                "token cell map full of cells in use; growing past its capacity"
+            );
         }
         let events = self.events.clone();
         let tagged = key.clone();
-        let cell = Cell::with_settings(
+        let cell = Arc::new(TokenCell::new(
             Bound {
                 key: key.clone(),
                 refresher: self.refresher.clone(),
             },
-            template.settings.clone(),
             Some(Box::new(move |ev| {
                 let _ = events.send((tagged.clone(), ev));
             })),
-        );
-        let shared = Arc::new(Shared {
-            cell: Arc::new(cell),
-            config: template.config.clone(),
-        });
-        cells.insert(
+        ));
+        cells.map.insert(
             key.clone(),
             Entry {
-                shared: shared.clone(),
+                cell: cell.clone(),
                 last_used: AtomicU64::new(now),
+                queued_at: now,
             },
         );
-        shared
-    }
-}
-
-/// The object-safe part of [`Keyed`] a handle needs.
-trait Cells<K>: Send + Sync {
-    fn cell(&self, key: &K) -> Arc<Cell>;
-    fn remove(&self, key: &K) -> bool;
-    fn len(&self) -> usize;
-    fn subscribe(&self) -> broadcast::Receiver<(K, RefreshEvent)>;
-}
-
-impl<K, R> Cells<K> for Keyed<K, R>
-where
-    K: Clone + Eq + Hash + Send + Sync + 'static,
-    R: KeyedRefresher<K>,
-{
-    fn cell(&self, key: &K) -> Arc<Cell> {
-        self.shared(key).cell.clone()
+        cells.order.push_back(key.clone());
+        cell
     }
 
     fn remove(&self, key: &K) -> bool {
-        self.cells
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(key)
-            .is_some()
+        let mut cells = self.cells.write().unwrap_or_else(PoisonError::into_inner);
+        cells.map.remove(key).is_some()
     }
 
     fn len(&self) -> usize {
         self.cells
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .map
             .len()
     }
+}
 
-    fn subscribe(&self) -> broadcast::Receiver<(K, RefreshEvent)> {
-        self.events.subscribe()
+/// Evicts one cell: the oldest in the queue that is idle, or not used since it was queued
+/// (a second chance for the others), and not pinned (a refresh running, an ended session, a
+/// live handle or request). Amortised O(1): each use grants at most one second chance.
+fn evict_one<K: Clone + Eq + Hash>(cells: &mut Cells<K>, now: u64, idle_ms: u64) -> bool {
+    let mut budget = cells.order.len();
+    while budget > 0 {
+        budget -= 1;
+        let Some(key) = cells.order.pop_front() else {
+            return false;
+        };
+        let Some(entry) = cells.map.get_mut(&key) else {
+            continue; // removed through the handle
+        };
+        // The map holds one reference; any other is a handle or a request in flight.
+        let pinned = Arc::strong_count(&entry.cell) > 1 || entry.cell.pinned();
+        let last = entry.last_used.load(Ordering::Relaxed);
+        let idle = now.saturating_sub(last) >= idle_ms;
+        if pinned || (!idle && last > entry.queued_at) {
+            entry.queued_at = now;
+            cells.order.push_back(key);
+            continue;
+        }
+        cells.map.remove(&key);
+        tracing::trace!(idle, "token cell evicted");
+        return true;
     }
+    false
 }
 
 /// Like [`RefreshLayer`](crate::RefreshLayer), with one token per key.
 ///
 /// # Defaults
 ///
-/// The per-key options and their defaults are those of
-/// [`RefreshLayer`](crate::RefreshLayer); besides them: key from a request extension of
-/// type `K`, no default key (requests without one fail with
-/// [`MissingKey`]), capacity 10,000 cells, idle timeout 30 minutes.
-/// Options apply to cells created after they are set: configure before the first request.
+/// The per-key options and their defaults are those of [`RefreshOptions`]; besides them: key
+/// from a request extension of type `K`, no default key (requests without one fail with
+/// [`MissingKey`]), capacity 10,000 cells, idle timeout 30 minutes. The capacity and idle
+/// timeout belong to the map of cells, which every clone shares.
 pub struct KeyedRefreshLayer<K, R> {
     keyed: Arc<Keyed<K, R>>,
+    options: Arc<RefreshOptions>,
     picker: Arc<Picker<K>>,
 }
 
@@ -299,6 +309,7 @@ impl<K, R> Clone for KeyedRefreshLayer<K, R> {
     fn clone(&self) -> Self {
         Self {
             keyed: self.keyed.clone(),
+            options: self.options.clone(),
             picker: self.picker.clone(),
         }
     }
@@ -311,9 +322,11 @@ impl<K, R> fmt::Debug for KeyedRefreshLayer<K, R> {
             .cells
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .map
             .len();
         f.debug_struct("KeyedRefreshLayer")
             .field("cells", &cells)
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
@@ -323,28 +336,29 @@ where
     K: Clone + Eq + Hash + Send + Sync + 'static,
     R: KeyedRefresher<K>,
 {
-    /// A keyed layer whose tokens come from `refresher`.
+    /// A keyed layer whose tokens come from `refresher`, with the default options.
     pub fn new(refresher: R) -> Self {
+        Self::with_options(refresher, RefreshOptions::default())
+    }
+
+    /// A keyed layer with the given per-key options.
+    pub fn with_options(refresher: R, options: RefreshOptions) -> Self {
         let (events, _) = broadcast::channel(256);
         Self {
             keyed: Arc::new(Keyed {
                 refresher: Arc::new(refresher),
-                cells: RwLock::new(HashMap::new()),
-                template: RwLock::new(Template {
-                    settings: Settings::default(),
-                    config: Config {
-                        max_replay_body: DEFAULT_MAX_REPLAY_BODY,
-                        replay_body_wait: DEFAULT_REPLAY_BODY_WAIT,
-                        trigger: None,
-                        replay_methods: ReplayMethods::All,
-                        origins: None,
-                    },
+                cells: RwLock::new(Cells {
+                    map: HashMap::new(),
+                    order: VecDeque::new(),
+                }),
+                limits: RwLock::new(Limits {
                     capacity: 10_000,
-                    idle_timeout: Duration::from_secs(30 * 60),
+                    idle_ms: 30 * 60 * 1000,
                 }),
                 base: Instant::now(),
                 events,
             }),
+            options: Arc::new(options),
             picker: Arc::new(Picker {
                 key_fn: None,
                 default_key: None,
@@ -352,10 +366,18 @@ where
         }
     }
 
-    fn edit(self, f: impl FnOnce(&mut Template)) -> Self {
+    fn map_options(mut self, f: impl FnOnce(RefreshOptions) -> RefreshOptions) -> Self {
+        let options = Arc::make_mut(&mut self.options);
+        *options = f(std::mem::take(options));
+        self
+    }
+
+    option_setters!();
+
+    fn limits(self, f: impl FnOnce(&mut Limits)) -> Self {
         f(&mut self
             .keyed
-            .template
+            .limits
             .write()
             .unwrap_or_else(PoisonError::into_inner));
         self
@@ -380,41 +402,24 @@ where
         this
     }
 
-    /// At most this many cells (at least 1). When full, idle cells go first, then the least
-    /// recently used one.
+    /// At most this many cells (at least 1) while cells can be evicted (see the module docs
+    /// for which cannot). When full, an idle cell or the least recently used one goes.
     #[must_use]
     pub fn capacity(self, cells: usize) -> Self {
-        self.edit(|t| t.capacity = cells.max(1))
+        self.limits(|l| l.capacity = cells.max(1))
     }
 
-    /// A cell unused for this long is evicted when room is needed.
+    /// A cell unused for this long is evicted first when room is needed.
     #[must_use]
     pub fn idle_timeout(self, idle: Duration) -> Self {
-        self.edit(|t| t.idle_timeout = idle)
-    }
-
-    /// The expiry leeway of each key's token (see [`RefreshLayer::leeway`](crate::RefreshLayer::leeway)).
-    #[must_use]
-    pub fn leeway(self, leeway: Duration) -> Self {
-        self.edit(|t| t.settings.leeway = leeway)
-    }
-
-    /// The retry policy of each key's refreshes.
-    #[must_use]
-    pub fn retry(self, policy: RetryPolicy) -> Self {
-        self.edit(|t| t.settings.retry = policy)
-    }
-
-    /// The largest body kept for a replay (default 1 MiB).
-    #[must_use]
-    pub fn max_replay_body(self, bytes: usize) -> Self {
-        self.edit(|t| t.config.max_replay_body = bytes)
+        self.limits(|l| l.idle_ms = idle.as_millis().min(u128::from(u64::MAX)) as u64)
     }
 
     /// The handle to every key's token.
-    pub fn handle(&self) -> KeyedTokenHandle<K> {
+    pub fn token_handle(&self) -> KeyedTokenHandle<K> {
         KeyedTokenHandle {
             cells: self.keyed.clone(),
+            options: self.options.clone(),
         }
     }
 }
@@ -426,6 +431,7 @@ impl<S, K, R> Layer<S> for KeyedRefreshLayer<K, R> {
         KeyedRefresh {
             inner,
             keyed: self.keyed.clone(),
+            options: self.options.clone(),
             picker: self.picker.clone(),
         }
     }
@@ -435,6 +441,7 @@ impl<S, K, R> Layer<S> for KeyedRefreshLayer<K, R> {
 pub struct KeyedRefresh<S, K, R> {
     inner: S,
     keyed: Arc<Keyed<K, R>>,
+    options: Arc<RefreshOptions>,
     picker: Arc<Picker<K>>,
 }
 
@@ -443,6 +450,7 @@ impl<S: Clone, K, R> Clone for KeyedRefresh<S, K, R> {
         Self {
             inner: self.inner.clone(),
             keyed: self.keyed.clone(),
+            options: self.options.clone(),
             picker: self.picker.clone(),
         }
     }
@@ -462,9 +470,10 @@ where
     R: KeyedRefresher<K>,
 {
     /// The handle to every key's token.
-    pub fn handle(&self) -> KeyedTokenHandle<K> {
+    pub fn token_handle(&self) -> KeyedTokenHandle<K> {
         KeyedTokenHandle {
             cells: self.keyed.clone(),
+            options: self.options.clone(),
         }
     }
 }
@@ -494,15 +503,49 @@ where
         let Some(key) = self.picker.pick(&parts) else {
             return ResponseFuture::failed(MissingKey::new().into());
         };
-        let shared = self.keyed.shared(&key);
+        let shared = Shared {
+            cell: self.keyed.cell(&key),
+            options: self.options.clone(),
+        };
         dispatch(&shared, inner, Request::from_parts(parts, body))
+    }
+}
+
+/// The object-safe part of [`Keyed`] a handle needs.
+trait KeyedCells<K>: Send + Sync {
+    fn cell(&self, key: &K) -> Arc<TokenCell>;
+    fn remove(&self, key: &K) -> bool;
+    fn len(&self) -> usize;
+    fn subscribe(&self) -> broadcast::Receiver<(K, RefreshEvent)>;
+}
+
+impl<K, R> KeyedCells<K> for Keyed<K, R>
+where
+    K: Clone + Eq + Hash + Send + Sync + 'static,
+    R: KeyedRefresher<K>,
+{
+    fn cell(&self, key: &K) -> Arc<TokenCell> {
+        Keyed::cell(self, key)
+    }
+
+    fn remove(&self, key: &K) -> bool {
+        Keyed::remove(self, key)
+    }
+
+    fn len(&self) -> usize {
+        Keyed::len(self)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<(K, RefreshEvent)> {
+        self.events.subscribe()
     }
 }
 
 /// A handle to every key's token: a [`TokenHandle`] per key, events tagged with their key.
 #[derive(Clone)]
 pub struct KeyedTokenHandle<K> {
-    cells: Arc<dyn Cells<K>>,
+    cells: Arc<dyn KeyedCells<K>>,
+    options: Arc<RefreshOptions>,
 }
 
 impl<K> fmt::Debug for KeyedTokenHandle<K> {
@@ -514,10 +557,14 @@ impl<K> fmt::Debug for KeyedTokenHandle<K> {
 }
 
 impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
-    /// The handle of `key`'s token (its cell is created if needed): install, clear, force a
-    /// refresh, read the state.
+    /// The handle of `key`'s token (its cell is created if needed): install, clear,
+    /// invalidate, force a refresh, read the state. While it is alive the key's cell is not
+    /// evicted, so it always acts on the key's current cell.
     pub fn key(&self, key: &K) -> TokenHandle {
-        TokenHandle::new(self.cells.cell(key))
+        TokenHandle::new(Shared {
+            cell: self.cells.cell(key),
+            options: self.options.clone(),
+        })
     }
 
     /// Forgets `key`'s cell; its next request starts with a fresh refresh.
@@ -539,7 +586,6 @@ impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
     pub fn subscribe(&self) -> KeyedEvents<K> {
         KeyedEvents {
             rx: self.cells.subscribe(),
-            _key: PhantomData,
         }
     }
 }
@@ -547,7 +593,6 @@ impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
 /// A stream of `(key, event)` pairs from a [`KeyedTokenHandle`].
 pub struct KeyedEvents<K> {
     rx: broadcast::Receiver<(K, RefreshEvent)>,
-    _key: PhantomData<K>,
 }
 
 impl<K> fmt::Debug for KeyedEvents<K> {
@@ -557,22 +602,76 @@ impl<K> fmt::Debug for KeyedEvents<K> {
 }
 
 impl<K: Clone> KeyedEvents<K> {
-    /// Waits for the next event; `Err(n)` if `n` events were missed. `None` once every
-    /// layer, service and handle is gone.
-    pub async fn recv(&mut self) -> Option<Result<(K, RefreshEvent), u64>> {
+    /// Waits for the next event; `Err(Lagged(n))` if `n` events were missed. `None` once
+    /// every layer, service and handle is gone.
+    pub async fn recv(&mut self) -> Option<Result<(K, RefreshEvent), Lagged>> {
         match self.rx.recv().await {
             Ok(ev) => Some(Ok(ev)),
-            Err(broadcast::error::RecvError::Lagged(n)) => Some(Err(n)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Err(Lagged(n))),
             Err(broadcast::error::RecvError::Closed) => None,
         }
     }
 
     /// The next event if one is ready.
-    pub fn try_recv(&mut self) -> Option<Result<(K, RefreshEvent), u64>> {
+    pub fn try_recv(&mut self) -> Option<Result<(K, RefreshEvent), Lagged>> {
         match self.rx.try_recv() {
             Ok(ev) => Some(Ok(ev)),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(n)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(Lagged(n))),
             Err(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cells(n: u32) -> Cells<u32> {
+        let mut c = Cells {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        for k in 0..n {
+            c.map.insert(
+                k,
+                Entry {
+                    cell: Arc::new(TokenCell::new(
+                        |_: Option<Token>| async { Token::bearer("t").map_err(RefreshError::from) },
+                        None,
+                    )),
+                    last_used: AtomicU64::new(0),
+                    queued_at: 0,
+                },
+            );
+            c.order.push_back(k);
+        }
+        c
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_unpinned_cell_and_gives_recent_ones_a_second_chance() {
+        let mut c = cells(3);
+        // Key 0 was used after it was queued: it gets a second chance, key 1 goes.
+        c.map[&0].last_used.store(5, Ordering::Relaxed);
+        assert!(evict_one(&mut c, 10, 1_000));
+        assert!(c.map.contains_key(&0) && !c.map.contains_key(&1));
+        // A cell with a live handle (another reference) is never evicted.
+        let held = c.map[&2].cell.clone();
+        assert!(evict_one(&mut c, 10, 1_000));
+        assert!(c.map.contains_key(&2) && !c.map.contains_key(&0));
+        assert!(!evict_one(&mut c, 10, 1_000), "only a pinned cell is left");
+        drop(held);
+        assert!(evict_one(&mut c, 10, 1_000));
+        assert!(c.map.is_empty());
+    }
+
+    #[test]
+    fn idle_cells_are_evicted_even_if_used_after_they_were_queued() {
+        let mut c = cells(2);
+        c.map[&0].last_used.store(5, Ordering::Relaxed);
+        // 30 minutes later, key 0 is idle: it goes first despite its later use.
+        let later = 5 + 30 * 60 * 1000;
+        assert!(evict_one(&mut c, later, 30 * 60 * 1000));
+        assert!(!c.map.contains_key(&0));
     }
 }

@@ -37,46 +37,68 @@
 //!
 //! # How a request goes through
 //!
-//! 1. The current `(generation, token)` is read without awaiting anything (a `std` read lock
-//!    held for a reference-count bump). A request that already has an `Authorization` header,
-//!    is marked [`RefreshRequest`], is sent from inside a refresher, or is for an origin outside
-//!    [`RefreshLayer::allowed_origins`] passes through untouched.
-//! 2. With no token, or one inside the expiry leeway, the request waits for a refresh first
-//!    (the same single flight as a 401).
-//! 3. The body is wrapped in a [`ReplayBody`]: empty bodies and bodies of known size up to the
-//!    cap are captured as they stream out, so they can be replayed; others pass through.
-//! 4. `Authorization: <scheme> <token>` is set (replacing, never appending; marked sensitive)
+//! The protocol is written once (the crate's `replay` module) and shared by the tower
+//! service, the keyed layer and the reqwest middleware.
+//!
+//! 1. **Admit.** The current `(generation, token)` is read without awaiting anything (a `std`
+//!    read lock held for a reference-count bump). A request that already has an
+//!    `Authorization` header, is marked [`TokenRequest`], is sent from inside a refresher, is
+//!    rejected by the [attach rule](RefreshOptions::attach_when), or goes to an origin the token
+//!    may not go to (by default any but the first origin the layer saw; see
+//!    [`RefreshOptions::allowed_origins`]) passes through untouched. Plain `http://` to a host
+//!    that is not loopback fails with [`InsecureTransport`](error::InsecureTransport) unless
+//!    allowed.
+//! 2. **Wait** when there is no usable token: none yet, expired or inside the expiry leeway,
+//!    or **already refused** by the server for another request (a refresh for it is running
+//!    or about to: the layer never sends a token it knows is rejected). The request joins the
+//!    one refresh in flight; while it waits it holds no readiness of the inner service.
+//! 3. **Send.** The body is wrapped in a [`ReplayBody`] (captured as it streams, up to a cap),
+//!    `Authorization: <scheme> <token>` is set (replacing, never appending; marked sensitive)
 //!    and the request is sent with the inner service that `poll_ready` made ready.
-//! 5. If the response asks for a refresh (by default a 401 not excluded by RFC 6750, see
-//!    [`policy`]), the request asks the cell for a token *newer than the generation it was
-//!    sent with*: if another request already refreshed, it reuses that token; otherwise it
-//!    joins or starts the one refresh in flight. Then it is replayed once, with the same
-//!    method, URI, version, headers, extensions and body bytes. The response to the replay is
-//!    final: a second refusal is the typed [`UnauthorizedAfterRefresh`](error::UnauthorizedAfterRefresh)
-//!    error, which keeps both responses' status and headers.
+//! 4. **Recover.** If the response asks for a refresh (by default a 401 not excluded by
+//!    RFC 6750, see [`policy`]), the request asks the cell for a token *newer than the
+//!    generation it was sent with*: if another request already refreshed, it reuses that
+//!    token; otherwise it joins or starts the one refresh in flight. Then it is replayed once,
+//!    with the same method, URI, version, headers, extensions and body bytes.
+//! 5. **Final.** The response to the replay is final: a second refusal is the typed
+//!    [`UnauthorizedAfterRefresh`](error::UnauthorizedAfterRefresh) error (or the response
+//!    itself, with [`RefreshOptions::unauthorized_as_response`]). A request that was sent only
+//!    after waiting for a refresh and is refused gets the same, without a second refresh.
 //!
 //! # The refresh
 //!
 //! One refresh runs at a time for the layer and all clones of its services. It runs as a Tokio
 //! task of its own and stores its result even if every request waiting on it is dropped: with
 //! rotating refresh tokens, a cancelled refresh may already have spent the old refresh token
-//! on the server. (Outside a Tokio runtime it runs inside the waiting request instead.)
+//! on the server. Every waiter polls the same shared future too, so a refresh whose task sits
+//! on a runtime nobody drives any more is driven by the waiters that are still polled.
+//! (Outside a Tokio runtime it runs inside the waiting requests; dropping the last one
+//! cancels it.)
 //!
+//! - Each refresher call is bounded by [`RefreshOptions::refresh_timeout`] (30 s): a refresher
+//!   that never returns fails as a transient error instead of wedging the layer.
 //! - Transient failures ([`RefreshError::transient`]) are retried with exponential backoff and
-//!   full jitter ([`RetryPolicy`]), honouring a server's `Retry-After`; then every waiter gets
-//!   [`RefreshFailed`](error::RefreshFailed) and the next request tries again.
-//! - A terminal failure ([`RefreshError::terminal`]) is never retried. Every waiter gets
-//!   [`RefreshRejected`](error::RefreshRejected) holding the *same* `Arc`'d error, one
-//!   [`RefreshEvent::SessionEnded`] is emitted (the "log the user out" signal), and later
-//!   requests fail fast with [`SessionEnded`](error::SessionEnded), without calling the
-//!   refresher or the network, until the [`TokenHandle`] installs new credentials.
+//!   full jitter ([`Backoff`]), honouring a server's `Retry-After`, within a total time bound;
+//!   then every waiter gets [`RefreshFailed`](error::RefreshFailed) and a
+//!   [cool-down](Cooldown) starts: requests keep using a token that is still valid, others
+//!   fail fast without calling the refresher until it ends.
+//! - A terminal failure ([`RefreshError::terminal`]), in the foreground or in a background
+//!   refresh, is never retried. Every waiter gets [`RefreshRejected`](error::RefreshRejected)
+//!   holding the *same* `Arc`'d error, one [`RefreshEvent::SessionEnded`] is emitted (the "log
+//!   the user out" signal), and later requests fail fast with
+//!   [`SessionEnded`](error::SessionEnded), without calling the refresher or the network, until
+//!   the [`TokenHandle`] installs new credentials.
 //! - A refresher that panics is caught: waiters get a transient error and the layer stays
-//!   usable.
+//!   usable. A refresher that returns an already expired token while a valid one is held has
+//!   failed transiently (the valid token stays).
+//! - The refresher gets a [`RefreshContext`]: the stale token (with its refresh token, for
+//!   token sets) and why it is asked ([`RefreshReason`]: the 401 with its challenges, expiry,
+//!   forced, background).
 //!
 //! # Bodies and replay
 //!
 //! A replay needs the body twice. The layer keeps a body only when it is empty or its size is
-//! known and at most [`RefreshLayer::max_replay_body`] (1 MiB by default), and keeps it
+//! known and at most [`RefreshOptions::max_replay_body`] (1 MiB by default), and keeps it
 //! zero-copy (the [`Bytes`](bytes::Bytes) of each frame are shared, not copied) while it
 //! streams to the inner service, so the first attempt is never delayed. A body of unknown size
 //! or above the cap passes through untouched and is **not replayed**: its 401 response goes back
@@ -84,7 +106,7 @@
 //! token. Memory stays bounded by the cap in every case, even when a size hint lies.
 //!
 //! A server may answer 401 before it has read the body, while the client is still sending it.
-//! The replay then waits, up to [`RefreshLayer::replay_body_wait`] (1 s), for the first send to
+//! The replay then waits, up to [`RefreshOptions::replay_body_wait`] (1 s), for the first send to
 //! finish or be dropped, and sends the whole body again (what was captured, then the unsent
 //! rest); after the wait the 401 goes back to the caller.
 //!
@@ -107,7 +129,8 @@
 //! ```
 //!
 //! If `FollowRedirectLayer` must sit outside this layer, every hop passes through this layer
-//! and gets the token: configure [`RefreshLayer::allowed_origins`] then.
+//! and gets the token unless its origin is not allowed: by default only the first origin the
+//! layer saw gets the token (see [`RefreshOptions::allowed_origins`]).
 //!
 //! # Errors
 //!
@@ -124,7 +147,7 @@
 //!     } else if err.is::<RefreshFailed>() {
 //!         "the identity provider is unavailable: try again later"
 //!     } else if let Some(e) = err.downcast_ref::<UnauthorizedAfterRefresh>() {
-//!         let _ = e.first().headers(); // e.g. WWW-Authenticate of the first 401
+//!         let _ = e.last().headers(); // e.g. WWW-Authenticate of the final refusal
 //!         "a fresh token is not enough for this resource"
 //!     } else {
 //!         "the inner service failed"
@@ -139,7 +162,9 @@
 //!   error message or tracing event carries it (tests capture all output at TRACE level).
 //! - The `Authorization` value is marked sensitive, so tower-http's `TraceLayer` and hyper print
 //!   it as `Sensitive`.
-//! - [`RefreshLayer::allowed_origins`] keeps the token off requests to other origins.
+//! - By default the token goes only to the origin of the first request; an allow-list or an
+//!   explicit [`any_origin`](RefreshOptions::any_origin) changes that. Plain `http://` is refused
+//!   except to loopback.
 //! - The refresh-token grant of the [`oauth2`] module refuses a non-https token endpoint that
 //!   is not loopback, and persists rotated refresh tokens before the new access token is used.
 //!
@@ -161,11 +186,12 @@
 mod body;
 mod cell;
 mod clock;
+mod config;
 mod events;
 mod handle;
 mod layer;
 mod refresher;
-mod retry;
+mod replay;
 mod service;
 mod token;
 
@@ -181,15 +207,18 @@ pub mod policy;
 pub mod reqwest;
 
 pub use body::{DEFAULT_MAX_REPLAY_BODY, ReplayBody};
+pub use cell::backoff::{Backoff, Cooldown, RefreshAhead};
 pub use clock::{Clock, TokioClock};
-pub use events::{Events, Received, RefreshEvent};
+pub use config::{
+    InvalidOrigin, NoReplay, RefreshOptions, ReplayMethods, RequestHead, TokenRequest,
+};
+pub use events::{Events, Lagged, RefreshEvent};
 pub use handle::{TokenHandle, TokenState};
-pub use layer::{InvalidOrigin, RefreshLayer, ReplayMethods};
+pub use layer::RefreshLayer;
 pub use refresher::{
     ContextFn, RefreshContext, RefreshError, RefreshReason, TokenRefresher, context_fn, refresh_fn,
 };
-pub use retry::RetryPolicy;
-pub use service::{NoRefresh, Refresh, RefreshRequest};
+pub use service::Refresh;
 pub use token::{Expiry, InvalidToken, Token};
 
 /// The boxed error type of the layer's service, as in tower.

@@ -99,7 +99,9 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 use tower_service::Service;
 
-use crate::{BoxError, RefreshContext, RefreshError, RefreshRequest, Token, TokenRefresher};
+use crate::{
+    BoxError, RefreshContext, RefreshError, Token, TokenRefresher, TokenRequest as RefreshRequest,
+};
 
 /// How long a token request may take, from sending to the last byte of the answer, unless
 /// [`timeout`](OAuth2RefresherBuilder::timeout) says otherwise: 10 seconds.
@@ -1169,7 +1171,7 @@ impl<C> OAuth2RefresherBuilder<C> {
     /// The old refresh token is spent on the server, so the refresher keeps the new one in
     /// memory and uses it from then on; but the refresh fails with a transient error of kind
     /// [`ErrorKind::Persist`] and its access token is dropped. The layer's
-    /// [`RetryPolicy`](crate::RetryPolicy) then tries again: the retry rotates once more and
+    /// [`Backoff`](crate::Backoff) then tries again: the retry rotates once more and
     /// calls the hook with the newer token, so the store catches up as soon as the hook
     /// succeeds. While it keeps failing, requests fail with
     /// [`RefreshFailed`](crate::error::RefreshFailed).

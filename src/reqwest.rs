@@ -12,14 +12,15 @@
 //! Exactly as in the tower layer (see the [crate documentation](crate)):
 //!
 //! 1. A request that already has an `Authorization` header, carries the
-//!    [`RefreshRequest`] marker (`.with_extension(RefreshRequest)`), is for an origin outside
+//!    [`TokenRequest`] marker (`.with_extension(TokenRequest)`), is for an origin outside
 //!    [`RefreshLayer::allowed_origins`], or is sent from inside a refresher passes through
 //!    untouched.
 //! 2. After a terminal refresh failure the request fails fast with
 //!    [`SessionEnded`], without a network call. With no usable token it waits for a refresh.
 //! 3. `Authorization` is set (marked sensitive) and the request is sent. A request marked
-//!    [`NoRefresh`] stops here: a 401 is returned as it is.
-//! 4. If the response asks for a refresh (by default a 401 not excluded by RFC 6750), the
+//!    [`NoReplay`] stops here: a 401 is returned as it is.
+//! 4. If the response asks for a refresh (by default a 401 not excluded by RFC 6750) and came
+//!    from the request the middleware sent (not from a redirect target reqwest followed), the
 //!    request gets a token newer than the one it was sent with (the one already there, the
 //!    refresh in flight, or a new refresh) and is replayed **once**. A second refusal is
 //!    [`UnauthorizedAfterRefresh`].
@@ -55,7 +56,7 @@
 //!     if e.is::<RefreshRejected>() || e.is::<SessionEnded>() {
 //!         "log in again"
 //!     } else if let Some(twice) = e.downcast_ref::<UnauthorizedAfterRefresh>() {
-//!         let _ = twice.second().headers(); // the second `WWW-Authenticate`, for one
+//!         let _ = twice.last().headers(); // the final `WWW-Authenticate`, for one
 //!         "the new token is not enough for this resource"
 //!     } else if is_auth_failure(&**e) {
 //!         "another failure of the refresh layer"
@@ -82,25 +83,30 @@
 //! # let _ = client;
 //! ```
 
+//!
+//! [`TokenRequest`]: crate::TokenRequest
+//! [`NoReplay`]: crate::NoReplay
+//! [`SessionEnded`]: crate::error::SessionEnded
+//! [`RefreshRejected`]: crate::error::RefreshRejected
+//! [`RefreshFailed`]: crate::error::RefreshFailed
+//! [`UnauthorizedAfterRefresh`]: crate::error::UnauthorizedAfterRefresh
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::Extensions;
 use http::header::AUTHORIZATION;
-use reqwest::{Request, Response, Url};
-use reqwest_middleware::{Error, Middleware, Next};
+use reqwest::{Request, Response};
+use reqwest_middleware::{Middleware, Next};
 
 use crate::body::{ReplayBody, ReplaySource};
-use crate::cell::{self, Lookup, ObtainError};
-use crate::error::{
-    RefreshFailed, RefreshRejected, ResponseHead, SessionEnded, UnauthorizedAfterRefresh,
-};
+use crate::config::Shared;
+use crate::error::ResponseHead;
 use crate::handle::TokenHandle;
-use crate::layer::{Config, RefreshLayer, Shared};
-use crate::service::{NoRefresh, RefreshRequest};
+use crate::layer::RefreshLayer;
+use crate::replay::{self, Admit, Recovery, Sent, Verdict};
 
 /// A [`reqwest_middleware::Middleware`] that attaches the token of a [`RefreshLayer`],
 /// refreshes it once for all concurrent requests that need it, and replays a rejected request
@@ -131,12 +137,13 @@ use crate::service::{NoRefresh, RefreshRequest};
 /// ```
 #[derive(Clone)]
 pub struct RefreshMiddleware {
-    shared: Arc<Shared>,
+    shared: Shared,
 }
 
 impl RefreshMiddleware {
-    /// A middleware sharing `layer`'s token cell, handle and configuration (as it is now:
-    /// options set on the layer afterwards do not reach this middleware).
+    /// A middleware sharing `layer`'s token cell and handle, with the layer's options as they
+    /// are now (options are a value: setting them on the layer afterwards does not reach this
+    /// middleware).
     ///
     /// # Example
     ///
@@ -147,37 +154,23 @@ impl RefreshMiddleware {
     /// let refresher = refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("t")?) });
     /// let layer = RefreshLayer::new(refresher);
     /// let middleware = RefreshMiddleware::from_layer(&layer);
-    /// layer.handle().set_token(Token::bearer("from-login")?);
+    /// layer.token_handle().set_token(Token::bearer("from-login")?);
     /// assert_eq!(middleware.token_handle().state().generation(), 1);
     /// # Ok::<(), tower_auth_refresh::InvalidToken>(())
     /// ```
-    pub fn from_layer<R>(layer: &RefreshLayer<R>) -> Self {
+    pub fn from_layer(layer: &RefreshLayer) -> Self {
         Self {
             shared: layer.shared().clone(),
         }
     }
 
-    /// The handle to the shared token (the same as [`RefreshLayer::handle`]).
-    ///
-    /// Named `token_handle` because [`Middleware::handle`] is the middleware's entry point.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use tower_auth_refresh::{refresh_fn, RefreshError, RefreshLayer, Token};
-    ///
-    /// let refresher = refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("t")?) });
-    /// let layer = RefreshLayer::new(refresher);
-    /// let middleware = layer.reqwest_middleware();
-    /// middleware.token_handle().set_token(Token::bearer("from-login")?);
-    /// assert!(layer.handle().state().has_token());
-    /// # Ok::<(), tower_auth_refresh::InvalidToken>(())
-    /// ```
+    /// The handle to the shared token (the same as [`RefreshLayer::token_handle`]).
     pub fn token_handle(&self) -> TokenHandle {
-        TokenHandle::new(self.shared.cell.clone())
+        TokenHandle::new(self.shared.clone())
     }
 
-    /// One request through the middleware: the reqwest counterpart of the tower `dispatch`.
+    /// One request through the middleware: the same protocol as the tower layer
+    /// ([`replay`](crate::replay) steps), with reqwest's types.
     async fn send(
         &self,
         mut req: Request,
@@ -185,109 +178,87 @@ impl RefreshMiddleware {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
         let shared = &self.shared;
-        let config = &shared.config;
-
-        let untouched = req.headers().contains_key(AUTHORIZATION)
-            || extensions.get::<RefreshRequest>().is_some()
-            || !origin_allowed(config, req.url())
-            || cell::in_refresh();
-        if untouched {
-            return next.run(req, extensions).await;
-        }
-
-        let (generation, attempts) = match shared.cell.lookup() {
-            Lookup::Ended(cause) => {
-                tracing::debug!("session ended; failing the request without sending it");
-                return Err(Error::middleware(SessionEnded::new(cause)));
-            }
-            Lookup::Ready {
-                generation,
-                attempts,
-                header,
-                ahead,
-            } => {
-                if ahead {
-                    shared.cell.refresh_ahead();
-                }
+        let uri: http::Uri = match req.url().as_str().parse() {
+            Ok(uri) => uri,
+            // Not representable as an `http::Uri`: not ours to authenticate.
+            Err(_) => return next.run(req, extensions).await,
+        };
+        let decision = replay::admit(shared, req.method(), &uri, req.headers(), extensions);
+        let sent = match decision {
+            Admit::Untouched => return next.run(req, extensions).await,
+            Admit::Fail(failure) => return Err(failure.into_reqwest()),
+            Admit::Send { ticket, header } => {
                 req.headers_mut().insert(AUTHORIZATION, header);
-                (generation, attempts)
+                Sent::new(ticket, false, extensions)
             }
-            Lookup::Refresh {
-                generation,
-                attempts,
-            } => {
-                tracing::debug!(generation, "no usable token; waiting for a refresh");
-                let fresh = shared
-                    .cell
-                    .fresher_than(generation, attempts)
+            Admit::Wait { ticket, reason } => {
+                match replay::wait_for_token(shared, ticket, reason)
                     .await
-                    .map_err(|e| obtain_error(e, None))?;
-                req.headers_mut().insert(AUTHORIZATION, fresh.header);
-                (fresh.generation, fresh.attempts)
+                    .map_err(|f| f.into_reqwest())?
+                {
+                    Some((ticket, header)) => {
+                        req.headers_mut().insert(AUTHORIZATION, header);
+                        Sent::new(ticket, true, extensions)
+                    }
+                    None => return next.run(req, extensions).await,
+                }
             }
         };
 
-        if extensions.get::<NoRefresh>().is_some() {
+        if sent.no_replay {
             return next.run(req, extensions).await;
         }
-
-        let replay = if config.may_replay(req.method()) {
-            Replay::prepare(&mut req, config.max_replay_body)
+        let sent_url = req.url().clone();
+        let method = req.method().clone();
+        let copy = if shared.options.may_replay(&method) && !sent.waited {
+            Copy::prepare(&mut req, shared.options.max_replay_body)
         } else {
             None
         };
         let first = next.clone().run(req, &mut *extensions).await?;
-        if !config.triggers(first.status(), first.headers()) {
-            return Ok(first);
+        let redirected = first.url() != &sent_url;
+        match replay::judge(shared, sent, first.status(), first.headers(), redirected) {
+            Verdict::Final => return Ok(first),
+            Verdict::RefusedAfterRefresh => return refused_again(shared, None, first),
+            Verdict::Recover => {}
         }
-
-        // As in the tower layer: the refresh overlaps the wait for a body still being sent.
-        let again = async {
-            match replay {
-                Some(replay) => replay.into_request(config.replay_body_wait).await,
+        let first_head = ResponseHead::from_reqwest_ref(&first);
+        let wait = shared.options.replay_body_wait;
+        let replayable = async {
+            match copy {
+                Some(copy) => copy.into_request(wait).await,
                 None => None,
             }
         };
-        let (fresh, again) =
-            futures_util::future::join(shared.cell.fresher_than(generation, attempts), again).await;
-        let Some(mut again) = again else {
-            // Not replayable: the caller gets the response, after the refresh.
-            tracing::debug!(
-                generation,
-                status = first.status().as_u16(),
-                "request cannot be replayed; refreshed for later requests"
-            );
-            return Ok(first);
-        };
-        let first_head = ResponseHead::from_reqwest(first);
-        let fresh = match fresh {
-            Ok(fresh) => fresh,
-            Err(err) => return Err(obtain_error(err, Some(first_head))),
-        };
-        again.headers_mut().insert(AUTHORIZATION, fresh.header);
-        tracing::debug!(
-            stale_generation = generation,
-            generation = fresh.generation,
-            method = %again.method(),
-            "replaying request with a fresh token"
-        );
-        let second = next.run(again, extensions).await?;
-        if config.triggers(second.status(), second.headers()) {
-            tracing::debug!(
-                generation = fresh.generation,
-                status = second.status().as_u16(),
-                "request refused again after a token refresh"
-            );
-            return Err(Error::middleware(UnauthorizedAfterRefresh::new(
-                first_head,
-                ResponseHead::from_reqwest(second),
-            )));
+        match replay::recover(shared, sent, &first_head, &method, replayable).await {
+            Recovery::ReturnFirst => Ok(first),
+            Recovery::Fail(failure) => Err(failure.into_reqwest()),
+            Recovery::Replay(mut again, ticket, header) => {
+                drop(first);
+                again.headers_mut().insert(AUTHORIZATION, header);
+                let second = next.run(again, extensions).await?;
+                if replay::refused_again(shared, ticket, second.status(), second.headers()) {
+                    return refused_again(shared, Some(first_head), second);
+                }
+                Ok(second)
+            }
         }
-        Ok(second)
     }
 }
 
-impl<R> RefreshLayer<R> {
+/// A refusal after a refresh: the response itself, or the typed error.
+fn refused_again(
+    shared: &Shared,
+    first: Option<ResponseHead>,
+    last: Response,
+) -> reqwest_middleware::Result<Response> {
+    if shared.options.unauthorized_as_response {
+        return Ok(last);
+    }
+    Err(replay::twice(first, ResponseHead::from_reqwest_ref(&last)).into_reqwest())
+}
+
+impl RefreshLayer {
     /// A [`reqwest_middleware::Middleware`] sharing this layer's token cell and handle (same
     /// as [`RefreshMiddleware::from_layer`]).
     ///
@@ -313,9 +284,8 @@ impl fmt::Debug for RefreshMiddleware {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshMiddleware")
             .field("cell", &self.shared.cell)
-            .field("max_replay_body", &self.shared.config.max_replay_body)
-            .field("replay_methods", &self.shared.config.replay_methods)
-            .finish_non_exhaustive()
+            .field("options", &self.shared.options)
+            .finish()
     }
 }
 
@@ -341,9 +311,9 @@ impl Middleware for RefreshMiddleware {
 }
 
 /// What a request keeps to replay itself once.
-enum Replay {
+enum Copy {
     /// A full copy made before the first send (the body is in memory).
-    Copy(Request),
+    Whole(Request),
     /// The request without its body, and the body captured as it streams out.
     Captured {
         head: Request,
@@ -351,22 +321,15 @@ enum Replay {
     },
 }
 
-impl Replay {
+impl Copy {
     /// Prepares the replay of `req` before its first send, or `None` when its body cannot be
     /// replayed (a stream of unknown size or larger than `cap`).
     fn prepare(req: &mut Request, cap: usize) -> Option<Self> {
         if let Some(copy) = req.try_clone() {
-            return Some(Self::Copy(copy));
+            return Some(Self::Whole(copy));
         }
         // Only a streaming body makes `try_clone` fail.
         let body = req.body_mut().take()?;
-        let small = http_body::Body::size_hint(&body)
-            .exact()
-            .is_some_and(|n| n <= cap as u64);
-        if !small {
-            *req.body_mut() = Some(body);
-            return None;
-        }
         // Without its body the request clones, private settings (timeout) included.
         let head = req.try_clone();
         let (body, source) = ReplayBody::new(body, cap);
@@ -381,7 +344,7 @@ impl Replay {
     /// first send to let go of it).
     async fn into_request(self, patience: Duration) -> Option<Request> {
         match self {
-            Self::Copy(req) => Some(req),
+            Self::Whole(req) => Some(req),
             Self::Captured { mut head, body } => {
                 body.settle(patience).await;
                 *head.body_mut() = Some(reqwest::Body::wrap(body.take()?));
@@ -391,39 +354,19 @@ impl Replay {
     }
 }
 
-/// Whether the token may go to `url`'s origin.
-fn origin_allowed(config: &Config, url: &Url) -> bool {
-    if config.origins.is_none() {
-        return true;
-    }
-    let Some(host) = url.host_str() else {
-        return false;
-    };
-    let authority = match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
-    };
-    http::Uri::builder()
-        .scheme(url.scheme())
-        .authority(authority)
-        .path_and_query("/")
-        .build()
-        .is_ok_and(|uri| config.origin_allowed(&uri))
-}
-
-/// The typed error for a refresh that gave no token, as the tower layer's `obtain_error`.
-fn obtain_error(err: ObtainError, unauthorized: Option<ResponseHead>) -> Error {
-    match err {
-        ObtainError::Rejected(e) => Error::middleware(RefreshRejected::new(e, unauthorized)),
-        ObtainError::Failed(e) => Error::middleware(RefreshFailed::new(e, unauthorized)),
-        ObtainError::Ended(e) => Error::middleware(SessionEnded::new(e)),
-    }
-}
-
 impl ResponseHead {
-    /// The head of a reqwest response (its body is dropped).
-    pub(crate) fn from_reqwest(res: Response) -> Self {
-        let (parts, _body) = http::Response::from(res).into_parts();
+    /// The head of a reqwest response.
+    pub(crate) fn from_reqwest_ref(res: &Response) -> Self {
+        let mut builder = http::Response::builder()
+            .status(res.status())
+            .version(res.version());
+        if let Some(headers) = builder.headers_mut() {
+            *headers = res.headers().clone();
+        }
+        let parts = builder
+            .body(())
+            .map(|r| r.into_parts().0)
+            .unwrap_or_else(|_| http::Response::new(()).into_parts().0);
         Self::from_parts(&parts)
     }
 }

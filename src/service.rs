@@ -1,6 +1,4 @@
 use std::fmt;
-use std::marker::PhantomData;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::Request;
@@ -10,33 +8,10 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::ReplayBody;
-use crate::cell::{self, Lookup};
-use crate::error::SessionEnded;
-use crate::future::{ResponseFuture, Retry};
+use crate::config::Shared;
+use crate::future::{Kit, ResponseFuture};
 use crate::handle::TokenHandle;
-use crate::layer::Shared;
-
-/// Marks a request as a token request sent by a refresher: it passes through the layer
-/// untouched (no token, no refresh, no replay), so a refresher that sends through a client
-/// wearing this same layer cannot recurse.
-///
-/// Requests sent from inside a refresher's future are recognised even without the marker.
-///
-/// # Example
-///
-/// ```
-/// use tower_auth_refresh::RefreshRequest;
-///
-/// let mut req = http::Request::post("https://idp.example/token").body(String::new()).unwrap();
-/// req.extensions_mut().insert(RefreshRequest);
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RefreshRequest;
-
-/// Opts one request out of refresh and replay: it still gets the current token, but a 401
-/// is returned to the caller as it is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NoRefresh;
+use crate::replay::{self, Admit, Sent};
 
 /// The service made by [`RefreshLayer`](crate::RefreshLayer): attaches the current token,
 /// refreshes it once for all concurrent requests that need it, and replays a rejected request
@@ -44,26 +19,24 @@ pub struct NoRefresh;
 ///
 /// # Clone
 ///
-/// Clones share the token cell. `call` sends with the service that `poll_ready` made ready
-/// and keeps a clone for the next call, as tower requires.
-pub struct Refresh<S, R> {
+/// Clones share the token cell and the options. `call` sends with the service that
+/// `poll_ready` made ready and keeps a clone for the next call, as tower requires. A request
+/// that must wait for a token first gives the readied service up while it waits (so a
+/// concurrency limit below the layer is free for the token request) and readies a clone
+/// before it is sent.
+pub struct Refresh<S> {
     inner: S,
-    shared: Arc<Shared>,
-    _refresher: PhantomData<fn() -> R>,
+    shared: Shared,
 }
 
-impl<S, R> Refresh<S, R> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        Self {
-            inner,
-            shared,
-            _refresher: PhantomData,
-        }
+impl<S> Refresh<S> {
+    pub(crate) fn from_shared(inner: S, shared: Shared) -> Self {
+        Self { inner, shared }
     }
 
     /// The handle to the shared token.
-    pub fn handle(&self) -> TokenHandle {
-        TokenHandle::new(self.shared.cell.clone())
+    pub fn token_handle(&self) -> TokenHandle {
+        TokenHandle::new(self.shared.clone())
     }
 
     /// The inner service.
@@ -82,17 +55,16 @@ impl<S, R> Refresh<S, R> {
     }
 }
 
-impl<S: Clone, R> Clone for Refresh<S, R> {
+impl<S: Clone> Clone for Refresh<S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            _refresher: PhantomData,
         }
     }
 }
 
-impl<S: fmt::Debug, R> fmt::Debug for Refresh<S, R> {
+impl<S: fmt::Debug> fmt::Debug for Refresh<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Refresh")
             .field("inner", &self.inner)
@@ -101,7 +73,7 @@ impl<S: fmt::Debug, R> fmt::Debug for Refresh<S, R> {
     }
 }
 
-impl<S, R, B, ResBody> Service<Request<B>> for Refresh<S, R>
+impl<S, B, ResBody> Service<Request<B>> for Refresh<S>
 where
     S: Service<Request<ReplayBody<B>>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -119,88 +91,83 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The readied service goes with this request; a clone stays for the next `call`.
+        // See tower-service's "Be careful when cloning inner services".
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         dispatch(&self.shared, inner, req)
     }
 }
 
-/// Sends `req` through `inner` (already ready) with the token of `shared`'s cell.
+/// Sends `req` through `inner` (already ready) as the protocol decides.
 #[inline]
 pub(crate) fn dispatch<S, B, ResBody>(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     mut inner: S,
     req: Request<B>,
 ) -> ResponseFuture<S, B>
 where
-    S: Service<Request<ReplayBody<B>>, Response = http::Response<ResBody>> + Send + 'static,
+    S: Service<Request<ReplayBody<B>>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
     ResBody: Send + 'static,
 {
-    let config = &shared.config;
-
-    let untouched = req.headers().contains_key(AUTHORIZATION)
-        || req.extensions().get::<RefreshRequest>().is_some()
-        || !config.origin_allowed(req.uri())
-        || cell::in_refresh();
-    if untouched {
-        return ResponseFuture::direct(inner.call(req.map(ReplayBody::passthrough)));
-    }
-
-    let (mut parts, body) = req.into_parts();
-    match shared.cell.lookup() {
-        Lookup::Ended(cause) => ResponseFuture::failed(SessionEnded::new(cause).into()),
-        Lookup::Ready {
-            generation,
-            header,
-            ahead,
-            attempts,
-        } => {
-            if ahead {
-                shared.cell.refresh_ahead();
-            }
-            if parts.extensions.get::<NoRefresh>().is_some() {
+    let decision = replay::admit(
+        shared,
+        req.method(),
+        req.uri(),
+        req.headers(),
+        req.extensions(),
+    );
+    match decision {
+        Admit::Untouched => {
+            ResponseFuture::passthrough(inner.call(req.map(ReplayBody::passthrough)))
+        }
+        Admit::Fail(failure) => ResponseFuture::failed(failure.into_box()),
+        Admit::Send { ticket, header } => {
+            let (mut parts, body) = req.into_parts();
+            let sent = Sent::new(ticket, false, &parts.extensions);
+            if sent.no_replay {
                 parts.headers.insert(AUTHORIZATION, header);
                 let req = Request::from_parts(parts, ReplayBody::passthrough(body));
-                return ResponseFuture::direct(inner.call(req));
+                return ResponseFuture::passthrough(inner.call(req));
             }
-            let (body, source) = ReplayBody::new(body, config.max_replay_body);
+            let (body, source) = ReplayBody::new(body, shared.options.max_replay_body);
             // The head is kept without the token (the replay sets a newer one); a request
             // without headers then clones without allocating.
             let head = source.as_ref().map(|_| parts.clone());
             parts.headers.insert(AUTHORIZATION, header);
             let fut = inner.call(Request::from_parts(parts, body));
-            let retry = Retry {
+            let kit = Kit {
                 svc: inner,
                 shared: shared.clone(),
                 head,
                 body: source,
-                generation,
-                attempts,
+                sent,
             };
-            ResponseFuture::first(fut, retry)
+            ResponseFuture::sent(fut, kit)
         }
-        Lookup::Refresh {
-            generation,
-            attempts,
-        } => {
-            let no_refresh = parts.extensions.get::<NoRefresh>().is_some();
-            let (body, source) = if no_refresh {
+        Admit::Wait { ticket, reason } => {
+            let (parts, body) = req.into_parts();
+            let sent = Sent::new(ticket, true, &parts.extensions);
+            let (body, source) = if sent.no_replay {
                 (ReplayBody::passthrough(body), None)
             } else {
-                ReplayBody::new(body, config.max_replay_body)
+                ReplayBody::new(body, shared.options.max_replay_body)
             };
-            let retry = Retry {
-                svc: inner,
+            // Give up the readied service while waiting: it may hold a permit the token
+            // request needs (a concurrency limit below the layer). A clone is readied later.
+            let svc = inner.clone();
+            drop(inner);
+            let kit = Kit {
+                svc,
                 shared: shared.clone(),
                 head: Some(parts),
                 body: source,
-                generation,
-                attempts,
+                sent,
             };
-            ResponseFuture::after_refresh(retry, body, no_refresh)
+            ResponseFuture::after_wait(kit, body, reason)
         }
     }
 }

@@ -85,7 +85,7 @@ fn issuing(
 }
 
 fn get() -> Request<Body> {
-    support::get("http://api.test/")
+    support::get("https://api.test/")
 }
 
 /// Retries 5xx and transport errors, never the layer's auth failures.
@@ -151,7 +151,7 @@ async fn an_outer_timeout_cancels_the_request_but_not_the_refresh() {
     let api = Api::default();
     let calls = Arc::new(AtomicUsize::new(0));
     let layer = RefreshLayer::new(issuing(&api, &calls, Duration::from_secs(2)));
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let svc = ServiceBuilder::new()
         .layer(TimeoutLayer::new(Duration::from_millis(500)))
         .layer(layer)
@@ -255,7 +255,10 @@ async fn works_over_buffer_and_concurrency_limit() {
         assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!(api.seen.load(Ordering::SeqCst), 200);
+    // Every request is sent once with the fresh token; only those sent before the first 401
+    // came back carry the stale one (the rest wait for the refresh instead).
+    let seen = api.seen.load(Ordering::SeqCst);
+    assert!((101..=200).contains(&seen), "{seen}");
 
     // Boxed and cloned services work as well.
     let boxed = tower::util::BoxCloneService::new(svc.map_err(|e: BoxError| e));

@@ -56,7 +56,7 @@ use tower_auth_refresh::error::{
     RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh,
 };
 use tower_auth_refresh::{
-    BoxError, Events, Received, RefreshError, RefreshEvent, RefreshLayer, ReplayBody, RetryPolicy,
+    Backoff, BoxError, Cooldown, Events, RefreshError, RefreshEvent, RefreshLayer, ReplayBody,
     Token, TokenHandle, TokenRefresher,
 };
 
@@ -293,7 +293,7 @@ impl TokenRefresher for Refresher {
             // Which refresh runs failed since the last call (a run ends with its last call).
             while let Some(received) = w.events.as_mut().and_then(Events::try_recv) {
                 w.trace.push(format!("event: {received:?}"));
-                if let Received::Event(RefreshEvent::RefreshFailed { .. }) = received {
+                if let Ok(RefreshEvent::RefreshFailed { .. }) = received {
                     if let Some((stale, at)) = w.last_end.clone() {
                         w.failed_runs.insert(stale, at);
                     }
@@ -753,15 +753,16 @@ async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), Str
     let server_rng = Arc::new(Mutex::new(seeded(rng.next())));
 
     let retry = if rng.chance(1, 2) {
-        RetryPolicy::none()
+        Backoff::none()
     } else {
-        RetryPolicy::default()
+        Backoff::default()
             .max_attempts(3)
             .base_delay(Duration::ZERO)
             .max_elapsed(Duration::from_secs(60))
     };
     let mut layer = RefreshLayer::new(Refresher(world.clone()))
-        .retry(retry)
+        .retries(retry)
+        .cooldown(Cooldown::none())
         .leeway(Duration::from_secs(1));
     if let Some(window) = ahead {
         layer = layer.refresh_ahead(window);
@@ -774,7 +775,7 @@ async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), Str
         };
         layer = layer.initial_token(token);
     }
-    let handle: TokenHandle = layer.handle();
+    let handle: TokenHandle = layer.token_handle();
     {
         let mut w = lock(&world);
         w.handle = Some(handle.clone());
@@ -1246,7 +1247,7 @@ fn gatekeeper(accepted: &'static str, seen: Arc<Mutex<Vec<String>>>) -> impl InM
 fn dropping_a_request_that_runs_the_refresh_inline_resets_the_refreshing_flag() {
     let refresher = Scripted::new(vec![Step::Forever, Step::Token("ahead")]);
     let layer = RefreshLayer::new(refresher.clone()).refresh_ahead(Duration::from_secs(60));
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let seen = Arc::default();
     let svc = layer.layer(gatekeeper("login", seen));
 
@@ -1293,8 +1294,10 @@ fn a_logout_during_a_refresh_gives_waiters_session_ended_not_an_older_failure() 
         Step::Transient,
         Step::Gated(gate.clone(), Box::new(Step::Token("fresh"))),
     ]);
-    let layer = RefreshLayer::new(refresher.clone()).retry(RetryPolicy::none());
-    let handle = layer.handle();
+    let layer = RefreshLayer::new(refresher.clone())
+        .retries(Backoff::none())
+        .cooldown(Cooldown::none());
+    let handle = layer.token_handle();
     let seen = Arc::default();
     let svc = layer.layer(gatekeeper("fresh", seen));
     run_paused(Duration::from_secs(600), async {
@@ -1330,8 +1333,8 @@ fn a_login_during_a_doomed_refresh_is_not_ended_by_its_failure() {
     let refresher = Scripted::new(vec![Step::Gated(gate.clone(), Box::new(Step::Terminal))]);
     let layer = RefreshLayer::new(refresher.clone())
         .initial_token(Token::bearer("expired").unwrap())
-        .retry(RetryPolicy::none());
-    let handle = layer.handle();
+        .retries(Backoff::none());
+    let handle = layer.token_handle();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let svc = layer.layer(gatekeeper("after-login", seen.clone()));
     run_paused(Duration::from_secs(600), async {
@@ -1360,7 +1363,7 @@ fn a_token_installed_before_the_refresh_task_starts_is_not_refreshed_away() {
     let refresher = Scripted::new(vec![Step::Token("refreshed")]);
     let layer =
         RefreshLayer::new(refresher.clone()).initial_token(Token::bearer("revoked").unwrap());
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let svc = layer.layer(gatekeeper("installed", seen.clone()));
     run_paused(Duration::from_secs(600), async {

@@ -185,7 +185,7 @@ async fn a_slow_or_failing_tenant_never_delays_or_fails_another() {
             }
         })
     };
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let mut events = handle.subscribe();
     let svc = layer.layer(echo());
 
@@ -240,7 +240,7 @@ async fn per_key_handle_installs_and_forces_and_the_newest_token_wins() {
             async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}-r{i}", tenant.0))?) }
         })
     };
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let svc = layer.layer(echo());
 
     let old = Token::bearer("t3-login").unwrap();
@@ -276,7 +276,7 @@ async fn the_map_is_bounded_and_an_evicted_key_refreshes_anew() {
         })
         .capacity(3)
     };
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let svc = layer.layer(echo());
     for t in [1, 2, 3, 1, 4, 5, 1] {
         assert_eq!(

@@ -20,8 +20,8 @@ use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
 use tower_auth_refresh::error::{RefreshRejected, SessionEnded};
 use tower_auth_refresh::policy::{default_trigger, parse_challenges};
 use tower_auth_refresh::{
-    BoxError, Clock, NoRefresh, Received, RefreshError, RefreshEvent, RefreshLayer, ReplayBody,
-    ReplayMethods, RetryPolicy, Token, TokenRefresher, refresh_fn,
+    Backoff, BoxError, Clock, NoReplay, RefreshError, RefreshEvent, RefreshLayer, ReplayBody,
+    ReplayMethods, Token, TokenRefresher, refresh_fn,
 };
 use tower_auth_refresh::{RefreshContext, RefreshReason};
 use tower_http::follow_redirect::FollowRedirectLayer;
@@ -180,7 +180,7 @@ async fn refresh_ahead_runs_one_background_refresh_without_delaying_requests() {
     let layer = RefreshLayer::new(issuer.clone())
         .leeway(Duration::from_secs(5))
         .refresh_ahead(Duration::from_secs(20));
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
     svc.clone().oneshot(get("/")).await.unwrap();
     assert_eq!(issuer.calls(), 1);
@@ -214,7 +214,7 @@ async fn failed_background_refresh_keeps_the_token_and_backs_off() {
     let layer = RefreshLayer::new(issuer.clone())
         .leeway(Duration::from_secs(5))
         .refresh_ahead(Duration::from_secs(40));
-    let mut events = layer.handle().subscribe();
+    let mut events = layer.token_handle().subscribe();
     let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
     svc.clone().oneshot(get("/")).await.unwrap();
     *issuer.fail.lock().unwrap() = Some(false);
@@ -222,7 +222,7 @@ async fn failed_background_refresh_keeps_the_token_and_backs_off() {
     tokio::time::advance(Duration::from_secs(70)).await;
     svc.clone().oneshot(get("/")).await.unwrap();
     loop {
-        if let Some(Received::Event(RefreshEvent::RefreshFailed { .. })) = events.recv().await {
+        if let Some(Ok(RefreshEvent::RefreshFailed { .. })) = events.recv().await {
             break;
         }
     }
@@ -276,32 +276,38 @@ async fn session_end_one_call_one_event_every_waiter_typed_then_no_network_until
     *issuer.fail.lock().unwrap() = Some(true);
     let seen = Seen::default();
     let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("stale").unwrap());
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let mut events = handle.subscribe();
     let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
 
     let calls: Vec<_> = (0..500)
         .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
         .collect();
-    while seen.count() < 500 {
+    // Every request either reached the server (and was refused) or, once the first refusal
+    // was known, waits for the refresh instead of sending the refused token.
+    while issuer.calls() < 1 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..1000 {
         tokio::task::yield_now().await;
     }
     gate.add_permits(1);
+    let mut refused = 0;
     for c in calls {
         let err = c.await.unwrap().unwrap_err();
         let rejected = err.downcast_ref::<RefreshRejected>().expect("typed");
-        assert_eq!(
-            rejected.unauthorized().unwrap().status(),
-            StatusCode::UNAUTHORIZED
-        );
+        if let Some(head) = rejected.unauthorized() {
+            assert_eq!(head.status(), StatusCode::UNAUTHORIZED);
+            refused += 1;
+        }
     }
+    let sent = seen.count();
+    assert!(sent >= 1, "the first request was sent");
+    assert_eq!(refused, sent, "each refused request keeps its 401");
     assert_eq!(issuer.calls(), 1);
     let mut ended = 0;
     while let Some(ev) = events.try_recv() {
-        ended += usize::from(matches!(
-            ev,
-            Received::Event(RefreshEvent::SessionEnded { .. })
-        ));
+        ended += usize::from(matches!(ev, Ok(RefreshEvent::SessionEnded { .. })));
     }
     assert_eq!(ended, 1);
     assert!(handle.state().session_ended());
@@ -311,7 +317,7 @@ async fn session_end_one_call_one_event_every_waiter_typed_then_no_network_until
         let err = svc.clone().oneshot(get("/")).await.unwrap_err();
         assert!(err.is::<SessionEnded>());
     }
-    assert_eq!(seen.count(), 500);
+    assert_eq!(seen.count(), sent);
     assert_eq!(issuer.calls(), 1);
 
     // Re-armed by a login.
@@ -321,7 +327,7 @@ async fn session_end_one_call_one_event_every_waiter_typed_then_no_network_until
         svc.clone().oneshot(get("/")).await.unwrap().status(),
         StatusCode::OK
     );
-    assert_eq!(seen.count(), 501);
+    assert_eq!(seen.count(), sent + 1);
 }
 
 #[tokio::test]
@@ -329,7 +335,7 @@ async fn handle_installs_clears_forces_and_reports() {
     let issuer = Issuer::new(Some(Duration::from_secs(600)));
     let seen = Seen::default();
     let layer = RefreshLayer::new(issuer.clone());
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let mut events = handle.subscribe();
     let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
 
@@ -362,7 +368,7 @@ async fn handle_installs_clears_forces_and_reports() {
     assert_eq!(issuer.calls(), 2);
 
     let mut kinds = Vec::new();
-    while let Some(Received::Event(ev)) = events.try_recv() {
+    while let Some(Ok(ev)) = events.try_recv() {
         kinds.push(ev);
     }
     assert_eq!(kinds[0], RefreshEvent::Installed { generation: 1 });
@@ -375,7 +381,7 @@ async fn late_401_for_a_token_older_than_an_installed_one_reuses_the_installed_o
     let issuer = Issuer::new(None);
     let seen = Seen::default();
     let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("old").unwrap());
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     // An API that holds the first response until the new token is installed.
     let release = Arc::new(Semaphore::new(0));
     let inner = {
@@ -456,7 +462,7 @@ async fn custom_trigger_and_replay_policy() {
     // A request opted out of refresh gets its 403.
     *issuer.accepted.lock().unwrap() = "rotated-again".into();
     let mut opted = get("/");
-    opted.extensions_mut().insert(NoRefresh);
+    opted.extensions_mut().insert(NoReplay);
     assert_eq!(
         svc.clone().oneshot(opted).await.unwrap().status(),
         StatusCode::FORBIDDEN
@@ -647,8 +653,8 @@ async fn transient_failure_waits_out_retry_after_then_succeeds() {
     };
     let started = tokio::time::Instant::now();
     let layer = RefreshLayer::new(refresher)
-        .retry(RetryPolicy::default().base_delay(Duration::from_millis(1)));
-    let handle = layer.handle();
+        .retries(Backoff::default().base_delay(Duration::from_millis(1)));
+    let handle = layer.token_handle();
     handle
         .refresh()
         .await
@@ -662,7 +668,7 @@ async fn transient_failure_waits_out_retry_after_then_succeeds() {
     // Terminal failures are not retried.
     let terminal_calls = Arc::new(AtomicUsize::new(0));
     let err = RefreshLayer::new(rejecting(&terminal_calls))
-        .handle()
+        .token_handle()
         .refresh()
         .await
         .unwrap_err();
@@ -676,7 +682,7 @@ async fn an_absurd_lifetime_is_treated_as_no_expiry() {
         Ok::<_, RefreshError>(Token::bearer("forever")?.with_expires_in(Duration::MAX))
     });
     let layer = RefreshLayer::new(refresher);
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let state = handle.refresh().await.unwrap();
     assert_eq!(state.expires_in(), None);
     let svc = layer.layer(service_fn(|req: Request<ReplayBody<Body>>| async move {

@@ -27,24 +27,23 @@ use tower_auth_refresh::oauth2::{
     ClientAuth, ErrorKind, OAuth2Error, OAuth2Refresher, OAuth2RefresherBuilder, RefreshToken,
 };
 use tower_auth_refresh::{
-    BoxError, Events, Received, Refresh, RefreshError, RefreshEvent, RefreshRequest, ReplayBody,
-    RetryPolicy, Token, TokenHandle, TokenRefresher,
+    Backoff, BoxError, Events, Lagged, Refresh, RefreshError, RefreshEvent, ReplayBody, Token,
+    TokenHandle, TokenRefresher, TokenRequest,
 };
 
 use oauth2_server::{ClientCheck, Scripted, Servers, SharedOrigin, TokenConfig};
 use support::{capture_logs, guard, http_client};
 
 type TokenClient = Client<HttpConnector, Full<Bytes>>;
-type ApiClient<C = TokenClient> =
-    Refresh<Client<HttpConnector, ReplayBody<Full<Bytes>>>, OAuth2Refresher<C>>;
+type ApiClient = Refresh<Client<HttpConnector, ReplayBody<Full<Bytes>>>>;
 type Persisted = Arc<Mutex<Vec<String>>>;
 
 fn token_client() -> TokenClient {
     http_client()
 }
 
-fn fast_retry() -> RetryPolicy {
-    RetryPolicy::default()
+fn fast_retry() -> Backoff {
+    Backoff::default()
         .base_delay(Duration::from_millis(5))
         .max_delay(Duration::from_millis(50))
 }
@@ -91,14 +90,14 @@ async fn logged_in(
     (s, rt0, persisted, refresher)
 }
 
-fn api_client<C>(refresher: OAuth2Refresher<C>, initial: &str) -> (ApiClient<C>, TokenHandle)
+fn api_client<C>(refresher: OAuth2Refresher<C>, initial: &str) -> (ApiClient, TokenHandle)
 where
     OAuth2Refresher<C>: TokenRefresher,
 {
     let layer = tower_auth_refresh::RefreshLayer::new(refresher)
         .initial_token(Token::bearer(initial).unwrap())
-        .retry(fast_retry());
-    let handle = layer.handle();
+        .retries(fast_retry());
+    let handle = layer.token_handle();
     let http = http_client::<ReplayBody<Full<Bytes>>>();
     (ServiceBuilder::new().layer(layer).service(http), handle)
 }
@@ -131,8 +130,8 @@ fn drain(events: &mut Events) -> Vec<RefreshEvent> {
     let mut out = Vec::new();
     for _ in 0..1000 {
         match events.try_recv() {
-            Some(Received::Event(ev)) => out.push(ev),
-            Some(Received::Lagged(n)) => panic!("lagged by {n} events"),
+            Some(Ok(ev)) => out.push(ev),
+            Some(Err(Lagged(n))) => panic!("lagged by {n} events"),
             None => break,
         }
     }
@@ -299,7 +298,7 @@ async fn cancelled_callers_never_cause_reuse() {
         s.token.release();
         loop {
             match events.recv().await {
-                Some(Received::Event(RefreshEvent::Refreshed { .. })) => break,
+                Some(Ok(RefreshEvent::Refreshed { .. })) => break,
                 Some(_) => {}
                 None => panic!("event stream closed"),
             }
@@ -741,7 +740,7 @@ async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_str
 }
 
 /// A tower service in front of the token client that counts requests carrying the
-/// `RefreshRequest` marker.
+/// `TokenRequest` marker.
 #[derive(Clone)]
 struct MarkerCounter {
     inner: TokenClient,
@@ -760,7 +759,7 @@ impl Service<Request<Full<Bytes>>> for MarkerCounter {
 
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
         self.total.fetch_add(1, Ordering::SeqCst);
-        if req.extensions().get::<RefreshRequest>().is_some() {
+        if req.extensions().get::<TokenRequest>().is_some() {
             self.marked.fetch_add(1, Ordering::SeqCst);
         }
         Service::call(&mut self.inner, req)
@@ -840,7 +839,7 @@ async fn token_requests_are_well_formed_for_every_client_authentication() {
         assert_eq!(
             counter.marked.load(Ordering::SeqCst),
             1,
-            "token requests carry RefreshRequest"
+            "token requests carry TokenRequest"
         );
 
         // client_secret_post.

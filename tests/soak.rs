@@ -44,8 +44,7 @@ use tower_auth_refresh::error::{
     RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh,
 };
 use tower_auth_refresh::{
-    BoxError, RefreshError, RefreshLayer, ReplayBody, RetryPolicy, Token, TokenHandle,
-    TokenRefresher,
+    Backoff, BoxError, RefreshError, RefreshLayer, ReplayBody, Token, TokenHandle, TokenRefresher,
 };
 use tower_http::trace::{DefaultMakeSpan, DefaultOnRequest, DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -781,14 +780,14 @@ async fn run_clients(
     let layer = RefreshLayer::new(refresher)
         .leeway(LEEWAY)
         .refresh_ahead(AHEAD)
-        .retry(
-            RetryPolicy::default()
+        .retries(
+            Backoff::default()
                 .max_attempts(2)
                 .base_delay(Duration::from_millis(5))
                 .max_delay(Duration::from_millis(40))
                 .max_elapsed(Duration::from_secs(2)),
         );
-    let handle = layer.handle();
+    let handle = layer.token_handle();
     let _ = handle_slot.set(handle.clone());
     let client: Client<HttpConnector, ReplayBody<ReqBody>> = http_client();
     let stack = ServiceBuilder::new()

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tower_auth_refresh::{RefreshError, RefreshLayer, Token, TokenRefresher, refresh_fn};
+use tower_auth_refresh::{RefreshError, RefreshLayer, Token, refresh_fn};
 
 /// The value of the environment variable `name`, or `default` if unset or unparsable.
 pub(crate) fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -24,9 +24,7 @@ pub(crate) fn median<T: Copy + PartialOrd>(v: &mut [T]) -> T {
 
 /// A layer holding a valid `secret`, whose refresher only counts its calls (and fails): a
 /// benchmark asserts the count stays zero, so no refresh skews a figure.
-pub(crate) fn valid_token_layer(
-    secret: &str,
-) -> (Arc<AtomicUsize>, RefreshLayer<impl TokenRefresher>) {
+pub(crate) fn valid_token_layer(secret: &str) -> (Arc<AtomicUsize>, RefreshLayer) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     let layer = RefreshLayer::new(refresh_fn(move |_stale| {

@@ -1,0 +1,146 @@
+//! One refresh: the refresher call with its timeout, its retries, and the runtime seam.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+
+use crate::cell::backoff::{Backoff, Cooldown};
+use crate::clock::Clock;
+use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
+use crate::token::Token;
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+tokio::task_local! {
+    /// Set while a refresher runs, so that a request the refresher sends through a client
+    /// wearing this same layer passes through instead of waiting on its own refresh.
+    static IN_REFRESH: ();
+}
+
+/// True when called from inside a refresher's future.
+pub(crate) fn in_refresh() -> bool {
+    IN_REFRESH.try_with(|_| ()).is_ok()
+}
+
+/// A refresher behind a pointer: one boxed future per refresh, never per request.
+pub(crate) trait ErasedRefresher: Send + Sync + 'static {
+    fn refresh(&self, ctx: RefreshContext) -> BoxFuture<Result<Token, RefreshError>>;
+    fn logout(&self);
+}
+
+impl<R: TokenRefresher> ErasedRefresher for R {
+    fn refresh(&self, ctx: RefreshContext) -> BoxFuture<Result<Token, RefreshError>> {
+        Box::pin(TokenRefresher::refresh(self, ctx))
+    }
+
+    fn logout(&self) {
+        TokenRefresher::logout(self);
+    }
+}
+
+/// What one refresh needs to know, copied from the options of the request that started it.
+#[derive(Clone)]
+pub(crate) struct FlightSettings {
+    pub(crate) retries: Backoff,
+    pub(crate) cooldown: Cooldown,
+    pub(crate) timeout: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+/// Whether a Tokio runtime (and so a timer) is there.
+pub(crate) fn has_runtime() -> bool {
+    tokio::runtime::Handle::try_current().is_ok()
+}
+
+/// Spawns `fut` on the current runtime, if there is one; `false` if there is none.
+pub(crate) fn spawn_detached(fut: impl Future<Output = ()> + Send + 'static) -> bool {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            drop(handle.spawn(fut));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Calls the refresher until it succeeds, fails terminally, or the backoff gives up. Each
+/// attempt is cut off at the refresh timeout and at the backoff's total bound, whichever
+/// comes first (with a runtime; without one there is no timer). `single`: one attempt only
+/// (background refreshes, and the first refresh after a failed one).
+pub(crate) async fn attempt_all(
+    refresher: &dyn ErasedRefresher,
+    ctx: RefreshContext,
+    settings: &FlightSettings,
+    single: bool,
+) -> Result<Token, RefreshError> {
+    let started = settings.clock.now();
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        let elapsed = settings.clock.now().saturating_duration_since(started);
+        let budget = settings
+            .timeout
+            .min(settings.retries.total().saturating_sub(elapsed));
+        let err = match one_attempt(refresher, ctx.clone(), budget).await {
+            Ok(token) => return Ok(token),
+            Err(err) => err,
+        };
+        if err.is_terminal() || single || !has_runtime() {
+            // No timer outside a Tokio runtime: report the failure itself.
+            return Err(err);
+        }
+        let elapsed = settings.clock.now().saturating_duration_since(started);
+        let Some(delay) = settings.retries.delay(attempt, elapsed, err.retry_after()) else {
+            return Err(err);
+        };
+        tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, error = %err, "transient token refresh failure; retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// One refresher call: panics caught, time bounded.
+async fn one_attempt(
+    refresher: &dyn ErasedRefresher,
+    ctx: RefreshContext,
+    budget: Duration,
+) -> Result<Token, RefreshError> {
+    // The refresher is called inside the caught future: a panic while building its future
+    // is caught too.
+    let call = AssertUnwindSafe(IN_REFRESH.scope((), async move { refresher.refresh(ctx).await }))
+        .catch_unwind();
+    let result = if has_runtime() {
+        match tokio::time::timeout(budget, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = budget.as_millis() as u64,
+                    "token refresh timed out"
+                );
+                return Err(RefreshError::transient(RefreshTimedOut(budget)));
+            }
+        }
+    } else {
+        call.await
+    };
+    result.unwrap_or_else(|_| Err(RefreshError::transient("the token refresher panicked")))
+}
+
+/// A refresher call that did not finish within the refresh timeout.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RefreshTimedOut(Duration);
+
+impl std::fmt::Display for RefreshTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the token refresher did not finish within {} ms",
+            self.0.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for RefreshTimedOut {}

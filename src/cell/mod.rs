@@ -1,0 +1,218 @@
+//! The token cell shared by a layer, every service it made, their clones and the handle.
+//!
+//! # Invariants
+//!
+//! - **One refresh at a time.** The state's `flight` is the only truth for "a refresh is in
+//!   flight"; it is set and cleared under the state's write lock, and a request that needs a
+//!   newer token while it is set joins it (a shared future) instead of starting another.
+//! - **Generation check.** Every token change (refresh, install, invalidate, clear) bumps the
+//!   generation. A request asks for a token *newer than the generation it used*, so a late 401
+//!   for an old token reuses the token already there.
+//! - **No send with a known-rejected token.** While a refresh triggered by a refusal of
+//!   generation `g` runs, requests that would carry `g` wait for it instead.
+//! - **A refresh always completes.** It runs as its own task (and every waiter polls the same
+//!   shared future, so a waiter drives it if that task is not being driven), bounded by the
+//!   refresh timeout; its result is stored even if every waiter is gone.
+//! - **The handle wins.** A token installed or cleared while a refresh runs is not replaced by
+//!   that refresh's result, success or failure.
+//! - **The hot path never awaits**: a `std` read lock held for a few pointer copies. No lock is
+//!   held across an `.await`.
+//! - Transitions are pure functions of [`state::State`] (unit-tested without a runtime);
+//!   this module only locks, calls them, emits events and runs the job.
+
+mod attempt;
+pub(crate) mod backoff;
+mod flight;
+pub(crate) mod state;
+
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+pub(crate) use attempt::in_refresh;
+use attempt::{BoxFuture, ErasedRefresher};
+pub(crate) use state::{Answer, Lookup, Need, Ticket, Unavailable};
+use state::{Now, Policy, Session, State};
+
+use crate::config::{Origin, RefreshOptions};
+use crate::events::RefreshEvent;
+use crate::refresher::TokenRefresher;
+use crate::token::Token;
+
+/// The shared future every waiter of one refresh polls.
+pub(crate) type Job = futures_util::future::Shared<BoxFuture<Answer>>;
+
+/// Sees every event of a cell (the keyed layer tags them with the key).
+pub(crate) type EventHook = Box<dyn Fn(RefreshEvent) + Send + Sync>;
+
+/// A snapshot of the cell's state without the secret.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Status {
+    pub(crate) generation: u64,
+    pub(crate) has_token: bool,
+    pub(crate) expires_in: Option<Duration>,
+    pub(crate) refresh_in: Option<Duration>,
+    pub(crate) session_ended: bool,
+    pub(crate) refreshing: bool,
+    pub(crate) cooling_for: Option<Duration>,
+}
+
+/// One token, its refresh and its events.
+pub(crate) struct TokenCell {
+    state: RwLock<State<Job>>,
+    refresher: Box<dyn ErasedRefresher>,
+    /// Created on the first subscription: most cells of a keyed layer never have one.
+    events: OnceLock<broadcast::Sender<RefreshEvent>>,
+    hook: Option<EventHook>,
+    /// The origin the token is bound to when no allow-list is configured: the first one a
+    /// request went to.
+    pub(crate) origin: OnceLock<Origin>,
+}
+
+impl std::fmt::Debug for TokenCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.read();
+        f.debug_struct("TokenCell")
+            .field("generation", &st.generation)
+            .field("has_token", &matches!(st.session, Session::Active(_)))
+            .field(
+                "session_ended",
+                &matches!(st.session, Session::Ended { .. }),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn policy(options: &RefreshOptions) -> Policy<'_> {
+    Policy {
+        leeway: options.leeway,
+        ahead: options.refresh_ahead.as_ref(),
+    }
+}
+
+fn now(options: &RefreshOptions) -> Now {
+    Now {
+        mono: options.clock.now(),
+        wall: options.clock.wall(),
+    }
+}
+
+impl TokenCell {
+    pub(crate) fn new<R: TokenRefresher>(refresher: R, hook: Option<EventHook>) -> Self {
+        Self {
+            state: RwLock::new(State::new()),
+            refresher: Box::new(refresher),
+            events: OnceLock::new(),
+            hook,
+            origin: OnceLock::new(),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State<Job>> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State<Job>> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, event: RefreshEvent) {
+        if let Some(hook) = &self.hook {
+            hook(event);
+        }
+        if let Some(events) = self.events.get() {
+            // No subscriber is fine.
+            let _ = events.send(event);
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<RefreshEvent> {
+        self.events
+            .get_or_init(|| broadcast::channel(64).0)
+            .subscribe()
+    }
+
+    /// The hot path: what a request should do, without awaiting anything. Starts a
+    /// background refresh when one is due.
+    #[inline]
+    pub(crate) fn lookup(self: &Arc<Self>, options: &RefreshOptions) -> Lookup {
+        let found = self.read().lookup(now(options), policy(options));
+        if let Lookup::Usable { ahead: true, .. } = found {
+            self.refresh_ahead(options);
+        }
+        found
+    }
+
+    /// The current ticket, for a caller about to force a refresh.
+    pub(crate) fn ticket(&self) -> Ticket {
+        self.read().ticket()
+    }
+
+    /// Whether a refresh runs or a session ended: a keyed cell in either state is not evicted.
+    pub(crate) fn pinned(&self) -> bool {
+        let st = self.read();
+        st.flight.is_some() || matches!(st.session, Session::Ended { .. })
+    }
+
+    pub(crate) fn status(&self, options: &RefreshOptions) -> Status {
+        let st = self.read();
+        let now = now(options);
+        let (has_token, expires_in, refresh_in) = match &st.session {
+            Session::Active(held) => (
+                true,
+                held.expires_at
+                    .map(|at| at.saturating_duration_since(now.mono)),
+                held.refresh_at(options.leeway)
+                    .map(|at| at.saturating_duration_since(now.mono)),
+            ),
+            _ => (false, None, None),
+        };
+        Status {
+            generation: st.generation,
+            has_token,
+            expires_in,
+            refresh_in,
+            session_ended: matches!(st.session, Session::Ended { .. }),
+            refreshing: st.flight.is_some(),
+            cooling_for: st
+                .cooling
+                .as_ref()
+                .map(|c| c.until.saturating_duration_since(now.mono))
+                .filter(|d| !d.is_zero()),
+        }
+    }
+
+    /// The current token, for code that must forward it. A secret.
+    pub(crate) fn current_token(&self) -> Option<Token> {
+        match &self.read().session {
+            Session::Active(held) => Some(held.token.clone()),
+            _ => None,
+        }
+    }
+
+    /// Installs a token (after a login). Ends a session-ended state and a cool-down.
+    pub(crate) fn install(&self, token: Token, options: &RefreshOptions) -> u64 {
+        let generation = self.write().install(token, now(options));
+        tracing::debug!(generation, "token installed");
+        self.emit(RefreshEvent::Installed { generation });
+        generation
+    }
+
+    /// Drops the token without ending the session: the next request refreshes.
+    pub(crate) fn invalidate(&self) -> u64 {
+        let generation = self.write().invalidate();
+        tracing::debug!(generation, "token invalidated");
+        self.emit(RefreshEvent::Invalidated { generation });
+        generation
+    }
+
+    /// Logout: requests fail fast until a token is installed; the refresher forgets its own
+    /// credentials.
+    pub(crate) fn clear(&self) {
+        let generation = self.write().clear();
+        self.refresher.logout();
+        tracing::debug!(generation, "token cleared (logout)");
+        self.emit(RefreshEvent::Cleared { generation });
+    }
+}

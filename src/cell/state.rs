@@ -1,0 +1,854 @@
+//! The token cell's state as an explicit shape, and its transitions as pure functions.
+//!
+//! Nothing here awaits, locks or reads a clock: the caller passes `now` and holds the lock.
+//! That keeps every transition unit-testable without a runtime (see the tests at the end).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use crate::cell::backoff::{Cooldown, RefreshAhead};
+use crate::events::RefreshEvent;
+use crate::refresher::RefreshError;
+use crate::token::{Expiry, Token};
+
+/// The leeway never exceeds this fraction of a token's lifetime (1/`LEEWAY_DIVISOR`), so a
+/// token that lives less than the leeway is still used for most of its life.
+pub(crate) const LEEWAY_DIVISOR: u32 = 10;
+
+/// Where a request stands: the generation of the token it saw and how many foreground
+/// refreshes had completed then. A waiter is answered by anything that happened after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    pub(crate) generation: u64,
+    pub(crate) attempts: u64,
+}
+
+/// The session: is there a token, and may there be one?
+#[derive(Debug)]
+pub(crate) enum Session {
+    /// No token yet (or invalidated): the next request refreshes. `stale` is the
+    /// invalidated token, handed to the refresher (it may carry the refresh token).
+    Empty { stale: Option<Token> },
+    /// A token and its deadlines.
+    Active(Held),
+    /// A terminal failure or a logout: requests fail fast until a token is installed. `stale`
+    /// is the token the terminal failure could not replace (a forced refresh is handed it);
+    /// a logout keeps none.
+    Ended {
+        cause: Arc<RefreshError>,
+        stale: Option<Token>,
+    },
+}
+
+/// A token held by the cell, with when it was received and when it expires.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) token: Token,
+    /// The lifetime the token had when it was stored (`None`: no known expiry).
+    pub(crate) lifetime: Option<Duration>,
+    /// The hard deadline on the monotonic clock.
+    pub(crate) expires_at: Option<Instant>,
+    /// The same deadline on the wall clock, to catch a machine that slept through it (the
+    /// monotonic clock stops during suspend on Linux and macOS).
+    pub(crate) wall_expires_at: Option<SystemTime>,
+}
+
+impl Held {
+    fn new(token: Token, now: Instant, wall: SystemTime) -> Self {
+        let lifetime = match token.expiry() {
+            None => None,
+            Some(Expiry::In(life)) => Some(life),
+            Some(Expiry::At(at)) => Some(at.duration_since(wall).unwrap_or(Duration::ZERO)),
+        };
+        // A lifetime too long to represent is treated as no expiry.
+        let expires_at = lifetime.and_then(|life| now.checked_add(life));
+        let lifetime = expires_at.and(lifetime);
+        let wall_expires_at = lifetime.and_then(|life| wall.checked_add(life));
+        Self {
+            token,
+            lifetime,
+            expires_at,
+            wall_expires_at,
+        }
+    }
+
+    /// Past the hard deadline, on either clock.
+    pub(crate) fn expired(&self, now: Instant, wall: SystemTime) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+            || self.wall_expires_at.is_some_and(|at| wall >= at)
+    }
+
+    /// When requests stop using the token and wait for a refresh first.
+    pub(crate) fn refresh_at(&self, leeway: Duration) -> Option<Instant> {
+        let (life, at) = (self.lifetime?, self.expires_at?);
+        Some(at - leeway.min(life / LEEWAY_DIVISOR))
+    }
+
+    /// When a background refresh may start while the token is still used: the window is
+    /// capped at half the lifetime and never shorter than the leeway.
+    pub(crate) fn ahead_at(&self, ahead: &RefreshAhead, leeway: Duration) -> Option<Instant> {
+        let (life, at) = (self.lifetime?, self.expires_at?);
+        let leeway = leeway.min(life / LEEWAY_DIVISOR);
+        Some(at - ahead.window(life).min(life / 2).max(leeway))
+    }
+}
+
+/// A refresh in flight. `J` is the shared future waiters join (a unit in the unit tests).
+#[derive(Debug)]
+pub(crate) struct Flight<J> {
+    pub(crate) job: J,
+    pub(crate) background: bool,
+    /// The generation the cell held when the refresh started: the refresh's result is
+    /// discarded if the handle installed or cleared a token meanwhile.
+    pub(crate) generation: u64,
+}
+
+/// A failed refresh in its cool-down: no new refresh starts before `until`.
+#[derive(Debug, Clone)]
+pub(crate) struct Cooling {
+    pub(crate) until: Instant,
+    pub(crate) error: Arc<RefreshError>,
+}
+
+/// The per-request settings the state needs for a decision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy<'a> {
+    pub(crate) leeway: Duration,
+    pub(crate) ahead: Option<&'a RefreshAhead>,
+}
+
+/// The clocks' readings for one decision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    pub(crate) mono: Instant,
+    pub(crate) wall: SystemTime,
+}
+
+/// What a request found.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// A usable token. `ahead`: a background refresh is due.
+    Usable {
+        ticket: Ticket,
+        header: HeaderValue,
+        ahead: bool,
+    },
+    /// No usable token: wait for one newer than `ticket` before sending.
+    Stale { ticket: Ticket, expired: bool },
+    /// The last refresh failed and its cool-down runs, with no usable token: fail fast.
+    Cooling(Cooling),
+    /// The session ended: fail fast.
+    Ended(Arc<RefreshError>),
+}
+
+/// A token newer than the one a request used.
+#[derive(Debug, Clone)]
+pub(crate) struct Fresh {
+    pub(crate) ticket: Ticket,
+    pub(crate) header: HeaderValue,
+}
+
+/// Why no fresh token could be had.
+#[derive(Debug, Clone)]
+pub(crate) enum Unavailable {
+    /// The refresh this caller waited on failed terminally.
+    Rejected(Arc<RefreshError>),
+    /// The refresh this caller waited on failed transiently, retries exhausted.
+    Failed(Arc<RefreshError>),
+    /// An earlier refresh failed and its cool-down runs: no refresh was attempted.
+    Cooling(Cooling),
+    /// An earlier refresh failed terminally, or the session was logged out.
+    Ended(Arc<RefreshError>),
+}
+
+/// The answer a refresh gives its waiters.
+pub(crate) type Answer = Result<Fresh, Unavailable>;
+
+/// What a request that needs a newer token must do.
+#[derive(Debug)]
+pub(crate) enum Begin<J> {
+    /// Already answered: something happened since the ticket was taken.
+    Answer(Answer),
+    /// Wait for the refresh in flight.
+    Join(J),
+    /// Start a refresh: build the job and hand it to [`State::started`].
+    Start,
+}
+
+/// Why a caller needs a newer token, as far as the state is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// No usable token before sending.
+    BeforeSend,
+    /// A server refused the token of the ticket's generation.
+    Refused,
+    /// The handle forces a refresh: ignores the cool-down and an ended session.
+    Forced,
+}
+
+/// The events a transition emits, in order.
+pub(crate) type Emitted = [Option<RefreshEvent>; 2];
+
+/// The whole state of a token cell.
+#[derive(Debug)]
+pub(crate) struct State<J> {
+    pub(crate) session: Session,
+    pub(crate) flight: Option<Flight<J>>,
+    /// Bumped by every token change: refresh, install, invalidate, clear.
+    pub(crate) generation: u64,
+    /// Completed foreground refreshes, successful or not.
+    pub(crate) attempts: u64,
+    /// The failure of the last completed foreground refresh, if it failed.
+    pub(crate) last_failure: Option<Arc<RefreshError>>,
+    /// The cool-down after a failed foreground refresh.
+    pub(crate) cooling: Option<Cooling>,
+    /// Failed foreground refreshes in a row (the cool-down grows with them).
+    pub(crate) failures: u32,
+    /// The generation a server refused (a 401 for the current token): no request is sent
+    /// with it again. Cleared by any token change.
+    pub(crate) rejected: Option<u64>,
+    /// Failed background refreshes in a row, and when the next may start.
+    pub(crate) ahead_failures: u32,
+    pub(crate) ahead_not_before: Option<Instant>,
+}
+
+impl<J: Clone> Default for State<J> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<J: Clone> State<J> {
+    pub(crate) fn new() -> Self {
+        Self {
+            session: Session::Empty { stale: None },
+            flight: None,
+            generation: 0,
+            attempts: 0,
+            last_failure: None,
+            cooling: None,
+            failures: 0,
+            rejected: None,
+            ahead_failures: 0,
+            ahead_not_before: None,
+        }
+    }
+
+    pub(crate) fn ticket(&self) -> Ticket {
+        Ticket {
+            generation: self.generation,
+            attempts: self.attempts,
+        }
+    }
+
+    fn cooling_at(&self, now: Instant) -> Option<&Cooling> {
+        self.cooling.as_ref().filter(|c| now < c.until)
+    }
+
+    /// The hot path's decision.
+    pub(crate) fn lookup(&self, now: Now, policy: Policy<'_>) -> Lookup {
+        let ticket = self.ticket();
+        let held = match &self.session {
+            Session::Ended { cause: err, .. } => return Lookup::Ended(err.clone()),
+            Session::Empty { .. } => {
+                return match self.cooling_at(now.mono) {
+                    Some(c) => Lookup::Cooling(c.clone()),
+                    None => Lookup::Stale {
+                        ticket,
+                        expired: false,
+                    },
+                };
+            }
+            Session::Active(held) => held,
+        };
+        if self.rejected == Some(self.generation) {
+            // A server refused this very token: never send it again. Wait for the refresh
+            // (running, or to start), or fail fast while a failed one cools down.
+            return match self.cooling_at(now.mono) {
+                Some(c) if self.flight.is_none() => Lookup::Cooling(c.clone()),
+                _ => Lookup::Stale {
+                    ticket,
+                    expired: true,
+                },
+            };
+        }
+        if held.expires_at.is_none() {
+            return Lookup::Usable {
+                ticket,
+                header: held.token.header_value().clone(),
+                ahead: false,
+            };
+        }
+        let cooling = self.cooling_at(now.mono);
+        if held.expired(now.mono, now.wall) {
+            return match cooling {
+                Some(c) => Lookup::Cooling(c.clone()),
+                None => Lookup::Stale {
+                    ticket,
+                    expired: true,
+                },
+            };
+        }
+        if cooling.is_none()
+            && held
+                .refresh_at(policy.leeway)
+                .is_some_and(|at| now.mono >= at)
+        {
+            return Lookup::Stale {
+                ticket,
+                expired: true,
+            };
+        }
+        let ahead = cooling.is_none()
+            && self.flight.is_none()
+            && self.ahead_not_before.is_none_or(|t| now.mono >= t)
+            && policy.ahead.is_some_and(|rule| {
+                held.ahead_at(rule, policy.leeway)
+                    .is_some_and(|at| now.mono >= at)
+            });
+        Lookup::Usable {
+            ticket,
+            header: held.token.header_value().clone(),
+            ahead,
+        }
+    }
+
+    /// What a waiter for a token newer than `ticket` gets without a refresh, if anything.
+    pub(crate) fn answer_since(&self, ticket: Ticket) -> Option<Answer> {
+        if self.generation > ticket.generation {
+            match &self.session {
+                Session::Active(held) => {
+                    return Some(Ok(Fresh {
+                        ticket: self.ticket(),
+                        header: held.token.header_value().clone(),
+                    }));
+                }
+                Session::Ended { cause: err, .. } => {
+                    return Some(Err(Unavailable::Ended(err.clone())));
+                }
+                Session::Empty { .. } => {}
+            }
+        }
+        if self.attempts > ticket.attempts {
+            if let Some(err) = &self.last_failure {
+                return Some(Err(if err.is_terminal() {
+                    Unavailable::Rejected(err.clone())
+                } else {
+                    Unavailable::Failed(err.clone())
+                }));
+            }
+        }
+        match &self.session {
+            Session::Ended { cause: err, .. } => Some(Err(Unavailable::Ended(err.clone()))),
+            _ => None,
+        }
+    }
+
+    /// A caller at `ticket` needs a newer token: answer, join the flight, or start one.
+    pub(crate) fn begin(&mut self, ticket: Ticket, need: Need, now: Instant) -> Begin<J> {
+        if need != Need::Forced {
+            if let Some(answer) = self.answer_since(ticket) {
+                return Begin::Answer(answer);
+            }
+        }
+        if need == Need::Refused && ticket.generation == self.generation {
+            self.rejected = Some(ticket.generation);
+        }
+        if let Some(flight) = &self.flight {
+            return Begin::Join(flight.job.clone());
+        }
+        if need != Need::Forced {
+            if let Some(c) = self.cooling_at(now) {
+                return Begin::Answer(Err(Unavailable::Cooling(c.clone())));
+            }
+        }
+        Begin::Start
+    }
+
+    /// Records the start of a refresh.
+    pub(crate) fn started(&mut self, job: J, background: bool) {
+        self.flight = Some(Flight {
+            job,
+            background,
+            generation: self.generation,
+        });
+    }
+
+    /// Whether a background refresh may start now.
+    pub(crate) fn ahead_due(&self, now: Now, policy: Policy<'_>) -> bool {
+        matches!(self.lookup(now, policy), Lookup::Usable { ahead: true, .. })
+    }
+
+    /// Stores a token: a new generation, every failure forgotten.
+    pub(crate) fn store(&mut self, token: Token, now: Now) {
+        self.generation += 1;
+        self.rejected = None;
+        self.session = Session::Active(Held::new(token, now.mono, now.wall));
+        self.last_failure = None;
+        self.cooling = None;
+        self.failures = 0;
+        self.ahead_failures = 0;
+        self.ahead_not_before = None;
+    }
+
+    /// What the handle set, as the answer for a refresh it superseded.
+    fn current(&self) -> Answer {
+        match &self.session {
+            Session::Active(held) => Ok(Fresh {
+                ticket: self.ticket(),
+                header: held.token.header_value().clone(),
+            }),
+            Session::Ended { cause: err, .. } => Err(Unavailable::Ended(err.clone())),
+            Session::Empty { .. } => Err(Unavailable::Failed(Arc::new(RefreshError::transient(
+                "the token was invalidated during the refresh",
+            )))),
+        }
+    }
+
+    /// Records the outcome of the refresh in flight: the bookkeeping of a finished refresh.
+    /// Returns the answer for its waiters and the events to emit.
+    pub(crate) fn finish(
+        &mut self,
+        result: Result<Token, RefreshError>,
+        now: Now,
+        cooldown: &Cooldown,
+    ) -> (Answer, Emitted) {
+        let Some(flight) = self.flight.take() else {
+            // Not ours to record (cannot happen: only the flight finishes itself).
+            return (self.current(), [None, None]);
+        };
+        let background = flight.background;
+        if self.generation != flight.generation {
+            // The handle installed, invalidated or cleared a token while this refresh ran:
+            // what the handle set wins, whether the refresh succeeded or failed (a failure of
+            // a superseded refresh must not end the new session).
+            if !background {
+                self.attempts += 1;
+                self.last_failure = None;
+            }
+            return (self.current(), [None, None]);
+        }
+        let result = result.and_then(|token| self.accept(token, now));
+        match result {
+            Ok(token) => {
+                if !background {
+                    self.attempts += 1;
+                }
+                self.store(token, now);
+                let generation = self.generation;
+                (
+                    self.current(),
+                    [Some(RefreshEvent::Refreshed { generation }), None],
+                )
+            }
+            Err(err) if err.is_terminal() => {
+                // Terminal, in the foreground or the background: the session ends at once and
+                // nothing retries with the revoked credentials.
+                let err = Arc::new(err);
+                self.attempts += 1;
+                self.last_failure = Some(err.clone());
+                let stale =
+                    match std::mem::replace(&mut self.session, Session::Empty { stale: None }) {
+                        Session::Active(held) => Some(held.token),
+                        Session::Empty { stale } | Session::Ended { stale, .. } => stale,
+                    };
+                self.session = Session::Ended {
+                    cause: err.clone(),
+                    stale,
+                };
+                self.cooling = None;
+                let generation = self.generation;
+                (
+                    Err(Unavailable::Rejected(err)),
+                    [
+                        Some(RefreshEvent::RefreshFailed {
+                            generation,
+                            terminal: true,
+                        }),
+                        Some(RefreshEvent::SessionEnded { generation }),
+                    ],
+                )
+            }
+            Err(err) if background => {
+                let err = Arc::new(err);
+                self.ahead_failures = self.ahead_failures.saturating_add(1);
+                self.ahead_not_before = Some(now.mono + cooldown.background(self.ahead_failures));
+                let generation = self.generation;
+                (
+                    Err(Unavailable::Failed(err)),
+                    [
+                        Some(RefreshEvent::RefreshFailed {
+                            generation,
+                            terminal: false,
+                        }),
+                        None,
+                    ],
+                )
+            }
+            Err(err) => {
+                let retry_after = err.retry_after();
+                let err = Arc::new(err);
+                self.attempts += 1;
+                self.failures = self.failures.saturating_add(1);
+                self.last_failure = Some(err.clone());
+                let pause = cooldown.delay(self.failures, retry_after);
+                self.cooling = (!pause.is_zero()).then(|| Cooling {
+                    until: now.mono + pause,
+                    error: err.clone(),
+                });
+                let generation = self.generation;
+                (
+                    Err(Unavailable::Failed(err)),
+                    [
+                        Some(RefreshEvent::RefreshFailed {
+                            generation,
+                            terminal: false,
+                        }),
+                        None,
+                    ],
+                )
+            }
+        }
+    }
+
+    /// A refresher's token, unless it is already expired while the cell holds a valid one
+    /// (then it is a transient failure: the valid token stays).
+    fn accept(&self, token: Token, now: Now) -> Result<Token, RefreshError> {
+        let dead_on_arrival = match token.expiry() {
+            Some(Expiry::In(life)) => life.is_zero(),
+            Some(Expiry::At(at)) => at <= now.wall,
+            None => false,
+        };
+        let holding_valid =
+            matches!(&self.session, Session::Active(held) if !held.expired(now.mono, now.wall));
+        if dead_on_arrival && holding_valid {
+            return Err(RefreshError::transient(
+                "the refresher returned an already expired token; keeping the current one",
+            ));
+        }
+        Ok(token)
+    }
+
+    /// Installs a token through the handle (a login).
+    pub(crate) fn install(&mut self, token: Token, now: Now) -> u64 {
+        self.store(token, now);
+        self.generation
+    }
+
+    /// Drops the token without ending the session: the next request refreshes.
+    pub(crate) fn invalidate(&mut self) -> u64 {
+        self.generation += 1;
+        self.rejected = None;
+        let stale = match std::mem::replace(&mut self.session, Session::Empty { stale: None }) {
+            Session::Active(held) => Some(held.token),
+            Session::Empty { stale } | Session::Ended { stale, .. } => stale,
+        };
+        self.session = Session::Empty { stale };
+        self.last_failure = None;
+        self.cooling = None;
+        self.failures = 0;
+        self.generation
+    }
+
+    /// Logs out: requests fail fast until a token is installed.
+    pub(crate) fn clear(&mut self) -> u64 {
+        self.generation += 1;
+        self.rejected = None;
+        self.session = Session::Ended {
+            cause: Arc::new(RefreshError::terminal(
+                "logged out through the token handle",
+            )),
+            stale: None,
+        };
+        self.last_failure = None;
+        self.cooling = None;
+        self.failures = 0;
+        self.generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type S = State<u8>;
+
+    fn now() -> Now {
+        Now {
+            mono: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    fn later(now: Now, by: Duration) -> Now {
+        Now {
+            mono: now.mono + by,
+            wall: now.wall + by,
+        }
+    }
+
+    const POLICY: Policy<'static> = Policy {
+        leeway: Duration::from_secs(30),
+        ahead: None,
+    };
+
+    fn token(secret: &str, life: Option<u64>) -> Token {
+        let t = Token::bearer(secret).unwrap();
+        match life {
+            Some(s) => t.with_expires_in(Duration::from_secs(s)),
+            None => t,
+        }
+    }
+
+    fn no_cooldown() -> Cooldown {
+        Cooldown::none()
+    }
+
+    #[test]
+    fn an_empty_cell_asks_the_first_request_to_start_one_refresh_and_the_rest_to_join() {
+        let mut st = S::new();
+        let t = now();
+        let Lookup::Stale { ticket, .. } = st.lookup(t, POLICY) else {
+            panic!("an empty cell has no usable token");
+        };
+        assert!(matches!(
+            st.begin(ticket, Need::BeforeSend, t.mono),
+            Begin::Start
+        ));
+        st.started(7, false);
+        for _ in 0..3 {
+            assert!(matches!(
+                st.begin(ticket, Need::BeforeSend, t.mono),
+                Begin::Join(7)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_refusal_pauses_requests_for_that_generation_until_the_refresh_ends() {
+        let mut st = S::new();
+        let t = now();
+        st.install(token("a", None), t);
+        let Lookup::Usable { ticket, .. } = st.lookup(t, POLICY) else {
+            panic!("installed token is usable");
+        };
+        assert!(matches!(
+            st.begin(ticket, Need::Refused, t.mono),
+            Begin::Start
+        ));
+        st.started(1, false);
+        // A new request would carry the refused token: it waits instead.
+        assert!(matches!(st.lookup(t, POLICY), Lookup::Stale { .. }));
+        let (answer, events) = st.finish(Ok(token("b", None)), t, &no_cooldown());
+        let fresh = answer.unwrap();
+        assert_eq!(fresh.ticket.generation, ticket.generation + 1);
+        assert_eq!(
+            events[0],
+            Some(RefreshEvent::Refreshed {
+                generation: fresh.ticket.generation
+            })
+        );
+        assert!(matches!(st.lookup(t, POLICY), Lookup::Usable { .. }));
+    }
+
+    #[test]
+    fn a_late_refusal_of_an_older_generation_gets_the_newer_token_without_a_refresh() {
+        let mut st = S::new();
+        let t = now();
+        st.install(token("a", None), t);
+        let old = st.ticket();
+        st.install(token("b", None), t);
+        match st.begin(old, Need::Refused, t.mono) {
+            Begin::Answer(Ok(fresh)) => assert_eq!(fresh.header, "Bearer b"),
+            other => panic!("expected the installed token, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shared_failure_is_every_waiters_answer() {
+        let mut st = S::new();
+        let t = now();
+        let ticket = st.ticket();
+        assert!(matches!(
+            st.begin(ticket, Need::BeforeSend, t.mono),
+            Begin::Start
+        ));
+        st.started(1, false);
+        let (answer, _) = st.finish(Err(RefreshError::transient("down")), t, &no_cooldown());
+        let Err(Unavailable::Failed(first)) = answer else {
+            panic!("transient failure");
+        };
+        // A waiter that held the same ticket gets the same error, by pointer.
+        match st.begin(ticket, Need::BeforeSend, t.mono) {
+            Begin::Answer(Err(Unavailable::Failed(err))) => assert!(Arc::ptr_eq(&err, &first)),
+            other => panic!("expected the shared failure, got {other:?}"),
+        }
+        // A request that comes after the failure starts a new refresh (no cool-down here).
+        assert!(matches!(
+            st.begin(st.ticket(), Need::BeforeSend, t.mono),
+            Begin::Start
+        ));
+    }
+
+    #[test]
+    fn install_during_flight_wins_over_the_refresh_result() {
+        let mut st = S::new();
+        let t = now();
+        st.started(1, false);
+        st.install(token("login", None), t);
+        let (answer, events) = st.finish(Ok(token("refreshed", None)), t, &no_cooldown());
+        assert_eq!(answer.unwrap().header, "Bearer login");
+        assert_eq!(events, [None, None]);
+        // And a terminal failure of the superseded refresh does not end the new session.
+        st.started(2, false);
+        st.install(token("login-2", None), t);
+        let (answer, _) = st.finish(Err(RefreshError::terminal("revoked")), t, &no_cooldown());
+        assert_eq!(answer.unwrap().header, "Bearer login-2");
+        assert!(matches!(st.session, Session::Active(_)));
+    }
+
+    #[test]
+    fn a_terminal_failure_ends_the_session_once_in_the_foreground_and_the_background() {
+        for background in [false, true] {
+            let mut st = S::new();
+            let t = now();
+            st.install(token("a", Some(600)), t);
+            st.started(1, background);
+            let (answer, events) =
+                st.finish(Err(RefreshError::terminal("revoked")), t, &no_cooldown());
+            assert!(matches!(answer, Err(Unavailable::Rejected(_))));
+            assert_eq!(
+                events[1],
+                Some(RefreshEvent::SessionEnded {
+                    generation: st.generation
+                })
+            );
+            assert!(matches!(st.lookup(t, POLICY), Lookup::Ended(_)));
+        }
+    }
+
+    #[test]
+    fn a_failed_refresh_cools_down_and_later_requests_fail_fast_without_a_refresh() {
+        let mut st = S::new();
+        let t = now();
+        let cooldown = Cooldown::new(Duration::from_secs(60), Duration::from_secs(600));
+        st.started(1, false);
+        let _ = st.finish(Err(RefreshError::transient("503")), t, &cooldown);
+        let Lookup::Cooling(c) = st.lookup(t, POLICY) else {
+            panic!("no token and cooling: fail fast");
+        };
+        assert!(c.until > t.mono && c.until <= t.mono + Duration::from_secs(60));
+        let ticket = st.ticket();
+        assert!(matches!(
+            st.begin(ticket, Need::Refused, t.mono),
+            Begin::Answer(Err(Unavailable::Cooling(_)))
+        ));
+        // The handle's forced refresh bypasses it.
+        assert!(matches!(
+            st.begin(ticket, Need::Forced, t.mono),
+            Begin::Start
+        ));
+        // After the cool-down, a refresh may start again.
+        let after = later(t, Duration::from_secs(61));
+        assert!(matches!(st.lookup(after, POLICY), Lookup::Stale { .. }));
+    }
+
+    #[test]
+    fn inside_the_leeway_a_failed_refresh_keeps_sending_the_valid_token() {
+        let mut st = S::new();
+        let t = now();
+        let cooldown = Cooldown::new(Duration::from_secs(600), Duration::from_secs(600));
+        st.install(token("a", Some(600)), t);
+        // 50 s before expiry, inside the 60 s leeway: refresh first.
+        let policy = Policy {
+            leeway: Duration::from_secs(60),
+            ahead: None,
+        };
+        let near = later(t, Duration::from_secs(550));
+        assert!(matches!(st.lookup(near, policy), Lookup::Stale { .. }));
+        st.started(1, false);
+        let _ = st.finish(Err(RefreshError::transient("503")), near, &cooldown);
+        // The refresh failed: the token is still valid for 50 s, so it is used.
+        assert!(matches!(st.lookup(near, policy), Lookup::Usable { .. }));
+        // Past the hard expiry, with the cool-down still running: fail fast.
+        let dead = later(t, Duration::from_secs(601));
+        assert!(matches!(st.lookup(dead, policy), Lookup::Cooling(_)));
+    }
+
+    #[test]
+    fn an_expired_token_from_the_refresher_never_replaces_a_valid_one() {
+        let mut st = S::new();
+        let t = now();
+        st.install(token("valid", Some(600)), t);
+        let generation = st.generation;
+        st.started(1, false);
+        let (answer, _) = st.finish(Ok(token("dead", Some(0))), t, &no_cooldown());
+        assert!(matches!(answer, Err(Unavailable::Failed(_))));
+        assert_eq!(st.generation, generation);
+        let Lookup::Usable { header, .. } = st.lookup(t, POLICY) else {
+            panic!("the valid token stays");
+        };
+        assert_eq!(header, "Bearer valid");
+        // With no valid token, the expired one serves the waiters of that refresh, once.
+        let mut empty = S::new();
+        empty.started(1, false);
+        let (answer, _) = empty.finish(Ok(token("single-use", Some(0))), t, &no_cooldown());
+        assert_eq!(answer.unwrap().header, "Bearer single-use");
+        assert!(matches!(empty.lookup(t, POLICY), Lookup::Stale { .. }));
+    }
+
+    #[test]
+    fn a_machine_that_slept_past_the_deadline_does_not_send_the_token() {
+        let mut st = S::new();
+        let t = now();
+        st.install(token("a", Some(600)), t);
+        // The monotonic clock stood still during suspend; the wall clock moved an hour.
+        let woke = Now {
+            mono: t.mono + Duration::from_secs(1),
+            wall: t.wall + Duration::from_secs(3600),
+        };
+        assert!(matches!(
+            st.lookup(woke, POLICY),
+            Lookup::Stale { expired: true, .. }
+        ));
+    }
+
+    #[test]
+    fn invalidate_refreshes_without_ending_and_clear_ends() {
+        let mut st = S::new();
+        let t = now();
+        st.install(token("a", None), t);
+        st.invalidate();
+        assert!(matches!(st.lookup(t, POLICY), Lookup::Stale { .. }));
+        st.clear();
+        assert!(matches!(st.lookup(t, POLICY), Lookup::Ended(_)));
+        st.install(token("b", None), t);
+        assert!(matches!(st.lookup(t, POLICY), Lookup::Usable { .. }));
+    }
+
+    #[test]
+    fn refresh_ahead_is_due_once_inside_its_window_and_never_during_a_flight() {
+        let mut st = S::new();
+        let t = now();
+        let window = RefreshAhead::fixed(Duration::from_secs(120));
+        let policy = Policy {
+            leeway: Duration::from_secs(30),
+            ahead: Some(&window),
+        };
+        st.install(token("a", Some(600)), t);
+        assert!(!st.ahead_due(t, policy));
+        let inside = later(t, Duration::from_secs(500));
+        assert!(st.ahead_due(inside, policy));
+        st.started(1, true);
+        assert!(!st.ahead_due(inside, policy));
+        let _ = st.finish(Err(RefreshError::transient("x")), inside, &no_cooldown());
+        // A failed background refresh keeps the token and backs off.
+        assert!(matches!(
+            st.lookup(inside, policy),
+            Lookup::Usable { ahead: false, .. }
+        ));
+    }
+}

@@ -1,0 +1,729 @@
+//! The options of a layer ([`RefreshOptions`]), the per-request policy they imply, and the
+//! request markers.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Method, StatusCode, Uri};
+
+use crate::body::{DEFAULT_MAX_REPLAY_BODY, DEFAULT_REPLAY_BODY_WAIT};
+use crate::cell::TokenCell;
+use crate::cell::backoff::{Backoff, Cooldown, RefreshAhead};
+use crate::clock::{Clock, TokioClock};
+use crate::policy::default_trigger;
+
+type Trigger = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
+type AttachRule = Arc<dyn Fn(&RequestHead<'_>) -> bool + Send + Sync>;
+
+/// Marks a request as a token request sent by a refresher: it passes through the layer
+/// untouched (no token, no refresh, no replay), so a refresher that sends through a client
+/// wearing this same layer cannot recurse.
+///
+/// Requests sent from inside a refresher's future are recognised even without the marker.
+/// (Named `TokenRequest` because it marks the request *for* a token; it was `RefreshRequest`.)
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::TokenRequest;
+///
+/// let mut req = http::Request::post("https://idp.example/token").body(String::new()).unwrap();
+/// req.extensions_mut().insert(TokenRequest);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenRequest;
+
+/// Opts one request out of the replay: it still gets the current token (and still waits for
+/// one when there is none), but a 401 is returned to the caller as it is. (It was `NoRefresh`;
+/// the new name says what it turns off.)
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::NoReplay;
+///
+/// let mut req = http::Request::post("https://api.example/upload").body(String::new()).unwrap();
+/// req.extensions_mut().insert(NoReplay);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoReplay;
+
+/// Which requests may be replayed after a refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ReplayMethods {
+    /// Every method (the default): a 401 means the server refused the request before acting
+    /// on it.
+    #[default]
+    All,
+    /// Only idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT, DELETE).
+    Idempotent,
+}
+
+/// The head of a request, as seen by an [attach rule](RefreshOptions::attach_when).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+}
+
+impl<'a> RequestHead<'a> {
+    pub(crate) fn new(method: &'a Method, uri: &'a Uri, headers: &'a HeaderMap) -> Self {
+        Self {
+            method,
+            uri,
+            headers,
+        }
+    }
+
+    /// The request method.
+    pub fn method(&self) -> &'a Method {
+        self.method
+    }
+
+    /// The request URI.
+    pub fn uri(&self) -> &'a Uri {
+        self.uri
+    }
+
+    /// The request headers.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+}
+
+/// An origin (scheme, host, port) that may receive the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Origin {
+    scheme: Scheme,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    fn of(scheme: &Scheme, authority: &Authority) -> Option<Self> {
+        let port = authority.port_u16().or_else(|| match scheme.as_str() {
+            "https" | "wss" => Some(443),
+            "http" | "ws" => Some(80),
+            _ => None,
+        })?;
+        Some(Self {
+            scheme: scheme.clone(),
+            host: authority.host().to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    pub(crate) fn of_uri(uri: &Uri) -> Option<Self> {
+        Self::of(uri.scheme()?, uri.authority()?)
+    }
+
+    /// Parses an allowed origin: `scheme://host[:port]`, nothing else (no user info, no path
+    /// beyond `/`, no query).
+    fn parse(s: &str) -> Result<Self, InvalidOrigin> {
+        let uri: Uri = s.parse().map_err(|_| InvalidOrigin::new(s, "not a URI"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| InvalidOrigin::new(s, "no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(InvalidOrigin::new(
+                s,
+                "user information is not part of an origin",
+            ));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(InvalidOrigin::new(
+                s,
+                "a path or query is not part of an origin",
+            ));
+        }
+        let scheme = uri
+            .scheme()
+            .ok_or_else(|| InvalidOrigin::new(s, "no scheme"))?;
+        Self::of(scheme, authority).ok_or_else(|| InvalidOrigin::new(s, "unknown scheme"))
+    }
+
+    /// Whether a token may go to this origin without TLS: loopback only.
+    pub(crate) fn secure_or_loopback(&self) -> bool {
+        matches!(self.scheme.as_str(), "https" | "wss") || is_loopback(&self.host)
+    }
+}
+
+/// `localhost`, `127.0.0.0/8` and `::1`.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Where the token may go.
+#[derive(Debug, Clone)]
+pub(crate) enum Origins {
+    /// The origin of the first request with an absolute URI, fixed from then on.
+    FirstSeen,
+    /// These origins only.
+    List(Arc<[Origin]>),
+    /// Every origin (an explicit opt-in).
+    Any,
+}
+
+/// An allowed origin that is not `scheme://host[:port]`.
+///
+/// The message says what is wrong without repeating the value (it may hold credentials).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid origin: expected scheme://host[:port] ({reason})")]
+pub struct InvalidOrigin {
+    reason: &'static str,
+}
+
+impl InvalidOrigin {
+    fn new(_value: &str, reason: &'static str) -> Self {
+        Self { reason }
+    }
+}
+
+/// Every per-token option of [`RefreshLayer`](crate::RefreshLayer) and
+/// [`KeyedRefreshLayer`](crate::keyed::KeyedRefreshLayer), as one plain value.
+///
+/// # Options and clones
+///
+/// One rule: **options are a value; the token is shared.** A layer keeps its options by
+/// value; a setter on a layer (or on a clone of it) changes that layer value only, never a
+/// clone made before, never a service already made. Every clone shares the *token* (one
+/// cell: one refresh in flight, one generation, one handle), whatever its options. The
+/// setters on the layers are shorthands for the ones here.
+///
+/// # Defaults
+///
+/// | option | default |
+/// |---|---|
+/// | [`leeway`](Self::leeway) | 30 s, at most 1/10 of the token's lifetime |
+/// | [`refresh_ahead`](Self::refresh_ahead) | off |
+/// | [`retries`](Self::retries) | [`Backoff::default`]: 4 attempts, 200 ms base, 30 s total |
+/// | [`cooldown`](Self::cooldown) | [`Cooldown::default`]: 30 s doubling to 5 min, jittered |
+/// | [`refresh_timeout`](Self::refresh_timeout) | 30 s per refresher call |
+/// | [`clock`](Self::clock) | [`TokioClock`] |
+/// | [`max_replay_body`](Self::max_replay_body) | 1 MiB |
+/// | [`replay_body_wait`](Self::replay_body_wait) | 1 s |
+/// | [`refresh_on`](Self::refresh_on) | [`default_trigger`]: 401 unless RFC 6750 says otherwise |
+/// | [`replay_methods`](Self::replay_methods) | [`ReplayMethods::All`] |
+/// | origins | the origin of the first request ([`allowed_origins`](Self::allowed_origins), [`any_origin`](Self::any_origin)) |
+/// | [`allow_insecure_http`](Self::allow_insecure_http) | off: `http://` only to loopback |
+/// | [`attach_when`](Self::attach_when) | every request |
+/// | [`anonymous_when_logged_out`](Self::anonymous_when_logged_out) | off |
+/// | [`unauthorized_as_response`](Self::unauthorized_as_response) | off: an error |
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_auth_refresh::{refresh_fn, RefreshError, RefreshLayer, RefreshOptions, Token};
+///
+/// let options = RefreshOptions::new()
+///     .leeway(Duration::from_secs(60))
+///     .refresh_timeout(Duration::from_secs(10))
+///     .allowed_origins(["https://api.example.com"])?;
+/// let layer = RefreshLayer::with_options(
+///     refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("t")?) }),
+///     options,
+/// );
+/// # let _ = layer;
+/// # Ok::<(), tower_auth_refresh::InvalidOrigin>(())
+/// ```
+#[derive(Clone)]
+pub struct RefreshOptions {
+    pub(crate) leeway: Duration,
+    pub(crate) refresh_ahead: Option<RefreshAhead>,
+    pub(crate) retries: Backoff,
+    pub(crate) cooldown: Cooldown,
+    pub(crate) refresh_timeout: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) max_replay_body: usize,
+    pub(crate) replay_body_wait: Duration,
+    pub(crate) trigger: Option<Trigger>,
+    pub(crate) replay_methods: ReplayMethods,
+    pub(crate) origins: Origins,
+    pub(crate) allow_insecure_http: bool,
+    pub(crate) attach_when: Option<AttachRule>,
+    pub(crate) anonymous: bool,
+    pub(crate) unauthorized_as_response: bool,
+}
+
+impl Default for RefreshOptions {
+    fn default() -> Self {
+        Self {
+            leeway: Duration::from_secs(30),
+            refresh_ahead: None,
+            retries: Backoff::default(),
+            cooldown: Cooldown::default(),
+            refresh_timeout: Duration::from_secs(30),
+            clock: Arc::new(TokioClock),
+            max_replay_body: DEFAULT_MAX_REPLAY_BODY,
+            replay_body_wait: DEFAULT_REPLAY_BODY_WAIT,
+            trigger: None,
+            replay_methods: ReplayMethods::All,
+            origins: Origins::FirstSeen,
+            allow_insecure_http: false,
+            attach_when: None,
+            anonymous: false,
+            unauthorized_as_response: false,
+        }
+    }
+}
+
+impl fmt::Debug for RefreshOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshOptions")
+            .field("leeway", &self.leeway)
+            .field("refresh_ahead", &self.refresh_ahead)
+            .field("retries", &self.retries)
+            .field("cooldown", &self.cooldown)
+            .field("refresh_timeout", &self.refresh_timeout)
+            .field("clock", &self.clock)
+            .field("max_replay_body", &self.max_replay_body)
+            .field("replay_body_wait", &self.replay_body_wait)
+            .field("custom_trigger", &self.trigger.is_some())
+            .field("replay_methods", &self.replay_methods)
+            .field("origins", &self.origins)
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .field("attach_rule", &self.attach_when.is_some())
+            .field("anonymous_when_logged_out", &self.anonymous)
+            .field("unauthorized_as_response", &self.unauthorized_as_response)
+            .finish()
+    }
+}
+
+impl RefreshOptions {
+    /// The defaults (see the table above).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long before its expiry a token is refreshed before sending (default 30 s). Clamped
+    /// to a tenth of the token's lifetime, so a short-lived token is not refreshed on every
+    /// request. If that refresh fails, the token is still sent until it actually expires.
+    #[must_use]
+    pub fn leeway(mut self, leeway: Duration) -> Self {
+        self.leeway = leeway;
+        self
+    }
+
+    /// Turns on refresh-ahead: inside the window before expiry, one background refresh starts
+    /// while requests keep using the still-valid token. A fixed window is given as a
+    /// `Duration`; [`RefreshAhead::aws`] and [`RefreshAhead::by_lifetime`] pick it from the
+    /// token's lifetime. The window is capped at half the lifetime. A failed background
+    /// refresh keeps the token and backs off; a terminal one ends the session at once. Off by
+    /// default.
+    #[must_use]
+    pub fn refresh_ahead(mut self, window: impl Into<RefreshAhead>) -> Self {
+        self.refresh_ahead = Some(window.into());
+        self
+    }
+
+    /// How the attempts of one refresh are spaced after transient failures (default
+    /// [`Backoff::default`]). (It was `retry(RetryPolicy)`.)
+    #[must_use]
+    pub fn retries(mut self, backoff: Backoff) -> Self {
+        self.retries = backoff;
+        self
+    }
+
+    /// The pause after a failed refresh (default [`Cooldown::default`]).
+    #[must_use]
+    pub fn cooldown(mut self, cooldown: Cooldown) -> Self {
+        self.cooldown = cooldown;
+        self
+    }
+
+    /// The most one refresher call may take (default 30 s), the OAuth 2.0 refresher's
+    /// persistence hook included. A call that takes longer is cut off as a transient failure,
+    /// so a refresher that never returns cannot wedge the layer. (Needs a Tokio runtime with a
+    /// timer; without a runtime there is no bound.)
+    #[must_use]
+    pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
+        self.refresh_timeout = timeout;
+        self
+    }
+
+    /// The clock for token lifetimes (default [`TokioClock`]).
+    #[must_use]
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The largest body kept for a replay, in bytes (default 1 MiB). Larger bodies pass
+    /// through untouched and are not replayed.
+    #[must_use]
+    pub fn max_replay_body(mut self, bytes: usize) -> Self {
+        self.max_replay_body = bytes;
+        self
+    }
+
+    /// How long a 401 that arrives while the first attempt is still sending its body waits for
+    /// the send to finish or be dropped (default 1 s). After the wait, the 401 goes back to the
+    /// caller unreplayed. Zero never waits.
+    #[must_use]
+    pub fn replay_body_wait(mut self, wait: Duration) -> Self {
+        self.replay_body_wait = wait;
+        self
+    }
+
+    /// Which responses trigger a refresh and a replay, for APIs that signal an expired token
+    /// differently (a 403, a custom header). Default: [`default_trigger`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use tower_auth_refresh::{policy::default_trigger, RefreshOptions};
+    ///
+    /// let options = RefreshOptions::new().refresh_on(|status, headers| {
+    ///     default_trigger(status, headers)
+    ///         || (status == StatusCode::FORBIDDEN && headers.contains_key("x-token-expired"))
+    /// });
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn refresh_on<F>(mut self, trigger: F) -> Self
+    where
+        F: Fn(StatusCode, &HeaderMap) -> bool + Send + Sync + 'static,
+    {
+        self.trigger = Some(Arc::new(trigger));
+        self
+    }
+
+    /// Which methods may be replayed (default [`ReplayMethods::All`]).
+    #[must_use]
+    pub fn replay_methods(mut self, methods: ReplayMethods) -> Self {
+        self.replay_methods = methods;
+        self
+    }
+
+    /// Attaches the token only to requests for these origins (`scheme://host[:port]`); other
+    /// requests pass through without a token and never trigger a refresh. Default: the origin
+    /// of the first request with an absolute URI. Requests with a relative URI (an inner
+    /// service that adds the origin itself, such as a gRPC channel) get the token by default
+    /// and with [`any_origin`](Self::any_origin), never with an allow-list.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidOrigin`] for a string that is not exactly an origin: no scheme or host, user
+    /// information, a path or a query.
+    #[allow(clippy::result_large_err)]
+    pub fn allowed_origins<I, O>(mut self, origins: I) -> Result<Self, InvalidOrigin>
+    where
+        I: IntoIterator<Item = O>,
+        O: AsRef<str>,
+    {
+        let parsed = origins
+            .into_iter()
+            .map(|o| Origin::parse(o.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.origins = Origins::List(parsed.into());
+        Ok(self)
+    }
+
+    /// Sends the token to every origin, redirect targets included. Only for clients whose
+    /// every destination is trusted; prefer [`allowed_origins`](Self::allowed_origins).
+    #[must_use]
+    pub fn any_origin(mut self) -> Self {
+        self.origins = Origins::Any;
+        self
+    }
+
+    /// Allows the token over plain `http://` to hosts that are not loopback. Off by default:
+    /// such a request fails with [`InsecureTransport`](crate::error::InsecureTransport)
+    /// before anything is sent (`localhost`, `127.0.0.0/8` and `::1` are always allowed).
+    #[must_use]
+    pub fn allow_insecure_http(mut self, allow: bool) -> Self {
+        self.allow_insecure_http = allow;
+        self
+    }
+
+    /// A rule over the request head: requests it rejects pass through untouched (no token,
+    /// no refresh, no replay). Checked together with the allowed origins. Like Ktor's
+    /// `sendWithoutRequest`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_auth_refresh::RefreshOptions;
+    ///
+    /// // `/public/...` never gets the token.
+    /// let options = RefreshOptions::new()
+    ///     .attach_when(|req| !req.uri().path().starts_with("/public/"));
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn attach_when<F>(mut self, rule: F) -> Self
+    where
+        F: Fn(&RequestHead<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.attach_when = Some(Arc::new(rule));
+        self
+    }
+
+    /// While no token can be had (the session ended: logged out, or the refresher failed
+    /// terminally), send requests untouched instead of failing them: public endpoints keep
+    /// working, protected ones answer for themselves. They are never refreshed or replayed.
+    /// Installing a token turns authentication back on. Off by default.
+    #[must_use]
+    pub fn anonymous_when_logged_out(mut self, anonymous: bool) -> Self {
+        self.anonymous = anonymous;
+        self
+    }
+
+    /// When the replay is refused again (or a request sent after a refresh is refused), give
+    /// the caller that final 401 response itself instead of
+    /// [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh), as OkHttp, Ktor
+    /// and axios do. Off by default.
+    #[must_use]
+    pub fn unauthorized_as_response(mut self, enabled: bool) -> Self {
+        self.unauthorized_as_response = enabled;
+        self
+    }
+
+    // ===== the per-request policy =====
+
+    pub(crate) fn triggers(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        match &self.trigger {
+            Some(trigger) => trigger(status, headers),
+            None => default_trigger(status, headers),
+        }
+    }
+
+    pub(crate) fn may_replay(&self, method: &Method) -> bool {
+        match self.replay_methods {
+            ReplayMethods::All => true,
+            ReplayMethods::Idempotent => matches!(
+                *method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::TRACE
+                    | Method::PUT
+                    | Method::DELETE
+            ),
+        }
+    }
+}
+
+/// Where the token may go for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Destination {
+    /// Attach the token.
+    Attach,
+    /// Pass the request through untouched.
+    Untouched,
+    /// Plain `http://` to a host that is not loopback, not allowed.
+    Insecure,
+}
+
+/// A cell and the options of the layer value that made a service: what every service,
+/// middleware and handle holds (two pointers).
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) cell: Arc<TokenCell>,
+    pub(crate) options: Arc<RefreshOptions>,
+}
+
+impl Shared {
+    /// Where the token may go for a request to `uri`.
+    pub(crate) fn destination(&self, head: &RequestHead<'_>) -> Destination {
+        let options = &self.options;
+        if let Some(rule) = &options.attach_when {
+            if !rule(head) {
+                return Destination::Untouched;
+            }
+        }
+        let Some(origin) = Origin::of_uri(head.uri()) else {
+            // A relative URI: the inner service adds the origin (a gRPC channel, an
+            // in-memory service). With an explicit allow-list its destination is unknown.
+            return match options.origins {
+                Origins::List(_) => Destination::Untouched,
+                Origins::FirstSeen | Origins::Any => Destination::Attach,
+            };
+        };
+        let allowed = match &options.origins {
+            Origins::Any => true,
+            Origins::List(list) => list.contains(&origin),
+            Origins::FirstSeen => *self.cell.origin.get_or_init(|| origin.clone()) == origin,
+        };
+        if !allowed {
+            Destination::Untouched
+        } else if !options.allow_insecure_http && !origin.secure_or_loopback() {
+            Destination::Insecure
+        } else {
+            Destination::Attach
+        }
+    }
+}
+
+/// The option setters of [`RefreshOptions`], repeated on a layer type as shorthands. The type
+/// provides `fn map_options(self, f: impl FnOnce(RefreshOptions) -> RefreshOptions) -> Self`.
+macro_rules! option_setters {
+    () => {
+        /// See [`RefreshOptions::leeway`](crate::RefreshOptions::leeway).
+        #[must_use]
+        pub fn leeway(self, leeway: std::time::Duration) -> Self {
+            self.map_options(|o| o.leeway(leeway))
+        }
+
+        /// See [`RefreshOptions::refresh_ahead`](crate::RefreshOptions::refresh_ahead).
+        #[must_use]
+        pub fn refresh_ahead(self, window: impl Into<crate::RefreshAhead>) -> Self {
+            let window = window.into();
+            self.map_options(|o| o.refresh_ahead(window))
+        }
+
+        /// See [`RefreshOptions::retries`](crate::RefreshOptions::retries).
+        #[must_use]
+        pub fn retries(self, backoff: crate::Backoff) -> Self {
+            self.map_options(|o| o.retries(backoff))
+        }
+
+        /// See [`RefreshOptions::cooldown`](crate::RefreshOptions::cooldown).
+        #[must_use]
+        pub fn cooldown(self, cooldown: crate::Cooldown) -> Self {
+            self.map_options(|o| o.cooldown(cooldown))
+        }
+
+        /// See [`RefreshOptions::refresh_timeout`](crate::RefreshOptions::refresh_timeout).
+        #[must_use]
+        pub fn refresh_timeout(self, timeout: std::time::Duration) -> Self {
+            self.map_options(|o| o.refresh_timeout(timeout))
+        }
+
+        /// See [`RefreshOptions::clock`](crate::RefreshOptions::clock).
+        #[must_use]
+        pub fn clock(self, clock: impl crate::Clock) -> Self {
+            self.map_options(|o| o.clock(clock))
+        }
+
+        /// See [`RefreshOptions::max_replay_body`](crate::RefreshOptions::max_replay_body).
+        #[must_use]
+        pub fn max_replay_body(self, bytes: usize) -> Self {
+            self.map_options(|o| o.max_replay_body(bytes))
+        }
+
+        /// See [`RefreshOptions::replay_body_wait`](crate::RefreshOptions::replay_body_wait).
+        #[must_use]
+        pub fn replay_body_wait(self, wait: std::time::Duration) -> Self {
+            self.map_options(|o| o.replay_body_wait(wait))
+        }
+
+        /// See [`RefreshOptions::refresh_on`](crate::RefreshOptions::refresh_on).
+        #[must_use]
+        pub fn refresh_on<F>(self, trigger: F) -> Self
+        where
+            F: Fn(http::StatusCode, &http::HeaderMap) -> bool + Send + Sync + 'static,
+        {
+            self.map_options(|o| o.refresh_on(trigger))
+        }
+
+        /// See [`RefreshOptions::replay_methods`](crate::RefreshOptions::replay_methods).
+        #[must_use]
+        pub fn replay_methods(self, methods: crate::ReplayMethods) -> Self {
+            self.map_options(|o| o.replay_methods(methods))
+        }
+
+        /// See [`RefreshOptions::allowed_origins`](crate::RefreshOptions::allowed_origins).
+        ///
+        /// # Errors
+        ///
+        /// [`InvalidOrigin`](crate::InvalidOrigin) for a value that is not exactly an origin.
+        pub fn allowed_origins<I, O>(self, origins: I) -> Result<Self, crate::InvalidOrigin>
+        where
+            I: IntoIterator<Item = O>,
+            O: AsRef<str>,
+        {
+            let options = crate::RefreshOptions::new().allowed_origins(origins)?;
+            Ok(self.map_options(|o| crate::config::with_origins_of(o, &options)))
+        }
+
+        /// See [`RefreshOptions::any_origin`](crate::RefreshOptions::any_origin).
+        #[must_use]
+        pub fn any_origin(self) -> Self {
+            self.map_options(|o| o.any_origin())
+        }
+
+        /// See [`RefreshOptions::allow_insecure_http`](crate::RefreshOptions::allow_insecure_http).
+        #[must_use]
+        pub fn allow_insecure_http(self, allow: bool) -> Self {
+            self.map_options(|o| o.allow_insecure_http(allow))
+        }
+
+        /// See [`RefreshOptions::attach_when`](crate::RefreshOptions::attach_when).
+        #[must_use]
+        pub fn attach_when<F>(self, rule: F) -> Self
+        where
+            F: Fn(&crate::RequestHead<'_>) -> bool + Send + Sync + 'static,
+        {
+            self.map_options(|o| o.attach_when(rule))
+        }
+
+        /// See [`RefreshOptions::anonymous_when_logged_out`](crate::RefreshOptions::anonymous_when_logged_out).
+        #[must_use]
+        pub fn anonymous_when_logged_out(self, anonymous: bool) -> Self {
+            self.map_options(|o| o.anonymous_when_logged_out(anonymous))
+        }
+
+        /// See [`RefreshOptions::unauthorized_as_response`](crate::RefreshOptions::unauthorized_as_response).
+        #[must_use]
+        pub fn unauthorized_as_response(self, enabled: bool) -> Self {
+            self.map_options(|o| o.unauthorized_as_response(enabled))
+        }
+    };
+}
+pub(crate) use option_setters;
+
+/// `options` with the origin policy of `from`.
+pub(crate) fn with_origins_of(
+    mut options: RefreshOptions,
+    from: &RefreshOptions,
+) -> RefreshOptions {
+    options.origins = from.origins.clone();
+    options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_origins_must_be_exactly_origins() {
+        for ok in [
+            "https://api.example.com",
+            "https://api.example.com/",
+            "http://127.0.0.1:8080",
+        ] {
+            assert!(Origin::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://api.example.com/v1/prefix",
+            "https://user:pw@api.example.com",
+            "https://api.example.com/?q=1",
+            "api.example.com",
+            "/relative",
+            "",
+        ] {
+            let err = Origin::parse(bad).unwrap_err();
+            assert!(!err.to_string().contains("pw"), "{err}");
+        }
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in ["localhost", "127.0.0.1", "127.1.2.3", "[::1]", "LOCALHOST"] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in ["example.com", "10.0.0.1", "localhost.example.com"] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The request protocol, written once for every front end (the tower future, the reqwest
+//! middleware, the keyed layer): decide, wait, recover after a refusal, judge the replay.
+//!
+//! A front end only moves its own request and response types between these steps:
+//!
+//! 1. [`admit`]: pass through, fail, send now with the current token, or wait for a newer one.
+//! 2. [`wait_for_token`]: the wait before a first send (no token, expired, or the token was
+//!    just refused for another request and a refresh for it runs).
+//! 3. [`judge`]: after a response, is it final, ours to recover, or a refusal after a wait?
+//! 4. [`recover`]: the refresh (a token newer than the refused one) joined with the body's
+//!    settling, then a replay or the first response back to the caller.
+//! 5. [`judge_replay`]: the replay's response is final; a second refusal is
+//!    [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh).
+
+use std::future::Future;
+
+use futures_util::future::join;
+use http::header::AUTHORIZATION;
+use http::{Extensions, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+
+use crate::cell::{Lookup, Need, Ticket, Unavailable, in_refresh};
+use crate::config::{Destination, NoReplay, RequestHead, Shared, TokenRequest};
+use crate::error::{Failure, ResponseHead, UnauthorizedAfterRefresh};
+use crate::refresher::RefreshReason;
+
+/// What to do with a request before its first send.
+#[derive(Debug)]
+pub(crate) enum Admit {
+    /// Send it untouched: no token, no refresh, no replay.
+    Untouched,
+    /// Fail it without sending anything.
+    Fail(Failure),
+    /// Send it now with this token.
+    Send { ticket: Ticket, header: HeaderValue },
+    /// Wait for a token newer than `ticket`, then send it.
+    Wait {
+        ticket: Ticket,
+        reason: RefreshReason,
+    },
+}
+
+/// Step 1: the decision, without awaiting anything.
+#[inline]
+pub(crate) fn admit(
+    shared: &Shared,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+) -> Admit {
+    if headers.contains_key(AUTHORIZATION)
+        || extensions.get::<TokenRequest>().is_some()
+        || in_refresh()
+    {
+        return Admit::Untouched;
+    }
+    match shared.destination(&RequestHead::new(method, uri, headers)) {
+        Destination::Attach => {}
+        Destination::Untouched => return Admit::Untouched,
+        Destination::Insecure => return Admit::Fail(Failure::Insecure),
+    }
+    match shared.cell.lookup(&shared.options) {
+        Lookup::Usable { ticket, header, .. } => Admit::Send { ticket, header },
+        Lookup::Stale { ticket, expired } => Admit::Wait {
+            ticket,
+            reason: if expired {
+                RefreshReason::Expired
+            } else {
+                RefreshReason::NoToken
+            },
+        },
+        Lookup::Cooling(cooling) => {
+            Admit::Fail(Failure::Unavailable(Unavailable::Cooling(cooling), None))
+        }
+        Lookup::Ended(_) if shared.options.anonymous => Admit::Untouched,
+        Lookup::Ended(cause) => Admit::Fail(Failure::Unavailable(Unavailable::Ended(cause), None)),
+    }
+}
+
+/// Step 2: waits for a token newer than `ticket` before the first send. `Ok(None)`: send the
+/// request untouched (anonymous mode, no token can be had).
+pub(crate) async fn wait_for_token(
+    shared: &Shared,
+    ticket: Ticket,
+    reason: RefreshReason,
+) -> Result<Option<(Ticket, HeaderValue)>, Failure> {
+    tracing::trace!(
+        generation = ticket.generation,
+        "no usable token; waiting for a refresh"
+    );
+    let options = &shared.options;
+    match shared
+        .cell
+        .fresher_than(ticket, Need::BeforeSend, reason, options)
+        .await
+    {
+        Ok(fresh) => Ok(Some((fresh.ticket, fresh.header))),
+        Err(err @ (Unavailable::Failed(_) | Unavailable::Cooling(_))) => {
+            // A refresh inside the leeway failed: the token is still valid until it expires.
+            match shared.cell.lookup(options) {
+                Lookup::Usable { ticket, header, .. } => Ok(Some((ticket, header))),
+                _ => Err(Failure::Unavailable(err, None)),
+            }
+        }
+        Err(Unavailable::Rejected(_) | Unavailable::Ended(_)) if options.anonymous => Ok(None),
+        Err(err) => Err(Failure::Unavailable(err, None)),
+    }
+}
+
+/// How a request was sent, for [`judge`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sent {
+    pub(crate) ticket: Ticket,
+    /// It waited for a refresh before this send.
+    pub(crate) waited: bool,
+    /// It carries [`NoReplay`].
+    pub(crate) no_replay: bool,
+}
+
+impl Sent {
+    pub(crate) fn new(ticket: Ticket, waited: bool, extensions: &Extensions) -> Self {
+        Self {
+            ticket,
+            waited,
+            no_replay: extensions.get::<NoReplay>().is_some(),
+        }
+    }
+}
+
+/// What a response means for the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The caller gets it.
+    Final,
+    /// A refusal of the token this request carried: refresh and replay.
+    Recover,
+    /// A refusal of a token this request waited for: no second refresh.
+    RefusedAfterRefresh,
+}
+
+/// Step 3. `redirected`: the response came from a later hop than the request the layer sent
+/// (a redirect followed below the layer); it never triggers a refresh or a replay.
+pub(crate) fn judge(
+    shared: &Shared,
+    sent: Sent,
+    status: StatusCode,
+    headers: &HeaderMap,
+    redirected: bool,
+) -> Verdict {
+    if !shared.options.triggers(status, headers) {
+        return Verdict::Final;
+    }
+    if redirected {
+        tracing::debug!(
+            status = status.as_u16(),
+            "refusal from a redirect target; returned as it is"
+        );
+        return Verdict::Final;
+    }
+    if sent.no_replay {
+        return Verdict::Final;
+    }
+    if sent.waited {
+        tracing::warn!(
+            generation = sent.ticket.generation,
+            status = status.as_u16(),
+            "request refused right after a token refresh"
+        );
+        return Verdict::RefusedAfterRefresh;
+    }
+    Verdict::Recover
+}
+
+/// What to do after a refusal.
+#[derive(Debug)]
+pub(crate) enum Recovery<T> {
+    /// Give the caller the first response (not replayable, or inside a cool-down).
+    ReturnFirst,
+    /// Fail with this error (the first response's head is in it).
+    Fail(Failure),
+    /// Replay `T` with this token.
+    Replay(T, Ticket, HeaderValue),
+}
+
+/// Step 4: gets a token newer than the refused one while the body settles (a server may answer
+/// before reading it: the wait and the refresh overlap, and a request that turns out not to be
+/// replayable still leaves a fresh token for later requests). `replayable` resolves to what
+/// the replay needs, or `None`.
+pub(crate) async fn recover<T>(
+    shared: &Shared,
+    sent: Sent,
+    first: &ResponseHead,
+    method: &Method,
+    replayable: impl Future<Output = Option<T>>,
+) -> Recovery<T> {
+    let replayable = async {
+        if shared.options.may_replay(method) {
+            replayable.await
+        } else {
+            None
+        }
+    };
+    let refresh = shared.cell.fresher_than(
+        sent.ticket,
+        Need::Refused,
+        RefreshReason::Unauthorized(first.clone()),
+        &shared.options,
+    );
+    let (fresh, replay) = join(refresh, replayable).await;
+    let fresh = match fresh {
+        Err(Unavailable::Cooling(_)) => {
+            tracing::debug!(
+                generation = sent.ticket.generation,
+                "refused during a refresh cool-down; returned as it is"
+            );
+            return Recovery::ReturnFirst;
+        }
+        other => other,
+    };
+    let Some(replay) = replay else {
+        tracing::debug!(
+            generation = sent.ticket.generation,
+            status = first.status().as_u16(),
+            "request cannot be replayed; refreshed for later requests"
+        );
+        return Recovery::ReturnFirst;
+    };
+    match fresh {
+        Ok(fresh) => {
+            tracing::debug!(
+                stale_generation = sent.ticket.generation,
+                generation = fresh.ticket.generation,
+                method = %method,
+                "replaying request with a fresh token"
+            );
+            Recovery::Replay(replay, fresh.ticket, fresh.header)
+        }
+        Err(err) => Recovery::Fail(Failure::Unavailable(err, Some(first.clone()))),
+    }
+}
+
+/// Step 5: is the replay (or the send after a wait) refused again?
+pub(crate) fn refused_again(
+    shared: &Shared,
+    ticket: Ticket,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> bool {
+    let refused = shared.options.triggers(status, headers);
+    if refused {
+        tracing::warn!(
+            generation = ticket.generation,
+            status = status.as_u16(),
+            "request refused again after a token refresh"
+        );
+    }
+    refused
+}
+
+/// The error for a request refused again.
+pub(crate) fn twice(first: Option<ResponseHead>, last: ResponseHead) -> Failure {
+    Failure::Twice(UnauthorizedAfterRefresh::new(first, last))
+}
