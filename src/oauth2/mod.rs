@@ -1,0 +1,475 @@
+//! The OAuth 2.0 refresh-token grant refresher (RFC 6749 §6).
+//!
+//! [`OAuth2Refresher`] is a [`TokenRefresher`] that trades a refresh token for a new access
+//! token at a token endpoint, over any tower HTTP service (a hyper-util client, typically).
+//!
+//! - **Request**: `POST`, `application/x-www-form-urlencoded`, `grant_type=refresh_token`,
+//!   `refresh_token`, an optional `scope`, and client authentication: `client_secret_basic`
+//!   ([`ClientAuth::Basic`]), `client_secret_post` ([`ClientAuth::Post`]), or none (a public
+//!   client, which sends its `client_id` if it has one).
+//! - **Success** (§5.1): `access_token`, `token_type` (`Bearer`, any case; assumed when
+//!   missing), `expires_in` (a number, or a numeric string; when it is missing, zero or
+//!   unreadable the token has no known lifetime and is refreshed on a 401), `refresh_token`.
+//!   Other fields, `scope` included, are ignored. The body is capped
+//!   ([`DEFAULT_MAX_RESPONSE_BODY`]); a success answer that is not JSON, lacks
+//!   `access_token`, or is too large is a transient [`OAuth2Error`].
+//! - **Rotation** (§6, RFC 9700 §4.14): a returned refresh token replaces the old one at once,
+//!   then the [`on_rotation`](OAuth2RefresherBuilder::on_rotation) hook persists it, and only
+//!   then is the new access token handed to the layer (the hook's documentation says what a
+//!   failing hook does). No refresh token in the answer keeps the old one.
+//! - **Errors** (§5.2): `invalid_grant`, `invalid_client`, `unauthorized_client`,
+//!   `unsupported_grant_type`, `invalid_scope`, `invalid_request`, and any 400/401/403/422
+//!   answer are [terminal](RefreshError::terminal): the session ends. 5xx, 429, timeouts,
+//!   connection errors and the codes of
+//!   [`transient_error_codes`](OAuth2RefresherBuilder::transient_error_codes) are
+//!   [transient](RefreshError::transient), and a `Retry-After` header is passed on with
+//!   [`RefreshError::with_retry_after`]. The cause is an [`OAuth2Error`], which carries the
+//!   `error` code and `error_description` but never a token or the raw body.
+//!
+//! # The client for token requests
+//!
+//! Give the refresher its own client, one that does **not** wear the
+//! [`RefreshLayer`](crate::RefreshLayer): a token request must never wait on the refresh it is
+//! part of. Token requests also carry the [`RefreshRequest`](crate::RefreshRequest) extension, and the layer lets
+//! requests sent from inside a refresh through untouched, so sharing a client that wears the
+//! layer does not recurse either; it only wastes the layer's work.
+//!
+//! The endpoint must be `https`, except on a loopback host (`localhost`, `127.0.0.0/8`,
+//! `::1`) or with [`allow_insecure_http`](OAuth2RefresherBuilder::allow_insecure_http).
+//! A hyper-util client built with `build_http()` only speaks plain HTTP: for an `https`
+//! endpoint, build it with an HTTPS connector (hyper-rustls or hyper-tls).
+//!
+//! # Rotation and cancellation
+//!
+//! The layer runs a refresh in a task of its own, to completion, even when every request
+//! waiting for it is dropped, so the answer to a token request that went out is never lost
+//! to a cancelled caller. The refresher stores a rotated refresh token before anything else
+//! happens with the answer (before the hook, before the access token is even checked). What
+//! cannot be saved is an answer that never arrives: if the token request
+//! [times out](OAuth2RefresherBuilder::timeout) or the connection breaks after the server
+//! rotated, the next attempt presents the old refresh token again; servers that detect reuse
+//! usually accept the previous token for a short grace period for exactly that reason.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower_auth_refresh::RefreshLayer;
+//! use tower_auth_refresh::oauth2::{ClientAuth, OAuth2Refresher};
+//!
+//! # async fn save_refresh_token(_: &str) -> Result<(), std::io::Error> { Ok(()) }
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let stored_refresh_token = "from-the-login";
+//! // A plain client for token requests, without the refresh layer (use an HTTPS connector
+//! // for an https endpoint).
+//! let token_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//!
+//! let endpoint = "http://127.0.0.1:8080/oauth/token".parse()?;
+//! let refresher = OAuth2Refresher::builder(endpoint, token_client)
+//!     .client_id("my-app")
+//!     .client_secret("app-secret", ClientAuth::Basic)
+//!     .refresh_token(stored_refresh_token)
+//!     .timeout(Duration::from_secs(5))
+//!     // Runs, and completes, before the new access token is used.
+//!     .on_rotation(|new| async move { save_refresh_token(new.secret()).await })
+//!     .build()?;
+//!
+//! let layer = RefreshLayer::new(refresher);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+
+mod builder;
+mod error;
+mod grant;
+mod response;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::Body;
+use http_body_util::Full;
+use tower_service::Service;
+
+use crate::{BoxError, RefreshContext, RefreshError, Token, TokenRefresher};
+
+pub use builder::{ClientAuth, OAuth2RefresherBuilder};
+pub use error::{ConfigError, ErrorKind, OAuth2Error};
+
+use grant::{Auth, exchange};
+use response::{failure, success};
+
+/// How long a token request may take, from sending to the last byte of the answer, unless
+/// [`timeout`](OAuth2RefresherBuilder::timeout) says otherwise: 10 seconds.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest token response body read, unless
+/// [`max_response_body`](OAuth2RefresherBuilder::max_response_body) says otherwise: 64 KiB.
+pub const DEFAULT_MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// The `error` codes treated as transient unless
+/// [`transient_error_codes`](OAuth2RefresherBuilder::transient_error_codes) replaces them:
+/// "a refresh is already in progress" answers, and RFC 6749's `temporarily_unavailable` and
+/// `server_error`.
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::oauth2::DEFAULT_TRANSIENT_ERROR_CODES;
+///
+/// assert!(DEFAULT_TRANSIENT_ERROR_CODES.contains(&"rotation_in_progress"));
+/// assert!(!DEFAULT_TRANSIENT_ERROR_CODES.contains(&"invalid_grant"));
+/// ```
+pub const DEFAULT_TRANSIENT_ERROR_CODES: &[&str] = &[
+    "rotation_in_progress",
+    "refresh_in_progress",
+    "temporarily_unavailable",
+    "server_error",
+];
+
+/// RFC 6749 §5.2 codes that no retry can fix.
+pub(crate) const TERMINAL_ERROR_CODES: &[&str] = &[
+    "invalid_grant",
+    "invalid_client",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "invalid_request",
+];
+
+/// A `Retry-After` longer than this is cut down to it.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// An `expires_in` longer than this (a year) is cut down to it.
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest `error` code and `error_description` kept, in characters.
+pub(crate) const MAX_CODE_LEN: usize = 64;
+pub(crate) const MAX_DESCRIPTION_LEN: usize = 256;
+pub(crate) const REDACTED: &str = "<redacted>";
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) type Hook = Arc<dyn Fn(RefreshToken) -> BoxFuture<Result<(), BoxError>> + Send + Sync>;
+
+/// A refresh token. Cloning is cheap; `Debug` never shows the secret.
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::oauth2::RefreshToken;
+///
+/// let token = RefreshToken::new("rt-123");
+/// assert_eq!(token.secret(), "rt-123");
+/// assert!(!format!("{token:?}").contains("rt-123"));
+/// ```
+#[derive(Clone)]
+pub struct RefreshToken(Arc<str>);
+
+impl RefreshToken {
+    /// Wraps a refresh token.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(Arc::from(secret.into()))
+    }
+
+    /// The refresh token itself, to persist it. The only accessor that reveals it.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RefreshToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RefreshToken(<redacted>)")
+    }
+}
+
+/// The OAuth 2.0 refresh-token grant as a [`TokenRefresher`].
+///
+/// Built with [`OAuth2Refresher::builder`]; see the [module documentation](self) for the
+/// protocol details. `C` is the tower HTTP service that sends token requests (see
+/// [the client for token requests](self#the-client-for-token-requests)).
+///
+/// Clones share the current refresh token, so a clone kept outside the layer can read it
+/// ([`refresh_token`](Self::refresh_token)) or replace it after a new login
+/// ([`set_refresh_token`](Self::set_refresh_token)). Refreshes through clones run one at a
+/// time.
+///
+/// `Debug` shows the endpoint and the client id, never the client secret or a token.
+///
+/// # Example
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use hyper_util::client::legacy::Client;
+/// use hyper_util::rt::TokioExecutor;
+/// use tower_auth_refresh::oauth2::OAuth2Refresher;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+/// // A public client: no secret.
+/// let refresher = OAuth2Refresher::builder("http://localhost:8080/token".parse()?, client)
+///     .client_id("cli")
+///     .refresh_token("rt-1")
+///     .build()?;
+/// assert_eq!(refresher.refresh_token().secret(), "rt-1");
+/// assert!(!format!("{refresher:?}").contains("rt-1"));
+/// # Ok(())
+/// # }
+/// ```
+pub struct OAuth2Refresher<C> {
+    pub(super) inner: Arc<Inner<C>>,
+}
+
+pub(super) struct Inner<C> {
+    pub(super) endpoint: Uri,
+    pub(super) client: C,
+    pub(super) client_id: Option<Box<str>>,
+    pub(super) auth: Auth,
+    /// Kept only to blank it out of server-supplied error text.
+    pub(super) client_secret: Option<Box<str>>,
+    pub(super) scope: Option<Box<str>>,
+    pub(super) timeout: Duration,
+    pub(super) max_body: usize,
+    pub(super) transient_codes: Box<[Box<str>]>,
+    pub(super) hook: Option<Hook>,
+    /// The current refresh token.
+    pub(super) refresh_token: Mutex<RefreshToken>,
+    /// Held for a whole refresh, so that refreshes through clones never present the same
+    /// refresh token twice.
+    pub(super) serial: async_lock::Mutex<()>,
+}
+
+impl<C> Clone for OAuth2Refresher<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C> fmt::Debug for OAuth2Refresher<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &*self.inner;
+        let auth = match inner.auth {
+            Auth::None => "none",
+            Auth::Basic(_) => "client_secret_basic",
+            Auth::Post(_) => "client_secret_post",
+        };
+        f.debug_struct("OAuth2Refresher")
+            .field("token_endpoint", &inner.endpoint)
+            .field("client_id", &inner.client_id)
+            .field("client_auth", &auth)
+            .field("refresh_token", &REDACTED)
+            .field("scope", &inner.scope)
+            .field("timeout", &inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> OAuth2Refresher<C> {
+    /// Starts a refresher for `token_endpoint`, sending token requests with `client`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # use hyper_util::client::legacy::Client;
+    /// # use hyper_util::rt::TokioExecutor;
+    /// use tower_auth_refresh::oauth2::{ClientAuth, OAuth2Refresher};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    /// let refresher = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
+    ///     .client_id("app")
+    ///     .client_secret("secret", ClientAuth::Post)
+    ///     .refresh_token("rt")
+    ///     .scope("read write")
+    ///     .build()?;
+    /// # let _ = refresher;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder(token_endpoint: Uri, client: C) -> OAuth2RefresherBuilder<C> {
+        OAuth2RefresherBuilder {
+            endpoint: token_endpoint,
+            client,
+            client_id: None,
+            client_secret: None,
+            refresh_token: None,
+            scope: None,
+            timeout: DEFAULT_TIMEOUT,
+            max_body: DEFAULT_MAX_RESPONSE_BODY,
+            transient_codes: DEFAULT_TRANSIENT_ERROR_CODES
+                .iter()
+                .map(|&c| c.into())
+                .collect(),
+            allow_insecure: false,
+            hook: None,
+        }
+    }
+
+    /// The current refresh token: the latest one the server handed out, or the one set last.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::oauth2::OAuth2Refresher;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # let client = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let refresher = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
+    ///     .refresh_token("rt-1")
+    ///     .build()?;
+    /// assert_eq!(refresher.refresh_token().secret(), "rt-1");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn refresh_token(&self) -> RefreshToken {
+        self.inner.current()
+    }
+
+    /// Replaces the refresh token, after a new login for instance (then install the new
+    /// access token with [`TokenHandle::set_token`](crate::TokenHandle::set_token) to end a
+    /// session-ended state). A refresh in flight that rotates the token it presented does not
+    /// overwrite this one.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::oauth2::{OAuth2Refresher, RefreshToken};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # let client = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let refresher = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
+    ///     .refresh_token("old")
+    ///     .build()?;
+    /// refresher.set_refresh_token(RefreshToken::new("after-login"));
+    /// assert_eq!(refresher.refresh_token().secret(), "after-login");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_refresh_token(&self, token: RefreshToken) {
+        *self
+            .inner
+            .refresh_token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = token;
+    }
+
+    /// The token endpoint.
+    pub fn token_endpoint(&self) -> &Uri {
+        &self.inner.endpoint
+    }
+}
+
+impl<C> Inner<C> {
+    fn current(&self) -> RefreshToken {
+        self.refresh_token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces `presented` with `rotated`, unless someone set another token meanwhile.
+    /// Returns whether it did.
+    fn store_rotated(&self, presented: &RefreshToken, rotated: RefreshToken) -> bool {
+        let mut current = self
+            .refresh_token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if Arc::ptr_eq(&current.0, &presented.0) {
+            *current = rotated;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn is_transient_code(&self, code: &str) -> bool {
+        self.transient_codes.iter().any(|c| &**c == code)
+    }
+}
+
+impl<C, ResBody> TokenRefresher for OAuth2Refresher<C>
+where
+    C: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    type Future = BoxFuture<Result<Token, RefreshError>>;
+
+    fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
+        Box::pin(refresh(Arc::clone(&self.inner)))
+    }
+}
+
+async fn refresh<C, ResBody>(inner: Arc<Inner<C>>) -> Result<Token, RefreshError>
+where
+    C: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    let _serial = inner.serial.lock().await;
+    let presented = inner.current();
+    let req = inner.request(&presented);
+    tracing::debug!(
+        host = inner.endpoint.host().unwrap_or_default(),
+        "oauth2: sending refresh-token grant request"
+    );
+    let exchange = exchange(inner.client.clone(), req, inner.max_body);
+    let (status, headers, body) = match tokio::time::timeout(inner.timeout, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(err)) => {
+            tracing::debug!(kind = ?err.kind, "oauth2: token request failed");
+            return Err(RefreshError::transient(err));
+        }
+        Err(_) => {
+            tracing::debug!(
+                timeout_ms = inner.timeout.as_millis() as u64,
+                "oauth2: token request timed out"
+            );
+            return Err(RefreshError::transient(OAuth2Error::new(
+                ErrorKind::Timeout,
+            )));
+        }
+    };
+    match body {
+        Ok(body) if status.is_success() => {
+            success(&inner, &presented, status, &headers, &body).await
+        }
+        Err(err) if status.is_success() => {
+            tracing::debug!(kind = ?err.kind, "oauth2: reading the token response failed");
+            Err(RefreshError::transient(err))
+        }
+        // An error answer is classified by its status even if its body cannot be read.
+        body => Err(failure(
+            &inner,
+            &presented,
+            status,
+            &headers,
+            body.as_deref().unwrap_or_default(),
+        )),
+    }
+}

@@ -1,0 +1,335 @@
+//! The token endpoint's answer: a success (§5.1) or an error (§5.2), classified.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{HeaderMap, StatusCode};
+use serde_json::{Map, Value};
+
+use super::error::{ErrorKind, OAuth2Error};
+use super::{
+    Inner, MAX_CODE_LEN, MAX_DESCRIPTION_LEN, MAX_LIFETIME, MAX_RETRY_AFTER, RefreshToken,
+    TERMINAL_ERROR_CODES,
+};
+use crate::{RefreshError, Token};
+
+/// A 2xx answer: rotate, persist, then hand out the access token.
+pub(crate) async fn success<C>(
+    inner: &Inner<C>,
+    presented: &RefreshToken,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Token, RefreshError> {
+    let malformed =
+        |kind: ErrorKind| RefreshError::transient(OAuth2Error::new(kind).with_status(status));
+    let json_type = headers.get(CONTENT_TYPE).is_none_or(is_json);
+    let fields = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => fields,
+        _ if !json_type => {
+            tracing::debug!(
+                status = status.as_u16(),
+                "oauth2: token response is not JSON"
+            );
+            return Err(malformed(ErrorKind::ContentType));
+        }
+        _ => {
+            tracing::debug!(
+                status = status.as_u16(),
+                "oauth2: token response is not a JSON object"
+            );
+            return Err(malformed(ErrorKind::Malformed));
+        }
+    };
+
+    // The rotated refresh token first: the old one may be spent already, whatever else is
+    // wrong with this answer (a wrong content type included).
+    let rotated = match fields.get("refresh_token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() || s == presented.secret() => None,
+        Some(Value::String(s)) => Some(RefreshToken::new(s.as_str())),
+        Some(_) => return Err(malformed(ErrorKind::Malformed)),
+    };
+    let rotated_now = rotated.is_some();
+    if let Some(new) = rotated {
+        if inner.store_rotated(presented, new.clone()) {
+            if let Some(hook) = &inner.hook {
+                if let Err(err) = hook(new).await {
+                    tracing::warn!(
+                        "oauth2: rotation hook failed; the new refresh token is kept in memory only"
+                    );
+                    return Err(RefreshError::transient(
+                        OAuth2Error::new(ErrorKind::Persist).with_source(err),
+                    ));
+                }
+            }
+        } else {
+            tracing::debug!("oauth2: rotated refresh token discarded: a new one was set meanwhile");
+        }
+    }
+    if !json_type {
+        tracing::debug!(
+            status = status.as_u16(),
+            "oauth2: token response is not JSON"
+        );
+        return Err(malformed(ErrorKind::ContentType));
+    }
+
+    match fields.get("token_type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(Value::String(t)) => {
+            return Err(RefreshError::terminal(
+                OAuth2Error::new(ErrorKind::UnsupportedTokenType)
+                    .with_status(status)
+                    .with_code(sanitize(t, MAX_CODE_LEN)),
+            ));
+        }
+        Some(_) => return Err(malformed(ErrorKind::Malformed)),
+    }
+    let access = match fields.get("access_token") {
+        Some(Value::String(s)) => s.as_str(),
+        None | Some(Value::Null) => return Err(malformed(ErrorKind::MissingAccessToken)),
+        Some(_) => return Err(malformed(ErrorKind::Malformed)),
+    };
+    let mut token = Token::bearer(access).map_err(|e| {
+        RefreshError::transient(
+            OAuth2Error::new(ErrorKind::InvalidAccessToken)
+                .with_status(status)
+                .with_source(e),
+        )
+    })?;
+    let lifetime = expires_in(&fields);
+    if let Some(life) = lifetime {
+        token = token.with_expires_in(life);
+    }
+    tracing::debug!(
+        status = status.as_u16(),
+        rotated = rotated_now,
+        expires_in_secs = lifetime.map(|d| d.as_secs()),
+        "oauth2: access token issued"
+    );
+    Ok(token)
+}
+
+/// A non-2xx answer: classify it.
+pub(crate) fn failure<C>(
+    inner: &Inner<C>,
+    presented: &RefreshToken,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> RefreshError {
+    let (code, description) = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => error_fields(&fields),
+        _ => (None, None),
+    };
+    let description = description.map(|d| inner.redact(d, presented));
+    let terminal = match code.as_deref() {
+        Some(c) if inner.is_transient_code(c) => false,
+        Some(c) if TERMINAL_ERROR_CODES.contains(&c) => true,
+        _ => matches!(status.as_u16(), 400 | 401 | 403 | 422),
+    };
+    tracing::debug!(
+        status = status.as_u16(),
+        error = code.as_deref(),
+        terminal,
+        "oauth2: token endpoint refused the refresh"
+    );
+    let mut err = OAuth2Error::new(ErrorKind::ErrorResponse).with_status(status);
+    err.code = code.map(String::into_boxed_str);
+    err.description = description.map(String::into_boxed_str);
+    if terminal {
+        return RefreshError::terminal(err);
+    }
+    match retry_after(headers) {
+        Some(delay) => RefreshError::transient(err).with_retry_after(delay),
+        None => RefreshError::transient(err),
+    }
+}
+
+pub(super) fn error_fields(fields: &Map<String, Value>) -> (Option<String>, Option<String>) {
+    let text = |name: &str, max: usize| match fields.get(name) {
+        Some(Value::String(s)) => Some(sanitize(s, max)).filter(|s| !s.is_empty()),
+        _ => None,
+    };
+    (
+        text("error", MAX_CODE_LEN),
+        text("error_description", MAX_DESCRIPTION_LEN),
+    )
+}
+
+/// Keeps RFC 6749's `error`/`error_description` characters (printable ASCII but `"` and `\`),
+/// at most `max` of them.
+pub(super) fn sanitize(s: &str, max: usize) -> String {
+    s.chars()
+        .filter(|&c| matches!(c, ' '..='~') && c != '"' && c != '\\')
+        .take(max)
+        .collect()
+}
+
+pub(super) fn is_json(value: &HeaderValue) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let mime = value.split(';').next().unwrap_or_default().trim();
+    mime.eq_ignore_ascii_case("application/json")
+        || (mime.len() > 5
+            && mime
+                .get(mime.len() - 5..)
+                .is_some_and(|s| s.eq_ignore_ascii_case("+json")))
+}
+
+/// `expires_in` as a number or a numeric string; absent, zero or unreadable means unknown.
+pub(super) fn expires_in(fields: &Map<String, Value>) -> Option<Duration> {
+    let secs = match fields.get("expires_in")? {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f.min(u64::MAX as f64) as u64)
+        }),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    }?;
+    (secs > 0).then(|| Duration::from_secs(secs).min(MAX_LIFETIME))
+}
+
+/// `Retry-After`: delay-seconds or an IMF-fixdate, capped at an hour.
+pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let delay = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = parse_http_date(value)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+        Duration::from_secs(at.saturating_sub(now))
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
+}
+
+/// Seconds since the Unix epoch of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+pub(super) fn parse_http_date(s: &str) -> Option<u64> {
+    let mut parts = s.split_ascii_whitespace();
+    let _weekday = parts.next()?.strip_suffix(',')?;
+    let day: u64 = parts.next()?.parse().ok()?;
+    let month = parts.next()?;
+    let year: u64 = parts.next()?.parse().ok()?;
+    let time = parts.next()?;
+    if parts.next()? != "GMT" || parts.next().is_some() {
+        return None;
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? as u64 + 1;
+    let mut hms = time.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if hms.next().is_some()
+        || !(1..=31).contains(&day)
+        || year < 1970
+        || h > 23
+        || m > 59
+        || sec > 60
+    {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm), for years from 1970.
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + h * 3600 + m * 60 + sec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    #[test]
+    fn http_dates_parse() {
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            parse_http_date("Tue, 29 Feb 2000 12:00:00 GMT"),
+            Some(951_825_600)
+        );
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 UTC"), None);
+        assert_eq!(parse_http_date("soon"), None);
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("99999999999999999"));
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
+        );
+        assert_eq!(retry_after(&headers), Some(Duration::ZERO));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("later"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn json_content_types() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/problem+json",
+        ] {
+            assert!(is_json(&HeaderValue::from_static(ok)), "{ok}");
+        }
+        for bad in ["text/html", "text/plain", "application/jsonx", "+json"] {
+            assert!(!is_json(&HeaderValue::from_static(bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn expires_in_forms() {
+        let parse = |json: &str| {
+            let Value::Object(fields) = serde_json::from_str(json).unwrap() else {
+                panic!()
+            };
+            expires_in(&fields)
+        };
+        assert_eq!(
+            parse(r#"{"expires_in": 3600}"#),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse(r#"{"expires_in": "3600"}"#),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse(r#"{"expires_in": 59.9}"#),
+            Some(Duration::from_secs(59))
+        );
+        assert_eq!(parse(r#"{"expires_in": 0}"#), None);
+        assert_eq!(parse(r#"{"expires_in": -5}"#), None);
+        assert_eq!(parse(r#"{"expires_in": "soon"}"#), None);
+        assert_eq!(parse(r#"{"expires_in": 1e300}"#), Some(MAX_LIFETIME));
+        assert_eq!(parse(r#"{}"#), None);
+    }
+
+    #[test]
+    fn sanitize_keeps_rfc6749_characters() {
+        assert_eq!(sanitize("invalid_grant", 64), "invalid_grant");
+        assert_eq!(sanitize("a\"b\\c\nd\u{e9}", 64), "abcd");
+        assert_eq!(sanitize(&"x".repeat(100), 64).len(), 64);
+    }
+}
