@@ -249,7 +249,7 @@ async fn thousand_concurrent_401s_then_twenty_rounds_refresh_once_each_without_r
             "every new refresh token persisted, in order"
         );
         assert_eq!(
-            Some(refresher.refresh_token().secret().to_owned()),
+            Some(refresher.refresh_token().unwrap().secret().to_owned()),
             s.token.current_of(&rt0)
         );
         assert_eq!(s.api.unauthorized(), 1000 + 20 * 25);
@@ -306,7 +306,7 @@ async fn cancelled_callers_never_cause_reuse() {
         }
         assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
         assert_eq!(
-            Some(refresher.refresh_token().secret().to_owned()),
+            Some(refresher.refresh_token().unwrap().secret().to_owned()),
             s.token.current_of(&rt0)
         );
 
@@ -518,7 +518,7 @@ async fn error_answers_are_classified_and_carry_code_and_description() {
         assert!(!shown(&err).contains(&rt0));
 
         assert_eq!(s.token.grants(), 0);
-        assert_eq!(refresher.refresh_token().secret(), rt0, "no answer rotated the refresh token");
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rt0, "no answer rotated the refresh token");
     })
     .await;
 }
@@ -627,7 +627,7 @@ async fn malformed_answers_are_typed_errors() {
             assert!(!shown.contains(marker) && !shown.contains(&rt0), "{shown}");
         }
         assert_eq!(s.token.requests(), 11);
-        assert_eq!(refresher.refresh_token().secret(), rt0);
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rt0);
         // The refresher still works afterwards.
         let token = refresher.refresh(ctx()).await.unwrap();
         assert!(s.token.access_valid(token.secret()));
@@ -642,7 +642,7 @@ async fn malformed_answers_are_typed_errors() {
         ));
         let err = refresher.refresh(ctx()).await.unwrap_err();
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::ContentType);
-        assert_eq!(refresher.refresh_token().secret(), "rescued");
+        assert_eq!(refresher.refresh_token().unwrap().secret(), "rescued");
         assert_eq!(
             persisted.lock().unwrap().last().map(String::as_str),
             Some("rescued")
@@ -680,14 +680,14 @@ async fn rotation_is_persisted_before_the_token_is_returned_and_a_failed_hook_ke
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Persist);
         let rotated = s.token.rotated();
         assert_eq!(rotated.len(), 1);
-        assert_eq!(refresher.refresh_token().secret(), rotated[0]);
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rotated[0]);
 
         // The retry presents the kept token, rotates again and persists before returning.
         let token = refresher.refresh(ctx()).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         let rotated = s.token.rotated();
         assert_eq!(*persisted.lock().unwrap(), vec![rotated[1].clone()]);
-        assert_eq!(refresher.refresh_token().secret(), rotated[1]);
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rotated[1]);
         assert!(s.token.access_valid(token.secret()));
         assert_eq!(token.expires_in(), Some(Duration::from_secs(3600)));
         assert_eq!(s.token.reuse_detected(), 0);
@@ -715,7 +715,7 @@ async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_str
             assert_eq!(token.scheme(), "Bearer");
             assert!(s.token.access_valid(token.secret()));
         }
-        assert_eq!(refresher.refresh_token().secret(), rt0);
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rt0);
         assert!(
             persisted.lock().unwrap().is_empty(),
             "no rotation, no hook call"
@@ -940,7 +940,7 @@ async fn a_lost_answer_is_covered_by_the_grace_window_and_detected_as_reuse_with
                 assert_eq!(s.token.grace_uses(), 1);
                 assert_eq!(s.token.reuse_detected(), 0);
                 assert_eq!(
-                    refresher.refresh_token().secret(),
+                    refresher.refresh_token().unwrap().secret(),
                     current,
                     "the grace answer re-sent the current token"
                 );
@@ -1087,7 +1087,7 @@ fn configuration_is_checked_and_debug_output_is_redacted() {
         .refresh_token("rt-SECRET");
     assert!(!format!("{builder:?}").contains("SECRET"));
     let refresher = builder.build().unwrap();
-    let shown = format!("{refresher:?} {:?}", refresher.refresh_token());
+    let shown = format!("{refresher:?} {:?}", refresher.refresh_token().unwrap());
     assert!(!shown.contains("SECRET"), "{shown}");
     assert!(shown.contains("client_secret_basic") && shown.contains("app"));
 }
@@ -1100,7 +1100,7 @@ async fn no_secret_reaches_tracing_output() {
         let (client, _handle) = api_client(refresher.clone(), "expired-at-start");
         s.token.script(Scripted::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("down {rt0}")));
         assert_eq!(get(client.clone(), s.api_url()).await.unwrap(), StatusCode::OK);
-        let echo = json!({ "error": "invalid_grant", "error_description": format!("bad {}", refresher.refresh_token().secret()) });
+        let echo = json!({ "error": "invalid_grant", "error_description": format!("bad {}", refresher.refresh_token().unwrap().secret()) });
         s.token.script(Scripted::json(StatusCode::BAD_REQUEST, echo));
         s.token.expire_access_tokens();
         assert!(get(client, s.api_url()).await.is_err());
@@ -1120,4 +1120,237 @@ async fn no_secret_reaches_tracing_output() {
 /// The context of a first refresh (no token yet).
 fn ctx() -> tower_auth_refresh::RefreshContext {
     tower_auth_refresh::RefreshContext::new(None, tower_auth_refresh::RefreshReason::NoToken)
+}
+
+#[tokio::test]
+async fn permanent_error_codes_are_terminal_at_any_status_and_both_lists_extend() {
+    guard(async {
+        let (s, rt0, _, refresher) = logged_in(TokenConfig::default()).await;
+        let answer = |status: StatusCode, code: &str| {
+            Scripted::json(status, json!({ "error": code, "error_description": "why" }))
+        };
+        let statuses = [
+            StatusCode::CONFLICT,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::BAD_REQUEST,
+        ];
+        for code in [
+            "invalid_token",
+            "token_expired",
+            "invalid_token_state",
+            "token_collision",
+        ] {
+            for status in statuses {
+                s.token.script(answer(status, code));
+                let err = refresher.refresh(ctx()).await.unwrap_err();
+                assert!(err.is_terminal(), "{code} at {status} is terminal");
+                assert_eq!(oauth2_cause(&err).error_code(), Some(code));
+            }
+        }
+
+        // Extending keeps the defaults; replacing drops them.
+        let extended = app(&s, &rt0)
+            .add_terminal_error_codes(["account_locked"])
+            .add_transient_error_codes(["busy"])
+            .build()
+            .unwrap();
+        let replaced = app(&s, &rt0)
+            .terminal_error_codes(["account_locked"])
+            .build()
+            .unwrap();
+        // (refresher, status, code, terminal?)
+        let cases = [
+            (
+                &refresher,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "account_locked",
+                false,
+            ),
+            (
+                &extended,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "account_locked",
+                true,
+            ),
+            (&extended, StatusCode::CONFLICT, "token_collision", true),
+            (&extended, StatusCode::BAD_REQUEST, "busy", false),
+            (
+                &extended,
+                StatusCode::BAD_REQUEST,
+                "rotation_in_progress",
+                false,
+            ),
+            (
+                &replaced,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "account_locked",
+                true,
+            ),
+            (
+                &replaced,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "invalid_grant",
+                false,
+            ),
+            (&replaced, StatusCode::BAD_REQUEST, "invalid_grant", true),
+        ];
+        for (r, status, code, terminal) in cases {
+            s.token.script(answer(status, code));
+            let err = r.refresh(ctx()).await.unwrap_err();
+            assert_eq!(err.is_terminal(), terminal, "{code} at {status}");
+        }
+        assert_eq!(s.token.grants(), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_or_405_token_endpoint_is_a_terminal_misconfiguration_asked_once() {
+    guard(async {
+        for status in [StatusCode::NOT_FOUND, StatusCode::METHOD_NOT_ALLOWED] {
+            let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+            s.token
+                .script(Scripted::new(status, Some("text/html"), "<h1>nope</h1>"));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_terminal(), "{status}");
+            let cause = oauth2_cause(&err);
+            assert_eq!(cause.kind(), ErrorKind::Misconfigured);
+            assert_eq!(cause.status(), Some(status));
+            assert!(
+                cause
+                    .to_string()
+                    .contains("no token endpoint at the configured URI"),
+                "{cause}"
+            );
+
+            // Through the layer: one token request, then requests fail fast.
+            s.token.script(Scripted::new(status, None, ""));
+            let (client, handle) = api_client(refresher, "expired-at-start");
+            let before = s.token.requests();
+            for _ in 0..3 {
+                assert!(get(client.clone(), s.api_url()).await.is_err());
+            }
+            assert_eq!(
+                s.token.requests(),
+                before + 1,
+                "not retried on every request"
+            );
+            assert!(handle.state().session_ended());
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn secrets_echoed_long_or_form_encoded_are_redacted_before_truncation() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        // A long refresh token with characters that form encoding changes.
+        let long: String = (0..300)
+            .map(|i| ['a', 'B', '7', '+', '/', '=', '-'][i % 7])
+            .collect();
+        s.token.login_with(&long);
+        let refresher = app(&s, &long).build().unwrap();
+        let form_encoded: String = form_urlencoded::byte_serialize(long.as_bytes()).collect();
+        assert!(form_encoded.contains("%2B"));
+        let secret_form: String =
+            form_urlencoded::byte_serialize("app-secret".as_bytes()).collect();
+        for echo in [
+            format!("token {long} is revoked"),
+            format!("refresh_token={form_encoded}&client_secret={secret_form}"),
+            format!(
+                "token {} is revoked",
+                form_encoded.replace("%2B", "%2b").replace("%2F", "%2f")
+            ),
+            format!("client app-secret used {long}"),
+        ] {
+            let body = json!({ "error": "invalid_grant", "error_description": echo });
+            s.token
+                .script(Scripted::json(StatusCode::BAD_REQUEST, body));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            let description = oauth2_cause(&err).error_description().unwrap().to_owned();
+            assert!(description.contains("<redacted>"), "{description}");
+            let shown = shown(&err);
+            for window in long
+                .as_bytes()
+                .windows(12)
+                .chain(form_encoded.as_bytes().windows(12))
+            {
+                let piece = std::str::from_utf8(window).unwrap();
+                assert!(
+                    !shown.contains(piece),
+                    "a piece of the refresh token leaked: {shown}"
+                );
+            }
+            assert!(!shown.contains("app-secret"), "{shown}");
+        }
+        // The description is still cut to 256 characters after redaction.
+        let body = json!({ "error": "invalid_grant", "error_description": "x".repeat(1000) });
+        s.token
+            .script(Scripted::json(StatusCode::BAD_REQUEST, body));
+        let err = refresher.refresh(ctx()).await.unwrap_err();
+        assert_eq!(oauth2_cause(&err).error_description().unwrap().len(), 256);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn logout_forgets_the_refresh_token_until_a_new_login() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        refresher.refresh(ctx()).await.unwrap();
+        assert_eq!(s.token.requests(), 1);
+
+        refresher.logout();
+        assert!(refresher.refresh_token().is_none());
+        for _ in 0..2 {
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_terminal());
+            assert_eq!(oauth2_cause(&err).kind(), ErrorKind::NoRefreshToken);
+        }
+        assert_eq!(
+            s.token.requests(),
+            1,
+            "no token request without a refresh token"
+        );
+
+        let (_, rt) = s.token.login();
+        refresher.set_refresh_token(RefreshToken::new(rt.as_str()));
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert!(s.token.access_valid(token.secret()));
+        assert_eq!(s.token.grants(), 2);
+    })
+    .await;
+}
+
+/// Needs the core to call `TokenRefresher::logout` from `TokenHandle::clear`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handle_clear_logs_the_oauth2_refresher_out() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        assert_eq!(
+            get(client.clone(), s.api_url()).await.unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(s.token.grants(), 1);
+
+        handle.clear();
+        assert!(
+            refresher.refresh_token().is_none(),
+            "TokenHandle::clear() made the refresher forget its refresh token"
+        );
+        let err = handle
+            .refresh()
+            .await
+            .expect_err("a forced refresh after logout fails");
+        let cause = std::error::Error::source(&*err)
+            .and_then(|e| e.source())
+            .and_then(|e| e.downcast_ref::<OAuth2Error>())
+            .expect("the OAuth2Error behind the failure");
+        assert_eq!(cause.kind(), ErrorKind::NoRefreshToken);
+        assert_eq!(s.token.grants(), 1, "the old user was not logged back in");
+    })
+    .await;
 }

@@ -63,6 +63,7 @@ pub struct OAuth2RefresherBuilder<C> {
     pub(super) timeout: Duration,
     pub(super) max_body: usize,
     pub(super) transient_codes: Vec<Box<str>>,
+    pub(super) terminal_codes: Vec<Box<str>>,
     pub(super) allow_insecure: bool,
     pub(super) hook: Option<Hook>,
 }
@@ -195,6 +196,101 @@ impl<C> OAuth2RefresherBuilder<C> {
             .into_iter()
             .map(|c| c.into().into_boxed_str())
             .collect();
+        self
+    }
+
+    /// Adds `error` codes to the transient ones, keeping those already there (by default
+    /// [`DEFAULT_TRANSIENT_ERROR_CODES`](super::DEFAULT_TRANSIENT_ERROR_CODES)).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::oauth2::OAuth2Refresher;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # let client = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let builder = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
+    ///     .add_transient_error_codes(["busy", "slow_down"]);
+    /// # let _ = builder;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn add_transient_error_codes<I>(mut self, codes: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.transient_codes
+            .extend(codes.into_iter().map(|c| c.into().into_boxed_str()));
+        self
+    }
+
+    /// The `error` codes that end the session whatever the HTTP status (a 409 or a 5xx
+    /// included), replacing
+    /// [`DEFAULT_TERMINAL_ERROR_CODES`](super::DEFAULT_TERMINAL_ERROR_CODES). A code in both
+    /// lists is transient. Without a listed code, an answer is terminal on a 400, 401, 403,
+    /// 404, 405 or 422, and transient otherwise.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::oauth2::{OAuth2Refresher, DEFAULT_TERMINAL_ERROR_CODES};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # let client = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let builder = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
+    ///     .terminal_error_codes(["invalid_grant", "account_locked"]);
+    /// # let _ = builder;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn terminal_error_codes<I>(mut self, codes: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.terminal_codes = codes
+            .into_iter()
+            .map(|c| c.into().into_boxed_str())
+            .collect();
+        self
+    }
+
+    /// Adds `error` codes to the terminal ones, keeping those already there (by default
+    /// [`DEFAULT_TERMINAL_ERROR_CODES`](super::DEFAULT_TERMINAL_ERROR_CODES)).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::oauth2::OAuth2Refresher;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # let client = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let builder = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
+    ///     .add_terminal_error_codes(["account_locked"]);
+    /// # let _ = builder;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn add_terminal_error_codes<I>(mut self, codes: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.terminal_codes
+            .extend(codes.into_iter().map(|c| c.into().into_boxed_str()));
         self
     }
 
@@ -338,8 +434,12 @@ impl<C> OAuth2RefresherBuilder<C> {
                 timeout: self.timeout,
                 max_body: self.max_body,
                 transient_codes: self.transient_codes.into_boxed_slice(),
+                terminal_codes: self.terminal_codes.into_boxed_slice(),
                 hook: self.hook,
-                refresh_token: Mutex::new(refresh_token),
+                refresh_token: Mutex::new(super::Slot {
+                    token: Some(refresh_token),
+                    generation: 0,
+                }),
                 serial: async_lock::Mutex::new(()),
             }),
         })

@@ -123,6 +123,13 @@ pub enum ErrorKind {
     /// A `token_type` other than `Bearer`; see [`OAuth2Error::error_code`] for the type.
     /// Terminal: this client cannot use such tokens.
     UnsupportedTokenType,
+    /// The token endpoint answered 404 Not Found or 405 Method Not Allowed: there is no token
+    /// endpoint at the configured URI. Terminal: a configuration error, which retrying on every
+    /// request would not fix.
+    Misconfigured,
+    /// There is no refresh token to present: none was given, or a
+    /// [logout](crate::TokenHandle::clear) forgot it. Terminal, until a new login sets one.
+    NoRefreshToken,
     /// The [`on_rotation`](super::OAuth2RefresherBuilder::on_rotation) hook failed. Transient.
     Persist,
 }
@@ -209,6 +216,22 @@ impl fmt::Display for OAuth2Error {
                 }
                 Ok(())
             }
+            ErrorKind::Misconfigured => {
+                match self.status {
+                    Some(status) => write!(f, "token endpoint answered {status}")?,
+                    None => f.write_str("token endpoint refused the request")?,
+                }
+                f.write_str(
+                    ": there is no token endpoint at the configured URI (a configuration error)",
+                )?;
+                if let Some(code) = &self.code {
+                    write!(f, ": {code}")?;
+                }
+                Ok(())
+            }
+            ErrorKind::NoRefreshToken => f.write_str(
+                "no refresh token to present (none was given, or a logout forgot it): log in again",
+            ),
             ErrorKind::Timeout => f.write_str("token request timed out"),
             ErrorKind::Transport => f.write_str("token request failed"),
             ErrorKind::Body => f.write_str("reading the token response failed"),

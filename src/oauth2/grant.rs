@@ -55,17 +55,70 @@ impl<C> Inner<C> {
         req
     }
 
-    /// Takes secrets out of server-supplied text.
-    pub(crate) fn redact(&self, text: String, presented: &RefreshToken) -> String {
-        let mut text = text;
-        let secrets = [Some(presented.secret()), self.client_secret.as_deref()];
-        for secret in secrets.into_iter().flatten() {
-            if !secret.is_empty() && text.contains(secret) {
-                text = text.replace(secret, REDACTED);
+    /// Takes the refresh token and the client secret out of server-supplied text, raw or
+    /// percent-encoded.
+    pub(crate) fn redact(&self, text: &str, presented: Option<&RefreshToken>) -> String {
+        let secrets = [
+            presented.map(RefreshToken::secret),
+            self.client_secret.as_deref(),
+        ];
+        redact(text, &secrets.into_iter().flatten().collect::<Vec<_>>())
+    }
+}
+
+/// Replaces every occurrence of a secret in `text` with `<redacted>`: raw, form-encoded (`+`
+/// for a space) or percent-encoded (either case of hex digit), or any mix of them.
+pub(super) fn redact(text: &str, secrets: &[&str]) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let (mut i, mut copied) = (0, 0);
+    while i < bytes.len() {
+        let end = secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .find_map(|s| match_encoded(bytes, i, s.as_bytes()));
+        match end {
+            Some(end) => {
+                out.extend_from_slice(&bytes[copied..i]);
+                out.extend_from_slice(REDACTED.as_bytes());
+                (i, copied) = (end, end);
+            }
+            None => i += 1,
+        }
+    }
+    out.extend_from_slice(&bytes[copied..]);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where a match of `secret` starting at `text[at]` ends (the longest one), each byte of the
+/// secret given raw, as `%XX`, or (a space) as `+`. A `%` in the text may be either, so every
+/// reading is followed.
+fn match_encoded(text: &[u8], at: usize, secret: &[u8]) -> Option<usize> {
+    let mut ends = vec![at];
+    for &want in secret {
+        let mut next = Vec::with_capacity(ends.len());
+        for &i in &ends {
+            let Some(&got) = text.get(i) else { continue };
+            if got == want || (got == b'+' && want == b' ') {
+                next.push(i + 1);
+            }
+            let decoded = text
+                .get(i + 1..i + 3)
+                .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+            if got == b'%' && decoded == Some(want) {
+                next.push(i + 3);
             }
         }
-        text
+        next.sort_unstable();
+        next.dedup();
+        if next.is_empty() {
+            return None;
+        }
+        ends = next;
     }
+    ends.last().copied()
 }
 
 /// Sends the request and reads the whole answer, up to `max_body` bytes.
@@ -103,4 +156,32 @@ where
         }
     };
     Ok((parts.status, parts.headers, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_finds_raw_and_encoded_secrets() {
+        let secret = "rt+1/x y%";
+        for echo in [
+            "rt+1/x y%",
+            "rt%2B1%2Fx+y%25",
+            "rt%2b1%2fx%20y%25",
+            "rt%2B1/x y%",
+        ] {
+            assert_eq!(
+                redact(&format!("bad {echo}!"), &[secret]),
+                "bad <redacted>!",
+                "{echo}"
+            );
+        }
+        assert_eq!(redact("rt+1/x", &[secret]), "rt+1/x");
+        assert_eq!(redact("a é b", &["é"]), "a <redacted> b");
+        assert_eq!(redact("a %C3%A9 b", &["é"]), "a <redacted> b");
+        assert_eq!(redact("nothing %zz %", &["", "s"]), "nothing %zz %");
+        assert_eq!(redact("%+5", &["\u{5}"]), "%+5");
+        assert_eq!(redact("s1 s2", &["s1", "s2"]), "<redacted> <redacted>");
+    }
 }

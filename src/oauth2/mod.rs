@@ -17,14 +17,21 @@
 //!   then the [`on_rotation`](OAuth2RefresherBuilder::on_rotation) hook persists it, and only
 //!   then is the new access token handed to the layer (the hook's documentation says what a
 //!   failing hook does). No refresh token in the answer keeps the old one.
-//! - **Errors** (§5.2): `invalid_grant`, `invalid_client`, `unauthorized_client`,
-//!   `unsupported_grant_type`, `invalid_scope`, `invalid_request`, and any 400/401/403/422
-//!   answer are [terminal](RefreshError::terminal): the session ends. 5xx, 429, timeouts,
-//!   connection errors and the codes of
+//! - **Errors** (§5.2): the codes of
+//!   [`terminal_error_codes`](OAuth2RefresherBuilder::terminal_error_codes) (by default
+//!   [`DEFAULT_TERMINAL_ERROR_CODES`]: `invalid_grant`, `invalid_client`, ...) are
+//!   [terminal](RefreshError::terminal) at any status: the session ends. So is any
+//!   400/401/403/422 answer, and a 404 or 405, which means there is no token endpoint at the
+//!   URI ([`ErrorKind::Misconfigured`]). 5xx, 429, timeouts, connection errors and the codes of
 //!   [`transient_error_codes`](OAuth2RefresherBuilder::transient_error_codes) are
 //!   [transient](RefreshError::transient), and a `Retry-After` header is passed on with
 //!   [`RefreshError::with_retry_after`]. The cause is an [`OAuth2Error`], which carries the
-//!   `error` code and `error_description` but never a token or the raw body.
+//!   `error` code and `error_description` but never a token or the raw body: the refresh
+//!   token and client secret are blanked out of them (raw or percent-encoded) before they are
+//!   cut to length.
+//! - **Logout**: [`TokenHandle::clear`](crate::TokenHandle::clear) calls
+//!   [`TokenRefresher::logout`], which makes the refresher forget its refresh token; a later
+//!   refresh fails with a terminal [`ErrorKind::NoRefreshToken`] until a new login.
 //!
 //! # The client for token requests
 //!
@@ -137,14 +144,32 @@ pub const DEFAULT_TRANSIENT_ERROR_CODES: &[&str] = &[
     "server_error",
 ];
 
-/// RFC 6749 §5.2 codes that no retry can fix.
-pub(crate) const TERMINAL_ERROR_CODES: &[&str] = &[
+/// The `error` codes that end the session whatever the HTTP status, unless
+/// [`terminal_error_codes`](OAuth2RefresherBuilder::terminal_error_codes) replaces them: the
+/// RFC 6749 §5.2 codes, RFC 8707's `invalid_target`, and the permanent token errors some
+/// servers answer with a 409 or a 5xx (`invalid_token`, `token_expired`,
+/// `invalid_token_state`, `token_collision`).
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::oauth2::DEFAULT_TERMINAL_ERROR_CODES;
+///
+/// assert!(DEFAULT_TERMINAL_ERROR_CODES.contains(&"invalid_grant"));
+/// assert!(DEFAULT_TERMINAL_ERROR_CODES.contains(&"token_collision"));
+/// ```
+pub const DEFAULT_TERMINAL_ERROR_CODES: &[&str] = &[
     "invalid_grant",
     "invalid_client",
     "unauthorized_client",
     "unsupported_grant_type",
     "invalid_scope",
     "invalid_request",
+    "invalid_target",
+    "invalid_token",
+    "token_expired",
+    "invalid_token_state",
+    "token_collision",
 ];
 
 /// A `Retry-After` longer than this is cut down to it.
@@ -240,12 +265,21 @@ pub(super) struct Inner<C> {
     pub(super) timeout: Duration,
     pub(super) max_body: usize,
     pub(super) transient_codes: Box<[Box<str>]>,
+    pub(super) terminal_codes: Box<[Box<str>]>,
     pub(super) hook: Option<Hook>,
     /// The current refresh token.
-    pub(super) refresh_token: Mutex<RefreshToken>,
+    pub(super) refresh_token: Mutex<Slot>,
     /// Held for a whole refresh, so that refreshes through clones never present the same
     /// refresh token twice.
     pub(super) serial: async_lock::Mutex<()>,
+}
+
+/// The refresher's own refresh token, and a count of the times it was set from outside (a
+/// new login, a logout), so that a refresh in flight never overwrites a newer setting.
+#[derive(Default)]
+pub(super) struct Slot {
+    pub(super) token: Option<RefreshToken>,
+    pub(super) generation: u64,
 }
 
 impl<C> Clone for OAuth2Refresher<C> {
@@ -313,6 +347,10 @@ impl<C> OAuth2Refresher<C> {
                 .iter()
                 .map(|&c| c.into())
                 .collect(),
+            terminal_codes: DEFAULT_TERMINAL_ERROR_CODES
+                .iter()
+                .map(|&c| c.into())
+                .collect(),
             allow_insecure: false,
             hook: None,
         }
@@ -333,12 +371,12 @@ impl<C> OAuth2Refresher<C> {
     /// let refresher = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
     ///     .refresh_token("rt-1")
     ///     .build()?;
-    /// assert_eq!(refresher.refresh_token().secret(), "rt-1");
+    /// assert_eq!(refresher.refresh_token().unwrap().secret(), "rt-1");
     /// # Ok(())
     /// # }
     /// ```
-    pub fn refresh_token(&self) -> RefreshToken {
-        self.inner.current()
+    pub fn refresh_token(&self) -> Option<RefreshToken> {
+        self.inner.current().0
     }
 
     /// Replaces the refresh token, after a new login for instance (then install the new
@@ -360,16 +398,12 @@ impl<C> OAuth2Refresher<C> {
     ///     .refresh_token("old")
     ///     .build()?;
     /// refresher.set_refresh_token(RefreshToken::new("after-login"));
-    /// assert_eq!(refresher.refresh_token().secret(), "after-login");
+    /// assert_eq!(refresher.refresh_token().unwrap().secret(), "after-login");
     /// # Ok(())
     /// # }
     /// ```
     pub fn set_refresh_token(&self, token: RefreshToken) {
-        *self
-            .inner
-            .refresh_token
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = token;
+        self.inner.set(Some(token));
     }
 
     /// The token endpoint.
@@ -379,30 +413,44 @@ impl<C> OAuth2Refresher<C> {
 }
 
 impl<C> Inner<C> {
-    fn current(&self) -> RefreshToken {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
         self.refresh_token
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
     }
 
-    /// Replaces `presented` with `rotated`, unless someone set another token meanwhile.
-    /// Returns whether it did.
-    fn store_rotated(&self, presented: &RefreshToken, rotated: RefreshToken) -> bool {
-        let mut current = self
-            .refresh_token
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if Arc::ptr_eq(&current.0, &presented.0) {
-            *current = rotated;
+    /// The current refresh token and the generation of the slot.
+    pub(super) fn current(&self) -> (Option<RefreshToken>, u64) {
+        let slot = self.slot();
+        (slot.token.clone(), slot.generation)
+    }
+
+    /// Sets (or, with `None`, forgets) the refresh token from outside a refresh.
+    fn set(&self, token: Option<RefreshToken>) {
+        let mut slot = self.slot();
+        slot.token = token;
+        slot.generation += 1;
+    }
+
+    /// Stores `rotated`, unless the token was set from outside since `generation` was read
+    /// (a new login or a logout wins over a refresh that was in flight). Returns whether it
+    /// did.
+    pub(super) fn store_rotated(&self, generation: u64, rotated: RefreshToken) -> bool {
+        let mut slot = self.slot();
+        if slot.generation == generation {
+            slot.token = Some(rotated);
             true
         } else {
             false
         }
     }
 
-    fn is_transient_code(&self, code: &str) -> bool {
+    pub(super) fn is_transient_code(&self, code: &str) -> bool {
         self.transient_codes.iter().any(|c| &**c == code)
+    }
+
+    pub(super) fn is_terminal_code(&self, code: &str) -> bool {
+        self.terminal_codes.iter().any(|c| &**c == code)
     }
 }
 
@@ -420,6 +468,14 @@ where
     fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
         Box::pin(refresh(Arc::clone(&self.inner)))
     }
+
+    /// Forgets the refresh token, so that no later refresh can log the old user back in: a
+    /// refresh without a refresh token fails with a terminal [`ErrorKind::NoRefreshToken`]
+    /// until a new login sets one ([`set_refresh_token`](OAuth2Refresher::set_refresh_token)).
+    fn logout(&self) {
+        self.inner.set(None);
+        tracing::debug!("oauth2: logout: the refresh token is forgotten");
+    }
 }
 
 async fn refresh<C, ResBody>(inner: Arc<Inner<C>>) -> Result<Token, RefreshError>
@@ -432,7 +488,13 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let _serial = inner.serial.lock().await;
-    let presented = inner.current();
+    let (own, generation) = inner.current();
+    let Some(presented) = own else {
+        tracing::debug!("oauth2: no refresh token to present");
+        return Err(RefreshError::terminal(OAuth2Error::new(
+            ErrorKind::NoRefreshToken,
+        )));
+    };
     let req = inner.request(&presented);
     tracing::debug!(
         host = inner.endpoint.host().unwrap_or_default(),
@@ -457,7 +519,7 @@ where
     };
     match body {
         Ok(body) if status.is_success() => {
-            success(&inner, &presented, status, &headers, &body).await
+            success(&inner, &presented, generation, status, &headers, &body).await
         }
         Err(err) if status.is_success() => {
             tracing::debug!(kind = ?err.kind, "oauth2: reading the token response failed");
@@ -466,7 +528,7 @@ where
         // An error answer is classified by its status even if its body cannot be read.
         body => Err(failure(
             &inner,
-            &presented,
+            Some(&presented),
             status,
             &headers,
             body.as_deref().unwrap_or_default(),

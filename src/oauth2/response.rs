@@ -9,7 +9,6 @@ use serde_json::{Map, Value};
 use super::error::{ErrorKind, OAuth2Error};
 use super::{
     Inner, MAX_CODE_LEN, MAX_DESCRIPTION_LEN, MAX_LIFETIME, MAX_RETRY_AFTER, RefreshToken,
-    TERMINAL_ERROR_CODES,
 };
 use crate::{RefreshError, Token};
 
@@ -17,6 +16,7 @@ use crate::{RefreshError, Token};
 pub(crate) async fn success<C>(
     inner: &Inner<C>,
     presented: &RefreshToken,
+    generation: u64,
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
@@ -52,7 +52,7 @@ pub(crate) async fn success<C>(
     };
     let rotated_now = rotated.is_some();
     if let Some(new) = rotated {
-        if inner.store_rotated(presented, new.clone()) {
+        if inner.store_rotated(generation, new.clone()) {
             if let Some(hook) = &inner.hook {
                 if let Err(err) = hook(new).await {
                     tracing::warn!(
@@ -115,28 +115,35 @@ pub(crate) async fn success<C>(
 /// A non-2xx answer: classify it.
 pub(crate) fn failure<C>(
     inner: &Inner<C>,
-    presented: &RefreshToken,
+    presented: Option<&RefreshToken>,
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
 ) -> RefreshError {
     let (code, description) = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(fields)) => error_fields(&fields),
+        Ok(Value::Object(fields)) => error_fields(&fields, |s| inner.redact(s, presented)),
         _ => (None, None),
     };
-    let description = description.map(|d| inner.redact(d, presented));
-    let terminal = match code.as_deref() {
-        Some(c) if inner.is_transient_code(c) => false,
-        Some(c) if TERMINAL_ERROR_CODES.contains(&c) => true,
-        _ => matches!(status.as_u16(), 400 | 401 | 403 | 422),
-    };
+    let transient_code = code.as_deref().is_some_and(|c| inner.is_transient_code(c));
+    // No token endpoint at this URI (or not for POST): a configuration error, not a refusal.
+    let misconfigured = !transient_code && matches!(status.as_u16(), 404 | 405);
+    let terminal = !transient_code
+        && (misconfigured
+            || code.as_deref().is_some_and(|c| inner.is_terminal_code(c))
+            || matches!(status.as_u16(), 400 | 401 | 403 | 422));
     tracing::debug!(
         status = status.as_u16(),
         error = code.as_deref(),
         terminal,
-        "oauth2: token endpoint refused the refresh"
+        misconfigured,
+        "oauth2: token endpoint refused the request"
     );
-    let mut err = OAuth2Error::new(ErrorKind::ErrorResponse).with_status(status);
+    let kind = if misconfigured {
+        ErrorKind::Misconfigured
+    } else {
+        ErrorKind::ErrorResponse
+    };
+    let mut err = OAuth2Error::new(kind).with_status(status);
     err.code = code.map(String::into_boxed_str);
     err.description = description.map(String::into_boxed_str);
     if terminal {
@@ -148,9 +155,14 @@ pub(crate) fn failure<C>(
     }
 }
 
-pub(super) fn error_fields(fields: &Map<String, Value>) -> (Option<String>, Option<String>) {
+/// The `error` and `error_description` of an error answer: secrets taken out first (`redact`),
+/// then cut to RFC 6749's characters and to length, so that no part of a long secret survives.
+pub(super) fn error_fields(
+    fields: &Map<String, Value>,
+    redact: impl Fn(&str) -> String,
+) -> (Option<String>, Option<String>) {
     let text = |name: &str, max: usize| match fields.get(name) {
-        Some(Value::String(s)) => Some(sanitize(s, max)).filter(|s| !s.is_empty()),
+        Some(Value::String(s)) => Some(sanitize(&redact(s), max)).filter(|s| !s.is_empty()),
         _ => None,
     };
     (
