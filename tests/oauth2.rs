@@ -1067,7 +1067,10 @@ fn configuration_is_checked_and_debug_output_is_redacted() {
     assert!(insecure.is_ok());
 
     let base = || OAuth2Refresher::builder("https://idp.example/token".parse().unwrap(), dummy);
-    assert!(base().build().is_err(), "a refresh token is required");
+    assert!(
+        base().build().is_ok(),
+        "a refresh token may come later, with the layer's token set"
+    );
     assert!(
         base().refresh_token("").build().is_err(),
         "an empty refresh token is refused"
@@ -1351,6 +1354,141 @@ async fn handle_clear_logs_the_oauth2_refresher_out() {
             .expect("the OAuth2Error behind the failure");
         assert_eq!(cause.kind(), ErrorKind::NoRefreshToken);
         assert_eq!(s.token.grants(), 1, "the old user was not logged back in");
+    })
+    .await;
+}
+
+/// The context of a refresh replacing `stale`, which carries `refresh`.
+fn stale_ctx(refresh: &str) -> tower_auth_refresh::RefreshContext {
+    tower_auth_refresh::RefreshContext::new(
+        Some(
+            Token::bearer("stale-access")
+                .unwrap()
+                .with_refresh_token(refresh),
+        ),
+        tower_auth_refresh::RefreshReason::Expired,
+    )
+}
+
+#[tokio::test]
+async fn every_token_carries_the_current_refresh_token_rotated_or_not() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        for round in 0..2 {
+            let token = refresher.refresh(ctx()).await.unwrap();
+            let rotated = s.token.rotated();
+            assert_eq!(token.refresh_token(), Some(rotated[round].as_str()));
+        }
+
+        let config = TokenConfig {
+            rotate: false,
+            ..TokenConfig::default()
+        };
+        let (s, rt0, _, refresher) = logged_in(config).await;
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert_eq!(token.refresh_token(), Some(rt0.as_str()));
+        assert!(s.token.rotated().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_set_installed_with_set_token_is_a_whole_relogin() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        // No refresh token yet: the app has not logged in.
+        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+            .client_id("app")
+            .client_secret("app-secret", ClientAuth::Basic)
+            .build()
+            .unwrap();
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        let err = get(client.clone(), s.api_url()).await.unwrap_err();
+        let rejected = err
+            .downcast_ref::<RefreshRejected>()
+            .expect("RefreshRejected");
+        assert_eq!(
+            oauth2_cause(rejected.refresh_error()).kind(),
+            ErrorKind::NoRefreshToken
+        );
+        assert_eq!(s.token.requests(), 0);
+
+        for login in 0..2 {
+            let (access, refresh) = s.token.login();
+            handle.set_token(
+                Token::bearer(access)
+                    .unwrap()
+                    .with_refresh_token(refresh.as_str()),
+            );
+            assert_eq!(
+                get(client.clone(), s.api_url()).await.unwrap(),
+                StatusCode::OK
+            );
+            let before = s.token.seen().len();
+            for _ in 0..2 {
+                s.token.expire_access_tokens();
+                assert_eq!(
+                    get(client.clone(), s.api_url()).await.unwrap(),
+                    StatusCode::OK
+                );
+            }
+            let seen = s.token.seen();
+            assert_eq!(
+                seen[before].field("refresh_token"),
+                Some(refresh.as_str()),
+                "login {login}: the token set's refresh token is presented"
+            );
+            let current = s.token.current_of(&refresh).unwrap();
+            assert_eq!(
+                refresher.refresh_token().unwrap().secret(),
+                current,
+                "login {login}: the refresher follows the rotation"
+            );
+        }
+        assert_eq!(s.token.grants(), 4);
+        assert_eq!(s.token.reuse_detected(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stale_token_set_never_presents_a_rotated_away_refresh_token() {
+    guard(async {
+        let (s, rt0, _, refresher) = logged_in(TokenConfig::default()).await;
+        // Two layers sharing the refresher both hold a token set with rt0.
+        let first = refresher.refresh(stale_ctx(&rt0)).await.unwrap();
+        let second = refresher.refresh(stale_ctx(&rt0)).await.unwrap();
+        let rotated = s.token.rotated();
+        let seen = s.token.seen();
+        assert_eq!(seen[0].field("refresh_token"), Some(rt0.as_str()));
+        assert_eq!(seen[1].field("refresh_token"), Some(rotated[0].as_str()));
+        assert_eq!(first.refresh_token(), Some(rotated[0].as_str()));
+        assert_eq!(second.refresh_token(), Some(rotated[1].as_str()));
+        assert_eq!(s.token.reuse_detected(), 0);
+
+        // After a logout, a token set still carrying the forgotten token does not log back in.
+        refresher.logout();
+        let err = refresher.refresh(stale_ctx(&rotated[1])).await.unwrap_err();
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::NoRefreshToken);
+        assert_eq!(s.token.requests(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn expires_in_zero_means_lifetime_unknown() {
+    guard(async {
+        for expires_in in [json!(0), json!("0"), json!(null)] {
+            let config = TokenConfig {
+                expires_in,
+                ..TokenConfig::default()
+            };
+            let (s, _, _, refresher) = logged_in(config).await;
+            let token = refresher.refresh(ctx()).await.unwrap();
+            assert!(s.token.access_valid(token.secret()));
+            assert!(token.expiry().is_none(), "no expiry: used until a 401");
+            assert_eq!(token.expires_in(), None);
+        }
     })
     .await;
 }

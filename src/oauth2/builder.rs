@@ -118,7 +118,11 @@ impl<C> OAuth2RefresherBuilder<C> {
         self
     }
 
-    /// The refresh token to start with (required).
+    /// The refresh token to start with. Optional: without one, the refresher presents the
+    /// refresh token of the layer's token set, installed after a login with
+    /// `handle.set_token(Token::bearer(access)?.with_refresh_token(refresh))`
+    /// ([`Token::with_refresh_token`](crate::Token::with_refresh_token)); with neither, a
+    /// refresh fails with a terminal [`ErrorKind::NoRefreshToken`](super::ErrorKind::NoRefreshToken).
     ///
     /// # Example
     ///
@@ -378,7 +382,7 @@ impl<C> OAuth2RefresherBuilder<C> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] if there is no (or an empty) refresh token, a client secret without a
+    /// [`ConfigError`] if the refresh token is empty, there is a client secret without a
     /// client id, or a token endpoint that is not an absolute `https` URI (plain `http` is
     /// accepted on loopback hosts, or anywhere with
     /// [`allow_insecure_http`](Self::allow_insecure_http)).
@@ -394,17 +398,18 @@ impl<C> OAuth2RefresherBuilder<C> {
     /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
     /// # });
     /// let endpoint = "https://idp.example/token".parse()?;
-    /// let missing = OAuth2Refresher::builder(endpoint, client).build();
-    /// assert!(missing.is_err());
+    /// let empty = OAuth2Refresher::builder(endpoint, client).refresh_token("").build();
+    /// assert!(empty.is_err());
     /// # Ok(())
     /// # }
     /// ```
     pub fn build(self) -> Result<OAuth2Refresher<C>, ConfigError> {
         check_endpoint(&self.endpoint, self.allow_insecure)?;
         let refresh_token = match self.refresh_token {
-            Some(t) if !t.secret().is_empty() => t,
-            Some(_) => return Err(ConfigError(ConfigErrorKind::EmptyRefreshToken)),
-            None => return Err(ConfigError(ConfigErrorKind::MissingRefreshToken)),
+            Some(t) if t.secret().is_empty() => {
+                return Err(ConfigError(ConfigErrorKind::EmptyRefreshToken));
+            }
+            token => token,
         };
         let client_secret = self
             .client_secret
@@ -437,8 +442,8 @@ impl<C> OAuth2RefresherBuilder<C> {
                 terminal_codes: self.terminal_codes.into_boxed_slice(),
                 hook: self.hook,
                 refresh_token: Mutex::new(super::Slot {
-                    token: Some(refresh_token),
-                    generation: 0,
+                    token: refresh_token,
+                    ..super::Slot::default()
                 }),
                 serial: async_lock::Mutex::new(()),
             }),

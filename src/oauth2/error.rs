@@ -32,7 +32,6 @@ pub struct ConfigError(pub(super) ConfigErrorKind);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ConfigErrorKind {
-    MissingRefreshToken,
     EmptyRefreshToken,
     MissingClientId,
     NotAbsolute,
@@ -43,7 +42,6 @@ pub(super) enum ConfigErrorKind {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.0 {
-            ConfigErrorKind::MissingRefreshToken => "oauth2 refresher: no refresh token was given",
             ConfigErrorKind::EmptyRefreshToken => "oauth2 refresher: the refresh token is empty",
             ConfigErrorKind::MissingClientId => {
                 "oauth2 refresher: a client secret needs a client id"

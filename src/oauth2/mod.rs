@@ -8,8 +8,8 @@
 //!   ([`ClientAuth::Basic`]), `client_secret_post` ([`ClientAuth::Post`]), or none (a public
 //!   client, which sends its `client_id` if it has one).
 //! - **Success** (§5.1): `access_token`, `token_type` (`Bearer`, any case; assumed when
-//!   missing), `expires_in` (a number, or a numeric string; when it is missing, zero or
-//!   unreadable the token has no known lifetime and is refreshed on a 401), `refresh_token`.
+//!   missing), `expires_in` (a number, or a numeric string; see
+//!   [`expires_in`](self#expires_in-0-missing-or-unreadable) for 0), `refresh_token`.
 //!   Other fields, `scope` included, are ignored. The body is capped
 //!   ([`DEFAULT_MAX_RESPONSE_BODY`]); a success answer that is not JSON, lacks
 //!   `access_token`, or is too large is a transient [`OAuth2Error`].
@@ -17,6 +17,13 @@
 //!   then the [`on_rotation`](OAuth2RefresherBuilder::on_rotation) hook persists it, and only
 //!   then is the new access token handed to the layer (the hook's documentation says what a
 //!   failing hook does). No refresh token in the answer keeps the old one.
+//! - **Token sets**: every access token the refresher returns carries the current refresh
+//!   token ([`Token::refresh_token`]), rotated or not, and the layer keeps the two together.
+//!   A refresh presents the refresh token of the token set it replaces
+//!   ([`RefreshContext::stale`]) when there is one, else the refresher's own. So after a
+//!   login, `handle.set_token(Token::bearer(access)?.with_refresh_token(refresh))` is the
+//!   whole re-login. A refresh token this refresher saw rotated away (or forgot at a logout)
+//!   is never presented again, even if a stale token set still carries it.
 //! - **Errors** (§5.2): the codes of
 //!   [`terminal_error_codes`](OAuth2RefresherBuilder::terminal_error_codes) (by default
 //!   [`DEFAULT_TERMINAL_ERROR_CODES`]: `invalid_grant`, `invalid_client`, ...) are
@@ -45,6 +52,14 @@
 //! `::1`) or with [`allow_insecure_http`](OAuth2RefresherBuilder::allow_insecure_http).
 //! A hyper-util client built with `build_http()` only speaks plain HTTP: for an `https`
 //! endpoint, build it with an HTTPS connector (hyper-rustls or hyper-tls).
+//!
+//! # `expires_in`: 0, missing or unreadable
+//!
+//! RFC 6749 makes `expires_in` optional and says nothing of 0. This refresher reads
+//! `expires_in: 0` (or a negative, missing or unreadable value) as **lifetime unknown**, not as
+//! "already expired": the token gets no expiry ([`Token::expiry`] is `None`), is used until a
+//! request is refused with a 401, and is refreshed then. Reading 0 as expired would make every
+//! request refresh first, a token request per API request against such a server.
 //!
 //! # Rotation and cancellation
 //!
@@ -276,10 +291,40 @@ pub(super) struct Inner<C> {
 
 /// The refresher's own refresh token, and a count of the times it was set from outside (a
 /// new login, a logout), so that a refresh in flight never overwrites a newer setting.
+/// It also remembers the last refresh tokens this refresher saw rotated away (or forgot at a
+/// logout), so that a stale token set handed back by the layer never presents one of them
+/// again.
 #[derive(Default)]
 pub(super) struct Slot {
     pub(super) token: Option<RefreshToken>,
     pub(super) generation: u64,
+    pub(super) spent: std::collections::VecDeque<RefreshToken>,
+}
+
+/// The refresh token a refresh-token grant request presented.
+#[derive(Clone, Copy)]
+pub(super) struct Presented<'a> {
+    pub(super) token: &'a RefreshToken,
+    /// The generation of the refresher's slot when it was chosen.
+    pub(super) generation: u64,
+    /// Whether it came from the layer's token set rather than the refresher's own.
+    pub(super) from_set: bool,
+}
+
+/// How many spent refresh tokens a refresher remembers.
+const SPENT_KEPT: usize = 16;
+
+impl Slot {
+    fn spend(&mut self, token: RefreshToken) {
+        if self.spent.len() == SPENT_KEPT {
+            self.spent.pop_front();
+        }
+        self.spent.push_back(token);
+    }
+
+    fn is_spent(&self, secret: &str) -> bool {
+        self.spent.iter().any(|t| t.secret() == secret)
+    }
 }
 
 impl<C> Clone for OAuth2Refresher<C> {
@@ -425,20 +470,53 @@ impl<C> Inner<C> {
         (slot.token.clone(), slot.generation)
     }
 
+    /// The refresh token to present: the one of the layer's token set (`offered`) unless this
+    /// refresher saw it spent, else its own. Also returns the slot's generation, and whether
+    /// the token came from the token set and differs from the refresher's own.
+    fn choose(&self, offered: Option<&str>) -> (Option<RefreshToken>, u64, bool) {
+        let slot = self.slot();
+        let own = slot.token.clone();
+        match offered {
+            Some(s)
+                if !s.is_empty()
+                    && !slot.is_spent(s)
+                    && own.as_ref().is_none_or(|o| o.secret() != s) =>
+            {
+                (Some(RefreshToken::new(s)), slot.generation, true)
+            }
+            _ => (own, slot.generation, false),
+        }
+    }
+
     /// Sets (or, with `None`, forgets) the refresh token from outside a refresh.
     fn set(&self, token: Option<RefreshToken>) {
         let mut slot = self.slot();
+        if let Some(old) = slot.token.take() {
+            if token.is_none() {
+                // Logged out: a token set still holding it must not log the user back in.
+                slot.spend(old);
+            }
+        }
         slot.token = token;
         slot.generation += 1;
     }
 
-    /// Stores `rotated`, unless the token was set from outside since `generation` was read
-    /// (a new login or a logout wins over a refresh that was in flight). Returns whether it
-    /// did.
-    pub(super) fn store_rotated(&self, generation: u64, rotated: RefreshToken) -> bool {
+    /// Stores `current` (a rotated token, or the token set's token that the server accepted)
+    /// unless the token was set from outside since `generation` was read (a new login or a
+    /// logout wins over a refresh that was in flight); remembers `spent`, the token that was
+    /// rotated away, in any case. Returns whether it stored `current`.
+    pub(super) fn store(
+        &self,
+        generation: u64,
+        current: RefreshToken,
+        spent: Option<RefreshToken>,
+    ) -> bool {
         let mut slot = self.slot();
+        if let Some(spent) = spent {
+            slot.spend(spent);
+        }
         if slot.generation == generation {
-            slot.token = Some(rotated);
+            slot.token = Some(current);
             true
         } else {
             false
@@ -465,8 +543,8 @@ where
 {
     type Future = BoxFuture<Result<Token, RefreshError>>;
 
-    fn refresh(&self, _ctx: RefreshContext) -> Self::Future {
-        Box::pin(refresh(Arc::clone(&self.inner)))
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        Box::pin(refresh(Arc::clone(&self.inner), ctx))
     }
 
     /// Forgets the refresh token, so that no later refresh can log the old user back in: a
@@ -478,7 +556,10 @@ where
     }
 }
 
-async fn refresh<C, ResBody>(inner: Arc<Inner<C>>) -> Result<Token, RefreshError>
+async fn refresh<C, ResBody>(
+    inner: Arc<Inner<C>>,
+    ctx: RefreshContext,
+) -> Result<Token, RefreshError>
 where
     C: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
     C::Future: Send + 'static,
@@ -488,8 +569,10 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let _serial = inner.serial.lock().await;
-    let (own, generation) = inner.current();
-    let Some(presented) = own else {
+    // Chosen under the lock: a refresh that waited for another one sees its rotation.
+    let offered = ctx.stale().and_then(Token::refresh_token);
+    let (chosen, generation, from_set) = inner.choose(offered);
+    let Some(presented) = chosen else {
         tracing::debug!("oauth2: no refresh token to present");
         return Err(RefreshError::terminal(OAuth2Error::new(
             ErrorKind::NoRefreshToken,
@@ -519,7 +602,12 @@ where
     };
     match body {
         Ok(body) if status.is_success() => {
-            success(&inner, &presented, generation, status, &headers, &body).await
+            let presented = Presented {
+                token: &presented,
+                generation,
+                from_set,
+            };
+            success(&inner, Some(presented), status, &headers, &body).await
         }
         Err(err) if status.is_success() => {
             tracing::debug!(kind = ?err.kind, "oauth2: reading the token response failed");

@@ -8,15 +8,15 @@ use serde_json::{Map, Value};
 
 use super::error::{ErrorKind, OAuth2Error};
 use super::{
-    Inner, MAX_CODE_LEN, MAX_DESCRIPTION_LEN, MAX_LIFETIME, MAX_RETRY_AFTER, RefreshToken,
+    Inner, MAX_CODE_LEN, MAX_DESCRIPTION_LEN, MAX_LIFETIME, MAX_RETRY_AFTER, Presented,
+    RefreshToken,
 };
 use crate::{RefreshError, Token};
 
 /// A 2xx answer: rotate, persist, then hand out the access token.
 pub(crate) async fn success<C>(
     inner: &Inner<C>,
-    presented: &RefreshToken,
-    generation: u64,
+    presented: Option<Presented<'_>>,
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
@@ -44,15 +44,26 @@ pub(crate) async fn success<C>(
 
     // The rotated refresh token first: the old one may be spent already, whatever else is
     // wrong with this answer (a wrong content type included).
-    let rotated = match fields.get("refresh_token") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.is_empty() || s == presented.secret() => None,
-        Some(Value::String(s)) => Some(RefreshToken::new(s.as_str())),
-        Some(_) => return Err(malformed(ErrorKind::Malformed)),
+    // Only the refresh-token grant uses one: another grant ignores a refresh token (RFC 6749
+    // §4.4.3 says a client-credentials answer should not have one).
+    let rotated = match (presented, fields.get("refresh_token")) {
+        (None, _) | (_, None | Some(Value::Null)) => None,
+        (Some(p), Some(Value::String(s))) if s.is_empty() || s == p.token.secret() => None,
+        (Some(_), Some(Value::String(s))) => Some(RefreshToken::new(s.as_str())),
+        (Some(_), Some(_)) => return Err(malformed(ErrorKind::Malformed)),
     };
     let rotated_now = rotated.is_some();
-    if let Some(new) = rotated {
-        if inner.store_rotated(generation, new.clone()) {
+    if let (Some(p), None) = (presented, &rotated) {
+        if p.from_set {
+            // The token set's refresh token works: it is the refresher's own from now on.
+            inner.store(p.generation, p.token.clone(), None);
+        }
+    }
+    let current = rotated
+        .clone()
+        .or_else(|| presented.map(|p| p.token.clone()));
+    if let (Some(new), Some(p)) = (rotated, presented) {
+        if inner.store(p.generation, new.clone(), Some(p.token.clone())) {
             if let Some(hook) = &inner.hook {
                 if let Err(err) = hook(new).await {
                     tracing::warn!(
@@ -102,6 +113,10 @@ pub(crate) async fn success<C>(
     let lifetime = expires_in(&fields);
     if let Some(life) = lifetime {
         token = token.with_expires_in(life);
+    }
+    // Every token carries the current refresh token: the layer keeps the two together.
+    if let Some(current) = current {
+        token = token.with_refresh_token(current.secret());
     }
     tracing::debug!(
         status = status.as_u16(),
