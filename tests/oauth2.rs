@@ -31,7 +31,7 @@ use tower_auth_refresh::{
     RetryPolicy, Token, TokenHandle, TokenRefresher,
 };
 
-use oauth2_server::{ClientCheck, Scripted, Servers, SharedOrigin, TokenConfig};
+use oauth2_server::{ClientCheck, ClientCredentials, Scripted, Servers, SharedOrigin, TokenConfig};
 use support::{capture_logs, guard, http_client};
 
 type TokenClient = Client<HttpConnector, Full<Bytes>>;
@@ -1489,6 +1489,357 @@ async fn expires_in_zero_means_lifetime_unknown() {
             assert!(token.expiry().is_none(), "no expiry: used until a 401");
             assert_eq!(token.expires_in(), None);
         }
+    })
+    .await;
+}
+
+const RES_A: &str = "https://api.example/orders";
+const RES_B: &str = "https://api.example/invoices";
+
+/// Servers whose token endpoint checks `client` and allows the client-credentials grant for
+/// scopes `read`/`write` and resources [`RES_A`]/[`RES_B`].
+async fn cc_servers(client: ClientCheck) -> Servers {
+    let s = servers_checking(client).await;
+    s.token.allow_client_credentials(ClientCredentials {
+        scopes: vec!["read".to_owned(), "write".to_owned()],
+        resources: vec![RES_A.to_owned(), RES_B.to_owned()],
+    });
+    s
+}
+
+/// A client-credentials refresher for "app" / "app-secret" (`client_secret_basic`).
+fn cc_app(s: &Servers) -> OAuth2RefresherBuilder<TokenClient> {
+    OAuth2Refresher::client_credentials(s.token_url().parse().unwrap(), token_client())
+        .client_id("app")
+        .client_secret("app-secret", ClientAuth::Basic)
+}
+
+#[tokio::test]
+async fn client_credentials_requests_carry_every_parameter_for_both_client_authentications() {
+    guard(async {
+        let s = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+        let counter = MarkerCounter {
+            inner: token_client(),
+            marked: Arc::default(),
+            total: Arc::default(),
+        };
+        let refresher =
+            OAuth2Refresher::client_credentials(s.token_url().parse().unwrap(), counter.clone())
+                .client_id("app")
+                .client_secret("app-secret", ClientAuth::Basic)
+                .scope("read write")
+                .resource(RES_A)
+                .resource(RES_B)
+                .audience("orders-api")
+                .extra_param("tenant", "acme & co")
+                .build()
+                .unwrap();
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert!(s.token.access_valid(token.secret()));
+        assert_eq!(token.expires_in(), Some(Duration::from_secs(3600)));
+        assert_eq!(token.refresh_token(), None);
+        assert!(refresher.refresh_token().is_none());
+        let seen = s.token.seen().remove(0);
+        assert_eq!(
+            seen.authorization.as_deref(),
+            Some(oauth2_server::APP_BASIC)
+        );
+        let mut fields: Vec<_> = seen
+            .form
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                ("audience", "orders-api"),
+                ("grant_type", "client_credentials"),
+                ("resource", RES_B),
+                ("resource", RES_A),
+                ("scope", "read write"),
+                ("tenant", "acme & co"),
+            ]
+        );
+        assert_eq!(seen.fields("resource"), [RES_A, RES_B], "in order");
+        assert_eq!(
+            counter.marked.load(Ordering::SeqCst),
+            1,
+            "RefreshRequest marker"
+        );
+
+        // client_secret_post; a stale token in the context changes nothing.
+        let s = cc_servers(ClientCheck::Post {
+            id: "svc".to_owned(),
+            secret: "p&ss=+".to_owned(),
+        })
+        .await;
+        let refresher =
+            OAuth2Refresher::client_credentials(s.token_url().parse().unwrap(), token_client())
+                .client_id("svc")
+                .client_secret("p&ss=+", ClientAuth::Post)
+                .build()
+                .unwrap();
+        let token = refresher
+            .refresh(stale_ctx("rt-from-elsewhere"))
+            .await
+            .unwrap();
+        assert!(s.token.access_valid(token.secret()));
+        let seen = s.token.seen().remove(0);
+        assert_eq!(seen.authorization, None);
+        assert_eq!(seen.field("client_id"), Some("svc"));
+        assert_eq!(seen.field("client_secret"), Some("p&ss=+"));
+        assert_eq!(seen.field("refresh_token"), None);
+        assert_eq!(s.token.client_credentials_grants(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_credentials_errors_are_typed_classified_and_redacted() {
+    guard(async {
+        let s = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+        // Refusals the server decides for itself: (refresher, code, status).
+        let wrong_secret =
+            OAuth2Refresher::client_credentials(s.token_url().parse().unwrap(), token_client())
+                .client_id("app")
+                .client_secret("wrong-secret", ClientAuth::Basic)
+                .build()
+                .unwrap();
+        let cases = [
+            (wrong_secret, "invalid_client", StatusCode::UNAUTHORIZED),
+            (
+                cc_app(&s).scope("read admin").build().unwrap(),
+                "invalid_scope",
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                cc_app(&s)
+                    .resource("https://elsewhere.example/")
+                    .build()
+                    .unwrap(),
+                "invalid_target",
+                StatusCode::BAD_REQUEST,
+            ),
+        ];
+        for (refresher, code, status) in cases {
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_terminal(), "{code}");
+            let cause = oauth2_cause(&err);
+            assert_eq!(
+                (cause.error_code(), cause.status()),
+                (Some(code), Some(status))
+            );
+            assert!(!shown(&err).contains("secret"), "{}", shown(&err));
+        }
+        let plain = Servers::start(TokenConfig::default()).await;
+        let err = cc_app(&plain)
+            .build()
+            .unwrap()
+            .refresh(ctx())
+            .await
+            .unwrap_err();
+        assert!(err.is_terminal());
+        assert_eq!(oauth2_cause(&err).error_code(), Some("unauthorized_client"));
+        assert_eq!(s.token.client_credentials_grants(), 0);
+
+        // Scripted §5.2 answers, and the secret echoed back (raw, then form-encoded).
+        let refresher = cc_app(&s).build().unwrap();
+        let body = |code: &str, why: &str| json!({ "error": code, "error_description": why });
+        let cases = [
+            (
+                StatusCode::BAD_REQUEST,
+                body("invalid_request", "missing x"),
+                true,
+                None,
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                body("unsupported_grant_type", "no"),
+                true,
+                None,
+            ),
+            (
+                StatusCode::UNAUTHORIZED,
+                body("invalid_client", "client app-secret unknown"),
+                true,
+                None,
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                body("invalid_client", "secret=app%2Dsecret"),
+                true,
+                None,
+            ),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                body("temporarily_unavailable", "later"),
+                false,
+                Some("2"),
+            ),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                body("slow_down", "later"),
+                false,
+                Some("9"),
+            ),
+        ];
+        for (status, answer, terminal, retry_after) in cases {
+            let mut scripted = Scripted::json(status, answer.clone());
+            if let Some(ra) = retry_after {
+                scripted = scripted.retry_after(ra);
+            }
+            s.token.script(scripted);
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert_eq!(err.is_terminal(), terminal, "{answer}");
+            assert_eq!(
+                err.retry_after(),
+                retry_after.map(|ra| Duration::from_secs(ra.parse().unwrap()))
+            );
+            let shown = shown(&err);
+            assert!(
+                !shown.contains("app-secret") && !shown.contains("app%2Dsecret"),
+                "{shown}"
+            );
+        }
+
+        // Malformed answers: the same typed errors as the refresh-token grant.
+        let json = Some("application/json");
+        let cases = [
+            (json, "not json".to_owned(), ErrorKind::Malformed),
+            (
+                json,
+                r#"{"token_type":"Bearer"}"#.to_owned(),
+                ErrorKind::MissingAccessToken,
+            ),
+            (
+                Some("text/html"),
+                r#"{"access_token":"a"}"#.to_owned(),
+                ErrorKind::ContentType,
+            ),
+            (
+                json,
+                format!(r#"{{"access_token":"{}"}}"#, "x".repeat(70 * 1024)),
+                ErrorKind::BodyTooLarge,
+            ),
+            (
+                json,
+                r#"{"access_token":"a","token_type":"mac"}"#.to_owned(),
+                ErrorKind::UnsupportedTokenType,
+            ),
+        ];
+        for (content_type, answer, kind) in cases {
+            s.token
+                .script(Scripted::new(StatusCode::OK, content_type, answer));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert_eq!(oauth2_cause(&err).kind(), kind);
+        }
+        // A refresh token in a client-credentials answer is ignored.
+        s.token.script(Scripted::json(
+            StatusCode::OK,
+            json!({ "access_token": "atok-x", "token_type": "Bearer", "refresh_token": "rt-x" }),
+        ));
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert_eq!((token.secret(), token.refresh_token()), ("atok-x", None));
+        assert!(refresher.refresh_token().is_none());
+    })
+    .await;
+}
+
+#[test]
+fn client_credentials_configuration_is_checked() {
+    let dummy = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    let cc = || {
+        OAuth2Refresher::client_credentials("https://idp.example/token".parse().unwrap(), dummy)
+            .client_id("svc")
+    };
+    let no_secret = cc().build().unwrap_err();
+    assert!(
+        no_secret.to_string().contains("client secret"),
+        "{no_secret}"
+    );
+    let with_refresh = cc()
+        .client_secret("s", ClientAuth::Basic)
+        .refresh_token("rt")
+        .build()
+        .unwrap_err();
+    assert!(
+        with_refresh.to_string().contains("refresh token"),
+        "{with_refresh}"
+    );
+    for reserved in ["grant_type", "scope", "client_secret", "resource"] {
+        let err = cc()
+            .client_secret("s", ClientAuth::Basic)
+            .extra_param(reserved, "x")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains(reserved), "{err}");
+    }
+    let http =
+        OAuth2Refresher::client_credentials("http://idp.example/token".parse().unwrap(), dummy)
+            .client_id("svc")
+            .client_secret("s", ClientAuth::Basic)
+            .build()
+            .unwrap_err();
+    assert!(http.to_string().contains("https"));
+
+    let builder = cc()
+        .client_secret("client-SECRET", ClientAuth::Post)
+        .extra_param("tenant", "tenant-SECRET")
+        .resource(RES_A);
+    assert!(!format!("{builder:?}").contains("SECRET"));
+    let refresher = builder.build().unwrap();
+    let shown = format!("{refresher:?}");
+    assert!(!shown.contains("SECRET"), "{shown}");
+    assert!(
+        shown.contains("ClientCredentials") && shown.contains(RES_A),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_one_token_call_for_a_thousand_request_stampede() {
+    assert_fd_limit();
+    guard(async {
+        let s = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+        let refresher = cc_app(&s).scope("read").build().unwrap();
+        // No initial token: the whole stampede waits for the first one.
+        let layer = tower_auth_refresh::RefreshLayer::new(refresher).retry(fast_retry());
+        let handle = layer.handle();
+        let mut events = handle.subscribe();
+        let client: ApiClient = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let url = s.api_url();
+
+        let results = burst(&client, &url, 1000).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(StatusCode::OK))));
+        assert_eq!(s.token.requests(), 1, "one token call for 1,000 requests");
+        assert_eq!(s.api.ok(), 1000);
+        assert_eq!(s.api.unauthorized(), 0);
+
+        // The token is revoked: 1,000 concurrent 401s, one more token call.
+        s.token.expire_access_tokens();
+        s.api.gather_unauthorized(1000);
+        let results = burst(&client, &url, 1000).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(StatusCode::OK))));
+        assert_eq!(s.token.requests(), 2);
+        assert_eq!(s.token.client_credentials_grants(), 2);
+        assert_eq!(s.api.unauthorized(), 1000);
+        assert_eq!(
+            s.api.ok(),
+            2000,
+            "each refused request replayed exactly once"
+        );
+        assert_eq!(refreshed(&drain(&mut events)), 2);
+        assert!(
+            s.token
+                .seen()
+                .iter()
+                .all(|r| r.field("grant_type") == Some("client_credentials"))
+        );
     })
     .await;
 }

@@ -10,8 +10,8 @@ use http::Uri;
 use http::header::HeaderValue;
 
 use super::error::{ConfigError, ConfigErrorKind};
-use super::grant::Auth;
-use super::{Hook, Inner, OAuth2Refresher, RefreshToken};
+use super::grant::{Auth, Grant, RESERVED_PARAMS};
+use super::{Hook, Inner, OAuth2Refresher, REDACTED, RefreshToken};
 use crate::BoxError;
 
 /// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
@@ -28,7 +28,8 @@ pub enum ClientAuth {
     Post,
 }
 
-/// Builds an [`OAuth2Refresher`]; made by [`OAuth2Refresher::builder`].
+/// Builds an [`OAuth2Refresher`]; made by [`OAuth2Refresher::builder`] or
+/// [`OAuth2Refresher::client_credentials`].
 ///
 /// # Example
 ///
@@ -59,7 +60,11 @@ pub struct OAuth2RefresherBuilder<C> {
     pub(super) client_id: Option<String>,
     pub(super) client_secret: Option<(String, ClientAuth)>,
     pub(super) refresh_token: Option<RefreshToken>,
+    pub(super) grant: Grant,
     pub(super) scope: Option<String>,
+    pub(super) resources: Vec<String>,
+    pub(super) audience: Option<String>,
+    pub(super) extra_params: Vec<(String, String)>,
     pub(super) timeout: Duration,
     pub(super) max_body: usize,
     pub(super) transient_codes: Vec<Box<str>>,
@@ -77,8 +82,19 @@ impl<C> fmt::Debug for OAuth2RefresherBuilder<C> {
                 "client_auth",
                 &self.client_secret.as_ref().map(|(_, auth)| auth),
             )
+            .field("grant", &self.grant)
             .field("refresh_token", &self.refresh_token)
             .field("scope", &self.scope)
+            .field("resources", &self.resources)
+            .field("audience", &self.audience)
+            .field(
+                "extra_params",
+                &self
+                    .extra_params
+                    .iter()
+                    .map(|(name, _)| (name, REDACTED))
+                    .collect::<Vec<_>>(),
+            )
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -151,6 +167,95 @@ impl<C> OAuth2RefresherBuilder<C> {
     #[must_use]
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = Some(scope.into());
+        self
+    }
+
+    /// The grant to use ([`Grant::RefreshToken`] unless set).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::oauth2::{ClientAuth, Grant, OAuth2Refresher};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # let client = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let refresher = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
+    ///     .grant(Grant::ClientCredentials)
+    ///     .client_id("svc")
+    ///     .client_secret("s3cr3t", ClientAuth::Post)
+    ///     .build()?;
+    /// # let _ = refresher;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn grant(mut self, grant: Grant) -> Self {
+        self.grant = grant;
+        self
+    }
+
+    /// Adds an RFC 8707 `resource` indicator (an absolute URI without a fragment): the API
+    /// the token is for. Repeatable; each is sent, in order.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::oauth2::{ClientAuth, OAuth2Refresher};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # let client = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let builder = OAuth2Refresher::client_credentials("https://idp.example/token".parse()?, client)
+    ///     .resource("https://api.example/orders")
+    ///     .resource("https://api.example/invoices");
+    /// # let _ = builder;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn resource(mut self, resource: impl Into<String>) -> Self {
+        self.resources.push(resource.into());
+        self
+    }
+
+    /// The `audience` parameter some servers use instead of `resource` (Auth0, Okta, the RFC
+    /// 8693 style).
+    #[must_use]
+    pub fn audience(mut self, audience: impl Into<String>) -> Self {
+        self.audience = Some(audience.into());
+        self
+    }
+
+    /// Adds a form parameter to every token request (a tenant, a `requested_token_use`, ...).
+    /// Repeatable. The parameters the refresher sets itself (`grant_type`, `refresh_token`,
+    /// `client_id`, `client_secret`, `scope`, `resource`, `audience`) are refused by
+    /// [`build`](Self::build): use their own setters. `Debug` shows the names, never the
+    /// values.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use tower_auth_refresh::oauth2::OAuth2Refresher;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # let client = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+    /// #     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// # });
+    /// let builder = OAuth2Refresher::builder("https://idp.example/token".parse()?, client)
+    ///     .extra_param("tenant", "acme");
+    /// assert!(!format!("{builder:?}").contains("acme"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn extra_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra_params.push((name.into(), value.into()));
         self
     }
 
@@ -382,7 +487,9 @@ impl<C> OAuth2RefresherBuilder<C> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] if the refresh token is empty, there is a client secret without a
+    /// [`ConfigError`] if the refresh token is empty, a client-credentials grant has a refresh
+    /// token or no client secret, an [`extra_param`](Self::extra_param) is one the refresher
+    /// sets itself, there is a client secret without a
     /// client id, or a token endpoint that is not an absolute `https` URI (plain `http` is
     /// accepted on loopback hosts, or anywhere with
     /// [`allow_insecure_http`](Self::allow_insecure_http)).
@@ -405,6 +512,27 @@ impl<C> OAuth2RefresherBuilder<C> {
     /// ```
     pub fn build(self) -> Result<OAuth2Refresher<C>, ConfigError> {
         check_endpoint(&self.endpoint, self.allow_insecure)?;
+        if let Some((name, _)) = self
+            .extra_params
+            .iter()
+            .find(|(name, _)| RESERVED_PARAMS.contains(&name.as_str()))
+        {
+            return Err(ConfigError(ConfigErrorKind::ReservedParam(
+                RESERVED_PARAMS
+                    .iter()
+                    .find(|r| **r == name)
+                    .copied()
+                    .unwrap_or_default(),
+            )));
+        }
+        if self.grant == Grant::ClientCredentials {
+            if self.refresh_token.is_some() {
+                return Err(ConfigError(ConfigErrorKind::RefreshTokenWithoutGrant));
+            }
+            if self.client_secret.is_none() {
+                return Err(ConfigError(ConfigErrorKind::MissingClientSecret));
+            }
+        }
         let refresh_token = match self.refresh_token {
             Some(t) if t.secret().is_empty() => {
                 return Err(ConfigError(ConfigErrorKind::EmptyRefreshToken));
@@ -435,7 +563,15 @@ impl<C> OAuth2RefresherBuilder<C> {
                 client_id: self.client_id.map(String::into_boxed_str),
                 auth,
                 client_secret,
+                grant: self.grant,
                 scope: self.scope.map(String::into_boxed_str),
+                resources: self.resources.into_iter().map(Into::into).collect(),
+                audience: self.audience.map(String::into_boxed_str),
+                extra_params: self
+                    .extra_params
+                    .into_iter()
+                    .map(|(name, value)| (name.into(), value.into()))
+                    .collect(),
                 timeout: self.timeout,
                 max_body: self.max_body,
                 transient_codes: self.transient_codes.into_boxed_slice(),

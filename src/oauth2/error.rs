@@ -33,6 +33,9 @@ pub struct ConfigError(pub(super) ConfigErrorKind);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ConfigErrorKind {
     EmptyRefreshToken,
+    MissingClientSecret,
+    RefreshTokenWithoutGrant,
+    ReservedParam(&'static str),
     MissingClientId,
     NotAbsolute,
     Scheme,
@@ -45,6 +48,19 @@ impl fmt::Display for ConfigError {
             ConfigErrorKind::EmptyRefreshToken => "oauth2 refresher: the refresh token is empty",
             ConfigErrorKind::MissingClientId => {
                 "oauth2 refresher: a client secret needs a client id"
+            }
+            ConfigErrorKind::MissingClientSecret => {
+                "oauth2 refresher: the client-credentials grant needs a client secret"
+            }
+            ConfigErrorKind::RefreshTokenWithoutGrant => {
+                "oauth2 refresher: the client-credentials grant uses no refresh token"
+            }
+            ConfigErrorKind::ReservedParam(name) => {
+                return write!(
+                    f,
+                    "oauth2 refresher: extra_param {name:?} is set by the refresher; use its own \
+                     setter"
+                );
             }
             ConfigErrorKind::NotAbsolute => {
                 "oauth2 refresher: the token endpoint must be an absolute URI"

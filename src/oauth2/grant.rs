@@ -9,7 +9,47 @@ use tower_service::Service;
 
 use super::error::{ErrorKind, OAuth2Error};
 use super::{Inner, REDACTED, RefreshToken};
-use crate::{BoxError, RefreshRequest};
+use crate::{BoxError, RefreshError, RefreshRequest};
+
+/// The grant an [`OAuth2Refresher`](super::OAuth2Refresher) uses to get access tokens.
+///
+/// Both share the request (client authentication, `scope`, `resource`, `audience`, extra
+/// parameters), the reading of the answer, the typed errors, redaction, the https rule, the
+/// body cap and the timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Grant {
+    /// The refresh-token grant (RFC 6749 §6), with rotation: the default of
+    /// [`OAuth2Refresher::builder`](super::OAuth2Refresher::builder).
+    RefreshToken,
+    /// The client-credentials grant (RFC 6749 §4.4), for a confidential client acting on its
+    /// own behalf: [`OAuth2Refresher::client_credentials`](super::OAuth2Refresher::client_credentials). Needs a client secret; a refresh
+    /// token in the answer is ignored, and [`on_rotation`](super::OAuth2RefresherBuilder::on_rotation)
+    /// is never called.
+    ClientCredentials,
+}
+
+impl Grant {
+    /// The `grant_type` value.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Grant::RefreshToken => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+/// Form parameters the refresher sets itself, refused by
+/// [`extra_param`](super::OAuth2RefresherBuilder::extra_param).
+pub(super) const RESERVED_PARAMS: &[&str] = &[
+    "grant_type",
+    "refresh_token",
+    "client_id",
+    "client_secret",
+    "scope",
+    "resource",
+    "audience",
+];
 
 pub(crate) enum Auth {
     /// A public client.
@@ -21,12 +61,30 @@ pub(crate) enum Auth {
 }
 
 impl<C> Inner<C> {
-    pub(crate) fn request(&self, refresh_token: &RefreshToken) -> Request<Full<Bytes>> {
+    /// The token request: a refresh-token grant presenting `refresh_token`, or (with `None`)
+    /// a client-credentials grant.
+    pub(crate) fn request(&self, refresh_token: Option<&RefreshToken>) -> Request<Full<Bytes>> {
         let mut form = form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "refresh_token");
-        form.append_pair("refresh_token", refresh_token.secret());
+        match refresh_token {
+            Some(refresh_token) => {
+                form.append_pair("grant_type", "refresh_token");
+                form.append_pair("refresh_token", refresh_token.secret());
+            }
+            None => {
+                form.append_pair("grant_type", "client_credentials");
+            }
+        }
         if let Some(scope) = &self.scope {
             form.append_pair("scope", scope);
+        }
+        for resource in &self.resources {
+            form.append_pair("resource", resource);
+        }
+        if let Some(audience) = &self.audience {
+            form.append_pair("audience", audience);
+        }
+        for (name, value) in &self.extra_params {
+            form.append_pair(name, value);
         }
         match &self.auth {
             Auth::None | Auth::Post(_) => {
@@ -119,6 +177,46 @@ fn match_encoded(text: &[u8], at: usize, secret: &[u8]) -> Option<usize> {
         ends = next;
     }
     ends.last().copied()
+}
+
+/// The answer to a token request as (status, headers, capped body), within the timeout.
+pub(super) async fn send<C, ResBody>(
+    inner: &Inner<C>,
+    req: Request<Full<Bytes>>,
+) -> Result<
+    (
+        http::StatusCode,
+        http::HeaderMap,
+        Result<Bytes, OAuth2Error>,
+    ),
+    RefreshError,
+>
+where
+    C: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    let exchange = exchange(inner.client.clone(), req, inner.max_body);
+    let (status, headers, body) = match tokio::time::timeout(inner.timeout, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(err)) => {
+            tracing::debug!(kind = ?err.kind, "oauth2: token request failed");
+            return Err(RefreshError::transient(err));
+        }
+        Err(_) => {
+            tracing::debug!(
+                timeout_ms = inner.timeout.as_millis() as u64,
+                "oauth2: token request timed out"
+            );
+            return Err(RefreshError::transient(OAuth2Error::new(
+                ErrorKind::Timeout,
+            )));
+        }
+    };
+    Ok((status, headers, body))
 }
 
 /// Sends the request and reads the whole answer, up to `max_body` bytes.

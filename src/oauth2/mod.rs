@@ -1,10 +1,15 @@
-//! The OAuth 2.0 refresh-token grant refresher (RFC 6749 §6).
+//! OAuth 2.0 refreshers: the refresh-token grant (RFC 6749 §6) and the client-credentials
+//! grant (§4.4).
 //!
-//! [`OAuth2Refresher`] is a [`TokenRefresher`] that trades a refresh token for a new access
-//! token at a token endpoint, over any tower HTTP service (a hyper-util client, typically).
+//! [`OAuth2Refresher`] is a [`TokenRefresher`] that trades a refresh token
+//! ([`OAuth2Refresher::builder`]) or the client's own credentials
+//! ([`OAuth2Refresher::client_credentials`]) for a new access token at a token endpoint, over
+//! any tower HTTP service (a hyper-util client, typically).
 //!
-//! - **Request**: `POST`, `application/x-www-form-urlencoded`, `grant_type=refresh_token`,
-//!   `refresh_token`, an optional `scope`, and client authentication: `client_secret_basic`
+//! - **Request**: `POST`, `application/x-www-form-urlencoded`, `grant_type=refresh_token`
+//!   with `refresh_token` (or `grant_type=client_credentials`), an optional `scope`, RFC 8707
+//!   `resource`s, an `audience`, [extra parameters](OAuth2RefresherBuilder::extra_param), and
+//!   client authentication: `client_secret_basic`
 //!   ([`ClientAuth::Basic`]), `client_secret_post` ([`ClientAuth::Post`]), or none (a public
 //!   client, which sends its `client_id` if it has one).
 //! - **Success** (§5.1): `access_token`, `token_type` (`Bearer`, any case; assumed when
@@ -127,8 +132,9 @@ use crate::{BoxError, RefreshContext, RefreshError, Token, TokenRefresher};
 
 pub use builder::{ClientAuth, OAuth2RefresherBuilder};
 pub use error::{ConfigError, ErrorKind, OAuth2Error};
+pub use grant::Grant;
 
-use grant::{Auth, exchange};
+use grant::{Auth, send};
 use response::{failure, success};
 
 /// How long a token request may take, from sending to the last byte of the answer, unless
@@ -276,7 +282,11 @@ pub(super) struct Inner<C> {
     pub(super) auth: Auth,
     /// Kept only to blank it out of server-supplied error text.
     pub(super) client_secret: Option<Box<str>>,
+    pub(super) grant: Grant,
     pub(super) scope: Option<Box<str>>,
+    pub(super) resources: Box<[Box<str>]>,
+    pub(super) audience: Option<Box<str>>,
+    pub(super) extra_params: Box<[(Box<str>, Box<str>)]>,
     pub(super) timeout: Duration,
     pub(super) max_body: usize,
     pub(super) transient_codes: Box<[Box<str>]>,
@@ -347,8 +357,11 @@ impl<C> fmt::Debug for OAuth2Refresher<C> {
             .field("token_endpoint", &inner.endpoint)
             .field("client_id", &inner.client_id)
             .field("client_auth", &auth)
+            .field("grant", &inner.grant)
             .field("refresh_token", &REDACTED)
             .field("scope", &inner.scope)
+            .field("resources", &inner.resources)
+            .field("audience", &inner.audience)
             .field("timeout", &inner.timeout)
             .finish_non_exhaustive()
     }
@@ -385,7 +398,11 @@ impl<C> OAuth2Refresher<C> {
             client_id: None,
             client_secret: None,
             refresh_token: None,
+            grant: Grant::RefreshToken,
             scope: None,
+            resources: Vec::new(),
+            audience: None,
+            extra_params: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             max_body: DEFAULT_MAX_RESPONSE_BODY,
             transient_codes: DEFAULT_TRANSIENT_ERROR_CODES
@@ -399,6 +416,39 @@ impl<C> OAuth2Refresher<C> {
             allow_insecure: false,
             hook: None,
         }
+    }
+    /// Starts a refresher for the client-credentials grant (RFC 6749 §4.4): a confidential
+    /// client trades its own credentials for an access token, with no user and no refresh
+    /// token. The same as [`builder`](Self::builder) then
+    /// [`grant(Grant::ClientCredentials)`](OAuth2RefresherBuilder::grant).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use bytes::Bytes;
+    /// # use http_body_util::Full;
+    /// # use hyper_util::client::legacy::Client;
+    /// # use hyper_util::rt::TokioExecutor;
+    /// use tower_auth_refresh::RefreshLayer;
+    /// use tower_auth_refresh::oauth2::{ClientAuth, OAuth2Refresher};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    /// let endpoint = "https://idp.example/oauth/token".parse()?;
+    /// let refresher = OAuth2Refresher::client_credentials(endpoint, client)
+    ///     .client_id("billing-service")
+    ///     .client_secret("s3cr3t", ClientAuth::Basic)
+    ///     .scope("invoices:read")
+    ///     .resource("https://api.example/invoices")
+    ///     .build()?;
+    /// // No initial token: the first requests wait for one token request.
+    /// let layer = RefreshLayer::new(refresher);
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn client_credentials(token_endpoint: Uri, client: C) -> OAuth2RefresherBuilder<C> {
+        Self::builder(token_endpoint, client).grant(Grant::ClientCredentials)
     }
 
     /// The current refresh token: the latest one the server handed out, or the one set last.
@@ -570,44 +620,37 @@ where
 {
     let _serial = inner.serial.lock().await;
     // Chosen under the lock: a refresh that waited for another one sees its rotation.
-    let offered = ctx.stale().and_then(Token::refresh_token);
-    let (chosen, generation, from_set) = inner.choose(offered);
-    let Some(presented) = chosen else {
-        tracing::debug!("oauth2: no refresh token to present");
-        return Err(RefreshError::terminal(OAuth2Error::new(
-            ErrorKind::NoRefreshToken,
-        )));
+    let chosen = match inner.grant {
+        Grant::RefreshToken => {
+            let offered = ctx.stale().and_then(Token::refresh_token);
+            let (chosen, generation, from_set) = inner.choose(offered);
+            let Some(token) = chosen else {
+                tracing::debug!("oauth2: no refresh token to present");
+                return Err(RefreshError::terminal(OAuth2Error::new(
+                    ErrorKind::NoRefreshToken,
+                )));
+            };
+            Some((token, generation, from_set))
+        }
+        Grant::ClientCredentials => None,
     };
-    let req = inner.request(&presented);
+    let presented = chosen
+        .as_ref()
+        .map(|(token, generation, from_set)| Presented {
+            token,
+            generation: *generation,
+            from_set: *from_set,
+        });
+    let req = inner.request(presented.map(|p| p.token));
     tracing::debug!(
         host = inner.endpoint.host().unwrap_or_default(),
-        "oauth2: sending refresh-token grant request"
+        grant = inner.grant.as_str(),
+        "oauth2: sending token request"
     );
-    let exchange = exchange(inner.client.clone(), req, inner.max_body);
-    let (status, headers, body) = match tokio::time::timeout(inner.timeout, exchange).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(err)) => {
-            tracing::debug!(kind = ?err.kind, "oauth2: token request failed");
-            return Err(RefreshError::transient(err));
-        }
-        Err(_) => {
-            tracing::debug!(
-                timeout_ms = inner.timeout.as_millis() as u64,
-                "oauth2: token request timed out"
-            );
-            return Err(RefreshError::transient(OAuth2Error::new(
-                ErrorKind::Timeout,
-            )));
-        }
-    };
+    let (status, headers, body) = send(&inner, req).await?;
     match body {
         Ok(body) if status.is_success() => {
-            let presented = Presented {
-                token: &presented,
-                generation,
-                from_set,
-            };
-            success(&inner, Some(presented), status, &headers, &body).await
+            success(&inner, presented, status, &headers, &body).await
         }
         Err(err) if status.is_success() => {
             tracing::debug!(kind = ?err.kind, "oauth2: reading the token response failed");
@@ -616,7 +659,7 @@ where
         // An error answer is classified by its status even if its body cannot be read.
         body => Err(failure(
             &inner,
-            Some(&presented),
+            presented.map(|p| p.token),
             status,
             &headers,
             body.as_deref().unwrap_or_default(),
