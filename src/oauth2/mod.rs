@@ -266,7 +266,7 @@ impl fmt::Debug for RefreshToken {
 ///     .client_id("cli")
 ///     .refresh_token("rt-1")
 ///     .build()?;
-/// assert_eq!(refresher.refresh_token().secret(), "rt-1");
+/// assert_eq!(refresher.refresh_token().unwrap().secret(), "rt-1");
 /// assert!(!format!("{refresher:?}").contains("rt-1"));
 /// # Ok(())
 /// # }
