@@ -1843,3 +1843,145 @@ async fn client_credentials_one_token_call_for_a_thousand_request_stampede() {
     })
     .await;
 }
+
+/// A reqwest-only application: the token client and the API client are both reqwest.
+#[cfg(feature = "reqwest")]
+mod with_reqwest {
+    use super::*;
+
+    fn plain_reqwest() -> reqwest::Client {
+        // `no_proxy`: loopback traffic must not go to a proxy configured in the environment.
+        reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reqwest_client_sends_token_requests_for_a_reqwest_middleware_stampede() {
+        guard(async {
+            let s = Servers::start(TokenConfig::default()).await;
+            let (_, rt0) = s.token.login();
+            let persisted = Persisted::default();
+            let p = persisted.clone();
+            let http = plain_reqwest();
+            let refresher =
+                OAuth2Refresher::with_reqwest(s.token_url().parse().unwrap(), http.clone())
+                    .client_id("app")
+                    .client_secret("app-secret", ClientAuth::Basic)
+                    .refresh_token(rt0.as_str())
+                    .on_rotation(move |new: RefreshToken| {
+                        let p = p.clone();
+                        async move {
+                            p.lock().unwrap().push(new.secret().to_owned());
+                            Ok::<_, Infallible>(())
+                        }
+                    })
+                    .build()
+                    .unwrap();
+            let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
+                .initial_token(Token::bearer("expired-at-start").unwrap())
+                .retry(fast_retry());
+            let client = reqwest_middleware::ClientBuilder::new(http)
+                .with(layer.reqwest_middleware())
+                .build();
+
+            for round in 1..=2 {
+                s.token.expire_access_tokens();
+                s.api.gather_unauthorized(50);
+                let tasks: Vec<_> = (0..50)
+                    .map(|_| {
+                        let (client, url) = (client.clone(), s.api_url());
+                        tokio::spawn(
+                            async move { client.get(url).send().await.map(|r| r.status()) },
+                        )
+                    })
+                    .collect();
+                for task in tasks {
+                    assert_eq!(task.await.unwrap().unwrap(), StatusCode::OK);
+                }
+                assert_eq!(s.token.requests(), round, "one token request per stampede");
+            }
+            assert_eq!(s.api.unauthorized(), 100);
+            assert_eq!(s.api.ok(), 100);
+            assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+            assert_eq!(s.token.reuse_detected(), 0);
+            let seen = s.token.seen();
+            assert_eq!(
+                seen[0].authorization.as_deref(),
+                Some(oauth2_server::APP_BASIC)
+            );
+            assert_eq!(seen[0].field("refresh_token"), Some(rt0.as_str()));
+            assert_eq!(
+                seen[1].field("refresh_token"),
+                Some(s.token.rotated()[0].as_str())
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_reqwest_token_client_gives_the_same_typed_errors() {
+        guard(async {
+            let s = Servers::start(TokenConfig::default()).await;
+            let (_, rt0) = s.token.login();
+            let refresher =
+                OAuth2Refresher::with_reqwest(s.token_url().parse().unwrap(), plain_reqwest())
+                    .client_id("app")
+                    .client_secret("app-secret", ClientAuth::Basic)
+                    .refresh_token(rt0.as_str())
+                    .timeout(Duration::from_millis(300))
+                    .build()
+                    .unwrap();
+            let echo =
+                json!({ "error": "invalid_grant", "error_description": format!("bad {rt0}") });
+            s.token
+                .script(Scripted::json(StatusCode::BAD_REQUEST, echo));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_terminal());
+            assert_eq!(oauth2_cause(&err).error_code(), Some("invalid_grant"));
+            assert!(!shown(&err).contains(&rt0));
+
+            let huge = format!(r#"{{"access_token":"{}"}}"#, "x".repeat(100 * 1024));
+            s.token.script(Scripted::new(
+                StatusCode::OK,
+                Some("application/json"),
+                huge,
+            ));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert_eq!(oauth2_cause(&err).kind(), ErrorKind::BodyTooLarge);
+
+            s.token.hold_next(1);
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_transient());
+            assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Timeout);
+            s.token.release();
+
+            // A closed port: a transport error, with reqwest's error as the source.
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            drop(listener);
+            let refresher = OAuth2Refresher::with_reqwest(
+                format!("http://{addr}/token").parse().unwrap(),
+                plain_reqwest(),
+            )
+            .refresh_token("rt")
+            .build()
+            .unwrap();
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Transport);
+
+            // The client-credentials grant over reqwest.
+            let s = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+            let refresher =
+                OAuth2Refresher::with_reqwest(s.token_url().parse().unwrap(), plain_reqwest())
+                    .grant(tower_auth_refresh::oauth2::Grant::ClientCredentials)
+                    .client_id("app")
+                    .client_secret("app-secret", ClientAuth::Basic)
+                    .resource(RES_A)
+                    .build()
+                    .unwrap();
+            let token = refresher.refresh(ctx()).await.unwrap();
+            assert!(s.token.access_valid(token.secret()));
+            assert_eq!(s.token.seen()[0].fields("resource"), [RES_A]);
+        })
+        .await;
+    }
+}

@@ -114,6 +114,8 @@
 mod builder;
 mod error;
 mod grant;
+#[cfg(feature = "reqwest")]
+mod reqwest_client;
 mod response;
 
 use std::fmt;
@@ -133,6 +135,8 @@ use crate::{BoxError, RefreshContext, RefreshError, Token, TokenRefresher};
 pub use builder::{ClientAuth, OAuth2RefresherBuilder};
 pub use error::{ConfigError, ErrorKind, OAuth2Error};
 pub use grant::Grant;
+#[cfg(feature = "reqwest")]
+pub use reqwest_client::ReqwestClient;
 
 use grant::{Auth, send};
 use response::{failure, success};
