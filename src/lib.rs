@@ -166,6 +166,7 @@ mod handle;
 mod layer;
 mod refresher;
 mod retry;
+mod retry_after;
 mod service;
 mod token;
 
@@ -189,6 +190,7 @@ pub use refresher::{
     ContextFn, RefreshContext, RefreshError, RefreshReason, TokenRefresher, context_fn, refresh_fn,
 };
 pub use retry::RetryPolicy;
+pub use retry_after::retry_after;
 pub use service::{NoRefresh, Refresh, RefreshRequest};
 pub use token::{Expiry, InvalidToken, Token};
 

@@ -1985,3 +1985,33 @@ mod with_reqwest {
         .await;
     }
 }
+
+#[tokio::test]
+async fn retry_after_is_read_in_all_three_date_formats_and_capped() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let cases = [
+            ("Sunday, 06-Nov-94 08:49:37 GMT", Duration::ZERO),
+            ("Sun Nov  6 08:49:37 1994", Duration::ZERO),
+            ("Fri, 01 Jan 2100 00:00:00 GMT", Duration::from_secs(3600)),
+            ("Fri Jan  1 00:00:00 2100", Duration::from_secs(3600)),
+            ("Friday, 01-Jan-99 00:00:00 GMT", Duration::ZERO),
+            ("12", Duration::from_secs(12)),
+        ];
+        for (value, delay) in cases {
+            s.token.script(
+                Scripted::new(StatusCode::SERVICE_UNAVAILABLE, None, "").retry_after(value),
+            );
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_transient());
+            assert_eq!(err.retry_after(), Some(delay), "{value}");
+        }
+        s.token
+            .script(Scripted::new(StatusCode::SERVICE_UNAVAILABLE, None, "").retry_after("soon"));
+        assert_eq!(
+            refresher.refresh(ctx()).await.unwrap_err().retry_after(),
+            None
+        );
+    })
+    .await;
+}
