@@ -1348,10 +1348,7 @@ async fn handle_clear_logs_the_oauth2_refresher_out() {
             .refresh()
             .await
             .expect_err("a forced refresh after logout fails");
-        let cause = std::error::Error::source(&*err)
-            .and_then(|e| e.source())
-            .and_then(|e| e.downcast_ref::<OAuth2Error>())
-            .expect("the OAuth2Error behind the failure");
+        let cause = OAuth2Error::find(&*err).expect("the OAuth2Error behind the failure");
         assert_eq!(cause.kind(), ErrorKind::NoRefreshToken);
         assert_eq!(s.token.grants(), 1, "the old user was not logged back in");
     })
@@ -2012,6 +2009,71 @@ async fn retry_after_is_read_in_all_three_date_formats_and_capped() {
             refresher.refresh(ctx()).await.unwrap_err().retry_after(),
             None
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth2_error_find_walks_every_layer_error() {
+    guard(async {
+        // RefreshFailed: transient failures until the retry policy gives up.
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let layer = tower_auth_refresh::RefreshLayer::new(refresher)
+            .initial_token(Token::bearer("expired-at-start").unwrap())
+            .retry(fast_retry().max_attempts(2));
+        let client: ApiClient = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        for _ in 0..2 {
+            s.token.script(Scripted::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": "temporarily_unavailable" }),
+            ));
+        }
+        let err = get(client, s.api_url()).await.unwrap_err();
+        assert!(
+            err.is::<tower_auth_refresh::error::RefreshFailed>(),
+            "{err}"
+        );
+        let found = OAuth2Error::find(&*err).expect("found behind RefreshFailed");
+        assert_eq!(found.error_code(), Some("temporarily_unavailable"));
+        assert_eq!(found.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+
+        // RefreshRejected, then SessionEnded.
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let (client, _handle) = api_client(refresher, "expired-at-start");
+        s.token.script(Scripted::json(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": "invalid_grant" }),
+        ));
+        let rejected = get(client.clone(), s.api_url()).await.unwrap_err();
+        assert!(rejected.is::<RefreshRejected>());
+        let ended = get(client, s.api_url()).await.unwrap_err();
+        assert!(ended.is::<SessionEnded>());
+        for err in [&rejected, &ended] {
+            let found = OAuth2Error::find(&**err).expect("found");
+            assert_eq!(found.error_code(), Some("invalid_grant"));
+            assert_eq!(found.kind(), ErrorKind::ErrorResponse);
+        }
+
+        // A RefreshError itself, an error wrapping a layer error, and errors without one.
+        let direct = {
+            let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+            s.token
+                .script(Scripted::new(StatusCode::NOT_FOUND, None, ""));
+            refresher.refresh(ctx()).await.unwrap_err()
+        };
+        assert_eq!(
+            OAuth2Error::find(&direct).map(OAuth2Error::kind),
+            Some(ErrorKind::Misconfigured)
+        );
+        let wrapped = std::io::Error::other(rejected);
+        assert_eq!(
+            OAuth2Error::find(&wrapped).and_then(OAuth2Error::error_code),
+            Some("invalid_grant")
+        );
+        assert!(OAuth2Error::find(&std::io::Error::other("plain")).is_none());
+        assert!(OAuth2Error::find(&RefreshError::terminal("no oauth2 here")).is_none());
     })
     .await;
 }

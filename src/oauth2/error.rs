@@ -85,19 +85,17 @@ impl std::error::Error for ConfigError {}
 /// to printable ASCII, 64 and 256 characters, with the refresh token and client secret
 /// blanked out should a server echo them), never the raw body or a token.
 ///
+/// [`OAuth2Error::find`] digs it out of any error of the layer.
+///
 /// # Example
 ///
 /// ```
-/// use tower_auth_refresh::error::RefreshRejected;
 /// use tower_auth_refresh::oauth2::OAuth2Error;
 /// use tower_auth_refresh::BoxError;
 ///
 /// /// The OAuth 2.0 error code behind a request's failure, if any.
-/// fn oauth2_code(err: &BoxError) -> Option<String> {
-///     let rejected = err.downcast_ref::<RefreshRejected>()?;
-///     let cause = std::error::Error::source(&**rejected.refresh_error())?;
-///     let oauth2 = cause.downcast_ref::<OAuth2Error>()?;
-///     oauth2.error_code().map(str::to_owned)
+/// fn oauth2_code(err: &BoxError) -> Option<&str> {
+///     OAuth2Error::find(&**err)?.error_code()
 /// }
 /// # let _ = oauth2_code;
 /// ```
@@ -178,6 +176,41 @@ impl OAuth2Error {
     pub(super) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(source.into());
         self
+    }
+
+    /// The `OAuth2Error` behind `err`: `err` itself, or the first one down its
+    /// [`source`](std::error::Error::source) chain. Works on the layer's errors
+    /// ([`RefreshRejected`](crate::error::RefreshRejected),
+    /// [`RefreshFailed`](crate::error::RefreshFailed),
+    /// [`SessionEnded`](crate::error::SessionEnded), whose source is the
+    /// [`RefreshError`](crate::RefreshError)), on a `RefreshError`, and on errors that wrap
+    /// them (a `reqwest_middleware::Error`, an `io::Error`, ...) as long as each passes its
+    /// cause on as its `source`. Looks at most 32 errors deep.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_auth_refresh::oauth2::{ErrorKind, OAuth2Error};
+    /// use tower_auth_refresh::BoxError;
+    ///
+    /// /// Whether a failed request needs the user to log in again.
+    /// fn needs_login(err: &BoxError) -> bool {
+    ///     OAuth2Error::find(&**err).is_some_and(|e| {
+    ///         e.error_code() == Some("invalid_grant") || e.kind() == ErrorKind::NoRefreshToken
+    ///     })
+    /// }
+    /// # let _ = needs_login;
+    /// ```
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a OAuth2Error> {
+        let mut next = Some(err);
+        for _ in 0..32 {
+            let err = next?;
+            if let Some(found) = err.downcast_ref::<OAuth2Error>() {
+                return Some(found);
+            }
+            next = err.source();
+        }
+        None
     }
 
     /// What went wrong.
