@@ -1108,9 +1108,31 @@ async fn no_secret_reaches_tracing_output() {
         s.token.expire_access_tokens();
         assert!(get(client, s.api_url()).await.is_err());
 
+        // A token set through the handle, a logout, and the client-credentials grant.
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        let (access, relogin) = s.token.login();
+        handle.set_token(Token::bearer(access).unwrap().with_refresh_token(relogin.as_str()));
+        s.token.expire_access_tokens();
+        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
+        refresher.logout();
+        assert!(refresher.refresh(stale_ctx(&relogin)).await.is_err());
+        let cc = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+        let cc_refresher = cc_app(&cc).extra_param("tenant", "tenant-SECRET").build().unwrap();
+        cc.token.script(Scripted::json(StatusCode::UNAUTHORIZED, json!({ "error": "invalid_client", "error_description": "app%2Dsecret" })));
+        assert!(cc_refresher.refresh(ctx()).await.is_err());
+        assert!(cc_refresher.refresh(ctx()).await.is_ok());
+
         let output = logs.text();
         assert!(output.contains("oauth2"), "the refresher logs: {output}");
-        let mut secrets = vec![rt0.clone(), "app-secret".to_owned(), "YXBwOmFwcC1zZWNyZXQ".to_owned()];
+        assert!(output.contains("client_credentials"), "the grant is logged: {output}");
+        let mut secrets = vec![
+            rt0.clone(),
+            relogin.clone(),
+            "app-secret".to_owned(),
+            "app%2Dsecret".to_owned(),
+            "YXBwOmFwcC1zZWNyZXQ".to_owned(),
+            "tenant-SECRET".to_owned(),
+        ];
         secrets.extend(s.token.rotated());
         for secret in &secrets {
             assert!(!output.contains(secret.as_str()), "a secret reached the logs");
