@@ -1485,11 +1485,22 @@ async fn a_stale_token_set_never_presents_a_rotated_away_refresh_token() {
         assert_eq!(second.refresh_token(), Some(rotated[1].as_str()));
         assert_eq!(s.token.reuse_detected(), 0);
 
+        // A new login set on the refresher wins over a token set of the old session.
+        let (_, relogin) = s.token.login();
+        refresher.set_refresh_token(RefreshToken::new(relogin.as_str()));
+        refresher.refresh(stale_ctx(&rotated[1])).await.unwrap();
+        assert_eq!(
+            s.token.seen()[2].field("refresh_token"),
+            Some(relogin.as_str())
+        );
+        let rotated = s.token.rotated();
+
         // After a logout, a token set still carrying the forgotten token does not log back in.
         refresher.logout();
-        let err = refresher.refresh(stale_ctx(&rotated[1])).await.unwrap_err();
+        let err = refresher.refresh(stale_ctx(&rotated[2])).await.unwrap_err();
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::NoRefreshToken);
-        assert_eq!(s.token.requests(), 2);
+        assert_eq!(s.token.requests(), 3);
+        assert_eq!(s.token.reuse_detected(), 0);
     })
     .await;
 }

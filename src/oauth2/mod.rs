@@ -481,7 +481,9 @@ impl<C> OAuth2Refresher<C> {
     /// Replaces the refresh token, after a new login for instance (then install the new
     /// access token with [`TokenHandle::set_token`](crate::TokenHandle::set_token) to end a
     /// session-ended state). A refresh in flight that rotates the token it presented does not
-    /// overwrite this one.
+    /// overwrite this one, and the replaced token is never presented again, even if the
+    /// layer's token set still carries it. Installing a token set with
+    /// [`Token::with_refresh_token`] through the handle does both steps at once.
     ///
     /// # Example
     ///
@@ -546,8 +548,12 @@ impl<C> Inner<C> {
     fn set(&self, token: Option<RefreshToken>) {
         let mut slot = self.slot();
         if let Some(old) = slot.token.take() {
-            if token.is_none() {
-                // Logged out: a token set still holding it must not log the user back in.
+            if token
+                .as_ref()
+                .is_none_or(|new| new.secret() != old.secret())
+            {
+                // Logged out or replaced: a token set still holding the old one must not
+                // log the old user back in.
                 slot.spend(old);
             }
         }
