@@ -246,7 +246,9 @@ async fn main() -> Result<(), BoxError> {
     println!("reuse detected by the IdP:   {}", state.reuse_detected);
     println!(
         "refresher holds the IdP's current refresh token: {}",
-        refresher.refresh_token().secret() == state.current_refresh
+        refresher
+            .refresh_token()
+            .is_some_and(|t| t.secret() == state.current_refresh)
     );
     Ok(())
 }

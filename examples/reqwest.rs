@@ -1,6 +1,9 @@
-//! The reqwest-middleware adapter against two loopback servers: a token endpoint and an API
-//! that has just revoked the client's token. A stampede of concurrent requests is refused,
-//! the token is refreshed once, and every request is replayed once.
+//! A reqwest-only application: the reqwest-middleware adapter, with the built-in OAuth 2.0
+//! refresher sending its token requests with the same `reqwest::Client` (no hyper-util
+//! client, no glue). Two loopback servers: a token endpoint (refresh-token grant with
+//! rotation) and an API that has just revoked the client's access token. A stampede of
+//! concurrent requests is refused, the token is refreshed once, and every request is
+//! replayed once.
 //!
 //! Run with `cargo run --example reqwest --features reqwest`.
 
@@ -12,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -20,7 +23,8 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tower_auth_refresh::{RefreshError, RefreshLayer, Token, refresh_fn};
+use tower_auth_refresh::oauth2::{ClientAuth, OAuth2Refresher};
+use tower_auth_refresh::{RefreshLayer, Token};
 
 const GETS: usize = 200;
 const POSTS: usize = 20;
@@ -63,17 +67,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let valid: Arc<Mutex<Option<String>>> = Arc::default();
     let figures = Arc::new(Figures::default());
 
-    // The token endpoint issues a new token on every call and tells the API about it.
+    // The token endpoint: the refresh-token grant (RFC 6749 §6) for client "app", rotating the
+    // refresh token on every call; it tells the API about each new access token.
+    let current_refresh = Arc::new(Mutex::new(String::from("refresh-0")));
     let idp = serve({
         let (valid, figures) = (valid.clone(), figures.clone());
-        move |_req: Request<Incoming>| {
-            let n = figures.token_calls.fetch_add(1, Ordering::SeqCst) + 1;
-            let token = format!("access-{n}");
-            *valid.lock().unwrap() = Some(token.clone());
+        move |req: Request<Incoming>| {
+            let (valid, figures, current_refresh) =
+                (valid.clone(), figures.clone(), current_refresh.clone());
             async move {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                let form: Vec<(String, String)> = body
+                    .map(|b| form_urlencoded::parse(&b).into_owned().collect())
+                    .unwrap_or_default();
+                let field = |name: &str| {
+                    form.iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                };
                 // A token endpoint takes a moment: requests pile up behind the refresh.
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                Response::new(Full::new(Bytes::from(token)))
+                let mut current = current_refresh.lock().unwrap();
+                if field("grant_type").as_deref() != Some("refresh_token")
+                    || field("refresh_token").as_deref() != Some(current.as_str())
+                {
+                    let mut res = Response::new(Full::new(Bytes::from_static(
+                        br#"{"error":"invalid_grant"}"#,
+                    )));
+                    *res.status_mut() = StatusCode::BAD_REQUEST;
+                    return res;
+                }
+                let n = figures.token_calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let access = format!("access-{n}");
+                *current = format!("refresh-{n}");
+                *valid.lock().unwrap() = Some(access.clone());
+                let body = format!(
+                    r#"{{"access_token":"{access}","token_type":"Bearer","expires_in":3600,"refresh_token":"{}"}}"#,
+                    current
+                );
+                let mut res = Response::new(Full::new(Bytes::from(body)));
+                res.headers_mut()
+                    .insert(CONTENT_TYPE, "application/json".parse().unwrap());
+                res
             }
         }
     })
@@ -118,25 +153,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     let http = reqwest::Client::builder().no_proxy().build()?;
 
-    // The refresher calls the token endpoint with the plain client. (Through the middleware
-    // client, a request sent from inside the refresher passes through untouched anyway.)
-    let idp_client = http.clone();
-    let refresher = refresh_fn(move |_stale: Option<Token>| {
-        let idp_client = idp_client.clone();
-        async move {
-            let res = idp_client
-                .post(format!("http://{idp}/token"))
-                .send()
-                .await
-                .map_err(RefreshError::transient)?;
-            if !res.status().is_success() {
-                return Err(RefreshError::from_status(res.status()));
-            }
-            let text = res.text().await.map_err(RefreshError::transient)?;
-            Ok(Token::bearer(text)?.with_expires_in(Duration::from_secs(3600)))
-        }
-    });
-    let layer = RefreshLayer::new(refresher).initial_token(Token::bearer("access-0")?);
+    // The OAuth 2.0 refresher sends token requests with the plain reqwest client (not the
+    // middleware client: a token request must not wait on the refresh it is part of).
+    let refresher =
+        OAuth2Refresher::with_reqwest(format!("http://{idp}/token").parse()?, http.clone())
+            .client_id("app")
+            .client_secret("app-secret", ClientAuth::Basic)
+            .build()?;
+    // The login gave an access token (revoked since) and a refresh token: one token set.
+    let layer = RefreshLayer::new(refresher.clone())
+        .initial_token(Token::bearer("access-0")?.with_refresh_token("refresh-0"));
     let handle = layer.token_handle();
     let client = reqwest_middleware::ClientBuilder::new(http)
         .with(layer.reqwest_middleware())
@@ -184,6 +210,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "  token generation:     {} (expires in {} s)",
         state.generation(),
         state.expires_in().unwrap_or_default().as_secs()
+    );
+    println!(
+        "  refresher's refresh token is the rotated one: {}",
+        refresher
+            .refresh_token()
+            .is_some_and(|t| t.secret() == "refresh-1")
     );
     Ok(())
 }

@@ -192,6 +192,7 @@ mod handle;
 mod layer;
 mod refresher;
 mod replay;
+mod retry_after;
 mod service;
 mod token;
 
@@ -218,6 +219,7 @@ pub use layer::RefreshLayer;
 pub use refresher::{
     ContextFn, RefreshContext, RefreshError, RefreshReason, TokenRefresher, context_fn, refresh_fn,
 };
+pub use retry_after::retry_after;
 pub use service::Refresh;
 pub use token::{Expiry, InvalidToken, Token};
 

@@ -31,7 +31,7 @@ use tower_auth_refresh::{
     TokenHandle, TokenRefresher, TokenRequest,
 };
 
-use oauth2_server::{ClientCheck, Scripted, Servers, SharedOrigin, TokenConfig};
+use oauth2_server::{ClientCheck, ClientCredentials, Scripted, Servers, SharedOrigin, TokenConfig};
 use support::{capture_logs, guard, http_client};
 
 type TokenClient = Client<HttpConnector, Full<Bytes>>;
@@ -248,7 +248,7 @@ async fn thousand_concurrent_401s_then_twenty_rounds_refresh_once_each_without_r
             "every new refresh token persisted, in order"
         );
         assert_eq!(
-            Some(refresher.refresh_token().secret().to_owned()),
+            Some(refresher.refresh_token().unwrap().secret().to_owned()),
             s.token.current_of(&rt0)
         );
         assert_eq!(s.api.unauthorized(), 1000 + 20 * 25);
@@ -305,7 +305,7 @@ async fn cancelled_callers_never_cause_reuse() {
         }
         assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
         assert_eq!(
-            Some(refresher.refresh_token().secret().to_owned()),
+            Some(refresher.refresh_token().unwrap().secret().to_owned()),
             s.token.current_of(&rt0)
         );
 
@@ -517,7 +517,7 @@ async fn error_answers_are_classified_and_carry_code_and_description() {
         assert!(!shown(&err).contains(&rt0));
 
         assert_eq!(s.token.grants(), 0);
-        assert_eq!(refresher.refresh_token().secret(), rt0, "no answer rotated the refresh token");
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rt0, "no answer rotated the refresh token");
     })
     .await;
 }
@@ -626,7 +626,7 @@ async fn malformed_answers_are_typed_errors() {
             assert!(!shown.contains(marker) && !shown.contains(&rt0), "{shown}");
         }
         assert_eq!(s.token.requests(), 11);
-        assert_eq!(refresher.refresh_token().secret(), rt0);
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rt0);
         // The refresher still works afterwards.
         let token = refresher.refresh(ctx()).await.unwrap();
         assert!(s.token.access_valid(token.secret()));
@@ -641,7 +641,7 @@ async fn malformed_answers_are_typed_errors() {
         ));
         let err = refresher.refresh(ctx()).await.unwrap_err();
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::ContentType);
-        assert_eq!(refresher.refresh_token().secret(), "rescued");
+        assert_eq!(refresher.refresh_token().unwrap().secret(), "rescued");
         assert_eq!(
             persisted.lock().unwrap().last().map(String::as_str),
             Some("rescued")
@@ -679,14 +679,14 @@ async fn rotation_is_persisted_before_the_token_is_returned_and_a_failed_hook_ke
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Persist);
         let rotated = s.token.rotated();
         assert_eq!(rotated.len(), 1);
-        assert_eq!(refresher.refresh_token().secret(), rotated[0]);
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rotated[0]);
 
         // The retry presents the kept token, rotates again and persists before returning.
         let token = refresher.refresh(ctx()).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         let rotated = s.token.rotated();
         assert_eq!(*persisted.lock().unwrap(), vec![rotated[1].clone()]);
-        assert_eq!(refresher.refresh_token().secret(), rotated[1]);
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rotated[1]);
         assert!(s.token.access_valid(token.secret()));
         assert_eq!(token.expires_in(), Some(Duration::from_secs(3600)));
         assert_eq!(s.token.reuse_detected(), 0);
@@ -714,7 +714,7 @@ async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_str
             assert_eq!(token.scheme(), "Bearer");
             assert!(s.token.access_valid(token.secret()));
         }
-        assert_eq!(refresher.refresh_token().secret(), rt0);
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rt0);
         assert!(
             persisted.lock().unwrap().is_empty(),
             "no rotation, no hook call"
@@ -939,7 +939,7 @@ async fn a_lost_answer_is_covered_by_the_grace_window_and_detected_as_reuse_with
                 assert_eq!(s.token.grace_uses(), 1);
                 assert_eq!(s.token.reuse_detected(), 0);
                 assert_eq!(
-                    refresher.refresh_token().secret(),
+                    refresher.refresh_token().unwrap().secret(),
                     current,
                     "the grace answer re-sent the current token"
                 );
@@ -1066,7 +1066,10 @@ fn configuration_is_checked_and_debug_output_is_redacted() {
     assert!(insecure.is_ok());
 
     let base = || OAuth2Refresher::builder("https://idp.example/token".parse().unwrap(), dummy);
-    assert!(base().build().is_err(), "a refresh token is required");
+    assert!(
+        base().build().is_ok(),
+        "a refresh token may come later, with the layer's token set"
+    );
     assert!(
         base().refresh_token("").build().is_err(),
         "an empty refresh token is refused"
@@ -1086,7 +1089,7 @@ fn configuration_is_checked_and_debug_output_is_redacted() {
         .refresh_token("rt-SECRET");
     assert!(!format!("{builder:?}").contains("SECRET"));
     let refresher = builder.build().unwrap();
-    let shown = format!("{refresher:?} {:?}", refresher.refresh_token());
+    let shown = format!("{refresher:?} {:?}", refresher.refresh_token().unwrap());
     assert!(!shown.contains("SECRET"), "{shown}");
     assert!(shown.contains("client_secret_basic") && shown.contains("app"));
 }
@@ -1099,14 +1102,36 @@ async fn no_secret_reaches_tracing_output() {
         let (client, _handle) = api_client(refresher.clone(), "expired-at-start");
         s.token.script(Scripted::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("down {rt0}")));
         assert_eq!(get(client.clone(), s.api_url()).await.unwrap(), StatusCode::OK);
-        let echo = json!({ "error": "invalid_grant", "error_description": format!("bad {}", refresher.refresh_token().secret()) });
+        let echo = json!({ "error": "invalid_grant", "error_description": format!("bad {}", refresher.refresh_token().unwrap().secret()) });
         s.token.script(Scripted::json(StatusCode::BAD_REQUEST, echo));
         s.token.expire_access_tokens();
         assert!(get(client, s.api_url()).await.is_err());
 
+        // A token set through the handle, a logout, and the client-credentials grant.
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        let (access, relogin) = s.token.login();
+        handle.set_token(Token::bearer(access).unwrap().with_refresh_token(relogin.as_str()));
+        s.token.expire_access_tokens();
+        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
+        refresher.logout();
+        assert!(refresher.refresh(stale_ctx(&relogin)).await.is_err());
+        let cc = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+        let cc_refresher = cc_app(&cc).extra_param("tenant", "tenant-SECRET").build().unwrap();
+        cc.token.script(Scripted::json(StatusCode::UNAUTHORIZED, json!({ "error": "invalid_client", "error_description": "app%2Dsecret" })));
+        assert!(cc_refresher.refresh(ctx()).await.is_err());
+        assert!(cc_refresher.refresh(ctx()).await.is_ok());
+
         let output = logs.text();
         assert!(output.contains("oauth2"), "the refresher logs: {output}");
-        let mut secrets = vec![rt0.clone(), "app-secret".to_owned(), "YXBwOmFwcC1zZWNyZXQ".to_owned()];
+        assert!(output.contains("client_credentials"), "the grant is logged: {output}");
+        let mut secrets = vec![
+            rt0.clone(),
+            relogin.clone(),
+            "app-secret".to_owned(),
+            "app%2Dsecret".to_owned(),
+            "YXBwOmFwcC1zZWNyZXQ".to_owned(),
+            "tenant-SECRET".to_owned(),
+        ];
         secrets.extend(s.token.rotated());
         for secret in &secrets {
             assert!(!output.contains(secret.as_str()), "a secret reached the logs");
@@ -1119,4 +1144,968 @@ async fn no_secret_reaches_tracing_output() {
 /// The context of a first refresh (no token yet).
 fn ctx() -> tower_auth_refresh::RefreshContext {
     tower_auth_refresh::RefreshContext::new(None, tower_auth_refresh::RefreshReason::NoToken)
+}
+
+#[tokio::test]
+async fn permanent_error_codes_are_terminal_at_any_status_and_both_lists_extend() {
+    guard(async {
+        let (s, rt0, _, refresher) = logged_in(TokenConfig::default()).await;
+        let answer = |status: StatusCode, code: &str| {
+            Scripted::json(status, json!({ "error": code, "error_description": "why" }))
+        };
+        let statuses = [
+            StatusCode::CONFLICT,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::BAD_REQUEST,
+        ];
+        for code in [
+            "invalid_token",
+            "token_expired",
+            "invalid_token_state",
+            "token_collision",
+        ] {
+            for status in statuses {
+                s.token.script(answer(status, code));
+                let err = refresher.refresh(ctx()).await.unwrap_err();
+                assert!(err.is_terminal(), "{code} at {status} is terminal");
+                assert_eq!(oauth2_cause(&err).error_code(), Some(code));
+            }
+        }
+
+        // Extending keeps the defaults; replacing drops them.
+        let extended = app(&s, &rt0)
+            .add_terminal_error_codes(["account_locked"])
+            .add_transient_error_codes(["busy"])
+            .build()
+            .unwrap();
+        let replaced = app(&s, &rt0)
+            .terminal_error_codes(["account_locked"])
+            .build()
+            .unwrap();
+        // (refresher, status, code, terminal?)
+        let cases = [
+            (
+                &refresher,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "account_locked",
+                false,
+            ),
+            (
+                &extended,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "account_locked",
+                true,
+            ),
+            (&extended, StatusCode::CONFLICT, "token_collision", true),
+            (&extended, StatusCode::BAD_REQUEST, "busy", false),
+            (
+                &extended,
+                StatusCode::BAD_REQUEST,
+                "rotation_in_progress",
+                false,
+            ),
+            (
+                &replaced,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "account_locked",
+                true,
+            ),
+            (
+                &replaced,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "invalid_grant",
+                false,
+            ),
+            (&replaced, StatusCode::BAD_REQUEST, "invalid_grant", true),
+        ];
+        for (r, status, code, terminal) in cases {
+            s.token.script(answer(status, code));
+            let err = r.refresh(ctx()).await.unwrap_err();
+            assert_eq!(err.is_terminal(), terminal, "{code} at {status}");
+        }
+        assert_eq!(s.token.grants(), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_or_405_token_endpoint_is_a_terminal_misconfiguration_asked_once() {
+    guard(async {
+        for status in [StatusCode::NOT_FOUND, StatusCode::METHOD_NOT_ALLOWED] {
+            let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+            s.token
+                .script(Scripted::new(status, Some("text/html"), "<h1>nope</h1>"));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_terminal(), "{status}");
+            let cause = oauth2_cause(&err);
+            assert_eq!(cause.kind(), ErrorKind::Misconfigured);
+            assert_eq!(cause.status(), Some(status));
+            assert!(
+                cause
+                    .to_string()
+                    .contains("no token endpoint at the configured URI"),
+                "{cause}"
+            );
+
+            // Through the layer: one token request, then requests fail fast.
+            s.token.script(Scripted::new(status, None, ""));
+            let (client, handle) = api_client(refresher, "expired-at-start");
+            let before = s.token.requests();
+            for _ in 0..3 {
+                assert!(get(client.clone(), s.api_url()).await.is_err());
+            }
+            assert_eq!(
+                s.token.requests(),
+                before + 1,
+                "not retried on every request"
+            );
+            assert!(handle.state().session_ended());
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn secrets_echoed_long_or_form_encoded_are_redacted_before_truncation() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        // A long refresh token with characters that form encoding changes.
+        let long: String = (0..300)
+            .map(|i| ['a', 'B', '7', '+', '/', '=', '-'][i % 7])
+            .collect();
+        s.token.login_with(&long);
+        let refresher = app(&s, &long).build().unwrap();
+        let form_encoded: String = form_urlencoded::byte_serialize(long.as_bytes()).collect();
+        assert!(form_encoded.contains("%2B"));
+        let secret_form: String =
+            form_urlencoded::byte_serialize("app-secret".as_bytes()).collect();
+        for echo in [
+            format!("token {long} is revoked"),
+            format!("refresh_token={form_encoded}&client_secret={secret_form}"),
+            format!(
+                "token {} is revoked",
+                form_encoded.replace("%2B", "%2b").replace("%2F", "%2f")
+            ),
+            format!("client app-secret used {long}"),
+        ] {
+            let body = json!({ "error": "invalid_grant", "error_description": echo });
+            s.token
+                .script(Scripted::json(StatusCode::BAD_REQUEST, body));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            let description = oauth2_cause(&err).error_description().unwrap().to_owned();
+            assert!(description.contains("<redacted>"), "{description}");
+            let shown = shown(&err);
+            for window in long
+                .as_bytes()
+                .windows(12)
+                .chain(form_encoded.as_bytes().windows(12))
+            {
+                let piece = std::str::from_utf8(window).unwrap();
+                assert!(
+                    !shown.contains(piece),
+                    "a piece of the refresh token leaked: {shown}"
+                );
+            }
+            assert!(!shown.contains("app-secret"), "{shown}");
+        }
+        // The description is still cut to 256 characters after redaction.
+        let body = json!({ "error": "invalid_grant", "error_description": "x".repeat(1000) });
+        s.token
+            .script(Scripted::json(StatusCode::BAD_REQUEST, body));
+        let err = refresher.refresh(ctx()).await.unwrap_err();
+        assert_eq!(oauth2_cause(&err).error_description().unwrap().len(), 256);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn logout_forgets_the_refresh_token_until_a_new_login() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        refresher.refresh(ctx()).await.unwrap();
+        assert_eq!(s.token.requests(), 1);
+
+        refresher.logout();
+        assert!(refresher.refresh_token().is_none());
+        for _ in 0..2 {
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_terminal());
+            assert_eq!(oauth2_cause(&err).kind(), ErrorKind::NoRefreshToken);
+        }
+        assert_eq!(
+            s.token.requests(),
+            1,
+            "no token request without a refresh token"
+        );
+
+        let (_, rt) = s.token.login();
+        refresher.set_refresh_token(RefreshToken::new(rt.as_str()));
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert!(s.token.access_valid(token.secret()));
+        assert_eq!(s.token.grants(), 2);
+    })
+    .await;
+}
+
+/// Needs the core to call `TokenRefresher::logout` from `TokenHandle::clear`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handle_clear_logs_the_oauth2_refresher_out() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        assert_eq!(
+            get(client.clone(), s.api_url()).await.unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(s.token.grants(), 1);
+
+        handle.clear();
+        assert!(
+            refresher.refresh_token().is_none(),
+            "TokenHandle::clear() made the refresher forget its refresh token"
+        );
+        let err = handle
+            .refresh()
+            .await
+            .expect_err("a forced refresh after logout fails");
+        let cause = OAuth2Error::find(&*err).expect("the OAuth2Error behind the failure");
+        assert_eq!(cause.kind(), ErrorKind::NoRefreshToken);
+        assert_eq!(s.token.grants(), 1, "the old user was not logged back in");
+    })
+    .await;
+}
+
+/// The context of a refresh replacing `stale`, which carries `refresh`.
+fn stale_ctx(refresh: &str) -> tower_auth_refresh::RefreshContext {
+    tower_auth_refresh::RefreshContext::new(
+        Some(
+            Token::bearer("stale-access")
+                .unwrap()
+                .with_refresh_token(refresh),
+        ),
+        tower_auth_refresh::RefreshReason::Expired,
+    )
+}
+
+#[tokio::test]
+async fn every_token_carries_the_current_refresh_token_rotated_or_not() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        for round in 0..2 {
+            let token = refresher.refresh(ctx()).await.unwrap();
+            let rotated = s.token.rotated();
+            assert_eq!(token.refresh_token(), Some(rotated[round].as_str()));
+        }
+
+        let config = TokenConfig {
+            rotate: false,
+            ..TokenConfig::default()
+        };
+        let (s, rt0, _, refresher) = logged_in(config).await;
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert_eq!(token.refresh_token(), Some(rt0.as_str()));
+        assert!(s.token.rotated().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_set_installed_with_set_token_is_a_whole_relogin() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        // No refresh token yet: the app has not logged in.
+        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+            .client_id("app")
+            .client_secret("app-secret", ClientAuth::Basic)
+            .build()
+            .unwrap();
+        let (client, handle) = api_client(refresher.clone(), "expired-at-start");
+        let err = get(client.clone(), s.api_url()).await.unwrap_err();
+        let rejected = err
+            .downcast_ref::<RefreshRejected>()
+            .expect("RefreshRejected");
+        assert_eq!(
+            oauth2_cause(rejected.refresh_error()).kind(),
+            ErrorKind::NoRefreshToken
+        );
+        assert_eq!(s.token.requests(), 0);
+
+        for login in 0..2 {
+            let (access, refresh) = s.token.login();
+            handle.set_token(
+                Token::bearer(access)
+                    .unwrap()
+                    .with_refresh_token(refresh.as_str()),
+            );
+            assert_eq!(
+                get(client.clone(), s.api_url()).await.unwrap(),
+                StatusCode::OK
+            );
+            let before = s.token.seen().len();
+            for _ in 0..2 {
+                s.token.expire_access_tokens();
+                assert_eq!(
+                    get(client.clone(), s.api_url()).await.unwrap(),
+                    StatusCode::OK
+                );
+            }
+            let seen = s.token.seen();
+            assert_eq!(
+                seen[before].field("refresh_token"),
+                Some(refresh.as_str()),
+                "login {login}: the token set's refresh token is presented"
+            );
+            let current = s.token.current_of(&refresh).unwrap();
+            assert_eq!(
+                refresher.refresh_token().unwrap().secret(),
+                current,
+                "login {login}: the refresher follows the rotation"
+            );
+        }
+        assert_eq!(s.token.grants(), 4);
+        assert_eq!(s.token.reuse_detected(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stale_token_set_never_presents_a_rotated_away_refresh_token() {
+    guard(async {
+        let (s, rt0, _, refresher) = logged_in(TokenConfig::default()).await;
+        // Two layers sharing the refresher both hold a token set with rt0.
+        let first = refresher.refresh(stale_ctx(&rt0)).await.unwrap();
+        let second = refresher.refresh(stale_ctx(&rt0)).await.unwrap();
+        let rotated = s.token.rotated();
+        let seen = s.token.seen();
+        assert_eq!(seen[0].field("refresh_token"), Some(rt0.as_str()));
+        assert_eq!(seen[1].field("refresh_token"), Some(rotated[0].as_str()));
+        assert_eq!(first.refresh_token(), Some(rotated[0].as_str()));
+        assert_eq!(second.refresh_token(), Some(rotated[1].as_str()));
+        assert_eq!(s.token.reuse_detected(), 0);
+
+        // A new login set on the refresher wins over a token set of the old session.
+        let (_, relogin) = s.token.login();
+        refresher.set_refresh_token(RefreshToken::new(relogin.as_str()));
+        refresher.refresh(stale_ctx(&rotated[1])).await.unwrap();
+        assert_eq!(
+            s.token.seen()[2].field("refresh_token"),
+            Some(relogin.as_str())
+        );
+        let rotated = s.token.rotated();
+
+        // After a logout, a token set still carrying the forgotten token does not log back in.
+        refresher.logout();
+        let err = refresher.refresh(stale_ctx(&rotated[2])).await.unwrap_err();
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::NoRefreshToken);
+        assert_eq!(s.token.requests(), 3);
+        assert_eq!(s.token.reuse_detected(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn expires_in_zero_means_lifetime_unknown() {
+    guard(async {
+        for expires_in in [json!(0), json!("0"), json!(null)] {
+            let config = TokenConfig {
+                expires_in,
+                ..TokenConfig::default()
+            };
+            let (s, _, _, refresher) = logged_in(config).await;
+            let token = refresher.refresh(ctx()).await.unwrap();
+            assert!(s.token.access_valid(token.secret()));
+            assert!(token.expiry().is_none(), "no expiry: used until a 401");
+            assert_eq!(token.expires_in(), None);
+        }
+    })
+    .await;
+}
+
+const RES_A: &str = "https://api.example/orders";
+const RES_B: &str = "https://api.example/invoices";
+
+/// Servers whose token endpoint checks `client` and allows the client-credentials grant for
+/// scopes `read`/`write` and resources [`RES_A`]/[`RES_B`].
+async fn cc_servers(client: ClientCheck) -> Servers {
+    let s = servers_checking(client).await;
+    s.token.allow_client_credentials(ClientCredentials {
+        scopes: vec!["read".to_owned(), "write".to_owned()],
+        resources: vec![RES_A.to_owned(), RES_B.to_owned()],
+    });
+    s
+}
+
+/// A client-credentials refresher for "app" / "app-secret" (`client_secret_basic`).
+fn cc_app(s: &Servers) -> OAuth2RefresherBuilder<TokenClient> {
+    OAuth2Refresher::client_credentials(s.token_url().parse().unwrap(), token_client())
+        .client_id("app")
+        .client_secret("app-secret", ClientAuth::Basic)
+}
+
+#[tokio::test]
+async fn client_credentials_requests_carry_every_parameter_for_both_client_authentications() {
+    guard(async {
+        let s = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+        let counter = MarkerCounter {
+            inner: token_client(),
+            marked: Arc::default(),
+            total: Arc::default(),
+        };
+        let refresher =
+            OAuth2Refresher::client_credentials(s.token_url().parse().unwrap(), counter.clone())
+                .client_id("app")
+                .client_secret("app-secret", ClientAuth::Basic)
+                .scope("read write")
+                .resource(RES_A)
+                .resource(RES_B)
+                .audience("orders-api")
+                .extra_param("tenant", "acme & co")
+                .build()
+                .unwrap();
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert!(s.token.access_valid(token.secret()));
+        assert_eq!(token.expires_in(), Some(Duration::from_secs(3600)));
+        assert_eq!(token.refresh_token(), None);
+        assert!(refresher.refresh_token().is_none());
+        let seen = s.token.seen().remove(0);
+        assert_eq!(
+            seen.authorization.as_deref(),
+            Some(oauth2_server::APP_BASIC)
+        );
+        let mut fields: Vec<_> = seen
+            .form
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                ("audience", "orders-api"),
+                ("grant_type", "client_credentials"),
+                ("resource", RES_B),
+                ("resource", RES_A),
+                ("scope", "read write"),
+                ("tenant", "acme & co"),
+            ]
+        );
+        assert_eq!(seen.fields("resource"), [RES_A, RES_B], "in order");
+        assert_eq!(
+            counter.marked.load(Ordering::SeqCst),
+            1,
+            "RefreshRequest marker"
+        );
+
+        // client_secret_post; a stale token in the context changes nothing.
+        let s = cc_servers(ClientCheck::Post {
+            id: "svc".to_owned(),
+            secret: "p&ss=+".to_owned(),
+        })
+        .await;
+        let refresher =
+            OAuth2Refresher::client_credentials(s.token_url().parse().unwrap(), token_client())
+                .client_id("svc")
+                .client_secret("p&ss=+", ClientAuth::Post)
+                .build()
+                .unwrap();
+        let token = refresher
+            .refresh(stale_ctx("rt-from-elsewhere"))
+            .await
+            .unwrap();
+        assert!(s.token.access_valid(token.secret()));
+        let seen = s.token.seen().remove(0);
+        assert_eq!(seen.authorization, None);
+        assert_eq!(seen.field("client_id"), Some("svc"));
+        assert_eq!(seen.field("client_secret"), Some("p&ss=+"));
+        assert_eq!(seen.field("refresh_token"), None);
+        assert_eq!(s.token.client_credentials_grants(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_credentials_errors_are_typed_classified_and_redacted() {
+    guard(async {
+        let s = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+        // Refusals the server decides for itself: (refresher, code, status).
+        let wrong_secret =
+            OAuth2Refresher::client_credentials(s.token_url().parse().unwrap(), token_client())
+                .client_id("app")
+                .client_secret("wrong-secret", ClientAuth::Basic)
+                .build()
+                .unwrap();
+        let cases = [
+            (wrong_secret, "invalid_client", StatusCode::UNAUTHORIZED),
+            (
+                cc_app(&s).scope("read admin").build().unwrap(),
+                "invalid_scope",
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                cc_app(&s)
+                    .resource("https://elsewhere.example/")
+                    .build()
+                    .unwrap(),
+                "invalid_target",
+                StatusCode::BAD_REQUEST,
+            ),
+        ];
+        for (refresher, code, status) in cases {
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_terminal(), "{code}");
+            let cause = oauth2_cause(&err);
+            assert_eq!(
+                (cause.error_code(), cause.status()),
+                (Some(code), Some(status))
+            );
+            assert!(!shown(&err).contains("secret"), "{}", shown(&err));
+        }
+        let plain = Servers::start(TokenConfig::default()).await;
+        let err = cc_app(&plain)
+            .build()
+            .unwrap()
+            .refresh(ctx())
+            .await
+            .unwrap_err();
+        assert!(err.is_terminal());
+        assert_eq!(oauth2_cause(&err).error_code(), Some("unauthorized_client"));
+        assert_eq!(s.token.client_credentials_grants(), 0);
+
+        // Scripted §5.2 answers, and the secret echoed back (raw, then form-encoded).
+        let refresher = cc_app(&s).build().unwrap();
+        let body = |code: &str, why: &str| json!({ "error": code, "error_description": why });
+        let cases = [
+            (
+                StatusCode::BAD_REQUEST,
+                body("invalid_request", "missing x"),
+                true,
+                None,
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                body("unsupported_grant_type", "no"),
+                true,
+                None,
+            ),
+            (
+                StatusCode::UNAUTHORIZED,
+                body("invalid_client", "client app-secret unknown"),
+                true,
+                None,
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                body("invalid_client", "secret=app%2Dsecret"),
+                true,
+                None,
+            ),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                body("temporarily_unavailable", "later"),
+                false,
+                Some("2"),
+            ),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                body("slow_down", "later"),
+                false,
+                Some("9"),
+            ),
+        ];
+        for (status, answer, terminal, retry_after) in cases {
+            let mut scripted = Scripted::json(status, answer.clone());
+            if let Some(ra) = retry_after {
+                scripted = scripted.retry_after(ra);
+            }
+            s.token.script(scripted);
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert_eq!(err.is_terminal(), terminal, "{answer}");
+            assert_eq!(
+                err.retry_after(),
+                retry_after.map(|ra| Duration::from_secs(ra.parse().unwrap()))
+            );
+            let shown = shown(&err);
+            assert!(
+                !shown.contains("app-secret") && !shown.contains("app%2Dsecret"),
+                "{shown}"
+            );
+        }
+
+        // Malformed answers: the same typed errors as the refresh-token grant.
+        let json = Some("application/json");
+        let cases = [
+            (json, "not json".to_owned(), ErrorKind::Malformed),
+            (
+                json,
+                r#"{"token_type":"Bearer"}"#.to_owned(),
+                ErrorKind::MissingAccessToken,
+            ),
+            (
+                Some("text/html"),
+                r#"{"access_token":"a"}"#.to_owned(),
+                ErrorKind::ContentType,
+            ),
+            (
+                json,
+                format!(r#"{{"access_token":"{}"}}"#, "x".repeat(70 * 1024)),
+                ErrorKind::BodyTooLarge,
+            ),
+            (
+                json,
+                r#"{"access_token":"a","token_type":"mac"}"#.to_owned(),
+                ErrorKind::UnsupportedTokenType,
+            ),
+        ];
+        for (content_type, answer, kind) in cases {
+            s.token
+                .script(Scripted::new(StatusCode::OK, content_type, answer));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert_eq!(oauth2_cause(&err).kind(), kind);
+        }
+        // A refresh token in a client-credentials answer is ignored.
+        s.token.script(Scripted::json(
+            StatusCode::OK,
+            json!({ "access_token": "atok-x", "token_type": "Bearer", "refresh_token": "rt-x" }),
+        ));
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert_eq!((token.secret(), token.refresh_token()), ("atok-x", None));
+        assert!(refresher.refresh_token().is_none());
+    })
+    .await;
+}
+
+#[test]
+fn client_credentials_configuration_is_checked() {
+    let dummy = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    let cc = || {
+        OAuth2Refresher::client_credentials("https://idp.example/token".parse().unwrap(), dummy)
+            .client_id("svc")
+    };
+    let no_secret = cc().build().unwrap_err();
+    assert!(
+        no_secret.to_string().contains("client secret"),
+        "{no_secret}"
+    );
+    let with_refresh = cc()
+        .client_secret("s", ClientAuth::Basic)
+        .refresh_token("rt")
+        .build()
+        .unwrap_err();
+    assert!(
+        with_refresh.to_string().contains("refresh token"),
+        "{with_refresh}"
+    );
+    for reserved in ["grant_type", "scope", "client_secret", "resource"] {
+        let err = cc()
+            .client_secret("s", ClientAuth::Basic)
+            .extra_param(reserved, "x")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains(reserved), "{err}");
+    }
+    let http =
+        OAuth2Refresher::client_credentials("http://idp.example/token".parse().unwrap(), dummy)
+            .client_id("svc")
+            .client_secret("s", ClientAuth::Basic)
+            .build()
+            .unwrap_err();
+    assert!(http.to_string().contains("https"));
+
+    let builder = cc()
+        .client_secret("client-SECRET", ClientAuth::Post)
+        .extra_param("tenant", "tenant-SECRET")
+        .resource(RES_A);
+    assert!(!format!("{builder:?}").contains("SECRET"));
+    let refresher = builder.build().unwrap();
+    let shown = format!("{refresher:?}");
+    assert!(!shown.contains("SECRET"), "{shown}");
+    assert!(
+        shown.contains("ClientCredentials") && shown.contains(RES_A),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_one_token_call_for_a_thousand_request_stampede() {
+    assert_fd_limit();
+    guard(async {
+        let s = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+        let refresher = cc_app(&s).scope("read").build().unwrap();
+        // No initial token: the whole stampede waits for the first one.
+        let layer = tower_auth_refresh::RefreshLayer::new(refresher).retries(fast_retry());
+        let handle = layer.token_handle();
+        let mut events = handle.subscribe();
+        let client: ApiClient = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let url = s.api_url();
+
+        let results = burst(&client, &url, 1000).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(StatusCode::OK))));
+        assert_eq!(s.token.requests(), 1, "one token call for 1,000 requests");
+        assert_eq!(s.api.ok(), 1000);
+        assert_eq!(s.api.unauthorized(), 0);
+
+        // The token is revoked: 1,000 concurrent 401s, one more token call.
+        s.token.expire_access_tokens();
+        s.api.gather_unauthorized(1000);
+        let results = burst(&client, &url, 1000).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(StatusCode::OK))));
+        assert_eq!(s.token.requests(), 2);
+        assert_eq!(s.token.client_credentials_grants(), 2);
+        assert_eq!(s.api.unauthorized(), 1000);
+        assert_eq!(
+            s.api.ok(),
+            2000,
+            "each refused request replayed exactly once"
+        );
+        assert_eq!(refreshed(&drain(&mut events)), 2);
+        assert!(
+            s.token
+                .seen()
+                .iter()
+                .all(|r| r.field("grant_type") == Some("client_credentials"))
+        );
+    })
+    .await;
+}
+
+/// A reqwest-only application: the token client and the API client are both reqwest.
+#[cfg(feature = "reqwest")]
+mod with_reqwest {
+    use super::*;
+
+    fn plain_reqwest() -> reqwest::Client {
+        // `no_proxy`: loopback traffic must not go to a proxy configured in the environment.
+        reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reqwest_client_sends_token_requests_for_a_reqwest_middleware_stampede() {
+        guard(async {
+            let s = Servers::start(TokenConfig::default()).await;
+            let (_, rt0) = s.token.login();
+            let persisted = Persisted::default();
+            let p = persisted.clone();
+            let http = plain_reqwest();
+            let refresher =
+                OAuth2Refresher::with_reqwest(s.token_url().parse().unwrap(), http.clone())
+                    .client_id("app")
+                    .client_secret("app-secret", ClientAuth::Basic)
+                    .refresh_token(rt0.as_str())
+                    .on_rotation(move |new: RefreshToken| {
+                        let p = p.clone();
+                        async move {
+                            p.lock().unwrap().push(new.secret().to_owned());
+                            Ok::<_, Infallible>(())
+                        }
+                    })
+                    .build()
+                    .unwrap();
+            let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
+                .initial_token(Token::bearer("expired-at-start").unwrap())
+                .retries(fast_retry());
+            let client = reqwest_middleware::ClientBuilder::new(http)
+                .with(layer.reqwest_middleware())
+                .build();
+
+            for round in 1..=2 {
+                s.token.expire_access_tokens();
+                s.api.gather_unauthorized(50);
+                let tasks: Vec<_> = (0..50)
+                    .map(|_| {
+                        let (client, url) = (client.clone(), s.api_url());
+                        tokio::spawn(
+                            async move { client.get(url).send().await.map(|r| r.status()) },
+                        )
+                    })
+                    .collect();
+                for task in tasks {
+                    assert_eq!(task.await.unwrap().unwrap(), StatusCode::OK);
+                }
+                assert_eq!(s.token.requests(), round, "one token request per stampede");
+            }
+            assert_eq!(s.api.unauthorized(), 100);
+            assert_eq!(s.api.ok(), 100);
+            assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+            assert_eq!(s.token.reuse_detected(), 0);
+            let seen = s.token.seen();
+            assert_eq!(
+                seen[0].authorization.as_deref(),
+                Some(oauth2_server::APP_BASIC)
+            );
+            assert_eq!(seen[0].field("refresh_token"), Some(rt0.as_str()));
+            assert_eq!(
+                seen[1].field("refresh_token"),
+                Some(s.token.rotated()[0].as_str())
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_reqwest_token_client_gives_the_same_typed_errors() {
+        guard(async {
+            let s = Servers::start(TokenConfig::default()).await;
+            let (_, rt0) = s.token.login();
+            let refresher =
+                OAuth2Refresher::with_reqwest(s.token_url().parse().unwrap(), plain_reqwest())
+                    .client_id("app")
+                    .client_secret("app-secret", ClientAuth::Basic)
+                    .refresh_token(rt0.as_str())
+                    .timeout(Duration::from_millis(300))
+                    .build()
+                    .unwrap();
+            let echo =
+                json!({ "error": "invalid_grant", "error_description": format!("bad {rt0}") });
+            s.token
+                .script(Scripted::json(StatusCode::BAD_REQUEST, echo));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_terminal());
+            assert_eq!(oauth2_cause(&err).error_code(), Some("invalid_grant"));
+            assert!(!shown(&err).contains(&rt0));
+
+            let huge = format!(r#"{{"access_token":"{}"}}"#, "x".repeat(100 * 1024));
+            s.token.script(Scripted::new(
+                StatusCode::OK,
+                Some("application/json"),
+                huge,
+            ));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert_eq!(oauth2_cause(&err).kind(), ErrorKind::BodyTooLarge);
+
+            s.token.hold_next(1);
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_transient());
+            assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Timeout);
+            s.token.release();
+
+            // A closed port: a transport error, with reqwest's error as the source.
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            drop(listener);
+            let refresher = OAuth2Refresher::with_reqwest(
+                format!("http://{addr}/token").parse().unwrap(),
+                plain_reqwest(),
+            )
+            .refresh_token("rt")
+            .build()
+            .unwrap();
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Transport);
+
+            // The client-credentials grant over reqwest.
+            let s = cc_servers(ClientCheck::Basic(oauth2_server::APP_BASIC.to_owned())).await;
+            let refresher =
+                OAuth2Refresher::with_reqwest(s.token_url().parse().unwrap(), plain_reqwest())
+                    .grant(tower_auth_refresh::oauth2::Grant::ClientCredentials)
+                    .client_id("app")
+                    .client_secret("app-secret", ClientAuth::Basic)
+                    .resource(RES_A)
+                    .build()
+                    .unwrap();
+            let token = refresher.refresh(ctx()).await.unwrap();
+            assert!(s.token.access_valid(token.secret()));
+            assert_eq!(s.token.seen()[0].fields("resource"), [RES_A]);
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn retry_after_is_read_in_all_three_date_formats_and_capped() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let cases = [
+            ("Sunday, 06-Nov-94 08:49:37 GMT", Duration::ZERO),
+            ("Sun Nov  6 08:49:37 1994", Duration::ZERO),
+            ("Fri, 01 Jan 2100 00:00:00 GMT", Duration::from_secs(3600)),
+            ("Fri Jan  1 00:00:00 2100", Duration::from_secs(3600)),
+            ("Friday, 01-Jan-99 00:00:00 GMT", Duration::ZERO),
+            ("12", Duration::from_secs(12)),
+        ];
+        for (value, delay) in cases {
+            s.token.script(
+                Scripted::new(StatusCode::SERVICE_UNAVAILABLE, None, "").retry_after(value),
+            );
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            assert!(err.is_transient());
+            assert_eq!(err.retry_after(), Some(delay), "{value}");
+        }
+        s.token
+            .script(Scripted::new(StatusCode::SERVICE_UNAVAILABLE, None, "").retry_after("soon"));
+        assert_eq!(
+            refresher.refresh(ctx()).await.unwrap_err().retry_after(),
+            None
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth2_error_find_walks_every_layer_error() {
+    guard(async {
+        // RefreshFailed: transient failures until the retry policy gives up.
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let layer = tower_auth_refresh::RefreshLayer::new(refresher)
+            .initial_token(Token::bearer("expired-at-start").unwrap())
+            .retries(fast_retry().max_attempts(2));
+        let client: ApiClient = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        for _ in 0..2 {
+            s.token.script(Scripted::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": "temporarily_unavailable" }),
+            ));
+        }
+        let err = get(client, s.api_url()).await.unwrap_err();
+        assert!(
+            err.is::<tower_auth_refresh::error::RefreshFailed>(),
+            "{err}"
+        );
+        let found = OAuth2Error::find(&*err).expect("found behind RefreshFailed");
+        assert_eq!(found.error_code(), Some("temporarily_unavailable"));
+        assert_eq!(found.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+
+        // RefreshRejected, then SessionEnded.
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let (client, _handle) = api_client(refresher, "expired-at-start");
+        s.token.script(Scripted::json(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": "invalid_grant" }),
+        ));
+        let rejected = get(client.clone(), s.api_url()).await.unwrap_err();
+        assert!(rejected.is::<RefreshRejected>());
+        let ended = get(client, s.api_url()).await.unwrap_err();
+        assert!(ended.is::<SessionEnded>());
+        for err in [&rejected, &ended] {
+            let found = OAuth2Error::find(&**err).expect("found");
+            assert_eq!(found.error_code(), Some("invalid_grant"));
+            assert_eq!(found.kind(), ErrorKind::ErrorResponse);
+        }
+
+        // A RefreshError itself, an error wrapping a layer error, and errors without one.
+        let direct = {
+            let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+            s.token
+                .script(Scripted::new(StatusCode::NOT_FOUND, None, ""));
+            refresher.refresh(ctx()).await.unwrap_err()
+        };
+        assert_eq!(
+            OAuth2Error::find(&direct).map(OAuth2Error::kind),
+            Some(ErrorKind::Misconfigured)
+        );
+        let wrapped = std::io::Error::other(rejected);
+        assert_eq!(
+            OAuth2Error::find(&wrapped).and_then(OAuth2Error::error_code),
+            Some("invalid_grant")
+        );
+        assert!(OAuth2Error::find(&std::io::Error::other("plain")).is_none());
+        assert!(OAuth2Error::find(&RefreshError::terminal("no oauth2 here")).is_none());
+    })
+    .await;
 }

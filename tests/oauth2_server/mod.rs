@@ -126,7 +126,26 @@ pub(crate) struct Seen {
     pub(crate) form: Vec<(String, String)>,
 }
 
+/// What the token endpoint grants with the client-credentials grant (RFC 6749 §4.4); without
+/// one (the default) it answers `unauthorized_client`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ClientCredentials {
+    /// The scopes a client may ask for; a request for another is `invalid_scope`.
+    pub(crate) scopes: Vec<String>,
+    /// The RFC 8707 resources a client may ask for; another is `invalid_target`.
+    pub(crate) resources: Vec<String>,
+}
+
 impl Seen {
+    /// Every value of a (repeatable) form field, in order.
+    pub(crate) fn fields(&self, name: &str) -> Vec<&str> {
+        self.form
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     pub(crate) fn field(&self, name: &str) -> Option<&str> {
         self.form
             .iter()
@@ -184,6 +203,8 @@ pub(crate) struct TokenState {
     config: TokenConfig,
     db: Mutex<Db>,
     script: Mutex<VecDeque<Scripted>>,
+    client_credentials: Mutex<Option<ClientCredentials>>,
+    client_credentials_grants: AtomicUsize,
     hold_remaining: AtomicUsize,
     held: AtomicUsize,
     held_notify: Notify,
@@ -243,6 +264,86 @@ impl TokenState {
 
     pub(crate) fn release(&self) {
         self.release.send_replace(true);
+    }
+
+    /// Lets clients use the client-credentials grant, within `policy`.
+    pub(crate) fn allow_client_credentials(&self, policy: ClientCredentials) {
+        *self.client_credentials.lock().unwrap() = Some(policy);
+    }
+
+    /// Access tokens issued by the client-credentials grant.
+    pub(crate) fn client_credentials_grants(&self) -> usize {
+        self.client_credentials_grants.load(Ordering::SeqCst)
+    }
+
+    /// The client-credentials grant: no refresh token, a new access token each time.
+    fn client_credentials_grant(&self, seen: &Seen) -> Response<Full<Bytes>> {
+        let Some(policy) = self.client_credentials.lock().unwrap().clone() else {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unauthorized_client",
+                "client_credentials not allowed for this client",
+            );
+        };
+        if matches!(self.config.client, ClientCheck::Public { .. }) {
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client_credentials needs a confidential client",
+            );
+        }
+        if seen.field("refresh_token").is_some() {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "refresh_token on a client_credentials request",
+            );
+        }
+        let scope = seen.field("scope").unwrap_or_default();
+        if scope
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .any(|s| !policy.scopes.iter().any(|p| p == s))
+        {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                "scope not allowed",
+            );
+        }
+        if seen
+            .fields("resource")
+            .iter()
+            .any(|r| !policy.resources.iter().any(|p| p == r))
+        {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_target",
+                "resource not allowed",
+            );
+        }
+        let mut db = self.db();
+        db.grants += 1;
+        let family = db.families.len();
+        db.families.push(Family {
+            chain: Vec::new(),
+            rotated_at: Instant::now(),
+            revoked: false,
+        });
+        let access = db.mint("atok");
+        db.access.insert(access.clone(), family);
+        drop(db);
+        self.client_credentials_grants
+            .fetch_add(1, Ordering::SeqCst);
+        json_response(
+            StatusCode::OK,
+            &json!({
+                "access_token": access,
+                "token_type": self.config.token_type,
+                "expires_in": self.config.expires_in,
+                "scope": scope,
+            }),
+        )
     }
 
     pub(crate) fn requests(&self) -> usize {
@@ -337,6 +438,9 @@ impl TokenState {
                 "invalid_client",
                 "client authentication failed",
             );
+        }
+        if seen.field("grant_type") == Some("client_credentials") {
+            return self.client_credentials_grant(seen);
         }
         if seen.field("grant_type") != Some("refresh_token") {
             return oauth_error(
@@ -538,6 +642,8 @@ pub(crate) fn token_state(config: TokenConfig) -> Arc<TokenState> {
         config,
         db: Mutex::new(Db::default()),
         script: Mutex::new(VecDeque::new()),
+        client_credentials: Mutex::new(None),
+        client_credentials_grants: AtomicUsize::new(0),
         hold_remaining: AtomicUsize::new(0),
         held: AtomicUsize::new(0),
         held_notify: Notify::new(),
