@@ -44,7 +44,11 @@ async fn four_processes_one_refresh_per_expiry_and_restart_file_store() {
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600, "the record is readable by its owner only");
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the record is readable by its owner only"
+        );
     }
 }
 
@@ -98,7 +102,12 @@ async fn rotation_race_invalid_grant_adopts_the_winners_set() {
     let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let loser_calls = GrantCalls::default();
     let loser = StoreRefresher::new(
-        gated(servers.token_url(), loser_calls.clone(), reached.clone(), gate.clone()),
+        gated(
+            servers.token_url(),
+            loser_calls.clone(),
+            reached.clone(),
+            gate.clone(),
+        ),
         Partitioned(FileStore::new(file.path())),
     );
     let winner = StoreRefresher::new(
@@ -109,7 +118,9 @@ async fn rotation_race_invalid_grant_adopts_the_winners_set() {
     // The loser has read version 1 and is about to present the same refresh token.
     let pending = tokio::spawn(loser.refresh(ctx(&initial)));
     within("the loser at its gate", reached.notified()).await;
-    let won = within("the winner", winner.refresh(ctx(&initial))).await.unwrap();
+    let won = within("the winner", winner.refresh(ctx(&initial)))
+        .await
+        .unwrap();
     assert_eq!(file.load().await.unwrap().unwrap().version(), 2);
 
     // The server refuses the spent refresh token (a server without a grace window).
@@ -118,13 +129,23 @@ async fn rotation_race_invalid_grant_adopts_the_winners_set() {
         json!({ "error": "invalid_grant", "error_description": "refresh token already used" }),
     ));
     gate.notify_one();
-    let adopted = within("the loser", pending).await.unwrap().expect("adopts, no session end");
-    assert!(adopted.same_secret(&won), "the loser uses the winner's access token");
+    let adopted = within("the loser", pending)
+        .await
+        .unwrap()
+        .expect("adopts, no session end");
+    assert!(
+        adopted.same_secret(&won),
+        "the loser uses the winner's access token"
+    );
     assert_eq!(adopted.refresh_token(), won.refresh_token());
     assert_eq!(loser_calls.get(), 1);
     assert_eq!(servers.token.requests(), 2);
     assert_eq!(servers.token.grants(), 1);
-    assert_eq!(file.load().await.unwrap().unwrap().version(), 2, "nothing else written");
+    assert_eq!(
+        file.load().await.unwrap().unwrap().version(),
+        2,
+        "nothing else written"
+    );
 
     // The adopted access token works against the API, and the next refresh (from the stored
     // refresh token) is not a reuse.
@@ -163,7 +184,12 @@ async fn lost_write_adopts_the_stored_set() {
 
     let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let loser = StoreRefresher::new(
-        gated(servers.token_url(), GrantCalls::default(), reached.clone(), gate.clone()),
+        gated(
+            servers.token_url(),
+            GrantCalls::default(),
+            reached.clone(),
+            gate.clone(),
+        ),
         Partitioned(FileStore::new(file.path())),
     );
     let winner = StoreRefresher::new(
@@ -177,7 +203,10 @@ async fn lost_write_adopts_the_stored_set() {
     let adopted = within("the loser", pending).await.unwrap().unwrap();
     assert_eq!(servers.token.grants(), 2, "both token calls went through");
     assert_eq!(servers.token.grace_uses(), 1);
-    assert!(adopted.same_secret(&won), "the loser follows the stored set");
+    assert!(
+        adopted.same_secret(&won),
+        "the loser follows the stored set"
+    );
     let stored = file.load().await.unwrap().unwrap();
     assert_eq!(stored.version(), 2);
     assert!(stored.same_access_token(&won));
@@ -231,7 +260,9 @@ fn corrupt_or_truncated_record_is_a_typed_error_and_never_overwritten() {
                 grant_refresher("http://127.0.0.1:9/never".into(), calls.clone()),
                 store.clone(),
             );
-            let stale = Token::bearer("stale-token").unwrap().with_refresh_token(SECRET_REFRESH);
+            let stale = Token::bearer("stale-token")
+                .unwrap()
+                .with_refresh_token(SECRET_REFRESH);
             let refresh_err = shared.refresh(ctx(&stale)).await.unwrap_err();
             assert!(refresh_err.is_transient());
             let layer = RefreshLayer::new(shared).retry(RetryPolicy::none());
@@ -239,19 +270,29 @@ fn corrupt_or_truncated_record_is_a_typed_error_and_never_overwritten() {
                 Ok::<_, std::convert::Infallible>(http::Response::new(Full::<Bytes>::default()))
             });
             let svc = tower::ServiceBuilder::new().layer(layer).service(api);
-            let err = svc.oneshot(support::get("http://127.0.0.1/x")).await.unwrap_err();
+            let err = svc
+                .oneshot(support::get("http://127.0.0.1/x"))
+                .await
+                .unwrap_err();
             assert!(err.is::<RefreshFailed>(), "{err}");
             assert_eq!(calls.get(), 0, "no token call from a corrupt record");
             assert_eq!(std::fs::read(&path).unwrap(), bytes, "never overwritten");
 
             // A writer holding the lease is refused too.
-            let lease = store.try_lease(Duration::from_secs(1)).await.unwrap().unwrap();
+            let lease = store
+                .try_lease(Duration::from_secs(1))
+                .await
+                .unwrap()
+                .unwrap();
             let cas = store.compare_and_set(&lease, 0, &valid_record(1)).await;
             assert!(cas.unwrap_err().is_corrupt());
             store.release(lease).await.unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), bytes, "never overwritten");
 
-            let shown = format!("{err} {err:?} {refresh_err} {refresh_err:?} {:?}", store.load().await);
+            let shown = format!(
+                "{err} {err:?} {refresh_err} {refresh_err:?} {:?}",
+                store.load().await
+            );
             for secret in [SECRET_ACCESS, SECRET_REFRESH] {
                 assert!(!shown.contains(secret), "secret in {shown}");
             }
@@ -270,21 +311,41 @@ async fn compare_and_set_never_overwrites_a_newer_record() {
     let dir = TempDir::new("cas");
     let store = FileStore::new(dir.path().join("token.json"));
     seed(&store, &valid_record(1).to_token().unwrap()).await;
-    let lease = store.try_lease(Duration::from_secs(1)).await.unwrap().unwrap();
-    assert!(store.try_lease(Duration::from_secs(1)).await.unwrap().is_none(), "exclusive");
+    let lease = store
+        .try_lease(Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .try_lease(Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_none(),
+        "exclusive"
+    );
     assert_eq!(
-        store.compare_and_set(&lease, 1, &valid_record(2)).await.unwrap(),
+        store
+            .compare_and_set(&lease, 1, &valid_record(2))
+            .await
+            .unwrap(),
         CasOutcome::Written
     );
     let before = std::fs::read(store.path()).unwrap();
     assert_eq!(
-        store.compare_and_set(&lease, 1, &valid_record(2)).await.unwrap(),
+        store
+            .compare_and_set(&lease, 1, &valid_record(2))
+            .await
+            .unwrap(),
         CasOutcome::VersionChanged
     );
     store.release(lease).await.unwrap();
     let foreign = tower_auth_refresh::store::Lease::new("not-a-file-lock", Duration::from_secs(1));
     assert_eq!(
-        store.compare_and_set(&foreign, 2, &valid_record(3)).await.unwrap(),
+        store
+            .compare_and_set(&foreign, 2, &valid_record(3))
+            .await
+            .unwrap(),
         CasOutcome::LeaseLost
     );
     assert_eq!(std::fs::read(store.path()).unwrap(), before);

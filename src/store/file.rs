@@ -123,10 +123,9 @@ fn write_atomically(path: &Path, bytes: &[u8], tag: &str) -> Result<(), StoreErr
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let name = path.file_name().map_or_else(
-        || "token".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = path
+        .file_name()
+        .map_or_else(|| "token".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.{}.{tag}.tmp", std::process::id()));
     let result = (|| {
         let mut file = open_private(OpenOptions::new().write(true).create_new(true))

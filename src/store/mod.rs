@@ -157,8 +157,10 @@ impl Record {
     /// A [`StoreError`] for which [`is_corrupt`](StoreError::is_corrupt) holds if the stored
     /// scheme or token cannot be sent in an `Authorization` header.
     pub fn to_token(&self) -> Result<Token, StoreError> {
-        let mut token = Token::with_scheme(&self.scheme, self.access_token.as_str())
-            .map_err(|e| StoreError::corrupt(format!("the stored access token is unusable: {e}")))?;
+        let mut token =
+            Token::with_scheme(&self.scheme, self.access_token.as_str()).map_err(|e| {
+                StoreError::corrupt(format!("the stored access token is unusable: {e}"))
+            })?;
         if let Some(at) = self.expires_at {
             token = token.with_expires_at(at);
         }
@@ -180,9 +182,10 @@ impl Record {
             version: self.version,
             scheme: self.scheme.clone(),
             access_token: self.access_token.clone(),
-            expires_at_ms: self
-                .expires_at
-                .map(|at| at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
+            expires_at_ms: self.expires_at.map(|at| {
+                at.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            }),
             refresh_token: self.refresh_token.clone(),
         };
         serde_json::to_vec(&wire).expect("a record always serializes")
@@ -331,8 +334,10 @@ pub trait TokenStore: Send + Sync + 'static {
     fn load(&self) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
 
     /// Takes the lease for at most `ttl` if no one holds it; `None` if someone does.
-    fn try_lease(&self, ttl: Duration)
-    -> impl Future<Output = Result<Option<Lease>, StoreError>> + Send;
+    fn try_lease(
+        &self,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Lease>, StoreError>> + Send;
 
     /// Writes `record` if the stored version is still `expected` (0: no record) and `lease`
     /// is still held. `record.version()` must be greater than `expected`.
@@ -472,7 +477,10 @@ mod tests {
             let err = Record::decode(bytes).unwrap_err();
             assert!(err.is_corrupt());
             let shown = format!("{err} {err:?}");
-            assert!(!shown.contains("topsecret") && !shown.contains("top secret"), "{shown}");
+            assert!(
+                !shown.contains("topsecret") && !shown.contains("top secret"),
+                "{shown}"
+            );
         }
     }
 

@@ -153,30 +153,46 @@ pub(crate) struct Round {
 }
 
 impl Worker {
-    pub(crate) fn spawn(store: &StoreSpec, api_url: &str, token_url: &str, lease_ttl: Duration) -> Self {
+    pub(crate) fn spawn(
+        store: &StoreSpec,
+        api_url: &str,
+        token_url: &str,
+        lease_ttl: Duration,
+    ) -> Self {
         let exe = std::env::current_exe().expect("current test binary");
         let mut cmd = Command::new(exe);
-        cmd.args(["worker", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
-            .env(WORKER_ENV, "1")
-            .env("STORE_API_URL", api_url)
-            .env("STORE_TOKEN_URL", token_url)
-            .env("STORE_LEASE_TTL_MS", lease_ttl.as_millis().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+        cmd.args([
+            "worker",
+            "--exact",
+            "--nocapture",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(WORKER_ENV, "1")
+        .env("STORE_API_URL", api_url)
+        .env("STORE_TOKEN_URL", token_url)
+        .env("STORE_LEASE_TTL_MS", lease_ttl.as_millis().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
         match store {
             StoreSpec::File(path) => {
                 cmd.env("STORE_FILE", path);
             }
             StoreSpec::Redis { url, prefix } => {
-                cmd.env("STORE_REDIS_URL", url).env("STORE_REDIS_PREFIX", prefix);
+                cmd.env("STORE_REDIS_URL", url)
+                    .env("STORE_REDIS_PREFIX", prefix);
             }
         }
         let mut child = cmd.spawn().expect("spawn a worker process");
         let stdin = child.stdin.take().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, stdin, lines }
+        Self {
+            child,
+            stdin,
+            lines,
+        }
     }
 
     /// Asks the worker to send `n` requests at once.
@@ -295,7 +311,10 @@ where
         if line == "quit" {
             return;
         }
-        let Some(n) = line.strip_prefix("go ").and_then(|n| n.parse::<usize>().ok()) else {
+        let Some(n) = line
+            .strip_prefix("go ")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
             continue;
         };
         let mut tasks = Vec::with_capacity(n);
@@ -398,7 +417,8 @@ impl RedisServer {
                 s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
                 let mut buf = [0u8; 16];
                 if s.write_all(b"PING\r\n").is_ok()
-                    && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                    && s.read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
                 {
                     return;
                 }
@@ -513,12 +533,18 @@ pub(crate) async fn stampede_rounds_and_restart<S: TokenStore>(
     seed(&store, &expired_set(&access, &refresh)).await;
     let ttl = Duration::from_secs(10);
     let (api, tok) = (servers.api_url(), servers.token_url());
-    let mut workers: Vec<Worker> = (0..4).map(|_| Worker::spawn(&spec, &api, &tok, ttl)).collect();
+    let mut workers: Vec<Worker> = (0..4)
+        .map(|_| Worker::spawn(&spec, &api, &tok, ttl))
+        .collect();
 
     let first = round(&mut workers, FIRST).await;
     let ok: usize = first.iter().map(|r| r.ok).sum();
     assert_eq!(ok, 4 * FIRST, "every request succeeds: {first:?}");
-    assert_eq!(servers.token.requests(), 1, "one token call for four processes");
+    assert_eq!(
+        servers.token.requests(),
+        1,
+        "one token call for four processes"
+    );
     assert_eq!(servers.token.reuse_detected(), 0);
     assert_eq!(first.iter().map(|r| r.grants).sum::<usize>(), 1);
 
@@ -547,15 +573,27 @@ pub(crate) async fn stampede_rounds_and_restart<S: TokenStore>(
     restarted.start(1).await;
     let got = restarted.finish().await;
     assert_eq!((got.ok, got.grants), (1, 0));
-    assert_eq!(servers.token.requests(), calls, "a restarted process makes 0 token calls");
-    assert_eq!(servers.api.unauthorized(), refused, "its first request is not refused");
+    assert_eq!(
+        servers.token.requests(),
+        calls,
+        "a restarted process makes 0 token calls"
+    );
+    assert_eq!(
+        servers.api.unauthorized(),
+        refused,
+        "its first request is not refused"
+    );
     restarted.quit().await;
 }
 
 /// The lease holder is SIGKILLed while its token call is in flight (the server has already
 /// rotated): another process completes the next refresh once the lease is gone, presenting the
 /// stored refresh token inside the server's grace window: no family revocation.
-pub(crate) async fn holder_killed_mid_refresh<S: TokenStore>(spec: StoreSpec, store: S, ttl: Duration) {
+pub(crate) async fn holder_killed_mid_refresh<S: TokenStore>(
+    spec: StoreSpec,
+    store: S,
+    ttl: Duration,
+) {
     let servers = Servers::start(TokenConfig {
         grace: Some(Duration::from_secs(60)),
         ..TokenConfig::default()
@@ -571,16 +609,27 @@ pub(crate) async fn holder_killed_mid_refresh<S: TokenStore>(spec: StoreSpec, st
     within("the holder's token call", servers.token.held(1)).await;
     holder.kill().await;
     servers.token.release();
-    assert_eq!(servers.token.grants(), 1, "the dead holder's call rotated the refresh token");
+    assert_eq!(
+        servers.token.grants(),
+        1,
+        "the dead holder's call rotated the refresh token"
+    );
 
     let mut next = Worker::spawn(&spec, &api, &tok, ttl);
     next.start(10).await;
     let got = next.finish().await;
     assert_eq!((got.ok, got.grants), (10, 1), "{got:?}");
     assert_eq!(servers.token.grants(), 2);
-    assert_eq!(servers.token.grace_uses(), 1, "the stored refresh token was presented again");
+    assert_eq!(
+        servers.token.grace_uses(),
+        1,
+        "the stored refresh token was presented again"
+    );
     assert_eq!(servers.token.reuse_detected(), 0);
-    assert!(!servers.token.family_revoked(&refresh), "0 family revocations");
+    assert!(
+        !servers.token.family_revoked(&refresh),
+        "0 family revocations"
+    );
     let stored = store.load().await.unwrap().unwrap();
     assert_eq!(stored.version(), 2);
     next.quit().await;
@@ -600,7 +649,10 @@ impl<S: TokenStore> TokenStore for Partitioned<S> {
         ttl: Duration,
     ) -> Result<Option<tower_auth_refresh::store::Lease>, tower_auth_refresh::store::StoreError>
     {
-        Ok(Some(tower_auth_refresh::store::Lease::new("partitioned", ttl)))
+        Ok(Some(tower_auth_refresh::store::Lease::new(
+            "partitioned",
+            ttl,
+        )))
     }
 
     async fn compare_and_set(
