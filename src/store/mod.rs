@@ -51,6 +51,7 @@
 //! let store = FileStore::new(dir.join("token.json"));
 //! let layer = RefreshLayer::new(StoreRefresher::new(refresher, store));
 //! # let _ = layer;
+//! # std::fs::remove_dir_all(&dir)?;
 //! # Ok(())
 //! # }
 //! ```
