@@ -352,3 +352,68 @@ async fn compare_and_set_never_overwrites_a_newer_record() {
     assert_eq!(store.load().await.unwrap().unwrap().version(), 2);
     assert!(!format!("{:?}", store.load().await.unwrap()).contains(SECRET_ACCESS));
 }
+
+/// Two keyed layers (standing for two processes) share one record per key: each key's token
+/// is fetched once for both, and the keys never see each other's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_layers_share_one_record_per_key() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use tower_auth_refresh::keyed::KeyedRefreshLayer;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let dir = TempDir::new("keyed");
+    let calls: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let refresher = {
+        let calls = calls.clone();
+        move |key: String, _stale: Option<Token>| {
+            *calls.lock().unwrap().entry(key.clone()).or_default() += 1;
+            async move {
+                Ok::<_, tower_auth_refresh::RefreshError>(
+                    Token::bearer(format!("{key}-token"))?
+                        .with_expires_in(Duration::from_secs(3600)),
+                )
+            }
+        }
+    };
+    let api = tower::service_fn(|req: http::Request<ReplayBody<Full<Bytes>>>| async move {
+        let tenant = req.headers()["x-tenant"].to_str().unwrap().to_owned();
+        let ok = req.headers()["authorization"] == format!("Bearer {tenant}-token").as_str();
+        let mut res = http::Response::new(Full::<Bytes>::default());
+        if !ok {
+            *res.status_mut() = StatusCode::UNAUTHORIZED;
+        }
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let process = || {
+        let dir = dir.path().to_owned();
+        let shared = KeyedStoreRefresher::new(refresher.clone(), move |tenant: &String| {
+            FileStore::new(dir.join(format!("{tenant}.json")))
+        });
+        let layer = KeyedRefreshLayer::new(shared).key_fn(|parts: &http::request::Parts| {
+            Some(parts.headers.get("x-tenant")?.to_str().ok()?.to_owned())
+        });
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(api.clone())
+    };
+    let (first, second) = (process(), process());
+    for svc in [&first, &second] {
+        for tenant in ["a", "b"] {
+            let req = http::Request::get("http://api.test/x")
+                .header("x-tenant", tenant)
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "tenant {tenant}");
+        }
+    }
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls, HashMap::from([("a".into(), 1), ("b".into(), 1)]));
+    for tenant in ["a", "b"] {
+        let store = FileStore::new(dir.path().join(format!("{tenant}.json")));
+        let record = store.load().await.unwrap().unwrap();
+        assert_eq!(record.version(), 1);
+        assert!(record.same_access_token(&Token::bearer(format!("{tenant}-token")).unwrap()));
+    }
+}

@@ -287,4 +287,13 @@ async fn fenced_lease_version_check_and_prefixes() {
     );
     a.release(second).await.unwrap();
     assert_eq!(a.load().await.unwrap().unwrap().version(), 2);
+
+    // A scoped store shares the connection, not the record.
+    let c = a.scoped("tenant-c");
+    assert_eq!(c.record_key(), "tenant-c:record");
+    assert!(c.load().await.unwrap().is_none());
+    seed(&c, &valid_record(1).to_token().unwrap()).await;
+    assert_eq!(c.load().await.unwrap().unwrap().version(), 1);
+    assert_eq!(a.load().await.unwrap().unwrap().version(), 2);
+    assert!(redis.get("tenant-c:record").is_some());
 }

@@ -67,12 +67,14 @@ use serde::{Deserialize, Serialize};
 use crate::token::{Expiry, Token};
 
 mod file;
+mod keyed;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 mod refresher;
 
 pub use file::FileStore;
+pub use keyed::KeyedStoreRefresher;
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -75,11 +75,16 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Arc<Connection>,
     record: String,
     lease: String,
     channel: String,
     subscribed: AtomicBool,
+}
+
+/// What the stores of several prefixes share: one connection, its subscription messages.
+struct Connection {
+    conn: ConnectionManager,
     changed: watch::Sender<u64>,
     cas: Script,
     release: Script,
@@ -136,18 +141,41 @@ impl RedisStore {
             .set_automatic_resubscription();
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| StoreError::unavailable("redis connection setup failed", e))?;
-        Ok(Self {
+        let conn = Arc::new(Connection {
+            conn,
+            changed,
+            cas: Script::new(CAS),
+            release: Script::new(RELEASE),
+        });
+        Ok(Self::with_connection(conn, prefix))
+    }
+
+    fn with_connection(conn: Arc<Connection>, prefix: &str) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 conn,
                 record: format!("{prefix}:record"),
                 lease: format!("{prefix}:lease"),
                 channel: format!("{prefix}:changed"),
                 subscribed: AtomicBool::new(false),
-                changed,
-                cas: Script::new(CAS),
-                release: Script::new(RELEASE),
             }),
-        })
+        }
+    }
+
+    /// The store of another principal (`prefix`) on the same connection: for the keyed
+    /// layer, one record per key without one connection per key.
+    ///
+    /// ```no_run
+    /// # use tower_auth_refresh::store::RedisStore;
+    /// # fn main() -> Result<(), tower_auth_refresh::store::StoreError> {
+    /// let base = RedisStore::open("redis://127.0.0.1:6379/", "my-app")?;
+    /// let tenant = base.scoped("my-app:tenant-7");
+    /// assert_eq!(tenant.record_key(), "my-app:tenant-7:record");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn scoped(&self, prefix: &str) -> Self {
+        Self::with_connection(self.inner.conn.clone(), prefix)
     }
 
     /// The key of the record.
@@ -156,7 +184,7 @@ impl RedisStore {
     }
 
     fn conn(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+        self.inner.conn.conn.clone()
     }
 }
 
@@ -199,6 +227,7 @@ impl TokenStore for RedisStore {
     ) -> Result<CasOutcome, StoreError> {
         let answer: String = self
             .inner
+            .conn
             .cas
             .key(&self.inner.record)
             .key(&self.inner.lease)
@@ -223,6 +252,7 @@ impl TokenStore for RedisStore {
     async fn release(&self, lease: Lease) -> Result<(), StoreError> {
         let _: i64 = self
             .inner
+            .conn
             .release
             .key(&self.inner.lease)
             .key(&self.inner.channel)
@@ -234,7 +264,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
-        let mut rx = self.inner.changed.subscribe();
+        let mut rx = self.inner.conn.changed.subscribe();
         if !self.inner.subscribed.load(Ordering::Acquire) {
             self.conn()
                 .subscribe(&self.inner.channel)
