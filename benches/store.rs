@@ -247,6 +247,8 @@ fn stampede(rt: &tokio::runtime::Runtime, redis: &Redis) {
                             .service(api(accepted.clone()))
                     })
                     .collect();
+            // The API refuses the layers' token from now on: every request needs the new one.
+            *accepted.write().unwrap() = next.clone();
             let before = calls.load(Ordering::SeqCst);
             stampedes.push(run(&svcs, requests).await);
             assert_eq!(
