@@ -395,7 +395,7 @@ async fn keyed_layers_share_one_record_per_key() {
         });
         tower::ServiceBuilder::new()
             .layer(layer)
-            .service(api.clone())
+            .service(api)
     };
     let (first, second) = (process(), process());
     for svc in [&first, &second] {
