@@ -376,7 +376,9 @@ impl RedisServer {
             if std::env::var(REQUIRE_REDIS_ENV).is_ok_and(|v| v == "1") {
                 panic!("redis-server not found on PATH, and {REQUIRE_REDIS_ENV}=1");
             }
-            eprintln!("SKIPPED: redis-server not found on PATH");
+            // Straight to the process's stderr: libtest's capture would hide an `eprintln!`.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: redis-server not found on PATH");
             return None;
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
