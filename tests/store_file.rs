@@ -393,9 +393,7 @@ async fn keyed_layers_share_one_record_per_key() {
         let layer = KeyedRefreshLayer::new(shared).key_fn(|parts: &http::request::Parts| {
             Some(parts.headers.get("x-tenant")?.to_str().ok()?.to_owned())
         });
-        tower::ServiceBuilder::new()
-            .layer(layer)
-            .service(api)
+        tower::ServiceBuilder::new().layer(layer).service(api)
     };
     let (first, second) = (process(), process());
     for svc in [&first, &second] {

@@ -353,3 +353,102 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::refresher::{RefreshReason, context_fn};
+    use crate::store::MemoryStore;
+
+    fn counting(calls: Arc<AtomicUsize>, delay: Duration) -> impl TokenRefresher {
+        context_fn(move |ctx: RefreshContext| {
+            let calls = calls.clone();
+            async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let presented = ctx
+                    .stale()
+                    .and_then(Token::refresh_token)
+                    .map(str::to_owned);
+                tokio::time::sleep(delay).await;
+                assert_eq!(presented.as_deref(), Some(format!("r{}", n - 1).as_str()));
+                Ok(Token::bearer(format!("a{n}"))?
+                    .with_expires_in(Duration::from_secs(600))
+                    .with_refresh_token(format!("r{n}")))
+            }
+        })
+    }
+
+    fn stale() -> RefreshContext {
+        let token = Token::bearer("a0").unwrap().with_refresh_token("r0");
+        RefreshContext::new(Some(token), RefreshReason::Expired)
+    }
+
+    #[tokio::test]
+    async fn concurrent_refreshers_share_one_call_and_the_stored_refresh_token() {
+        let store = MemoryStore::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shared: Vec<_> = (0..4)
+            .map(|_| {
+                StoreRefresher::new(
+                    counting(calls.clone(), Duration::from_millis(20)),
+                    store.clone(),
+                )
+            })
+            .collect();
+        let results =
+            futures_util::future::join_all(shared.iter().map(|s| s.refresh(stale()))).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        for r in results {
+            let t = r.unwrap();
+            assert_eq!(t.secret(), "a1");
+            assert_eq!(t.refresh_token(), Some("r1"));
+            assert!(matches!(t.expiry(), Some(crate::Expiry::At(_))));
+        }
+        // The next refresh starts from the stored refresh token r1 (checked by the refresher).
+        let next = RefreshContext::new(Some(Token::bearer("a1").unwrap()), RefreshReason::Expired);
+        assert_eq!(shared[2].refresh(next).await.unwrap().secret(), "a2");
+        assert_eq!(store.load().await.unwrap().unwrap().version(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_lease_is_taken_over_after_its_ttl() {
+        let store = MemoryStore::new();
+        // A holder that took the lease and vanished.
+        let _lost = store
+            .try_lease(Duration::from_millis(50))
+            .await
+            .unwrap()
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shared = StoreRefresher::new(counting(calls.clone(), Duration::ZERO), store.clone())
+            .lease_ttl(Duration::from_millis(50));
+        let token = shared.refresh(stale()).await.unwrap();
+        assert_eq!(token.secret(), "a1");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_live_lease_is_bounded() {
+        let store = MemoryStore::new();
+        let _held = store
+            .try_lease(Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shared = StoreRefresher::new(counting(calls.clone(), Duration::ZERO), store)
+            .lease_wait(Duration::from_millis(30));
+        let err = shared.refresh(stale()).await.unwrap_err();
+        assert!(err.is_transient());
+        let cause = std::error::Error::source(&err).unwrap();
+        assert!(
+            cause
+                .downcast_ref::<StoreError>()
+                .unwrap()
+                .is_lease_timeout()
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+}
