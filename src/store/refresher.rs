@@ -185,11 +185,23 @@ where
     R: TokenRefresher,
     S: TokenStore,
 {
-    /// A stored token this process may use instead of refreshing: valid for a while yet and
-    /// not the one that was rejected.
-    fn adoptable(&self, record: Option<&Record>, stale: Option<&Token>) -> Option<Token> {
+    /// A stored token this process may use instead of refreshing: not the one that was
+    /// rejected, and valid for a while yet (`min_remaining`), or at all if it was written
+    /// after version `written_after` (just refreshed by another process: refreshing again
+    /// could not give a longer-lived one).
+    fn adoptable(
+        &self,
+        record: Option<&Record>,
+        stale: Option<&Token>,
+        written_after: u64,
+    ) -> Option<Token> {
         let record = record?;
-        if record.expires_within(self.inner.min_remaining, SystemTime::now()) {
+        let margin = if record.version() > written_after {
+            Duration::ZERO
+        } else {
+            self.inner.min_remaining
+        };
+        if record.expires_within(margin, SystemTime::now()) {
             return None;
         }
         if stale.is_some_and(|s| record.same_access_token(s)) {
@@ -202,14 +214,15 @@ where
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
-        if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref()) {
+        if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), u64::MAX) {
             tracing::debug!(
                 version = record.as_ref().map_or(0, Record::version),
                 "token store: adopted a newer stored token"
             );
             return Ok(token);
         }
-        let mut seen = record.as_ref().map_or(0, Record::version);
+        let first_seen = record.as_ref().map_or(0, Record::version);
+        let mut seen = first_seen;
 
         // Take the lease, or adopt what its holder stores.
         let started = Instant::now();
@@ -235,7 +248,7 @@ where
                 .await
                 .map_err(store_failure)?;
             let record = store.load().await.map_err(store_failure)?;
-            if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref()) {
+            if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
                 tracing::debug!(
                     version = record.as_ref().map_or(0, Record::version),
                     "token store: adopted the token stored by the lease holder"
@@ -245,7 +258,7 @@ where
             seen = seen.max(record.as_ref().map_or(0, Record::version));
         };
         tracing::debug!(fence = lease.fence(), "token store: lease taken");
-        let result = self.under_lease(&lease, ctx).await;
+        let result = self.under_lease(&lease, ctx, first_seen).await;
         if let Err(err) = store.release(lease).await {
             // The lease runs out by itself.
             tracing::debug!(error = %err, "token store: releasing the lease failed");
@@ -253,11 +266,16 @@ where
         result
     }
 
-    async fn under_lease(&self, lease: &Lease, ctx: RefreshContext) -> Result<Token, RefreshError> {
+    async fn under_lease(
+        &self,
+        lease: &Lease,
+        ctx: RefreshContext,
+        first_seen: u64,
+    ) -> Result<Token, RefreshError> {
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
-        if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref()) {
+        if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
             tracing::debug!("token store: adopted a token stored before the lease was taken");
             return Ok(token);
         }
@@ -297,7 +315,7 @@ where
                 // presented. Check the store before ending the session.
                 if let Ok(Some(now)) = store.load().await {
                     if now.version() > base {
-                        if let Some(token) = self.adoptable(Some(&now), from.as_ref()) {
+                        if let Some(token) = self.adoptable(Some(&now), from.as_ref(), base) {
                             tracing::info!(
                                 version = now.version(),
                                 "token store: refresh rejected, but another process had rotated; adopted its token"
@@ -410,6 +428,43 @@ mod tests {
         let next = RefreshContext::new(Some(Token::bearer("a1").unwrap()), RefreshReason::Expired);
         assert_eq!(shared[2].refresh(next).await.unwrap().secret(), "a2");
         assert_eq!(store.load().await.unwrap().unwrap().version(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_just_refreshed_short_lived_token_is_adopted_by_the_waiters() {
+        let store = MemoryStore::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let short = {
+            let calls = calls.clone();
+            context_fn(move |_ctx: RefreshContext| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    // Shorter than `min_remaining` (5 s).
+                    Ok(Token::bearer("short")?.with_expires_in(Duration::from_secs(2)))
+                }
+            })
+        };
+        let short = Arc::new(short);
+        let shared: Vec<_> = (0..4)
+            .map(|_| {
+                let short = short.clone();
+                let inner = context_fn(move |ctx| short.refresh(ctx));
+                StoreRefresher::new(inner, store.clone())
+            })
+            .collect();
+        let results =
+            futures_util::future::join_all(shared.iter().map(|s| s.refresh(stale()))).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one call, however short the lifetime"
+        );
+        assert!(
+            results
+                .iter()
+                .all(|r| r.as_ref().unwrap().secret() == "short")
+        );
     }
 
     #[tokio::test]
