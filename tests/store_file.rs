@@ -279,11 +279,7 @@ fn corrupt_or_truncated_record_is_a_typed_error_and_never_overwritten() {
             assert_eq!(std::fs::read(&path).unwrap(), bytes, "never overwritten");
 
             // A writer holding the lease is refused too.
-            let lease = store
-                .try_lease(Duration::from_secs(1))
-                .await
-                .unwrap()
-                .unwrap();
+            let lease = free_lease(&store).await;
             let cas = store.compare_and_set(&lease, 0, &valid_record(1)).await;
             assert!(cas.unwrap_err().is_corrupt());
             store.release(lease).await.unwrap();
@@ -311,11 +307,7 @@ async fn compare_and_set_never_overwrites_a_newer_record() {
     let dir = TempDir::new("cas");
     let store = FileStore::new(dir.path().join("token.json"));
     seed(&store, &valid_record(1).to_token().unwrap()).await;
-    let lease = store
-        .try_lease(Duration::from_secs(1))
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = free_lease(&store).await;
     assert!(
         store
             .try_lease(Duration::from_secs(1))

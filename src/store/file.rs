@@ -22,7 +22,9 @@ use super::{CasOutcome, Lease, Record, StoreError, TokenStore, fence};
 ///   100 ms.
 ///
 /// The directory must exist. Keep it on a local file system: advisory locks over NFS are not
-/// reliable.
+/// reliable. The lock belongs to the open file, which the standard library opens
+/// close-on-exec: a child process being spawned shares it only until it `exec`s, so a lease
+/// may outlive its release by that moment (the others retry).
 ///
 /// # Example
 ///

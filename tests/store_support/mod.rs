@@ -102,13 +102,22 @@ pub(crate) fn grant_refresher(token_url: String, calls: GrantCalls) -> impl Toke
     })
 }
 
+/// Takes the lease of a store no process is refreshing. Retries for a moment: a child process
+/// being spawned by another test of this binary holds a copy of every open descriptor (the
+/// file store's lock among them) until it `exec`s.
+pub(crate) async fn free_lease<S: TokenStore>(store: &S) -> tower_auth_refresh::store::Lease {
+    for _ in 0..500 {
+        if let Some(lease) = store.try_lease(Duration::from_secs(5)).await.unwrap() {
+            return lease;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the lease stayed taken for 5 s");
+}
+
 /// Writes the first record (version 1) into `store`, as a login would.
 pub(crate) async fn seed<S: TokenStore>(store: &S, token: &Token) {
-    let lease = store
-        .try_lease(Duration::from_secs(5))
-        .await
-        .unwrap()
-        .expect("the lease is free when seeding");
+    let lease = free_lease(store).await;
     let record = Record::from_token(1, token, SystemTime::now());
     let outcome = store.compare_and_set(&lease, 0, &record).await.unwrap();
     assert_eq!(outcome, CasOutcome::Written);
