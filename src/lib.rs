@@ -174,6 +174,8 @@
 //! |---|---|---|
 //! | `oauth2` | yes | the RFC 6749 refresh-token grant refresher ([`oauth2`]) |
 //! | `reqwest` | no | a `reqwest-middleware` adapter ([`reqwest`]) sharing the layer's token |
+//! | `store` | no | a token set shared by several processes ([`store`]): memory and file stores |
+//! | `redis` | no | the Redis token store, for replicas on several hosts (implies `store`) |
 //!
 //! # Many principals
 //!
@@ -206,6 +208,9 @@ pub mod policy;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+#[cfg(feature = "store")]
+#[cfg_attr(docsrs, doc(cfg(feature = "store")))]
+pub mod store;
 
 pub use body::{DEFAULT_MAX_REPLAY_BODY, ReplayBody};
 pub use cell::backoff::{Backoff, Cooldown, RefreshAhead};

@@ -1,0 +1,236 @@
+//! A store in one file, for the processes of one host.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{CasOutcome, Lease, Record, StoreError, TokenStore, fence};
+
+/// A [`TokenStore`] in one file, shared by the processes of one host; it survives restarts.
+///
+/// - The record is JSON in the file at `path`, created with mode 0600 (owner only) on Unix. A
+///   write goes to a temporary file in the same directory, is flushed to disk (`fsync`), and
+///   replaces the record with an atomic rename (then the directory is flushed too), so a
+///   reader sees the old record or the new one, never half of one, even after a crash.
+/// - The lease is an OS advisory lock (`flock` on Unix, `LockFileEx` on Windows, through the
+///   `fs4` crate) on `<path>.lock`. The OS releases it as soon as its holder exits or is
+///   killed, so a dead holder never blocks the others; the TTL bounds the refresh the holder
+///   runs under it (see [`StoreRefresher::lease_ttl`](super::StoreRefresher::lease_ttl)).
+/// - Waiters learn of a new version by polling the file, every 10 ms at first, backing off to
+///   100 ms.
+///
+/// The directory must exist. Keep it on a local file system: advisory locks over NFS are not
+/// reliable. The lock belongs to the open file, which the standard library opens
+/// close-on-exec: a child process being spawned shares it only until it `exec`s, so a lease
+/// may outlive its release by that moment (the others retry).
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::store::FileStore;
+///
+/// let store = FileStore::new("/var/lib/my-app/token.json");
+/// assert!(store.path().ends_with("token.json"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    paths: Arc<Paths>,
+}
+
+#[derive(Debug)]
+struct Paths {
+    record: PathBuf,
+    lock: PathBuf,
+}
+
+const POLL_FIRST: Duration = Duration::from_millis(10);
+const POLL_MAX: Duration = Duration::from_millis(100);
+
+impl FileStore {
+    /// A store whose record is the file at `path` (its lock is `<path>.lock`).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let record: PathBuf = path.into();
+        let mut lock = record.clone().into_os_string();
+        lock.push(".lock");
+        Self {
+            paths: Arc::new(Paths {
+                record,
+                lock: PathBuf::from(lock),
+            }),
+        }
+    }
+
+    /// The record's path.
+    pub fn path(&self) -> &Path {
+        &self.paths.record
+    }
+}
+
+/// Runs blocking file work off the async threads when there is a Tokio runtime.
+async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+where
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle
+            .spawn_blocking(f)
+            .await
+            .map_err(|e| StoreError::unavailable("file store task failed", e))?,
+        Err(_) => f(),
+    }
+}
+
+fn unavailable(what: &str, path: &Path, err: io::Error) -> StoreError {
+    StoreError::unavailable(format!("cannot {what} {}", path.display()), err)
+}
+
+fn open_private(options: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+}
+
+fn read_record(path: &Path) -> Result<Option<Record>, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Record::decode(&bytes).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unavailable("read", path, e)),
+    }
+}
+
+fn open_lock(path: &Path) -> Result<File, StoreError> {
+    open_private(OpenOptions::new().read(true).write(true).create(true))
+        .truncate(false)
+        .open(path)
+        .map_err(|e| unavailable("open the lock file", path, e))
+}
+
+/// Takes the OS lock without blocking; `None` if another holder has it.
+fn try_lock(file: &File, path: &Path) -> Result<bool, StoreError> {
+    match <File as fs4::FileExt>::try_lock(file) {
+        Ok(()) => Ok(true),
+        Err(fs4::TryLockError::WouldBlock) => Ok(false),
+        Err(fs4::TryLockError::Error(e)) => Err(unavailable("lock", path, e)),
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8], tag: &str) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "token".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.{tag}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = open_private(OpenOptions::new().write(true).create_new(true))
+            .open(&tmp)
+            .map_err(|e| unavailable("create", &tmp, e))?;
+        file.write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| unavailable("write", &tmp, e))?;
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(|e| unavailable("replace", path, e))?;
+        // Make the rename itself durable. Directories cannot be opened this way everywhere
+        // (Windows), and failing here would not undo the rename: best effort.
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl TokenStore for FileStore {
+    async fn load(&self) -> Result<Option<Record>, StoreError> {
+        let paths = self.paths.clone();
+        blocking(move || read_record(&paths.record)).await
+    }
+
+    async fn try_lease(&self, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        let paths = self.paths.clone();
+        blocking(move || {
+            let file = open_lock(&paths.lock)?;
+            if !try_lock(&file, &paths.lock)? {
+                return Ok(None);
+            }
+            let mut lease = Lease::new(fence(), ttl);
+            lease.file = Some(file);
+            Ok(Some(lease))
+        })
+        .await
+    }
+
+    async fn compare_and_set(
+        &self,
+        lease: &Lease,
+        expected: u64,
+        record: &Record,
+    ) -> Result<CasOutcome, StoreError> {
+        if lease.file.is_none() {
+            // Not a lease of a file store: the OS lock is not held.
+            return Ok(CasOutcome::LeaseLost);
+        }
+        let paths = self.paths.clone();
+        let bytes = record.encode();
+        let tag = lease.fence()[..8].to_owned();
+        blocking(move || {
+            // The OS lock is held, so no other writer can run between this read and the rename.
+            // A corrupt record is an error here too: it is never overwritten automatically.
+            let current = read_record(&paths.record)?;
+            if current.as_ref().map_or(0, Record::version) != expected {
+                return Ok(CasOutcome::VersionChanged);
+            }
+            write_atomically(&paths.record, &bytes, &tag)?;
+            Ok(CasOutcome::Written)
+        })
+        .await
+    }
+
+    async fn release(&self, lease: Lease) -> Result<(), StoreError> {
+        // Closing the file releases the OS lock.
+        drop(lease);
+        Ok(())
+    }
+
+    async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + max;
+        let mut step = POLL_FIRST;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(step.min(deadline - now)).await;
+            let paths = self.paths.clone();
+            let moved = blocking(move || {
+                let newer = match read_record(&paths.record) {
+                    Ok(rec) => rec.as_ref().map_or(0, Record::version) > seen,
+                    // Let the caller's load report it.
+                    Err(_) => true,
+                };
+                if newer {
+                    return Ok(true);
+                }
+                // A free lock means the holder is gone: worth trying again.
+                let file = open_lock(&paths.lock)?;
+                try_lock(&file, &paths.lock)
+            })
+            .await?;
+            if moved {
+                return Ok(());
+            }
+            step = (step * 2).min(POLL_MAX);
+        }
+    }
+}

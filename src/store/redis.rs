@@ -1,0 +1,283 @@
+//! A store in Redis, for replicas on several hosts.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ProtocolVersion, PushKind, Script};
+use tokio::sync::watch;
+
+use super::{CasOutcome, Lease, Record, StoreError, TokenStore, fence};
+
+/// The fenced compare-and-set: writes only if the lease still holds the caller's fencing
+/// value and the stored version is the expected one, then wakes the waiters.
+const CAS: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'lease' end
+local cur = redis.call('GET', KEYS[1])
+local v = 0
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if not ok or type(rec) ~= 'table' or type(rec['version']) ~= 'number' then return 'corrupt' end
+  v = rec['version']
+end
+if v ~= tonumber(ARGV[2]) then return 'version' end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('PUBLISH', KEYS[3], ARGV[4])
+return 'ok'
+";
+
+/// Releases the lease only if it still holds the caller's fencing value.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], 'released')
+end
+return 1
+";
+
+/// A [`TokenStore`] in Redis, for replicas that share one credential across hosts.
+///
+/// With the prefix `p`, the record is the string key `p:record` (the JSON of [`Record`]), the
+/// lease is `p:lease`, and new versions are published on `p:changed`. Use one prefix per
+/// principal (a keyed layer: one store per key, with the key in the prefix).
+///
+/// - The lease is `SET p:lease <fence> NX PX <ttl>` with a random 128-bit fencing value; a
+///   holder that dies loses it when the TTL runs out.
+/// - The compare-and-set is a Lua script that checks the fence and the version and writes in
+///   one step, then `PUBLISH`es, so waiters wake without polling hard (they still re-check
+///   every 250 ms at most, for a missed message or an expired lease).
+/// - The connection is a `redis` crate `ConnectionManager` (RESP3, so one connection carries
+///   commands and the subscription), which reconnects by itself; while Redis is unreachable,
+///   every operation fails as a [`StoreError`] for which
+///   [`is_unavailable`](StoreError::is_unavailable) holds, a transient refresh failure.
+///
+/// Needs Redis 6 or later (RESP3).
+///
+/// # Example
+///
+/// ```no_run
+/// use tower_auth_refresh::store::{RedisStore, StoreRefresher};
+/// use tower_auth_refresh::{refresh_fn, RefreshError, RefreshLayer, Token};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::open("redis://127.0.0.1:6379/", "my-app:tenant-42")?;
+/// let refresher = refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("t")?) });
+/// let layer = RefreshLayer::new(StoreRefresher::new(refresher, store));
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Arc<Connection>,
+    record: String,
+    lease: String,
+    channel: String,
+    subscribed: AtomicBool,
+}
+
+/// What the stores of several prefixes share: one connection, its subscription messages.
+struct Connection {
+    conn: ConnectionManager,
+    changed: watch::Sender<u64>,
+    cas: Script,
+    release: Script,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("record", &self.inner.record)
+            .field("lease", &self.inner.lease)
+            .field("channel", &self.inner.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(what: &str, err: redis::RedisError) -> StoreError {
+    StoreError::unavailable(format!("redis {what} failed"), err)
+}
+
+impl RedisStore {
+    /// A store at `url` (`redis://host:port/db`) whose keys start with `prefix`. Connects
+    /// lazily: a process can start while Redis is down, and its refreshes fail transiently
+    /// until Redis is back.
+    ///
+    /// Must be called inside a Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`] if the URL is not a Redis URL.
+    pub fn open(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client =
+            Client::open(url).map_err(|e| StoreError::unavailable("invalid redis URL", e))?;
+        let info = client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = Client::open(info.set_redis_settings(settings))
+            .map_err(|e| StoreError::unavailable("invalid redis URL", e))?;
+        let (changed, _) = watch::channel(0u64);
+        let tx = changed.clone();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_push_sender(move |info: redis::PushInfo| {
+                if matches!(info.kind, PushKind::Message) {
+                    tx.send_modify(|n| *n += 1);
+                }
+                Ok::<(), ()>(())
+            })
+            .set_automatic_resubscription();
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError::unavailable("redis connection setup failed", e))?;
+        let conn = Arc::new(Connection {
+            conn,
+            changed,
+            cas: Script::new(CAS),
+            release: Script::new(RELEASE),
+        });
+        Ok(Self::with_connection(conn, prefix))
+    }
+
+    fn with_connection(conn: Arc<Connection>, prefix: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                conn,
+                record: format!("{prefix}:record"),
+                lease: format!("{prefix}:lease"),
+                channel: format!("{prefix}:changed"),
+                subscribed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The store of another principal (`prefix`) on the same connection: for the keyed
+    /// layer, one record per key without one connection per key.
+    ///
+    /// ```no_run
+    /// # use tower_auth_refresh::store::RedisStore;
+    /// # fn main() -> Result<(), tower_auth_refresh::store::StoreError> {
+    /// let base = RedisStore::open("redis://127.0.0.1:6379/", "my-app")?;
+    /// let tenant = base.scoped("my-app:tenant-7");
+    /// assert_eq!(tenant.record_key(), "my-app:tenant-7:record");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn scoped(&self, prefix: &str) -> Self {
+        Self::with_connection(self.inner.conn.clone(), prefix)
+    }
+
+    /// The key of the record.
+    pub fn record_key(&self) -> &str {
+        &self.inner.record
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.conn.clone()
+    }
+}
+
+impl TokenStore for RedisStore {
+    async fn load(&self) -> Result<Option<Record>, StoreError> {
+        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&self.inner.record)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| {
+                if e.code() == Some("WRONGTYPE") {
+                    StoreError::corrupt("the record key holds a value that is not a string")
+                } else {
+                    unavailable("GET", e)
+                }
+            })?;
+        bytes.map(|b| Record::decode(&b)).transpose()
+    }
+
+    async fn try_lease(&self, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        let fence = fence();
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&self.inner.lease)
+            .arg(&fence)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("SET NX", e))?;
+        Ok(set.map(|_| Lease::new(fence, ttl)))
+    }
+
+    async fn compare_and_set(
+        &self,
+        lease: &Lease,
+        expected: u64,
+        record: &Record,
+    ) -> Result<CasOutcome, StoreError> {
+        let answer: String = self
+            .inner
+            .conn
+            .cas
+            .key(&self.inner.record)
+            .key(&self.inner.lease)
+            .key(&self.inner.channel)
+            .arg(lease.fence())
+            .arg(expected)
+            .arg(record.encode())
+            .arg(record.version())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("compare-and-set", e))?;
+        match answer.as_str() {
+            "ok" => Ok(CasOutcome::Written),
+            "version" => Ok(CasOutcome::VersionChanged),
+            "lease" => Ok(CasOutcome::LeaseLost),
+            _ => Err(StoreError::corrupt(
+                "the stored record is not valid; it was not overwritten",
+            )),
+        }
+    }
+
+    async fn release(&self, lease: Lease) -> Result<(), StoreError> {
+        let _: i64 = self
+            .inner
+            .conn
+            .release
+            .key(&self.inner.lease)
+            .key(&self.inner.channel)
+            .arg(lease.fence())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("lease release", e))?;
+        Ok(())
+    }
+
+    async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
+        let mut rx = self.inner.conn.changed.subscribe();
+        if !self.inner.subscribed.load(Ordering::Acquire) {
+            self.conn()
+                .subscribe(&self.inner.channel)
+                .await
+                .map_err(|e| unavailable("SUBSCRIBE", e))?;
+            self.inner.subscribed.store(true, Ordering::Release);
+        }
+        // A version published before the subscription is seen here.
+        let current = self.load().await?.map_or(0, |r| r.version());
+        if current > seen {
+            return Ok(());
+        }
+        let _ = tokio::time::timeout(max, rx.changed()).await;
+        Ok(())
+    }
+}

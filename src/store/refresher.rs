@@ -1,0 +1,509 @@
+//! The store protocol as a refresher decorator.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::{CasOutcome, Lease, Record, StoreError, TokenStore};
+use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
+use crate::token::Token;
+
+/// A [`TokenRefresher`] that shares one token set among processes through a [`TokenStore`].
+///
+/// It wraps your refresher and runs the store protocol described in the [module
+/// documentation](super) on every refresh the layer asks for: adopt a newer stored token,
+/// else take the lease, refresh with the **stored** refresh token (handed to your refresher as
+/// `ctx.stale().refresh_token()`), compare-and-set the new set, release. Your refresher is
+/// called only by the lease holder, so with rotating refresh tokens exactly one process spends
+/// each refresh token.
+///
+/// Your refresher should attach the refresh token it got back to the token it returns
+/// ([`Token::with_refresh_token`]); if it returns none, the stored one is kept. The token
+/// handed to the layer carries the absolute expiry and the refresh token, so a process that
+/// loses the store (Redis down) can still refresh on its own later.
+///
+/// Store failures are transient refresh failures ([`RefreshError::transient`]), retried by
+/// the layer. A refresh whose write fails after the token endpoint answered still returns the
+/// new token to this process (the refresh token may already be spent on the server).
+///
+/// # Example
+///
+/// ```
+/// use tower_auth_refresh::store::{MemoryStore, StoreRefresher};
+/// use tower_auth_refresh::{context_fn, RefreshContext, RefreshError, RefreshLayer, Token};
+///
+/// let refresher = context_fn(|ctx: RefreshContext| async move {
+///     let refresh_token = ctx.stale().and_then(|t| t.refresh_token()).unwrap_or("initial");
+///     let _ = refresh_token; // present it to the token endpoint
+///     Ok::<_, RefreshError>(Token::bearer("access")?.with_refresh_token("rotated"))
+/// });
+/// let shared = StoreRefresher::new(refresher, MemoryStore::new())
+///     .lease_ttl(std::time::Duration::from_secs(10));
+/// let layer = RefreshLayer::new(shared);
+/// # let _ = layer;
+/// ```
+pub struct StoreRefresher<R, S> {
+    inner: Arc<Inner<R, S>>,
+}
+
+struct Inner<R, S> {
+    refresher: R,
+    store: S,
+    lease_ttl: Duration,
+    lease_wait: Option<Duration>,
+    min_remaining: Duration,
+}
+
+impl<R, S> Clone for StoreRefresher<R, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<R, S: fmt::Debug> fmt::Debug for StoreRefresher<R, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreRefresher")
+            .field("store", &self.inner.store)
+            .field("lease_ttl", &self.inner.lease_ttl)
+            .field("lease_wait", &self.wait_budget())
+            .field("min_remaining", &self.inner.min_remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default lease TTL: longer than any sane token call (the OAuth 2.0 refresher's timeout
+/// is 10 s).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// A stored token with less than this left is not adopted.
+pub const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(5);
+
+/// The longest single wait for a change before the lease is tried again.
+const WAIT_SLICE: Duration = Duration::from_millis(250);
+
+impl<R, S> StoreRefresher<R, S> {
+    /// Wraps `refresher` so that every process using `store` shares its token set.
+    pub fn new(refresher: R, store: S) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                refresher,
+                store,
+                lease_ttl: DEFAULT_LEASE_TTL,
+                lease_wait: None,
+                min_remaining: DEFAULT_MIN_REMAINING,
+            }),
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut Inner<R, S> {
+        Arc::get_mut(&mut self.inner).expect("configure a StoreRefresher before cloning it")
+    }
+
+    /// How long a lease lasts at most (30 s by default). The refresh that runs under it is cut
+    /// off after this long (a transient failure), so a live holder never outlasts its lease;
+    /// a holder that dies loses it when the TTL runs out (Redis) or at once (file store).
+    ///
+    /// # Panics
+    ///
+    /// If called on a clone.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.inner_mut().lease_ttl = ttl.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long to wait for another process's lease before failing with a transient error
+    /// (the lease TTL plus 5 s by default).
+    ///
+    /// # Panics
+    ///
+    /// If called on a clone.
+    #[must_use]
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.inner_mut().lease_wait = Some(wait);
+        self
+    }
+
+    /// A stored token with less than this left before its expiry is not adopted, but
+    /// refreshed (5 s by default).
+    ///
+    /// # Panics
+    ///
+    /// If called on a clone.
+    #[must_use]
+    pub fn min_remaining(mut self, left: Duration) -> Self {
+        self.inner_mut().min_remaining = left;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// The wrapped refresher.
+    pub fn get_ref(&self) -> &R {
+        &self.inner.refresher
+    }
+
+    fn wait_budget(&self) -> Duration {
+        self.inner
+            .lease_wait
+            .unwrap_or(self.inner.lease_ttl + Duration::from_secs(5))
+    }
+}
+
+impl<R, S> TokenRefresher for StoreRefresher<R, S>
+where
+    R: TokenRefresher,
+    S: TokenStore,
+{
+    type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
+
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.run(ctx).await })
+    }
+
+    fn logout(&self) {
+        self.inner.refresher.logout();
+    }
+}
+
+fn store_failure(err: StoreError) -> RefreshError {
+    RefreshError::transient(err)
+}
+
+impl<R, S> StoreRefresher<R, S>
+where
+    R: TokenRefresher,
+    S: TokenStore,
+{
+    /// A stored token this process may use instead of refreshing: not the one that was
+    /// rejected, and valid for a while yet (`min_remaining`), or at all if it was written
+    /// after version `written_after` (just refreshed by another process: refreshing again
+    /// could not give a longer-lived one).
+    fn adoptable(
+        &self,
+        record: Option<&Record>,
+        stale: Option<&Token>,
+        written_after: u64,
+    ) -> Option<Token> {
+        let record = record?;
+        let margin = if record.version() > written_after {
+            Duration::ZERO
+        } else {
+            self.inner.min_remaining
+        };
+        if record.expires_within(margin, SystemTime::now()) {
+            return None;
+        }
+        if stale.is_some_and(|s| record.same_access_token(s)) {
+            return None;
+        }
+        record.to_token().ok()
+    }
+
+    async fn run(&self, ctx: RefreshContext) -> Result<Token, RefreshError> {
+        let store = &self.inner.store;
+        let stale = ctx.stale().cloned();
+        let record = store.load().await.map_err(store_failure)?;
+        if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), u64::MAX) {
+            tracing::debug!(
+                version = record.as_ref().map_or(0, Record::version),
+                "token store: adopted a newer stored token"
+            );
+            return Ok(token);
+        }
+        let first_seen = record.as_ref().map_or(0, Record::version);
+        let mut seen = first_seen;
+
+        // Take the lease, or adopt what its holder stores.
+        let started = Instant::now();
+        let wait = self.wait_budget();
+        let lease = loop {
+            if let Some(lease) = store
+                .try_lease(self.inner.lease_ttl)
+                .await
+                .map_err(store_failure)?
+            {
+                break lease;
+            }
+            let waited = started.elapsed();
+            if waited >= wait {
+                tracing::warn!(
+                    waited_ms = waited.as_millis() as u64,
+                    "token store: gave up waiting for the refresh lease"
+                );
+                return Err(store_failure(StoreError::lease_timeout(waited)));
+            }
+            store
+                .wait_change(seen, WAIT_SLICE.min(wait - waited))
+                .await
+                .map_err(store_failure)?;
+            let record = store.load().await.map_err(store_failure)?;
+            if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
+                tracing::debug!(
+                    version = record.as_ref().map_or(0, Record::version),
+                    "token store: adopted the token stored by the lease holder"
+                );
+                return Ok(token);
+            }
+            seen = seen.max(record.as_ref().map_or(0, Record::version));
+        };
+        tracing::debug!(fence = lease.fence(), "token store: lease taken");
+        let result = self.under_lease(&lease, ctx, first_seen).await;
+        if let Err(err) = store.release(lease).await {
+            // The lease runs out by itself.
+            tracing::debug!(error = %err, "token store: releasing the lease failed");
+        }
+        result
+    }
+
+    async fn under_lease(
+        &self,
+        lease: &Lease,
+        ctx: RefreshContext,
+        first_seen: u64,
+    ) -> Result<Token, RefreshError> {
+        let store = &self.inner.store;
+        let stale = ctx.stale().cloned();
+        let record = store.load().await.map_err(store_failure)?;
+        if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
+            tracing::debug!("token store: adopted a token stored before the lease was taken");
+            return Ok(token);
+        }
+        let base = record.as_ref().map_or(0, Record::version);
+
+        // The token set to refresh from: the stored one (its refresh token is the current one
+        // for every process), else this process's own.
+        let from = match &record {
+            Some(record) => {
+                let token = record.to_token().map_err(store_failure)?;
+                let own = stale.as_ref().and_then(Token::refresh_token);
+                Some(match (token.refresh_token(), own) {
+                    (None, Some(own)) => token.with_refresh_token(own),
+                    _ => token,
+                })
+            }
+            None => stale.clone(),
+        };
+        let previous_refresh = from
+            .as_ref()
+            .and_then(|t| t.refresh_token().map(str::to_owned));
+        let reason = ctx.reason().clone();
+        let call = self
+            .inner
+            .refresher
+            .refresh(RefreshContext::new(from.clone(), reason));
+        let outcome = match tokio::time::timeout(self.inner.lease_ttl, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(RefreshError::transient(
+                "the refresher ran longer than the store's lease TTL",
+            )),
+        };
+        let token = match outcome {
+            Ok(token) => token,
+            Err(err) if err.is_terminal() => {
+                // Rotation race: another process may have rotated the refresh token we
+                // presented. Check the store before ending the session.
+                if let Ok(Some(now)) = store.load().await {
+                    if now.version() > base {
+                        if let Some(token) = self.adoptable(Some(&now), from.as_ref(), base) {
+                            tracing::info!(
+                                version = now.version(),
+                                "token store: refresh rejected, but another process had rotated; adopted its token"
+                            );
+                            return Ok(token);
+                        }
+                    }
+                }
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
+
+        let token = match (token.refresh_token(), previous_refresh) {
+            (None, Some(previous)) => token.with_refresh_token(previous),
+            _ => token,
+        };
+        let record = Record::from_token(base + 1, &token, SystemTime::now());
+        let token = match record.expires_at() {
+            Some(at) => token.with_expires_at(at),
+            None => token,
+        };
+        match store.compare_and_set(lease, base, &record).await {
+            Ok(CasOutcome::Written) => {
+                tracing::debug!(version = base + 1, "token store: stored the new token");
+                Ok(token)
+            }
+            Ok(lost) => {
+                // Another process wrote meanwhile (our lease expired or was not exclusive):
+                // everyone else follows the stored set, so follow it too.
+                match store.load().await {
+                    Ok(Some(now)) if now.version() > base => match now.to_token() {
+                        Ok(winner) => {
+                            tracing::info!(
+                                version = now.version(),
+                                outcome = ?lost,
+                                "token store: lost the write to another process; adopted its token"
+                            );
+                            Ok(winner)
+                        }
+                        Err(_) => Ok(token),
+                    },
+                    _ => {
+                        tracing::warn!(outcome = ?lost, "token store: the new token was not stored");
+                        Ok(token)
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "token store: the new token was not stored");
+                Ok(token)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::refresher::{RefreshReason, context_fn};
+    use crate::store::MemoryStore;
+
+    fn counting(calls: Arc<AtomicUsize>, delay: Duration) -> impl TokenRefresher {
+        context_fn(move |ctx: RefreshContext| {
+            let calls = calls.clone();
+            async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let presented = ctx
+                    .stale()
+                    .and_then(Token::refresh_token)
+                    .map(str::to_owned);
+                tokio::time::sleep(delay).await;
+                assert_eq!(presented.as_deref(), Some(format!("r{}", n - 1).as_str()));
+                Ok(Token::bearer(format!("a{n}"))?
+                    .with_expires_in(Duration::from_secs(600))
+                    .with_refresh_token(format!("r{n}")))
+            }
+        })
+    }
+
+    fn stale() -> RefreshContext {
+        let token = Token::bearer("a0").unwrap().with_refresh_token("r0");
+        RefreshContext::new(Some(token), RefreshReason::Expired)
+    }
+
+    #[tokio::test]
+    async fn concurrent_refreshers_share_one_call_and_the_stored_refresh_token() {
+        let store = MemoryStore::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shared: Vec<_> = (0..4)
+            .map(|_| {
+                StoreRefresher::new(
+                    counting(calls.clone(), Duration::from_millis(20)),
+                    store.clone(),
+                )
+            })
+            .collect();
+        let results =
+            futures_util::future::join_all(shared.iter().map(|s| s.refresh(stale()))).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        for r in results {
+            let t = r.unwrap();
+            assert_eq!(t.secret(), "a1");
+            assert_eq!(t.refresh_token(), Some("r1"));
+            assert!(matches!(t.expiry(), Some(crate::Expiry::At(_))));
+        }
+        // The next refresh starts from the stored refresh token r1 (checked by the refresher).
+        let next = RefreshContext::new(Some(Token::bearer("a1").unwrap()), RefreshReason::Expired);
+        assert_eq!(shared[2].refresh(next).await.unwrap().secret(), "a2");
+        assert_eq!(store.load().await.unwrap().unwrap().version(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_just_refreshed_short_lived_token_is_adopted_by_the_waiters() {
+        let store = MemoryStore::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let short = {
+            let calls = calls.clone();
+            context_fn(move |_ctx: RefreshContext| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    // Shorter than `min_remaining` (5 s).
+                    Ok(Token::bearer("short")?.with_expires_in(Duration::from_secs(2)))
+                }
+            })
+        };
+        let short = Arc::new(short);
+        let shared: Vec<_> = (0..4)
+            .map(|_| {
+                let short = short.clone();
+                let inner = context_fn(move |ctx| short.refresh(ctx));
+                StoreRefresher::new(inner, store.clone())
+            })
+            .collect();
+        let results =
+            futures_util::future::join_all(shared.iter().map(|s| s.refresh(stale()))).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one call, however short the lifetime"
+        );
+        assert!(
+            results
+                .iter()
+                .all(|r| r.as_ref().unwrap().secret() == "short")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_lease_is_taken_over_after_its_ttl() {
+        let store = MemoryStore::new();
+        // A holder that took the lease and vanished.
+        let _lost = store
+            .try_lease(Duration::from_millis(50))
+            .await
+            .unwrap()
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shared = StoreRefresher::new(counting(calls.clone(), Duration::ZERO), store.clone())
+            .lease_ttl(Duration::from_millis(50));
+        let token = shared.refresh(stale()).await.unwrap();
+        assert_eq!(token.secret(), "a1");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_live_lease_is_bounded() {
+        let store = MemoryStore::new();
+        let _held = store
+            .try_lease(Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shared = StoreRefresher::new(counting(calls.clone(), Duration::ZERO), store)
+            .lease_wait(Duration::from_millis(30));
+        let err = shared.refresh(stale()).await.unwrap_err();
+        assert!(err.is_transient());
+        let cause = std::error::Error::source(&err).unwrap();
+        assert!(
+            cause
+                .downcast_ref::<StoreError>()
+                .unwrap()
+                .is_lease_timeout()
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+}

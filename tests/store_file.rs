@@ -1,0 +1,409 @@
+//! The file token store: several real processes share one token set through one file.
+//!
+//! Worker processes are this test binary re-executed (the ignored `worker` test); the token
+//! server and the API run in the test process on loopback.
+#![cfg(feature = "store")]
+
+#[allow(dead_code)]
+mod oauth2_server;
+mod store_support;
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+use serde_json::json;
+use tokio::sync::Notify;
+use tower::ServiceExt;
+use tower_auth_refresh::error::RefreshFailed;
+use tower_auth_refresh::store::{CasOutcome, FileStore, Record, StoreRefresher, TokenStore};
+use tower_auth_refresh::{
+    RefreshContext, RefreshLayer, RefreshReason, ReplayBody, RetryPolicy, Token, TokenRefresher,
+    context_fn,
+};
+
+use oauth2_server::{Scripted, Servers, TokenConfig};
+use store_support::*;
+
+/// Not a test: the body of a worker process (see `store_support::run_worker`).
+#[test]
+#[ignore = "a worker process of the multi-process tests, started by them"]
+fn worker() {
+    run_worker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_one_refresh_per_expiry_and_restart_file_store() {
+    let dir = TempDir::new("stampede");
+    let path = dir.path().join("token.json");
+    stampede_rounds_and_restart(StoreSpec::File(path.clone()), FileStore::new(&path), 20).await;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the record is readable by its owner only"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_holder_killed_mid_refresh_file_store() {
+    let dir = TempDir::new("killed");
+    let path = dir.path().join("token.json");
+    holder_killed_mid_refresh(
+        StoreSpec::File(path.clone()),
+        FileStore::new(&path),
+        Duration::from_secs(2),
+    )
+    .await;
+}
+
+fn ctx(stale: &Token) -> RefreshContext {
+    RefreshContext::new(Some(stale.clone()), RefreshReason::Expired)
+}
+
+/// A grant refresher that first waits at a gate, so that the test can order two processes'
+/// token calls.
+fn gated(
+    token_url: String,
+    calls: GrantCalls,
+    reached: Arc<Notify>,
+    gate: Arc<Notify>,
+) -> impl TokenRefresher {
+    let grant = Arc::new(grant_refresher(token_url, calls));
+    context_fn(move |ctx: RefreshContext| {
+        let (grant, reached, gate) = (grant.clone(), reached.clone(), gate.clone());
+        async move {
+            reached.notify_one();
+            gate.notified().await;
+            grant.refresh(ctx).await
+        }
+    })
+}
+
+/// Two processes refresh at once without a working lease. The winner rotates; the loser's
+/// token call is refused with `invalid_grant` (its refresh token was spent), and instead of
+/// ending the session it finds the winner's set in the store and adopts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_race_invalid_grant_adopts_the_winners_set() {
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access, refresh) = servers.token.login();
+    let dir = TempDir::new("race");
+    let file = FileStore::new(dir.path().join("token.json"));
+    let initial = expired_set(&access, &refresh);
+    seed(&file, &initial).await;
+
+    let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let loser_calls = GrantCalls::default();
+    let loser = StoreRefresher::new(
+        gated(
+            servers.token_url(),
+            loser_calls.clone(),
+            reached.clone(),
+            gate.clone(),
+        ),
+        Partitioned(FileStore::new(file.path())),
+    );
+    let winner = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        Partitioned(FileStore::new(file.path())),
+    );
+
+    // The loser has read version 1 and is about to present the same refresh token.
+    let pending = tokio::spawn(loser.refresh(ctx(&initial)));
+    within("the loser at its gate", reached.notified()).await;
+    let won = within("the winner", winner.refresh(ctx(&initial)))
+        .await
+        .unwrap();
+    assert_eq!(file.load().await.unwrap().unwrap().version(), 2);
+
+    // The server refuses the spent refresh token (a server without a grace window).
+    servers.token.script(Scripted::json(
+        StatusCode::BAD_REQUEST,
+        json!({ "error": "invalid_grant", "error_description": "refresh token already used" }),
+    ));
+    gate.notify_one();
+    let adopted = within("the loser", pending)
+        .await
+        .unwrap()
+        .expect("adopts, no session end");
+    assert!(
+        adopted.same_secret(&won),
+        "the loser uses the winner's access token"
+    );
+    assert_eq!(adopted.refresh_token(), won.refresh_token());
+    assert_eq!(loser_calls.get(), 1);
+    assert_eq!(servers.token.requests(), 2);
+    assert_eq!(servers.token.grants(), 1);
+    assert_eq!(
+        file.load().await.unwrap().unwrap().version(),
+        2,
+        "nothing else written"
+    );
+
+    // The adopted access token works against the API, and the next refresh (from the stored
+    // refresh token) is not a reuse.
+    let layer = RefreshLayer::new(loser.clone()).initial_token(adopted);
+    let client = support::http_client::<ReplayBody<Full<Bytes>>>();
+    let svc = tower::ServiceBuilder::new().layer(layer).service(client);
+    let res = svc
+        .clone()
+        .oneshot(support::get(servers.api_url()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    servers.token.expire_access_tokens();
+    gate.notify_one();
+    let res = svc.oneshot(support::get(servers.api_url())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(servers.token.reuse_detected(), 0);
+    assert_eq!(servers.token.grants(), 2);
+}
+
+/// Two processes refresh at once without a working lease, against a server with a grace
+/// window: both token calls succeed, the second write loses the compare-and-set, and the
+/// loser adopts the winner's stored set so that every process follows one token set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_write_adopts_the_stored_set() {
+    let servers = Servers::start(TokenConfig {
+        grace: Some(Duration::from_secs(60)),
+        ..TokenConfig::default()
+    })
+    .await;
+    let (access, refresh) = servers.token.login();
+    let dir = TempDir::new("lost-write");
+    let file = FileStore::new(dir.path().join("token.json"));
+    let initial = expired_set(&access, &refresh);
+    seed(&file, &initial).await;
+
+    let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let loser = StoreRefresher::new(
+        gated(
+            servers.token_url(),
+            GrantCalls::default(),
+            reached.clone(),
+            gate.clone(),
+        ),
+        Partitioned(FileStore::new(file.path())),
+    );
+    let winner = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        Partitioned(FileStore::new(file.path())),
+    );
+    let pending = tokio::spawn(loser.refresh(ctx(&initial)));
+    within("the loser at its gate", reached.notified()).await;
+    let won = winner.refresh(ctx(&initial)).await.unwrap();
+    gate.notify_one();
+    let adopted = within("the loser", pending).await.unwrap().unwrap();
+    assert_eq!(servers.token.grants(), 2, "both token calls went through");
+    assert_eq!(servers.token.grace_uses(), 1);
+    assert!(
+        adopted.same_secret(&won),
+        "the loser follows the stored set"
+    );
+    let stored = file.load().await.unwrap().unwrap();
+    assert_eq!(stored.version(), 2);
+    assert!(stored.same_access_token(&won));
+    assert_eq!(servers.token.reuse_detected(), 0);
+}
+
+const SECRET_ACCESS: &str = "acc-7f3a9c-SECRET";
+const SECRET_REFRESH: &str = "ref-91bd44-SECRET";
+
+fn valid_record(version: u64) -> Record {
+    let token = Token::bearer(SECRET_ACCESS)
+        .unwrap()
+        .with_expires_in(Duration::from_secs(600))
+        .with_refresh_token(SECRET_REFRESH);
+    Record::from_token(version, &token, SystemTime::now())
+}
+
+/// A corrupt or truncated record is a typed, transient error; it never panics, is never
+/// overwritten, and no secret shows in the error, its `Debug`, or the trace.
+#[test]
+fn corrupt_or_truncated_record_is_a_typed_error_and_never_overwritten() {
+    let (logs, _tracing) = support::capture_logs();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = TempDir::new("corrupt");
+        let path = dir.path().join("token.json");
+        let full = valid_record(7).encode();
+        let cases: Vec<Vec<u8>> = vec![
+            full[..full.len() / 2].to_vec(),
+            full[..full.len() - 1].to_vec(),
+            b"not json at all".to_vec(),
+            Vec::new(),
+            String::from_utf8(full.clone())
+                .unwrap()
+                .replace("\"version\":7", &format!("\"version\":\"{SECRET_ACCESS}\""))
+                .into_bytes(),
+            vec![0xff; 64],
+        ];
+        for bytes in cases {
+            std::fs::write(&path, &bytes).unwrap();
+            let store = FileStore::new(&path);
+            let err = store.load().await.unwrap_err();
+            assert!(err.is_corrupt(), "{err}");
+
+            // Through the refresher and the layer: a transient failure, the file untouched.
+            let calls = GrantCalls::default();
+            let shared = StoreRefresher::new(
+                grant_refresher("http://127.0.0.1:9/never".into(), calls.clone()),
+                store.clone(),
+            );
+            let stale = Token::bearer("stale-token")
+                .unwrap()
+                .with_refresh_token(SECRET_REFRESH);
+            let refresh_err = shared.refresh(ctx(&stale)).await.unwrap_err();
+            assert!(refresh_err.is_transient());
+            let layer = RefreshLayer::new(shared).retry(RetryPolicy::none());
+            let api = tower::service_fn(|_req: http::Request<ReplayBody<Full<Bytes>>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::<Bytes>::default()))
+            });
+            let svc = tower::ServiceBuilder::new().layer(layer).service(api);
+            let err = svc
+                .oneshot(support::get("http://127.0.0.1/x"))
+                .await
+                .unwrap_err();
+            assert!(err.is::<RefreshFailed>(), "{err}");
+            assert_eq!(calls.get(), 0, "no token call from a corrupt record");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "never overwritten");
+
+            // A writer holding the lease is refused too.
+            let lease = free_lease(&store).await;
+            let cas = store.compare_and_set(&lease, 0, &valid_record(1)).await;
+            assert!(cas.unwrap_err().is_corrupt());
+            store.release(lease).await.unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "never overwritten");
+
+            let shown = format!(
+                "{err} {err:?} {refresh_err} {refresh_err:?} {:?}",
+                store.load().await
+            );
+            for secret in [SECRET_ACCESS, SECRET_REFRESH] {
+                assert!(!shown.contains(secret), "secret in {shown}");
+            }
+        }
+    });
+    let text = logs.text();
+    for secret in [SECRET_ACCESS, SECRET_REFRESH] {
+        assert!(!text.contains(secret), "secret in the trace");
+    }
+}
+
+/// A compare-and-set against an old version never overwrites a newer valid record, and a
+/// lease that is not the store's own cannot write at all.
+#[tokio::test]
+async fn compare_and_set_never_overwrites_a_newer_record() {
+    let dir = TempDir::new("cas");
+    let store = FileStore::new(dir.path().join("token.json"));
+    seed(&store, &valid_record(1).to_token().unwrap()).await;
+    let lease = free_lease(&store).await;
+    assert!(
+        store
+            .try_lease(Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_none(),
+        "exclusive"
+    );
+    assert_eq!(
+        store
+            .compare_and_set(&lease, 1, &valid_record(2))
+            .await
+            .unwrap(),
+        CasOutcome::Written
+    );
+    let before = std::fs::read(store.path()).unwrap();
+    assert_eq!(
+        store
+            .compare_and_set(&lease, 1, &valid_record(2))
+            .await
+            .unwrap(),
+        CasOutcome::VersionChanged
+    );
+    store.release(lease).await.unwrap();
+    let foreign = tower_auth_refresh::store::Lease::new("not-a-file-lock", Duration::from_secs(1));
+    assert_eq!(
+        store
+            .compare_and_set(&foreign, 2, &valid_record(3))
+            .await
+            .unwrap(),
+        CasOutcome::LeaseLost
+    );
+    assert_eq!(std::fs::read(store.path()).unwrap(), before);
+    assert_eq!(store.load().await.unwrap().unwrap().version(), 2);
+    assert!(!format!("{:?}", store.load().await.unwrap()).contains(SECRET_ACCESS));
+}
+
+/// Two keyed layers (standing for two processes) share one record per key: each key's token
+/// is fetched once for both, and the keys never see each other's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_layers_share_one_record_per_key() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use tower_auth_refresh::keyed::KeyedRefreshLayer;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let dir = TempDir::new("keyed");
+    let calls: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let refresher = {
+        let calls = calls.clone();
+        move |key: String, _stale: Option<Token>| {
+            *calls.lock().unwrap().entry(key.clone()).or_default() += 1;
+            async move {
+                Ok::<_, tower_auth_refresh::RefreshError>(
+                    Token::bearer(format!("{key}-token"))?
+                        .with_expires_in(Duration::from_secs(3600)),
+                )
+            }
+        }
+    };
+    let api = tower::service_fn(|req: http::Request<ReplayBody<Full<Bytes>>>| async move {
+        let tenant = req.headers()["x-tenant"].to_str().unwrap().to_owned();
+        let ok = req.headers()["authorization"] == format!("Bearer {tenant}-token").as_str();
+        let mut res = http::Response::new(Full::<Bytes>::default());
+        if !ok {
+            *res.status_mut() = StatusCode::UNAUTHORIZED;
+        }
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let process = || {
+        let dir = dir.path().to_owned();
+        let shared = KeyedStoreRefresher::new(refresher.clone(), move |tenant: &String| {
+            FileStore::new(dir.join(format!("{tenant}.json")))
+        });
+        let layer = KeyedRefreshLayer::new(shared).key_fn(|parts: &http::request::Parts| {
+            Some(parts.headers.get("x-tenant")?.to_str().ok()?.to_owned())
+        });
+        tower::ServiceBuilder::new().layer(layer).service(api)
+    };
+    let (first, second) = (process(), process());
+    for svc in [&first, &second] {
+        for tenant in ["a", "b"] {
+            let req = http::Request::get("http://api.test/x")
+                .header("x-tenant", tenant)
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "tenant {tenant}");
+        }
+    }
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls, HashMap::from([("a".into(), 1), ("b".into(), 1)]));
+    for tenant in ["a", "b"] {
+        let store = FileStore::new(dir.path().join(format!("{tenant}.json")));
+        let record = store.load().await.unwrap().unwrap();
+        assert_eq!(record.version(), 1);
+        assert!(record.same_access_token(&Token::bearer(format!("{tenant}-token")).unwrap()));
+    }
+}

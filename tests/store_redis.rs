@@ -1,0 +1,299 @@
+//! The Redis token store: several real processes share one token set through a real
+//! `redis-server` started by each test (skipped, saying so, when `redis-server` is not on PATH,
+//! unless `TOWER_AUTH_REFRESH_REQUIRE_REDIS=1`).
+#![cfg(feature = "redis")]
+
+#[allow(dead_code)]
+mod oauth2_server;
+mod store_support;
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+use tower::ServiceExt;
+use tower_auth_refresh::error::RefreshFailed;
+use tower_auth_refresh::store::{CasOutcome, Record, RedisStore, StoreRefresher, TokenStore};
+use tower_auth_refresh::{
+    RefreshContext, RefreshLayer, RefreshReason, ReplayBody, RetryPolicy, Token, TokenRefresher,
+};
+
+use oauth2_server::{Servers, TokenConfig};
+use store_support::*;
+
+/// Not a test: the body of a worker process (see `store_support::run_worker`).
+#[test]
+#[ignore = "a worker process of the multi-process tests, started by them"]
+fn worker() {
+    run_worker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_one_refresh_per_expiry_and_restart_redis_store() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let spec = StoreSpec::Redis {
+        url: redis.url(),
+        prefix: "stampede".into(),
+    };
+    let store = RedisStore::open(&redis.url(), "stampede").unwrap();
+    stampede_rounds_and_restart(spec, store, 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_holder_killed_mid_refresh_redis_store() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let spec = StoreSpec::Redis {
+        url: redis.url(),
+        prefix: "killed".into(),
+    };
+    let store = RedisStore::open(&redis.url(), "killed").unwrap();
+    holder_killed_mid_refresh(spec, store, Duration::from_secs(2)).await;
+    // The dead holder's lease expired by its TTL; the survivor released its own.
+    assert!(redis.get("killed:lease").is_none());
+}
+
+/// Redis stopped mid-run: requests with a still-valid token keep succeeding (the store is off
+/// the hot path); a refresh fails as a transient `RefreshFailed` without any token call; once
+/// Redis is back (empty), the next refresh succeeds from the process's own token set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_mid_run_then_back() {
+    let Some(mut redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access, refresh) = servers.token.login();
+    let store = RedisStore::open(&redis.url(), "down").unwrap();
+    let set = Token::bearer(access)
+        .unwrap()
+        .with_expires_in(Duration::from_secs(3600))
+        .with_refresh_token(&refresh);
+    seed(&store, &set).await;
+
+    let calls = GrantCalls::default();
+    let shared = StoreRefresher::new(
+        grant_refresher(servers.token_url(), calls.clone()),
+        store.clone(),
+    );
+    let layer = RefreshLayer::new(shared).retry(
+        RetryPolicy::default()
+            .max_attempts(2)
+            .base_delay(Duration::from_millis(10)),
+    );
+    let client = support::http_client::<ReplayBody<Full<Bytes>>>();
+    let svc = tower::ServiceBuilder::new().layer(layer).service(client);
+    let send = || svc.clone().oneshot(support::get(servers.api_url()));
+
+    // Start: the stored token is adopted, no token call.
+    assert_eq!(send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(servers.token.requests(), 0);
+
+    redis.stop();
+    for _ in 0..10 {
+        assert_eq!(
+            send().await.unwrap().status(),
+            StatusCode::OK,
+            "valid token, store down"
+        );
+    }
+
+    servers.token.expire_access_tokens();
+    let err = send().await.unwrap_err();
+    assert!(err.is::<RefreshFailed>(), "{err}");
+    assert!(
+        err.downcast_ref::<RefreshFailed>()
+            .unwrap()
+            .refresh_error()
+            .is_transient()
+    );
+    assert_eq!(calls.get(), 0, "no token call without the store");
+    assert_eq!(servers.token.requests(), 0);
+
+    redis.start();
+    // The connection manager reconnects on demand; the layer's retry covers a first failure.
+    let mut status = None;
+    for _ in 0..5 {
+        match send().await {
+            Ok(res) => {
+                status = Some(res.status());
+                break;
+            }
+            Err(err) => assert!(err.is::<RefreshFailed>(), "{err}"),
+        }
+    }
+    assert_eq!(status, Some(StatusCode::OK), "recovered once Redis is back");
+    assert_eq!(servers.token.grants(), 1);
+    assert_eq!(servers.token.reuse_detected(), 0);
+    let stored = store
+        .load()
+        .await
+        .unwrap()
+        .expect("the new set is stored again");
+    assert_eq!(stored.version(), 1);
+    assert!(stored.has_refresh_token());
+}
+
+const SECRET_ACCESS: &str = "acc-5e0c1d-SECRET";
+const SECRET_REFRESH: &str = "ref-c4a8e2-SECRET";
+
+fn valid_record(version: u64) -> Record {
+    let token = Token::bearer(SECRET_ACCESS)
+        .unwrap()
+        .with_expires_in(Duration::from_secs(600))
+        .with_refresh_token(SECRET_REFRESH);
+    Record::from_token(version, &token, SystemTime::now())
+}
+
+/// A corrupt, truncated, or wrongly typed Redis value is a typed error, never a panic; the
+/// fenced compare-and-set refuses to overwrite it; no secret in any error or the trace.
+#[test]
+fn corrupt_redis_value_is_a_typed_error_and_never_overwritten() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let (logs, _tracing) = support::capture_logs();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let full = valid_record(4).encode();
+        let cases: Vec<Vec<u8>> = vec![
+            full[..full.len() / 2].to_vec(),
+            b"{}".to_vec(),
+            b"garbage".to_vec(),
+            String::from_utf8(full.clone())
+                .unwrap()
+                .replace("\"version\":4", &format!("\"version\":\"{SECRET_ACCESS}\""))
+                .into_bytes(),
+        ];
+        let store = RedisStore::open(&redis.url(), "bad").unwrap();
+        for bytes in cases {
+            assert_eq!(
+                redis.command(&[b"SET", b"bad:record", &bytes]).trim(),
+                "+OK"
+            );
+            let err = store.load().await.unwrap_err();
+            assert!(err.is_corrupt(), "{err}");
+
+            let calls = GrantCalls::default();
+            let shared = StoreRefresher::new(
+                grant_refresher("http://127.0.0.1:9/never".into(), calls.clone()),
+                store.clone(),
+            );
+            let stale = Token::bearer("stale")
+                .unwrap()
+                .with_refresh_token(SECRET_REFRESH);
+            let refresh_err = shared
+                .refresh(RefreshContext::new(Some(stale), RefreshReason::Expired))
+                .await
+                .unwrap_err();
+            assert!(refresh_err.is_transient());
+            assert_eq!(calls.get(), 0);
+
+            let lease = store
+                .try_lease(Duration::from_secs(2))
+                .await
+                .unwrap()
+                .unwrap();
+            let cas = store.compare_and_set(&lease, 0, &valid_record(1)).await;
+            assert!(cas.unwrap_err().is_corrupt());
+            store.release(lease).await.unwrap();
+            assert_eq!(
+                redis.get("bad:record").as_deref(),
+                Some(&bytes[..]),
+                "never overwritten"
+            );
+
+            let shown = format!("{err} {err:?} {refresh_err} {refresh_err:?}");
+            for secret in [SECRET_ACCESS, SECRET_REFRESH] {
+                assert!(!shown.contains(secret), "secret in {shown}");
+            }
+        }
+        // A key of another type.
+        redis.command(&[b"DEL", b"bad:record"]);
+        redis.command(&[b"LPUSH", b"bad:record", b"x"]);
+        assert!(store.load().await.unwrap_err().is_corrupt());
+    });
+    let text = logs.text();
+    for secret in [SECRET_ACCESS, SECRET_REFRESH] {
+        assert!(!text.contains(secret), "secret in the trace");
+    }
+}
+
+/// The lease is exclusive and fenced, a stale version never overwrites a newer record, and
+/// keys are prefixed: two principals never see each other's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_lease_version_check_and_prefixes() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let a = RedisStore::open(&redis.url(), "tenant-a").unwrap();
+    let b = RedisStore::open(&redis.url(), "tenant-b").unwrap();
+    seed(&a, &valid_record(1).to_token().unwrap()).await;
+    assert!(
+        b.load().await.unwrap().is_none(),
+        "another prefix, another record"
+    );
+
+    let lease = a
+        .try_lease(Duration::from_millis(300))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        a.try_lease(Duration::from_secs(1)).await.unwrap().is_none(),
+        "exclusive"
+    );
+    assert!(
+        b.try_lease(Duration::from_secs(1)).await.unwrap().is_some(),
+        "per prefix"
+    );
+    assert_eq!(
+        a.compare_and_set(&lease, 0, &valid_record(2))
+            .await
+            .unwrap(),
+        CasOutcome::VersionChanged
+    );
+    // The lease runs out; another holder takes it; the old fence cannot write any more.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = a
+        .try_lease(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("expired lease");
+    assert_ne!(second.fence(), lease.fence());
+    assert_eq!(
+        a.compare_and_set(&lease, 1, &valid_record(2))
+            .await
+            .unwrap(),
+        CasOutcome::LeaseLost
+    );
+    a.release(lease).await.unwrap();
+    assert!(
+        a.try_lease(Duration::from_secs(1)).await.unwrap().is_none(),
+        "an old fence cannot release"
+    );
+    assert_eq!(
+        a.compare_and_set(&second, 1, &valid_record(2))
+            .await
+            .unwrap(),
+        CasOutcome::Written
+    );
+    a.release(second).await.unwrap();
+    assert_eq!(a.load().await.unwrap().unwrap().version(), 2);
+
+    // A scoped store shares the connection, not the record.
+    let c = a.scoped("tenant-c");
+    assert_eq!(c.record_key(), "tenant-c:record");
+    assert!(c.load().await.unwrap().is_none());
+    seed(&c, &valid_record(1).to_token().unwrap()).await;
+    assert_eq!(c.load().await.unwrap().unwrap().version(), 1);
+    assert_eq!(a.load().await.unwrap().unwrap().version(), 2);
+    assert!(redis.get("tenant-c:record").is_some());
+}

@@ -1,0 +1,700 @@
+//! Support for the token store tests: a refresh-token-grant refresher over plain hyper-util,
+//! worker processes (the test binary re-executed), a `redis-server` started per test, and
+//! temporary directories.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tower::{Service, ServiceExt};
+use tower_auth_refresh::store::{CasOutcome, FileStore, Record, StoreRefresher, TokenStore};
+use tower_auth_refresh::{
+    RefreshContext, RefreshError, RefreshLayer, ReplayBody, Token, TokenRefresher, context_fn,
+};
+
+/// `Basic base64("app:app-secret")`, what the loopback token endpoint expects.
+pub(crate) const APP_BASIC: &str = "Basic YXBwOmFwcC1zZWNyZXQ=";
+
+/// Bounds a test step: a hang fails instead of blocking the suite.
+pub(crate) async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within 30 s"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The refresh-token grant, by hand.
+
+/// Counts what the grant refresher did in this process.
+#[derive(Clone, Default)]
+pub(crate) struct GrantCalls(Arc<AtomicUsize>);
+
+impl GrantCalls {
+    pub(crate) fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A refresher that performs the RFC 6749 refresh-token grant against `token_url` with the
+/// refresh token it finds in the context (the stored one, under a `StoreRefresher`), and
+/// attaches the refresh token it gets back.
+pub(crate) fn grant_refresher(token_url: String, calls: GrantCalls) -> impl TokenRefresher {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    context_fn(move |ctx: RefreshContext| {
+        let client = client.clone();
+        let url = token_url.clone();
+        let calls = calls.clone();
+        async move {
+            calls.0.fetch_add(1, Ordering::SeqCst);
+            let refresh = ctx
+                .stale()
+                .and_then(Token::refresh_token)
+                .ok_or_else(|| RefreshError::terminal("no refresh token"))?
+                .to_owned();
+            let body: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("grant_type", "refresh_token")
+                .append_pair("refresh_token", &refresh)
+                .finish();
+            let req = Request::post(url)
+                .header(AUTHORIZATION, APP_BASIC)
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(RefreshError::terminal)?;
+            let res = client.request(req).await.map_err(RefreshError::transient)?;
+            let status = res.status();
+            let bytes = res
+                .into_body()
+                .collect()
+                .await
+                .map_err(RefreshError::transient)?
+                .to_bytes();
+            if status != StatusCode::OK {
+                return Err(RefreshError::from_status(status));
+            }
+            let json: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|_| RefreshError::transient("bad JSON"))?;
+            let access = json["access_token"]
+                .as_str()
+                .ok_or_else(|| RefreshError::transient("no access_token"))?;
+            let mut token = Token::bearer(access)?;
+            if let Some(secs) = json["expires_in"].as_u64() {
+                token = token.with_expires_in(Duration::from_secs(secs));
+            }
+            if let Some(rt) = json["refresh_token"].as_str() {
+                token = token.with_refresh_token(rt);
+            }
+            Ok(token)
+        }
+    })
+}
+
+/// Takes the lease of a store no process is refreshing. Retries for a moment: a child process
+/// being spawned by another test of this binary holds a copy of every open descriptor (the
+/// file store's lock among them) until it `exec`s.
+pub(crate) async fn free_lease<S: TokenStore>(store: &S) -> tower_auth_refresh::store::Lease {
+    for _ in 0..500 {
+        if let Some(lease) = store.try_lease(Duration::from_secs(5)).await.unwrap() {
+            return lease;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the lease stayed taken for 5 s");
+}
+
+/// Writes the first record (version 1) into `store`, as a login would.
+pub(crate) async fn seed<S: TokenStore>(store: &S, token: &Token) {
+    let lease = free_lease(store).await;
+    let record = Record::from_token(1, token, SystemTime::now());
+    let outcome = store.compare_and_set(&lease, 0, &record).await.unwrap();
+    assert_eq!(outcome, CasOutcome::Written);
+    store.release(lease).await.unwrap();
+}
+
+/// The token set a login hands out, already expired (as after a long pause).
+pub(crate) fn expired_set(access: &str, refresh: &str) -> Token {
+    Token::bearer(access)
+        .unwrap()
+        .with_expires_at(SystemTime::now() - Duration::from_secs(1))
+        .with_refresh_token(refresh)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker processes.
+
+/// The environment variable that turns the `worker` test into a worker.
+pub(crate) const WORKER_ENV: &str = "TOWER_AUTH_REFRESH_STORE_WORKER";
+
+/// Which store a worker uses.
+#[derive(Clone, Debug)]
+pub(crate) enum StoreSpec {
+    File(PathBuf),
+    Redis { url: String, prefix: String },
+}
+
+/// A worker process: the test binary running its `worker` test, driven line by line.
+pub(crate) struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+/// What one `go` round of a worker gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Round {
+    pub(crate) ok: usize,
+    pub(crate) failed: usize,
+    /// Grant calls this worker's refresher made so far.
+    pub(crate) grants: usize,
+}
+
+impl Worker {
+    pub(crate) fn spawn(
+        store: &StoreSpec,
+        api_url: &str,
+        token_url: &str,
+        lease_ttl: Duration,
+    ) -> Self {
+        let exe = std::env::current_exe().expect("current test binary");
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "worker",
+            "--exact",
+            "--nocapture",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(WORKER_ENV, "1")
+        .env("STORE_API_URL", api_url)
+        .env("STORE_TOKEN_URL", token_url)
+        .env("STORE_LEASE_TTL_MS", lease_ttl.as_millis().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+        match store {
+            StoreSpec::File(path) => {
+                cmd.env("STORE_FILE", path);
+            }
+            StoreSpec::Redis { url, prefix } => {
+                cmd.env("STORE_REDIS_URL", url)
+                    .env("STORE_REDIS_PREFIX", prefix);
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn a worker process");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Asks the worker to send `n` requests at once.
+    pub(crate) async fn start(&mut self, n: usize) {
+        self.stdin
+            .write_all(format!("go {n}\n").as_bytes())
+            .await
+            .expect("worker stdin");
+        self.stdin.flush().await.unwrap();
+    }
+
+    /// Waits for the answer to [`start`](Self::start).
+    pub(crate) async fn finish(&mut self) -> Round {
+        loop {
+            let line = within("a worker round", self.lines.next_line())
+                .await
+                .expect("worker stdout")
+                .expect("the worker exited before answering");
+            // The harness may print "test worker ... " on the same line first.
+            if let Some(rest) = line.find("@@ ").map(|at| &line[at + 3..]) {
+                let fields: HashMap<&str, usize> = rest
+                    .split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k, v.parse().unwrap()))
+                    .collect();
+                return Round {
+                    ok: fields["ok"],
+                    failed: fields["failed"],
+                    grants: fields["grants"],
+                };
+            }
+        }
+    }
+
+    /// Ends the worker cleanly.
+    pub(crate) async fn quit(mut self) {
+        let _ = self.stdin.write_all(b"quit\n").await;
+        let _ = self.stdin.flush().await;
+        let status = within("a worker exit", self.child.wait()).await.unwrap();
+        assert!(status.success(), "worker exited with {status}");
+    }
+
+    /// SIGKILLs the worker.
+    pub(crate) async fn kill(mut self) {
+        self.child.kill().await.expect("kill the worker");
+    }
+}
+
+/// Starts `n` requests on every worker at once and collects the rounds.
+pub(crate) async fn round(workers: &mut [Worker], n: usize) -> Vec<Round> {
+    for w in workers.iter_mut() {
+        w.start(n).await;
+    }
+    let mut out = Vec::new();
+    for w in workers.iter_mut() {
+        out.push(w.finish().await);
+    }
+    out
+}
+
+/// The body of the `worker` test: when [`WORKER_ENV`] is set, serve `go N` / `quit` commands
+/// on stdin with a layer whose refresher goes through the store given in the environment.
+pub(crate) fn run_worker() {
+    if std::env::var_os(WORKER_ENV).is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+        let api_url = var("STORE_API_URL");
+        let calls = GrantCalls::default();
+        let grant = grant_refresher(var("STORE_TOKEN_URL"), calls.clone());
+        let ttl = Duration::from_millis(var("STORE_LEASE_TTL_MS").parse().unwrap());
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<ReplayBody<Full<Bytes>>>();
+        if let Ok(path) = std::env::var("STORE_FILE") {
+            let shared = StoreRefresher::new(grant, FileStore::new(path)).lease_ttl(ttl);
+            let svc = tower::ServiceBuilder::new()
+                .layer(RefreshLayer::new(shared))
+                .service(client);
+            serve_commands(svc, api_url, calls).await;
+        } else {
+            #[cfg(feature = "redis")]
+            {
+                let store = tower_auth_refresh::store::RedisStore::open(
+                    &var("STORE_REDIS_URL"),
+                    &var("STORE_REDIS_PREFIX"),
+                )
+                .unwrap();
+                let shared = StoreRefresher::new(grant, store).lease_ttl(ttl);
+                let svc = tower::ServiceBuilder::new()
+                    .layer(RefreshLayer::new(shared))
+                    .service(client);
+                serve_commands(svc, api_url, calls).await;
+            }
+        }
+    });
+}
+
+async fn serve_commands<S>(svc: S, api_url: String, calls: GrantCalls)
+where
+    S: Service<Request<Full<Bytes>>, Response = http::Response<hyper::body::Incoming>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: std::fmt::Display + Send,
+    S::Future: Send,
+{
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line = line.trim();
+        if line == "quit" {
+            return;
+        }
+        let Some(n) = line
+            .strip_prefix("go ")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let mut tasks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let svc = svc.clone();
+            let url = api_url.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+                match svc.oneshot(req).await {
+                    Ok(res) => {
+                        let ok = res.status() == StatusCode::OK;
+                        let _ = res.into_body().collect().await;
+                        ok
+                    }
+                    Err(err) => {
+                        eprintln!("worker: request failed: {err}");
+                        false
+                    }
+                }
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            if t.await.unwrap_or(false) {
+                ok += 1;
+            }
+        }
+        println!("@@ ok={ok} failed={} grants={}", n - ok, calls.get());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// redis-server, started per test.
+
+/// Set to 1 to fail (instead of skip) the Redis tests when `redis-server` is missing.
+pub(crate) const REQUIRE_REDIS_ENV: &str = "TOWER_AUTH_REFRESH_REQUIRE_REDIS";
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A `redis-server` on a free loopback port, without persistence, in a temporary directory;
+/// killed when dropped.
+pub(crate) struct RedisServer {
+    binary: PathBuf,
+    port: u16,
+    dir: TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    /// Starts one, or returns `None` (after saying so) when `redis-server` is not on PATH,
+    /// unless [`REQUIRE_REDIS_ENV`] is set.
+    pub(crate) fn start_or_skip() -> Option<Self> {
+        let Some(binary) = find_on_path("redis-server") else {
+            if std::env::var(REQUIRE_REDIS_ENV).is_ok_and(|v| v == "1") {
+                panic!("redis-server not found on PATH, and {REQUIRE_REDIS_ENV}=1");
+            }
+            // Straight to the process's stderr: libtest's capture would hide an `eprintln!`.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: redis-server not found on PATH");
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            binary,
+            port,
+            dir: TempDir::new("redis"),
+            child: None,
+        };
+        server.start();
+        Some(server)
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// (Re)starts the server on the same port, empty.
+    pub(crate) fn start(&mut self) {
+        assert!(self.child.is_none());
+        let child = std::process::Command::new(&self.binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not answer within 5 s");
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a raw command (RESP arrays of bulk strings) and returns the first reply line.
+    pub(crate) fn command(&self, args: &[&[u8]]) -> String {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut msg = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            msg.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            msg.extend_from_slice(a);
+            msg.extend_from_slice(b"\r\n");
+        }
+        s.write_all(&msg).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        line
+    }
+
+    /// GET as raw bytes (`None` for nil).
+    pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use std::io::{BufRead, Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let msg = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let len: i64 = line.trim_end().strip_prefix('$').unwrap().parse().unwrap();
+        if len < 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; len as usize + 2];
+        r.read_exact(&mut buf).unwrap();
+        buf.truncate(len as usize);
+        Some(buf)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Temporary directories.
+
+/// A directory under the system's temporary directory, removed when dropped.
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-auth-refresh-{tag}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios shared by the file and Redis tests.
+
+use crate::oauth2_server::{Servers, TokenConfig};
+
+/// Requests per worker in the first stampede, and per worker in each later round.
+pub(crate) const FIRST: usize = 250;
+pub(crate) const PER_ROUND: usize = 25;
+
+/// 4 processes × 250 concurrent requests on an expired stored token: exactly 1 token call,
+/// all succeed, no reuse; then `rounds` rounds of expiry (the API drops every access token),
+/// 1 token call per round; then a restarted process sends with the stored token, 0 calls.
+pub(crate) async fn stampede_rounds_and_restart<S: TokenStore>(
+    spec: StoreSpec,
+    store: S,
+    rounds: usize,
+) {
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access, refresh) = servers.token.login();
+    seed(&store, &expired_set(&access, &refresh)).await;
+    let ttl = Duration::from_secs(10);
+    let (api, tok) = (servers.api_url(), servers.token_url());
+    let mut workers: Vec<Worker> = (0..4)
+        .map(|_| Worker::spawn(&spec, &api, &tok, ttl))
+        .collect();
+
+    let first = round(&mut workers, FIRST).await;
+    let ok: usize = first.iter().map(|r| r.ok).sum();
+    assert_eq!(ok, 4 * FIRST, "every request succeeds: {first:?}");
+    assert_eq!(
+        servers.token.requests(),
+        1,
+        "one token call for four processes"
+    );
+    assert_eq!(servers.token.reuse_detected(), 0);
+    assert_eq!(first.iter().map(|r| r.grants).sum::<usize>(), 1);
+
+    for n in 1..=rounds {
+        servers.token.expire_access_tokens();
+        let got = round(&mut workers, PER_ROUND).await;
+        assert!(
+            got.iter().all(|r| r.ok == PER_ROUND),
+            "round {n}: every request succeeds: {got:?}"
+        );
+        assert_eq!(servers.token.requests(), 1 + n, "round {n}: one token call");
+        assert_eq!(got.iter().map(|r| r.grants).sum::<usize>(), 1 + n);
+    }
+    assert_eq!(servers.token.reuse_detected(), 0);
+    assert!(!servers.token.family_revoked(&refresh));
+    let stored = store.load().await.unwrap().unwrap();
+    assert_eq!(stored.version(), 2 + rounds as u64, "one write per refresh");
+
+    // A restart: the new process sends its first request with the stored access token.
+    for w in workers {
+        w.quit().await;
+    }
+    let calls = servers.token.requests();
+    let refused = servers.api.unauthorized();
+    let mut restarted = Worker::spawn(&spec, &api, &tok, ttl);
+    restarted.start(1).await;
+    let got = restarted.finish().await;
+    assert_eq!((got.ok, got.grants), (1, 0));
+    assert_eq!(
+        servers.token.requests(),
+        calls,
+        "a restarted process makes 0 token calls"
+    );
+    assert_eq!(
+        servers.api.unauthorized(),
+        refused,
+        "its first request is not refused"
+    );
+    restarted.quit().await;
+}
+
+/// The lease holder is SIGKILLed while its token call is in flight (the server has already
+/// rotated): another process completes the next refresh once the lease is gone, presenting the
+/// stored refresh token inside the server's grace window: no family revocation.
+pub(crate) async fn holder_killed_mid_refresh<S: TokenStore>(
+    spec: StoreSpec,
+    store: S,
+    ttl: Duration,
+) {
+    let servers = Servers::start(TokenConfig {
+        grace: Some(Duration::from_secs(60)),
+        ..TokenConfig::default()
+    })
+    .await;
+    let (access, refresh) = servers.token.login();
+    seed(&store, &expired_set(&access, &refresh)).await;
+    let (api, tok) = (servers.api_url(), servers.token_url());
+
+    servers.token.hold_next(1);
+    let mut holder = Worker::spawn(&spec, &api, &tok, ttl);
+    holder.start(1).await;
+    within("the holder's token call", servers.token.held(1)).await;
+    holder.kill().await;
+    servers.token.release();
+    assert_eq!(
+        servers.token.grants(),
+        1,
+        "the dead holder's call rotated the refresh token"
+    );
+
+    let mut next = Worker::spawn(&spec, &api, &tok, ttl);
+    next.start(10).await;
+    let got = next.finish().await;
+    assert_eq!((got.ok, got.grants), (10, 1), "{got:?}");
+    assert_eq!(servers.token.grants(), 2);
+    assert_eq!(
+        servers.token.grace_uses(),
+        1,
+        "the stored refresh token was presented again"
+    );
+    assert_eq!(servers.token.reuse_detected(), 0);
+    assert!(
+        !servers.token.family_revoked(&refresh),
+        "0 family revocations"
+    );
+    let stored = store.load().await.unwrap().unwrap();
+    assert_eq!(stored.version(), 2);
+    next.quit().await;
+}
+
+/// A store whose lease is partitioned away: every process believes it holds it. Writes still
+/// go through the real store's compare-and-set (the version check), so a lost write is seen.
+pub(crate) struct Partitioned<S>(pub(crate) S);
+
+impl<S: TokenStore> TokenStore for Partitioned<S> {
+    async fn load(&self) -> Result<Option<Record>, tower_auth_refresh::store::StoreError> {
+        self.0.load().await
+    }
+
+    async fn try_lease(
+        &self,
+        ttl: Duration,
+    ) -> Result<Option<tower_auth_refresh::store::Lease>, tower_auth_refresh::store::StoreError>
+    {
+        Ok(Some(tower_auth_refresh::store::Lease::new(
+            "partitioned",
+            ttl,
+        )))
+    }
+
+    async fn compare_and_set(
+        &self,
+        _lease: &tower_auth_refresh::store::Lease,
+        expected: u64,
+        record: &Record,
+    ) -> Result<CasOutcome, tower_auth_refresh::store::StoreError> {
+        let real = loop {
+            if let Some(lease) = self.0.try_lease(Duration::from_secs(5)).await? {
+                break lease;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let outcome = self.0.compare_and_set(&real, expected, record).await;
+        self.0.release(real).await?;
+        outcome
+    }
+
+    async fn release(
+        &self,
+        _lease: tower_auth_refresh::store::Lease,
+    ) -> Result<(), tower_auth_refresh::store::StoreError> {
+        Ok(())
+    }
+
+    async fn wait_change(
+        &self,
+        seen: u64,
+        max: Duration,
+    ) -> Result<(), tower_auth_refresh::store::StoreError> {
+        self.0.wait_change(seen, max).await
+    }
+}
