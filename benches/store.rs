@@ -81,7 +81,7 @@ impl Drop for Redis {
 }
 
 fn get() -> Request<Full<Bytes>> {
-    Request::get("http://api.test/x")
+    Request::get("https://api.test/x")
         .body(Full::default())
         .unwrap()
 }

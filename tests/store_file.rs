@@ -21,7 +21,7 @@ use tower::ServiceExt;
 use tower_auth_refresh::error::RefreshFailed;
 use tower_auth_refresh::store::{CasOutcome, FileStore, Record, StoreRefresher, TokenStore};
 use tower_auth_refresh::{
-    RefreshContext, RefreshLayer, RefreshReason, ReplayBody, RetryPolicy, Token, TokenRefresher,
+    Backoff, RefreshContext, RefreshLayer, RefreshReason, ReplayBody, Token, TokenRefresher,
     context_fn,
 };
 
@@ -265,7 +265,7 @@ fn corrupt_or_truncated_record_is_a_typed_error_and_never_overwritten() {
                 .with_refresh_token(SECRET_REFRESH);
             let refresh_err = shared.refresh(ctx(&stale)).await.unwrap_err();
             assert!(refresh_err.is_transient());
-            let layer = RefreshLayer::new(shared).retry(RetryPolicy::none());
+            let layer = RefreshLayer::new(shared).retries(Backoff::none());
             let api = tower::service_fn(|_req: http::Request<ReplayBody<Full<Bytes>>>| async {
                 Ok::<_, std::convert::Infallible>(http::Response::new(Full::<Bytes>::default()))
             });
@@ -390,7 +390,7 @@ async fn keyed_layers_share_one_record_per_key() {
     let (first, second) = (process(), process());
     for svc in [&first, &second] {
         for tenant in ["a", "b"] {
-            let req = http::Request::get("http://api.test/x")
+            let req = http::Request::get("https://api.test/x")
                 .header("x-tenant", tenant)
                 .body(Full::<Bytes>::default())
                 .unwrap();

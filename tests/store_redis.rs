@@ -17,7 +17,8 @@ use tower::ServiceExt;
 use tower_auth_refresh::error::RefreshFailed;
 use tower_auth_refresh::store::{CasOutcome, Record, RedisStore, StoreRefresher, TokenStore};
 use tower_auth_refresh::{
-    RefreshContext, RefreshLayer, RefreshReason, ReplayBody, RetryPolicy, Token, TokenRefresher,
+    Backoff, Cooldown, RefreshContext, RefreshLayer, RefreshReason, ReplayBody, Token,
+    TokenRefresher,
 };
 
 use oauth2_server::{Servers, TokenConfig};
@@ -80,11 +81,17 @@ async fn redis_down_mid_run_then_back() {
         grant_refresher(servers.token_url(), calls.clone()),
         store.clone(),
     );
-    let layer = RefreshLayer::new(shared).retry(
-        RetryPolicy::default()
-            .max_attempts(2)
-            .base_delay(Duration::from_millis(10)),
-    );
+    // A short cool-down after the failed refresh, so the test sees the recovery soon.
+    let layer = RefreshLayer::new(shared)
+        .retries(
+            Backoff::default()
+                .max_attempts(2)
+                .base_delay(Duration::from_millis(10)),
+        )
+        .cooldown(Cooldown::new(
+            Duration::from_millis(50),
+            Duration::from_millis(50),
+        ));
     let client = support::http_client::<ReplayBody<Full<Bytes>>>();
     let svc = tower::ServiceBuilder::new().layer(layer).service(client);
     let send = || svc.clone().oneshot(support::get(servers.api_url()));
@@ -118,6 +125,7 @@ async fn redis_down_mid_run_then_back() {
     // The connection manager reconnects on demand; the layer's retry covers a first failure.
     let mut status = None;
     for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
         match send().await {
             Ok(res) => {
                 status = Some(res.status());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreRefresher, TokenStore};
 use crate::keyed::KeyedRefresher;
-use crate::refresher::{RefreshContext, RefreshError, RefreshReason, TokenRefresher};
+use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
 use crate::token::Token;
 
 /// A [`KeyedRefresher`] that shares each key's token set among processes, through a store of
@@ -102,7 +102,7 @@ where
     type Future = R::Future;
 
     fn refresh(&self, ctx: RefreshContext) -> R::Future {
-        self.refresher.refresh(&self.key, ctx.into_stale())
+        self.refresher.refresh(&self.key, ctx)
     }
 }
 
@@ -115,7 +115,7 @@ where
 {
     type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
 
-    fn refresh(&self, key: &K, stale: Option<Token>) -> Self::Future {
+    fn refresh(&self, key: &K, ctx: RefreshContext) -> Self::Future {
         let bound = KeyBound {
             key: key.clone(),
             refresher: self.refresher.clone(),
@@ -126,11 +126,6 @@ where
         if let Some(wait) = self.lease_wait {
             shared = shared.lease_wait(wait);
         }
-        let reason = if stale.is_some() {
-            RefreshReason::Expired
-        } else {
-            RefreshReason::NoToken
-        };
-        shared.refresh(RefreshContext::new(stale, reason))
+        shared.refresh(ctx)
     }
 }
