@@ -30,6 +30,36 @@ pub(crate) struct Kit<S, B> {
     pub(crate) head: Option<http::request::Parts>,
     pub(crate) body: Option<ReplaySource<B>>,
     pub(crate) sent: Sent,
+    /// The URI the request was sent to, kept apart only when `head` is not kept: a response
+    /// from another URI came from a redirect hop below the layer.
+    pub(crate) uri: Option<http::Uri>,
+}
+
+impl<S, B> Kit<S, B> {
+    /// Whether `res` came from a later redirect hop than the request this layer sent
+    /// (tower-http's `FollowRedirectLayer` records the final URI on the response).
+    fn redirected<T>(&self, res: &Response<T>) -> bool {
+        redirected(
+            res,
+            self.head.as_ref().map(|h| &h.uri).or(self.uri.as_ref()),
+        )
+    }
+}
+
+#[cfg(feature = "follow-redirect")]
+fn redirected<T>(res: &Response<T>, sent: Option<&http::Uri>) -> bool {
+    match res
+        .extensions()
+        .get::<tower_http::follow_redirect::RequestUri>()
+    {
+        Some(final_uri) => sent.is_none_or(|sent| *sent != final_uri.0),
+        None => false,
+    }
+}
+
+#[cfg(not(feature = "follow-redirect"))]
+fn redirected<T>(_: &Response<T>, _: Option<&http::Uri>) -> bool {
+    false
 }
 
 pin_project! {
@@ -142,7 +172,12 @@ where
                     let Some(k) = kit.as_ref() else {
                         return Poll::Ready(Ok(res));
                     };
-                    match replay::judge(&k.shared, k.sent, res.status(), res.headers(), false) {
+                    let status = res.status();
+                    if !k.shared.options.triggers(status, res.headers()) {
+                        return Poll::Ready(Ok(res));
+                    }
+                    let redirected = k.redirected(&res);
+                    match replay::judge(&k.shared, k.sent, status, res.headers(), redirected) {
                         Verdict::Final => return Poll::Ready(Ok(res)),
                         _ => {
                             let kit = kit.take().expect("checked above");
@@ -203,7 +238,14 @@ where
     parts.headers.insert(AUTHORIZATION, header);
     kit.sent.ticket = ticket;
     let res = ready_call(&mut kit.svc, Request::from_parts(parts, body)).await?;
-    match replay::judge(&kit.shared, kit.sent, res.status(), res.headers(), false) {
+    let redirected = kit.redirected(&res);
+    match replay::judge(
+        &kit.shared,
+        kit.sent,
+        res.status(),
+        res.headers(),
+        redirected,
+    ) {
         Verdict::Final => Ok(res),
         Verdict::RefusedAfterRefresh => refused_again(&kit.shared, None, res),
         Verdict::Recover => recover_and_replay(kit, res).await,
@@ -226,6 +268,7 @@ where
         head,
         body,
         sent,
+        uri: _,
     } = kit;
     if sent.waited {
         return refused_again(&shared, None, first);

@@ -137,6 +137,7 @@ where
             // The head is kept without the token (the replay sets a newer one); a request
             // without headers then clones without allocating.
             let head = source.as_ref().map(|_| parts.clone());
+            let uri = head.is_none().then(|| parts.uri.clone());
             parts.headers.insert(AUTHORIZATION, header);
             let fut = inner.call(Request::from_parts(parts, body));
             let kit = Kit {
@@ -145,6 +146,7 @@ where
                 head,
                 body: source,
                 sent,
+                uri,
             };
             ResponseFuture::sent(fut, kit)
         }
@@ -163,6 +165,7 @@ where
             let kit = Kit {
                 svc,
                 shared: shared.clone(),
+                uri: Some(parts.uri.clone()),
                 head: Some(parts),
                 body: source,
                 sent,

@@ -56,17 +56,6 @@ pub(crate) fn has_runtime() -> bool {
     tokio::runtime::Handle::try_current().is_ok()
 }
 
-/// Spawns `fut` on the current runtime, if there is one; `false` if there is none.
-pub(crate) fn spawn_detached(fut: impl Future<Output = ()> + Send + 'static) -> bool {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            drop(handle.spawn(fut));
-            true
-        }
-        Err(_) => false,
-    }
-}
-
 /// Calls the refresher until it succeeds, fails terminally, or the backoff gives up. Each
 /// attempt is cut off at the refresh timeout and at the backoff's total bound, whichever
 /// comes first (with a runtime; without one there is no timer). `single`: one attempt only

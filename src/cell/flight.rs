@@ -1,16 +1,17 @@
 //! Starting, joining and finishing a refresh.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use super::attempt::{FlightSettings, attempt_all, has_runtime, spawn_detached};
-use super::state::{Begin, Need, Session, State, Ticket};
+use super::attempt::{FlightSettings, attempt_all, has_runtime};
+use super::state::{Begin, Need, Session, State, Ticket, Unavailable};
 use super::{Answer, Job, TokenCell, now, policy};
 use crate::config::RefreshOptions;
 use crate::events::RefreshEvent;
-use crate::refresher::{RefreshContext, RefreshReason};
+use crate::refresher::{RefreshContext, RefreshError, RefreshReason};
 
 fn reason_name(reason: &RefreshReason) -> &'static str {
     match reason {
@@ -35,27 +36,46 @@ impl TokenCell {
         reason: RefreshReason,
         options: &RefreshOptions,
     ) -> Answer {
-        let (job, started) = {
+        let (job, task, inline) = {
             let mut st = self.write();
-            match st.begin(ticket, need, options.clock.now()) {
+            let (job, task) = match st.begin(ticket, need, options.clock.now()) {
                 Begin::Answer(answer) => return answer,
-                Begin::Join(job) => (job, false),
-                Begin::Start => (self.start(&mut st, reason, options, false), true),
-            }
+                Begin::Join(job) => (job, None),
+                Begin::Start => self.start(&mut st, reason, options, false),
+            };
+            let inline = st.flight.as_ref().is_some_and(|f| f.inline);
+            (job, task, inline)
         };
-        if started {
-            // A task of its own: the refresh survives the cancellation of every waiter. Each
-            // waiter also polls the shared job, so a waiter drives it whenever the task's
-            // runtime does not. Without a runtime the waiters alone drive it.
-            spawn_detached(job.clone().map(drop));
+        if let Some(task) = task {
+            task.spawn();
         }
-        Waiting {
+        let waiting = Waiting {
             cell: self,
             job: Some(job),
-            // Without a runtime there is no task to step aside for.
-            yielded: !has_runtime(),
+            inline,
+        };
+        if !has_runtime() {
+            return waiting.await;
         }
-        .await
+        // A waiter's own bound, beyond the refresh's: a refresh whose task sits on a runtime
+        // that nobody drives any more delays its waiters but never wedges them.
+        let bound = options
+            .refresh_timeout
+            .max(options.retries.total())
+            .saturating_add(WAITER_MARGIN);
+        match tokio::time::timeout(bound, waiting).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.abandon_flight(None);
+                tracing::warn!(
+                    bound_ms = bound.as_millis() as u64,
+                    "gave up waiting for a token refresh that does not finish"
+                );
+                Err(Unavailable::Failed(Arc::new(RefreshError::transient(
+                    "the token refresh did not finish in time",
+                ))))
+            }
+        }
     }
 
     /// Always calls the refresher, or joins the refresh already in flight. Ignores an ended
@@ -71,14 +91,39 @@ impl TokenCell {
         if !has_runtime() {
             return;
         }
-        let job = {
+        let task = {
             let mut st = self.write();
             if !st.ahead_due(now(options), policy(options)) {
                 return;
             }
             self.start(&mut st, RefreshReason::Background, options, true)
+                .1
         };
-        spawn_detached(job.map(drop));
+        if let Some(task) = task {
+            task.spawn();
+        }
+    }
+
+    /// Where a refresh task goes: the runtime the cell was made in (if it still runs), else
+    /// the current one.
+    fn spawn_target(&self) -> Option<tokio::runtime::Handle> {
+        match &self.runtime {
+            Some(handle) if !self.runtime_gone.load(Ordering::Relaxed) => Some(handle.clone()),
+            _ => tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    /// Clears the flight `id` (any flight if `None`): its task was dropped, or its waiters
+    /// gave up on it.
+    fn abandon_flight(&self, id: Option<u64>) {
+        let mut st = self.write();
+        if st
+            .flight
+            .as_ref()
+            .is_some_and(|f| id.is_none_or(|id| f.id == id))
+        {
+            st.flight = None;
+        }
     }
 
     /// Builds the job of a new refresh and records it as the flight. Called under the lock.
@@ -88,7 +133,7 @@ impl TokenCell {
         reason: RefreshReason,
         options: &RefreshOptions,
         background: bool,
-    ) -> Job {
+    ) -> (Job, Option<Task>) {
         let stale = match &st.session {
             Session::Active(held) => Some(held.token.clone()),
             Session::Empty { stale } | Session::Ended { stale, .. } => stale.clone(),
@@ -110,15 +155,13 @@ impl TokenCell {
         );
         let ctx = RefreshContext::new(stale, reason);
         let cell = Arc::clone(self);
-        let job = async move {
+        let work = async move {
             let started = settings.clock.now();
             // A token installed (or a logout) between the decision and the start is the answer:
             // do not refresh it away (`finish` discards the outcome of a superseded refresh).
             let superseded = cell.read().generation != generation;
             let result = if superseded {
-                Err(crate::refresher::RefreshError::transient(
-                    "superseded before it started",
-                ))
+                Err(RefreshError::transient("superseded before it started"))
             } else {
                 tracing::debug!("token refresh started");
                 attempt_all(&*cell.refresher, ctx, &settings, single).await
@@ -161,26 +204,96 @@ impl TokenCell {
             answer
         }
         .instrument(span)
-        .boxed()
-        .shared();
-        st.started(job.clone(), background);
-        job
+        .boxed();
+        let id = st.started_id();
+        match self.spawn_target() {
+            Some(runtime) => {
+                // The refresh runs as a task of its own and survives the cancellation of every
+                // waiter; the waiters only wait for its answer.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let guard = TaskGuard {
+                    cell: Arc::clone(self),
+                    id,
+                    finished: false,
+                };
+                let task = async move {
+                    // Moved in whole (not just the field), so it lives as long as the task.
+                    let mut guard = guard;
+                    let answer = work.await;
+                    guard.finished = true;
+                    let _ = tx.send(answer);
+                };
+                let answer = rx
+                    .map(|answer| {
+                        answer.unwrap_or_else(|_| {
+                            Err(Unavailable::Failed(Arc::new(RefreshError::transient(
+                                "the token refresh task was dropped before it finished",
+                            ))))
+                        })
+                    })
+                    .boxed()
+                    .shared();
+                st.started(answer.clone(), background, id, false);
+                (
+                    answer,
+                    Some(Task {
+                        runtime,
+                        fut: Box::pin(task),
+                    }),
+                )
+            }
+            None => {
+                // No runtime: the waiters drive the refresh themselves.
+                let job = work.shared();
+                st.started(job.clone(), background, id, true);
+                (job, None)
+            }
+        }
     }
 }
 
-/// A waiter on a refresh: polls the shared job (so a waiter drives it whenever no task does).
+/// How long a waiter waits beyond the refresh's own bound before it gives up.
+const WAITER_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A refresh task, spawned once the cell's lock is released.
+pub(crate) struct Task {
+    runtime: tokio::runtime::Handle,
+    fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>,
+}
+
+impl Task {
+    fn spawn(self) {
+        drop(self.runtime.spawn(self.fut));
+    }
+}
+
+/// Clears the flight if its task is dropped before it answers (its runtime shut down), and
+/// stops sending later refreshes to that runtime.
+struct TaskGuard {
+    cell: Arc<TokenCell>,
+    id: u64,
+    finished: bool,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cell.runtime_gone.store(true, Ordering::Relaxed);
+            self.cell.abandon_flight(Some(self.id));
+        }
+    }
+}
+
+/// A waiter on a refresh: polls the shared job (its answer, or, without a runtime, the
+/// refresh itself).
 ///
-/// It steps aside once before its first poll, so that the task (and the requests already
-/// queued behind this one) get to the job first: requests that run concurrently then all join
-/// this refresh instead of finding it finished and starting another.
-///
-/// If it is dropped as the last one driving a job that no task drives (no runtime, or the
-/// task's runtime is gone), the refresh is cancelled and the flight cleared, so that the next
-/// request starts a new one instead of waiting on a job nobody polls.
+/// Without a runtime, if it is dropped as the last one driving the refresh, the refresh is
+/// cancelled and the flight cleared, so that the next request starts a new one instead of
+/// waiting on a refresh nobody polls.
 struct Waiting<'a> {
     cell: &'a TokenCell,
     job: Option<Job>,
-    yielded: bool,
+    inline: bool,
 }
 
 impl std::future::Future for Waiting<'_> {
@@ -190,11 +303,6 @@ impl std::future::Future for Waiting<'_> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Answer> {
-        if !self.yielded {
-            self.yielded = true;
-            cx.waker().wake_by_ref();
-            return std::task::Poll::Pending;
-        }
         let job = self.job.as_mut().expect("polled after completion");
         let answer = std::task::ready!(std::pin::Pin::new(job).poll(cx));
         self.job = None;
@@ -207,7 +315,7 @@ impl Drop for Waiting<'_> {
         let Some(job) = self.job.take() else {
             return;
         };
-        if job.peek().is_some() {
+        if !self.inline || job.peek().is_some() {
             return;
         }
         let mut st = self.cell.write();

@@ -68,6 +68,11 @@ pub(crate) struct TokenCell {
     /// The origin the token is bound to when no allow-list is configured: the first one a
     /// request went to.
     pub(crate) origin: OnceLock<Origin>,
+    /// The runtime the cell was made in: refresh tasks run there, so a request on a runtime
+    /// that stops being driven cannot strand them. Falls back to the current runtime when
+    /// there was none, or once it is gone.
+    runtime: Option<tokio::runtime::Handle>,
+    runtime_gone: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for TokenCell {
@@ -106,6 +111,8 @@ impl TokenCell {
             events: OnceLock::new(),
             hook,
             origin: OnceLock::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            runtime_gone: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -104,6 +104,10 @@ pub(crate) struct Flight<J> {
     /// The generation the cell held when the refresh started: the refresh's result is
     /// discarded if the handle installed or cleared a token meanwhile.
     pub(crate) generation: u64,
+    /// Tells this flight from later ones.
+    pub(crate) id: u64,
+    /// No task runs it: its waiters drive it (no runtime).
+    pub(crate) inline: bool,
 }
 
 /// A failed refresh in its cool-down: no new refresh starts before `until`.
@@ -210,6 +214,8 @@ pub(crate) struct State<J> {
     /// The generation a server refused (a 401 for the current token): no request is sent
     /// with it again. Cleared by any token change.
     pub(crate) rejected: Option<u64>,
+    /// Flights started so far (flight ids).
+    pub(crate) flights: u64,
     /// Failed background refreshes in a row, and when the next may start.
     pub(crate) ahead_failures: u32,
     pub(crate) ahead_not_before: Option<Instant>,
@@ -232,6 +238,7 @@ impl<J: Clone> State<J> {
             cooling: None,
             failures: 0,
             rejected: None,
+            flights: 0,
             ahead_failures: 0,
             ahead_not_before: None,
         }
@@ -368,12 +375,20 @@ impl<J: Clone> State<J> {
         Begin::Start
     }
 
+    /// The id of the next flight.
+    pub(crate) fn started_id(&mut self) -> u64 {
+        self.flights += 1;
+        self.flights
+    }
+
     /// Records the start of a refresh.
-    pub(crate) fn started(&mut self, job: J, background: bool) {
+    pub(crate) fn started(&mut self, job: J, background: bool, id: u64, inline: bool) {
         self.flight = Some(Flight {
             job,
             background,
             generation: self.generation,
+            id,
+            inline,
         });
     }
 
@@ -618,7 +633,7 @@ mod tests {
             st.begin(ticket, Need::BeforeSend, t.mono),
             Begin::Start
         ));
-        st.started(7, false);
+        st.started(7, false, 0, false);
         for _ in 0..3 {
             assert!(matches!(
                 st.begin(ticket, Need::BeforeSend, t.mono),
@@ -639,7 +654,7 @@ mod tests {
             st.begin(ticket, Need::Refused, t.mono),
             Begin::Start
         ));
-        st.started(1, false);
+        st.started(1, false, 0, false);
         // A new request would carry the refused token: it waits instead.
         assert!(matches!(st.lookup(t, POLICY), Lookup::Stale { .. }));
         let (answer, events) = st.finish(Ok(token("b", None)), t, &no_cooldown());
@@ -676,7 +691,7 @@ mod tests {
             st.begin(ticket, Need::BeforeSend, t.mono),
             Begin::Start
         ));
-        st.started(1, false);
+        st.started(1, false, 0, false);
         let (answer, _) = st.finish(Err(RefreshError::transient("down")), t, &no_cooldown());
         let Err(Unavailable::Failed(first)) = answer else {
             panic!("transient failure");
@@ -697,13 +712,13 @@ mod tests {
     fn install_during_flight_wins_over_the_refresh_result() {
         let mut st = S::new();
         let t = now();
-        st.started(1, false);
+        st.started(1, false, 0, false);
         st.install(token("login", None), t);
         let (answer, events) = st.finish(Ok(token("refreshed", None)), t, &no_cooldown());
         assert_eq!(answer.unwrap().header, "Bearer login");
         assert_eq!(events, [None, None]);
         // And a terminal failure of the superseded refresh does not end the new session.
-        st.started(2, false);
+        st.started(2, false, 0, false);
         st.install(token("login-2", None), t);
         let (answer, _) = st.finish(Err(RefreshError::terminal("revoked")), t, &no_cooldown());
         assert_eq!(answer.unwrap().header, "Bearer login-2");
@@ -716,7 +731,7 @@ mod tests {
             let mut st = S::new();
             let t = now();
             st.install(token("a", Some(600)), t);
-            st.started(1, background);
+            st.started(1, background, 0, false);
             let (answer, events) =
                 st.finish(Err(RefreshError::terminal("revoked")), t, &no_cooldown());
             assert!(matches!(answer, Err(Unavailable::Rejected(_))));
@@ -735,7 +750,7 @@ mod tests {
         let mut st = S::new();
         let t = now();
         let cooldown = Cooldown::new(Duration::from_secs(60), Duration::from_secs(600));
-        st.started(1, false);
+        st.started(1, false, 0, false);
         let _ = st.finish(Err(RefreshError::transient("503")), t, &cooldown);
         let Lookup::Cooling(c) = st.lookup(t, POLICY) else {
             panic!("no token and cooling: fail fast");
@@ -769,7 +784,7 @@ mod tests {
         };
         let near = later(t, Duration::from_secs(550));
         assert!(matches!(st.lookup(near, policy), Lookup::Stale { .. }));
-        st.started(1, false);
+        st.started(1, false, 0, false);
         let _ = st.finish(Err(RefreshError::transient("503")), near, &cooldown);
         // The refresh failed: the token is still valid for 50 s, so it is used.
         assert!(matches!(st.lookup(near, policy), Lookup::Usable { .. }));
@@ -784,7 +799,7 @@ mod tests {
         let t = now();
         st.install(token("valid", Some(600)), t);
         let generation = st.generation;
-        st.started(1, false);
+        st.started(1, false, 0, false);
         let (answer, _) = st.finish(Ok(token("dead", Some(0))), t, &no_cooldown());
         assert!(matches!(answer, Err(Unavailable::Failed(_))));
         assert_eq!(st.generation, generation);
@@ -794,7 +809,7 @@ mod tests {
         assert_eq!(header, "Bearer valid");
         // With no valid token, the expired one serves the waiters of that refresh, once.
         let mut empty = S::new();
-        empty.started(1, false);
+        empty.started(1, false, 0, false);
         let (answer, _) = empty.finish(Ok(token("single-use", Some(0))), t, &no_cooldown());
         assert_eq!(answer.unwrap().header, "Bearer single-use");
         assert!(matches!(empty.lookup(t, POLICY), Lookup::Stale { .. }));
@@ -842,7 +857,7 @@ mod tests {
         assert!(!st.ahead_due(t, policy));
         let inside = later(t, Duration::from_secs(500));
         assert!(st.ahead_due(inside, policy));
-        st.started(1, true);
+        st.started(1, true, 0, false);
         assert!(!st.ahead_due(inside, policy));
         let _ = st.finish(Err(RefreshError::transient("x")), inside, &no_cooldown());
         // A failed background refresh keeps the token and backs off.
