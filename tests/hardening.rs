@@ -1,0 +1,444 @@
+//! The promises under redirects, runtimes, shared limits and a refresh in flight, against
+//! real loopback servers: each test failed before the fix it names.
+
+mod support;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, LOCATION};
+use http::{Request, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::Semaphore;
+use tower::limit::ConcurrencyLimitLayer;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_auth_refresh::{
+    BoxError, RefreshError, RefreshLayer, ReplayBody, Token, TokenRequest, refresh_fn,
+};
+use tower_http::follow_redirect::FollowRedirectLayer;
+
+use support::{ScriptedBody, authorization, guard, http_client, response, serve};
+
+/// A server that records (method, path, Authorization, body) of every request and answers
+/// 200 to `Bearer <fresh>` and 401 to anything else.
+async fn recording_api(fresh: &'static str) -> (std::net::SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    let addr = serve(move |req: Request<hyper::body::Incoming>| {
+        let log = log.clone();
+        async move {
+            let auth = authorization(req.headers());
+            let method = req.method().clone();
+            let path = req.uri().path().to_owned();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            log.lock().unwrap().push(Seen {
+                method,
+                path,
+                auth: auth.clone(),
+                body,
+            });
+            if auth == format!("Bearer {fresh}") {
+                response(StatusCode::OK, "ok")
+            } else {
+                response(StatusCode::UNAUTHORIZED, "no")
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    method: http::Method,
+    path: String,
+    auth: String,
+    body: Bytes,
+}
+
+/// A refresher that waits for `gate` before it answers `Bearer <secret>`, counting its calls.
+fn gated(
+    gate: Arc<Semaphore>,
+    calls: Arc<AtomicUsize>,
+    secret: &'static str,
+) -> impl tower_auth_refresh::TokenRefresher {
+    refresh_fn(move |_| {
+        let (gate, calls) = (gate.clone(), calls.clone());
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            gate.acquire().await.unwrap().forget();
+            Ok::<_, RefreshError>(Token::bearer(secret)?)
+        }
+    })
+}
+
+fn streaming_body(chunks: &[&'static str]) -> ScriptedBody {
+    ScriptedBody {
+        frames: chunks
+            .iter()
+            .map(|c| Frame::data(Bytes::from_static(c.as_bytes())))
+            .collect::<VecDeque<_>>(),
+        hint: None,
+        accurate_end: false,
+    }
+}
+
+/// Issue "one core", item 2: a request started while a 401-triggered refresh is in flight is
+/// not sent with the refused token; it waits and is sent once with the new one. A streaming
+/// body of unknown size (never replayable) started then succeeds.
+#[tokio::test]
+async fn a_request_started_during_a_refresh_waits_and_is_sent_once_with_the_new_token() {
+    guard(async {
+        let (addr, seen) = recording_api("fresh").await;
+        let gate = Arc::new(Semaphore::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(gated(gate.clone(), calls.clone(), "fresh"))
+            .initial_token(Token::bearer("stale").unwrap());
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<ScriptedBody>>());
+
+        // The first request is refused and starts the refresh (held by the gate).
+        let first = tokio::spawn(
+            svc.clone().oneshot(
+                Request::get(format!("http://{addr}/first"))
+                    .body(streaming_body(&[]))
+                    .unwrap(),
+            ),
+        );
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Now a streaming upload starts: it must not go out with the refused token.
+        let upload = tokio::spawn(
+            svc.clone().oneshot(
+                Request::post(format!("http://{addr}/upload"))
+                    .body(streaming_body(&["part-1;", "part-2;", "part-3"]))
+                    .unwrap(),
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.path == "/upload")
+                .count(),
+            0,
+            "nothing is sent while the refresh for the refused token runs"
+        );
+        gate.add_permits(1);
+        assert_eq!(upload.await.unwrap().unwrap().status(), StatusCode::OK);
+        // The first request's body has no size, so it is not replayed: its 401 comes back
+        // after the refresh (documented), and a retry goes out fresh.
+        let _ = first.await.unwrap().unwrap();
+        let seen = seen.lock().unwrap();
+        let uploads: Vec<_> = seen.iter().filter(|s| s.path == "/upload").collect();
+        assert_eq!(uploads.len(), 1, "the upload is sent exactly once");
+        assert_eq!(uploads[0].auth, "Bearer fresh");
+        assert_eq!(uploads[0].body, "part-1;part-2;part-3");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// The same through the reqwest middleware.
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn through_reqwest_a_request_started_during_a_refresh_waits_and_is_sent_once() {
+    guard(async {
+        let (addr, seen) = recording_api("fresh").await;
+        let gate = Arc::new(Semaphore::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(gated(gate.clone(), calls.clone(), "fresh"))
+            .initial_token(Token::bearer("stale").unwrap());
+        let client = reqwest_middleware::ClientBuilder::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        )
+        .with(layer.reqwest_middleware())
+        .build();
+
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { client.get(format!("http://{addr}/first")).send().await }
+        });
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let stream = futures_util::stream::iter(
+            ["part-1;", "part-2;", "part-3"]
+                .map(|c| Ok::<_, std::io::Error>(Frame::data(Bytes::from(c)))),
+        );
+        let upload = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .post(format!("http://{addr}/upload"))
+                    .body(reqwest::Body::wrap(http_body_util::StreamBody::new(stream)))
+                    .send()
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.path == "/upload")
+                .count(),
+            0
+        );
+        gate.add_permits(1);
+        assert_eq!(upload.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        let seen = seen.lock().unwrap();
+        let uploads: Vec<_> = seen.iter().filter(|s| s.path == "/upload").collect();
+        assert_eq!(uploads.len(), 1);
+        assert_eq!(uploads[0].auth, "Bearer fresh");
+        assert_eq!(uploads[0].body, "part-1;part-2;part-3");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// Two servers: `POST /orders` on the first answers 303 to the second, which refuses every
+/// request with 401 (the token was rightly not sent across origins).
+async fn redirect_to_a_refusing_origin()
+-> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let other = {
+        let refusals = refusals.clone();
+        serve(move |_req: Request<hyper::body::Incoming>| {
+            refusals.fetch_add(1, Ordering::SeqCst);
+            async { response(StatusCode::UNAUTHORIZED, "who are you?") }
+        })
+        .await
+    };
+    let orders = Arc::new(AtomicUsize::new(0));
+    let shop = {
+        let orders = orders.clone();
+        serve(move |req: Request<hyper::body::Incoming>| {
+            let orders = orders.clone();
+            async move {
+                if req.method() == http::Method::POST {
+                    orders.fetch_add(1, Ordering::SeqCst);
+                }
+                let mut res = response(StatusCode::SEE_OTHER, "");
+                res.headers_mut()
+                    .insert(LOCATION, format!("http://{other}/done").parse().unwrap());
+                res
+            }
+        })
+        .await
+    };
+    (shop, orders, refusals)
+}
+
+/// Hold-every-promise item 1: a 401 from a redirect hop (another origin) never triggers a
+/// refresh or a replay: the order is placed once.
+#[tokio::test]
+async fn a_refusal_from_a_redirect_target_never_replays_the_post() {
+    guard(async {
+        let (shop, orders, refusals) = redirect_to_a_refusing_origin().await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
+            .initial_token(Token::bearer("valid").unwrap());
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(FollowRedirectLayer::new())
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let res = svc
+            .oneshot(
+                Request::post(format!("http://{shop}/orders"))
+                    .body(Full::from("{\"item\": 1}"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "returned as it is");
+        assert_eq!(orders.load(Ordering::SeqCst), 1, "the POST ran once");
+        assert_eq!(refusals.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "no token call");
+    })
+    .await;
+}
+
+/// The same with reqwest's own redirects.
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn through_reqwest_a_refusal_from_a_redirect_target_never_replays_the_post() {
+    guard(async {
+        let (shop, orders, refusals) = redirect_to_a_refusing_origin().await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
+            .initial_token(Token::bearer("valid").unwrap());
+        let client = reqwest_middleware::ClientBuilder::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        )
+        .with(layer.reqwest_middleware())
+        .build();
+        let res = client
+            .post(format!("http://{shop}/orders"))
+            .body("{\"item\": 1}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(orders.load(Ordering::SeqCst), 1, "the POST ran once");
+        assert_eq!(refusals.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "no token call");
+    })
+    .await;
+}
+
+/// Hold-every-promise item 4: with `ConcurrencyLimit(1)` below the layer and a refresher that
+/// sends its token request through the same stack, a request waiting for the refresh holds no
+/// permit, so the token request gets through.
+#[tokio::test]
+async fn a_waiting_request_holds_no_permit_the_token_request_needs() {
+    guard(async {
+        let token_calls = Arc::new(AtomicUsize::new(0));
+        let addr = {
+            let token_calls = token_calls.clone();
+            serve(move |req: Request<hyper::body::Incoming>| {
+                let token_calls = token_calls.clone();
+                async move {
+                    if req.uri().path() == "/token" {
+                        token_calls.fetch_add(1, Ordering::SeqCst);
+                        return response(StatusCode::OK, "fresh");
+                    }
+                    let ok = authorization(req.headers()) == "Bearer fresh";
+                    response(
+                        if ok {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::UNAUTHORIZED
+                        },
+                        "",
+                    )
+                }
+            })
+            .await
+        };
+        // The stack below the layer: one request at a time, shared by the refresher.
+        let below = ServiceBuilder::new()
+            .layer(tower::buffer::BufferLayer::new(16))
+            .layer(ConcurrencyLimitLayer::new(1))
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let for_refresher = below.clone();
+        let refresher = refresh_fn(move |_| {
+            let mut client = for_refresher.clone();
+            async move {
+                let mut req = Request::post(format!("http://{addr}/token"))
+                    .body(ReplayBody::default())
+                    .unwrap();
+                req.extensions_mut().insert(TokenRequest);
+                let res = client
+                    .ready()
+                    .await
+                    .map_err(RefreshError::transient)?
+                    .call(req)
+                    .await
+                    .map_err(RefreshError::transient)?;
+                let text = res
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(RefreshError::transient)?;
+                Ok::<_, RefreshError>(Token::bearer(
+                    String::from_utf8_lossy(&text.to_bytes()).into_owned(),
+                )?)
+            }
+        });
+        let svc = ServiceBuilder::new()
+            .layer(RefreshLayer::new(refresher))
+            .service(below);
+        // Readied first (holding the only permit), then called: it must wait for the token
+        // without keeping the permit.
+        let calls: Vec<_> = (0..5)
+            .map(|i| {
+                let mut svc = svc.clone();
+                tokio::spawn(async move {
+                    let svc = svc.ready().await?;
+                    svc.call(support::get(format!("http://{addr}/items/{i}")))
+                        .await
+                })
+            })
+            .collect();
+        for c in calls {
+            let res: Result<_, BoxError> = tokio::time::timeout(Duration::from_secs(10), c)
+                .await
+                .expect("deadlock: the waiting request kept the permit")
+                .unwrap();
+            assert_eq!(res.unwrap().status(), StatusCode::OK);
+        }
+        assert_eq!(token_calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// Hold-every-promise item 2: a refresh started by a request on a current-thread runtime that
+/// then stops being driven (its caller timed out) still completes for requests on a runtime
+/// that is driven: the refresh runs on the runtime the layer was made in.
+#[test]
+fn a_refresh_is_never_parked_on_a_runtime_nobody_drives() {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (svc, addr) = main.block_on(async {
+        let (addr, _seen) = recording_api("fresh").await;
+        let counted = calls.clone();
+        let layer = RefreshLayer::new(refresh_fn(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<_, RefreshError>(Token::bearer("fresh")?)
+            }
+        }));
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        (svc, addr)
+    });
+
+    // A current-thread runtime starts the refresh and is then left alone (not dropped).
+    let parked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let early = parked.block_on(async {
+        tokio::time::timeout(
+            Duration::from_millis(5),
+            svc.clone()
+                .oneshot(support::get(format!("http://{addr}/a"))),
+        )
+        .await
+    });
+    assert!(early.is_err(), "the caller on the parked runtime timed out");
+
+    // A request on the driven runtime gets the refreshed token soon.
+    let started = Instant::now();
+    let res = main
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                svc.clone()
+                    .oneshot(support::get(format!("http://{addr}/b"))),
+            )
+            .await
+        })
+        .expect("waited for a refresh parked on a runtime nobody drives")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh");
+    // Not a timing assert on speed: only that it did not wait for the waiter's own bound.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(parked);
+}
