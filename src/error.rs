@@ -55,6 +55,12 @@ impl ResponseHead {
         }
     }
 
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn with_body(mut self, body: Bytes) -> Self {
+        self.body = body;
+        self
+    }
+
     /// The response's status.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -71,7 +77,11 @@ impl ResponseHead {
     }
 
     /// The first bytes (at most [`MAX_ERROR_BODY`]) of the response's body, where the layer
-    /// kept them (the final refusal in [`UnauthorizedAfterRefresh`]); empty otherwise.
+    /// kept them: the final refusal in [`UnauthorizedAfterRefresh`] from the reqwest
+    /// middleware. Empty otherwise (the tower layer does not require its inner service's
+    /// response body to be an `http_body::Body`; use
+    /// [`unauthorized_as_response`](crate::RefreshOptions::unauthorized_as_response) to get
+    /// the whole response there).
     pub fn body(&self) -> &Bytes {
         &self.body
     }

@@ -63,43 +63,41 @@ fn redirected<T>(_: &Response<T>, _: Option<&http::Uri>) -> bool {
 }
 
 pin_project! {
-    /// The response future of [`Refresh`](crate::Refresh).
+    /// The response future of [`Refresh`](crate::Refresh): `F` is the inner service's future,
+    /// `R` its response, `S` and `B` the inner service and request body it may replay with.
     ///
     /// With a valid token it only forwards the inner service's future; it moves to a boxed
     /// slow path when it must wait for a refresh or replay after a 401.
+    ///
+    /// It has no bounds of its own (only its `Future` impl has), so a future that holds it is
+    /// `Send` whenever its parts are, whatever lifetimes the body type's error carries.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
-    pub struct ResponseFuture<S, B>
-    where
-        S: Service<Request<ReplayBody<B>>>,
-    {
+    pub struct ResponseFuture<S, B, F, R> {
         #[pin]
-        state: State<S, B>,
+        state: State<S, B, F, R>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, B>
-    where
-        S: Service<Request<ReplayBody<B>>>,
-    {
+    enum State<S, B, F, R> {
+        // Made by `Refresh::request`: readying a clone of the inner service first.
+        Readying { svc: Option<S>, shared: Option<Shared>, req: Option<Request<B>> },
         // Not ours to touch: the inner future, as it is.
-        Passthrough { #[pin] fut: S::Future },
+        Passthrough { #[pin] fut: F },
         // Sent with the current token; a refusal moves on to `Recovering`.
-        Sent { #[pin] fut: S::Future, kit: Option<Kit<S, B>> },
+        Sent { #[pin] fut: F, kit: Option<Kit<S, B>> },
         // Waiting for a token, or replaying after a refusal (boxed: the rare path).
-        Recovering { fut: BoxFuture<Result<S::Response, BoxError>> },
+        Recovering { fut: BoxFuture<Result<R, BoxError>> },
         // Failed before anything was sent.
         Failed { error: Option<BoxError> },
     }
 }
 
-impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
-where
-    S: Service<Request<ReplayBody<B>>>,
-{
+impl<S, B, F, R> std::fmt::Debug for ResponseFuture<S, B, F, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
+            State::Readying { .. } => "readying",
             State::Passthrough { .. } => "passthrough",
             State::Sent { .. } => "sent",
             State::Recovering { .. } => "recovering",
@@ -111,7 +109,7 @@ where
     }
 }
 
-impl<S, B, ResBody> ResponseFuture<S, B>
+impl<S, B, ResBody> ResponseFuture<S, B, S::Future, Response<ResBody>>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -119,6 +117,16 @@ where
     B: Body + Send + 'static,
     ResBody: Send + 'static,
 {
+    pub(crate) fn readying(svc: S, shared: Shared, req: Request<B>) -> Self {
+        Self {
+            state: State::Readying {
+                svc: Some(svc),
+                shared: Some(shared),
+                req: Some(req),
+            },
+        }
+    }
+
     #[inline]
     pub(crate) fn passthrough(fut: S::Future) -> Self {
         Self {
@@ -152,9 +160,9 @@ where
     }
 }
 
-impl<S, B, ResBody> Future for ResponseFuture<S, B>
+impl<S, B, ResBody> Future for ResponseFuture<S, B, S::Future, Response<ResBody>>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
@@ -166,6 +174,22 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
+                StateProj::Readying { svc, shared, req } => {
+                    let ready = svc
+                        .as_mut()
+                        .expect("polled after completion")
+                        .poll_ready(cx);
+                    if let Err(err) = ready!(ready) {
+                        return Poll::Ready(Err(err.into()));
+                    }
+                    let (svc, shared, req) = (
+                        svc.take().expect("readied once"),
+                        shared.take().expect("readied once"),
+                        req.take().expect("readied once"),
+                    );
+                    let next = crate::service::dispatch(&shared, svc, req);
+                    this.state.set(next.state);
+                }
                 StateProj::Passthrough { fut } => return fut.poll(cx).map_err(Into::into),
                 StateProj::Sent { fut, kit } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;

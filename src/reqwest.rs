@@ -219,7 +219,7 @@ impl RefreshMiddleware {
         let redirected = first.url() != &sent_url;
         match replay::judge(shared, sent, first.status(), first.headers(), redirected) {
             Verdict::Final => return Ok(first),
-            Verdict::RefusedAfterRefresh => return refused_again(shared, None, first),
+            Verdict::RefusedAfterRefresh => return refused_again(shared, None, first).await,
             Verdict::Recover => {}
         }
         let first_head = ResponseHead::from_reqwest_ref(&first);
@@ -238,7 +238,7 @@ impl RefreshMiddleware {
                 again.headers_mut().insert(AUTHORIZATION, header);
                 let second = next.run(again, extensions).await?;
                 if replay::refused_again(shared, ticket, second.status(), second.headers()) {
-                    return refused_again(shared, Some(first_head), second);
+                    return refused_again(shared, Some(first_head), second).await;
                 }
                 Ok(second)
             }
@@ -246,16 +246,39 @@ impl RefreshMiddleware {
     }
 }
 
-/// A refusal after a refresh: the response itself, or the typed error.
-fn refused_again(
+/// A refusal after a refresh: the response itself, or the typed error (with the first bytes
+/// of the refusal's body).
+async fn refused_again(
     shared: &Shared,
     first: Option<ResponseHead>,
-    last: Response,
+    mut last: Response,
 ) -> reqwest_middleware::Result<Response> {
     if shared.options.unauthorized_as_response {
         return Ok(last);
     }
-    Err(replay::twice(first, ResponseHead::from_reqwest_ref(&last)).into_reqwest())
+    let head = ResponseHead::from_reqwest_ref(&last);
+    let body = body_prefix(&mut last).await;
+    Err(replay::twice(first, head.with_body(body)).into_reqwest())
+}
+
+/// Up to [`MAX_ERROR_BODY`](crate::error::MAX_ERROR_BODY) bytes of a response's body, read
+/// within a second (a refusal's body is small; a stream that never ends is cut off).
+async fn body_prefix(res: &mut Response) -> bytes::Bytes {
+    let max = crate::error::MAX_ERROR_BODY;
+    let mut kept = bytes::BytesMut::new();
+    let read = async {
+        while kept.len() < max {
+            match res.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = max - kept.len();
+                    kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+    kept.freeze()
 }
 
 impl RefreshLayer {

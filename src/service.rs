@@ -39,6 +39,51 @@ impl<S> Refresh<S> {
         TokenHandle::new(self.shared.clone())
     }
 
+    /// Sends `req` through a clone of the inner service, readied first: the counterpart of
+    /// hyper-util's inherent `Client::request`, for code that cannot name the readiness
+    /// dance. Its future has no bounds of its own, so it can be awaited inside a future
+    /// handed to `tokio::spawn` with any body type (going through `ServiceExt::oneshot`, rustc
+    /// cannot prove that for bodies such as `BoxBody<Bytes, BoxError>`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http_body_util::{combinators::BoxBody, BodyExt, Full};
+    /// use tower::{service_fn, Layer};
+    /// use tower_auth_refresh::{refresh_fn, BoxError, RefreshError, RefreshLayer, ReplayBody, Token};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// let layer = RefreshLayer::new(refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("t")?) }));
+    /// let svc = layer.layer(service_fn(|_req: http::Request<ReplayBody<BoxBody<Bytes, BoxError>>>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(()))
+    /// }));
+    /// let body = Full::new(Bytes::from_static(b"{}")).map_err(Into::into).boxed();
+    /// let req = http::Request::post("/orders").body(body)?;
+    /// let res = tokio::spawn(async move { svc.request(req).await }).await??;
+    /// assert_eq!(res.status(), 200);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn request<B, ResBody>(
+        &self,
+        req: Request<B>,
+    ) -> ResponseFuture<S, B, S::Future, http::Response<ResBody>>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = http::Response<ResBody>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        ResBody: Send + 'static,
+    {
+        ResponseFuture::readying(self.inner.clone(), self.shared.clone(), req)
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -83,7 +128,7 @@ where
 {
     type Response = http::Response<ResBody>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, B>;
+    type Future = ResponseFuture<S, B, S::Future, http::Response<ResBody>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -105,7 +150,7 @@ pub(crate) fn dispatch<S, B, ResBody>(
     shared: &Shared,
     mut inner: S,
     req: Request<B>,
-) -> ResponseFuture<S, B>
+) -> ResponseFuture<S, B, S::Future, http::Response<ResBody>>
 where
     S: Service<Request<ReplayBody<B>>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, LOCATION};
+use http::header::LOCATION;
 use http::{Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full};
@@ -139,6 +139,7 @@ async fn a_request_started_during_a_refresh_waits_and_is_sent_once_with_the_new_
         let seen = seen.lock().unwrap();
         let uploads: Vec<_> = seen.iter().filter(|s| s.path == "/upload").collect();
         assert_eq!(uploads.len(), 1, "the upload is sent exactly once");
+        assert_eq!(uploads[0].method, http::Method::POST);
         assert_eq!(uploads[0].auth, "Bearer fresh");
         assert_eq!(uploads[0].body, "part-1;part-2;part-3");
         assert_eq!(calls.load(Ordering::SeqCst), 1);

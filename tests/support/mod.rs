@@ -420,3 +420,22 @@ pub(crate) fn silence_deliberate_panics_and(handled: fn(&PanicHookInfo<'_>, &str
         }));
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Open files.
+
+/// Raises this process's soft open-files limit as far as the hard limit allows, and returns
+/// how many concurrent loopback connections fit in it (each costs a descriptor on the client
+/// side and one on the server side, plus headroom), at most `wanted`. Tests that open many
+/// connections size themselves with it, so the README's test command passes with the usual
+/// limit (1024; macOS 256); CI raises the limit and runs them at full size.
+pub(crate) fn connection_budget(wanted: usize) -> usize {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(256);
+    let budget = (limit.saturating_sub(128) / 3) as usize;
+    if budget < wanted {
+        println!(
+            "open-files limit {limit}: running {budget} concurrent connections instead of {wanted}"
+        );
+    }
+    budget.clamp(16, wanted)
+}
