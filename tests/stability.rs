@@ -415,8 +415,10 @@ async fn an_outage_costs_one_token_call_per_cooldown_and_recovers_on_the_first_a
         assert_eq!(seen.count(), 0);
         let mut fast = 0;
         for a in &during {
-            let Outcome::Failed { next_attempt_in } = a.outcome else {
-                panic!("request at {:?} ended {:?}", a.arrived, a.outcome);
+            let next_attempt_in = match &a.outcome {
+                Outcome::Failed { next_attempt_in } => *next_attempt_in,
+                Outcome::Other(why) => panic!("request at {:?} failed: {why}", a.arrived),
+                Outcome::Ok => panic!("request at {:?} succeeded during the outage", a.arrived),
             };
             // Bounded: the first flight's waiters wait for its backoff (under 2 s); everyone
             // else is answered at once.
