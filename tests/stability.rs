@@ -1226,3 +1226,35 @@ async fn after_a_suspend_past_the_expiry_the_token_is_refreshed_before_it_is_sen
     })
     .await;
 }
+
+/// A clock an hour ahead of Tokio's (as in the `Clock` example): the cool-down is measured on
+/// it, and so is the `next_attempt_in` a request is told.
+#[derive(Debug, Clone, Copy)]
+struct HourAhead;
+
+impl Clock for HourAhead {
+    fn now(&self) -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn next_attempt_in_is_measured_on_the_injected_clock() {
+    bounded(async {
+        let script = Script::new(Mode::Unavailable, None);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(script.refresher())
+            .retries(Backoff::none())
+            .clock(HourAhead);
+        let handle = layer.token_handle();
+        let svc = layer.layer(api(&script, &seen));
+        svc.clone().oneshot(get("/")).await.unwrap_err();
+        let cooling = handle.state().cooling_for().expect("a cool-down runs");
+        assert!(cooling <= Duration::from_secs(30), "{cooling:?}");
+        let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+        let left = refresh_failed(&err).next_attempt_in().unwrap();
+        assert_eq!(left, cooling, "the error and the handle agree");
+        assert_eq!(script.calls(), 1);
+    })
+    .await;
+}
