@@ -49,6 +49,9 @@ enum Mode {
     Issue,
     /// A transient failure, as for a token endpoint answering 503.
     Unavailable,
+    /// A transient failure with a `Retry-After`, as for a 503 or 429 that says when to come
+    /// back.
+    Throttled(Duration),
     /// A terminal failure (`invalid_grant`).
     Terminal,
     /// Never returns.
@@ -152,6 +155,10 @@ impl Script {
                         })
                     }
                     Mode::Unavailable => Err(RefreshError::transient("503 Service Unavailable")),
+                    Mode::Throttled(delay) => {
+                        Err(RefreshError::transient("429 Too Many Requests")
+                            .with_retry_after(delay))
+                    }
                     Mode::Terminal => Err(RefreshError::terminal("invalid_grant")),
                     Mode::Hang => std::future::pending().await,
                     Mode::DeadOnArrival => {
@@ -1255,6 +1262,40 @@ async fn next_attempt_in_is_measured_on_the_injected_clock() {
         let left = refresh_failed(&err).next_attempt_in().unwrap();
         assert_eq!(left, cooling, "the error and the handle agree");
         assert_eq!(script.calls(), 1);
+    })
+    .await;
+}
+
+/// A background refresh that a token endpoint answers with `Retry-After`: the next background
+/// attempt waits that long, not the short background backoff (1 s, 2 s, 4 s, ...); the
+/// requests keep the valid token meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_spaces_the_background_refreshes_too() {
+    bounded(async {
+        let script = Script::new(Mode::Throttled(Duration::from_secs(60)), None);
+        script.accept("t0");
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(script.refresher())
+            .refresh_ahead(Duration::from_secs(120))
+            .initial_token(expiring("t0", Duration::from_secs(300)));
+        let svc = layer.layer(api(&script, &seen));
+        let origin = Instant::now();
+        // From the start of the window (180 s) to the leeway (270 s), a request a second.
+        tokio::time::advance(Duration::from_secs(180)).await;
+        for _ in 180..270 {
+            let res = svc.clone().oneshot(get("/")).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            settle().await;
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let at: Vec<_> = script
+            .call_log()
+            .iter()
+            .map(|c| (c.at - origin).as_secs())
+            .collect();
+        assert!(script.call_log().iter().all(|c| c.reason == "background"));
+        assert_eq!(at, [180, 240], "background refreshes at {at:?} s");
+        assert!(seen.all().iter().all(|a| a == "Bearer t0"));
     })
     .await;
 }

@@ -482,9 +482,12 @@ impl<J: Clone> State<J> {
                 )
             }
             Err(err) if background => {
+                // A token endpoint's `Retry-After` is a floor here too, as for the cool-down.
+                let retry_after = err.retry_after().unwrap_or_default();
                 let err = Arc::new(err);
                 self.ahead_failures = self.ahead_failures.saturating_add(1);
-                self.ahead_not_before = Some(now.mono + cooldown.background(self.ahead_failures));
+                let pause = cooldown.background(self.ahead_failures).max(retry_after);
+                self.ahead_not_before = Some(now.mono + pause);
                 let generation = self.generation;
                 (
                     Err(Unavailable::Failed(err)),
