@@ -281,8 +281,8 @@ struct Answered {
     outcome: Outcome,
 }
 
-/// Sends [`PER_TICK`] requests (each in its own task) every [`TICK`] for `span`, from
-/// `origin + start`, and returns how each was answered once all are.
+/// Sends [`PER_TICK`] requests (each in its own task) every [`TICK`] for `span`, from now, and
+/// returns how each was answered once all are (arrival times are measured from `origin`).
 async fn drive<S>(svc: &Refresh<S>, origin: Instant, span: Duration) -> Vec<Answered>
 where
     Refresh<S>: tower::Service<
@@ -349,7 +349,7 @@ fn default_ceiling(failures: u32) -> Duration {
 }
 
 /// Checks that the refresher calls at `calls` (the first flight's, then one per later flight)
-/// are spaced by the default cool-down, and prints the figures. Returns the number of flights.
+/// are spaced by the default cool-down, and prints the figures.
 fn check_one_call_per_cooldown(label: &str, calls: &[Call], outage: Duration, origin: Instant) {
     assert!(!calls.is_empty(), "{label}: the refresher was never called");
     let first = calls[0].at;
