@@ -983,14 +983,16 @@ async fn an_oauth2_rotation_hook_that_never_returns_is_cut_off_by_the_refresh_ti
         let s = Servers::start(TokenConfig::default()).await;
         let (_, rt0) = s.token.login();
         let stuck = Arc::new(AtomicBool::new(true));
+        let hung = Arc::new(AtomicUsize::new(0));
         let persisted = Arc::new(Mutex::new(Vec::new()));
         let refresher = {
-            let (stuck, persisted) = (stuck.clone(), persisted.clone());
+            let (stuck, hung, persisted) = (stuck.clone(), hung.clone(), persisted.clone());
             oauth2_app(&s, &rt0)
                 .on_rotation(move |new: RefreshToken| {
-                    let (stuck, persisted) = (stuck.clone(), persisted.clone());
+                    let (stuck, hung, persisted) = (stuck.clone(), hung.clone(), persisted.clone());
                     async move {
                         if stuck.load(Ordering::SeqCst) {
+                            hung.fetch_add(1, Ordering::SeqCst);
                             std::future::pending::<()>().await;
                         }
                         persisted.lock().unwrap().push(new.secret().to_owned());
@@ -1002,7 +1004,9 @@ async fn an_oauth2_rotation_hook_that_never_returns_is_cut_off_by_the_refresh_ti
         };
         let layer = RefreshLayer::new(refresher)
             .retries(Backoff::none())
-            .refresh_timeout(Duration::from_millis(300));
+            // Long enough for the loopback token request on a loaded machine; the hook is
+            // what must be cut off.
+            .refresh_timeout(Duration::from_millis(500));
         let (client, handle) = oauth2_client(layer);
         let url = s.api_url();
 
@@ -1019,8 +1023,16 @@ async fn an_oauth2_rotation_hook_that_never_returns_is_cut_off_by_the_refresh_ti
                 .expect("bounded by the refresh timeout")
                 .unwrap()
                 .unwrap_err();
-            refresh_failed(&err);
+            let cause = std::error::Error::source(&**refresh_failed(&err).refresh_error())
+                .unwrap()
+                .to_string();
+            assert!(cause.contains("did not finish within 500 ms"), "{cause}");
         }
+        assert_eq!(
+            hung.load(Ordering::SeqCst),
+            1,
+            "the hook was called, and hung"
+        );
         assert_eq!(
             s.token.grants(),
             1,
