@@ -297,9 +297,7 @@ impl Failure {
                 RefreshFailed::new(e, head, None).into()
             }
             Self::Unavailable(Unavailable::Cooling(c), head) => {
-                let left = c
-                    .until
-                    .saturating_duration_since(tokio::time::Instant::now());
+                let left = c.left;
                 RefreshFailed::new(c.error, head, Some(left)).into()
             }
             Self::Unavailable(Unavailable::Ended(e), _) => SessionEnded::new(e).into(),
@@ -321,9 +319,7 @@ impl Failure {
                 Error::middleware(RefreshFailed::new(e, head, None))
             }
             Self::Unavailable(Unavailable::Cooling(c), head) => {
-                let left = c
-                    .until
-                    .saturating_duration_since(tokio::time::Instant::now());
+                let left = c.left;
                 Error::middleware(RefreshFailed::new(c.error, head, Some(left)))
             }
             Self::Unavailable(Unavailable::Ended(e), _) => Error::middleware(SessionEnded::new(e)),

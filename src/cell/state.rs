@@ -115,6 +115,9 @@ pub(crate) struct Flight<J> {
 pub(crate) struct Cooling {
     pub(crate) until: Instant,
     pub(crate) error: Arc<RefreshError>,
+    /// The time left at the reading that handed this value out, on the layer's clock (an
+    /// injected clock need not agree with Tokio's, so it cannot be recomputed later).
+    pub(crate) left: Duration,
 }
 
 /// The per-request settings the state needs for a decision.
@@ -251,8 +254,14 @@ impl<J: Clone> State<J> {
         }
     }
 
-    fn cooling_at(&self, now: Instant) -> Option<&Cooling> {
-        self.cooling.as_ref().filter(|c| now < c.until)
+    fn cooling_at(&self, now: Instant) -> Option<Cooling> {
+        self.cooling
+            .as_ref()
+            .filter(|c| now < c.until)
+            .map(|c| Cooling {
+                left: c.until - now,
+                ..c.clone()
+            })
     }
 
     /// The hot path's decision.
@@ -262,7 +271,7 @@ impl<J: Clone> State<J> {
             Session::Ended { cause: err, .. } => return Lookup::Ended(err.clone()),
             Session::Empty { .. } => {
                 return match self.cooling_at(now.mono) {
-                    Some(c) => Lookup::Cooling(c.clone()),
+                    Some(c) => Lookup::Cooling(c),
                     None => Lookup::Stale {
                         ticket,
                         expired: false,
@@ -275,7 +284,7 @@ impl<J: Clone> State<J> {
             // A server refused this very token: never send it again. Wait for the refresh
             // (running, or to start), or fail fast while a failed one cools down.
             return match self.cooling_at(now.mono) {
-                Some(c) if self.flight.is_none() => Lookup::Cooling(c.clone()),
+                Some(c) if self.flight.is_none() => Lookup::Cooling(c),
                 _ => Lookup::Stale {
                     ticket,
                     expired: true,
@@ -292,7 +301,7 @@ impl<J: Clone> State<J> {
         let cooling = self.cooling_at(now.mono);
         if held.expired(now.mono, now.wall) {
             return match cooling {
-                Some(c) => Lookup::Cooling(c.clone()),
+                Some(c) => Lookup::Cooling(c),
                 None => Lookup::Stale {
                     ticket,
                     expired: true,
@@ -369,7 +378,7 @@ impl<J: Clone> State<J> {
         }
         if need != Need::Forced {
             if let Some(c) = self.cooling_at(now) {
-                return Begin::Answer(Err(Unavailable::Cooling(c.clone())));
+                return Begin::Answer(Err(Unavailable::Cooling(c)));
             }
         }
         Begin::Start
@@ -488,9 +497,12 @@ impl<J: Clone> State<J> {
                 )
             }
             Err(err) if background => {
+                // A token endpoint's `Retry-After` is a floor here too, as for the cool-down.
+                let retry_after = err.retry_after().unwrap_or_default();
                 let err = Arc::new(err);
                 self.ahead_failures = self.ahead_failures.saturating_add(1);
-                self.ahead_not_before = Some(now.mono + cooldown.background(self.ahead_failures));
+                let pause = cooldown.background(self.ahead_failures).max(retry_after);
+                self.ahead_not_before = Some(now.mono + pause);
                 let generation = self.generation;
                 (
                     Err(Unavailable::Failed(err)),
@@ -513,6 +525,7 @@ impl<J: Clone> State<J> {
                 self.cooling = (!pause.is_zero()).then(|| Cooling {
                     until: now.mono + pause,
                     error: err.clone(),
+                    left: pause,
                 });
                 let generation = self.generation;
                 (
