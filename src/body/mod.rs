@@ -1,0 +1,231 @@
+//! The replayable request body.
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+mod capture;
+
+pub(crate) use capture::ReplaySource;
+use capture::{Capture, Chunks, hand_over};
+
+/// How long a replay waits, by default, for the first attempt to let go of its body.
+pub(crate) const DEFAULT_REPLAY_BODY_WAIT: Duration = Duration::from_secs(1);
+
+/// The default cap on a body kept for replay: 1 MiB.
+pub const DEFAULT_MAX_REPLAY_BODY: usize = 1024 * 1024;
+
+/// A request body that can be replayed once after a 401: the caller's body, captured on its
+/// way out when it is small enough to be replayed.
+///
+/// The layer decides before the first send, from the body's size hint:
+///
+/// - **empty** (`is_end_stream()`): always replayable, nothing kept;
+/// - **known size ≤ the cap** (default 1 MiB): the data frames are kept as they stream to the
+///   inner service (zero-copy: each frame's [`Bytes`] is reference-counted, not copied), along
+///   with trailers, so the first attempt is never delayed;
+/// - **unknown size or above the cap**: passed through untouched and never replayed.
+///
+/// A body whose size hint lies and outgrows the cap while streaming drops what it kept and
+/// stops keeping, so the layer never holds more than the cap for one request.
+///
+/// # Example
+///
+/// ```
+/// use http_body::Body;
+/// use tower_auth_refresh::ReplayBody;
+///
+/// // What the inner service sees: the same size hint and bytes as the caller's body.
+/// fn inspect<B: Body>(body: &ReplayBody<B>) -> (Option<u64>, usize) {
+///     (body.size_hint().exact(), body.buffered_bytes())
+/// }
+/// # let _ = inspect::<String>;
+/// ```
+pub struct ReplayBody<B> {
+    kind: Kind<B>,
+}
+
+// `ReplayBody` stays two words: requests are moved many times on their way through a
+// client (hyper moves the body into its dispatcher, its channel, its connection task), so
+// the capture state lives in the one allocation that also holds the body, and the rare
+// replay state is boxed.
+enum Kind<B> {
+    Empty,
+    Passthrough(Pin<Box<B>>),
+    Capture(Pin<Box<Capture<B>>>),
+    Replay(Box<Replay<B>>),
+}
+
+struct Replay<B> {
+    chunks: Chunks,
+    trailers: Option<HeaderMap>,
+    /// The unread rest of a body dropped before its end, still pinned in its capture.
+    rest: Option<Pin<Box<Capture<B>>>>,
+    remaining: u64,
+}
+
+impl<B: Body> ReplayBody<B> {
+    /// Wraps `body` for its first send. Returns the source of the replay when the body can be
+    /// replayed.
+    pub(crate) fn new(body: B, cap: usize) -> (Self, Option<ReplaySource<B>>) {
+        if body.is_end_stream() {
+            return (Self { kind: Kind::Empty }, Some(ReplaySource::Empty));
+        }
+        match body.size_hint().exact() {
+            Some(n) if n <= cap as u64 => {
+                let (capture, slot) = Capture::start(body, cap, n);
+                (
+                    Self {
+                        kind: Kind::Capture(capture),
+                    },
+                    Some(ReplaySource::Captured(slot)),
+                )
+            }
+            _ => (Self::passthrough(body), None),
+        }
+    }
+
+    /// Wraps `body` without keeping anything.
+    pub(crate) fn passthrough(body: B) -> Self {
+        Self {
+            kind: Kind::Passthrough(Box::pin(body)),
+        }
+    }
+}
+
+impl<B> ReplayBody<B> {
+    /// How many bytes this body holds for a replay right now (0 when it keeps nothing).
+    /// Never more than the configured cap.
+    pub fn buffered_bytes(&self) -> usize {
+        match &self.kind {
+            Kind::Capture(c) if !c.spoiled => {
+                c.chunks.bytes() + c.tail.as_ref().map_or(0, BytesMut::len)
+            }
+            Kind::Replay(r) => r.chunks.bytes(),
+            _ => 0,
+        }
+    }
+
+    /// True if this is the replay of an earlier attempt.
+    pub fn is_replay(&self) -> bool {
+        matches!(self.kind, Kind::Replay(_))
+    }
+}
+
+impl<B> Drop for ReplayBody<B> {
+    fn drop(&mut self) {
+        if matches!(self.kind, Kind::Capture(_)) {
+            if let Kind::Capture(capture) = std::mem::replace(&mut self.kind, Kind::Empty) {
+                hand_over(capture);
+            }
+        }
+    }
+}
+
+fn to_bytes<D: Buf>(mut data: D) -> Bytes {
+    // Zero-copy for `Bytes` (the common case); a copy for other buffer types.
+    data.copy_to_bytes(data.remaining())
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match &mut self.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Passthrough(body) => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                Poll::Ready(frame.map(|r| r.map(|f| f.map_data(to_bytes))))
+            }
+            Kind::Capture(c) => c.as_mut().project().poll_frame(cx),
+            Kind::Replay(r) => {
+                if let Some(chunk) = r.chunks.pop_front() {
+                    r.remaining = r.remaining.saturating_sub(chunk.len() as u64);
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                if let Some(body) = r
+                    .rest
+                    .as_mut()
+                    .and_then(|c| c.as_mut().project().body.as_pin_mut())
+                {
+                    let frame = ready!(body.poll_frame(cx));
+                    if frame.is_none() {
+                        r.rest = None;
+                    }
+                    return Poll::Ready(frame.map(|res| {
+                        res.map(|f| {
+                            let f = f.map_data(to_bytes);
+                            if let Some(d) = f.data_ref() {
+                                r.remaining = r.remaining.saturating_sub(d.len() as u64);
+                            }
+                            f
+                        })
+                    }));
+                }
+                Poll::Ready(r.trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Passthrough(body) => body.is_end_stream(),
+            Kind::Capture(c) => c.body.as_ref().is_none_or(|b| b.is_end_stream()),
+            Kind::Replay(r) => {
+                r.chunks.is_empty()
+                    && r.trailers.is_none()
+                    && r.rest
+                        .as_ref()
+                        .and_then(|c| c.body.as_ref())
+                        .is_none_or(|b| b.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Passthrough(body) => body.size_hint(),
+            Kind::Capture(c) => c
+                .body
+                .as_ref()
+                .map_or(SizeHint::with_exact(0), |b| b.size_hint()),
+            // The same exact size the caller's body announced, minus what was replayed.
+            Kind::Replay(r) => SizeHint::with_exact(r.remaining),
+        }
+    }
+}
+
+/// An empty body, for layers that need to make one (tower-http's `FollowRedirect`, for one).
+impl<B> Default for ReplayBody<B> {
+    fn default() -> Self {
+        Self { kind: Kind::Empty }
+    }
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Empty => "empty",
+            Kind::Passthrough(_) => "passthrough",
+            Kind::Capture(_) => "capturing",
+            Kind::Replay(_) => "replay",
+        };
+        f.debug_struct("ReplayBody")
+            .field("kind", &kind)
+            .field("buffered_bytes", &self.buffered_bytes())
+            .finish()
+    }
+}
