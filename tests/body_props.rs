@@ -212,7 +212,8 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
 
     let empty = case.accurate_end && case.chunks.is_empty() && case.trailers.is_none();
     let announced = case.hint.unwrap_or(Some(total as u64));
-    let replayable_up_front = empty || announced.is_some_and(|n| n <= case.cap as u64);
+    // Known size above the cap: decided up front. Unknown size: captured while it streams.
+    let replayable_up_front = empty || announced.is_none_or(|n| n <= case.cap as u64);
     if !replayable_up_front {
         // Passed through: nothing kept, not replayed, the caller gets the 401 itself.
         prop_assert_eq!(out.attempts.len(), 1);
@@ -221,12 +222,15 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
         return Ok(());
     }
     let honest = case.hint.is_none();
-    if honest {
-        // An honest body of known size within the cap is always replayed.
+    let unknown = case.hint == Some(None);
+    if honest || (unknown && total <= case.cap) {
+        // An honest body of known size within the cap, or a body of unknown size that ends
+        // within the cap, is always replayed.
         prop_assert_eq!(out.attempts.len(), 2, "replayed");
     }
     if out.attempts.len() == 1 {
-        // A lying size hint outgrew the cap: not replayed, the 401 is the caller's.
+        // The body outgrew the cap while streaming (its size was unknown, or its size hint
+        // lied): not replayed, the 401 is the caller's.
         prop_assert!(total > case.cap);
         prop_assert_eq!(out.status, StatusCode::UNAUTHORIZED);
         return Ok(());
@@ -240,6 +244,11 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
     if honest {
         prop_assert_eq!(first.hint_at_start, Some(total as u64));
         prop_assert_eq!(replay.hint_at_start, Some(total as u64), "replay size hint");
+    }
+    if unknown && !empty {
+        // The replay announces what the caller's body announced: no exact size.
+        prop_assert_eq!(first.hint_at_start, None);
+        prop_assert_eq!(replay.hint_at_start, None, "replay size hint");
     }
     if let Reader::ToEnd = case.reader {
         prop_assert_eq!(&first.data[..], &original[..]);
@@ -291,7 +300,8 @@ proptest! {
     }
 
     /// Any size hint (honest, unknown, lying) against any cap: never more than the cap kept,
-    /// and whatever is replayed is the caller's body exactly.
+    /// a body of unknown size is replayed whenever it ends within the cap, and whatever is
+    /// replayed is the caller's body exactly.
     #[test]
     fn never_buffers_past_the_cap(
         chunks in chunks(),
@@ -302,6 +312,27 @@ proptest! {
         reader in reader(),
     ) {
         check(&Case { chunks, trailers, hint, accurate_end, cap, reader })?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::with_cases(1000)
+    })]
+
+    /// Bodies of unknown size (chunked uploads, gRPC message streams): captured while they
+    /// stream, replayed byte for byte when they end within the cap, passed through (the caller
+    /// gets the 401) when they outgrow it; never more than the cap kept.
+    #[test]
+    fn unknown_size_bodies_are_captured_up_to_the_cap(
+        chunks in chunks(),
+        trailers in trailers(),
+        accurate_end in any::<bool>(),
+        cap in 0usize..800,
+        reader in reader(),
+    ) {
+        check(&Case { chunks, trailers, hint: Some(None), accurate_end, cap, reader })?;
     }
 }
 

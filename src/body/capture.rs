@@ -1,21 +1,28 @@
 //! Capture of a replayable body on its first send, and the hand-over to the replay.
 //!
 //! The first attempt's body streams through a [`Capture`], which keeps its frames (zero-copy
-//! where it pays) in the same allocation as the body. When the body ends, the capture
-//! publishes the kept copy to the request's [`Slot`]; when the first attempt drops the body
-//! before its end (a server answered early), the capture hands itself over whole: the kept
-//! start and the unread rest. [`ReplaySource`] is the replay's side of the slot.
+//! where it pays) in the same allocation as the body, up to the cap. When the caller's body
+//! ends, the capture publishes the kept copy to the request's [`Slot`]; when the first
+//! attempt drops the body before its end (a server answered early), the capture hands itself
+//! over whole: the kept start and the unread rest. [`ReplaySource`] is the replay's side of
+//! the slot.
+//!
+//! The slot is shared by the two sides without a notification primitive: a flag says the
+//! first attempt let go of the body, and an [`AtomicWaker`] holds the one replay that may be
+//! waiting for it, so publishing costs one short lock and two atomic operations.
 
+use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
 
 use super::{Kind, Replay, ReplayBody, to_bytes};
 
@@ -25,11 +32,18 @@ use super::{Kind, Replay, ReplayBody, to_bytes};
 /// this small. Larger frames are kept zero-copy.
 const SMALL_FRAME: usize = 1024;
 
-/// The size of the buffers small frames are copied into (at most what is left of the body).
+/// The size of the buffers small frames are copied into (at most what is left of the cap).
 const TAIL_BLOCK: usize = 8 * 1024;
 
-/// Kept data chunks, in order. The first is stored inline: most bodies with a known size
-/// arrive as one frame, and keeping it then allocates nothing.
+/// The first attempt hands data frames larger than this to the sender in slices of this size
+/// (zero-copy). A sender then takes a large body a slice at a time, as its connection drains,
+/// instead of queueing all of it at once: when a server answers early and stops reading, the
+/// first attempt is still sending, so it can be abandoned (and its connection closed) rather
+/// than the replay being queued behind the unsent bytes on a connection that looks idle.
+const SEND_SLICE: usize = 64 * 1024;
+
+/// Kept data chunks, in order. The first is stored inline: most bodies arrive as one frame,
+/// and keeping it then allocates nothing.
 #[derive(Default)]
 pub(super) struct Chunks {
     first: Option<Bytes>,
@@ -69,8 +83,26 @@ impl Chunks {
 /// Where a capturing body leaves what it kept, for the replay to pick up.
 pub(crate) struct Slot<B> {
     state: Mutex<SlotState<B>>,
-    /// Signalled when the first attempt lets go of the body (finished or dropped).
-    released: Notify,
+    /// Set once `state` has left `Pending`: the first attempt let go of the body (finished,
+    /// dropped, or outgrew the cap).
+    settled: AtomicBool,
+    /// The replay waiting in [`ReplaySource::settle`].
+    replay: AtomicWaker,
+    /// Set by the replay when it takes over: a first attempt still sending ends early.
+    abandoned: AtomicBool,
+}
+
+impl<B> Slot<B> {
+    /// Moves the slot out of `Pending`, if it is still there, and wakes the replay.
+    fn settle(&self, state: impl FnOnce() -> SlotState<B>) {
+        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*guard, SlotState::Pending) {
+            *guard = state();
+        }
+        drop(guard);
+        self.settled.store(true, Ordering::Release);
+        self.replay.wake();
+    }
 }
 
 enum SlotState<B> {
@@ -81,14 +113,15 @@ enum SlotState<B> {
         chunks: Chunks,
         trailers: Option<HeaderMap>,
         len: usize,
+        exact: bool,
     },
     /// The body was dropped before its end: the captured start and the unread rest.
     Partial {
         chunks: Chunks,
         rest: Pin<Box<Capture<B>>>,
-        total: u64,
+        hint: Option<u64>,
     },
-    /// Not replayable, or already taken.
+    /// Not replayable (too big, failed), or already taken.
     Gone,
 }
 
@@ -107,30 +140,38 @@ impl<B> ReplaySource<B> {
     /// Without a Tokio runtime there is no timer, so there is no wait.
     pub(crate) async fn settle(&self, patience: Duration) {
         let Self::Captured(slot) = self else { return };
-        let released = slot.released.notified();
-        let mut released = std::pin::pin!(released);
-        released.as_mut().enable();
-        let pending = matches!(
-            *slot.state.lock().unwrap_or_else(PoisonError::into_inner),
-            SlotState::Pending
-        );
-        if !pending || patience.is_zero() || tokio::runtime::Handle::try_current().is_err() {
+        if slot.settled.load(Ordering::Acquire)
+            || patience.is_zero()
+            || tokio::runtime::Handle::try_current().is_err()
+        {
             return;
         }
+        let released = poll_fn(|cx| {
+            slot.replay.register(cx.waker());
+            if slot.settled.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
         let _ = tokio::time::timeout(patience, released).await;
     }
 
-    /// The body for the one replay, if the first attempt left a complete copy.
+    /// The body for the one replay, if the first attempt left a complete copy (or its
+    /// unsent rest).
+    ///
+    /// When it does, a first attempt still sending slices of its body is abandoned: its body
+    /// ends short of its announced length, so the client aborts that send and does not reuse
+    /// the connection (the server answered without reading it, and the replay must not queue
+    /// behind it).
     pub(crate) fn take(self) -> Option<ReplayBody<B>> {
-        match self {
-            Self::Empty => Some(ReplayBody {
-                kind: Kind::Replay(Box::new(Replay {
-                    chunks: Chunks::default(),
-                    trailers: None,
-                    rest: None,
-                    remaining: 0,
-                })),
-            }),
+        let replay = match self {
+            Self::Empty => Replay {
+                chunks: Chunks::default(),
+                trailers: None,
+                rest: None,
+                remaining: Some(0),
+            },
             Self::Captured(slot) => {
                 let state = std::mem::replace(
                     &mut *slot.state.lock().unwrap_or_else(PoisonError::into_inner),
@@ -141,29 +182,28 @@ impl<B> ReplaySource<B> {
                         chunks,
                         trailers,
                         len,
+                        exact,
                     } => Replay {
                         chunks,
                         trailers,
                         rest: None,
-                        remaining: len as u64,
+                        remaining: exact.then_some(len as u64),
                     },
-                    SlotState::Partial {
-                        chunks,
-                        rest,
-                        total,
-                    } => Replay {
+                    SlotState::Partial { chunks, rest, hint } => Replay {
                         chunks,
                         trailers: None,
                         rest: Some(rest),
-                        remaining: total,
+                        remaining: hint,
                     },
                     SlotState::Pending | SlotState::Gone => return None,
                 };
-                Some(ReplayBody {
-                    kind: Kind::Replay(Box::new(replay)),
-                })
+                slot.abandoned.store(true, Ordering::Release);
+                replay
             }
-        }
+        };
+        Some(ReplayBody {
+            kind: Kind::Replay(Box::new(replay)),
+        })
     }
 }
 
@@ -176,8 +216,8 @@ pin_project! {
         #[pin]
         pub(super) body: Option<B>,
         cap: usize,
-        // The exact size announced by the body's size hint.
-        total: u64,
+        // The exact size announced by the body's size hint, if it announced one.
+        hint: Option<u64>,
         pub(super) chunks: Chunks,
         // Small frames, copied back to back (see `SMALL_FRAME`); not yet in `chunks`.
         pub(super) tail: Option<BytesMut>,
@@ -185,32 +225,42 @@ pin_project! {
         trailers: Option<HeaderMap>,
         // The captured copy is no longer complete (too big, an error, an unknown frame).
         pub(super) spoiled: bool,
-        // Where the kept copy goes; taken when it is published or handed over, so that a
-        // capture handed to the slot does not keep the slot alive.
+        // The rest of a large data frame, handed to the sender in slices (see `SEND_SLICE`).
+        pending: Option<Bytes>,
+        // Where the kept copy goes; taken when the capture is handed over, so that a capture
+        // handed to the slot does not keep the slot alive.
         slot: Option<Arc<Slot<B>>>,
     }
 }
 
 impl<B> Capture<B> {
-    /// Starts capturing `body`, of exactly `total` bytes (at most `cap`): the capture, and the
-    /// slot where it leaves the kept copy.
-    pub(super) fn start(body: B, cap: usize, total: u64) -> (Pin<Box<Self>>, Arc<Slot<B>>) {
+    /// Starts capturing `body` (at most `cap` bytes; `hint` is its exact size, if known):
+    /// the capture, and the slot where it leaves the kept copy.
+    pub(super) fn start(body: B, cap: usize, hint: Option<u64>) -> (Pin<Box<Self>>, Arc<Slot<B>>) {
         let slot = Arc::new(Slot {
             state: Mutex::new(SlotState::Pending),
-            released: Notify::new(),
+            settled: AtomicBool::new(false),
+            replay: AtomicWaker::new(),
+            abandoned: AtomicBool::new(false),
         });
         let capture = Box::pin(Capture {
             body: Some(body),
             cap,
-            total,
+            hint,
             chunks: Chunks::default(),
             tail: None,
             len: 0,
             trailers: None,
             spoiled: false,
+            pending: None,
             slot: Some(slot.clone()),
         });
         (capture, slot)
+    }
+
+    /// Bytes not yet handed to the sender of a frame already taken from the body.
+    pub(super) fn pending(&self) -> usize {
+        self.pending.as_ref().map_or(0, Bytes::len)
     }
 }
 
@@ -223,6 +273,26 @@ impl<B> CaptureProj<'_, B> {
     where
         B: Body,
     {
+        if self.pending.is_some()
+            && self
+                .slot
+                .as_ref()
+                .is_some_and(|s| s.abandoned.load(Ordering::Acquire))
+        {
+            // The replay took over while slices of a body of known size were still unsent:
+            // end it short of its announced length, so the client aborts this send and
+            // closes the connection (see `SEND_SLICE`).
+            *self.pending = None;
+            return Poll::Ready(None);
+        }
+        if let Some(pending) = self.pending.as_mut() {
+            let slice = if pending.len() > SEND_SLICE {
+                pending.split_to(SEND_SLICE)
+            } else {
+                self.pending.take().unwrap_or_default()
+            };
+            return Poll::Ready(Some(Ok(Frame::data(slice))));
+        }
         let Some(body) = self.body.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
@@ -239,15 +309,21 @@ impl<B> CaptureProj<'_, B> {
         };
         let frame = match frame.into_data() {
             Ok(data) => {
-                let bytes = to_bytes(data);
+                let mut bytes = to_bytes(data);
                 if !*self.spoiled {
                     *self.len += bytes.len();
                     if *self.len > *self.cap {
-                        // The size hint lied: stop keeping, free what was kept.
+                        // Past the cap (a size hint that lied, or a body of unknown size
+                        // that outgrew it): stop keeping, free what was kept.
                         self.spoil();
                     } else if !bytes.is_empty() {
                         self.keep(&bytes);
                     }
+                }
+                // Only a body of known size is sliced: ending it early (on abandonment) is
+                // then an error for the client, never a complete but shorter body.
+                if bytes.len() > SEND_SLICE && self.hint.is_some() {
+                    *self.pending = Some(bytes.split_off(SEND_SLICE));
                 }
                 Frame::data(bytes)
             }
@@ -278,7 +354,6 @@ impl<B> CaptureProj<'_, B> {
         Poll::Ready(Some(Ok(frame)))
     }
 
-    /// The body ended: drop it and hand the complete copy to the slot.
     /// Keeps a data frame: by reference, or copied into the tail if it is small.
     #[inline]
     fn keep(&mut self, bytes: &Bytes) {
@@ -293,8 +368,10 @@ impl<B> CaptureProj<'_, B> {
             .is_some_and(|t| t.capacity() - t.len() >= bytes.len());
         if !fits {
             self.flush_tail();
-            // `len` already counts this frame: what is left of the body, this frame included.
-            let left = (*self.total as usize).saturating_sub(*self.len - bytes.len());
+            // `len` already counts this frame: what is left of the body (or of the cap, for a
+            // body of unknown size), this frame included.
+            let limit = self.hint.map_or(*self.cap, |n| n as usize);
+            let left = limit.saturating_sub(*self.len - bytes.len());
             *self.tail = Some(BytesMut::with_capacity(left.clamp(bytes.len(), TAIL_BLOCK)));
         }
         if let Some(tail) = self.tail.as_mut() {
@@ -309,29 +386,46 @@ impl<B> CaptureProj<'_, B> {
         }
     }
 
+    /// The caller's body ended: drop it and hand the complete copy to the slot. The capture
+    /// keeps the slot: the first attempt may still be sending slices, and must see an
+    /// abandonment.
     fn publish(&mut self) {
         self.flush_tail();
         self.body.set(None);
-        let Some(slot) = self.slot.take() else { return };
-        let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
-        *state = if *self.spoiled {
-            SlotState::Gone
-        } else {
-            SlotState::Complete {
-                chunks: std::mem::take(self.chunks),
-                trailers: self.trailers.take(),
-                len: *self.len,
-            }
+        let Some(slot) = self.slot.as_ref() else {
+            return;
         };
-        drop(state);
-        slot.released.notify_waiters();
+        let spoiled = *self.spoiled;
+        let (chunks, trailers, len, exact) = (
+            std::mem::take(self.chunks),
+            self.trailers.take(),
+            *self.len,
+            self.hint.is_some(),
+        );
+        slot.settle(|| {
+            if spoiled {
+                SlotState::Gone
+            } else {
+                SlotState::Complete {
+                    chunks,
+                    trailers,
+                    len,
+                    exact,
+                }
+            }
+        });
     }
 
+    /// The copy can no longer be complete: free it, and tell a waiting replay at once.
     fn spoil(&mut self) {
         *self.spoiled = true;
         *self.chunks = Chunks::default();
         *self.tail = None;
+        *self.trailers = None;
         *self.len = 0;
+        if let Some(slot) = self.slot.as_ref() {
+            slot.settle(|| SlotState::Gone);
+        }
     }
 }
 
@@ -339,25 +433,27 @@ impl<B> CaptureProj<'_, B> {
 /// gave up): hand the kept start and the unread rest to the slot, for the replay.
 pub(super) fn hand_over<B>(mut capture: Pin<Box<Capture<B>>>) {
     let mut this = capture.as_mut().project();
-    // Published already (or handed over): nothing to do.
+    // Taken out first: a capture kept in the slot must not keep the slot alive.
     let Some(slot) = this.slot.take() else { return };
-    let keep = !*this.spoiled && this.body.as_ref().get_ref().is_some();
-    this.flush_tail();
-    let chunks = std::mem::take(this.chunks);
-    let total = *this.total;
-    let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
-    if !matches!(*state, SlotState::Pending) {
+    if slot.settled.load(Ordering::Acquire) {
+        // Published, spoiled or taken already.
         return;
     }
-    *state = if keep {
-        SlotState::Partial {
-            chunks,
-            rest: capture,
-            total,
+    let keep = !*this.spoiled && this.body.as_ref().get_ref().is_some();
+    this.flush_tail();
+    // Slices not yet sent are part of the kept chunks already.
+    *this.pending = None;
+    let chunks = std::mem::take(this.chunks);
+    let hint = *this.hint;
+    slot.settle(move || {
+        if keep {
+            SlotState::Partial {
+                chunks,
+                rest: capture,
+                hint,
+            }
+        } else {
+            SlotState::Gone
         }
-    } else {
-        SlotState::Gone
-    };
-    drop(state);
-    slot.released.notify_waiters();
+    });
 }

@@ -1,4 +1,5 @@
-//! The replayable request body.
+//! The replayable request body: [`ReplayBody`] and its `Body` impl. The capture of the first
+//! send and the hand-over to the replay live in `capture`.
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -25,13 +26,23 @@ pub const DEFAULT_MAX_REPLAY_BODY: usize = 1024 * 1024;
 /// The layer decides before the first send, from the body's size hint:
 ///
 /// - **empty** (`is_end_stream()`): always replayable, nothing kept;
-/// - **known size ≤ the cap** (default 1 MiB): the data frames are kept as they stream to the
-///   inner service (zero-copy: each frame's [`Bytes`] is reference-counted, not copied), along
-///   with trailers, so the first attempt is never delayed;
-/// - **unknown size or above the cap**: passed through untouched and never replayed.
+/// - **known size ≤ the cap**, or **unknown size** (default cap 1 MiB): the data frames are
+///   kept as they stream to the inner service (zero-copy: each frame's [`Bytes`] is
+///   reference-counted, not copied), along with trailers, so the first attempt is never
+///   delayed. A body of unknown size (a chunked upload, a gRPC message stream) is replayable
+///   if it ends within the cap;
+/// - **known size above the cap**: passed through untouched and never replayed.
 ///
-/// A body whose size hint lies and outgrows the cap while streaming drops what it kept and
-/// stops keeping, so the layer never holds more than the cap for one request.
+/// A body that outgrows the cap while streaming (its size was unknown, or its size hint
+/// lied) drops what was kept and stops keeping: it is sent on untouched but is not replayed,
+/// so the layer never holds more than the cap for one request.
+///
+/// The replay announces the size the caller's body announced (exact, or unknown).
+///
+/// When the replay starts while the first attempt is still sending a body of known size (a
+/// server answered before reading it), the first attempt's body ends early, short of its
+/// announced length: a client then aborts that send and closes the connection instead of
+/// queueing the replay behind the unsent bytes.
 ///
 /// # Example
 ///
@@ -65,7 +76,8 @@ struct Replay<B> {
     trailers: Option<HeaderMap>,
     /// The unread rest of a body dropped before its end, still pinned in its capture.
     rest: Option<Pin<Box<Capture<B>>>>,
-    remaining: u64,
+    /// What is left to send, when the caller's body announced its exact size.
+    remaining: Option<u64>,
 }
 
 impl<B: Body> ReplayBody<B> {
@@ -75,18 +87,21 @@ impl<B: Body> ReplayBody<B> {
         if body.is_end_stream() {
             return (Self { kind: Kind::Empty }, Some(ReplaySource::Empty));
         }
-        match body.size_hint().exact() {
-            Some(n) if n <= cap as u64 => {
-                let (capture, slot) = Capture::start(body, cap, n);
-                (
-                    Self {
-                        kind: Kind::Capture(capture),
-                    },
-                    Some(ReplaySource::Captured(slot)),
-                )
-            }
-            _ => (Self::passthrough(body), None),
+        let hint = body.size_hint();
+        let too_big = match hint.exact() {
+            Some(n) => n > cap as u64,
+            None => hint.lower() > cap as u64,
+        };
+        if too_big {
+            return (Self::passthrough(body), None);
         }
+        let (capture, slot) = Capture::start(body, cap, hint.exact());
+        (
+            Self {
+                kind: Kind::Capture(capture),
+            },
+            Some(ReplaySource::Captured(slot)),
+        )
     }
 
     /// Wraps `body` without keeping anything.
@@ -151,7 +166,9 @@ where
             Kind::Capture(c) => c.as_mut().project().poll_frame(cx),
             Kind::Replay(r) => {
                 if let Some(chunk) = r.chunks.pop_front() {
-                    r.remaining = r.remaining.saturating_sub(chunk.len() as u64);
+                    if let Some(remaining) = r.remaining.as_mut() {
+                        *remaining = remaining.saturating_sub(chunk.len() as u64);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 if let Some(body) = r
@@ -166,8 +183,9 @@ where
                     return Poll::Ready(frame.map(|res| {
                         res.map(|f| {
                             let f = f.map_data(to_bytes);
-                            if let Some(d) = f.data_ref() {
-                                r.remaining = r.remaining.saturating_sub(d.len() as u64);
+                            if let (Some(d), Some(remaining)) = (f.data_ref(), r.remaining.as_mut())
+                            {
+                                *remaining = remaining.saturating_sub(d.len() as u64);
                             }
                             f
                         })
@@ -182,7 +200,9 @@ where
         match &self.kind {
             Kind::Empty => true,
             Kind::Passthrough(body) => body.is_end_stream(),
-            Kind::Capture(c) => c.body.as_ref().is_none_or(|b| b.is_end_stream()),
+            Kind::Capture(c) => {
+                c.pending() == 0 && c.body.as_ref().is_none_or(|b| b.is_end_stream())
+            }
             Kind::Replay(r) => {
                 r.chunks.is_empty()
                     && r.trailers.is_none()
@@ -198,12 +218,30 @@ where
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Passthrough(body) => body.size_hint(),
-            Kind::Capture(c) => c
-                .body
-                .as_ref()
-                .map_or(SizeHint::with_exact(0), |b| b.size_hint()),
-            // The same exact size the caller's body announced, minus what was replayed.
-            Kind::Replay(r) => SizeHint::with_exact(r.remaining),
+            Kind::Capture(c) => {
+                let pending = c.pending() as u64;
+                match c.body.as_ref() {
+                    None => SizeHint::with_exact(pending),
+                    Some(b) => {
+                        let hint = b.size_hint();
+                        let mut out = SizeHint::new();
+                        out.set_lower(hint.lower().saturating_add(pending));
+                        if let Some(upper) = hint.upper() {
+                            out.set_upper(upper.saturating_add(pending));
+                        }
+                        out
+                    }
+                }
+            }
+            // What the caller's body announced, minus what was replayed: exact, or unknown.
+            Kind::Replay(r) => match r.remaining {
+                Some(n) => SizeHint::with_exact(n),
+                None => {
+                    let mut out = SizeHint::new();
+                    out.set_lower(r.chunks.bytes() as u64);
+                    out
+                }
+            },
         }
     }
 }
