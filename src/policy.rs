@@ -26,7 +26,7 @@
 //! ```
 
 use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 
 /// One challenge of a `WWW-Authenticate` header (RFC 9110 §11.6.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +291,9 @@ pub fn http_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
 /// The gRPC status code UNAUTHENTICATED.
 const GRPC_UNAUTHENTICATED: &[u8] = b"16";
 
+/// The header a trailers-only gRPC response carries its status in.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// The gRPC trigger: a trailers-only gRPC response (HTTP 200, `content-type:
 /// application/grpc...`) whose headers carry `grpc-status: 16` (UNAUTHENTICATED), unless every
 /// Bearer challenge in its `WWW-Authenticate` names an `error` other than `invalid_token`
@@ -319,16 +322,18 @@ const GRPC_UNAUTHENTICATED: &[u8] = b"16";
 /// assert!(!grpc_trigger(StatusCode::OK, &headers));
 /// ```
 pub fn grpc_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
-    if status != StatusCode::OK {
+    // Cheapest first: this runs on every response the layer sees.
+    if status != StatusCode::OK || headers.is_empty() {
         return false;
     }
-    let grpc = headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| is_grpc_content_type(v.as_bytes()));
     let unauthenticated = headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .is_some_and(|v| v.as_bytes().trim_ascii() == GRPC_UNAUTHENTICATED);
-    grpc && unauthenticated && bearer_allows_refresh(headers)
+    unauthenticated
+        && headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
+        && bearer_allows_refresh(headers)
 }
 
 /// `application/grpc`, alone or with a `+format` or `;parameters`, in any case.
