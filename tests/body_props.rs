@@ -351,3 +351,89 @@ fn trailers_survive_a_sender_that_stops_after_the_trailers_frame() {
     })
     .unwrap();
 }
+
+/// Sends `body` (an in-memory body type) with a stale token; the inner service drops the
+/// first attempt's body unread or reads it, per `read_first`, and answers 401. Returns the
+/// bytes of every attempt the inner service read, and the final status.
+fn run_in_memory<B>(body: B, read_first: bool) -> (Vec<(bool, Vec<u8>)>, StatusCode)
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: std::fmt::Debug,
+{
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let refreshes = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let attempts = attempts.clone();
+        service_fn(move |req: Request<ReplayBody<B>>| {
+            let attempts = attempts.clone();
+            async move {
+                let stale = req.headers()[AUTHORIZATION] == "Bearer stale";
+                let mut body = req.into_body();
+                let replay = body.is_replay();
+                let mut data = Vec::new();
+                if !stale || read_first {
+                    while let Some(frame) =
+                        std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                    {
+                        if let Ok(d) = frame.unwrap().into_data() {
+                            data.extend_from_slice(&d);
+                        }
+                    }
+                }
+                attempts.lock().unwrap().push((replay, data));
+                let status = if stale { 401 } else { 200 };
+                Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+            }
+        })
+    };
+    let svc = RefreshLayer::new(counting(&refreshes, "fresh"))
+        .initial_token(Token::bearer("stale").unwrap())
+        .layer(inner);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let res = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                svc.oneshot(Request::post("/upload").body(body).unwrap()),
+            )
+            .await
+        })
+        .expect("no hang")
+        .expect("no error");
+    assert_eq!(refreshes.load(Ordering::SeqCst), 1);
+    let attempts = attempts.lock().unwrap().clone();
+    (attempts, res.status())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::with_cases(200)
+    })]
+
+    /// Bodies that are one chunk in memory (`Full<Bytes>`, `String`) skip the capture: the replay is their bytes exactly, whether or not the first attempt read
+    /// them, and the first attempt still sends them whole.
+    #[test]
+    fn in_memory_bodies_are_replayed_byte_for_byte(
+        text in "[ -~]{1,300}",
+        kind in 0u8..2,
+        read_first in any::<bool>(),
+    ) {
+        let bytes = text.clone().into_bytes();
+        let (attempts, status) = match kind {
+            0 => run_in_memory(http_body_util::Full::new(Bytes::from(bytes.clone())), read_first),
+            _ => run_in_memory(text.clone(), read_first),
+        };
+        prop_assert_eq!(status, StatusCode::OK);
+        prop_assert_eq!(attempts.len(), 2);
+        prop_assert!(!attempts[0].0 && attempts[1].0);
+        if read_first {
+            prop_assert_eq!(&attempts[0].1, &bytes);
+        }
+        prop_assert_eq!(&attempts[1].1, &bytes, "replayed bytes");
+    }
+}

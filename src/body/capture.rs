@@ -40,7 +40,7 @@ const TAIL_BLOCK: usize = 8 * 1024;
 /// instead of queueing all of it at once: when a server answers early and stops reading, the
 /// first attempt is still sending, so it can be abandoned (and its connection closed) rather
 /// than the replay being queued behind the unsent bytes on a connection that looks idle.
-const SEND_SLICE: usize = 64 * 1024;
+pub(super) const SEND_SLICE: usize = 64 * 1024;
 
 /// Kept data chunks, in order. The first is stored inline: most bodies arrive as one frame,
 /// and keeping it then allocates nothing.
@@ -128,6 +128,8 @@ enum SlotState<B> {
 /// What the layer keeps, beside the request head, to replay a request.
 pub(crate) enum ReplaySource<B> {
     Empty,
+    /// The whole body, one chunk in memory, shared with the first attempt until it sends it.
+    Whole(Arc<Bytes>),
     Captured(Arc<Slot<B>>),
 }
 
@@ -172,6 +174,17 @@ impl<B> ReplaySource<B> {
                 rest: None,
                 remaining: Some(0),
             },
+            Self::Whole(bytes) => {
+                let remaining = Some(bytes.len() as u64);
+                let mut chunks = Chunks::default();
+                chunks.push(Arc::unwrap_or_clone(bytes));
+                Replay {
+                    chunks,
+                    trailers: None,
+                    rest: None,
+                    remaining,
+                }
+            }
             Self::Captured(slot) => {
                 let state = std::mem::replace(
                     &mut *slot.state.lock().unwrap_or_else(PoisonError::into_inner),

@@ -1,18 +1,21 @@
 //! The replayable request body: [`ReplayBody`] and its `Body` impl. The capture of the first
 //! send and the hand-over to the replay live in `capture`.
+use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 
 mod capture;
 
 pub(crate) use capture::ReplaySource;
-use capture::{Capture, Chunks, hand_over};
+use capture::{Capture, Chunks, SEND_SLICE, hand_over};
 
 /// How long a replay waits, by default, for the first attempt to let go of its body.
 pub(crate) const DEFAULT_REPLAY_BODY_WAIT: Duration = Duration::from_secs(1);
@@ -66,6 +69,9 @@ pub struct ReplayBody<B> {
 // replay state is boxed.
 enum Kind<B> {
     Empty,
+    /// A body that was one chunk in memory (see `ReplayBody::new`): its bytes, not yet sent.
+    /// The replay source holds a clone; no shared state, no lock.
+    Whole(Arc<Bytes>),
     Passthrough(Pin<Box<B>>),
     Capture(Pin<Box<Capture<B>>>),
     Replay(Box<Replay<B>>),
@@ -80,10 +86,14 @@ struct Replay<B> {
     remaining: Option<u64>,
 }
 
-impl<B: Body> ReplayBody<B> {
+impl<B: Body + 'static> ReplayBody<B> {
     /// Wraps `body` for its first send. Returns the source of the replay when the body can be
     /// replayed.
-    pub(crate) fn new(body: B, cap: usize) -> (Self, Option<ReplaySource<B>>) {
+    ///
+    /// A body that is already one chunk in memory (`Full<Bytes>`, `String`) of at most
+    /// [`SEND_SLICE`] bytes and the cap needs no capture: its bytes are
+    /// the replay (a reference-counted clone), with no shared slot, no lock, no allocation.
+    pub(crate) fn new(mut body: B, cap: usize) -> (Self, Option<ReplaySource<B>>) {
         if body.is_end_stream() {
             return (Self { kind: Kind::Empty }, Some(ReplaySource::Empty));
         }
@@ -95,6 +105,18 @@ impl<B: Body> ReplayBody<B> {
         if too_big {
             return (Self::passthrough(body), None);
         }
+        let small = hint.exact().is_some_and(|n| n as usize <= SEND_SLICE);
+        if let Some(bytes) = small.then(|| in_memory(&mut body)).flatten() {
+            // These types announce their exact length; `cap` holds for the bytes themselves.
+            let bytes = Arc::new(bytes);
+            let source = (bytes.len() <= cap).then(|| ReplaySource::Whole(bytes.clone()));
+            return (
+                Self {
+                    kind: Kind::Whole(bytes),
+                },
+                source,
+            );
+        }
         let (capture, slot) = Capture::start(body, cap, hint.exact());
         (
             Self {
@@ -103,7 +125,29 @@ impl<B: Body> ReplayBody<B> {
             Some(ReplaySource::Captured(slot)),
         )
     }
+}
 
+/// The bytes of a body that is one chunk in memory, taken out of it (which leaves it empty),
+/// for the body types that are: `Full<Bytes>` (the usual in-memory body; `Full::new(bytes)`
+/// for a `Bytes` or a `Vec<u8>`) and `String`. `None` (and the body untouched) for any other
+/// type.
+fn in_memory<B: 'static>(body: &mut B) -> Option<Bytes> {
+    let body: &mut dyn Any = body;
+    if let Some(full) = body.downcast_mut::<Full<Bytes>>() {
+        // `Full` yields its one frame at once, whatever the waker.
+        let mut cx = Context::from_waker(Waker::noop());
+        return match Pin::new(full).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+            _ => None,
+        };
+    }
+    if let Some(text) = body.downcast_mut::<String>() {
+        return Some(Bytes::from(std::mem::take(text)));
+    }
+    None
+}
+
+impl<B: Body> ReplayBody<B> {
     /// Wraps `body` without keeping anything.
     pub(crate) fn passthrough(body: B) -> Self {
         Self {
@@ -121,6 +165,8 @@ impl<B> ReplayBody<B> {
                 c.chunks.bytes() + c.tail.as_ref().map_or(0, BytesMut::len)
             }
             Kind::Replay(r) => r.chunks.bytes(),
+            // The replay's clone shares these bytes: nothing is kept beside them.
+            Kind::Whole(b) => b.len(),
             _ => 0,
         }
     }
@@ -159,6 +205,13 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match &mut self.kind {
             Kind::Empty => Poll::Ready(None),
+            Kind::Whole(_) => {
+                let Kind::Whole(bytes) = std::mem::replace(&mut self.kind, Kind::Empty) else {
+                    return Poll::Ready(None);
+                };
+                let bytes = Arc::unwrap_or_clone(bytes);
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
             Kind::Passthrough(body) => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 Poll::Ready(frame.map(|r| r.map(|f| f.map_data(to_bytes))))
@@ -199,6 +252,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Empty => true,
+            Kind::Whole(_) => false,
             Kind::Passthrough(body) => body.is_end_stream(),
             Kind::Capture(c) => {
                 c.pending() == 0 && c.body.as_ref().is_none_or(|b| b.is_end_stream())
@@ -217,6 +271,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
+            Kind::Whole(bytes) => SizeHint::with_exact(bytes.len() as u64),
             Kind::Passthrough(body) => body.size_hint(),
             Kind::Capture(c) => {
                 let pending = c.pending() as u64;
@@ -257,6 +312,7 @@ impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
             Kind::Empty => "empty",
+            Kind::Whole(_) => "in memory",
             Kind::Passthrough(_) => "passthrough",
             Kind::Capture(_) => "capturing",
             Kind::Replay(_) => "replay",
