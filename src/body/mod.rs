@@ -29,6 +29,9 @@ pub const DEFAULT_MAX_REPLAY_BODY: usize = 1024 * 1024;
 /// The layer decides before the first send, from the body's size hint:
 ///
 /// - **empty** (`is_end_stream()`): always replayable, nothing kept;
+/// - **one chunk in memory** (`Full<Bytes>` or `String`, up to 64 KiB and the cap): the
+///   chunk itself is the replay (a reference-counted `Bytes` shared with the first attempt),
+///   nothing is captured;
 /// - **known size ≤ the cap**, or **unknown size** (default cap 1 MiB): the data frames are
 ///   kept as they stream to the inner service (zero-copy: each frame's [`Bytes`] is
 ///   reference-counted, not copied), along with trailers, so the first attempt is never
