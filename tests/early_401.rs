@@ -7,7 +7,7 @@
 //! so hyper closes that connection instead of queueing the replay behind the unsent bytes.
 //!
 //! Every case runs under a hard 10 s guard that only catches hangs; nothing here asserts a
-//! duration.
+//! duration. The last tests hold the first attempt's body in a mock, in paused time.
 
 mod support;
 
@@ -338,4 +338,87 @@ async fn plain_hyper_gets_the_early_401() {
             .expect("plain hyper failed");
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(shared.log.lock().unwrap().refused, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A first attempt that never lets go of its body (in memory, paused time).
+
+type HeldBody = BoxBody<Bytes, Infallible>;
+
+/// Sends a POST with `body` through the layer (stale token) to a mock that keeps the first
+/// request, body included, and answers it 401. Returns the caller's status and whether a
+/// replay reached the mock (answered 200).
+async fn held_first_attempt(body: HeldBody) -> (StatusCode, bool) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RefreshLayer::new(counting(&calls, FRESH))
+        .initial_token(Token::bearer(STALE).unwrap())
+        .replay_body_wait(Duration::from_millis(500));
+    let (mock, mut handle) =
+        tower_test::mock::pair::<Request<ReplayBody<HeldBody>>, http::Response<Full<Bytes>>>();
+    let svc = ServiceBuilder::new().layer(layer).service(mock);
+    let call = tokio::spawn(svc.oneshot(Request::post("/orders").body(body).unwrap()));
+    let (first, send) = handle.next_request().await.unwrap();
+    let mut res = http::Response::new(Full::default());
+    *res.status_mut() = StatusCode::UNAUTHORIZED;
+    send.send_response(res);
+    // The first request (and its body) stays alive here until the end.
+    let replayed = match tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await {
+        Ok(Some((replay, send))) => {
+            assert!(replay.body().is_replay());
+            send.send_response(http::Response::new(Full::default()));
+            true
+        }
+        _ => false,
+    };
+    let status = call.await.unwrap().unwrap().status();
+    drop(first);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh");
+    (status, replayed)
+}
+
+/// A body that is one chunk in memory is its own replay: the replay does not wait for the
+/// first attempt to let go of it.
+#[tokio::test(start_paused = true)]
+async fn an_in_memory_body_held_by_the_first_attempt_is_replayed_at_once() {
+    let (status, replayed) = held_first_attempt_full().await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(replayed);
+}
+
+async fn held_first_attempt_full() -> (StatusCode, bool) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RefreshLayer::new(counting(&calls, FRESH))
+        .initial_token(Token::bearer(STALE).unwrap())
+        .replay_body_wait(Duration::from_millis(500));
+    let (mock, mut handle) =
+        tower_test::mock::pair::<Request<ReplayBody<Full<Bytes>>>, http::Response<Full<Bytes>>>();
+    let svc = ServiceBuilder::new().layer(layer).service(mock);
+    let body = Full::new(Bytes::from_static(b"held"));
+    let call = tokio::spawn(svc.oneshot(Request::post("/orders").body(body).unwrap()));
+    let (first, send) = handle.next_request().await.unwrap();
+    let mut res = http::Response::new(Full::default());
+    *res.status_mut() = StatusCode::UNAUTHORIZED;
+    send.send_response(res);
+    let (replay, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("replayed without waiting for the first attempt")
+        .unwrap();
+    assert!(replay.body().is_replay());
+    let body = replay.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"held");
+    send.send_response(http::Response::new(Full::default()));
+    let status = call.await.unwrap().unwrap().status();
+    drop(first);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh");
+    (status, true)
+}
+
+/// A captured (not in-memory) body the first attempt never lets go of: after
+/// `replay_body_wait` the caller gets the 401, and nothing is sent twice.
+#[tokio::test(start_paused = true)]
+async fn a_captured_body_held_past_the_wait_is_not_replayed() {
+    let body = Full::new(Bytes::from_static(b"held")).boxed();
+    let (status, replayed) = held_first_attempt(body).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(!replayed, "sent once");
 }
