@@ -1,55 +1,67 @@
 //! P1, the hot path: a valid token, an in-memory inner service that answers at once.
 //!
-//! Three lines measured side by side in one run, for each request shape:
+//! Lines measured side by side in one run, for each request shape:
 //!
 //! - `bare`: the inner service alone;
 //! - `add_authorization`: tower-http's `AddAuthorization` with a static bearer header, the
-//!   floor for attaching a token at all;
-//! - `refresh`: this crate's `Refresh`, with a valid initial token (no refresh happens; the
-//!   refresher counts its calls and the count is checked to be zero);
-//! - `add_authorization+retry` (reference): tower's `Retry` with a policy that keeps a copy of
-//!   each request (`Request::clone`) and never retries, over `AddAuthorization`: the least a
-//!   layer that can replay a request must do with stock tower parts.
+//!   floor for attaching a token at all (it can neither refresh nor replay);
+//! - `replay_floor`: tower's `Retry` over `AddAuthorization`, with a policy that clones every
+//!   request (`Request::clone`) and replays it once on a 401: the least a layer that can
+//!   replay a request must do with stock tower parts;
+//! - `naive`: a hand-written refreshing layer as many applications have one: the token in a
+//!   `std::sync::RwLock`, every request cloned for a replay, and every 401 refreshes (no single
+//!   flight) and replays once;
+//! - `kube_style`: the design of kube-client's refreshable token: a `tokio::sync::Mutex`
+//!   locked on every request to read the token (and refresh it first if it expired); no replay;
+//! - `mutex_wait`: the token in a `tokio::sync::RwLock`, read on every request; a 401 takes the
+//!   write lock for the refresh (requests wait for the unlock), then the request is replayed
+//!   once from its clone;
+//! - `refresh`: this crate, with a valid initial token (no refresh happens; every refresher in
+//!   this bench counts its calls and the count is checked to be zero).
+//!
+//! The peers are small and honest versions of their documented designs, written here (none is
+//! a dependency); like typical hand-written middleware, they return a boxed future.
 //!
 //! Request shapes: GET with an empty body, POST with a 1 KiB and a 64 KiB `Full<Bytes>` body.
-//! The inner service reads the whole body (frame by frame) in all three lines, as a real
-//! client would when it sends it.
+//! The inner service reads the whole body (frame by frame) in every line, as a real client
+//! would when it sends it.
 //!
 //! Each request is driven by hand with a no-op waker: `poll_ready`, `call`, one `poll` that
 //! must be `Ready`. The request is built outside the timed section (`iter_batched`), so the
 //! figure is `poll_ready` + `call` + the future + dropping the response.
 //!
 //! Instruction counts: with `HOT_PATH_ITERS=<n>` set, the binary runs `n` requests of one
-//! line (`HOT_PATH_LINE` = `build` | `bare` | `add_authorization` | `refresh` |
-//! `add_authorization+retry`) and one shape
+//! line (`HOT_PATH_LINE` = `build` or a line name above) and one shape
 //! (`HOT_PATH_CASE` = `get` | `post_1k` | `post_64k`) without criterion, for
 //! `valgrind --tool=callgrind`. See BENCHMARKS.md.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::hint::black_box;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput};
 use http::header::AUTHORIZATION;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use tower::retry::{Policy, RetryLayer};
-use tower::{Layer, Service, service_fn};
-use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
+use tower::{Layer, Service, ServiceBuilder, service_fn};
+use tower_auth_refresh::{BoxError, RefreshError, ReplayBody, Token, refresh_fn};
 use tower_http::auth::AddAuthorizationLayer;
 
 const SECRET: &str = "hot-path-token-0123456789abcdef";
 
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
 /// The in-memory inner service: reads the body to its end, answers `200 ()` at once.
 fn inner<B>()
--> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone
+-> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
 where
     B: Body + Unpin + Send + 'static,
 {
@@ -65,7 +77,7 @@ where
 /// An inner service that checks the `Authorization` header, for the setup check.
 fn checking<B>(
     expected: Option<&'static str>,
-) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone
+) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
 where
     B: Body + Send + 'static,
 {
@@ -79,25 +91,203 @@ where
     })
 }
 
-/// A retry policy that keeps a copy of every request for a replay, and never replays.
-#[derive(Clone, Copy)]
-struct KeepCopy;
+// ---------------------------------------------------------------------------------------------
+// The peers.
 
-impl<B: Clone, Res, E> Policy<Request<B>, Res, E> for KeepCopy {
+/// Counts refresher calls of every line: the hot path must never refresh.
+static REFRESHES: AtomicUsize = AtomicUsize::new(0);
+
+/// The peers' refresher: counts the call, returns a header.
+async fn peer_refresh() -> HeaderValue {
+    REFRESHES.fetch_add(1, Ordering::SeqCst);
+    HeaderValue::from_static("Bearer refreshed")
+}
+
+fn bearer() -> HeaderValue {
+    let mut v = HeaderValue::try_from(format!("Bearer {SECRET}")).unwrap();
+    v.set_sensitive(true);
+    v
+}
+
+/// The replay floor's policy: keep a clone of every request, replay it once on a 401.
+#[derive(Clone, Copy)]
+struct ReplayOnce {
+    replayed: bool,
+}
+
+impl<B: Clone, Res, E> Policy<Request<B>, Response<Res>, E> for ReplayOnce {
     type Future = std::future::Ready<()>;
 
     fn retry(
         &mut self,
         _req: &mut Request<B>,
-        _result: &mut Result<Res, E>,
+        result: &mut Result<Response<Res>, E>,
     ) -> Option<Self::Future> {
-        None
+        let unauthorized = matches!(result, Ok(res) if res.status() == StatusCode::UNAUTHORIZED);
+        if unauthorized && !self.replayed {
+            self.replayed = true;
+            Some(std::future::ready(()))
+        } else {
+            None
+        }
     }
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
         Some(req.clone())
     }
 }
+
+/// Sends `req` with a ready clone of `inner`, as tower asks (`mem::replace` in `call`).
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+/// `naive`: the token behind a `std` `RwLock`; every 401 refreshes (no single flight) and the
+/// request is replayed once from the clone taken before sending.
+#[derive(Clone)]
+struct Naive<S> {
+    inner: S,
+    token: Arc<std::sync::RwLock<HeaderValue>>,
+}
+
+impl<S, B> Service<Request<B>> for Naive<S>
+where
+    S: Service<Request<B>, Response = Response<()>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Clone + Send + 'static,
+{
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<()>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let token = self.token.clone();
+        let header = token.read().unwrap().clone();
+        req.headers_mut().insert(AUTHORIZATION, header);
+        let mut copy = req.clone();
+        Box::pin(async move {
+            let res = inner.call(req).await.map_err(Into::into)?;
+            if res.status() != StatusCode::UNAUTHORIZED {
+                return Ok(res);
+            }
+            let fresh = peer_refresh().await;
+            *token.write().unwrap() = fresh.clone();
+            copy.headers_mut().insert(AUTHORIZATION, fresh);
+            poll_fn(|cx| inner.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            inner.call(copy).await.map_err(Into::into)
+        })
+    }
+}
+
+/// kube-client's design: a token with an expiry behind a `tokio::sync::Mutex`, locked on every
+/// request; an expired token is refreshed under the lock before sending. No replay.
+struct KubeToken {
+    header: HeaderValue,
+    expires_at: Instant,
+}
+
+#[derive(Clone)]
+struct KubeStyle<S> {
+    inner: S,
+    token: Arc<tokio::sync::Mutex<KubeToken>>,
+}
+
+impl<S, B> Service<Request<B>> for KubeStyle<S>
+where
+    S: Service<Request<B>, Response = Response<()>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+{
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<()>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let token = self.token.clone();
+        Box::pin(async move {
+            let header = {
+                let mut token = token.lock().await;
+                // kube refreshes a little ahead of the expiry.
+                if Instant::now() + Duration::from_secs(10) >= token.expires_at {
+                    token.header = peer_refresh().await;
+                    token.expires_at = Instant::now() + Duration::from_secs(3600);
+                }
+                token.header.clone()
+            };
+            req.headers_mut().insert(AUTHORIZATION, header);
+            inner.call(req).await.map_err(Into::into)
+        })
+    }
+}
+
+/// A mutex held during the refresh: the token behind a `tokio::sync::RwLock`, read on every
+/// request; a 401 takes the write lock (requests wait for the unlock), refreshes unless
+/// another request already did, and the request is replayed once from its clone.
+#[derive(Clone)]
+struct MutexWait<S> {
+    inner: S,
+    token: Arc<tokio::sync::RwLock<HeaderValue>>,
+}
+
+impl<S, B> Service<Request<B>> for MutexWait<S>
+where
+    S: Service<Request<B>, Response = Response<()>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Clone + Send + Sync + 'static,
+{
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<()>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let token = self.token.clone();
+        Box::pin(async move {
+            let used = token.read().await.clone();
+            req.headers_mut().insert(AUTHORIZATION, used.clone());
+            let mut copy = req.clone();
+            let res = inner.call(req).await.map_err(Into::into)?;
+            if res.status() != StatusCode::UNAUTHORIZED {
+                return Ok(res);
+            }
+            let fresh = {
+                let mut current = token.write().await;
+                if *current == used {
+                    *current = peer_refresh().await;
+                }
+                current.clone()
+            };
+            copy.headers_mut().insert(AUTHORIZATION, fresh);
+            poll_fn(|cx| inner.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            inner.call(copy).await.map_err(Into::into)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lines.
 
 /// One request, driven by hand: `poll_ready`, `call`, one `poll` that must be `Ready`.
 #[inline(always)]
@@ -166,100 +356,150 @@ fn request(case: Case, payload: &Bytes) -> Request<Full<Bytes>> {
     }
 }
 
-/// The refresh line's layer: a valid token, a refresher that counts its calls.
-fn refresh_layer(calls: &Arc<AtomicUsize>) -> RefreshLayer {
-    let calls = calls.clone();
-    RefreshLayer::new(refresh_fn(move |_stale| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        async { Err::<Token, _>(RefreshError::terminal("the hot path must not refresh")) }
-    }))
-    .initial_token(Token::bearer(SECRET).unwrap())
+/// The lines, in the order of the tables.
+const LINES: [&str; 7] = [
+    "bare",
+    "add_authorization",
+    "replay_floor",
+    "naive",
+    "kube_style",
+    "mutex_wait",
+    "refresh",
+];
+
+/// A line's service over `inner`, type-erased only by `impl Trait` (no boxing on the path):
+/// one closure per line, called by [`with_line`].
+macro_rules! with_line {
+    ($line:expr, $inner:expr, |$svc:ident| $body:expr) => {
+        match $line {
+            "bare" => {
+                let mut $svc = $inner;
+                $body
+            }
+            "add_authorization" => {
+                let mut $svc = AddAuthorizationLayer::bearer(SECRET).layer($inner);
+                $body
+            }
+            "replay_floor" => {
+                let mut $svc = ServiceBuilder::new()
+                    .layer(RetryLayer::new(ReplayOnce { replayed: false }))
+                    .layer(AddAuthorizationLayer::bearer(SECRET))
+                    .service($inner);
+                $body
+            }
+            "naive" => {
+                let mut $svc = Naive {
+                    inner: $inner,
+                    token: Arc::new(std::sync::RwLock::new(bearer())),
+                };
+                $body
+            }
+            "kube_style" => {
+                let mut $svc = KubeStyle {
+                    inner: $inner,
+                    token: Arc::new(tokio::sync::Mutex::new(KubeToken {
+                        header: bearer(),
+                        expires_at: Instant::now() + Duration::from_secs(3600),
+                    })),
+                };
+                $body
+            }
+            "mutex_wait" => {
+                let mut $svc = MutexWait {
+                    inner: $inner,
+                    token: Arc::new(tokio::sync::RwLock::new(bearer())),
+                };
+                $body
+            }
+            other => panic!("unknown line {other}"),
+        }
+    };
 }
 
-/// The reference line: keep a copy of the request (tower `Retry`), attach the token.
-fn retry_stack()
--> impl Service<Request<Full<Bytes>>, Response = Response<()>, Error: std::fmt::Debug> {
-    RetryLayer::new(KeepCopy)
-        .layer(AddAuthorizationLayer::bearer(SECRET).layer(inner::<Full<Bytes>>()))
+/// This crate's line: a valid token, a refresher that only counts its calls. Built with
+/// `ServiceBuilder` and inference only, so renaming the layer's types does not touch it.
+fn refresh_svc<S>(
+    inner: S,
+) -> impl Service<Request<Full<Bytes>>, Response = Response<()>, Error = BoxError>
+where
+    S: Service<Request<ReplayBody<Full<Bytes>>>, Response = Response<()>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    ServiceBuilder::new()
+        .layer(
+            tower_auth_refresh::RefreshLayer::new(refresh_fn(|_stale| {
+                REFRESHES.fetch_add(1, Ordering::SeqCst);
+                async { Err::<Token, _>(RefreshError::terminal("the hot path must not refresh")) }
+            }))
+            .initial_token(Token::bearer(SECRET).unwrap()),
+        )
+        .service(inner)
 }
 
-/// Checks that every line sends what it should, and that `Refresh` does not refresh.
-fn setup_check(calls: &Arc<AtomicUsize>) {
+fn assert_no_refresh() {
+    assert_eq!(
+        REFRESHES.load(Ordering::SeqCst),
+        0,
+        "the hot path called a refresher"
+    );
+}
+
+/// Checks that every line sends what it should, and that no line refreshes.
+fn setup_check() {
     let expected: &'static str = Box::leak(format!("Bearer {SECRET}").into_boxed_str());
     for case in Case::ALL {
         let payload = case.payload();
-        drive(&mut checking(None), request(case, &payload));
-        drive(
-            &mut AddAuthorizationLayer::bearer(SECRET).layer(checking(Some(expected))),
-            request(case, &payload),
-        );
-        drive(
-            &mut RetryLayer::new(KeepCopy)
-                .layer(AddAuthorizationLayer::bearer(SECRET).layer(checking(Some(expected)))),
-            request(case, &payload),
-        );
-        drive(
-            &mut refresh_layer(calls).layer(checking::<ReplayBody<Full<Bytes>>>(Some(expected))),
-            request(case, &payload),
-        );
+        for line in LINES {
+            if line == "refresh" {
+                let mut svc = refresh_svc(checking(Some(expected)));
+                drive(&mut svc, request(case, &payload));
+                continue;
+            }
+            let want = (line != "bare").then_some(expected);
+            with_line!(line, checking::<Full<Bytes>>(want), |svc| {
+                drive(&mut svc, request(case, &payload));
+            });
+        }
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        0,
-        "the hot path called the refresher"
-    );
+    assert_no_refresh();
 }
 
 fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let _enter = rt.enter();
-    let calls = Arc::new(AtomicUsize::new(0));
-    setup_check(&calls);
+    setup_check();
 
     for case in Case::ALL {
         let payload = case.payload();
         let mut group = c.benchmark_group(format!("p1/{}", case.name()));
         group.throughput(Throughput::Elements(1));
-
-        let mut bare = inner::<Full<Bytes>>();
-        let mut add = AddAuthorizationLayer::bearer(SECRET).layer(inner::<Full<Bytes>>());
-        let mut refresh = refresh_layer(&calls).layer(inner::<ReplayBody<Full<Bytes>>>());
-        let mut retry = retry_stack();
-
-        group.bench_function("bare", |b| {
-            b.iter_batched(
-                || request(case, &payload),
-                |req| drive(&mut bare, req),
-                BatchSize::SmallInput,
-            )
-        });
-        group.bench_function("add_authorization", |b| {
-            b.iter_batched(
-                || request(case, &payload),
-                |req| drive(&mut add, req),
-                BatchSize::SmallInput,
-            )
-        });
-        group.bench_function("refresh", |b| {
-            b.iter_batched(
-                || request(case, &payload),
-                |req| drive(&mut refresh, req),
-                BatchSize::SmallInput,
-            )
-        });
-        group.bench_function("add_authorization+retry", |b| {
-            b.iter_batched(
-                || request(case, &payload),
-                |req| drive(&mut retry, req),
-                BatchSize::SmallInput,
-            )
-        });
+        for line in LINES {
+            if line == "refresh" {
+                let mut svc = refresh_svc(inner());
+                group.bench_function(line, |b| {
+                    b.iter_batched(
+                        || request(case, &payload),
+                        |req| drive(&mut svc, req),
+                        BatchSize::SmallInput,
+                    )
+                });
+                continue;
+            }
+            with_line!(line, inner::<Full<Bytes>>(), |svc| {
+                group.bench_function(line, |b| {
+                    b.iter_batched(
+                        || request(case, &payload),
+                        |req| drive(&mut svc, req),
+                        BatchSize::SmallInput,
+                    )
+                });
+            });
+        }
         group.finish();
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        0,
-        "the hot path called the refresher"
-    );
+    assert_no_refresh();
 }
 
 /// `HOT_PATH_ITERS` mode: `n` requests of one line and one case, for callgrind.
@@ -276,8 +516,7 @@ fn count_mode(iters: u64) {
         .build()
         .unwrap();
     let _enter = rt.enter();
-    let calls = Arc::new(AtomicUsize::new(0));
-    setup_check(&calls);
+    setup_check();
     let payload = case.payload();
     match line.as_str() {
         "build" => {
@@ -285,37 +524,19 @@ fn count_mode(iters: u64) {
                 black_box(request(case, &payload));
             }
         }
-        "bare" => {
-            let mut svc = inner::<Full<Bytes>>();
-            for _ in 0..iters {
-                black_box(drive(&mut svc, request(case, &payload)));
-            }
-        }
-        "add_authorization" => {
-            let mut svc = AddAuthorizationLayer::bearer(SECRET).layer(inner::<Full<Bytes>>());
-            for _ in 0..iters {
-                black_box(drive(&mut svc, request(case, &payload)));
-            }
-        }
         "refresh" => {
-            let mut svc = refresh_layer(&calls).layer(inner::<ReplayBody<Full<Bytes>>>());
+            let mut svc = refresh_svc(inner());
             for _ in 0..iters {
                 black_box(drive(&mut svc, request(case, &payload)));
             }
         }
-        "add_authorization+retry" => {
-            let mut svc = retry_stack();
+        other => with_line!(other, inner::<Full<Bytes>>(), |svc| {
             for _ in 0..iters {
                 black_box(drive(&mut svc, request(case, &payload)));
             }
-        }
-        other => panic!("unknown HOT_PATH_LINE {other}"),
+        }),
     }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        0,
-        "the hot path called the refresher"
-    );
+    assert_no_refresh();
 }
 
 fn main() {

@@ -19,7 +19,8 @@
 //!
 //! Bodies: `Full<Bytes>` (the caller already holds the bytes: the zero-copy capture costs
 //! O(1)), and a streaming body that allocates each chunk as it is polled (like a body read
-//! from a socket or a file), with an exact size hint, or none.
+//! from a socket or a file), with an exact size hint, or none (a body of unknown size is
+//! captured while it streams, up to the cap, and dropped once it outgrows it).
 
 #![allow(unsafe_code)]
 
@@ -300,6 +301,9 @@ fn main() {
             Shape::Streamed(64 * kib, 256, true),
             Shape::Streamed(mib, 16 * kib, true),
             Shape::Streamed(mib, kib, true),
+            // Unknown size: captured while it streams, up to the cap.
+            Shape::Streamed(64 * kib, 16 * kib, false),
+            Shape::Streamed(mib, 16 * kib, false),
             Shape::Streamed(mib + 1, 16 * kib, true),
             Shape::Streamed(2 * mib, 16 * kib, true),
             Shape::Streamed(8 * mib, 16 * kib, true),

@@ -1,7 +1,9 @@
-//! When a response asks for a refresh: RFC 6750 `WWW-Authenticate` handling.
+//! When a response asks for a refresh: RFC 6750 `WWW-Authenticate` handling, HTTP 401 and
+//! gRPC UNAUTHENTICATED.
 //!
-//! By default a response triggers a refresh when its status is 401 and it does not carry a
-//! Bearer challenge whose `error` is something other than `invalid_token`. So
+//! By default a response triggers a refresh when its status is 401, or when it is a
+//! trailers-only gRPC response with `grpc-status: 16` (UNAUTHENTICATED), and it does not carry
+//! a Bearer challenge whose `error` is something other than `invalid_token`. So
 //! `insufficient_scope` and `invalid_request` (RFC 6750 §3.1) reach the caller untouched:
 //! a new token would not fix them.
 //!
@@ -23,8 +25,8 @@
 //! assert_eq!(challenges[1].param("error"), Some("invalid_token"));
 //! ```
 
-use http::header::WWW_AUTHENTICATE;
-use http::{HeaderMap, StatusCode};
+use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderName, StatusCode};
 
 /// One challenge of a `WWW-Authenticate` header (RFC 9110 §11.6.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,12 +257,95 @@ pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
     out
 }
 
-/// The default refresh trigger: status 401, unless every Bearer challenge names an `error`
-/// other than `invalid_token` (RFC 6750 §3.1).
+/// The default refresh trigger: an HTTP 401 ([`http_trigger`]) or a gRPC UNAUTHENTICATED
+/// ([`grpc_trigger`]), unless every Bearer challenge of the response names an `error` other
+/// than `invalid_token` (RFC 6750 §3.1).
+///
+/// gRPC is in the default because a gRPC server never answers 401 for an expired token: it
+/// answers HTTP 200 with `grpc-status: 16`. The two cannot be confused (a gRPC response has a
+/// `content-type` of `application/grpc...`), so plain HTTP APIs are not affected.
+///
+/// # Example
+///
+/// ```
+/// use http::{HeaderMap, HeaderValue, StatusCode};
+/// use tower_auth_refresh::policy::default_trigger;
+///
+/// let mut grpc = HeaderMap::new();
+/// grpc.insert("content-type", HeaderValue::from_static("application/grpc"));
+/// grpc.insert("grpc-status", HeaderValue::from_static("16"));
+/// assert!(default_trigger(StatusCode::OK, &grpc));
+/// assert!(default_trigger(StatusCode::UNAUTHORIZED, &HeaderMap::new()));
+/// assert!(!default_trigger(StatusCode::OK, &HeaderMap::new()));
+/// ```
 pub fn default_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
-    if status != StatusCode::UNAUTHORIZED {
+    http_trigger(status, headers) || grpc_trigger(status, headers)
+}
+
+/// The HTTP trigger: status 401, unless every Bearer challenge names an `error` other than
+/// `invalid_token` (RFC 6750 §3.1).
+pub fn http_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::UNAUTHORIZED && bearer_allows_refresh(headers)
+}
+
+/// The gRPC status code UNAUTHENTICATED.
+const GRPC_UNAUTHENTICATED: &[u8] = b"16";
+
+/// The header a trailers-only gRPC response carries its status in.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// The gRPC trigger: a trailers-only gRPC response (HTTP 200, `content-type:
+/// application/grpc...`) whose headers carry `grpc-status: 16` (UNAUTHENTICATED), unless every
+/// Bearer challenge in its `WWW-Authenticate` names an `error` other than `invalid_token`
+/// (RFC 6750 §3.1: `insufficient_scope` is not fixed by a new token).
+///
+/// Only the response headers are looked at: a server reports an auth failure before any
+/// message, as a trailers-only response (tonic does so for a `Status` returned by a handler or
+/// an interceptor). A `grpc-status` sent in the trailers after messages arrives too late to
+/// replay the call, and is not a trigger.
+///
+/// # Example
+///
+/// ```
+/// use http::{HeaderMap, HeaderValue, StatusCode};
+/// use tower_auth_refresh::policy::grpc_trigger;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("content-type", HeaderValue::from_static("application/grpc+proto"));
+/// headers.insert("grpc-status", HeaderValue::from_static("16"));
+/// assert!(grpc_trigger(StatusCode::OK, &headers));
+///
+/// headers.insert(
+///     "www-authenticate",
+///     HeaderValue::from_static(r#"Bearer error="insufficient_scope""#),
+/// );
+/// assert!(!grpc_trigger(StatusCode::OK, &headers));
+/// ```
+pub fn grpc_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
+    // Cheapest first: this runs on every response the layer sees.
+    if status != StatusCode::OK || headers.is_empty() {
         return false;
     }
+    let unauthenticated = headers
+        .get(&GRPC_STATUS)
+        .is_some_and(|v| v.as_bytes().trim_ascii() == GRPC_UNAUTHENTICATED);
+    unauthenticated
+        && headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
+        && bearer_allows_refresh(headers)
+}
+
+/// `application/grpc`, alone or with a `+format` or `;parameters`, in any case.
+fn is_grpc_content_type(value: &[u8]) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    value.len() >= GRPC.len()
+        && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+        && matches!(value.get(GRPC.len()), None | Some(b'+' | b';' | b'-'))
+}
+
+/// False when every Bearer challenge names an `error` other than `invalid_token`.
+fn bearer_allows_refresh(headers: &HeaderMap) -> bool {
     if !headers.contains_key(WWW_AUTHENTICATE) {
         return true;
     }
@@ -311,6 +396,99 @@ mod tests {
             s,
             &h(&["Basic realm=a", r#"Bearer error="invalid_token""#])
         ));
+    }
+
+    fn grpc(status: &str, content_type: &str, challenges: &[&str]) -> HeaderMap {
+        let mut m = h(challenges);
+        m.insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+        m.insert("grpc-status", HeaderValue::from_str(status).unwrap());
+        m
+    }
+
+    #[test]
+    fn grpc_unauthenticated_triggers_a_refresh() {
+        let ok = StatusCode::OK;
+        for content_type in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc+json",
+            "application/grpc; charset=utf-8",
+            "Application/GRPC",
+            "application/grpc-web+proto",
+        ] {
+            assert!(
+                grpc_trigger(ok, &grpc("16", content_type, &[])),
+                "{content_type}"
+            );
+            assert!(
+                default_trigger(ok, &grpc("16", content_type, &[])),
+                "{content_type}"
+            );
+        }
+        assert!(grpc_trigger(ok, &grpc(" 16 ", "application/grpc", &[])));
+        // The www-authenticate of a gRPC response: RFC 6750 gating as for a 401.
+        assert!(grpc_trigger(
+            ok,
+            &grpc(
+                "16",
+                "application/grpc",
+                &[r#"Bearer error="invalid_token""#]
+            )
+        ));
+        assert!(grpc_trigger(
+            ok,
+            &grpc("16", "application/grpc", &[r#"Bearer realm="api""#])
+        ));
+        assert!(!grpc_trigger(
+            ok,
+            &grpc(
+                "16",
+                "application/grpc",
+                &[r#"Bearer error="insufficient_scope""#]
+            )
+        ));
+        assert!(!default_trigger(
+            ok,
+            &grpc("16", "application/grpc", &["Bearer error=invalid_request"])
+        ));
+    }
+
+    #[test]
+    fn other_grpc_statuses_and_non_grpc_responses_do_not_trigger() {
+        let ok = StatusCode::OK;
+        // PERMISSION_DENIED (7), OK (0), UNAVAILABLE (14), junk.
+        for status in ["7", "0", "14", "160", "1", "", "sixteen"] {
+            assert!(
+                !default_trigger(ok, &grpc(status, "application/grpc", &[])),
+                "{status}"
+            );
+        }
+        // Not a gRPC response: a grpc-status header alone is not a trigger.
+        for content_type in [
+            "application/json",
+            "text/plain",
+            "application/grpcx",
+            "grpc",
+        ] {
+            assert!(
+                !grpc_trigger(ok, &grpc("16", content_type, &[])),
+                "{content_type}"
+            );
+        }
+        let mut no_type = HeaderMap::new();
+        no_type.insert("grpc-status", HeaderValue::from_static("16"));
+        assert!(!grpc_trigger(ok, &no_type));
+        // Trailers-only responses are HTTP 200; a gRPC proxy's HTTP error is not this trigger.
+        assert!(!grpc_trigger(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &grpc("16", "application/grpc", &[])
+        ));
+        // A plain 401 still triggers through the HTTP trigger, gRPC headers or not.
+        assert!(default_trigger(
+            StatusCode::UNAUTHORIZED,
+            &grpc("0", "application/grpc", &[])
+        ));
+        assert!(!http_trigger(ok, &grpc("16", "application/grpc", &[])));
     }
 
     #[test]

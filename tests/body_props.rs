@@ -212,7 +212,8 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
 
     let empty = case.accurate_end && case.chunks.is_empty() && case.trailers.is_none();
     let announced = case.hint.unwrap_or(Some(total as u64));
-    let replayable_up_front = empty || announced.is_some_and(|n| n <= case.cap as u64);
+    // Known size above the cap: decided up front. Unknown size: captured while it streams.
+    let replayable_up_front = empty || announced.is_none_or(|n| n <= case.cap as u64);
     if !replayable_up_front {
         // Passed through: nothing kept, not replayed, the caller gets the 401 itself.
         prop_assert_eq!(out.attempts.len(), 1);
@@ -221,12 +222,15 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
         return Ok(());
     }
     let honest = case.hint.is_none();
-    if honest {
-        // An honest body of known size within the cap is always replayed.
+    let unknown = case.hint == Some(None);
+    if honest || (unknown && total <= case.cap) {
+        // An honest body of known size within the cap, or a body of unknown size that ends
+        // within the cap, is always replayed.
         prop_assert_eq!(out.attempts.len(), 2, "replayed");
     }
     if out.attempts.len() == 1 {
-        // A lying size hint outgrew the cap: not replayed, the 401 is the caller's.
+        // The body outgrew the cap while streaming (its size was unknown, or its size hint
+        // lied): not replayed, the 401 is the caller's.
         prop_assert!(total > case.cap);
         prop_assert_eq!(out.status, StatusCode::UNAUTHORIZED);
         return Ok(());
@@ -240,6 +244,11 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
     if honest {
         prop_assert_eq!(first.hint_at_start, Some(total as u64));
         prop_assert_eq!(replay.hint_at_start, Some(total as u64), "replay size hint");
+    }
+    if unknown && !empty {
+        // The replay announces what the caller's body announced: no exact size.
+        prop_assert_eq!(first.hint_at_start, None);
+        prop_assert_eq!(replay.hint_at_start, None, "replay size hint");
     }
     if let Reader::ToEnd = case.reader {
         prop_assert_eq!(&first.data[..], &original[..]);
@@ -291,7 +300,8 @@ proptest! {
     }
 
     /// Any size hint (honest, unknown, lying) against any cap: never more than the cap kept,
-    /// and whatever is replayed is the caller's body exactly.
+    /// a body of unknown size is replayed whenever it ends within the cap, and whatever is
+    /// replayed is the caller's body exactly.
     #[test]
     fn never_buffers_past_the_cap(
         chunks in chunks(),
@@ -302,6 +312,27 @@ proptest! {
         reader in reader(),
     ) {
         check(&Case { chunks, trailers, hint, accurate_end, cap, reader })?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::with_cases(1000)
+    })]
+
+    /// Bodies of unknown size (chunked uploads, gRPC message streams): captured while they
+    /// stream, replayed byte for byte when they end within the cap, passed through (the caller
+    /// gets the 401) when they outgrow it; never more than the cap kept.
+    #[test]
+    fn unknown_size_bodies_are_captured_up_to_the_cap(
+        chunks in chunks(),
+        trailers in trailers(),
+        accurate_end in any::<bool>(),
+        cap in 0usize..800,
+        reader in reader(),
+    ) {
+        check(&Case { chunks, trailers, hint: Some(None), accurate_end, cap, reader })?;
     }
 }
 
@@ -319,4 +350,90 @@ fn trailers_survive_a_sender_that_stops_after_the_trailers_frame() {
         reader: Reader::HyperLike,
     })
     .unwrap();
+}
+
+/// Sends `body` (an in-memory body type) with a stale token; the inner service drops the
+/// first attempt's body unread or reads it, per `read_first`, and answers 401. Returns the
+/// bytes of every attempt the inner service read, and the final status.
+fn run_in_memory<B>(body: B, read_first: bool) -> (Vec<(bool, Vec<u8>)>, StatusCode)
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: std::fmt::Debug,
+{
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let refreshes = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let attempts = attempts.clone();
+        service_fn(move |req: Request<ReplayBody<B>>| {
+            let attempts = attempts.clone();
+            async move {
+                let stale = req.headers()[AUTHORIZATION] == "Bearer stale";
+                let mut body = req.into_body();
+                let replay = body.is_replay();
+                let mut data = Vec::new();
+                if !stale || read_first {
+                    while let Some(frame) =
+                        std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                    {
+                        if let Ok(d) = frame.unwrap().into_data() {
+                            data.extend_from_slice(&d);
+                        }
+                    }
+                }
+                attempts.lock().unwrap().push((replay, data));
+                let status = if stale { 401 } else { 200 };
+                Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+            }
+        })
+    };
+    let svc = RefreshLayer::new(counting(&refreshes, "fresh"))
+        .initial_token(Token::bearer("stale").unwrap())
+        .layer(inner);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let res = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                svc.oneshot(Request::post("/upload").body(body).unwrap()),
+            )
+            .await
+        })
+        .expect("no hang")
+        .expect("no error");
+    assert_eq!(refreshes.load(Ordering::SeqCst), 1);
+    let attempts = attempts.lock().unwrap().clone();
+    (attempts, res.status())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::with_cases(200)
+    })]
+
+    /// Bodies that are one chunk in memory (`Full<Bytes>`, `String`) skip the capture: the replay is their bytes exactly, whether or not the first attempt read
+    /// them, and the first attempt still sends them whole.
+    #[test]
+    fn in_memory_bodies_are_replayed_byte_for_byte(
+        text in "[ -~]{1,300}",
+        kind in 0u8..2,
+        read_first in any::<bool>(),
+    ) {
+        let bytes = text.clone().into_bytes();
+        let (attempts, status) = match kind {
+            0 => run_in_memory(http_body_util::Full::new(Bytes::from(bytes.clone())), read_first),
+            _ => run_in_memory(text.clone(), read_first),
+        };
+        prop_assert_eq!(status, StatusCode::OK);
+        prop_assert_eq!(attempts.len(), 2);
+        prop_assert!(!attempts[0].0 && attempts[1].0);
+        if read_first {
+            prop_assert_eq!(&attempts[0].1, &bytes);
+        }
+        prop_assert_eq!(&attempts[1].1, &bytes, "replayed bytes");
+    }
 }

@@ -626,28 +626,3 @@ async fn a_401_before_the_body_was_sent_waits_for_it_then_replays_it_whole() {
     assert_eq!(status_of(call).await, StatusCode::OK);
     assert_eq!(refresher.calls(), 1);
 }
-
-/// If the first attempt never lets go of the body, the 401 goes back after the wait.
-#[tokio::test(start_paused = true)]
-async fn a_body_held_past_the_wait_is_not_replayed() {
-    let refresher = Counting::default();
-    let layer = stale_layer(refresher.clone()).replay_body_wait(Duration::from_millis(500));
-    let (svc, mut handle) = layered(layer);
-    let call = spawn_call(
-        &svc,
-        Request::post("/orders")
-            .body(Full::new(Bytes::from_static(b"held")))
-            .unwrap(),
-    );
-    let (first, send) = handle.next_request().await.unwrap();
-    send.send_response(status(StatusCode::UNAUTHORIZED));
-    assert_eq!(status_of(call).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(refresher.calls(), 1, "the refresh still happened");
-    drop(first);
-    assert!(
-        tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .is_err(),
-        "sent once"
-    );
-}
