@@ -254,6 +254,39 @@ async fn keyed_layer_sends_tokens_only_to_allowed_origins() {
     .await;
 }
 
+/// Without an allow-list, the token goes only to the first origin the *layer* saw: not to
+/// a second origin for another key, and not after the key's cell was evicted and rebuilt.
+#[tokio::test]
+async fn keyed_default_origin_is_the_first_origin_the_layer_saw_even_after_eviction() {
+    guard(async {
+        let (first, first_log) = api(accepts_gen1).await;
+        let (second, second_log) = api(accepts_gen1).await;
+        let calls = Calls::default();
+        let svc = over_http(KeyedRefreshLayer::new(issuer(&calls, None, None)).capacity(1));
+
+        let res = send(&svc, tenant_request(Method::GET, first, 1, "")).await;
+        assert_eq!(res.unwrap(), StatusCode::OK);
+        // Another key, another origin: no token.
+        let res = send(&svc, tenant_request(Method::GET, second, 2, "")).await;
+        assert_eq!(res.unwrap(), StatusCode::UNAUTHORIZED);
+        assert_eq!(second_log.auths(2), ["-"]);
+        // Tenant 2 on the first origin evicts tenant 1 (capacity 1); tenant 1's rebuilt cell
+        // still may not send its token anywhere else.
+        let res = send(&svc, tenant_request(Method::GET, first, 2, "")).await;
+        assert_eq!(res.unwrap(), StatusCode::OK);
+        let res = send(&svc, tenant_request(Method::GET, second, 1, "")).await;
+        assert_eq!(res.unwrap(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            second_log.auths(1),
+            ["-"],
+            "a token leaked after an eviction"
+        );
+        assert_eq!(first_log.auths(1), ["Bearer t1-gen1"]);
+        assert_eq!(first_log.auths(2), ["Bearer t2-gen1"]);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn keyed_layer_refreshes_on_a_custom_trigger() {
     guard(async {

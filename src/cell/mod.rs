@@ -66,8 +66,9 @@ pub(crate) struct TokenCell {
     events: OnceLock<broadcast::Sender<RefreshEvent>>,
     hook: Option<EventHook>,
     /// The origin the token is bound to when no allow-list is configured: the first one a
-    /// request went to.
-    pub(crate) origin: OnceLock<Origin>,
+    /// request went to. Shared by every cell of a keyed layer, so that a rebuilt (evicted)
+    /// cell or a new key cannot bind to another origin.
+    pub(crate) origin: Arc<OnceLock<Origin>>,
 }
 
 impl std::fmt::Debug for TokenCell {
@@ -105,8 +106,14 @@ impl TokenCell {
             refresher: Box::new(refresher),
             events: OnceLock::new(),
             hook,
-            origin: OnceLock::new(),
+            origin: Arc::default(),
         }
+    }
+
+    /// This cell binds its token to `origin`, shared with other cells.
+    pub(crate) fn with_origin(mut self, origin: Arc<OnceLock<Origin>>) -> Self {
+        self.origin = origin;
+        self
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State<Job>> {
