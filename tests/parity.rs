@@ -239,6 +239,37 @@ async fn anonymous_after_logout_sends_requests_untouched_until_a_token_is_set() 
     .await;
 }
 
+/// A request refused with a token whose refresh then fails terminally gets that refusal as
+/// its response in anonymous mode (the session ended under it); later requests go out bare.
+#[tokio::test]
+async fn anonymous_mode_returns_the_401_whose_refresh_ended_the_session() {
+    guard(async {
+        let (addr, log) = api(public_and_protected).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(rejecting(&calls))
+            .initial_token(Token::bearer("revoked-token").unwrap())
+            .anonymous_when_logged_out(true);
+        let handle = layer.token_handle();
+        let svc = stack(layer);
+
+        let (status, headers, body) = fetch(&svc, url(addr, "/protected")).await.unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers[WWW_AUTHENTICATE], REALM);
+        assert_eq!(&body[..], b"login required");
+        assert!(handle.state().session_ended());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        let (status, _, _) = fetch(&svc, url(addr, "/protected")).await.unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, _) = fetch(&svc, url(addr, "/public")).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(log.auths("/protected"), ["Bearer revoked-token", "-"]);
+        assert_eq!(log.auths("/public"), ["-"]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn without_anonymous_mode_a_logged_out_session_fails_and_sends_nothing() {
     guard(async {
