@@ -4,6 +4,11 @@
 //! Each request is driven by hand with a no-op waker (`poll_ready`, `call`, one `poll` that
 //! must be `Ready`), cycling through the keys so that every lookup hits an existing cell.
 //!
+//! `keyed_new_key`: the cost of a request for a key the map has never seen while the map is
+//! full, at capacity 64 and 10,000 (one eviction, one new cell and its first refresh, driven on
+//! a current-thread runtime), and of the map step alone (`KeyedTokenHandle::key` for a new key).
+//! Eviction is a second-chance queue, so both capacities should cost the same.
+//!
 //! ```sh
 //! cargo bench --bench keyed
 //! ```
@@ -18,7 +23,7 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion};
 use http::{Request, Response};
 use http_body_util::Full;
-use tower::{Layer, Service, service_fn};
+use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_auth_refresh::keyed::KeyedRefreshLayer;
 use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
 
@@ -68,7 +73,7 @@ fn keyed(c: &mut Criterion) {
     group.bench_function("single_token", |b| {
         b.iter_batched(
             || {
-                Request::get("http://api.test/")
+                Request::get("https://api.test/")
                     .body(Body::default())
                     .unwrap()
             },
@@ -96,7 +101,7 @@ fn keyed(c: &mut Criterion) {
             b.iter_batched(
                 || {
                     next = (next + 7919) % keys;
-                    let mut req = Request::get("http://api.test/")
+                    let mut req = Request::get("https://api.test/")
                         .body(Body::default())
                         .unwrap();
                     req.extensions_mut().insert(Tenant(next));
@@ -115,8 +120,61 @@ fn keyed(c: &mut Criterion) {
     group.finish();
 }
 
+fn new_key(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut group = c.benchmark_group("keyed_new_key");
+    for capacity in [64u32, 10_000] {
+        let layer = KeyedRefreshLayer::new(|t: Tenant, _: Option<Token>| async move {
+            Token::bearer(format!("token-{}", t.0)).map_err(RefreshError::from)
+        })
+        .capacity(capacity as usize);
+        let handle = layer.token_handle();
+        for k in 0..capacity {
+            handle
+                .key(&Tenant(k))
+                .set_token(Token::bearer(format!("token-{k}")).unwrap());
+        }
+        let svc = layer.layer(inner());
+        let mut next = capacity;
+        group.bench_function(format!("request_capacity_{capacity}"), |b| {
+            b.iter_batched(
+                || {
+                    next += 1;
+                    let mut req = Request::get("https://api.test/")
+                        .body(Body::default())
+                        .unwrap();
+                    req.extensions_mut().insert(Tenant(next));
+                    req
+                },
+                |req| {
+                    let res = rt.block_on(svc.clone().oneshot(req));
+                    drop(black_box(res.expect("a new key gets its token")));
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        group.bench_function(format!("map_only_capacity_{capacity}"), |b| {
+            b.iter(|| {
+                next += 1;
+                drop(black_box(handle.key(&Tenant(next))));
+            })
+        });
+        assert_eq!(
+            handle.len(),
+            capacity as usize,
+            "every new key evicted one old key"
+        );
+    }
+    group.finish();
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     keyed(&mut c);
+    new_key(&mut c);
     c.final_summary();
 }

@@ -471,7 +471,8 @@ impl RefreshOptions {
     /// While no token can be had (the session ended: logged out, or the refresher failed
     /// terminally), send requests untouched instead of failing them: public endpoints keep
     /// working, protected ones answer for themselves. They are never refreshed or replayed.
-    /// Installing a token turns authentication back on. Off by default.
+    /// A request refused with a token whose refresh then ends the session gets that refusal
+    /// as its response. Installing a token turns authentication back on. Off by default.
     #[must_use]
     pub fn anonymous_when_logged_out(mut self, anonymous: bool) -> Self {
         self.anonymous = anonymous;

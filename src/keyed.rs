@@ -55,7 +55,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -69,7 +69,7 @@ use tower_service::Service;
 use crate::BoxError;
 use crate::body::ReplayBody;
 use crate::cell::TokenCell;
-use crate::config::{RefreshOptions, Shared, option_setters};
+use crate::config::{Origin, RefreshOptions, Shared, option_setters};
 use crate::error::MissingKey;
 use crate::events::{Lagged, RefreshEvent};
 use crate::future::ResponseFuture;
@@ -188,6 +188,8 @@ struct Keyed<K, R> {
     limits: RwLock<Limits>,
     base: Instant,
     events: broadcast::Sender<(K, RefreshEvent)>,
+    /// The first origin any key's request went to (without an allow-list), for every cell.
+    origin: Arc<OnceLock<Origin>>,
 }
 
 impl<K, R> Keyed<K, R>
@@ -227,15 +229,18 @@ where
         }
         let events = self.events.clone();
         let tagged = key.clone();
-        let cell = Arc::new(TokenCell::new(
-            Bound {
-                key: key.clone(),
-                refresher: self.refresher.clone(),
-            },
-            Some(Box::new(move |ev| {
-                let _ = events.send((tagged.clone(), ev));
-            })),
-        ));
+        let cell = Arc::new(
+            TokenCell::new(
+                Bound {
+                    key: key.clone(),
+                    refresher: self.refresher.clone(),
+                },
+                Some(Box::new(move |ev| {
+                    let _ = events.send((tagged.clone(), ev));
+                })),
+            )
+            .with_origin(self.origin.clone()),
+        );
         cells.map.insert(
             key.clone(),
             Entry {
@@ -357,6 +362,7 @@ where
                 }),
                 base: Instant::now(),
                 events,
+                origin: Arc::default(),
             }),
             options: Arc::new(options),
             picker: Arc::new(Picker {

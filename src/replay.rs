@@ -215,6 +215,14 @@ pub(crate) async fn recover<T>(
             );
             return Recovery::ReturnFirst;
         }
+        // Anonymous mode: the session ended under this request; its refusal is its answer.
+        Err(Unavailable::Rejected(_) | Unavailable::Ended(_)) if shared.options.anonymous => {
+            tracing::debug!(
+                generation = sent.ticket.generation,
+                "session ended while recovering; refusal returned (anonymous mode)"
+            );
+            return Recovery::ReturnFirst;
+        }
         other => other,
     };
     let Some(replay) = replay else {

@@ -66,8 +66,9 @@ pub(crate) struct TokenCell {
     events: OnceLock<broadcast::Sender<RefreshEvent>>,
     hook: Option<EventHook>,
     /// The origin the token is bound to when no allow-list is configured: the first one a
-    /// request went to.
-    pub(crate) origin: OnceLock<Origin>,
+    /// request went to. Shared by every cell of a keyed layer, so that a rebuilt (evicted)
+    /// cell or a new key cannot bind to another origin.
+    pub(crate) origin: Arc<OnceLock<Origin>>,
     /// The runtime the cell was made in: refresh tasks run there, so a request on a runtime
     /// that stops being driven cannot strand them. Falls back to the current runtime when
     /// there was none, or once it is gone.
@@ -110,10 +111,16 @@ impl TokenCell {
             refresher: Box::new(refresher),
             events: OnceLock::new(),
             hook,
-            origin: OnceLock::new(),
+            origin: Arc::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             runtime_gone: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// This cell binds its token to `origin`, shared with other cells.
+    pub(crate) fn with_origin(mut self, origin: Arc<OnceLock<Origin>>) -> Self {
+        self.origin = origin;
+        self
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State<Job>> {
