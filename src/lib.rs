@@ -97,22 +97,23 @@
 //!
 //! # Bodies and replay
 //!
-//! A replay needs the body twice. The layer keeps a body only when it is empty or its size is
-//! known and at most [`RefreshOptions::max_replay_body`] (1 MiB by default), and keeps it
-//! zero-copy (the [`Bytes`](bytes::Bytes) of each frame are shared, not copied) while it
-//! streams to the inner service, so the first attempt is never delayed. A body of unknown size
-//! or above the cap passes through untouched and is **not replayed**: its 401 response goes back
-//! to the caller, after the refresh has run, so a retry by the caller goes out with the new
-//! token. Memory stays bounded by the cap in every case, even when a size hint lies.
+//! A replay needs the body twice. The layer keeps a body while it streams to the inner
+//! service, up to [`RefreshOptions::max_replay_body`] (1 MiB by default), zero-copy (the
+//! [`Bytes`](bytes::Bytes) of each frame are shared, not copied), so the first attempt is never
+//! delayed: an in-memory body (`Full<Bytes>`, `String`) is its own replay, a body of known or
+//! unknown size is captured frame by frame. A body that outgrows the cap is let go at once and
+//! passes through untouched; it is **not replayed**: its 401 response goes back to the caller,
+//! after the refresh has run, so a retry by the caller goes out with the new token. Memory
+//! stays bounded by the cap in every case, even when a size hint lies.
 //!
 //! A server may answer 401 before it has read the body, while the client is still sending it.
-//! The replay then waits, up to [`RefreshOptions::replay_body_wait`] (1 s), for the first send to
-//! finish or be dropped, and sends the whole body again (what was captured, then the unsent
-//! rest); after the wait the 401 goes back to the caller.
+//! The replay then waits, up to [`RefreshOptions::replay_body_wait`] (1 s), for the first send
+//! to finish or be dropped, and sends the whole body again (what was captured, then the unsent
+//! rest); the first attempt's body is abandoned (it ends short, so the client closes that
+//! connection instead of reusing it); after the wait the 401 goes back to the caller.
 //!
-//! A server that answers 401 before reading the request body should close the connection
-//! (`Connection: close`), as HTTP/1.1 asks; otherwise a pooled client may send the replay on a
-//! connection that is being torn down and fail it with an incomplete-message error.
+//! gRPC signals an expired token as `grpc-status: 16` (UNAUTHENTICATED) in the headers of a
+//! trailers-only response; [`policy::default_trigger`] recognises it too.
 //!
 //! # Layer order
 //!
