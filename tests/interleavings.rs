@@ -24,6 +24,8 @@
 //!   only after a terminal failure or a logout, never from a refresh that an install
 //!   superseded; `UnauthorizedAfterRefresh` only when tokens were revoked;
 //! - no request reaches the API more than twice, and bodies arrive intact;
+//! - no request is sent with a token the cell already knows is rejected: once a refresh for a
+//!   401 with a token has started, no request that starts later carries that token;
 //! - no panic escapes the layer, and none is raised inside it but the refresher's own;
 //! - cancelling any subset never wedges the cell: afterwards `refreshing()` is false and a
 //!   fresh request completes with 200.
@@ -160,6 +162,13 @@ struct World {
     failed_runs: HashMap<String, usize>,
     /// After the explored schedule: the refresher always succeeds.
     final_phase: bool,
+    /// The trace index at which each request started.
+    start_of: HashMap<u64, usize>,
+    /// The token of each request's first send, and whether the API accepted it.
+    first_send: HashMap<u64, (String, bool)>,
+    /// Tokens the cell is known to have seen refused: a refresh for a 401 with it started (or
+    /// a request refused with it was replayed with a newer one). The trace index of that.
+    known_rejected: HashMap<String, usize>,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -280,6 +289,10 @@ impl TokenRefresher for Refresher {
     type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
 
     fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let refused = matches!(
+            ctx.reason(),
+            tower_auth_refresh::RefreshReason::Unauthorized(_)
+        );
         let stale = ctx.into_stale();
         let world = self.0.clone();
         let handle = lock(&world).handle.clone().expect("handle");
@@ -304,6 +317,10 @@ impl TokenRefresher for Refresher {
             ));
             let started = w.trace.len();
             w.call_span.insert(call, (started, started));
+            if let (true, Some(s)) = (refused, secret.clone()) {
+                // From here the cell knows this token was refused.
+                w.known_rejected.entry(s).or_insert(started);
+            }
             // A failure is every waiter's answer: after a run for this token failed, only a
             // new request or forced refresh may ask the refresher again.
             let key = secret.clone().unwrap_or_default();
@@ -470,6 +487,27 @@ fn api(world: Shared, server_rng: Arc<Mutex<Rng>>) -> impl InMemoryApi<()> {
                 // A send with a token: the request knew the cell's state up to now.
                 let at = w.trace.len();
                 w.sends_of.entry(s.to_owned()).or_default().push(at);
+                match w.first_send.get(&id).cloned() {
+                    None => {
+                        // No request sends a token the cell already knew was refused: one
+                        // that started after the replay with a newer token never carries it.
+                        let started = w.start_of.get(&id).copied();
+                        if let (Some(known), Some(started)) =
+                            (w.known_rejected.get(s).copied(), started)
+                        {
+                            if started > known {
+                                w.violations.push(format!(
+                                    "sent with a token known to be rejected: request {id} started after a refresh for a 401 with {s} began"
+                                ));
+                            }
+                        }
+                        w.first_send.insert(id, (s.to_owned(), ok));
+                    }
+                    Some((first, false)) if first != s => {
+                        w.known_rejected.entry(first).or_insert(at);
+                    }
+                    Some(_) => {}
+                }
             }
             if let (false, Some(s)) = (ok, secret) {
                 w.rejected.insert(s.to_owned());
@@ -809,6 +847,7 @@ async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), Str
                     w.trace.push(format!("request {id} starts at {now:?}"));
                     let at = w.trace.len();
                     w.demand_events.push(at);
+                    w.start_of.insert(id, at);
                     w.completions
                 };
                 let result = svc.oneshot(req).await.map(|r| r.status());
@@ -1009,6 +1048,7 @@ async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), Str
                         .push("fresh request after the schedule starts".into());
                     let at = w.trace.len();
                     w.demand_events.push(at);
+                    w.start_of.insert(1000, at);
                 }
                 let result = svc.oneshot(get_or_post(1000, true)).await;
                 *outcome.borrow_mut() = Some(result.map(|r| r.status()));
