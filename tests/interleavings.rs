@@ -169,6 +169,8 @@ struct World {
     /// Tokens the cell is known to have seen refused: a refresh for a 401 with it started (or
     /// a request refused with it was replayed with a newer one). The trace index of that.
     known_rejected: HashMap<String, usize>,
+    /// The layer runs with a refresh cool-down (1 s doubling to 2 s).
+    cooling: bool,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -708,6 +710,19 @@ fn failed_call(err: &RefreshError) -> Option<usize> {
 /// Checks an error a participant got; `start` is the number of finished refresher calls when
 /// it started.
 fn check_error(err: &BoxError, start: usize, w: &World, who: &str) -> Result<(), String> {
+    if let Some(e) = err.downcast_ref::<RefreshFailed>() {
+        if e.next_attempt_in().is_some() {
+            // Failed fast inside the cool-down of an earlier failure: that failure is the
+            // answer, by design.
+            return if w.cooling {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{who} failed fast in a cool-down the layer does not have"
+                ))
+            };
+        }
+    }
     let refresh_error = if let Some(e) = err.downcast_ref::<RefreshFailed>() {
         Some(e.refresh_error())
     } else if let Some(e) = err.downcast_ref::<RefreshRejected>() {
@@ -781,11 +796,14 @@ fn check_error(err: &BoxError, start: usize, w: &World, who: &str) -> Result<(),
 async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), String> {
     let mut rng = seeded(seed);
     let ahead = (runtime && rng.chance(1, 3)).then_some(Duration::from_secs(5));
+    // A third of the runtime schedules run with a cool-down after failed refreshes.
+    let cooling = runtime && rng.chance(1, 3);
     let world: Shared = Arc::new(Mutex::new(World {
         plan: Some(seeded(rng.next())),
         lifetimes: runtime,
         leeway: Duration::from_secs(1),
         ahead,
+        cooling,
         ..World::default()
     }));
     let server_rng = Arc::new(Mutex::new(seeded(rng.next())));
@@ -800,7 +818,11 @@ async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), Str
     };
     let mut layer = RefreshLayer::new(Refresher(world.clone()))
         .retries(retry)
-        .cooldown(Cooldown::none())
+        .cooldown(if cooling {
+            Cooldown::new(Duration::from_secs(1), Duration::from_secs(2))
+        } else {
+            Cooldown::none()
+        })
         .leeway(Duration::from_secs(1));
     if let Some(window) = ahead {
         layer = layer.refresh_ahead(window);
@@ -980,6 +1002,10 @@ async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), Str
                             tally.ok += 1;
                             continue;
                         }
+                        Ok(StatusCode::UNAUTHORIZED) if w.cooling => {
+                            // A 401 during a cool-down is returned, not refreshed.
+                            continue;
+                        }
                         Ok(status) => {
                             problems.push(format!(
                                 "request {id} got a {status} back although its body replays"
@@ -1042,6 +1068,10 @@ async fn schedule(seed: u64, runtime: bool, tally: &mut Tally) -> Result<(), Str
         Slot::new(
             "fresh request after the schedule".into(),
             async move {
+                if lock(&world).cooling {
+                    // Let a cool-down from the schedule run out (paused time jumps).
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
                 {
                     let mut w = lock(&world);
                     w.trace
