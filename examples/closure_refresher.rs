@@ -104,12 +104,14 @@ async fn main() -> Result<(), BoxError> {
     let err = svc.clone().oneshot(get()?).await.unwrap_err();
     println!("  error: {err}");
     if let Some(ended) = err.downcast_ref::<SessionEnded>() {
-        // The cause: the terminal error that ended the session (here, the logout).
-        let cause = ended.cause();
-        let source = std::error::Error::source(&**cause).map(ToString::to_string);
+        // A logout, not a refused refresh: the application shows its login screen.
         println!(
-            "  SessionEnded, cause: {cause} ({})",
-            source.unwrap_or_default()
+            "  SessionEnded: {}",
+            if ended.is_logout() {
+                "logged out through the handle"
+            } else {
+                "the refresh was refused"
+            }
         );
     }
     println!(

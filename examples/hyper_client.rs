@@ -41,7 +41,9 @@ use tower_http::trace::{DefaultMakeSpan, TraceLayer};
 async fn main() -> Result<(), BoxError> {
     tracing::subscriber::set_global_default(
         tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
+            // INFO: the layer's and tower-http's DEBUG lines (one per request, refresh and
+            // replay) would flood the output; the summary below says what happened.
+            .with_max_level(tracing::Level::INFO)
             .finish(),
     )?;
 

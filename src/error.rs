@@ -208,10 +208,22 @@ impl UnauthorizedAfterRefresh {
 /// requests locally, without calling the refresher or the network, until new credentials are
 /// installed through the [`TokenHandle`](crate::TokenHandle).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("session ended: install new credentials to send authenticated requests")]
+#[error("{}: install new credentials to send authenticated requests", if self.is_logout() { "logged out" } else { "session ended" })]
 pub struct SessionEnded {
     #[source]
     cause: Arc<RefreshError>,
+}
+
+/// The cause of a [`SessionEnded`] after [`TokenHandle::clear`](crate::TokenHandle::clear):
+/// a logout, not a refusal of the credentials.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("logged out through the token handle")]
+pub struct LoggedOut(());
+
+impl LoggedOut {
+    pub(crate) fn new() -> Self {
+        Self(())
+    }
 }
 
 impl SessionEnded {
@@ -219,9 +231,15 @@ impl SessionEnded {
         Self { cause }
     }
 
-    /// The terminal refresh error that ended the session.
+    /// The terminal refresh error that ended the session (for a logout, one whose source is
+    /// [`LoggedOut`]).
     pub fn cause(&self) -> &Arc<RefreshError> {
         &self.cause
+    }
+
+    /// Whether the session ended by a logout through the handle, not by a refused refresh.
+    pub fn is_logout(&self) -> bool {
+        std::error::Error::source(&*self.cause).is_some_and(|s| s.is::<LoggedOut>())
     }
 }
 

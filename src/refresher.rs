@@ -290,7 +290,9 @@ impl fmt::Debug for RefreshError {
 
 impl fmt::Display for RefreshError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.terminal {
+        if self.source.is::<crate::error::LoggedOut>() {
+            f.write_str("logged out")
+        } else if self.terminal {
             f.write_str("token refresh rejected")
         } else {
             f.write_str("token refresh failed")

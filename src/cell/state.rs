@@ -586,9 +586,7 @@ impl<J: Clone> State<J> {
         self.generation += 1;
         self.rejected = None;
         self.session = Session::Ended {
-            cause: Arc::new(RefreshError::terminal(
-                "logged out through the token handle",
-            )),
+            cause: Arc::new(RefreshError::terminal(crate::error::LoggedOut::new())),
             stale: None,
         };
         self.last_failure = None;
