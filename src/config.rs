@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Method, StatusCode, Uri};
 
+use crate::BoxError;
 use crate::body::{DEFAULT_MAX_REPLAY_BODY, DEFAULT_REPLAY_BODY_WAIT};
 use crate::cell::TokenCell;
 use crate::cell::backoff::{Backoff, Cooldown, RefreshAhead};
@@ -50,6 +51,53 @@ pub struct TokenRequest;
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NoReplay;
+
+/// A proof of possession added to each send of a request that carries the token: the hook for
+/// sender-constrained tokens such as DPoP (RFC 9449).
+///
+/// The layer calls [`prove`](Self::prove) for the first send and again for the replay (a proof
+/// is never reused), after it set `Authorization`, and shows the proof every response to a
+/// proven send. A response that asks for a new *proof* rather than a new token (DPoP's
+/// `use_dpop_nonce`) is answered by one replay with the same token and a fresh proof, never a
+/// refresh. A request is replayed at most once in all: for a new token or for a new proof.
+///
+/// # Example
+///
+/// ```
+/// use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+/// use tower_auth_refresh::{BoxError, RefreshOptions, RequestProof};
+///
+/// /// Signs each request with a counter (a stand-in for a real proof).
+/// #[derive(Debug, Default)]
+/// struct Counter(std::sync::atomic::AtomicU64);
+///
+/// impl RequestProof for Counter {
+///     fn prove(&self, _: &Method, _: &Uri, headers: &mut HeaderMap) -> Result<(), BoxError> {
+///         let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///         headers.insert("x-proof", HeaderValue::from(n));
+///         Ok(())
+///     }
+///     fn wants_new_proof(&self, _: &Uri, _: StatusCode, _: &HeaderMap) -> bool {
+///         false
+///     }
+/// }
+/// let options = RefreshOptions::new().proof(Counter::default());
+/// # let _ = options;
+/// ```
+pub trait RequestProof: fmt::Debug + Send + Sync + 'static {
+    /// Adds the proof headers for one send; `headers` already carries the `Authorization`
+    /// with the token. An error fails the request before it is sent.
+    ///
+    /// # Errors
+    ///
+    /// Whatever keeps the proof from being made (a signer that is unavailable).
+    fn prove(&self, method: &Method, uri: &Uri, headers: &mut HeaderMap) -> Result<(), BoxError>;
+
+    /// Sees the response to a proven send (to remember a server nonce, for one). `true`: the
+    /// server asks for a new proof, not a new token; the request is replayed once with the
+    /// same token and a fresh proof, without a refresh.
+    fn wants_new_proof(&self, uri: &Uri, status: StatusCode, headers: &HeaderMap) -> bool;
+}
 
 /// Which requests may be replayed after a refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -251,6 +299,7 @@ pub struct RefreshOptions {
     pub(crate) attach_when: Option<AttachRule>,
     pub(crate) anonymous: bool,
     pub(crate) unauthorized_as_response: bool,
+    pub(crate) proof: Option<Arc<dyn RequestProof>>,
 }
 
 impl Default for RefreshOptions {
@@ -271,6 +320,7 @@ impl Default for RefreshOptions {
             attach_when: None,
             anonymous: false,
             unauthorized_as_response: false,
+            proof: None,
         }
     }
 }
@@ -293,6 +343,7 @@ impl fmt::Debug for RefreshOptions {
             .field("attach_rule", &self.attach_when.is_some())
             .field("anonymous_when_logged_out", &self.anonymous)
             .field("unauthorized_as_response", &self.unauthorized_as_response)
+            .field("proof", &self.proof.is_some())
             .finish()
     }
 }
@@ -489,6 +540,14 @@ impl RefreshOptions {
         self
     }
 
+    /// Adds a proof of possession to every send that carries the token (DPoP, RFC 9449): see
+    /// [`RequestProof`]. Off by default.
+    #[must_use]
+    pub fn proof(mut self, proof: impl RequestProof) -> Self {
+        self.proof = Some(Arc::new(proof));
+        self
+    }
+
     // ===== the per-request policy =====
 
     pub(crate) fn triggers(&self, status: StatusCode, headers: &HeaderMap) -> bool {
@@ -672,6 +731,12 @@ macro_rules! option_setters {
         #[must_use]
         pub fn anonymous_when_logged_out(self, anonymous: bool) -> Self {
             self.map_options(|o| o.anonymous_when_logged_out(anonymous))
+        }
+
+        /// See [`RefreshOptions::proof`](crate::RefreshOptions::proof).
+        #[must_use]
+        pub fn proof(self, proof: impl crate::RequestProof) -> Self {
+            self.map_options(|o| o.proof(proof))
         }
 
         /// See [`RefreshOptions::unauthorized_as_response`](crate::RefreshOptions::unauthorized_as_response).

@@ -294,9 +294,18 @@ impl MissingKey {
     }
 }
 
+/// The [`RequestProof`](crate::RequestProof) could not prove a send; nothing was sent.
+#[derive(Debug, thiserror::Error)]
+#[error("could not make the proof of possession for the request")]
+pub struct ProofFailed {
+    #[source]
+    source: BoxError,
+}
+
 /// Every way the request protocol fails, before it becomes the front end's error type.
 #[derive(Debug)]
 pub(crate) enum Failure {
+    Proof(BoxError),
     /// No token could be had; the 401 that asked for one, if any.
     Unavailable(Unavailable, Option<ResponseHead>),
     Insecure,
@@ -322,6 +331,7 @@ impl Failure {
             Self::Insecure => InsecureTransport(()).into(),
             Self::Twice(e) => e.into(),
             Self::Reentrant => ReentrantRefresh::new().into(),
+            Self::Proof(source) => ProofFailed { source }.into(),
         }
     }
 
@@ -344,6 +354,7 @@ impl Failure {
             Self::Insecure => Error::middleware(InsecureTransport(())),
             Self::Twice(e) => Error::middleware(e),
             Self::Reentrant => Error::middleware(ReentrantRefresh::new()),
+            Self::Proof(source) => Error::middleware(ProofFailed { source }),
         }
     }
 }

@@ -33,9 +33,22 @@ pub(crate) struct Kit<S, B> {
     /// The URI the request was sent to, kept apart only when `head` is not kept: a response
     /// from another URI came from a redirect hop below the layer.
     pub(crate) uri: Option<http::Uri>,
+    /// The `Authorization` the request was sent with, kept only when the layer has a
+    /// [`RequestProof`](crate::RequestProof) (a new proof is sent with the same token).
+    pub(crate) header: Option<http::HeaderValue>,
 }
 
 impl<S, B> Kit<S, B> {
+    /// The URI the request was sent to.
+    fn sent_uri(&self) -> http::Uri {
+        self.head
+            .as_ref()
+            .map(|h| &h.uri)
+            .or(self.uri.as_ref())
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Whether `res` came from a later redirect hop than the request this layer sent
     /// (tower-http's `FollowRedirectLayer` records the final URI on the response).
     fn redirected<T>(&self, res: &Response<T>) -> bool {
@@ -197,12 +210,20 @@ where
                         return Poll::Ready(Ok(res));
                     };
                     let status = res.status();
-                    if !k.shared.options.triggers(status, res.headers()) {
+                    if !replay::interesting(&k.shared, status, res.headers()) {
                         return Poll::Ready(Ok(res));
                     }
                     let redirected = k.redirected(&res);
-                    match replay::judge(&k.shared, k.sent, status, res.headers(), redirected) {
+                    let uri = k.sent_uri();
+                    match replay::judge(&k.shared, k.sent, &uri, status, res.headers(), redirected)
+                    {
                         Verdict::Final => return Poll::Ready(Ok(res)),
+                        Verdict::NewProof => {
+                            let kit = kit.take().expect("checked above");
+                            this.state.set(State::Recovering {
+                                fut: Box::pin(new_proof_replay(kit, res)),
+                            });
+                        }
                         _ => {
                             let kit = kit.take().expect("checked above");
                             this.state.set(State::Recovering {
@@ -259,19 +280,27 @@ where
     if kit.body.is_some() {
         kit.head = Some(parts.clone());
     }
+    if kit.shared.options.proof.is_some() {
+        kit.header = Some(header.clone());
+    }
     parts.headers.insert(AUTHORIZATION, header);
+    replay::prove(&kit.shared, &parts.method, &parts.uri, &mut parts.headers)
+        .map_err(|f| f.into_box())?;
     kit.sent.ticket = ticket;
     let res = ready_call(&mut kit.svc, Request::from_parts(parts, body)).await?;
     let redirected = kit.redirected(&res);
+    let uri = kit.sent_uri();
     match replay::judge(
         &kit.shared,
         kit.sent,
+        &uri,
         res.status(),
         res.headers(),
         redirected,
     ) {
         Verdict::Final => Ok(res),
         Verdict::RefusedAfterRefresh => refused_again(&kit.shared, None, res),
+        Verdict::NewProof => new_proof_replay(kit, res).await,
         Verdict::Recover => recover_and_replay(kit, res).await,
     }
 }
@@ -293,6 +322,7 @@ where
         body,
         sent,
         uri: _,
+        header: _,
     } = kit;
     if sent.waited {
         return refused_again(&shared, None, first);
@@ -311,13 +341,63 @@ where
         Recovery::Replay((mut head, body), ticket, header) => {
             drop(first_body);
             head.headers.insert(AUTHORIZATION, header);
+            replay::prove(&shared, &head.method, &head.uri, &mut head.headers)
+                .map_err(|f| f.into_box())?;
+            let uri = head.uri.clone();
             let second = ready_call(&mut svc, Request::from_parts(head, body)).await?;
+            replay::observe(&shared, &uri, second.status(), second.headers());
             if replay::refused_again(&shared, ticket, second.status(), second.headers()) {
                 return refused_again(&shared, Some(first_head), second);
             }
             Ok(second)
         }
     }
+}
+
+/// The proof was refused (a nonce challenge): replay once with the same token and a new proof.
+async fn new_proof_replay<S, B, ResBody>(
+    kit: Kit<S, B>,
+    first: Response<ResBody>,
+) -> Result<Response<ResBody>, BoxError>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Body,
+{
+    let Kit {
+        mut svc,
+        shared,
+        head,
+        body,
+        header,
+        ..
+    } = kit;
+    let wait = shared.options.replay_body_wait;
+    let replay = async {
+        let (head, source, header) = (head?, body?, header?);
+        source.settle(wait).await;
+        source.take().map(|body| (head, body, header))
+    }
+    .await;
+    let Some((mut head, body, header)) = replay else {
+        return Ok(first);
+    };
+    let (first_parts, first_body) = first.into_parts();
+    drop(first_body);
+    let first_head = ResponseHead::from_parts(&first_parts);
+    head.headers.insert(AUTHORIZATION, header);
+    replay::prove(&shared, &head.method, &head.uri, &mut head.headers).map_err(|f| f.into_box())?;
+    let uri = head.uri.clone();
+    let second = ready_call(&mut svc, Request::from_parts(head, body)).await?;
+    let again = replay::observe(&shared, &uri, second.status(), second.headers());
+    if again || shared.options.triggers(second.status(), second.headers()) {
+        tracing::warn!(
+            status = second.status().as_u16(),
+            "request refused again after a new proof"
+        );
+        return refused_again(&shared, Some(first_head), second);
+    }
+    Ok(second)
 }
 
 /// A refusal after a refresh: the response itself, or the typed error.

@@ -217,7 +217,7 @@ pub use body::{DEFAULT_MAX_REPLAY_BODY, ReplayBody};
 pub use cell::backoff::{Backoff, Cooldown, RefreshAhead};
 pub use clock::{Clock, TokioClock};
 pub use config::{
-    InvalidOrigin, NoReplay, RefreshOptions, ReplayMethods, RequestHead, TokenRequest,
+    InvalidOrigin, NoReplay, RefreshOptions, ReplayMethods, RequestHead, RequestProof, TokenRequest,
 };
 pub use events::{Events, Lagged, RefreshEvent};
 pub use handle::{TokenHandle, TokenState};

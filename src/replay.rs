@@ -107,6 +107,38 @@ pub(crate) async fn wait_for_token(
     }
 }
 
+/// Adds the proof of possession, if the layer has one, to a send that carries the token.
+// `Failure` is large only for its rare refresh variants; this path returns `Proof` alone.
+#[allow(clippy::result_large_err)]
+pub(crate) fn prove(
+    shared: &Shared,
+    method: &Method,
+    uri: &Uri,
+    headers: &mut HeaderMap,
+) -> Result<(), Failure> {
+    match &shared.options.proof {
+        Some(proof) => proof.prove(method, uri, headers).map_err(Failure::Proof),
+        None => Ok(()),
+    }
+}
+
+/// Whether the response to a send is worth a look: it may ask for a refresh, or the layer
+/// has a proof that watches every response.
+#[inline]
+pub(crate) fn interesting(shared: &Shared, status: StatusCode, headers: &HeaderMap) -> bool {
+    shared.options.proof.is_some() || shared.options.triggers(status, headers)
+}
+
+/// Shows the proof a response to a proven send (a replay's); `true` if it asks for a new
+/// proof (too late: the request was replayed already).
+pub(crate) fn observe(shared: &Shared, uri: &Uri, status: StatusCode, headers: &HeaderMap) -> bool {
+    shared
+        .options
+        .proof
+        .as_ref()
+        .is_some_and(|proof| proof.wants_new_proof(uri, status, headers))
+}
+
 /// How a request was sent, for [`judge`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Sent {
@@ -136,6 +168,9 @@ pub(crate) enum Verdict {
     Recover,
     /// A refusal of a token this request waited for: no second refresh.
     RefusedAfterRefresh,
+    /// The proof was refused (DPoP `use_dpop_nonce`): replay once with the same token and a
+    /// new proof, no refresh.
+    NewProof,
 }
 
 /// Step 3. `redirected`: the response came from a later hop than the request the layer sent
@@ -143,10 +178,20 @@ pub(crate) enum Verdict {
 pub(crate) fn judge(
     shared: &Shared,
     sent: Sent,
+    uri: &Uri,
     status: StatusCode,
     headers: &HeaderMap,
     redirected: bool,
 ) -> Verdict {
+    if let Some(proof) = &shared.options.proof {
+        if !redirected && proof.wants_new_proof(uri, status, headers) {
+            tracing::debug!(
+                status = status.as_u16(),
+                "the proof was refused; replaying with a new one"
+            );
+            return Verdict::NewProof;
+        }
+    }
     if !shared.options.triggers(status, headers) {
         return Verdict::Final;
     }

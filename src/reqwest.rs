@@ -205,11 +205,13 @@ impl RefreshMiddleware {
             }
         };
 
+        let method = req.method().clone();
+        replay::prove(shared, &method, &uri, req.headers_mut()).map_err(|f| f.into_reqwest())?;
         if sent.no_replay {
             return next.run(req, extensions).await;
         }
         let sent_url = req.url().clone();
-        let method = req.method().clone();
+        let token = req.headers().get(AUTHORIZATION).cloned();
         let copy = if shared.options.may_replay(&method) && !sent.waited {
             Copy::prepare(&mut req, shared.options.max_replay_body)
         } else {
@@ -217,13 +219,41 @@ impl RefreshMiddleware {
         };
         let first = next.clone().run(req, &mut *extensions).await?;
         let redirected = first.url() != &sent_url;
-        match replay::judge(shared, sent, first.status(), first.headers(), redirected) {
+        let wait = shared.options.replay_body_wait;
+        match replay::judge(
+            shared,
+            sent,
+            &uri,
+            first.status(),
+            first.headers(),
+            redirected,
+        ) {
             Verdict::Final => return Ok(first),
             Verdict::RefusedAfterRefresh => return refused_again(shared, None, first).await,
+            Verdict::NewProof => {
+                // The proof was refused (a nonce challenge): the same token, a new proof, once.
+                let again = match (copy, token) {
+                    (Some(copy), Some(token)) => copy.into_request(wait).await.map(|r| (r, token)),
+                    _ => None,
+                };
+                let Some((mut again, token)) = again else {
+                    return Ok(first);
+                };
+                let first_head = ResponseHead::from_reqwest_ref(&first);
+                drop(first);
+                again.headers_mut().insert(AUTHORIZATION, token);
+                replay::prove(shared, &method, &uri, again.headers_mut())
+                    .map_err(|f| f.into_reqwest())?;
+                let second = next.run(again, extensions).await?;
+                let challenged = replay::observe(shared, &uri, second.status(), second.headers());
+                if challenged || shared.options.triggers(second.status(), second.headers()) {
+                    return refused_again(shared, Some(first_head), second).await;
+                }
+                return Ok(second);
+            }
             Verdict::Recover => {}
         }
         let first_head = ResponseHead::from_reqwest_ref(&first);
-        let wait = shared.options.replay_body_wait;
         let replayable = async {
             match copy {
                 Some(copy) => copy.into_request(wait).await,
@@ -236,7 +266,10 @@ impl RefreshMiddleware {
             Recovery::Replay(mut again, ticket, header) => {
                 drop(first);
                 again.headers_mut().insert(AUTHORIZATION, header);
+                replay::prove(shared, &method, &uri, again.headers_mut())
+                    .map_err(|f| f.into_reqwest())?;
                 let second = next.run(again, extensions).await?;
+                replay::observe(shared, &uri, second.status(), second.headers());
                 if replay::refused_again(shared, ticket, second.status(), second.headers()) {
                     return refused_again(shared, Some(first_head), second).await;
                 }

@@ -175,6 +175,10 @@ where
             let sent = Sent::new(ticket, false, &parts.extensions);
             if sent.no_replay {
                 parts.headers.insert(AUTHORIZATION, header);
+                if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers)
+                {
+                    return ResponseFuture::failed(f.into_box());
+                }
                 let req = Request::from_parts(parts, ReplayBody::passthrough(body));
                 return ResponseFuture::passthrough(inner.call(req));
             }
@@ -183,7 +187,11 @@ where
             // without headers then clones without allocating.
             let head = source.as_ref().map(|_| parts.clone());
             let uri = head.is_none().then(|| parts.uri.clone());
+            let kept = shared.options.proof.is_some().then(|| header.clone());
             parts.headers.insert(AUTHORIZATION, header);
+            if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers) {
+                return ResponseFuture::failed(f.into_box());
+            }
             let fut = inner.call(Request::from_parts(parts, body));
             let kit = Kit {
                 svc: inner,
@@ -192,6 +200,7 @@ where
                 body: source,
                 sent,
                 uri,
+                header: kept,
             };
             ResponseFuture::sent(fut, kit)
         }
@@ -214,6 +223,7 @@ where
                 head: Some(parts),
                 body: source,
                 sent,
+                header: None,
             };
             ResponseFuture::after_wait(kit, body, reason)
         }
