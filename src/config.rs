@@ -2,18 +2,17 @@
 //! request markers.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Method, StatusCode, Uri};
 
 use crate::BoxError;
+use crate::backoff::{Backoff, Cooldown, RefreshAhead};
 use crate::body::{DEFAULT_MAX_REPLAY_BODY, DEFAULT_REPLAY_BODY_WAIT};
-use crate::cell::TokenCell;
-use crate::cell::backoff::{Backoff, Cooldown, RefreshAhead};
 use crate::clock::{Clock, TokioClock};
+pub use crate::origin::InvalidOrigin;
+use crate::origin::{Origin, Origins};
 use crate::policy::default_trigger;
 
 type Trigger = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
@@ -141,96 +140,6 @@ impl<'a> RequestHead<'a> {
     /// The request headers.
     pub fn headers(&self) -> &'a HeaderMap {
         self.headers
-    }
-}
-
-/// An origin (scheme, host, port) that may receive the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Origin {
-    scheme: Scheme,
-    host: String,
-    port: u16,
-}
-
-impl Origin {
-    fn of(scheme: &Scheme, authority: &Authority) -> Option<Self> {
-        let port = authority.port_u16().or_else(|| match scheme.as_str() {
-            "https" | "wss" => Some(443),
-            "http" | "ws" => Some(80),
-            _ => None,
-        })?;
-        Some(Self {
-            scheme: scheme.clone(),
-            host: authority.host().to_ascii_lowercase(),
-            port,
-        })
-    }
-
-    pub(crate) fn of_uri(uri: &Uri) -> Option<Self> {
-        Self::of(uri.scheme()?, uri.authority()?)
-    }
-
-    /// Parses an allowed origin: `scheme://host[:port]`, nothing else (no user info, no path
-    /// beyond `/`, no query).
-    fn parse(s: &str) -> Result<Self, InvalidOrigin> {
-        let uri: Uri = s.parse().map_err(|_| InvalidOrigin::new(s, "not a URI"))?;
-        let authority = uri
-            .authority()
-            .ok_or_else(|| InvalidOrigin::new(s, "no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(InvalidOrigin::new(
-                s,
-                "user information is not part of an origin",
-            ));
-        }
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(InvalidOrigin::new(
-                s,
-                "a path or query is not part of an origin",
-            ));
-        }
-        let scheme = uri
-            .scheme()
-            .ok_or_else(|| InvalidOrigin::new(s, "no scheme"))?;
-        Self::of(scheme, authority).ok_or_else(|| InvalidOrigin::new(s, "unknown scheme"))
-    }
-
-    /// Whether a token may go to this origin without TLS: loopback only.
-    pub(crate) fn secure_or_loopback(&self) -> bool {
-        matches!(self.scheme.as_str(), "https" | "wss") || is_loopback(&self.host)
-    }
-}
-
-/// `localhost`, `127.0.0.0/8` and `::1`.
-pub(crate) fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Where the token may go.
-#[derive(Debug, Clone)]
-pub(crate) enum Origins {
-    /// The origin of the first request with an absolute URI, fixed from then on.
-    FirstSeen,
-    /// These origins only.
-    List(Arc<[Origin]>),
-    /// Every origin (an explicit opt-in).
-    Any,
-}
-
-/// An allowed origin that is not `scheme://host[:port]`.
-///
-/// The message says what is wrong without repeating the value (it may hold credentials).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid origin: expected scheme://host[:port] ({reason})")]
-pub struct InvalidOrigin {
-    reason: &'static str,
-}
-
-impl InvalidOrigin {
-    fn new(_value: &str, reason: &'static str) -> Self {
-        Self { reason }
     }
 }
 
@@ -573,57 +482,6 @@ impl RefreshOptions {
     }
 }
 
-/// Where the token may go for one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Destination {
-    /// Attach the token.
-    Attach,
-    /// Pass the request through untouched.
-    Untouched,
-    /// Plain `http://` to a host that is not loopback, not allowed.
-    Insecure,
-}
-
-/// A cell and the options of the layer value that made a service: what every service,
-/// middleware and handle holds (two pointers).
-#[derive(Clone)]
-pub(crate) struct Shared {
-    pub(crate) cell: Arc<TokenCell>,
-    pub(crate) options: Arc<RefreshOptions>,
-}
-
-impl Shared {
-    /// Where the token may go for a request to `uri`.
-    pub(crate) fn destination(&self, head: &RequestHead<'_>) -> Destination {
-        let options = &self.options;
-        if let Some(rule) = &options.attach_when {
-            if !rule(head) {
-                return Destination::Untouched;
-            }
-        }
-        let Some(origin) = Origin::of_uri(head.uri()) else {
-            // A relative URI: the inner service adds the origin (a gRPC channel, an
-            // in-memory service). With an explicit allow-list its destination is unknown.
-            return match options.origins {
-                Origins::List(_) => Destination::Untouched,
-                Origins::FirstSeen | Origins::Any => Destination::Attach,
-            };
-        };
-        let allowed = match &options.origins {
-            Origins::Any => true,
-            Origins::List(list) => list.contains(&origin),
-            Origins::FirstSeen => *self.cell.origin.get_or_init(|| origin.clone()) == origin,
-        };
-        if !allowed {
-            Destination::Untouched
-        } else if !options.allow_insecure_http && !origin.secure_or_loopback() {
-            Destination::Insecure
-        } else {
-            Destination::Attach
-        }
-    }
-}
-
 /// The option setters of [`RefreshOptions`], repeated on a layer type as shorthands. The type
 /// provides `fn map_options(self, f: impl FnOnce(RefreshOptions) -> RefreshOptions) -> Self`.
 macro_rules! option_setters {
@@ -755,41 +613,4 @@ pub(crate) fn with_origins_of(
 ) -> RefreshOptions {
     options.origins = from.origins.clone();
     options
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allowed_origins_must_be_exactly_origins() {
-        for ok in [
-            "https://api.example.com",
-            "https://api.example.com/",
-            "http://127.0.0.1:8080",
-        ] {
-            assert!(Origin::parse(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "https://api.example.com/v1/prefix",
-            "https://user:pw@api.example.com",
-            "https://api.example.com/?q=1",
-            "api.example.com",
-            "/relative",
-            "",
-        ] {
-            let err = Origin::parse(bad).unwrap_err();
-            assert!(!err.to_string().contains("pw"), "{err}");
-        }
-    }
-
-    #[test]
-    fn loopback_hosts() {
-        for h in ["localhost", "127.0.0.1", "127.1.2.3", "[::1]", "LOCALHOST"] {
-            assert!(is_loopback(h), "{h}");
-        }
-        for h in ["example.com", "10.0.0.1", "localhost.example.com"] {
-            assert!(!is_loopback(h), "{h}");
-        }
-    }
 }

@@ -25,75 +25,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, StatusCode, Version};
-
 use crate::BoxError;
 use crate::cell::Unavailable;
+pub use crate::head::{MAX_ERROR_BODY, ResponseHead};
+pub use crate::refresher::LoggedOut;
 use crate::refresher::RefreshError;
-
-/// The status line and headers of a response, kept as context for an error, and (for the
-/// final refusal of [`UnauthorizedAfterRefresh`]) the start of its body.
-#[derive(Debug, Clone)]
-pub struct ResponseHead {
-    status: StatusCode,
-    version: Version,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-/// How much of a refused response's body an error keeps: 8 KiB.
-pub const MAX_ERROR_BODY: usize = 8 * 1024;
-
-impl ResponseHead {
-    pub(crate) fn from_parts(parts: &http::response::Parts) -> Self {
-        Self {
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers.clone(),
-            body: Bytes::new(),
-        }
-    }
-
-    #[cfg(feature = "reqwest")]
-    pub(crate) fn with_body(mut self, body: Bytes) -> Self {
-        self.body = body;
-        self
-    }
-
-    /// The response's status.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// The response's HTTP version.
-    pub fn version(&self) -> Version {
-        self.version
-    }
-
-    /// The response's headers (for instance `WWW-Authenticate`).
-    pub fn headers(&self) -> &HeaderMap {
-        &self.headers
-    }
-
-    /// The first bytes (at most [`MAX_ERROR_BODY`]) of the response's body, where the layer
-    /// kept them: the final refusal in [`UnauthorizedAfterRefresh`] from the reqwest
-    /// middleware. Empty otherwise (the tower layer does not require its inner service's
-    /// response body to be an `http_body::Body`; use
-    /// [`unauthorized_as_response`](crate::RefreshOptions::unauthorized_as_response) to get
-    /// the whole response there).
-    pub fn body(&self) -> &Bytes {
-        &self.body
-    }
-}
-
-impl std::fmt::Display for ResponseHead {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "a {} response", self.status)
-    }
-}
-
-impl std::error::Error for ResponseHead {}
 
 /// The refresher failed terminally (the refresh token was rejected: RFC 6749
 /// `invalid_grant`, a token endpoint answering 401 or 403). The session has ended: later
@@ -119,7 +55,7 @@ pub struct RefreshFailed {
 }
 
 fn after(head: Option<&ResponseHead>) -> String {
-    head.map(|h| format!(" (after a {} response)", h.status))
+    head.map(|h| format!(" (after a {} response)", h.status()))
         .unwrap_or_default()
 }
 
@@ -176,7 +112,7 @@ impl RefreshFailed {
 /// The request was replayed once with a refreshed token (or sent only after waiting for a
 /// refresh) and was refused again. The layer never refreshes or replays twice for one request.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("request refused with {} again after a token refresh", .last.status)]
+#[error("request refused with {} again after a token refresh", .last.status())]
 pub struct UnauthorizedAfterRefresh {
     #[source]
     first: Option<Box<ResponseHead>>,
@@ -212,18 +148,6 @@ impl UnauthorizedAfterRefresh {
 pub struct SessionEnded {
     #[source]
     cause: Arc<RefreshError>,
-}
-
-/// The cause of a [`SessionEnded`] after [`TokenHandle::clear`](crate::TokenHandle::clear):
-/// a logout, not a refusal of the credentials.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("logged out through the token handle")]
-pub struct LoggedOut(());
-
-impl LoggedOut {
-    pub(crate) fn new() -> Self {
-        Self(())
-    }
 }
 
 impl SessionEnded {

@@ -12,10 +12,10 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
-use crate::config::Shared;
-use crate::error::ResponseHead;
+use crate::head::ResponseHead;
 use crate::refresher::RefreshReason;
-use crate::replay::{self, Recovery, Sent, Verdict};
+use crate::replay::{self, Admit, Recovery, Sent, Verdict};
+use crate::shared::Shared;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -200,7 +200,7 @@ where
                         shared.take().expect("readied once"),
                         req.take().expect("readied once"),
                     );
-                    let next = crate::service::dispatch(&shared, svc, req);
+                    let next = dispatch(&shared, svc, req);
                     this.state.set(next.state);
                 }
                 StateProj::Passthrough { fut } => return fut.poll(cx).map_err(Into::into),
@@ -411,4 +411,90 @@ fn refused_again<ResBody>(
     }
     let (parts, _) = last.into_parts();
     Err(replay::twice(first, ResponseHead::from_parts(&parts)).into_box())
+}
+
+/// Sends `req` through `inner` (already ready) as the protocol decides.
+#[inline]
+pub(crate) fn dispatch<S, B, ResBody>(
+    shared: &Shared,
+    mut inner: S,
+    req: Request<B>,
+) -> ResponseFuture<S, B, S::Future, http::Response<ResBody>>
+where
+    S: Service<Request<ReplayBody<B>>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    ResBody: Send + 'static,
+{
+    let decision = replay::admit(
+        shared,
+        req.method(),
+        req.uri(),
+        req.headers(),
+        req.extensions(),
+    );
+    match decision {
+        Admit::Untouched => {
+            ResponseFuture::passthrough(inner.call(req.map(ReplayBody::passthrough)))
+        }
+        Admit::Fail(failure) => ResponseFuture::failed(failure.into_box()),
+        Admit::Send { ticket, header } => {
+            let (mut parts, body) = req.into_parts();
+            let sent = Sent::new(ticket, false, &parts.extensions);
+            if sent.no_replay {
+                parts.headers.insert(AUTHORIZATION, header);
+                if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers)
+                {
+                    return ResponseFuture::failed(f.into_box());
+                }
+                let req = Request::from_parts(parts, ReplayBody::passthrough(body));
+                return ResponseFuture::passthrough(inner.call(req));
+            }
+            let (body, source) = ReplayBody::new(body, shared.options.max_replay_body);
+            // The head is kept without the token (the replay sets a newer one); a request
+            // without headers then clones without allocating.
+            let head = source.as_ref().map(|_| parts.clone());
+            let uri = head.is_none().then(|| parts.uri.clone());
+            let kept = shared.options.proof.is_some().then(|| header.clone());
+            parts.headers.insert(AUTHORIZATION, header);
+            if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers) {
+                return ResponseFuture::failed(f.into_box());
+            }
+            let fut = inner.call(Request::from_parts(parts, body));
+            let kit = Kit {
+                svc: inner,
+                shared: shared.clone(),
+                head,
+                body: source,
+                sent,
+                uri,
+                header: kept,
+            };
+            ResponseFuture::sent(fut, kit)
+        }
+        Admit::Wait { ticket, reason } => {
+            let (parts, body) = req.into_parts();
+            let sent = Sent::new(ticket, true, &parts.extensions);
+            let (body, source) = if sent.no_replay {
+                (ReplayBody::passthrough(body), None)
+            } else {
+                ReplayBody::new(body, shared.options.max_replay_body)
+            };
+            // Give up the readied service while waiting: it may hold a permit the token
+            // request needs (a concurrency limit below the layer). A clone is readied later.
+            let svc = inner.clone();
+            drop(inner);
+            let kit = Kit {
+                svc,
+                shared: shared.clone(),
+                uri: Some(parts.uri.clone()),
+                head: Some(parts),
+                body: source,
+                sent,
+                header: None,
+            };
+            ResponseFuture::after_wait(kit, body, reason)
+        }
+    }
 }

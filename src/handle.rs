@@ -2,9 +2,9 @@ use std::time::Duration;
 
 use crate::BoxError;
 use crate::cell::in_refresh;
-use crate::config::Shared;
 use crate::error::Failure;
 use crate::events::Events;
+use crate::shared::Shared;
 use crate::token::Token;
 
 /// A handle to the token shared by a [`RefreshLayer`](crate::RefreshLayer), every service it

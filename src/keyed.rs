@@ -69,13 +69,15 @@ use tower_service::Service;
 use crate::BoxError;
 use crate::body::ReplayBody;
 use crate::cell::TokenCell;
-use crate::config::{Origin, RefreshOptions, Shared, option_setters};
+use crate::config::{RefreshOptions, option_setters};
 use crate::error::MissingKey;
 use crate::events::{Lagged, RefreshEvent};
 use crate::future::ResponseFuture;
+use crate::future::dispatch;
 use crate::handle::TokenHandle;
+use crate::origin::Origin;
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
-use crate::service::dispatch;
+use crate::shared::Shared;
 use crate::token::Token;
 
 /// Produces a new token for one principal.

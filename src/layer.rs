@@ -4,10 +4,11 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use crate::cell::TokenCell;
-use crate::config::{RefreshOptions, Shared, option_setters};
+use crate::config::{RefreshOptions, option_setters};
 use crate::handle::TokenHandle;
 use crate::refresher::TokenRefresher;
 use crate::service::Refresh;
+use crate::shared::Shared;
 use crate::token::Token;
 
 /// Attaches a refreshed bearer token to every request and replays a request once after a 401.

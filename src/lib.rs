@@ -186,17 +186,21 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backoff;
 mod body;
 mod cell;
 mod clock;
 mod config;
 mod events;
 mod handle;
+mod head;
 mod layer;
+mod origin;
 mod refresher;
 mod replay;
 mod retry_after;
 mod service;
+mod shared;
 mod token;
 
 pub mod error;
@@ -213,8 +217,8 @@ pub mod reqwest;
 #[cfg_attr(docsrs, doc(cfg(feature = "store")))]
 pub mod store;
 
+pub use backoff::{Backoff, Cooldown, RefreshAhead};
 pub use body::{DEFAULT_MAX_REPLAY_BODY, ReplayBody};
-pub use cell::backoff::{Backoff, Cooldown, RefreshAhead};
 pub use clock::{Clock, TokioClock};
 pub use config::{
     InvalidOrigin, NoReplay, RefreshOptions, ReplayMethods, RequestHead, RequestProof, TokenRequest,

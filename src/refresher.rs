@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::BoxError;
-use crate::error::ResponseHead;
+use crate::head::ResponseHead;
 use crate::token::{InvalidToken, Token};
 
 /// Why the layer asks for a new token.
@@ -290,7 +290,7 @@ impl fmt::Debug for RefreshError {
 
 impl fmt::Display for RefreshError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.source.is::<crate::error::LoggedOut>() {
+        if self.source.is::<LoggedOut>() {
             f.write_str("logged out")
         } else if self.terminal {
             f.write_str("token refresh rejected")
@@ -324,3 +324,15 @@ impl fmt::Display for StatusError {
 }
 
 impl std::error::Error for StatusError {}
+
+/// The cause of a [`SessionEnded`](crate::error::SessionEnded) after [`TokenHandle::clear`](crate::TokenHandle::clear):
+/// a logout, not a refusal of the credentials.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("logged out through the token handle")]
+pub struct LoggedOut(());
+
+impl LoggedOut {
+    pub(crate) fn new() -> Self {
+        Self(())
+    }
+}

@@ -19,9 +19,11 @@ use http::header::AUTHORIZATION;
 use http::{Extensions, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 use crate::cell::{Lookup, Need, Ticket, Unavailable, in_refresh};
-use crate::config::{Destination, NoReplay, RequestHead, Shared, TokenRequest};
-use crate::error::{Failure, ResponseHead, UnauthorizedAfterRefresh};
+use crate::config::{NoReplay, RequestHead, TokenRequest};
+use crate::error::{Failure, UnauthorizedAfterRefresh};
+use crate::head::ResponseHead;
 use crate::refresher::RefreshReason;
+use crate::shared::{Destination, Shared};
 
 /// What to do with a request before its first send.
 #[derive(Debug)]

@@ -102,11 +102,11 @@ use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
 use crate::body::{ReplayBody, ReplaySource};
-use crate::config::Shared;
-use crate::error::ResponseHead;
 use crate::handle::TokenHandle;
+use crate::head::ResponseHead;
 use crate::layer::RefreshLayer;
 use crate::replay::{self, Admit, Recovery, Sent, Verdict};
+use crate::shared::Shared;
 
 /// A [`reqwest_middleware::Middleware`] that attaches the token of a [`RefreshLayer`],
 /// refreshes it once for all concurrent requests that need it, and replays a rejected request
@@ -297,7 +297,7 @@ async fn refused_again(
 /// Up to [`MAX_ERROR_BODY`](crate::error::MAX_ERROR_BODY) bytes of a response's body, read
 /// within a second (a refusal's body is small; a stream that never ends is cut off).
 async fn body_prefix(res: &mut Response) -> bytes::Bytes {
-    let max = crate::error::MAX_ERROR_BODY;
+    let max = crate::head::MAX_ERROR_BODY;
     let mut kept = bytes::BytesMut::new();
     let read = async {
         while kept.len() < max {

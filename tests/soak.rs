@@ -44,7 +44,8 @@ use tower_auth_refresh::error::{
     RefreshFailed, RefreshRejected, SessionEnded, UnauthorizedAfterRefresh,
 };
 use tower_auth_refresh::{
-    Backoff, BoxError, RefreshError, RefreshLayer, ReplayBody, Token, TokenHandle, TokenRefresher,
+    Backoff, BoxError, Cooldown, RefreshError, RefreshLayer, ReplayBody, Token, TokenHandle,
+    TokenRefresher,
 };
 use tower_http::trace::{DefaultMakeSpan, DefaultOnRequest, DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -786,7 +787,13 @@ async fn run_clients(
                 .base_delay(Duration::from_millis(5))
                 .max_delay(Duration::from_millis(40))
                 .max_elapsed(Duration::from_secs(2)),
-        );
+        )
+        // The cool-down is on, scaled to tokens that live 80-600 ms (the default 30 s would
+        // turn a first failed refresh into a run of fast failures).
+        .cooldown(Cooldown::new(
+            Duration::from_millis(20),
+            Duration::from_millis(160),
+        ));
     let handle = layer.token_handle();
     let _ = handle_slot.set(handle.clone());
     let client: Client<HttpConnector, ReplayBody<ReqBody>> = http_client();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 
-use crate::cell::backoff::{Backoff, Cooldown};
+use crate::backoff::{Backoff, Cooldown};
 use crate::clock::Clock;
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
 use crate::token::Token;

@@ -21,7 +21,7 @@
 //!   this module only locks, calls them, emits events and runs the job.
 
 mod attempt;
-pub(crate) mod backoff;
+
 mod flight;
 pub(crate) mod state;
 
@@ -35,8 +35,9 @@ use attempt::{BoxFuture, ErasedRefresher};
 pub(crate) use state::{Answer, Lookup, Need, Ticket, Unavailable};
 use state::{Now, Policy, Session, State};
 
-use crate::config::{Origin, RefreshOptions};
+use crate::config::RefreshOptions;
 use crate::events::RefreshEvent;
+use crate::origin::Origin;
 use crate::refresher::TokenRefresher;
 use crate::token::Token;
 

@@ -1,0 +1,280 @@
+//! The pure transitions of the token cell, without a runtime.
+
+use super::*;
+
+type S = State<u8>;
+
+fn now() -> Now {
+    Now {
+        mono: Instant::now(),
+        wall: SystemTime::now(),
+    }
+}
+
+fn later(now: Now, by: Duration) -> Now {
+    Now {
+        mono: now.mono + by,
+        wall: now.wall + by,
+    }
+}
+
+const POLICY: Policy<'static> = Policy {
+    leeway: Duration::from_secs(30),
+    ahead: None,
+};
+
+fn token(secret: &str, life: Option<u64>) -> Token {
+    let t = Token::bearer(secret).unwrap();
+    match life {
+        Some(s) => t.with_expires_in(Duration::from_secs(s)),
+        None => t,
+    }
+}
+
+fn no_cooldown() -> Cooldown {
+    Cooldown::none()
+}
+
+#[test]
+fn an_empty_cell_asks_the_first_request_to_start_one_refresh_and_the_rest_to_join() {
+    let mut st = S::new();
+    let t = now();
+    let Lookup::Stale { ticket, .. } = st.lookup(t, POLICY) else {
+        panic!("an empty cell has no usable token");
+    };
+    assert!(matches!(
+        st.begin(ticket, Need::BeforeSend, t.mono),
+        Begin::Start
+    ));
+    st.started(7, false, 0, false);
+    for _ in 0..3 {
+        assert!(matches!(
+            st.begin(ticket, Need::BeforeSend, t.mono),
+            Begin::Join(7)
+        ));
+    }
+}
+
+#[test]
+fn a_refusal_pauses_requests_for_that_generation_until_the_refresh_ends() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("a", None), t);
+    let Lookup::Usable { ticket, .. } = st.lookup(t, POLICY) else {
+        panic!("installed token is usable");
+    };
+    assert!(matches!(
+        st.begin(ticket, Need::Refused, t.mono),
+        Begin::Start
+    ));
+    st.started(1, false, 0, false);
+    // A new request would carry the refused token: it waits instead.
+    assert!(matches!(st.lookup(t, POLICY), Lookup::Stale { .. }));
+    let (answer, events) = st.finish(Ok(token("b", None)), t, &no_cooldown());
+    let fresh = answer.unwrap();
+    assert_eq!(fresh.ticket.generation, ticket.generation + 1);
+    assert_eq!(
+        events[0],
+        Some(RefreshEvent::Refreshed {
+            generation: fresh.ticket.generation
+        })
+    );
+    assert!(matches!(st.lookup(t, POLICY), Lookup::Usable { .. }));
+}
+
+#[test]
+fn a_late_refusal_of_an_older_generation_gets_the_newer_token_without_a_refresh() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("a", None), t);
+    let old = st.ticket();
+    st.install(token("b", None), t);
+    match st.begin(old, Need::Refused, t.mono) {
+        Begin::Answer(Ok(fresh)) => assert_eq!(fresh.header, "Bearer b"),
+        other => panic!("expected the installed token, got {other:?}"),
+    }
+}
+
+#[test]
+fn shared_failure_is_every_waiters_answer() {
+    let mut st = S::new();
+    let t = now();
+    let ticket = st.ticket();
+    assert!(matches!(
+        st.begin(ticket, Need::BeforeSend, t.mono),
+        Begin::Start
+    ));
+    st.started(1, false, 0, false);
+    let (answer, _) = st.finish(Err(RefreshError::transient("down")), t, &no_cooldown());
+    let Err(Unavailable::Failed(first)) = answer else {
+        panic!("transient failure");
+    };
+    // A waiter that held the same ticket gets the same error, by pointer.
+    match st.begin(ticket, Need::BeforeSend, t.mono) {
+        Begin::Answer(Err(Unavailable::Failed(err))) => assert!(Arc::ptr_eq(&err, &first)),
+        other => panic!("expected the shared failure, got {other:?}"),
+    }
+    // A request that comes after the failure starts a new refresh (no cool-down here).
+    assert!(matches!(
+        st.begin(st.ticket(), Need::BeforeSend, t.mono),
+        Begin::Start
+    ));
+}
+
+#[test]
+fn install_during_flight_wins_over_the_refresh_result() {
+    let mut st = S::new();
+    let t = now();
+    st.started(1, false, 0, false);
+    st.install(token("login", None), t);
+    let (answer, events) = st.finish(Ok(token("refreshed", None)), t, &no_cooldown());
+    assert_eq!(answer.unwrap().header, "Bearer login");
+    assert_eq!(events, [None, None]);
+    // And a terminal failure of the superseded refresh does not end the new session.
+    st.started(2, false, 0, false);
+    st.install(token("login-2", None), t);
+    let (answer, _) = st.finish(Err(RefreshError::terminal("revoked")), t, &no_cooldown());
+    assert_eq!(answer.unwrap().header, "Bearer login-2");
+    assert!(matches!(st.session, Session::Active(_)));
+}
+
+#[test]
+fn a_terminal_failure_ends_the_session_once_in_the_foreground_and_the_background() {
+    for background in [false, true] {
+        let mut st = S::new();
+        let t = now();
+        st.install(token("a", Some(600)), t);
+        st.started(1, background, 0, false);
+        let (answer, events) = st.finish(Err(RefreshError::terminal("revoked")), t, &no_cooldown());
+        assert!(matches!(answer, Err(Unavailable::Rejected(_))));
+        assert_eq!(
+            events[1],
+            Some(RefreshEvent::SessionEnded {
+                generation: st.generation
+            })
+        );
+        assert!(matches!(st.lookup(t, POLICY), Lookup::Ended(_)));
+    }
+}
+
+#[test]
+fn a_failed_refresh_cools_down_and_later_requests_fail_fast_without_a_refresh() {
+    let mut st = S::new();
+    let t = now();
+    let cooldown = Cooldown::new(Duration::from_secs(60), Duration::from_secs(600));
+    st.started(1, false, 0, false);
+    let _ = st.finish(Err(RefreshError::transient("503")), t, &cooldown);
+    let Lookup::Cooling(c) = st.lookup(t, POLICY) else {
+        panic!("no token and cooling: fail fast");
+    };
+    assert!(c.until > t.mono && c.until <= t.mono + Duration::from_secs(60));
+    let ticket = st.ticket();
+    assert!(matches!(
+        st.begin(ticket, Need::Refused, t.mono),
+        Begin::Answer(Err(Unavailable::Cooling(_)))
+    ));
+    // The handle's forced refresh bypasses it.
+    assert!(matches!(
+        st.begin(ticket, Need::Forced, t.mono),
+        Begin::Start
+    ));
+    // After the cool-down, a refresh may start again.
+    let after = later(t, Duration::from_secs(61));
+    assert!(matches!(st.lookup(after, POLICY), Lookup::Stale { .. }));
+}
+
+#[test]
+fn inside_the_leeway_a_failed_refresh_keeps_sending_the_valid_token() {
+    let mut st = S::new();
+    let t = now();
+    let cooldown = Cooldown::new(Duration::from_secs(600), Duration::from_secs(600));
+    st.install(token("a", Some(600)), t);
+    // 50 s before expiry, inside the 60 s leeway: refresh first.
+    let policy = Policy {
+        leeway: Duration::from_secs(60),
+        ahead: None,
+    };
+    let near = later(t, Duration::from_secs(550));
+    assert!(matches!(st.lookup(near, policy), Lookup::Stale { .. }));
+    st.started(1, false, 0, false);
+    let _ = st.finish(Err(RefreshError::transient("503")), near, &cooldown);
+    // The refresh failed: the token is still valid for 50 s, so it is used.
+    assert!(matches!(st.lookup(near, policy), Lookup::Usable { .. }));
+    // Past the hard expiry, with the cool-down still running: fail fast.
+    let dead = later(t, Duration::from_secs(601));
+    assert!(matches!(st.lookup(dead, policy), Lookup::Cooling(_)));
+}
+
+#[test]
+fn an_expired_token_from_the_refresher_never_replaces_a_valid_one() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("valid", Some(600)), t);
+    let generation = st.generation;
+    st.started(1, false, 0, false);
+    let (answer, _) = st.finish(Ok(token("dead", Some(0))), t, &no_cooldown());
+    assert!(matches!(answer, Err(Unavailable::Failed(_))));
+    assert_eq!(st.generation, generation);
+    let Lookup::Usable { header, .. } = st.lookup(t, POLICY) else {
+        panic!("the valid token stays");
+    };
+    assert_eq!(header, "Bearer valid");
+    // With no valid token, the expired one serves the waiters of that refresh, once.
+    let mut empty = S::new();
+    empty.started(1, false, 0, false);
+    let (answer, _) = empty.finish(Ok(token("single-use", Some(0))), t, &no_cooldown());
+    assert_eq!(answer.unwrap().header, "Bearer single-use");
+    assert!(matches!(empty.lookup(t, POLICY), Lookup::Stale { .. }));
+}
+
+#[test]
+fn a_machine_that_slept_past_the_deadline_does_not_send_the_token() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("a", Some(600)), t);
+    // The monotonic clock stood still during suspend; the wall clock moved an hour.
+    let woke = Now {
+        mono: t.mono + Duration::from_secs(1),
+        wall: t.wall + Duration::from_secs(3600),
+    };
+    assert!(matches!(
+        st.lookup(woke, POLICY),
+        Lookup::Stale { expired: true, .. }
+    ));
+}
+
+#[test]
+fn invalidate_refreshes_without_ending_and_clear_ends() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("a", None), t);
+    st.invalidate();
+    assert!(matches!(st.lookup(t, POLICY), Lookup::Stale { .. }));
+    st.clear();
+    assert!(matches!(st.lookup(t, POLICY), Lookup::Ended(_)));
+    st.install(token("b", None), t);
+    assert!(matches!(st.lookup(t, POLICY), Lookup::Usable { .. }));
+}
+
+#[test]
+fn refresh_ahead_is_due_once_inside_its_window_and_never_during_a_flight() {
+    let mut st = S::new();
+    let t = now();
+    let window = RefreshAhead::fixed(Duration::from_secs(120));
+    let policy = Policy {
+        leeway: Duration::from_secs(30),
+        ahead: Some(&window),
+    };
+    st.install(token("a", Some(600)), t);
+    assert!(!st.ahead_due(t, policy));
+    let inside = later(t, Duration::from_secs(500));
+    assert!(st.ahead_due(inside, policy));
+    st.started(1, true, 0, false);
+    assert!(!st.ahead_due(inside, policy));
+    let _ = st.finish(Err(RefreshError::transient("x")), inside, &no_cooldown());
+    // A failed background refresh keeps the token and backs off.
+    assert!(matches!(
+        st.lookup(inside, policy),
+        Lookup::Usable { ahead: false, .. }
+    ));
+}

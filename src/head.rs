@@ -1,0 +1,67 @@
+//! The head of a response, kept as context for an error or a refresh.
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, Version};
+
+/// The status line and headers of a response, kept as context for an error, and (for the
+/// final refusal of [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh)) the start of its body.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// How much of a refused response's body an error keeps: 8 KiB.
+pub const MAX_ERROR_BODY: usize = 8 * 1024;
+
+impl ResponseHead {
+    pub(crate) fn from_parts(parts: &http::response::Parts) -> Self {
+        Self {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: Bytes::new(),
+        }
+    }
+
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn with_body(mut self, body: Bytes) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// The response's status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The response's HTTP version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The response's headers (for instance `WWW-Authenticate`).
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The first bytes (at most [`MAX_ERROR_BODY`]) of the response's body, where the layer
+    /// kept them: the final refusal in [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh) from the reqwest
+    /// middleware. Empty otherwise (the tower layer does not require its inner service's
+    /// response body to be an `http_body::Body`; use
+    /// [`unauthorized_as_response`](crate::RefreshOptions::unauthorized_as_response) to get
+    /// the whole response there).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+}
+
+impl std::fmt::Display for ResponseHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a {} response", self.status)
+    }
+}
+
+impl std::error::Error for ResponseHead {}

@@ -1,0 +1,134 @@
+//! Where the token may go: origins, the allow-list and the loopback rule.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::Uri;
+use http::uri::{Authority, Scheme};
+
+/// An origin (scheme, host, port) that may receive the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Origin {
+    scheme: Scheme,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    fn of(scheme: &Scheme, authority: &Authority) -> Option<Self> {
+        let port = authority.port_u16().or_else(|| match scheme.as_str() {
+            "https" | "wss" => Some(443),
+            "http" | "ws" => Some(80),
+            _ => None,
+        })?;
+        Some(Self {
+            scheme: scheme.clone(),
+            host: authority.host().to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    pub(crate) fn of_uri(uri: &Uri) -> Option<Self> {
+        Self::of(uri.scheme()?, uri.authority()?)
+    }
+
+    /// Parses an allowed origin: `scheme://host[:port]`, nothing else (no user info, no path
+    /// beyond `/`, no query).
+    pub(crate) fn parse(s: &str) -> Result<Self, InvalidOrigin> {
+        let uri: Uri = s.parse().map_err(|_| InvalidOrigin::new(s, "not a URI"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| InvalidOrigin::new(s, "no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(InvalidOrigin::new(
+                s,
+                "user information is not part of an origin",
+            ));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(InvalidOrigin::new(
+                s,
+                "a path or query is not part of an origin",
+            ));
+        }
+        let scheme = uri
+            .scheme()
+            .ok_or_else(|| InvalidOrigin::new(s, "no scheme"))?;
+        Self::of(scheme, authority).ok_or_else(|| InvalidOrigin::new(s, "unknown scheme"))
+    }
+
+    /// Whether a token may go to this origin without TLS: loopback only.
+    pub(crate) fn secure_or_loopback(&self) -> bool {
+        matches!(self.scheme.as_str(), "https" | "wss") || is_loopback(&self.host)
+    }
+}
+
+/// `localhost`, `127.0.0.0/8` and `::1`.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Where the token may go.
+#[derive(Debug, Clone)]
+pub(crate) enum Origins {
+    /// The origin of the first request with an absolute URI, fixed from then on.
+    FirstSeen,
+    /// These origins only.
+    List(Arc<[Origin]>),
+    /// Every origin (an explicit opt-in).
+    Any,
+}
+
+/// An allowed origin that is not `scheme://host[:port]`.
+///
+/// The message says what is wrong without repeating the value (it may hold credentials).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid origin: expected scheme://host[:port] ({reason})")]
+pub struct InvalidOrigin {
+    reason: &'static str,
+}
+
+impl InvalidOrigin {
+    fn new(_value: &str, reason: &'static str) -> Self {
+        Self { reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_origins_must_be_exactly_origins() {
+        for ok in [
+            "https://api.example.com",
+            "https://api.example.com/",
+            "http://127.0.0.1:8080",
+        ] {
+            assert!(Origin::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://api.example.com/v1/prefix",
+            "https://user:pw@api.example.com",
+            "https://api.example.com/?q=1",
+            "api.example.com",
+            "/relative",
+            "",
+        ] {
+            let err = Origin::parse(bad).unwrap_err();
+            assert!(!err.to_string().contains("pw"), "{err}");
+        }
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in ["localhost", "127.0.0.1", "127.1.2.3", "[::1]", "LOCALHOST"] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in ["example.com", "10.0.0.1", "localhost.example.com"] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
+}
