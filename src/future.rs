@@ -338,18 +338,15 @@ where
     match replay::recover(&shared, sent, &first_head, &method, replayable).await {
         Recovery::ReturnFirst => Ok(Response::from_parts(first_parts, first_body)),
         Recovery::Fail(failure) => Err(failure.into_box()),
-        Recovery::Replay((mut head, body), ticket, header) => {
+        Recovery::Replay((head, body), ticket, header) => {
             drop(first_body);
-            head.headers.insert(AUTHORIZATION, header);
-            replay::prove(&shared, &head.method, &head.uri, &mut head.headers)
-                .map_err(|f| f.into_box())?;
-            let uri = head.uri.clone();
-            let second = ready_call(&mut svc, Request::from_parts(head, body)).await?;
-            replay::observe(&shared, &uri, second.status(), second.headers());
-            if replay::refused_again(&shared, ticket, second.status(), second.headers()) {
-                return refused_again(&shared, Some(first_head), second);
+            let second = send_replay(&mut svc, &shared, head, body, header).await?;
+            if second.challenged
+                || replay::refused_again(&shared, ticket, second.res.status(), second.res.headers())
+            {
+                return refused_again(&shared, Some(first_head), second.res);
             }
-            Ok(second)
+            Ok(second.res)
         }
     }
 }
@@ -379,25 +376,51 @@ where
         source.take().map(|body| (head, body, header))
     }
     .await;
-    let Some((mut head, body, header)) = replay else {
+    let Some((head, body, header)) = replay else {
         return Ok(first);
     };
     let (first_parts, first_body) = first.into_parts();
     drop(first_body);
     let first_head = ResponseHead::from_parts(&first_parts);
-    head.headers.insert(AUTHORIZATION, header);
-    replay::prove(&shared, &head.method, &head.uri, &mut head.headers).map_err(|f| f.into_box())?;
-    let uri = head.uri.clone();
-    let second = ready_call(&mut svc, Request::from_parts(head, body)).await?;
-    let again = replay::observe(&shared, &uri, second.status(), second.headers());
-    if again || shared.options.triggers(second.status(), second.headers()) {
+    let second = send_replay(&mut svc, &shared, head, body, header).await?;
+    let refused = shared
+        .options
+        .triggers(second.res.status(), second.res.headers());
+    if second.challenged || refused {
         tracing::warn!(
-            status = second.status().as_u16(),
+            status = second.res.status().as_u16(),
             "request refused again after a new proof"
         );
-        return refused_again(&shared, Some(first_head), second);
+        return refused_again(&shared, Some(first_head), second.res);
     }
-    Ok(second)
+    Ok(second.res)
+}
+
+/// The response to a replay, and whether it asked for a new proof again.
+struct Replayed<R> {
+    res: R,
+    challenged: bool,
+}
+
+/// Sends the replay: the token set, a fresh proof if the layer has one, the proof shown the
+/// response.
+async fn send_replay<S, B, ResBody>(
+    svc: &mut S,
+    shared: &Shared,
+    mut head: http::request::Parts,
+    body: ReplayBody<B>,
+    header: http::HeaderValue,
+) -> Result<Replayed<Response<ResBody>>, BoxError>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    head.headers.insert(AUTHORIZATION, header);
+    replay::prove(shared, &head.method, &head.uri, &mut head.headers).map_err(|f| f.into_box())?;
+    let uri = head.uri.clone();
+    let res = ready_call(svc, Request::from_parts(head, body)).await?;
+    let challenged = replay::observe(shared, &uri, res.status(), res.headers());
+    Ok(Replayed { res, challenged })
 }
 
 /// A refusal after a refresh: the response itself, or the typed error.

@@ -113,9 +113,9 @@ where
 }
 
 /// A keyed refresher bound to one key: the refresher of that key's cell.
-struct Bound<K, R> {
-    key: K,
-    refresher: Arc<R>,
+pub(crate) struct Bound<K, R> {
+    pub(crate) key: K,
+    pub(crate) refresher: Arc<R>,
 }
 
 impl<K, R> TokenRefresher for Bound<K, R>

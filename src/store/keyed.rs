@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreRefresher, TokenStore};
-use crate::keyed::KeyedRefresher;
+use crate::keyed::{Bound, KeyedRefresher};
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
 use crate::token::Token;
 
@@ -88,24 +88,6 @@ impl<R, F> KeyedStoreRefresher<R, F> {
     }
 }
 
-/// The keyed refresher bound to one key, as a plain refresher.
-struct KeyBound<K, R> {
-    key: K,
-    refresher: Arc<R>,
-}
-
-impl<K, R> TokenRefresher for KeyBound<K, R>
-where
-    K: Send + Sync + 'static,
-    R: KeyedRefresher<K>,
-{
-    type Future = R::Future;
-
-    fn refresh(&self, ctx: RefreshContext) -> R::Future {
-        self.refresher.refresh(&self.key, ctx)
-    }
-}
-
 impl<K, R, F, S> KeyedRefresher<K> for KeyedStoreRefresher<R, F>
 where
     K: Clone + Send + Sync + 'static,
@@ -116,7 +98,7 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
 
     fn refresh(&self, key: &K, ctx: RefreshContext) -> Self::Future {
-        let bound = KeyBound {
+        let bound = Bound {
             key: key.clone(),
             refresher: self.refresher.clone(),
         };
