@@ -173,8 +173,9 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `oauth2` | yes | the RFC 6749 refresh-token grant refresher ([`oauth2`]) |
-//! | `reqwest` | no | a `reqwest-middleware` adapter ([`reqwest`]) sharing the layer's token |
+//! | `oauth2` | yes | the RFC 6749 refresh-token and client-credentials refreshers ([`oauth2`]) |
+//! | `follow-redirect` | yes | a 401 from a later hop of tower-http's `FollowRedirectLayer` is never refreshed or replayed |
+//! | `reqwest` | no | a `reqwest-middleware` adapter ([`reqwest`]) sharing the layer's token, and a `reqwest::Client` as the OAuth 2.0 token client |
 //! | `store` | no | a token set shared by several processes ([`store`]): memory and file stores |
 //! | `redis` | no | the Redis token store, for replicas on several hosts (implies `store`) |
 //!
