@@ -199,6 +199,9 @@ mod retry_after;
 mod service;
 mod token;
 
+#[cfg(feature = "dpop")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dpop")))]
+pub mod dpop;
 pub mod error;
 pub mod future;
 pub mod keyed;
