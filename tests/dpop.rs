@@ -18,9 +18,9 @@ use tower_auth_refresh::dpop::{
     DPOP, DPOP_NONCE, Dpop, DpopKeyError, DpopSigner, Es256Key, MAX_NONCE_LEN, NonceOutcome,
     PublicJwk,
 };
-use tower_auth_refresh::error::{RefreshRejected, UnauthorizedAfterRefresh};
+use tower_auth_refresh::error::{RefreshFailed, RefreshRejected, UnauthorizedAfterRefresh};
 use tower_auth_refresh::oauth2::{ErrorKind, OAuth2Error, OAuth2Refresher};
-use tower_auth_refresh::{BoxError, RefreshLayer, ReplayBody, RequestProof, Token};
+use tower_auth_refresh::{Backoff, BoxError, RefreshLayer, ReplayBody, RequestProof, Token};
 
 use dpop_support::{
     ApiStats, Issued, NonceMode, TokenStats, TokenType, Verifier, api_server, claims_of,
@@ -49,7 +49,7 @@ async fn setup(mode: NonceMode, token_type: TokenType) -> Setup {
         verifier.clone(),
         issued.clone(),
         Arc::clone(&token_stats),
-        TOKEN_NONCE,
+        Some(TOKEN_NONCE),
         token_type,
     )
     .await;
@@ -295,6 +295,48 @@ fn malformed_nonces_are_typed_outcomes() {
     // Nonces are per origin.
     let other = Uri::from_static("https://other.example/x");
     assert_eq!(dpop.nonce_for(&other), None);
+}
+
+#[tokio::test]
+async fn a_token_endpoint_asking_for_a_nonce_again_is_retried_once_and_fails_transiently() {
+    guard(async {
+        let verifier = Arc::new(Verifier::default());
+        let stats = Arc::new(TokenStats::default());
+        let issued = Arc::new(Issued::default());
+        let token = token_server(verifier, issued, stats.clone(), None, TokenType::Dpop).await;
+        let dpop = Dpop::new(Es256Key::generate());
+        let refresher =
+            OAuth2Refresher::builder(token.url("/token").parse().unwrap(), http_client())
+                .refresh_token("rt-1")
+                .dpop(dpop.clone())
+                .build()
+                .unwrap();
+        let svc = ServiceBuilder::new()
+            .layer(
+                RefreshLayer::new(refresher)
+                    .retries(Backoff::none())
+                    .proof(dpop.clone()),
+            )
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let req = Request::get("http://127.0.0.1:9/never-sent")
+            .body(Full::default())
+            .unwrap();
+        let err = svc.oneshot(req).await.unwrap_err();
+        assert!(
+            err.is::<RefreshFailed>(),
+            "transient, not the end of the session: {err}"
+        );
+        let oauth = OAuth2Error::find(&*err).expect("the refresher's error");
+        assert_eq!(oauth.error_code(), Some("use_dpop_nonce"));
+        assert_eq!(stats.calls.load(Ordering::SeqCst), 2, "one retry, no loop");
+        assert_eq!(stats.nonce_refusals.load(Ordering::SeqCst), 2);
+        // The retry carried the nonce of the first refusal; the second one is remembered.
+        assert_eq!(
+            dpop.nonce_for(&token.url("/").parse().unwrap()).as_deref(),
+            Some("t-2")
+        );
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -69,6 +69,17 @@ impl DpopSettings {
         false
     }
 
+    /// With DPoP, `use_dpop_nonce` (still, after the one retry) is transient: the refresh
+    /// token is fine, so the session must not end; the layer's backoff tries again later.
+    pub(super) fn is_transient_code(&self, code: &str) -> bool {
+        #[cfg(feature = "dpop")]
+        if self.dpop.is_some() {
+            return code == "use_dpop_nonce";
+        }
+        let _ = code;
+        false
+    }
+
     /// The `Authorization` scheme for a token of `token_type`.
     pub(super) fn scheme(
         &self,
@@ -115,6 +126,9 @@ impl<C> OAuth2RefresherBuilder<C> {
     /// becomes a `Token::with_scheme("DPoP", ..)`, and a `400 {"error":"use_dpop_nonce"}`
     /// with a `DPoP-Nonce` is retried once with that nonce. Give a clone of the same
     /// [`Dpop`](crate::dpop::Dpop) to the layer ([`RefreshLayer::proof`](crate::RefreshLayer::proof)).
+    ///
+    /// A `use_dpop_nonce` refusal of the retry too is a transient error (the layer's
+    /// [`Backoff`](crate::Backoff) decides when to try again); the session does not end.
     ///
     /// A token endpoint that answers `token_type: Bearer` (or none) is refused with a
     /// terminal [`ErrorKind::DpopNotBound`], unless

@@ -134,7 +134,9 @@ pub(crate) fn failure<C>(
         Ok(Value::Object(fields)) => error_fields(&fields, |s| inner.redact(s, presented)),
         _ => (None, None),
     };
-    let transient_code = code.as_deref().is_some_and(|c| inner.is_transient_code(c));
+    let transient_code = code
+        .as_deref()
+        .is_some_and(|c| inner.is_transient_code(c) || inner.dpop.is_transient_code(c));
     // No token endpoint at this URI (or not for POST): a configuration error, not a refusal.
     let misconfigured = !transient_code && matches!(status.as_u16(), 404 | 405);
     let terminal = !transient_code

@@ -215,27 +215,38 @@ pub(crate) struct TokenStats {
     pub(crate) refused: Mutex<Vec<String>>,
 }
 
-/// A token endpoint at `/token` (refresh-token and client-credentials grants) that requires a DPoP proof with
-/// its nonce `nonce`, and issues `at-1`, `at-2`, ...
+/// A token endpoint at `/token` (refresh-token and client-credentials grants) that requires
+/// a DPoP proof with its nonce `nonce` (`None`: a new nonce in every answer, none ever
+/// accepted), and issues `at-1`, `at-2`, ...
 pub(crate) async fn token_server(
     verifier: Arc<Verifier>,
     issued: Arc<Issued>,
     stats: Arc<TokenStats>,
-    nonce: &'static str,
+    nonce: Option<&'static str>,
     token_type: TokenType,
 ) -> Server {
     let addr = Arc::new(Mutex::new(String::new()));
+    let rotation = Arc::new(AtomicUsize::new(0));
     let server = serve_scoped({
         let addr = addr.clone();
         move |req: Request<Incoming>| {
-            let (verifier, issued, stats, addr) = (
+            let (verifier, issued, stats, addr, rotation) = (
                 verifier.clone(),
                 issued.clone(),
                 stats.clone(),
                 addr.clone(),
+                rotation.clone(),
             );
             async move {
                 stats.calls.fetch_add(1, Ordering::SeqCst);
+                let (want, give) = match nonce {
+                    Some(n) => (n.to_owned(), HeaderValue::from_static(n)),
+                    None => {
+                        let n = rotation.fetch_add(1, Ordering::SeqCst) + 1;
+                        let give = HeaderValue::try_from(format!("t-{n}")).unwrap();
+                        ("never".to_owned(), give)
+                    }
+                };
                 let (parts, body) = req.into_parts();
                 let body = body.collect().await.unwrap().to_bytes();
                 let form: HashMap<String, String> =
@@ -245,8 +256,7 @@ pub(crate) async fn token_server(
                     let mut res = response(status, value.to_string());
                     res.headers_mut()
                         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    res.headers_mut()
-                        .insert("dpop-nonce", HeaderValue::from_static(nonce));
+                    res.headers_mut().insert("dpop-nonce", give.clone());
                     res
                 };
                 let grant = form.get("grant_type").map(String::as_str);
@@ -257,7 +267,7 @@ pub(crate) async fn token_server(
                     );
                 }
                 let proof =
-                    match verifier.verify(&parts.headers, &parts.method, &htu, None, Some(nonce)) {
+                    match verifier.verify(&parts.headers, &parts.method, &htu, None, Some(&want)) {
                         Ok(proof) => proof,
                         Err(reason) if reason == "use_dpop_nonce" => {
                             stats.nonce_refusals.fetch_add(1, Ordering::SeqCst);
