@@ -219,6 +219,33 @@ async fn a_replayed_request_carries_a_new_jti_and_the_nonce() {
 }
 
 #[tokio::test]
+async fn the_nonce_of_a_success_is_used_by_the_next_request() {
+    guard(async {
+        let s = setup(NonceMode::NextOnSuccess, TokenType::Dpop).await;
+        s.issued.insert("at-0", Some(s.dpop.thumbprint()), false);
+        let mut svc = client(&s, Token::with_scheme("DPoP", "at-0").unwrap(), false);
+        for id in 0..5 {
+            let res = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(request(&s, id))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        // Only the first request, which could not know a nonce, was challenged.
+        assert_eq!(s.api_stats.nonce_challenges.load(Ordering::SeqCst), 1);
+        assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), 6);
+        let seen = s.api_stats.nonces_seen.lock().unwrap().clone();
+        let want: Vec<_> = (0..5).map(|n| Some(format!("s-{n}"))).collect();
+        assert_eq!(seen, want);
+        assert_eq!(s.token_stats.calls.load(Ordering::SeqCst), 0, "no refresh");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_nonce_challenge_on_the_replay_is_a_typed_error_not_a_loop() {
     guard(async {
         let s = setup(NonceMode::AlwaysNew, TokenType::Dpop).await;

@@ -254,6 +254,12 @@ impl RequestProof for Dpop {
         Ok(())
     }
 
+    /// Remembers the response's `DPoP-Nonce` for its origin (see [`Dpop::remember_nonce`]),
+    /// and asks for a new proof on a `401` with `WWW-Authenticate: DPoP
+    /// error="use_dpop_nonce"`. A challenge whose nonce is malformed still gets its one
+    /// replay (the token is not at fault, so a refresh would not help); the replay carries the
+    /// origin's last good nonce, if any, and a second challenge is
+    /// [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh).
     fn wants_new_proof(&self, uri: &Uri, status: StatusCode, headers: &HeaderMap) -> bool {
         self.remember_nonce(uri, headers);
         status == StatusCode::UNAUTHORIZED && asks_for_nonce(headers)

@@ -311,6 +311,9 @@ pub(crate) enum NonceMode {
     Fixed(&'static str),
     /// A new nonce in every response, none ever accepted (so a replay is challenged again).
     AlwaysNew,
+    /// A nonce that changes with every success: each 200 hands out the next one, which the
+    /// next proof must carry (every other answer repeats the current one).
+    NextOnSuccess,
     /// A malformed `DPoP-Nonce` (`"` is not an NQCHAR) with every challenge.
     Malformed,
 }
@@ -377,6 +380,11 @@ pub(crate) async fn api_server(
                     }
                     NonceMode::Malformed => {
                         ("never".to_owned(), HeaderValue::from_static("bad\"nonce"))
+                    }
+                    NonceMode::NextOnSuccess => {
+                        let n = rotation.load(Ordering::SeqCst);
+                        let current = format!("s-{n}");
+                        (current.clone(), HeaderValue::try_from(current).unwrap())
                     }
                 };
                 let jti = jti_of(&parts.headers);
@@ -448,7 +456,13 @@ pub(crate) async fn api_server(
                     Ok(proof) if proof.jkt == jkt => {
                         stats.nonces_seen.lock().unwrap().push(proof.nonce.clone());
                         stats.ok.fetch_add(1, Ordering::SeqCst);
-                        answer(StatusCode::OK, None)
+                        let mut res = answer(StatusCode::OK, None);
+                        if mode == NonceMode::NextOnSuccess {
+                            let n = rotation.fetch_add(1, Ordering::SeqCst) + 1;
+                            let next = HeaderValue::try_from(format!("s-{n}")).unwrap();
+                            res.headers_mut().insert("dpop-nonce", next);
+                        }
+                        res
                     }
                     Ok(_) => {
                         stats.refused.lock().unwrap().push("wrong key".into());
