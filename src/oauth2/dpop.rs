@@ -39,9 +39,9 @@ impl DpopSettings {
         Ok(())
     }
 
-    /// Remembers the token endpoint's nonce; `true` for a `use_dpop_nonce` refusal with a
-    /// new, valid nonce (worth one retry).
-    pub(super) fn retry_with_nonce(
+    /// Remembers the token endpoint's nonce from any answer; `true` for a `use_dpop_nonce`
+    /// refusal with a valid nonce (worth one retry).
+    pub(super) fn observe(
         &self,
         endpoint: &Uri,
         status: StatusCode,

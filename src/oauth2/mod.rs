@@ -662,30 +662,18 @@ where
         "oauth2: sending token request"
     );
     let (mut status, mut headers, mut body) = send(&inner, req).await?;
-    // DPoP: one retry, with the nonce the token endpoint asked for.
-    if !status.is_success()
-        && inner.dpop.retry_with_nonce(
-            &inner.endpoint,
-            status,
-            &headers,
-            body.as_deref().unwrap_or_default(),
-        )
-    {
+    // DPoP: every answer's nonce is remembered; a `use_dpop_nonce` refusal is retried once.
+    let observe = |status, headers: &_, body: &Result<Bytes, _>| {
+        let body = body.as_deref().unwrap_or_default();
+        inner.dpop.observe(&inner.endpoint, status, headers, body)
+    };
+    if observe(status, &headers, &body) {
         tracing::debug!("oauth2: token endpoint asked for a DPoP nonce; retrying once");
         let mut retry = inner.request(presented.map(|p| p.token));
         inner.dpop.prove(&mut retry)?;
         (status, headers, body) = send(&inner, retry).await?;
-        inner.dpop.retry_with_nonce(
-            &inner.endpoint,
-            status,
-            &headers,
-            body.as_deref().unwrap_or_default(),
-        );
-    } else if status.is_success() {
-        // Remember a nonce the success carried, for the next request.
-        inner
-            .dpop
-            .retry_with_nonce(&inner.endpoint, status, &headers, &[]);
+        // A second refusal is not retried (a transient error, below).
+        observe(status, &headers, &body);
     }
     match body {
         Ok(body) if status.is_success() => {
