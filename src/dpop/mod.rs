@@ -298,6 +298,25 @@ mod tests {
     }
 
     #[test]
+    fn nonces_are_kept_for_a_bounded_number_of_origins() {
+        let dpop = Dpop::new(Es256Key::generate());
+        let mut headers = HeaderMap::new();
+        headers.insert(DPOP_NONCE, HeaderValue::from_static("n"));
+        for port in 0..(MAX_ORIGINS as u16 + 50) {
+            let uri: Uri = format!("https://api.example:{port}/").parse().unwrap();
+            assert_eq!(dpop.remember_nonce(&uri, &headers), NonceOutcome::Stored);
+            assert_eq!(dpop.nonce_for(&uri).as_deref(), Some("n"));
+        }
+        assert_eq!(dpop.inner.nonces.lock().unwrap().len(), MAX_ORIGINS);
+        // Same origin, whatever the case of the host or the path.
+        let upper = Uri::from_static("https://API.example:1/x?y");
+        headers.insert(DPOP_NONCE, HeaderValue::from_static("m"));
+        dpop.remember_nonce(&upper, &headers);
+        let lower = Uri::from_static("https://api.example:1/other");
+        assert_eq!(dpop.nonce_for(&lower).as_deref(), Some("m"));
+    }
+
+    #[test]
     fn challenge() {
         let mut h = HeaderMap::new();
         h.insert(
