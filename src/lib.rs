@@ -178,6 +178,7 @@
 //! | `reqwest` | no | a `reqwest-middleware` adapter ([`reqwest`]) sharing the layer's token, and a `reqwest::Client` as the OAuth 2.0 token client |
 //! | `store` | no | a token set shared by several processes ([`store`]): memory and file stores |
 //! | `redis` | no | the Redis token store, for replicas on several hosts (implies `store`) |
+//! | `dpop` | no | [`dpop::Dpop`]: DPoP (RFC 9449) proofs, DPoP-bound OAuth 2.0 tokens |
 //!
 //! # Many principals
 //!
@@ -204,6 +205,9 @@ mod service;
 mod shared;
 mod token;
 
+#[cfg(feature = "dpop")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dpop")))]
+pub mod dpop;
 pub mod error;
 pub mod future;
 pub mod keyed;

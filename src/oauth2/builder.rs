@@ -71,6 +71,7 @@ pub struct OAuth2RefresherBuilder<C> {
     pub(super) terminal_codes: Vec<Box<str>>,
     pub(super) allow_insecure: bool,
     pub(super) hook: Option<Hook>,
+    pub(super) dpop: super::dpop::DpopSettings,
 }
 
 impl<C> fmt::Debug for OAuth2RefresherBuilder<C> {
@@ -577,6 +578,7 @@ impl<C> OAuth2RefresherBuilder<C> {
                 transient_codes: self.transient_codes.into_boxed_slice(),
                 terminal_codes: self.terminal_codes.into_boxed_slice(),
                 hook: self.hook,
+                dpop: self.dpop,
                 refresh_token: Mutex::new(super::Slot {
                     token: refresh_token,
                     ..super::Slot::default()

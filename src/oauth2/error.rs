@@ -144,6 +144,13 @@ pub enum ErrorKind {
     NoRefreshToken,
     /// The [`on_rotation`](super::OAuth2RefresherBuilder::on_rotation) hook failed. Transient.
     Persist,
+    /// DPoP was asked for ([`dpop`](super::OAuth2RefresherBuilder::dpop)) but the token
+    /// endpoint answered a `Bearer` token (or no `token_type`): a token not bound to the key.
+    /// Terminal, unless [`dpop_accept_bearer`](super::OAuth2RefresherBuilder::dpop_accept_bearer)
+    /// accepts such tokens.
+    DpopNotBound,
+    /// The DPoP proof for the token request could not be made (the signer failed). Transient.
+    DpopProof,
 }
 
 impl OAuth2Error {
@@ -299,6 +306,10 @@ impl fmt::Display for OAuth2Error {
                 None => f.write_str("token response has an unsupported token_type"),
             },
             ErrorKind::Persist => f.write_str("persisting the rotated refresh token failed"),
+            ErrorKind::DpopNotBound => {
+                f.write_str("token endpoint answered a Bearer token although DPoP was asked")
+            }
+            ErrorKind::DpopProof => f.write_str("the DPoP proof for the token request failed"),
         }
     }
 }

@@ -112,6 +112,7 @@
 //! ```
 
 mod builder;
+mod dpop;
 mod error;
 mod grant;
 #[cfg(feature = "reqwest")]
@@ -296,6 +297,7 @@ pub(super) struct Inner<C> {
     pub(super) transient_codes: Box<[Box<str>]>,
     pub(super) terminal_codes: Box<[Box<str>]>,
     pub(super) hook: Option<Hook>,
+    pub(super) dpop: dpop::DpopSettings,
     /// The current refresh token.
     pub(super) refresh_token: Mutex<Slot>,
     /// Held for a whole refresh, so that refreshes through clones never present the same
@@ -419,6 +421,7 @@ impl<C> OAuth2Refresher<C> {
                 .collect(),
             allow_insecure: false,
             hook: None,
+            dpop: dpop::DpopSettings::default(),
         }
     }
     /// Starts a refresher for the client-credentials grant (RFC 6749 §4.4): a confidential
@@ -651,13 +654,27 @@ where
             generation: *generation,
             from_set: *from_set,
         });
-    let req = inner.request(presented.map(|p| p.token));
+    let mut req = inner.request(presented.map(|p| p.token));
+    inner.dpop.prove(&mut req)?;
     tracing::debug!(
         host = inner.endpoint.host().unwrap_or_default(),
         grant = inner.grant.as_str(),
         "oauth2: sending token request"
     );
-    let (status, headers, body) = send(&inner, req).await?;
+    let (mut status, mut headers, mut body) = send(&inner, req).await?;
+    // DPoP: every answer's nonce is remembered; a `use_dpop_nonce` refusal is retried once.
+    let observe = |status, headers: &_, body: &Result<Bytes, _>| {
+        let body = body.as_deref().unwrap_or_default();
+        inner.dpop.observe(&inner.endpoint, status, headers, body)
+    };
+    if observe(status, &headers, &body) {
+        tracing::debug!("oauth2: token endpoint asked for a DPoP nonce; retrying once");
+        let mut retry = inner.request(presented.map(|p| p.token));
+        inner.dpop.prove(&mut retry)?;
+        (status, headers, body) = send(&inner, retry).await?;
+        // A second refusal is not retried (a transient error, below).
+        observe(status, &headers, &body);
+    }
     match body {
         Ok(body) if status.is_success() => {
             success(&inner, presented, status, &headers, &body).await

@@ -86,24 +86,19 @@ pub(crate) async fn success<C>(
         return Err(malformed(ErrorKind::ContentType));
     }
 
-    match fields.get("token_type") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
-        Some(Value::String(t)) => {
-            return Err(RefreshError::terminal(
-                OAuth2Error::new(ErrorKind::UnsupportedTokenType)
-                    .with_status(status)
-                    .with_code(sanitize(t, MAX_CODE_LEN)),
-            ));
-        }
+    let token_type = match fields.get("token_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(t.as_str()),
         Some(_) => return Err(malformed(ErrorKind::Malformed)),
-    }
+    };
+    // `Bearer`, or `DPoP` when DPoP was asked (`dpop` module).
+    let scheme = inner.dpop.scheme(token_type, status)?;
     let access = match fields.get("access_token") {
         Some(Value::String(s)) => s.as_str(),
         None | Some(Value::Null) => return Err(malformed(ErrorKind::MissingAccessToken)),
         Some(_) => return Err(malformed(ErrorKind::Malformed)),
     };
-    let mut token = Token::bearer(access).map_err(|e| {
+    let mut token = Token::with_scheme(scheme, access).map_err(|e| {
         RefreshError::transient(
             OAuth2Error::new(ErrorKind::InvalidAccessToken)
                 .with_status(status)
@@ -139,7 +134,9 @@ pub(crate) fn failure<C>(
         Ok(Value::Object(fields)) => error_fields(&fields, |s| inner.redact(s, presented)),
         _ => (None, None),
     };
-    let transient_code = code.as_deref().is_some_and(|c| inner.is_transient_code(c));
+    let transient_code = code
+        .as_deref()
+        .is_some_and(|c| inner.is_transient_code(c) || inner.dpop.is_transient_code(c));
     // No token endpoint at this URI (or not for POST): a configuration error, not a refusal.
     let misconfigured = !transient_code && matches!(status.as_u16(), 404 | 405);
     let terminal = !transient_code

@@ -1,0 +1,333 @@
+//! DPoP (RFC 9449): sender-constrained tokens, proven on every send.
+//!
+//! A [`Dpop`] holds a signing key ([`Es256Key`] or any [`DpopSigner`]) and the latest
+//! `DPoP-Nonce` of each origin. Given to the layer ([`RefreshLayer::proof`](crate::RefreshLayer::proof)),
+//! it adds a `DPoP` proof header to every send that carries the token (first send and replay),
+//! with `ath`, the hash of the access token; a `401` with `WWW-Authenticate: DPoP
+//! error="use_dpop_nonce"` is answered by one replay with the same token and a proof carrying
+//! the new nonce, never by a refresh. Given to the OAuth 2.0 refresher
+//! ([`OAuth2RefresherBuilder::dpop`](crate::oauth2::OAuth2RefresherBuilder::dpop)), it proves
+//! each token request too and asks for DPoP-bound tokens (`token_type: DPoP`), sent as
+//! `Authorization: DPoP <token>`.
+//!
+//! ```
+//! use tower_auth_refresh::dpop::{Dpop, Es256Key};
+//! use tower_auth_refresh::{RefreshLayer, Token, refresh_fn, RefreshError};
+//!
+//! let dpop = Dpop::new(Es256Key::generate());
+//! let layer = RefreshLayer::new(refresh_fn(|_| async {
+//!     Ok::<_, RefreshError>(Token::with_scheme("DPoP", "new-token")?)
+//! }))
+//! .proof(dpop.clone());
+//! # let _ = layer;
+//! ```
+//!
+//! Clone one `Dpop` for the layer and the refresher: they then share the key and the nonces.
+
+mod key;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use rand_core::RngCore;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+pub use key::{DpopKeyError, DpopSigner, Es256Key, PublicJwk};
+
+use crate::{BoxError, RequestProof};
+
+/// The `DPoP` request header (the proof).
+pub const DPOP: HeaderName = HeaderName::from_static("dpop");
+/// The `DPoP-Nonce` response header.
+pub const DPOP_NONCE: HeaderName = HeaderName::from_static("dpop-nonce");
+/// The longest nonce kept; a longer one is ignored as malformed.
+pub const MAX_NONCE_LEN: usize = 512;
+/// How many origins' nonces are kept; past that, an arbitrary one is forgotten.
+const MAX_ORIGINS: usize = 256;
+
+/// Why a proof could not be made. The request fails unsent with
+/// [`ProofFailed`](crate::error::ProofFailed), whose source this is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DpopError {
+    /// `htu` needs an absolute URI (scheme and authority).
+    #[error("dpop: the request URI is not absolute")]
+    RelativeUri,
+    /// The signer failed (its message is not kept: it could name key material).
+    #[error("dpop: the signer failed")]
+    Sign,
+}
+
+/// What a response's `DPoP-Nonce` header did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NonceOutcome {
+    /// No `DPoP-Nonce` header.
+    Absent,
+    /// A valid nonce, remembered for the origin.
+    Stored,
+    /// A nonce that is not `1*NQCHAR` (RFC 9449 §8.1), longer than [`MAX_NONCE_LEN`], or
+    /// given more than once: ignored, the origin's last good nonce kept.
+    Malformed,
+}
+
+/// DPoP proofs for the layer and the OAuth 2.0 refresher; see the [module docs](self).
+/// Cheap to clone: clones share the key and the nonces.
+#[derive(Clone)]
+pub struct Dpop {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    signer: Box<dyn DpopSigner>,
+    /// `base64url(header) "."`, the same for every proof.
+    header: String,
+    nonces: Mutex<HashMap<String, String>>,
+}
+
+impl fmt::Debug for Dpop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let origins = self.inner.nonces.lock().map(|n| n.len()).unwrap_or(0);
+        f.debug_struct("Dpop")
+            .field("signer", &self.inner.signer)
+            .field("origins_with_nonce", &origins)
+            .finish()
+    }
+}
+
+impl Dpop {
+    /// Proofs signed by `signer`.
+    pub fn new(signer: impl DpopSigner) -> Self {
+        let mut header = Map::new();
+        header.insert("typ".into(), Value::String("dpop+jwt".into()));
+        header.insert("alg".into(), Value::String(signer.algorithm().into()));
+        header.insert("jwk".into(), signer.public_jwk().to_json());
+        let mut encoded = URL_SAFE_NO_PAD.encode(Value::Object(header).to_string());
+        encoded.push('.');
+        Self {
+            inner: Arc::new(Inner {
+                signer: Box::new(signer),
+                header: encoded,
+                nonces: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The public key's RFC 7638 thumbprint (the `jkt` of the tokens bound to it).
+    pub fn thumbprint(&self) -> String {
+        self.inner.signer.public_jwk().thumbprint()
+    }
+
+    /// A proof JWT for `method` on `uri`, with `ath` when `access_token` is given and the
+    /// origin's latest nonce, if any.
+    ///
+    /// ```
+    /// use http::{Method, Uri};
+    /// use tower_auth_refresh::dpop::{Dpop, Es256Key};
+    ///
+    /// let dpop = Dpop::new(Es256Key::generate());
+    /// let uri = Uri::from_static("https://api.example/orders?page=2");
+    /// let proof = dpop.proof(&Method::GET, &uri, Some("token")).unwrap();
+    /// assert_eq!(proof.split('.').count(), 3);
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`DpopError::RelativeUri`] for a URI without scheme or authority,
+    /// [`DpopError::Sign`] if the signer fails.
+    pub fn proof(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        access_token: Option<&str>,
+    ) -> Result<String, DpopError> {
+        let origin = origin(uri).ok_or(DpopError::RelativeUri)?;
+        let htu = format!("{origin}{}", uri.path());
+        let mut jti = [0u8; 16];
+        rand_core::OsRng.fill_bytes(&mut jti);
+        let iat = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut claims = Map::new();
+        claims.insert("jti".into(), Value::String(URL_SAFE_NO_PAD.encode(jti)));
+        claims.insert("htm".into(), Value::String(method.as_str().into()));
+        claims.insert("htu".into(), Value::String(htu));
+        claims.insert("iat".into(), Value::from(iat));
+        if let Some(token) = access_token {
+            let ath = URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()));
+            claims.insert("ath".into(), Value::String(ath));
+        }
+        if let Some(nonce) = self.nonce(&origin) {
+            claims.insert("nonce".into(), Value::String(nonce));
+        }
+        let mut jwt = self.inner.header.clone();
+        URL_SAFE_NO_PAD.encode_string(Value::Object(claims).to_string(), &mut jwt);
+        let signature = self.inner.signer.sign(jwt.as_bytes()).map_err(|_| {
+            tracing::warn!("dpop: the signer failed");
+            DpopError::Sign
+        })?;
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut jwt);
+        Ok(jwt)
+    }
+
+    /// Remembers the `DPoP-Nonce` of a response from `uri`'s origin.
+    ///
+    /// ```
+    /// use http::{HeaderMap, HeaderValue, Uri};
+    /// use tower_auth_refresh::dpop::{DPOP_NONCE, Dpop, Es256Key, NonceOutcome};
+    ///
+    /// let dpop = Dpop::new(Es256Key::generate());
+    /// let uri = Uri::from_static("https://api.example/");
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert(DPOP_NONCE, HeaderValue::from_static("n-1"));
+    /// assert_eq!(dpop.remember_nonce(&uri, &headers), NonceOutcome::Stored);
+    /// headers.insert(DPOP_NONCE, HeaderValue::from_static("bad\"nonce"));
+    /// assert_eq!(dpop.remember_nonce(&uri, &headers), NonceOutcome::Malformed);
+    /// assert_eq!(dpop.nonce_for(&uri).as_deref(), Some("n-1"));
+    /// ```
+    pub fn remember_nonce(&self, uri: &Uri, headers: &HeaderMap) -> NonceOutcome {
+        let mut values = headers.get_all(&DPOP_NONCE).iter();
+        let Some(value) = values.next() else {
+            return NonceOutcome::Absent;
+        };
+        let valid = values.next().is_none()
+            && !value.is_empty()
+            && value.len() <= MAX_NONCE_LEN
+            && value.as_bytes().iter().all(|&b| is_nqchar(b));
+        let Some(origin) = origin(uri).filter(|_| valid) else {
+            tracing::warn!(
+                len = value.len(),
+                "dpop: malformed DPoP-Nonce ignored (not 1*NQCHAR, too long, or repeated)"
+            );
+            return NonceOutcome::Malformed;
+        };
+        // All NQCHAR bytes are ASCII.
+        let nonce = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let mut nonces = self.inner.nonces.lock().unwrap_or_else(|e| e.into_inner());
+        if nonces.len() >= MAX_ORIGINS && !nonces.contains_key(&origin) {
+            if let Some(evict) = nonces.keys().next().cloned() {
+                nonces.remove(&evict);
+            }
+        }
+        nonces.insert(origin, nonce);
+        NonceOutcome::Stored
+    }
+
+    /// The latest nonce remembered for `uri`'s origin.
+    pub fn nonce_for(&self, uri: &Uri) -> Option<String> {
+        self.nonce(&origin(uri)?)
+    }
+
+    fn nonce(&self, origin: &str) -> Option<String> {
+        let nonces = self.inner.nonces.lock().unwrap_or_else(|e| e.into_inner());
+        nonces.get(origin).cloned()
+    }
+}
+
+impl RequestProof for Dpop {
+    /// Adds the `DPoP` header when the request carries `Authorization: DPoP <token>`, with
+    /// `ath` for that token. A request with another scheme (a `Bearer` token accepted with
+    /// [`dpop_accept_bearer`](crate::oauth2::OAuth2RefresherBuilder::dpop_accept_bearer)) is
+    /// sent without a proof: it is not bound to the key.
+    fn prove(&self, method: &Method, uri: &Uri, headers: &mut HeaderMap) -> Result<(), BoxError> {
+        let token = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("dpop"))
+            .map(|(_, token)| token.trim().to_owned());
+        let Some(token) = token else {
+            headers.remove(&DPOP);
+            return Ok(());
+        };
+        let proof = self.proof(method, uri, Some(&token))?;
+        let value = HeaderValue::try_from(proof).map_err(|_| DpopError::Sign)?;
+        headers.insert(DPOP, value);
+        Ok(())
+    }
+
+    /// Remembers the response's `DPoP-Nonce` for its origin (see [`Dpop::remember_nonce`]),
+    /// and asks for a new proof on a `401` with `WWW-Authenticate: DPoP
+    /// error="use_dpop_nonce"`. A challenge whose nonce is malformed still gets its one
+    /// replay (the token is not at fault, so a refresh would not help); the replay carries the
+    /// origin's last good nonce, if any, and a second challenge is
+    /// [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh).
+    fn wants_new_proof(&self, uri: &Uri, status: StatusCode, headers: &HeaderMap) -> bool {
+        self.remember_nonce(uri, headers);
+        status == StatusCode::UNAUTHORIZED && asks_for_nonce(headers)
+    }
+}
+
+/// A `WWW-Authenticate: DPoP error="use_dpop_nonce"` challenge.
+fn asks_for_nonce(headers: &HeaderMap) -> bool {
+    headers.get_all(WWW_AUTHENTICATE).iter().any(|v| {
+        let v = String::from_utf8_lossy(v.as_bytes());
+        let v = v.trim_start();
+        v.get(..4).is_some_and(|s| s.eq_ignore_ascii_case("dpop")) && v.contains("use_dpop_nonce")
+    })
+}
+
+/// `scheme://authority`, lowercased (the key of the nonce map and the start of `htu`).
+fn origin(uri: &Uri) -> Option<String> {
+    let scheme = uri.scheme_str()?;
+    let authority = uri.authority()?;
+    Some(format!("{scheme}://{authority}").to_ascii_lowercase())
+}
+
+/// RFC 9449 §8.1: `NQCHAR = %x21 / %x23-5B / %x5D-7E`.
+fn is_nqchar(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nqchar() {
+        assert!(is_nqchar(b'a') && is_nqchar(b'!') && is_nqchar(b'~'));
+        assert!(!is_nqchar(b'"') && !is_nqchar(b'\\') && !is_nqchar(b' '));
+    }
+
+    #[test]
+    fn nonces_are_kept_for_a_bounded_number_of_origins() {
+        let dpop = Dpop::new(Es256Key::generate());
+        let mut headers = HeaderMap::new();
+        headers.insert(DPOP_NONCE, HeaderValue::from_static("n"));
+        for port in 0..(MAX_ORIGINS as u16 + 50) {
+            let uri: Uri = format!("https://api.example:{port}/").parse().unwrap();
+            assert_eq!(dpop.remember_nonce(&uri, &headers), NonceOutcome::Stored);
+            assert_eq!(dpop.nonce_for(&uri).as_deref(), Some("n"));
+        }
+        assert_eq!(dpop.inner.nonces.lock().unwrap().len(), MAX_ORIGINS);
+        // Same origin, whatever the case of the host or the path.
+        let upper = Uri::from_static("https://API.example:1/x?y");
+        headers.insert(DPOP_NONCE, HeaderValue::from_static("m"));
+        dpop.remember_nonce(&upper, &headers);
+        let lower = Uri::from_static("https://api.example:1/other");
+        assert_eq!(dpop.nonce_for(&lower).as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn challenge() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("DPoP error=\"use_dpop_nonce\""),
+        );
+        assert!(asks_for_nonce(&h));
+        h.insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("DPoP error=\"invalid_token\""),
+        );
+        assert!(!asks_for_nonce(&h));
+    }
+}
