@@ -1144,7 +1144,7 @@ async fn early_401_before_the_body_is_read_still_replays_it_whole() {
                 match svc.clone().oneshot(req).await {
                     Ok(res) => break res,
                     Err(err)
-                        if tries < 5
+                        if tries < 25
                             && !is_auth_failure(&*err)
                             && err.is::<hyper_util::client::legacy::Error>() =>
                     {
