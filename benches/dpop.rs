@@ -43,7 +43,7 @@ fn layer(token: Token) -> RefreshLayer {
 /// Sends one GET through `svc`; the inner service must answer at once.
 fn send<S>(svc: &mut S, req: Request<Full<Bytes>>) -> StatusCode
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<()>>,
+    S: Service<Request<Full<Bytes>>, Response = Response<String>>,
     S::Error: std::fmt::Debug,
 {
     let mut cx = Context::from_waker(Waker::noop());
@@ -77,7 +77,7 @@ fn benches(c: &mut Criterion) {
 
     let inner = service_fn(|req: Request<ReplayBody<Full<Bytes>>>| {
         // 200 with a proof, 204 without: checked once before measuring.
-        let mut res = Response::new(());
+        let mut res = Response::new(String::new());
         if !req.headers().contains_key(DPOP) {
             *res.status_mut() = StatusCode::NO_CONTENT;
         }

@@ -25,21 +25,21 @@ const SECRET: &str = "growth-token-0123456789abcdef";
 const CONCURRENCY: [usize; 5] = [1, 10, 100, 1_000, 10_000];
 
 fn inner<B: Send + 'static>()
--> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send>
+-> impl Service<Request<B>, Response = Response<String>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static {
     service_fn(|req: Request<B>| async move {
         tokio::task::yield_now().await;
         drop(req);
-        Ok::<_, Infallible>(Response::new(()))
+        Ok::<_, Infallible>(Response::new(String::new()))
     })
 }
 
 /// `c` tasks, `total / c` requests each; returns the wall time per request.
 async fn point<S>(svc: S, c: usize, total: usize) -> Duration
 where
-    S: Service<Request<String>, Response = Response<()>> + Clone + Send + 'static,
+    S: Service<Request<String>, Response = Response<String>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: std::fmt::Debug,
 {

@@ -61,7 +61,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The in-memory inner service: reads the body to its end, answers `200 ()` at once.
 fn inner<B>()
--> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
+-> impl Service<Request<B>, Response = Response<String>, Error = Infallible, Future: Send> + Clone + Send
 where
     B: Body + Unpin + Send + 'static,
 {
@@ -70,14 +70,14 @@ where
         while let Some(frame) = body.frame().await {
             black_box(frame.is_ok());
         }
-        Ok::<_, Infallible>(Response::new(()))
+        Ok::<_, Infallible>(Response::new(String::new()))
     })
 }
 
 /// An inner service that checks the `Authorization` header, for the setup check.
 fn checking<B>(
     expected: Option<&'static str>,
-) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
+) -> impl Service<Request<B>, Response = Response<String>, Error = Infallible, Future: Send> + Clone + Send
 where
     B: Body + Send + 'static,
 {
@@ -87,7 +87,7 @@ where
             .get(AUTHORIZATION)
             .map(|v| v.to_str().unwrap().to_owned());
         assert_eq!(got.as_deref(), expected, "Authorization header");
-        std::future::ready(Ok::<_, Infallible>(Response::new(())))
+        std::future::ready(Ok::<_, Infallible>(Response::new(String::new())))
     })
 }
 
@@ -153,14 +153,14 @@ struct Naive<S> {
 
 impl<S, B> Service<Request<B>> for Naive<S>
 where
-    S: Service<Request<B>, Response = Response<()>> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<String>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
     B: Clone + Send + 'static,
 {
-    type Response = Response<()>;
+    type Response = Response<String>;
     type Error = BoxError;
-    type Future = BoxFuture<Result<Response<()>, BoxError>>;
+    type Future = BoxFuture<Result<Response<String>, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -203,14 +203,14 @@ struct KubeStyle<S> {
 
 impl<S, B> Service<Request<B>> for KubeStyle<S>
 where
-    S: Service<Request<B>, Response = Response<()>> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<String>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
     B: Send + 'static,
 {
-    type Response = Response<()>;
+    type Response = Response<String>;
     type Error = BoxError;
-    type Future = BoxFuture<Result<Response<()>, BoxError>>;
+    type Future = BoxFuture<Result<Response<String>, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -246,14 +246,14 @@ struct MutexWait<S> {
 
 impl<S, B> Service<Request<B>> for MutexWait<S>
 where
-    S: Service<Request<B>, Response = Response<()>> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<String>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
     B: Clone + Send + Sync + 'static,
 {
-    type Response = Response<()>;
+    type Response = Response<String>;
     type Error = BoxError;
-    type Future = BoxFuture<Result<Response<()>, BoxError>>;
+    type Future = BoxFuture<Result<Response<String>, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -291,9 +291,9 @@ where
 
 /// One request, driven by hand: `poll_ready`, `call`, one `poll` that must be `Ready`.
 #[inline(always)]
-fn drive<S, B>(svc: &mut S, req: Request<B>) -> Response<()>
+fn drive<S, B>(svc: &mut S, req: Request<B>) -> Response<String>
 where
-    S: Service<Request<B>, Response = Response<()>>,
+    S: Service<Request<B>, Response = Response<String>>,
     S::Error: std::fmt::Debug,
 {
     let mut cx = Context::from_waker(Waker::noop());
@@ -420,9 +420,9 @@ macro_rules! with_line {
 /// `ServiceBuilder` and inference only, so renaming the layer's types does not touch it.
 fn refresh_svc<S>(
     inner: S,
-) -> impl Service<Request<Full<Bytes>>, Response = Response<()>, Error = BoxError>
+) -> impl Service<Request<Full<Bytes>>, Response = Response<String>, Error = BoxError>
 where
-    S: Service<Request<ReplayBody<Full<Bytes>>>, Response = Response<()>, Error = Infallible>
+    S: Service<Request<ReplayBody<Full<Bytes>>>, Response = Response<String>, Error = Infallible>
         + Clone
         + Send
         + 'static,

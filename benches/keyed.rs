@@ -33,17 +33,19 @@ type Body = Full<Bytes>;
 struct Tenant(u32);
 
 fn inner()
--> impl Service<Request<ReplayBody<Body>>, Response = Response<()>, Error = Infallible, Future: Send>
+-> impl Service<Request<ReplayBody<Body>>, Response = Response<String>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static {
-    service_fn(|_req: Request<ReplayBody<Body>>| async { Ok::<_, Infallible>(Response::new(())) })
+    service_fn(|_req: Request<ReplayBody<Body>>| async {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    })
 }
 
 /// One request, driven to completion without a runtime; panics if it is not immediate.
 fn drive<S>(svc: &mut S, req: Request<Body>)
 where
-    S: Service<Request<Body>, Response = Response<()>>,
+    S: Service<Request<Body>, Response = Response<String>>,
     S::Error: std::fmt::Debug,
 {
     let mut cx = Context::from_waker(Waker::noop());

@@ -178,7 +178,7 @@ static HELD_AT_END: AtomicUsize = AtomicUsize::new(0);
 static BASE: AtomicUsize = AtomicUsize::new(0);
 
 fn inner<B>()
--> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone
+-> impl Service<Request<B>, Response = Response<String>, Error = Infallible, Future: Send> + Clone
 where
     B: Body + Unpin + Send + 'static,
 {
@@ -193,7 +193,7 @@ where
                 .saturating_sub(BASE.load(Ordering::Relaxed)),
             Ordering::Relaxed,
         );
-        Ok::<_, Infallible>(Response::new(()))
+        Ok::<_, Infallible>(Response::new(String::new()))
     })
 }
 
@@ -206,7 +206,7 @@ struct Figures {
 /// Sends one request with the body `make` builds through `svc`.
 async fn measure<S, B>(svc: &S, make: impl Fn() -> B) -> Figures
 where
-    S: Service<Request<B>, Response = Response<()>> + Clone,
+    S: Service<Request<B>, Response = Response<String>> + Clone,
     S::Error: std::fmt::Debug,
 {
     let svc = svc.clone();
@@ -232,13 +232,13 @@ async fn scenario<BF, RF, BS, RS>(
     refresh_streamed: &RS,
 ) -> (Figures, Figures)
 where
-    BF: Service<Request<Full<Bytes>>, Response = Response<()>> + Clone,
+    BF: Service<Request<Full<Bytes>>, Response = Response<String>> + Clone,
     BF::Error: std::fmt::Debug,
-    RF: Service<Request<Full<Bytes>>, Response = Response<()>> + Clone,
+    RF: Service<Request<Full<Bytes>>, Response = Response<String>> + Clone,
     RF::Error: std::fmt::Debug,
-    BS: Service<Request<Streamed>, Response = Response<()>> + Clone,
+    BS: Service<Request<Streamed>, Response = Response<String>> + Clone,
     BS::Error: std::fmt::Debug,
-    RS: Service<Request<Streamed>, Response = Response<()>> + Clone,
+    RS: Service<Request<Streamed>, Response = Response<String>> + Clone,
     RS::Error: std::fmt::Debug,
 {
     let payload = match shape {

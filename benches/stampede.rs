@@ -67,7 +67,7 @@ async fn round(n: usize, initial: &'static str) -> Round {
         } else {
             StatusCode::UNAUTHORIZED
         };
-        let mut res = Response::new(());
+        let mut res = Response::new(String::new());
         *res.status_mut() = status;
         std::future::ready(Ok::<_, Infallible>(res))
     }));
@@ -114,7 +114,7 @@ async fn round_mutex_wait(n: usize, initial: &'static str) -> Round {
                 .headers()
                 .get(AUTHORIZATION)
                 .is_some_and(|v| v == "Bearer fresh");
-            let mut res = Response::new(());
+            let mut res = Response::new(String::new());
             *res.status_mut() = if ok {
                 StatusCode::OK
             } else {

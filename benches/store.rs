@@ -91,7 +91,7 @@ fn api(
     accepted: Arc<std::sync::RwLock<String>>,
 ) -> impl Service<
     Request<ReplayBody<Full<Bytes>>>,
-    Response = Response<()>,
+    Response = Response<String>,
     Error = Infallible,
     Future: Send,
 > + Clone {
@@ -102,7 +102,7 @@ fn api(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| *accepted.read().unwrap() == t);
-        let mut res = Response::new(());
+        let mut res = Response::new(String::new());
         if !ok {
             *res.status_mut() = StatusCode::UNAUTHORIZED;
         }
@@ -288,7 +288,7 @@ fn stampede(rt: &tokio::runtime::Runtime, redis: &Redis) {
 /// Sends `requests` concurrent GETs through each service; the wall time until all succeeded.
 async fn run<S>(svcs: &[S], requests: usize) -> Duration
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<()>> + Clone + Send + 'static,
+    S: Service<Request<Full<Bytes>>, Response = Response<String>> + Clone + Send + 'static,
     S::Error: std::fmt::Debug + Send,
     S::Future: Send,
 {

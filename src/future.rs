@@ -128,7 +128,8 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     pub(crate) fn readying(svc: S, shared: Shared, req: Request<B>) -> Self {
         Self {
@@ -179,7 +180,8 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResBody>, BoxError>;
 
@@ -265,6 +267,7 @@ where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
     B: Body,
+    ResBody: Body,
 {
     let token = replay::wait_for_token(&kit.shared, kit.sent.ticket, reason)
         .await
@@ -299,7 +302,7 @@ where
         redirected,
     ) {
         Verdict::Final => Ok(res),
-        Verdict::RefusedAfterRefresh => refused_again(&kit.shared, None, res),
+        Verdict::RefusedAfterRefresh => refused_again(&kit.shared, None, res).await,
         Verdict::NewProof => new_proof_replay(kit, res).await,
         Verdict::Recover => recover_and_replay(kit, res).await,
     }
@@ -314,6 +317,7 @@ where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
     B: Body,
+    ResBody: Body,
 {
     let Kit {
         mut svc,
@@ -325,7 +329,7 @@ where
         header: _,
     } = kit;
     if sent.waited {
-        return refused_again(&shared, None, first);
+        return refused_again(&shared, None, first).await;
     }
     let (first_parts, first_body) = first.into_parts();
     let first_head = ResponseHead::from_parts(&first_parts);
@@ -344,7 +348,7 @@ where
             if second.challenged
                 || replay::refused_again(&shared, ticket, second.res.status(), second.res.headers())
             {
-                return refused_again(&shared, Some(first_head), second.res);
+                return refused_again(&shared, Some(first_head), second.res).await;
             }
             Ok(second.res)
         }
@@ -360,6 +364,7 @@ where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
     B: Body,
+    ResBody: Body,
 {
     let Kit {
         mut svc,
@@ -391,7 +396,7 @@ where
             status = second.res.status().as_u16(),
             "request refused again after a new proof"
         );
-        return refused_again(&shared, Some(first_head), second.res);
+        return refused_again(&shared, Some(first_head), second.res).await;
     }
     Ok(second.res)
 }
@@ -423,17 +428,56 @@ where
     Ok(Replayed { res, challenged })
 }
 
-/// A refusal after a refresh: the response itself, or the typed error.
-fn refused_again<ResBody>(
+/// A refusal after a refresh: the response itself, or the typed error (with the first bytes
+/// of the refusal's body).
+async fn refused_again<ResBody>(
     shared: &Shared,
     first: Option<ResponseHead>,
     last: Response<ResBody>,
-) -> Result<Response<ResBody>, BoxError> {
+) -> Result<Response<ResBody>, BoxError>
+where
+    ResBody: Body,
+{
     if shared.options.unauthorized_as_response {
         return Ok(last);
     }
-    let (parts, _) = last.into_parts();
-    Err(replay::twice(first, ResponseHead::from_parts(&parts)).into_box())
+    let (parts, body) = last.into_parts();
+    let head = ResponseHead::from_parts(&parts).with_body(body_prefix(body).await);
+    Err(replay::twice(first, head).into_box())
+}
+
+/// Up to [`MAX_ERROR_BODY`](crate::head::MAX_ERROR_BODY) bytes of a response body, read within
+/// a second when a runtime is there (a refusal's body is small; a stream that never ends is
+/// cut off).
+async fn body_prefix<ResBody: Body>(body: ResBody) -> bytes::Bytes {
+    use http_body_util::BodyExt;
+    let max = crate::head::MAX_ERROR_BODY;
+    let mut kept = bytes::BytesMut::new();
+    let mut body = std::pin::pin!(body);
+    let read = async {
+        while kept.len() < max {
+            match body.as_mut().frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        use bytes::Buf;
+                        while data.has_remaining() && kept.len() < max {
+                            let chunk = data.chunk();
+                            let n = chunk.len().min(max - kept.len());
+                            kept.extend_from_slice(&chunk[..n]);
+                            data.advance(n);
+                        }
+                    }
+                }
+                Some(Err(_)) | None => break,
+            }
+        }
+    };
+    if crate::cell::has_runtime() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
+    } else {
+        read.await;
+    }
+    kept.freeze()
 }
 
 /// Sends `req` through `inner` (already ready) as the protocol decides.
@@ -448,7 +492,8 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     let decision = replay::admit(
         shared,

@@ -26,7 +26,6 @@ impl ResponseHead {
         }
     }
 
-    #[cfg(feature = "reqwest")]
     pub(crate) fn with_body(mut self, body: Bytes) -> Self {
         self.body = body;
         self
@@ -47,12 +46,11 @@ impl ResponseHead {
         &self.headers
     }
 
-    /// The first bytes (at most [`MAX_ERROR_BODY`]) of the response's body, where the layer
-    /// kept them: the final refusal in [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh) from the reqwest
-    /// middleware. Empty otherwise (the tower layer does not require its inner service's
-    /// response body to be an `http_body::Body`; use
-    /// [`unauthorized_as_response`](crate::RefreshOptions::unauthorized_as_response) to get
-    /// the whole response there).
+    /// The first bytes (at most [`MAX_ERROR_BODY`], read within a second) of the response's
+    /// body, where the layer kept them: the final refusal in
+    /// [`UnauthorizedAfterRefresh::last`](crate::error::UnauthorizedAfterRefresh::last).
+    /// Empty otherwise. For the whole response, use
+    /// [`unauthorized_as_response`](crate::RefreshOptions::unauthorized_as_response).
     pub fn body(&self) -> &Bytes {
         &self.body
     }

@@ -492,7 +492,8 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
     K: Clone + Eq + Hash + Send + Sync + 'static,
     R: KeyedRefresher<K>,
 {

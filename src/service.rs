@@ -56,7 +56,7 @@ impl<S> Refresh<S> {
     /// # async fn main() -> Result<(), BoxError> {
     /// let layer = RefreshLayer::new(refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("t")?) }));
     /// let svc = layer.layer(service_fn(|_req: http::Request<ReplayBody<BoxBody<Bytes, BoxError>>>| async {
-    ///     Ok::<_, Infallible>(http::Response::new(()))
+    ///     Ok::<_, Infallible>(http::Response::new(String::new()))
     /// }));
     /// let body = Full::new(Bytes::from_static(b"{}")).map_err(Into::into).boxed();
     /// let req = http::Request::post("/orders").body(body)?;
@@ -77,7 +77,8 @@ impl<S> Refresh<S> {
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: Body + Send + 'static,
-        ResBody: Send + 'static,
+        ResBody: Body + Send + 'static,
+        ResBody::Error: Into<BoxError>,
     {
         ResponseFuture::readying(self.inner.clone(), self.shared.clone(), req)
     }
@@ -122,7 +123,8 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     type Response = http::Response<ResBody>;
     type Error = BoxError;

@@ -64,7 +64,7 @@ fn get() -> Request<Body> {
 }
 
 /// An in-memory API that accepts only `Bearer <accepted>`, counting sends.
-fn api(accepted: &'static str, sends: Arc<AtomicUsize>) -> impl InMemoryApi<()> {
+fn api(accepted: &'static str, sends: Arc<AtomicUsize>) -> impl InMemoryApi<String> {
     service_fn(move |req: Request<ReplayBody<Body>>| {
         sends.fetch_add(1, Ordering::SeqCst);
         let ok = req.headers().get(AUTHORIZATION).is_some_and(|v| {
@@ -72,7 +72,10 @@ fn api(accepted: &'static str, sends: Arc<AtomicUsize>) -> impl InMemoryApi<()> 
                 .is_ok_and(|v| v.strip_prefix("Bearer ") == Some(accepted))
         });
         let status = if ok { 200 } else { 401 };
-        std::future::ready(Ok(Response::builder().status(status).body(()).unwrap()))
+        std::future::ready(Ok(Response::builder()
+            .status(status)
+            .body(String::new())
+            .unwrap()))
     })
 }
 
@@ -368,7 +371,7 @@ impl std::fmt::Display for Boom {
 
 impl std::error::Error for Boom {}
 
-type Mock = mock::Mock<Request<ReplayBody<Body>>, Response<()>>;
+type Mock = mock::Mock<Request<ReplayBody<Body>>, Response<String>>;
 
 fn counting_refresher() -> (impl TokenRefresher + Clone, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
@@ -382,15 +385,18 @@ fn counting_refresher() -> (impl TokenRefresher + Clone, Arc<AtomicUsize>) {
     (refresher, calls)
 }
 
-fn status(code: u16) -> Response<()> {
-    Response::builder().status(code).body(()).unwrap()
+fn status(code: u16) -> Response<String> {
+    Response::builder()
+        .status(code)
+        .body(String::new())
+        .unwrap()
 }
 
 #[test]
 fn inner_service_errors_pass_through_unchanged() {
     traced(|| async {
         let (refresher, calls) = counting_refresher();
-        let (mock, mut inner) = mock::pair::<Request<ReplayBody<Body>>, Response<()>>();
+        let (mock, mut inner) = mock::pair::<Request<ReplayBody<Body>>, Response<String>>();
         let svc = RefreshLayer::new(refresher)
             .initial_token(Token::bearer("stale").unwrap())
             .layer(mock);
@@ -415,7 +421,7 @@ fn inner_service_errors_pass_through_unchanged() {
 
         // Readiness errors too.
         let failing = tower::service_fn(|_: Request<ReplayBody<Body>>| async {
-            Ok::<Response<()>, Boom>(status(200))
+            Ok::<Response<String>, Boom>(status(200))
         });
         let mut not_ready = RefreshLayer::new(counting_refresher().0).layer(NeverOk(failing));
         let err =

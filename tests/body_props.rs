@@ -163,7 +163,12 @@ fn run(case: &Case) -> Outcome {
                 } else {
                     StatusCode::OK
                 };
-                Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(String::new())
+                        .unwrap(),
+                )
             }
         })
     };
@@ -383,7 +388,12 @@ where
                 }
                 attempts.lock().unwrap().push((replay, data));
                 let status = if stale { 401 } else { 200 };
-                Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(String::new())
+                        .unwrap(),
+                )
             }
         })
     };

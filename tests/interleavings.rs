@@ -461,7 +461,7 @@ async fn yield_times(n: u64) {
 
 type Body = Full<Bytes>;
 
-fn api(world: Shared, server_rng: Arc<Mutex<Rng>>) -> impl InMemoryApi<()> {
+fn api(world: Shared, server_rng: Arc<Mutex<Rng>>) -> impl InMemoryApi<String> {
     service_fn(move |req: Request<ReplayBody<Body>>| {
         let world = world.clone();
         let yields = server_rng.lock().unwrap().below(3);
@@ -519,7 +519,10 @@ fn api(world: Shared, server_rng: Arc<Mutex<Rng>>) -> impl InMemoryApi<()> {
             } else {
                 StatusCode::UNAUTHORIZED
             };
-            Ok(Response::builder().status(status).body(()).unwrap())
+            Ok(Response::builder()
+                .status(status)
+                .body(String::new())
+                .unwrap())
         }
     })
 }
@@ -1300,13 +1303,16 @@ impl TokenRefresher for Scripted {
 }
 
 /// An API that accepts only `Bearer <accepted>` and records the Authorization of each send.
-fn gatekeeper(accepted: &'static str, seen: Arc<Mutex<Vec<String>>>) -> impl InMemoryApi<()> {
+fn gatekeeper(accepted: &'static str, seen: Arc<Mutex<Vec<String>>>) -> impl InMemoryApi<String> {
     service_fn(move |req: Request<ReplayBody<Body>>| {
         let auth = authorization(req.headers());
         let ok = auth == format!("Bearer {accepted}");
         seen.lock().unwrap().push(auth);
         let status = if ok { 200 } else { 401 };
-        std::future::ready(Ok(Response::builder().status(status).body(()).unwrap()))
+        std::future::ready(Ok(Response::builder()
+            .status(status)
+            .body(String::new())
+            .unwrap()))
     })
 }
 

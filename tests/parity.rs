@@ -560,6 +560,12 @@ async fn without_the_option_the_final_401_is_unauthorized_after_refresh() {
             .expect("typed");
         assert_eq!(err.last().status(), StatusCode::UNAUTHORIZED);
         assert_eq!(err.last().headers()[WWW_AUTHENTICATE], INVALID);
+        // The final refusal's body is kept (bounded): the server's own explanation.
+        assert!(
+            err.last().body().starts_with(b"denied #"),
+            "{:?}",
+            err.last().body()
+        );
         let first = err.first().expect("the first attempt was refused");
         assert_eq!(first.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(first.headers()[WWW_AUTHENTICATE], INVALID);
