@@ -1,4 +1,4 @@
-//! Issue 8: per-request cost of the keyed layer with 1, 100 and 10,000 keys, beside the
+//! Per-request cost of the keyed layer with 1, 100 and 10,000 keys, beside the
 //! single-token `Refresh` as a reference, all with valid tokens and an in-memory inner service.
 //!
 //! Each request is driven by hand with a no-op waker (`poll_ready`, `call`, one `poll` that

@@ -1,4 +1,4 @@
-//! The shared token store (issue: several processes and replicas).
+//! The shared token store (several processes and replicas).
 //!
 //! 1. `store_hot_path`: GET requests with a valid token through a layer whose refresher is a
 //!    `StoreRefresher` over the in-memory store vs over the Redis store. The store is only on
