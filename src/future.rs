@@ -31,11 +31,12 @@ pub(crate) struct Kit<S, B> {
     pub(crate) body: Option<ReplaySource<B>>,
     pub(crate) sent: Sent,
     /// The URI the request was sent to, kept apart only when `head` is not kept: a response
-    /// from another URI came from a redirect hop below the layer.
-    pub(crate) uri: Option<http::Uri>,
+    /// from another URI came from a redirect hop below the layer. Boxed, as `header`: both
+    /// are rare, and every request's future is moved a few times.
+    pub(crate) uri: Option<Box<http::Uri>>,
     /// The `Authorization` the request was sent with, kept only when the layer has a
     /// [`RequestProof`](crate::RequestProof) (a new proof is sent with the same token).
-    pub(crate) header: Option<http::HeaderValue>,
+    pub(crate) header: Option<Box<http::HeaderValue>>,
 }
 
 impl<S, B> Kit<S, B> {
@@ -44,7 +45,7 @@ impl<S, B> Kit<S, B> {
         self.head
             .as_ref()
             .map(|h| &h.uri)
-            .or(self.uri.as_ref())
+            .or(self.uri.as_deref())
             .cloned()
             .unwrap_or_default()
     }
@@ -54,7 +55,7 @@ impl<S, B> Kit<S, B> {
     fn redirected<T>(&self, res: &Response<T>) -> bool {
         redirected(
             res,
-            self.head.as_ref().map(|h| &h.uri).or(self.uri.as_ref()),
+            self.head.as_ref().map(|h| &h.uri).or(self.uri.as_deref()),
         )
     }
 }
@@ -73,6 +74,13 @@ fn redirected<T>(res: &Response<T>, sent: Option<&http::Uri>) -> bool {
 #[cfg(not(feature = "follow-redirect"))]
 fn redirected<T>(_: &Response<T>, _: Option<&http::Uri>) -> bool {
     false
+}
+
+/// What `Refresh::request` keeps until the inner service is ready.
+struct Readying<S, B> {
+    svc: S,
+    shared: Shared,
+    req: Request<B>,
 }
 
 pin_project! {
@@ -95,7 +103,9 @@ pin_project! {
     #[project = StateProj]
     enum State<S, B, F, R> {
         // Made by `Refresh::request`: readying a clone of the inner service first.
-        Readying { svc: Option<S>, shared: Option<Shared>, req: Option<Request<B>> },
+        // Boxed: only `Refresh::request` needs it, and every future is sized for its largest
+        // state (moved a few times per request).
+        Readying { ready: Option<Box<Readying<S, B>>> },
         // Not ours to touch: the inner future, as it is.
         Passthrough { #[pin] fut: F },
         // Sent with the current token; a refusal moves on to `Recovering`.
@@ -134,9 +144,7 @@ where
     pub(crate) fn readying(svc: S, shared: Shared, req: Request<B>) -> Self {
         Self {
             state: State::Readying {
-                svc: Some(svc),
-                shared: Some(shared),
-                req: Some(req),
+                ready: Some(Box::new(Readying { svc, shared, req })),
             },
         }
     }
@@ -189,19 +197,16 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Readying { svc, shared, req } => {
-                    let ready = svc
+                StateProj::Readying { ready } => {
+                    let polled = ready
                         .as_mut()
                         .expect("polled after completion")
+                        .svc
                         .poll_ready(cx);
-                    if let Err(err) = ready!(ready) {
+                    if let Err(err) = ready!(polled) {
                         return Poll::Ready(Err(err.into()));
                     }
-                    let (svc, shared, req) = (
-                        svc.take().expect("readied once"),
-                        shared.take().expect("readied once"),
-                        req.take().expect("readied once"),
-                    );
+                    let Readying { svc, shared, req } = *ready.take().expect("readied once");
                     let next = dispatch(&shared, svc, req);
                     this.state.set(next.state);
                 }
@@ -284,7 +289,7 @@ where
         kit.head = Some(parts.clone());
     }
     if kit.shared.options.proof.is_some() {
-        kit.header = Some(header.clone());
+        kit.header = Some(Box::new(header.clone()));
     }
     parts.headers.insert(AUTHORIZATION, header);
     replay::prove(&kit.shared, &parts.method, &parts.uri, &mut parts.headers)
@@ -387,7 +392,7 @@ where
     let (first_parts, first_body) = first.into_parts();
     drop(first_body);
     let first_head = ResponseHead::from_parts(&first_parts);
-    let second = send_replay(&mut svc, &shared, head, body, header).await?;
+    let second = send_replay(&mut svc, &shared, head, body, *header).await?;
     let refused = shared
         .options
         .triggers(second.res.status(), second.res.headers());
@@ -523,8 +528,12 @@ where
             // The head is kept without the token (the replay sets a newer one); a request
             // without headers then clones without allocating.
             let head = source.as_ref().map(|_| parts.clone());
-            let uri = head.is_none().then(|| parts.uri.clone());
-            let kept = shared.options.proof.is_some().then(|| header.clone());
+            let uri = head.is_none().then(|| Box::new(parts.uri.clone()));
+            let kept = shared
+                .options
+                .proof
+                .is_some()
+                .then(|| Box::new(header.clone()));
             parts.headers.insert(AUTHORIZATION, header);
             if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers) {
                 return ResponseFuture::failed(f.into_box());
@@ -556,7 +565,7 @@ where
             let kit = Kit {
                 svc,
                 shared: shared.clone(),
-                uri: Some(parts.uri.clone()),
+                uri: Some(Box::new(parts.uri.clone())),
                 head: Some(parts),
                 body: source,
                 sent,

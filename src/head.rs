@@ -18,10 +18,14 @@ pub const MAX_ERROR_BODY: usize = 8 * 1024;
 
 impl ResponseHead {
     pub(crate) fn from_parts(parts: &http::response::Parts) -> Self {
+        Self::new(parts.status, parts.version, parts.headers.clone())
+    }
+
+    pub(crate) fn new(status: StatusCode, version: Version, headers: HeaderMap) -> Self {
         Self {
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers.clone(),
+            status,
+            version,
+            headers,
             body: Bytes::new(),
         }
     }

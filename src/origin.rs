@@ -12,20 +12,44 @@ pub(crate) struct Origin {
     scheme: Scheme,
     host: String,
     port: u16,
+    /// `https`/`wss`, or a loopback host: the token may go there without an opt-in.
+    secure: bool,
+}
+
+/// The port of `scheme://authority`, the scheme's default if none is written.
+pub(crate) fn port(scheme: &Scheme, authority: &Authority) -> Option<u16> {
+    authority.port_u16().or_else(|| match scheme.as_str() {
+        "https" | "wss" => Some(443),
+        "http" | "ws" => Some(80),
+        _ => None,
+    })
+}
+
+/// Whether a token may go to `scheme://host` without TLS: loopback only.
+pub(crate) fn secure_or_loopback(scheme: &Scheme, host: &str) -> bool {
+    matches!(scheme.as_str(), "https" | "wss") || is_loopback(host)
 }
 
 impl Origin {
     fn of(scheme: &Scheme, authority: &Authority) -> Option<Self> {
-        let port = authority.port_u16().or_else(|| match scheme.as_str() {
-            "https" | "wss" => Some(443),
-            "http" | "ws" => Some(80),
-            _ => None,
-        })?;
         Some(Self {
+            port: port(scheme, authority)?,
             scheme: scheme.clone(),
             host: authority.host().to_ascii_lowercase(),
-            port,
+            secure: secure_or_loopback(scheme, authority.host()),
         })
+    }
+
+    /// Whether `scheme://authority` is this origin; allocates nothing (the request path).
+    pub(crate) fn matches(&self, scheme: &Scheme, authority: &Authority) -> bool {
+        self.scheme == *scheme
+            && port(scheme, authority) == Some(self.port)
+            && self.host.eq_ignore_ascii_case(authority.host())
+    }
+
+    /// See [`secure_or_loopback`].
+    pub(crate) fn secure(&self) -> bool {
+        self.secure
     }
 
     pub(crate) fn of_uri(uri: &Uri) -> Option<Self> {
@@ -55,11 +79,6 @@ impl Origin {
             .scheme()
             .ok_or_else(|| InvalidOrigin::new(s, "no scheme"))?;
         Self::of(scheme, authority).ok_or_else(|| InvalidOrigin::new(s, "unknown scheme"))
-    }
-
-    /// Whether a token may go to this origin without TLS: loopback only.
-    pub(crate) fn secure_or_loopback(&self) -> bool {
-        matches!(self.scheme.as_str(), "https" | "wss") || is_loopback(&self.host)
     }
 }
 

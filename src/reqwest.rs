@@ -413,16 +413,6 @@ impl Copy {
 impl ResponseHead {
     /// The head of a reqwest response.
     pub(crate) fn from_reqwest_ref(res: &Response) -> Self {
-        let mut builder = http::Response::builder()
-            .status(res.status())
-            .version(res.version());
-        if let Some(headers) = builder.headers_mut() {
-            *headers = res.headers().clone();
-        }
-        let parts = builder
-            .body(())
-            .map(|r| r.into_parts().0)
-            .unwrap_or_else(|_| http::Response::new(()).into_parts().0);
-        Self::from_parts(&parts)
+        Self::new(res.status(), res.version(), res.headers().clone())
     }
 }

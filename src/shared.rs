@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::cell::TokenCell;
 use crate::config::{RefreshOptions, RequestHead};
-use crate::origin::{Origin, Origins};
+use crate::origin::{Origin, Origins, port, secure_or_loopback};
 
 /// Where the token may go for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,25 +34,48 @@ impl Shared {
                 return Destination::Untouched;
             }
         }
-        let Some(origin) = Origin::of_uri(head.uri()) else {
-            // A relative URI: the inner service adds the origin (a gRPC channel, an
-            // in-memory service). With an explicit allow-list its destination is unknown.
-            return match options.origins {
-                Origins::List(_) => Destination::Untouched,
-                Origins::FirstSeen | Origins::Any => Destination::Attach,
-            };
+        let uri = head.uri();
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return relative(&options.origins);
         };
-        let allowed = match &options.origins {
-            Origins::Any => true,
-            Origins::List(list) => list.contains(&origin),
-            Origins::FirstSeen => *self.cell.origin.get_or_init(|| origin.clone()) == origin,
+        if port(scheme, authority).is_none() {
+            // A scheme without a known port is not an origin this layer can judge.
+            return relative(&options.origins);
+        }
+        // Compared in place: no allocation per request.
+        let secure = match &options.origins {
+            Origins::Any => secure_or_loopback(scheme, authority.host()),
+            Origins::List(list) => match list.iter().find(|o| o.matches(scheme, authority)) {
+                Some(origin) => origin.secure(),
+                None => return Destination::Untouched,
+            },
+            Origins::FirstSeen => {
+                let origin = match self.cell.origin.get() {
+                    Some(origin) => origin,
+                    None => match Origin::of_uri(uri) {
+                        Some(first) => self.cell.origin.get_or_init(|| first),
+                        None => return relative(&options.origins),
+                    },
+                };
+                if !origin.matches(scheme, authority) {
+                    return Destination::Untouched;
+                }
+                origin.secure()
+            }
         };
-        if !allowed {
-            Destination::Untouched
-        } else if !options.allow_insecure_http && !origin.secure_or_loopback() {
+        if !options.allow_insecure_http && !secure {
             Destination::Insecure
         } else {
             Destination::Attach
         }
+    }
+}
+
+/// A URI without a scheme and host: the inner service adds the origin (a gRPC channel, an
+/// in-memory service). With an explicit allow-list its destination is unknown.
+fn relative(origins: &Origins) -> Destination {
+    match origins {
+        Origins::List(_) => Destination::Untouched,
+        Origins::FirstSeen | Origins::Any => Destination::Attach,
     }
 }

@@ -152,7 +152,7 @@ impl TokenCell {
     /// background refresh when one is due.
     #[inline]
     pub(crate) fn lookup(self: &Arc<Self>, options: &RefreshOptions) -> Lookup {
-        let found = self.read().lookup(now(options), policy(options));
+        let found = self.read().lookup(|| now(options), policy(options));
         if let Lookup::Usable { ahead: true, .. } = found {
             self.refresh_ahead(options);
         }

@@ -134,6 +134,23 @@ pub(crate) struct Now {
     pub(crate) wall: SystemTime,
 }
 
+/// Something that reads the clocks: a reading taken already, or a way to take one.
+pub(crate) trait Reading {
+    fn read(&self) -> Now;
+}
+
+impl Reading for Now {
+    fn read(&self) -> Now {
+        *self
+    }
+}
+
+impl<F: Fn() -> Now> Reading for F {
+    fn read(&self) -> Now {
+        self()
+    }
+}
+
 /// What a request found.
 #[derive(Debug)]
 pub(crate) enum Lookup {
@@ -265,12 +282,19 @@ impl<J: Clone> State<J> {
     }
 
     /// The hot path's decision.
-    pub(crate) fn lookup(&self, now: Now, policy: Policy<'_>) -> Lookup {
+    ///
+    /// The clocks are read only when the answer depends on them (a token with an expiry, a
+    /// cool-down): a token without an expiry costs no clock reading.
+    pub(crate) fn lookup(&self, now: impl Reading, policy: Policy<'_>) -> Lookup {
         let ticket = self.ticket();
+        let cooling_at = |now: &dyn Reading| match self.cooling {
+            Some(_) => self.cooling_at(now.read().mono),
+            None => None,
+        };
         let held = match &self.session {
             Session::Ended { cause: err, .. } => return Lookup::Ended(err.clone()),
             Session::Empty { .. } => {
-                return match self.cooling_at(now.mono) {
+                return match cooling_at(&now) {
                     Some(c) => Lookup::Cooling(c),
                     None => Lookup::Stale {
                         ticket,
@@ -283,7 +307,7 @@ impl<J: Clone> State<J> {
         if self.rejected == Some(self.generation) {
             // A server refused this very token: never send it again. Wait for the refresh
             // (running, or to start), or fail fast while a failed one cools down.
-            return match self.cooling_at(now.mono) {
+            return match cooling_at(&now) {
                 Some(c) if self.flight.is_none() => Lookup::Cooling(c),
                 _ => Lookup::Stale {
                     ticket,
@@ -298,6 +322,7 @@ impl<J: Clone> State<J> {
                 ahead: false,
             };
         }
+        let now = now.read();
         let cooling = self.cooling_at(now.mono);
         if held.expired(now.mono, now.wall) {
             return match cooling {
