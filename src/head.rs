@@ -67,3 +67,37 @@ impl std::fmt::Display for ResponseHead {
 }
 
 impl std::error::Error for ResponseHead {}
+
+/// Up to [`MAX_ERROR_BODY`] bytes of a response body, read within
+/// a second when a runtime is there (a refusal's body is small; a stream that never ends is
+/// cut off).
+pub(crate) async fn body_prefix<ResBody: http_body::Body>(body: ResBody) -> bytes::Bytes {
+    use http_body_util::BodyExt;
+    let max = MAX_ERROR_BODY;
+    let mut kept = bytes::BytesMut::new();
+    let mut body = std::pin::pin!(body);
+    let read = async {
+        while kept.len() < max {
+            match body.as_mut().frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        use bytes::Buf;
+                        while data.has_remaining() && kept.len() < max {
+                            let chunk = data.chunk();
+                            let n = chunk.len().min(max - kept.len());
+                            kept.extend_from_slice(&chunk[..n]);
+                            data.advance(n);
+                        }
+                    }
+                }
+                Some(Err(_)) | None => break,
+            }
+        }
+    };
+    if crate::cell::has_runtime() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
+    } else {
+        read.await;
+    }
+    kept.freeze()
+}

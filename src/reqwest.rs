@@ -284,34 +284,14 @@ impl RefreshMiddleware {
 async fn refused_again(
     shared: &Shared,
     first: Option<ResponseHead>,
-    mut last: Response,
+    last: Response,
 ) -> reqwest_middleware::Result<Response> {
     if shared.options.unauthorized_as_response {
         return Ok(last);
     }
     let head = ResponseHead::from_reqwest_ref(&last);
-    let body = body_prefix(&mut last).await;
+    let body = crate::head::body_prefix(http::Response::from(last).into_body()).await;
     Err(replay::twice(first, head.with_body(body)).into_reqwest())
-}
-
-/// Up to [`MAX_ERROR_BODY`](crate::error::MAX_ERROR_BODY) bytes of a response's body, read
-/// within a second (a refusal's body is small; a stream that never ends is cut off).
-async fn body_prefix(res: &mut Response) -> bytes::Bytes {
-    let max = crate::head::MAX_ERROR_BODY;
-    let mut kept = bytes::BytesMut::new();
-    let read = async {
-        while kept.len() < max {
-            match res.chunk().await {
-                Ok(Some(chunk)) => {
-                    let room = max - kept.len();
-                    kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
-    kept.freeze()
 }
 
 impl RefreshLayer {
