@@ -288,7 +288,7 @@ where
     if kit.body.is_some() {
         kit.head = Some(parts.clone());
     }
-    if kit.shared.options.proof.is_some() {
+    if kit.shared.options().proof.is_some() {
         kit.header = Some(Box::new(header.clone()));
     }
     parts.headers.insert(AUTHORIZATION, header);
@@ -341,7 +341,7 @@ where
     let method = head.as_ref().map(|h| h.method.clone()).unwrap_or_default();
     let replayable = async {
         let (head, source) = (head?, body?);
-        source.settle(shared.options.replay_body_wait).await;
+        source.settle(shared.options().replay_body_wait).await;
         source.take().map(|body| (head, body))
     };
     match replay::recover(&shared, sent, &first_head, &method, replayable).await {
@@ -379,7 +379,7 @@ where
         header,
         ..
     } = kit;
-    let wait = shared.options.replay_body_wait;
+    let wait = shared.options().replay_body_wait;
     let replay = async {
         let (head, source, header) = (head?, body?, header?);
         source.settle(wait).await;
@@ -394,7 +394,7 @@ where
     let first_head = ResponseHead::from_parts(&first_parts);
     let second = send_replay(&mut svc, &shared, head, body, *header).await?;
     let refused = shared
-        .options
+        .options()
         .triggers(second.res.status(), second.res.headers());
     if second.challenged || refused {
         tracing::warn!(
@@ -443,7 +443,7 @@ async fn refused_again<ResBody>(
 where
     ResBody: Body,
 {
-    if shared.options.unauthorized_as_response {
+    if shared.options().unauthorized_as_response {
         return Ok(last);
     }
     let (parts, body) = last.into_parts();
@@ -490,13 +490,13 @@ where
                 let req = Request::from_parts(parts, ReplayBody::passthrough(body));
                 return ResponseFuture::passthrough(inner.call(req));
             }
-            let (body, source) = ReplayBody::new(body, shared.options.max_replay_body);
+            let (body, source) = ReplayBody::new(body, shared.options().max_replay_body);
             // The head is kept without the token (the replay sets a newer one); a request
             // without headers then clones without allocating.
             let head = source.as_ref().map(|_| parts.clone());
             let uri = head.is_none().then(|| Box::new(parts.uri.clone()));
             let kept = shared
-                .options
+                .options()
                 .proof
                 .is_some()
                 .then(|| Box::new(header.clone()));
@@ -522,7 +522,7 @@ where
             let (body, source) = if sent.no_replay {
                 (ReplayBody::passthrough(body), None)
             } else {
-                ReplayBody::new(body, shared.options.max_replay_body)
+                ReplayBody::new(body, shared.options().max_replay_body)
             };
             // Give up the readied service while waiting: it may hold a permit the token
             // request needs (a concurrency limit below the layer). A clone is readied later.

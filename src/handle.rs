@@ -46,7 +46,7 @@ pub struct TokenHandle {
 impl std::fmt::Debug for TokenHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenHandle")
-            .field("cell", &self.shared.cell)
+            .field("cell", &self.shared.cell())
             .finish()
     }
 }
@@ -62,14 +62,14 @@ impl TokenHandle {
     /// token replays with this one instead of refreshing. A refresh in flight does not
     /// overwrite it.
     pub fn set_token(&self, token: Token) -> u64 {
-        self.shared.cell.install(token, &self.shared.options)
+        self.shared.cell().install(token, self.shared.options())
     }
 
     /// Drops the current token *without* logging out (Ktor's `clearToken`): the next request
     /// gets a new one through the refresher, which is handed the dropped token (and its
     /// refresh token). Concurrent requests share that one refresh.
     pub fn invalidate(&self) -> u64 {
-        self.shared.cell.invalidate()
+        self.shared.cell().invalidate()
     }
 
     /// Logs out: drops the token and the refresher forgets its own credentials
@@ -79,7 +79,7 @@ impl TokenHandle {
     /// [`anonymous_when_logged_out`](crate::RefreshOptions::anonymous_when_logged_out)),
     /// until [`set_token`](Self::set_token) or [`refresh`](Self::refresh).
     pub fn clear(&self) {
-        self.shared.cell.clear();
+        self.shared.cell().clear();
     }
 
     /// Refreshes now: always calls the refresher, or joins the refresh already in flight.
@@ -97,8 +97,8 @@ impl TokenHandle {
             return Err(Failure::Reentrant.into_box());
         }
         self.shared
-            .cell
-            .force_refresh(&self.shared.options)
+            .cell()
+            .force_refresh(self.shared.options())
             .await
             .map_err(|e| Failure::Unavailable(e, None).into_box())?;
         Ok(self.state())
@@ -107,12 +107,12 @@ impl TokenHandle {
     /// The current token, for code that must forward it (a WebSocket upgrade, a subprocess).
     /// **A secret**: never log it. `None` when there is no token.
     pub fn token(&self) -> Option<Token> {
-        self.shared.cell.current_token()
+        self.shared.cell().current_token()
     }
 
     /// The state of the token, without its secret.
     pub fn state(&self) -> TokenState {
-        let s = self.shared.cell.status(&self.shared.options);
+        let s = self.shared.cell().status(self.shared.options());
         TokenState {
             generation: s.generation,
             has_token: s.has_token,
@@ -126,7 +126,7 @@ impl TokenHandle {
 
     /// Subscribes to [`RefreshEvent`](crate::RefreshEvent)s from now on.
     pub fn subscribe(&self) -> Events {
-        Events::new(self.shared.cell.subscribe())
+        Events::new(self.shared.cell().subscribe())
     }
 }
 

@@ -512,10 +512,7 @@ where
         let Some(key) = self.picker.pick(&parts) else {
             return ResponseFuture::failed(MissingKey::new().into());
         };
-        let shared = Shared {
-            cell: self.keyed.cell(&key),
-            options: self.options.clone(),
-        };
+        let shared = Shared::pair(self.keyed.cell(&key), self.options.clone());
         dispatch(&shared, inner, Request::from_parts(parts, body))
     }
 }
@@ -570,10 +567,7 @@ impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
     /// invalidate, force a refresh, read the state. While it is alive the key's cell is not
     /// evicted, so it always acts on the key's current cell.
     pub fn key(&self, key: &K) -> TokenHandle {
-        TokenHandle::new(Shared {
-            cell: self.cells.cell(key),
-            options: self.options.clone(),
-        })
+        TokenHandle::new(Shared::pair(self.cells.cell(key), self.options.clone()))
     }
 
     /// Forgets `key`'s cell; its next request starts with a fresh refresh.

@@ -57,8 +57,8 @@ pub struct RefreshLayer {
 impl fmt::Debug for RefreshLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshLayer")
-            .field("cell", &self.shared.cell)
-            .field("options", &self.shared.options)
+            .field("cell", &self.shared.cell())
+            .field("options", self.shared.options())
             .finish()
     }
 }
@@ -74,10 +74,7 @@ impl RefreshLayer {
     /// A layer with the given options.
     pub fn with_options<R: TokenRefresher>(refresher: R, options: RefreshOptions) -> Self {
         Self {
-            shared: Shared {
-                cell: Arc::new(TokenCell::new(refresher, None)),
-                options: Arc::new(options),
-            },
+            shared: Shared::new(Arc::new(TokenCell::new(refresher, None)), options),
         }
     }
 
@@ -89,11 +86,11 @@ impl RefreshLayer {
 
     /// This layer's options.
     pub fn options(&self) -> &RefreshOptions {
-        &self.shared.options
+        self.shared.options()
     }
 
     fn map_options(mut self, f: impl FnOnce(RefreshOptions) -> RefreshOptions) -> Self {
-        let options = Arc::make_mut(&mut self.shared.options);
+        let options = self.shared.options_mut();
         *options = f(std::mem::take(options));
         self
     }
@@ -110,7 +107,7 @@ impl RefreshLayer {
     /// requests need no refresh.
     #[must_use]
     pub fn initial_token(self, token: Token) -> Self {
-        self.shared.cell.install(token, &self.shared.options);
+        self.shared.cell().install(token, self.shared.options());
         self
     }
 }

@@ -61,7 +61,7 @@ pub(crate) fn admit(
         Destination::Untouched => return Admit::Untouched,
         Destination::Insecure => return Admit::Fail(Failure::Insecure),
     }
-    match shared.cell.lookup(&shared.options) {
+    match shared.cell().lookup(shared.options()) {
         Lookup::Usable { ticket, header, .. } => Admit::Send { ticket, header },
         Lookup::Stale { ticket, expired } => Admit::Wait {
             ticket,
@@ -74,7 +74,7 @@ pub(crate) fn admit(
         Lookup::Cooling(cooling) => {
             Admit::Fail(Failure::Unavailable(Unavailable::Cooling(cooling), None))
         }
-        Lookup::Ended(_) if shared.options.anonymous => Admit::Untouched,
+        Lookup::Ended(_) if shared.options().anonymous => Admit::Untouched,
         Lookup::Ended(cause) => Admit::Fail(Failure::Unavailable(Unavailable::Ended(cause), None)),
     }
 }
@@ -90,16 +90,16 @@ pub(crate) async fn wait_for_token(
         generation = ticket.generation,
         "no usable token; waiting for a refresh"
     );
-    let options = &shared.options;
+    let options = shared.options();
     match shared
-        .cell
+        .cell()
         .fresher_than(ticket, Need::BeforeSend, reason, options)
         .await
     {
         Ok(fresh) => Ok(Some((fresh.ticket, fresh.header))),
         Err(err @ (Unavailable::Failed(_) | Unavailable::Cooling(_))) => {
             // A refresh inside the leeway failed: the token is still valid until it expires.
-            match shared.cell.lookup(options) {
+            match shared.cell().lookup(options) {
                 Lookup::Usable { ticket, header, .. } => Ok(Some((ticket, header))),
                 _ => Err(Failure::Unavailable(err, None)),
             }
@@ -118,7 +118,7 @@ pub(crate) fn prove(
     uri: &Uri,
     headers: &mut HeaderMap,
 ) -> Result<(), Failure> {
-    match &shared.options.proof {
+    match &shared.options().proof {
         Some(proof) => proof.prove(method, uri, headers).map_err(Failure::Proof),
         None => Ok(()),
     }
@@ -128,14 +128,14 @@ pub(crate) fn prove(
 /// has a proof that watches every response.
 #[inline]
 pub(crate) fn interesting(shared: &Shared, status: StatusCode, headers: &HeaderMap) -> bool {
-    shared.options.proof.is_some() || shared.options.triggers(status, headers)
+    shared.options().proof.is_some() || shared.options().triggers(status, headers)
 }
 
 /// Shows the proof a response to a proven send (a replay's); `true` if it asks for a new
 /// proof (too late: the request was replayed already).
 pub(crate) fn observe(shared: &Shared, uri: &Uri, status: StatusCode, headers: &HeaderMap) -> bool {
     shared
-        .options
+        .options()
         .proof
         .as_ref()
         .is_some_and(|proof| proof.wants_new_proof(uri, status, headers))
@@ -185,7 +185,7 @@ pub(crate) fn judge(
     headers: &HeaderMap,
     redirected: bool,
 ) -> Verdict {
-    if let Some(proof) = &shared.options.proof {
+    if let Some(proof) = &shared.options().proof {
         if !redirected && proof.wants_new_proof(uri, status, headers) {
             tracing::debug!(
                 status = status.as_u16(),
@@ -194,7 +194,7 @@ pub(crate) fn judge(
             return Verdict::NewProof;
         }
     }
-    if !shared.options.triggers(status, headers) {
+    if !shared.options().triggers(status, headers) {
         return Verdict::Final;
     }
     if redirected {
@@ -241,17 +241,17 @@ pub(crate) async fn recover<T>(
     replayable: impl Future<Output = Option<T>>,
 ) -> Recovery<T> {
     let replayable = async {
-        if shared.options.may_replay(method) {
+        if shared.options().may_replay(method) {
             replayable.await
         } else {
             None
         }
     };
-    let refresh = shared.cell.fresher_than(
+    let refresh = shared.cell().fresher_than(
         sent.ticket,
         Need::Refused,
         RefreshReason::Unauthorized(first.clone()),
-        &shared.options,
+        shared.options(),
     );
     let (fresh, replay) = join(refresh, replayable).await;
     let fresh = match fresh {
@@ -263,7 +263,7 @@ pub(crate) async fn recover<T>(
             return Recovery::ReturnFirst;
         }
         // Anonymous mode: the session ended under this request; its refusal is its answer.
-        Err(Unavailable::Rejected(_) | Unavailable::Ended(_)) if shared.options.anonymous => {
+        Err(Unavailable::Rejected(_) | Unavailable::Ended(_)) if shared.options().anonymous => {
             tracing::debug!(
                 generation = sent.ticket.generation,
                 "session ended while recovering; refusal returned (anonymous mode)"
@@ -301,7 +301,7 @@ pub(crate) fn refused_again(
     status: StatusCode,
     headers: &HeaderMap,
 ) -> bool {
-    let refused = shared.options.triggers(status, headers);
+    let refused = shared.options().triggers(status, headers);
     if refused {
         tracing::warn!(
             generation = ticket.generation,

@@ -212,14 +212,14 @@ impl RefreshMiddleware {
         }
         let sent_url = req.url().clone();
         let token = req.headers().get(AUTHORIZATION).cloned();
-        let copy = if shared.options.may_replay(&method) && !sent.waited {
-            Copy::prepare(&mut req, shared.options.max_replay_body)
+        let copy = if shared.options().may_replay(&method) && !sent.waited {
+            Copy::prepare(&mut req, shared.options().max_replay_body)
         } else {
             None
         };
         let first = next.clone().run(req, &mut *extensions).await?;
         let redirected = first.url() != &sent_url;
-        let wait = shared.options.replay_body_wait;
+        let wait = shared.options().replay_body_wait;
         match replay::judge(
             shared,
             sent,
@@ -246,7 +246,7 @@ impl RefreshMiddleware {
                     .map_err(|f| f.into_reqwest())?;
                 let second = next.run(again, extensions).await?;
                 let challenged = replay::observe(shared, &uri, second.status(), second.headers());
-                if challenged || shared.options.triggers(second.status(), second.headers()) {
+                if challenged || shared.options().triggers(second.status(), second.headers()) {
                     return refused_again(shared, Some(first_head), second).await;
                 }
                 return Ok(second);
@@ -286,7 +286,7 @@ async fn refused_again(
     first: Option<ResponseHead>,
     last: Response,
 ) -> reqwest_middleware::Result<Response> {
-    if shared.options.unauthorized_as_response {
+    if shared.options().unauthorized_as_response {
         return Ok(last);
     }
     let head = ResponseHead::from_reqwest_ref(&last);
@@ -319,8 +319,8 @@ impl RefreshLayer {
 impl fmt::Debug for RefreshMiddleware {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshMiddleware")
-            .field("cell", &self.shared.cell)
-            .field("options", &self.shared.options)
+            .field("cell", &self.shared.cell())
+            .field("options", &self.shared.options())
             .finish()
     }
 }

@@ -112,7 +112,7 @@ impl<S: fmt::Debug> fmt::Debug for Refresh<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Refresh")
             .field("inner", &self.inner)
-            .field("cell", &self.shared.cell)
+            .field("cell", &self.shared.cell())
             .finish_non_exhaustive()
     }
 }

@@ -18,17 +18,65 @@ pub(crate) enum Destination {
 }
 
 /// A cell and the options of the layer value that made a service: what every service,
-/// middleware and handle holds (two pointers).
+/// middleware and handle holds, and what every request that may be replayed clones.
+///
+/// A [`RefreshLayer`](crate::RefreshLayer) keeps both behind one `Arc` (one atomic count per
+/// request instead of two: measurable on the hot path); the keyed layer pairs a key's cell
+/// with the layer's options per request, so it keeps two. Either way clones of a layer with
+/// other options share the cell, never the options.
 #[derive(Clone)]
-pub(crate) struct Shared {
-    pub(crate) cell: Arc<TokenCell>,
-    pub(crate) options: Arc<RefreshOptions>,
+pub(crate) struct Shared(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    One(Arc<Both>),
+    Pair(Arc<TokenCell>, Arc<RefreshOptions>),
+}
+
+#[derive(Clone)]
+struct Both {
+    cell: Arc<TokenCell>,
+    options: RefreshOptions,
 }
 
 impl Shared {
+    /// A layer's: its cell and its own options, behind one pointer.
+    pub(crate) fn new(cell: Arc<TokenCell>, options: RefreshOptions) -> Self {
+        Self(Repr::One(Arc::new(Both { cell, options })))
+    }
+
+    /// A key's cell with the keyed layer's options.
+    pub(crate) fn pair(cell: Arc<TokenCell>, options: Arc<RefreshOptions>) -> Self {
+        Self(Repr::Pair(cell, options))
+    }
+
+    #[inline]
+    pub(crate) fn cell(&self) -> &Arc<TokenCell> {
+        match &self.0 {
+            Repr::One(both) => &both.cell,
+            Repr::Pair(cell, _) => cell,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn options(&self) -> &RefreshOptions {
+        match &self.0 {
+            Repr::One(both) => &both.options,
+            Repr::Pair(_, options) => options,
+        }
+    }
+
+    /// The options, to change for this value only (a layer's setters): the cell stays shared.
+    pub(crate) fn options_mut(&mut self) -> &mut RefreshOptions {
+        match &mut self.0 {
+            Repr::One(both) => &mut Arc::make_mut(both).options,
+            Repr::Pair(_, options) => Arc::make_mut(options),
+        }
+    }
+
     /// Where the token may go for a request to `uri`.
     pub(crate) fn destination(&self, head: &RequestHead<'_>) -> Destination {
-        let options = &self.options;
+        let options = self.options();
         if let Some(rule) = &options.attach_when {
             if !rule(head) {
                 return Destination::Untouched;
@@ -50,10 +98,10 @@ impl Shared {
                 None => return Destination::Untouched,
             },
             Origins::FirstSeen => {
-                let origin = match self.cell.origin.get() {
+                let origin = match self.cell().origin.get() {
                     Some(origin) => origin,
                     None => match Origin::of_uri(uri) {
-                        Some(first) => self.cell.origin.get_or_init(|| first),
+                        Some(first) => self.cell().origin.get_or_init(|| first),
                         None => return relative(&options.origins),
                     },
                 };
