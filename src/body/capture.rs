@@ -129,7 +129,7 @@ enum SlotState<B> {
 pub(crate) enum ReplaySource<B> {
     Empty,
     /// The whole body, one chunk in memory, shared with the first attempt until it sends it.
-    Whole(Bytes),
+    Whole(Arc<Bytes>),
     Captured(Arc<Slot<B>>),
 }
 
@@ -177,7 +177,7 @@ impl<B> ReplaySource<B> {
             Self::Whole(bytes) => {
                 let remaining = Some(bytes.len() as u64);
                 let mut chunks = Chunks::default();
-                chunks.push(bytes);
+                chunks.push(Arc::unwrap_or_clone(bytes));
                 Replay {
                     chunks,
                     trailers: None,

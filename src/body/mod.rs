@@ -3,6 +3,7 @@
 use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
@@ -65,16 +66,15 @@ pub struct ReplayBody<B> {
     kind: Kind<B>,
 }
 
-// `ReplayBody` stays small: requests are moved many times on their way through a client
-// (hyper moves the body into its dispatcher, its channel, its connection task), so the
-// capture state lives in the one allocation that also holds the body, and the rare replay
-// state is boxed. The in-memory case holds its `Bytes` inline (five words in all): an `Arc`
-// around it cost an allocation and three atomic counts per request, more than the moves.
+// `ReplayBody` stays two words: requests are moved many times on their way through a
+// client (hyper moves the body into its dispatcher, its channel, its connection task), so
+// the capture state lives in the one allocation that also holds the body, and the rare
+// replay state is boxed.
 enum Kind<B> {
     Empty,
     /// A body that was one chunk in memory (see `ReplayBody::new`): its bytes, not yet sent.
-    /// The replay source holds a clone (one reference count); no shared state, no lock.
-    Whole(Bytes),
+    /// The replay source holds a clone; no shared state, no lock.
+    Whole(Arc<Bytes>),
     Passthrough(Pin<Box<B>>),
     Capture(Pin<Box<Capture<B>>>),
     Replay(Box<Replay<B>>),
@@ -111,6 +111,7 @@ impl<B: Body + 'static> ReplayBody<B> {
         let small = hint.exact().is_some_and(|n| n as usize <= SEND_SLICE);
         if let Some(bytes) = small.then(|| in_memory(&mut body)).flatten() {
             // These types announce their exact length; `cap` holds for the bytes themselves.
+            let bytes = Arc::new(bytes);
             let source = (bytes.len() <= cap).then(|| ReplaySource::Whole(bytes.clone()));
             return (
                 Self {
@@ -211,6 +212,7 @@ where
                 let Kind::Whole(bytes) = std::mem::replace(&mut self.kind, Kind::Empty) else {
                     return Poll::Ready(None);
                 };
+                let bytes = Arc::unwrap_or_clone(bytes);
                 Poll::Ready(Some(Ok(Frame::data(bytes))))
             }
             Kind::Passthrough(body) => {
