@@ -348,7 +348,7 @@ where
         Recovery::ReturnFirst => Ok(Response::from_parts(first_parts, first_body)),
         Recovery::Fail(failure) => Err(failure.into_box()),
         Recovery::Replay((head, body), ticket, header) => {
-            drop(first_body);
+            crate::head::drain(first_body).await;
             let second = send_replay(&mut svc, &shared, head, body, header).await?;
             if second.challenged
                 || replay::refused_again(&shared, ticket, second.res.status(), second.res.headers())
@@ -390,7 +390,7 @@ where
         return Ok(first);
     };
     let (first_parts, first_body) = first.into_parts();
-    drop(first_body);
+    crate::head::drain(first_body).await;
     let first_head = ResponseHead::from_parts(&first_parts);
     let second = send_replay(&mut svc, &shared, head, body, *header).await?;
     let refused = shared

@@ -101,3 +101,46 @@ pub(crate) async fn body_prefix<ResBody: http_body::Body>(body: ResBody) -> byte
     }
     kept.freeze()
 }
+
+/// The most of a refusal's body [`drain`] reads before a replay.
+pub(crate) const DRAIN_MAX: usize = 64 * 1024;
+
+/// The longest [`drain`] waits for the rest of a refusal's body (OkHttp waits as long before
+/// it gives up on reusing a connection).
+pub(crate) const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Reads what is left of a refused response's body, then drops it: an HTTP/1.1 client (hyper's
+/// pool, reqwest) hands a connection back to its pool only once the response on it was read to
+/// its end, so the replay that follows can reuse it instead of opening a new one. Bounded: a
+/// body announced or found larger than [`DRAIN_MAX`] is dropped (its connection closes, as it
+/// would have), and the wait for more data is at most [`DRAIN_WAIT`] (without a Tokio runtime
+/// there is no timer: only what has arrived already is read).
+pub(crate) async fn drain<ResBody: http_body::Body>(body: ResBody) {
+    use bytes::Buf;
+    use http_body_util::BodyExt;
+    if body.is_end_stream()
+        || body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n > DRAIN_MAX as u64)
+    {
+        return;
+    }
+    let mut body = std::pin::pin!(body);
+    let read = async {
+        let mut left = DRAIN_MAX;
+        while let Some(Ok(frame)) = body.as_mut().frame().await {
+            if let Some(data) = frame.data_ref() {
+                match left.checked_sub(data.remaining()) {
+                    Some(rest) => left = rest,
+                    None => return,
+                }
+            }
+        }
+    };
+    if crate::cell::has_runtime() {
+        let _ = tokio::time::timeout(DRAIN_WAIT, read).await;
+    } else {
+        let _ = futures_util::FutureExt::now_or_never(read);
+    }
+}

@@ -240,7 +240,7 @@ impl RefreshMiddleware {
                     return Ok(first);
                 };
                 let first_head = ResponseHead::from_reqwest_ref(&first);
-                drop(first);
+                crate::head::drain(http::Response::from(first).into_body()).await;
                 again.headers_mut().insert(AUTHORIZATION, token);
                 replay::prove(shared, &method, &uri, again.headers_mut())
                     .map_err(|f| f.into_reqwest())?;
@@ -264,7 +264,7 @@ impl RefreshMiddleware {
             Recovery::ReturnFirst => Ok(first),
             Recovery::Fail(failure) => Err(failure.into_reqwest()),
             Recovery::Replay(mut again, ticket, header) => {
-                drop(first);
+                crate::head::drain(http::Response::from(first).into_body()).await;
                 again.headers_mut().insert(AUTHORIZATION, header);
                 replay::prove(shared, &method, &uri, again.headers_mut())
                     .map_err(|f| f.into_reqwest())?;
