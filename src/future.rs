@@ -285,19 +285,21 @@ where
         // Anonymous: no token can be had; send it as it is.
         return ready_call(&mut kit.svc, Request::from_parts(parts, body)).await;
     };
-    if kit.body.is_some() {
-        kit.head = Some(parts.clone());
-    }
+    // After a wait a refusal is final (no second refresh): only a refused proof (a nonce
+    // challenge) replays, so only a layer with a proof keeps the head and the header.
     if kit.shared.options().proof.is_some() {
+        if kit.body.is_some() {
+            kit.head = Some(parts.clone());
+        }
         kit.header = Some(Box::new(header.clone()));
     }
+    let uri = parts.uri.clone();
     parts.headers.insert(AUTHORIZATION, header);
     replay::prove(&kit.shared, &parts.method, &parts.uri, &mut parts.headers)
         .map_err(|f| f.into_box())?;
     kit.sent.ticket = ticket;
     let res = ready_call(&mut kit.svc, Request::from_parts(parts, body)).await?;
-    let redirected = kit.redirected(&res);
-    let uri = kit.sent_uri();
+    let redirected = redirected(&res, Some(&uri));
     match replay::judge(
         &kit.shared,
         kit.sent,
@@ -307,9 +309,11 @@ where
         redirected,
     ) {
         Verdict::Final => Ok(res),
-        Verdict::RefusedAfterRefresh => refused_again(&kit.shared, None, res).await,
-        Verdict::NewProof => new_proof_replay(kit, res).await,
-        Verdict::Recover => recover_and_replay(kit, res).await,
+        // The rare continuations are boxed: inline, they would make every waiting request's
+        // future (moved into its box, polled by each wake-up) several times larger.
+        Verdict::RefusedAfterRefresh => Box::pin(refused_again(&kit.shared, None, res)).await,
+        Verdict::NewProof => Box::pin(new_proof_replay(kit, res)).await,
+        Verdict::Recover => Box::pin(recover_and_replay(kit, res)).await,
     }
 }
 
@@ -531,7 +535,7 @@ where
             let kit = Kit {
                 svc,
                 shared: shared.clone(),
-                uri: Some(Box::new(parts.uri.clone())),
+                uri: None,
                 head: Some(parts),
                 body: source,
                 sent,
