@@ -120,23 +120,6 @@ enum Limit {
     Requests(usize),
 }
 
-/// CPU time this process has used (all threads, user + system), from `/proc/self/stat`, in
-/// seconds (clock ticks of 10 ms).
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at `state` (field 3).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15, i.e. 11 and 12 after `state`.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// What one run measured.
 #[derive(Clone, Copy, Default)]
 struct Figures {
@@ -164,7 +147,7 @@ where
         Limit::Requests(n) => n,
     };
     let start = Instant::now();
-    let cpu_start = cpu_secs();
+    let cpu_start = common::cpu_secs();
     let workers: Vec<_> = (0..IN_FLIGHT)
         .map(|_| {
             let (mut svc, stop, done, started, uri, payload) = (
@@ -197,7 +180,11 @@ where
     let (n, elapsed, cpu_end) = match limit {
         Limit::Secs(secs) => {
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-            let counted = (done.load(Ordering::Relaxed), start.elapsed(), cpu_secs());
+            let counted = (
+                done.load(Ordering::Relaxed),
+                start.elapsed(),
+                common::cpu_secs(),
+            );
             stop.store(true, Ordering::Relaxed);
             for w in workers {
                 w.await.unwrap();
@@ -208,7 +195,11 @@ where
             for w in workers {
                 w.await.unwrap();
             }
-            (done.load(Ordering::Relaxed), start.elapsed(), cpu_secs())
+            (
+                done.load(Ordering::Relaxed),
+                start.elapsed(),
+                common::cpu_secs(),
+            )
         }
     };
     Figures {

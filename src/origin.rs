@@ -7,13 +7,30 @@ use http::Uri;
 use http::uri::{Authority, Scheme};
 
 /// An origin (scheme, host, port) that may receive the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Origin {
     scheme: Scheme,
     host: String,
     port: u16,
     /// `https`/`wss`, or a loopback host: the token may go there without an opt-in.
     secure: bool,
+    /// The authority as written where the origin came from: a request's authority with the
+    /// same text matches without parsing its host and port again (the common case).
+    written: Box<str>,
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.scheme, &self.host, self.port) == (&other.scheme, &other.host, other.port)
+    }
+}
+
+impl Eq for Origin {}
+
+/// Whether this layer can tell the origin of `scheme://authority`: a scheme with a known
+/// default port, or an explicit port.
+pub(crate) fn judgeable(scheme: &Scheme, authority: &Authority) -> bool {
+    matches!(scheme.as_str(), "https" | "http" | "wss" | "ws") || authority.port_u16().is_some()
 }
 
 /// The port of `scheme://authority`, the scheme's default if none is written.
@@ -37,14 +54,16 @@ impl Origin {
             scheme: scheme.clone(),
             host: authority.host().to_ascii_lowercase(),
             secure: secure_or_loopback(scheme, authority.host()),
+            written: authority.as_str().into(),
         })
     }
 
     /// Whether `scheme://authority` is this origin; allocates nothing (the request path).
     pub(crate) fn matches(&self, scheme: &Scheme, authority: &Authority) -> bool {
         self.scheme == *scheme
-            && port(scheme, authority) == Some(self.port)
-            && self.host.eq_ignore_ascii_case(authority.host())
+            && (authority.as_str() == &*self.written
+                || (port(scheme, authority) == Some(self.port)
+                    && self.host.eq_ignore_ascii_case(authority.host())))
     }
 
     /// See [`secure_or_loopback`].
@@ -139,6 +158,33 @@ mod tests {
             let err = Origin::parse(bad).unwrap_err();
             assert!(!err.to_string().contains("pw"), "{err}");
         }
+    }
+
+    #[test]
+    fn an_origin_matches_its_own_text_and_every_spelling_of_the_same_host_and_port() {
+        let origin = Origin::parse("https://API.example.com").unwrap();
+        let matches = |uri: &str| {
+            let uri: Uri = uri.parse().unwrap();
+            origin.matches(uri.scheme().unwrap(), uri.authority().unwrap())
+        };
+        for same in [
+            "https://API.example.com/x",
+            "https://api.example.com/x",
+            "https://api.EXAMPLE.com:443/x",
+        ] {
+            assert!(matches(same), "{same}");
+        }
+        for other in [
+            "http://api.example.com/x",
+            "https://api.example.com:8443/x",
+            "https://api.example.com.evil.test/x",
+            "https://evil.test/x",
+        ] {
+            assert!(!matches(other), "{other}");
+        }
+        let first = Origin::of_uri(&"http://127.0.0.1:8080/a".parse().unwrap()).unwrap();
+        assert_eq!(first, Origin::parse("http://127.0.0.1:8080").unwrap());
+        assert_ne!(first, Origin::parse("http://127.0.0.1:8081").unwrap());
     }
 
     #[test]

@@ -171,6 +171,10 @@ impl RefreshMiddleware {
 
     /// One request through the middleware: the same protocol as the tower layer
     /// ([`replay`](crate::replay) steps), with reqwest's types.
+    ///
+    /// The common path (a usable token, a final response) is this function; the wait for a
+    /// token and the recovery after a refusal are boxed futures of their own, so the future
+    /// every request allocates stays small.
     async fn send(
         &self,
         mut req: Request,
@@ -192,42 +196,150 @@ impl RefreshMiddleware {
                 Sent::new(ticket, false, extensions)
             }
             Admit::Wait { ticket, reason } => {
-                match replay::wait_for_token(shared, ticket, reason)
-                    .await
-                    .map_err(|f| f.into_reqwest())?
-                {
-                    Some((ticket, header)) => {
-                        req.headers_mut().insert(AUTHORIZATION, header);
-                        Sent::new(ticket, true, extensions)
-                    }
-                    None => return next.run(req, extensions).await,
-                }
+                return Box::pin(after_wait(
+                    shared, req, uri, ticket, reason, extensions, next,
+                ))
+                .await;
             }
         };
-
         let method = req.method().clone();
         replay::prove(shared, &method, &uri, req.headers_mut()).map_err(|f| f.into_reqwest())?;
         if sent.no_replay {
             return next.run(req, extensions).await;
         }
-        let sent_url = req.url().clone();
-        let token = req.headers().get(AUTHORIZATION).cloned();
-        let copy = if shared.options().may_replay(&method) && !sent.waited {
+        let copy = if shared.options().may_replay(&method) {
             Copy::prepare(&mut req, shared.options().max_replay_body)
         } else {
             None
         };
+        let token = shared
+            .options()
+            .proof
+            .is_some()
+            .then(|| req.headers().get(AUTHORIZATION).cloned())
+            .flatten();
         let first = next.clone().run(req, &mut *extensions).await?;
-        let redirected = first.url() != &sent_url;
-        let wait = shared.options().replay_body_wait;
-        match replay::judge(
+        let redirected = !sent_to(&uri, first.url());
+        let verdict = replay::judge(
             shared,
             sent,
             &uri,
             first.status(),
             first.headers(),
             redirected,
-        ) {
+        );
+        if verdict == Verdict::Final {
+            return Ok(first);
+        }
+        let refused = Refused {
+            method,
+            uri,
+            sent,
+            copy,
+            token,
+        };
+        Box::pin(refused.recover(shared, verdict, first, extensions, next)).await
+    }
+}
+
+/// No usable token at the first send: wait for one, send, and judge the response (a refusal
+/// now is final, unless a proof asks for a new one).
+async fn after_wait(
+    shared: &Shared,
+    mut req: Request,
+    uri: http::Uri,
+    ticket: crate::cell::Ticket,
+    reason: crate::refresher::RefreshReason,
+    extensions: &mut Extensions,
+    next: Next<'_>,
+) -> reqwest_middleware::Result<Response> {
+    let sent = match replay::wait_for_token(shared, ticket, reason)
+        .await
+        .map_err(|f| f.into_reqwest())?
+    {
+        Some((ticket, header)) => {
+            req.headers_mut().insert(AUTHORIZATION, header);
+            Sent::new(ticket, true, extensions)
+        }
+        None => return next.run(req, extensions).await,
+    };
+    let method = req.method().clone();
+    replay::prove(shared, &method, &uri, req.headers_mut()).map_err(|f| f.into_reqwest())?;
+    if sent.no_replay {
+        return next.run(req, extensions).await;
+    }
+    // Only a refused proof replays after a wait: keep a copy only for a layer with a proof.
+    let (copy, token) = if shared.options().proof.is_some() {
+        (
+            Copy::prepare(&mut req, shared.options().max_replay_body),
+            req.headers().get(AUTHORIZATION).cloned(),
+        )
+    } else {
+        (None, None)
+    };
+    let first = next.clone().run(req, &mut *extensions).await?;
+    let redirected = !sent_to(&uri, first.url());
+    let verdict = replay::judge(
+        shared,
+        sent,
+        &uri,
+        first.status(),
+        first.headers(),
+        redirected,
+    );
+    if verdict == Verdict::Final {
+        return Ok(first);
+    }
+    let refused = Refused {
+        method,
+        uri,
+        sent,
+        copy,
+        token,
+    };
+    refused
+        .recover(shared, verdict, first, extensions, next)
+        .await
+}
+
+/// Whether a response for `url` answers the request sent to `uri` (parsed from that request's
+/// URL), and not a later hop of a redirect reqwest followed. Compared as text, without
+/// allocating; the fragment is not sent, and `http::Uri` drops it.
+fn sent_to(uri: &http::Uri, url: &reqwest::Url) -> bool {
+    let url = url.as_str();
+    let url = url.split_once('#').map_or(url, |(before, _)| before);
+    *uri == *url
+}
+
+/// A request whose first response was not final: what its recovery needs.
+struct Refused {
+    method: http::Method,
+    uri: http::Uri,
+    sent: Sent,
+    copy: Option<Copy>,
+    /// The `Authorization` it was sent with, kept when the layer has a proof (a new proof
+    /// goes with the same token).
+    token: Option<http::HeaderValue>,
+}
+
+impl Refused {
+    async fn recover(
+        self,
+        shared: &Shared,
+        verdict: Verdict,
+        first: Response,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        let Self {
+            method,
+            uri,
+            sent,
+            copy,
+            token,
+        } = self;
+        let wait = shared.options().replay_body_wait;
+        match verdict {
             Verdict::Final => return Ok(first),
             Verdict::RefusedAfterRefresh => return refused_again(shared, None, first).await,
             Verdict::NewProof => {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::cell::TokenCell;
 use crate::config::{RefreshOptions, RequestHead};
-use crate::origin::{Origin, Origins, port, secure_or_loopback};
+use crate::origin::{Origin, Origins, judgeable, secure_or_loopback};
 
 /// Where the token may go for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,7 @@ impl Shared {
         let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
             return relative(&options.origins);
         };
-        if port(scheme, authority).is_none() {
+        if !judgeable(scheme, authority) {
             // A scheme without a known port is not an origin this layer can judge.
             return relative(&options.origins);
         }

@@ -163,7 +163,10 @@ async fn through_reqwest_after_a_refusal_the_replay_reuses_the_connection() {
         .build();
     let res = tokio::time::timeout(
         Duration::from_secs(10),
-        client.get(format!("http://{addr}/items/1")).send(),
+        // A fragment is not sent: the response still answers this request (no redirect).
+        client
+            .get(format!("http://{addr}/items/1?page=2#top"))
+            .send(),
     )
     .await
     .expect("answered within the guard")

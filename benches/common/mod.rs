@@ -34,3 +34,20 @@ pub(crate) fn valid_token_layer(secret: &str) -> (Arc<AtomicUsize>, RefreshLayer
     .initial_token(Token::bearer(secret).expect("a valid token"));
     (calls, layer)
 }
+
+/// CPU time this process has used (all threads, user + system), from `/proc/self/stat`, in
+/// seconds (clock ticks of 10 ms).
+pub(crate) fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at `state` (field 3).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after `state`.
+    (ticks(11) + ticks(12)) / 100.0
+}
