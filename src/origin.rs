@@ -48,7 +48,7 @@ pub(crate) fn secure_or_loopback(scheme: &Scheme, host: &str) -> bool {
 }
 
 impl Origin {
-    fn of(scheme: &Scheme, authority: &Authority) -> Option<Self> {
+    pub(crate) fn of(scheme: &Scheme, authority: &Authority) -> Option<Self> {
         Some(Self {
             port: port(scheme, authority)?,
             scheme: scheme.clone(),
@@ -66,12 +66,20 @@ impl Origin {
                     && self.host.eq_ignore_ascii_case(authority.host())))
     }
 
+    /// Whether `scheme://authority` is this origin written exactly as where it came from
+    /// (text only: `false` may still be the same origin spelled another way).
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn written_as(&self, scheme: &str, authority: &str) -> bool {
+        self.scheme.as_str() == scheme && *self.written == *authority
+    }
+
     /// See [`secure_or_loopback`].
     pub(crate) fn secure(&self) -> bool {
         self.secure
     }
 
-    pub(crate) fn of_uri(uri: &Uri) -> Option<Self> {
+    #[cfg(test)]
+    fn of_uri(uri: &Uri) -> Option<Self> {
         Self::of(uri.scheme()?, uri.authority()?)
     }
 

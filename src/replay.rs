@@ -50,13 +50,40 @@ pub(crate) fn admit(
     headers: &HeaderMap,
     extensions: &Extensions,
 ) -> Admit {
+    admit_to(shared, headers, extensions, || {
+        shared.destination(&RequestHead::new(method, uri, headers))
+    })
+}
+
+/// [`admit`] for a request known by its URL's text (the reqwest front end, for a layer
+/// without an attach rule: no `http::Uri` is parsed).
+#[cfg(feature = "reqwest")]
+pub(crate) fn admit_url(
+    shared: &Shared,
+    scheme: &str,
+    authority: &str,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+) -> Admit {
+    admit_to(shared, headers, extensions, || {
+        shared.destination_text(scheme, authority)
+    })
+}
+
+#[inline]
+fn admit_to(
+    shared: &Shared,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+    destination: impl FnOnce() -> Destination,
+) -> Admit {
     if headers.contains_key(AUTHORIZATION)
         || extensions.get::<TokenRequest>().is_some()
         || in_refresh()
     {
         return Admit::Untouched;
     }
-    match shared.destination(&RequestHead::new(method, uri, headers)) {
+    match destination() {
         Destination::Attach => {}
         Destination::Untouched => return Admit::Untouched,
         Destination::Insecure => return Admit::Fail(Failure::Insecure),

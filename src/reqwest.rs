@@ -182,12 +182,28 @@ impl RefreshMiddleware {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
         let shared = &self.shared;
-        let uri: http::Uri = match req.url().as_str().parse() {
-            Ok(uri) => uri,
-            // Not representable as an `http::Uri`: not ours to authenticate.
-            Err(_) => return next.run(req, extensions).await,
+        let options = shared.options();
+        // An attach rule or a proof sees the request's `http::Uri`; without them the origin
+        // check reads the URL's text, and `uri` is never looked at (no parse per request).
+        let (uri, decision) = if options.attach_when.is_some() || options.proof.is_some() {
+            let uri: http::Uri = match req.url().as_str().parse() {
+                Ok(uri) => uri,
+                // Not representable as an `http::Uri`: not ours to authenticate.
+                Err(_) => return next.run(req, extensions).await,
+            };
+            let decision = replay::admit(shared, req.method(), &uri, req.headers(), extensions);
+            (uri, decision)
+        } else {
+            let url = req.url();
+            let decision = replay::admit_url(
+                shared,
+                url.scheme(),
+                url.authority(),
+                req.headers(),
+                extensions,
+            );
+            (http::Uri::default(), decision)
         };
-        let decision = replay::admit(shared, req.method(), &uri, req.headers(), extensions);
         let sent = match decision {
             Admit::Untouched => return next.run(req, extensions).await,
             Admit::Fail(failure) => return Err(failure.into_reqwest()),
@@ -218,8 +234,9 @@ impl RefreshMiddleware {
             .is_some()
             .then(|| req.headers().get(AUTHORIZATION).cloned())
             .flatten();
+        let sent_url = SentUrl::keep(&req, &copy);
         let first = next.clone().run(req, &mut *extensions).await?;
-        let redirected = !sent_to(&uri, first.url());
+        let redirected = sent_url.redirected(&copy, &first);
         let verdict = replay::judge(
             shared,
             sent,
@@ -277,8 +294,9 @@ async fn after_wait(
     } else {
         (None, None)
     };
+    let sent_url = SentUrl::keep(&req, &copy);
     let first = next.clone().run(req, &mut *extensions).await?;
-    let redirected = !sent_to(&uri, first.url());
+    let redirected = sent_url.redirected(&copy, &first);
     let verdict = replay::judge(
         shared,
         sent,
@@ -302,13 +320,30 @@ async fn after_wait(
         .await
 }
 
-/// Whether a response for `url` answers the request sent to `uri` (parsed from that request's
-/// URL), and not a later hop of a redirect reqwest followed. Compared as text, without
-/// allocating; the fragment is not sent, and `http::Uri` drops it.
-fn sent_to(uri: &http::Uri, url: &reqwest::Url) -> bool {
-    let url = url.as_str();
-    let url = url.split_once('#').map_or(url, |(before, _)| before);
-    *uri == *url
+/// The URL a request was sent to, to tell its response from a later redirect hop's: the copy
+/// kept for the replay has it; a request without a copy keeps a clone.
+struct SentUrl(Option<reqwest::Url>);
+
+impl SentUrl {
+    fn keep(req: &Request, copy: &Option<Copy>) -> Self {
+        Self(copy.is_none().then(|| req.url().clone()))
+    }
+
+    /// Whether `res` came from another URL than the one sent: a redirect reqwest followed.
+    /// The fragment is never sent (a response's URL has none): it is not compared.
+    fn redirected(&self, copy: &Option<Copy>, res: &Response) -> bool {
+        let sent = match copy {
+            Some(copy) => copy.url(),
+            None => self.0.as_ref().expect("kept without a copy"),
+        };
+        without_fragment(sent) != without_fragment(res.url())
+    }
+}
+
+fn without_fragment(url: &reqwest::Url) -> &str {
+    let text = url.as_str();
+    // A URL's text has at most one `#`, where its fragment starts.
+    text.split_once('#').map_or(text, |(before, _)| before)
 }
 
 /// A request whose first response was not final: what its recovery needs.
@@ -486,6 +521,13 @@ impl Copy {
             head: head?,
             body: source?,
         })
+    }
+
+    /// The URL of the request.
+    fn url(&self) -> &reqwest::Url {
+        match self {
+            Self::Whole(req) | Self::Captured { head: req, .. } => req.url(),
+        }
     }
 
     /// The request to replay, if its body is complete (waiting up to `patience` for the

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use http::uri::{Authority, Scheme};
+
 use crate::cell::TokenCell;
 use crate::config::{RefreshOptions, RequestHead};
 use crate::origin::{Origin, Origins, judgeable, secure_or_loopback};
@@ -83,14 +85,43 @@ impl Shared {
             }
         }
         let uri = head.uri();
-        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
-            return relative(&options.origins);
+        match (uri.scheme(), uri.authority()) {
+            (Some(scheme), Some(authority)) => self.destination_at(scheme, authority),
+            _ => relative(&options.origins),
+        }
+    }
+
+    /// [`destination`](Self::destination) for an absolute URL given as text, for a layer
+    /// without an attach rule: the reqwest front end, which has a `Url`, not an `http::Uri`.
+    /// An origin written exactly as the URL's is judged on the text alone; anything else is
+    /// parsed and judged as for an `http::Uri`.
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn destination_text(&self, scheme: &str, authority: &str) -> Destination {
+        let options = self.options();
+        let written = |o: &&Origin| o.written_as(scheme, authority);
+        let found = match &options.origins {
+            Origins::FirstSeen => self.cell().origin.get().filter(written),
+            Origins::List(list) => list.iter().find(written),
+            Origins::Any => None,
         };
+        if let Some(origin) = found {
+            return secured(options, origin.secure());
+        }
+        match (scheme.parse::<Scheme>(), authority.parse::<Authority>()) {
+            (Ok(scheme), Ok(authority)) => self.destination_at(&scheme, &authority),
+            // No host: nothing this layer can tell an origin of.
+            _ => Destination::Untouched,
+        }
+    }
+
+    /// The origin check for `scheme://authority`. Compared in place: no allocation per
+    /// request.
+    fn destination_at(&self, scheme: &Scheme, authority: &Authority) -> Destination {
+        let options = self.options();
         if !judgeable(scheme, authority) {
             // A scheme without a known port is not an origin this layer can judge.
             return relative(&options.origins);
         }
-        // Compared in place: no allocation per request.
         let secure = match &options.origins {
             Origins::Any => secure_or_loopback(scheme, authority.host()),
             Origins::List(list) => match list.iter().find(|o| o.matches(scheme, authority)) {
@@ -100,7 +131,7 @@ impl Shared {
             Origins::FirstSeen => {
                 let origin = match self.cell().origin.get() {
                     Some(origin) => origin,
-                    None => match Origin::of_uri(uri) {
+                    None => match Origin::of(scheme, authority) {
                         Some(first) => self.cell().origin.get_or_init(|| first),
                         None => return relative(&options.origins),
                     },
@@ -111,11 +142,16 @@ impl Shared {
                 origin.secure()
             }
         };
-        if !options.allow_insecure_http && !secure {
-            Destination::Insecure
-        } else {
-            Destination::Attach
-        }
+        secured(options, secure)
+    }
+}
+
+/// Attach, unless the destination is not secure and plain HTTP was not allowed.
+fn secured(options: &RefreshOptions, secure: bool) -> Destination {
+    if !options.allow_insecure_http && !secure {
+        Destination::Insecure
+    } else {
+        Destination::Attach
     }
 }
 

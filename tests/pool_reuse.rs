@@ -177,3 +177,22 @@ async fn through_reqwest_after_a_refusal_the_replay_reuses_the_connection() {
     assert_eq!(seen.sends.load(Ordering::SeqCst), 2);
     assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn through_reqwest_a_refused_url_with_a_fragment_is_refreshed_and_replayed() {
+    // The fragment is never sent, so the response's URL has none: that is not a redirect.
+    let (addr, seen) = api(Refusal::Sized(10)).await;
+    let (layer, calls) = stale_layer();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(layer.reqwest_middleware())
+        .build();
+    let res = client
+        .post(format!("http://{addr}/orders#summary"))
+        .body("{\"id\":7}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.sends.load(Ordering::SeqCst), 2);
+}
