@@ -204,13 +204,10 @@ impl RefreshMiddleware {
             );
             (http::Uri::default(), decision)
         };
-        let sent = match decision {
+        let (sent, header) = match decision {
             Admit::Untouched => return next.run(req, extensions).await,
             Admit::Fail(failure) => return Err(failure.into_reqwest()),
-            Admit::Send { ticket, header } => {
-                req.headers_mut().insert(AUTHORIZATION, header);
-                Sent::new(ticket, false, extensions)
-            }
+            Admit::Send { ticket, header } => (Sent::new(ticket, false, extensions), header),
             Admit::Wait { ticket, reason } => {
                 return Box::pin(after_wait(
                     shared, req, uri, ticket, reason, extensions, next,
@@ -219,21 +216,19 @@ impl RefreshMiddleware {
             }
         };
         let method = req.method().clone();
-        replay::prove(shared, &method, &uri, req.headers_mut()).map_err(|f| f.into_reqwest())?;
-        if sent.no_replay {
-            return next.run(req, extensions).await;
-        }
-        let copy = if shared.options().may_replay(&method) {
+        // The copy for the replay is taken before the token goes in (the replay sets a newer
+        // one): a request without headers of its own then clones without allocating a map.
+        let copy = if !sent.no_replay && shared.options().may_replay(&method) {
             Copy::prepare(&mut req, shared.options().max_replay_body)
         } else {
             None
         };
-        let token = shared
-            .options()
-            .proof
-            .is_some()
-            .then(|| req.headers().get(AUTHORIZATION).cloned())
-            .flatten();
+        let token = shared.options().proof.is_some().then(|| header.clone());
+        req.headers_mut().insert(AUTHORIZATION, header);
+        replay::prove(shared, &method, &uri, req.headers_mut()).map_err(|f| f.into_reqwest())?;
+        if sent.no_replay {
+            return next.run(req, extensions).await;
+        }
         let sent_url = SentUrl::keep(&req, &copy);
         let first = next.clone().run(req, &mut *extensions).await?;
         let redirected = sent_url.redirected(&copy, &first);
