@@ -5,13 +5,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use http::header::AUTHORIZATION;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
+use crate::cell::Ticket;
+use crate::error::Failure;
 use crate::head::ResponseHead;
 use crate::refresher::RefreshReason;
 use crate::replay::{self, Admit, Recovery, Sent, Verdict};
@@ -83,6 +85,12 @@ struct Readying<S, B> {
     req: Request<B>,
 }
 
+/// A request waiting for a token before its first send: what it sends once it has one.
+pub(crate) struct Parked<S, B> {
+    kit: Kit<S, B>,
+    body: ReplayBody<B>,
+}
+
 pin_project! {
     /// The response future of [`Refresh`](crate::Refresh): `F` is the inner service's future,
     /// `R` its response, `S` and `B` the inner service and request body it may replay with.
@@ -110,7 +118,13 @@ pin_project! {
         Passthrough { #[pin] fut: F },
         // Sent with the current token; a refusal moves on to `Recovering`.
         Sent { #[pin] fut: F, kit: Option<Kit<S, B>> },
-        // Waiting for a token, or replaying after a refusal (boxed: the rare path).
+        // No usable token at `call`: waiting for one (the wait boxed, small: in a stampede
+        // every request waits), holding no readiness of the inner service.
+        Waiting { wait: BoxFuture<Result<Option<(Ticket, HeaderValue)>, Failure>>, parked: Option<Parked<S, B>> },
+        // The wait is over: readying the inner service, then the send with the new token
+        // (`None`: anonymous, sent without one) goes on as `Sent` (or `Passthrough`).
+        Resuming { parked: Option<Parked<S, B>>, token: Option<(Ticket, HeaderValue)> },
+        // Replaying after a refusal (boxed: the rare path).
         Recovering { fut: BoxFuture<Result<R, BoxError>> },
         // Failed before anything was sent.
         Failed { error: Option<BoxError> },
@@ -123,6 +137,8 @@ impl<S, B, F, R> std::fmt::Debug for ResponseFuture<S, B, F, R> {
             State::Readying { .. } => "readying",
             State::Passthrough { .. } => "passthrough",
             State::Sent { .. } => "sent",
+            State::Waiting { .. } => "waiting",
+            State::Resuming { .. } => "resuming",
             State::Recovering { .. } => "recovering",
             State::Failed { .. } => "failed",
         };
@@ -174,9 +190,14 @@ where
     }
 
     pub(crate) fn after_wait(kit: Kit<S, B>, body: ReplayBody<B>, reason: RefreshReason) -> Self {
+        let shared = kit.shared.clone();
+        let ticket = kit.sent.ticket;
         Self {
-            state: State::Recovering {
-                fut: Box::pin(send_after_wait(kit, body, reason)),
+            state: State::Waiting {
+                wait: Box::pin(
+                    async move { replay::wait_for_token(&shared, ticket, reason).await },
+                ),
+                parked: Some(Parked { kit, body }),
             },
         }
     }
@@ -239,6 +260,28 @@ where
                         }
                     }
                 }
+                StateProj::Waiting { wait, parked } => {
+                    let token = ready!(wait.as_mut().poll(cx)).map_err(|f| f.into_box())?;
+                    let parked = parked.take().expect("polled after completion");
+                    this.state.set(State::Resuming {
+                        parked: Some(parked),
+                        token,
+                    });
+                }
+                StateProj::Resuming { parked, token } => {
+                    let polled = parked
+                        .as_mut()
+                        .expect("polled after completion")
+                        .kit
+                        .svc
+                        .poll_ready(cx);
+                    if let Err(err) = ready!(polled) {
+                        return Poll::Ready(Err(err.into()));
+                    }
+                    let Parked { kit, body } = parked.take().expect("readied once");
+                    let next = send_after_wait(kit, body, token.take());
+                    this.state.set(next.state);
+                }
                 StateProj::Recovering { fut } => return fut.as_mut().poll(cx),
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
@@ -261,29 +304,29 @@ where
     svc.call(req).await.map_err(Into::into)
 }
 
-/// No usable token at `call`: wait for one (holding no readiness of the inner service), then
-/// send.
-async fn send_after_wait<S, B, ResBody>(
+/// The wait for a token is over and `kit.svc` is ready: sends the request with the token
+/// (`None`: anonymous, untouched). The response is judged as any other (`Sent`): a refusal
+/// now is final ([`Verdict::RefusedAfterRefresh`]) unless a proof asks for a new one.
+fn send_after_wait<S, B, ResBody>(
     mut kit: Kit<S, B>,
     body: ReplayBody<B>,
-    reason: RefreshReason,
-) -> Result<Response<ResBody>, BoxError>
+    token: Option<(Ticket, HeaderValue)>,
+) -> ResponseFuture<S, B, S::Future, Response<ResBody>>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    B: Body,
-    ResBody: Body,
+    B: Body + Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
-    let token = replay::wait_for_token(&kit.shared, kit.sent.ticket, reason)
-        .await
-        .map_err(|f| f.into_box())?;
     let mut parts = kit
         .head
         .take()
         .expect("the head is kept for the first send");
     let Some((ticket, header)) = token else {
         // Anonymous: no token can be had; send it as it is.
-        return ready_call(&mut kit.svc, Request::from_parts(parts, body)).await;
+        return ResponseFuture::passthrough(kit.svc.call(Request::from_parts(parts, body)));
     };
     // After a wait a refusal is final (no second refresh): only a refused proof (a nonce
     // challenge) replays, so only a layer with a proof keeps the head and the header.
@@ -293,28 +336,16 @@ where
         }
         kit.header = Some(Box::new(header.clone()));
     }
-    let uri = parts.uri.clone();
-    parts.headers.insert(AUTHORIZATION, header);
-    replay::prove(&kit.shared, &parts.method, &parts.uri, &mut parts.headers)
-        .map_err(|f| f.into_box())?;
-    kit.sent.ticket = ticket;
-    let res = ready_call(&mut kit.svc, Request::from_parts(parts, body)).await?;
-    let redirected = redirected(&res, Some(&uri));
-    match replay::judge(
-        &kit.shared,
-        kit.sent,
-        &uri,
-        res.status(),
-        res.headers(),
-        redirected,
-    ) {
-        Verdict::Final => Ok(res),
-        // The rare continuations are boxed: inline, they would make every waiting request's
-        // future (moved into its box, polled by each wake-up) several times larger.
-        Verdict::RefusedAfterRefresh => Box::pin(refused_again(&kit.shared, None, res)).await,
-        Verdict::NewProof => Box::pin(new_proof_replay(kit, res)).await,
-        Verdict::Recover => Box::pin(recover_and_replay(kit, res)).await,
+    if kit.head.is_none() {
+        kit.uri = Some(Box::new(parts.uri.clone()));
     }
+    parts.headers.insert(AUTHORIZATION, header);
+    if let Err(f) = replay::prove(&kit.shared, &parts.method, &parts.uri, &mut parts.headers) {
+        return ResponseFuture::failed(f.into_box());
+    }
+    kit.sent.ticket = ticket;
+    let fut = kit.svc.call(Request::from_parts(parts, body));
+    ResponseFuture::sent(fut, kit)
 }
 
 /// The response refused the token the request carried: get a newer one and replay once.
