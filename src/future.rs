@@ -85,6 +85,9 @@ struct Readying<S, B> {
     req: Request<B>,
 }
 
+/// The outcome of a wait for a token before the first send (`None`: anonymous, no token).
+type Waited = Result<Option<(Ticket, HeaderValue)>, Failure>;
+
 /// A request waiting for a token before its first send: what it sends once it has one.
 pub(crate) struct Parked<S, B> {
     kit: Kit<S, B>,
@@ -120,7 +123,8 @@ pin_project! {
         Sent { #[pin] fut: F, kit: Option<Kit<S, B>> },
         // No usable token at `call`: waiting for one (the wait boxed, small: in a stampede
         // every request waits), holding no readiness of the inner service.
-        Waiting { wait: BoxFuture<Result<Option<(Ticket, HeaderValue)>, Failure>>, parked: Option<Parked<S, B>> },
+        // The kit goes into the wait and comes back with its outcome.
+        Waiting { wait: BoxFuture<(Kit<S, B>, Waited)>, body: Option<ReplayBody<B>> },
         // The wait is over: readying the inner service, then the send with the new token
         // (`None`: anonymous, sent without one) goes on as `Sent` (or `Passthrough`).
         Resuming { parked: Option<Parked<S, B>>, token: Option<(Ticket, HeaderValue)> },
@@ -190,14 +194,15 @@ where
     }
 
     pub(crate) fn after_wait(kit: Kit<S, B>, body: ReplayBody<B>, reason: RefreshReason) -> Self {
-        let shared = kit.shared.clone();
         let ticket = kit.sent.ticket;
+        let wait = async move {
+            let waited = replay::wait_for_token(&kit.shared, ticket, reason).await;
+            (kit, waited)
+        };
         Self {
             state: State::Waiting {
-                wait: Box::pin(
-                    async move { replay::wait_for_token(&shared, ticket, reason).await },
-                ),
-                parked: Some(Parked { kit, body }),
+                wait: Box::pin(wait),
+                body: Some(body),
             },
         }
     }
@@ -260,11 +265,12 @@ where
                         }
                     }
                 }
-                StateProj::Waiting { wait, parked } => {
-                    let token = ready!(wait.as_mut().poll(cx)).map_err(|f| f.into_box())?;
-                    let parked = parked.take().expect("polled after completion");
+                StateProj::Waiting { wait, body } => {
+                    let (kit, waited) = ready!(wait.as_mut().poll(cx));
+                    let token = waited.map_err(|f| f.into_box())?;
+                    let body = body.take().expect("polled after completion");
                     this.state.set(State::Resuming {
-                        parked: Some(parked),
+                        parked: Some(Parked { kit, body }),
                         token,
                     });
                 }

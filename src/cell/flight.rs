@@ -36,7 +36,17 @@ impl TokenCell {
         reason: RefreshReason,
         options: &RefreshOptions,
     ) -> Answer {
-        let (job, task, inline) = {
+        let shared = {
+            let st = self.read();
+            match st.begin_shared(ticket, need) {
+                Some(Begin::Answer(answer)) => return answer,
+                Some(Begin::Join(job)) => Some((job, st.flight.as_ref().is_some_and(|f| f.inline))),
+                _ => None,
+            }
+        };
+        let (job, task, inline) = if let Some((job, inline)) = shared {
+            (job, None, inline)
+        } else {
             let mut st = self.write();
             let (job, task) = match st.begin(ticket, need, options.clock.now()) {
                 Begin::Answer(answer) => return answer,
@@ -49,12 +59,18 @@ impl TokenCell {
         if let Some(task) = task {
             task.spawn();
         }
+        let runs_here = job.runtime.is_some_and(|id| {
+            tokio::runtime::Handle::try_current().is_ok_and(|current| current.id() == id)
+        });
         let waiting = Waiting {
             cell: self,
             job: Some(job),
             inline,
         };
-        if !has_runtime() {
+        if !has_runtime() || runs_here {
+            // The refresh task runs on the runtime that drives this waiter, and its own
+            // bound (the refresh timeout) ends it: no timer of its own (in a stampede every
+            // request waits, and a timer each costs the runtime's timer wheel two updates).
             return waiting.await;
         }
         // A waiter's own bound, beyond the refresh's: a refresh whose task sits on a runtime
@@ -223,6 +239,7 @@ impl TokenCell {
                     guard.finished = true;
                     let _ = tx.send(answer);
                 };
+                let runtime_id = runtime.id();
                 let answer = rx
                     .map(|answer| {
                         answer.unwrap_or_else(|_| {
@@ -233,9 +250,13 @@ impl TokenCell {
                     })
                     .boxed()
                     .shared();
-                st.started(answer.clone(), background, id, false);
-                (
+                let job = Job {
                     answer,
+                    runtime: Some(runtime_id),
+                };
+                st.started(job.clone(), background, id, false);
+                (
+                    job,
                     Some(Task {
                         runtime,
                         fut: Box::pin(task),
@@ -244,7 +265,10 @@ impl TokenCell {
             }
             None => {
                 // No runtime: the waiters drive the refresh themselves.
-                let job = work.shared();
+                let job = Job {
+                    answer: work.shared(),
+                    runtime: None,
+                };
                 st.started(job.clone(), background, id, true);
                 (job, None)
             }
@@ -304,7 +328,7 @@ impl std::future::Future for Waiting<'_> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Answer> {
         let job = self.job.as_mut().expect("polled after completion");
-        let answer = std::task::ready!(std::pin::Pin::new(job).poll(cx));
+        let answer = std::task::ready!(std::pin::Pin::new(&mut job.answer).poll(cx));
         self.job = None;
         std::task::Poll::Ready(answer)
     }
@@ -315,16 +339,16 @@ impl Drop for Waiting<'_> {
         let Some(job) = self.job.take() else {
             return;
         };
-        if !self.inline || job.peek().is_some() {
+        if !self.inline || job.answer.peek().is_some() {
             return;
         }
         let mut st = self.cell.write();
         let ours = st
             .flight
             .as_ref()
-            .is_some_and(|f| futures_util::future::Shared::ptr_eq(&f.job, &job));
+            .is_some_and(|f| futures_util::future::Shared::ptr_eq(&f.job.answer, &job.answer));
         // The state's clone and this one: nobody else will ever poll it.
-        if ours && job.strong_count() == Some(2) {
+        if ours && job.answer.strong_count() == Some(2) {
             st.flight = None;
             drop(st);
             tracing::debug!("token refresh cancelled: its last driver was dropped");

@@ -41,8 +41,13 @@ use crate::origin::Origin;
 use crate::refresher::TokenRefresher;
 use crate::token::Token;
 
-/// The shared future every waiter of one refresh polls.
-pub(crate) type Job = futures_util::future::Shared<BoxFuture<Answer>>;
+/// What every waiter of one refresh polls: the shared answer, and where the refresh runs.
+#[derive(Clone)]
+pub(crate) struct Job {
+    pub(crate) answer: futures_util::future::Shared<BoxFuture<Answer>>,
+    /// The runtime the refresh task runs on; `None`: no task, the waiters drive the refresh.
+    pub(crate) runtime: Option<tokio::runtime::Id>,
+}
 
 /// Sees every event of a cell (the keyed layer tags them with the key).
 pub(crate) type EventHook = Box<dyn Fn(RefreshEvent) + Send + Sync>;

@@ -388,6 +388,25 @@ impl<J: Clone> State<J> {
         }
     }
 
+    /// [`begin`](Self::begin) when it changes nothing (an answer, or a flight to join),
+    /// under a read lock: the waiters of a stampede do not queue for the write lock. `None`:
+    /// call `begin`.
+    pub(crate) fn begin_shared(&self, ticket: Ticket, need: Need) -> Option<Begin<J>> {
+        if need == Need::Forced {
+            return None;
+        }
+        if let Some(answer) = self.answer_since(ticket) {
+            return Some(Begin::Answer(answer));
+        }
+        if need == Need::Refused
+            && ticket.generation == self.generation
+            && self.rejected != Some(ticket.generation)
+        {
+            return None;
+        }
+        self.flight.as_ref().map(|f| Begin::Join(f.job.clone()))
+    }
+
     /// A caller at `ticket` needs a newer token: answer, join the flight, or start one.
     pub(crate) fn begin(&mut self, ticket: Ticket, need: Need, now: Instant) -> Begin<J> {
         if need != Need::Forced {

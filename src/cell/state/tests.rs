@@ -278,3 +278,43 @@ fn refresh_ahead_is_due_once_inside_its_window_and_never_during_a_flight() {
         Lookup::Usable { ahead: false, .. }
     ));
 }
+
+#[test]
+fn the_read_only_begin_agrees_with_begin_and_never_skips_a_change() {
+    let t = now();
+    // A flight to join: the read-only path joins, as `begin` does.
+    let mut st = S::new();
+    st.install(token("a", None), t);
+    let Lookup::Usable { ticket, .. } = st.lookup(t, POLICY) else {
+        panic!("usable");
+    };
+    assert!(
+        st.begin_shared(ticket, Need::Refused).is_none(),
+        "the first refusal records itself"
+    );
+    assert!(matches!(
+        st.begin(ticket, Need::Refused, t.mono),
+        Begin::Start
+    ));
+    st.started(4, false, 0, false);
+    for need in [Need::Refused, Need::BeforeSend] {
+        assert!(matches!(
+            st.begin_shared(ticket, need),
+            Some(Begin::Join(4))
+        ));
+        assert!(matches!(st.begin(ticket, need, t.mono), Begin::Join(4)));
+    }
+    // A forced refresh always goes through `begin`.
+    assert!(st.begin_shared(ticket, Need::Forced).is_none());
+    // After the refresh: the answer, without a lock to write.
+    let _ = st.finish(Ok(token("b", None)), t, &no_cooldown());
+    assert!(matches!(
+        st.begin_shared(ticket, Need::BeforeSend),
+        Some(Begin::Answer(Ok(_)))
+    ));
+    // No flight and nothing newer: `begin` decides (start or cool-down).
+    let Lookup::Usable { ticket, .. } = st.lookup(t, POLICY) else {
+        panic!("usable");
+    };
+    assert!(st.begin_shared(ticket, Need::BeforeSend).is_none());
+}
