@@ -88,10 +88,12 @@ struct Readying<S, B> {
 /// The outcome of a wait for a token before the first send (`None`: anonymous, no token).
 type Waited = Result<Option<(Ticket, HeaderValue)>, Failure>;
 
-/// A request waiting for a token before its first send: what it sends once it has one.
+/// A request whose wait for a token is over: what it sends once the inner service is ready.
+/// Boxed in the future: every future is sized for its largest state.
 pub(crate) struct Parked<S, B> {
     kit: Kit<S, B>,
     body: ReplayBody<B>,
+    token: Option<(Ticket, HeaderValue)>,
 }
 
 pin_project! {
@@ -127,7 +129,7 @@ pin_project! {
         Waiting { wait: BoxFuture<(Kit<S, B>, Waited)>, body: Option<ReplayBody<B>> },
         // The wait is over: readying the inner service, then the send with the new token
         // (`None`: anonymous, sent without one) goes on as `Sent` (or `Passthrough`).
-        Resuming { parked: Option<Parked<S, B>>, token: Option<(Ticket, HeaderValue)> },
+        Resuming { parked: Option<Box<Parked<S, B>>> },
         // Replaying after a refusal (boxed: the rare path).
         Recovering { fut: BoxFuture<Result<R, BoxError>> },
         // Failed before anything was sent.
@@ -270,11 +272,10 @@ where
                     let token = waited.map_err(|f| f.into_box())?;
                     let body = body.take().expect("polled after completion");
                     this.state.set(State::Resuming {
-                        parked: Some(Parked { kit, body }),
-                        token,
+                        parked: Some(Box::new(Parked { kit, body, token })),
                     });
                 }
-                StateProj::Resuming { parked, token } => {
+                StateProj::Resuming { parked } => {
                     let polled = parked
                         .as_mut()
                         .expect("polled after completion")
@@ -284,8 +285,8 @@ where
                     if let Err(err) = ready!(polled) {
                         return Poll::Ready(Err(err.into()));
                     }
-                    let Parked { kit, body } = parked.take().expect("readied once");
-                    let next = send_after_wait(kit, body, token.take());
+                    let Parked { kit, body, token } = *parked.take().expect("readied once");
+                    let next = send_after_wait(kit, body, token);
                     this.state.set(next.state);
                 }
                 StateProj::Recovering { fut } => return fut.as_mut().poll(cx),
