@@ -112,6 +112,12 @@
 //! rest); the first attempt's body is abandoned (it ends short, so the client closes that
 //! connection instead of reusing it); after the wait the 401 goes back to the caller.
 //!
+//! Before the replay, the rest of the refusal's body is read and dropped (at most 64 KiB,
+//! waiting at most 100 ms, as OkHttp does before it gives up on a connection): an HTTP/1.1
+//! client hands a connection back to its pool only once the response on it was read to its
+//! end, so the replay goes out on the same connection instead of a new one. A larger or
+//! slower body is dropped as it is (its connection closes).
+//!
 //! gRPC signals an expired token as `grpc-status: 16` (UNAUTHENTICATED) in the headers of a
 //! trailers-only response; [`policy::default_trigger`] recognises it too.
 //!
