@@ -94,7 +94,7 @@ pub(crate) async fn body_prefix<ResBody: http_body::Body>(body: ResBody) -> byte
             }
         }
     };
-    if crate::cell::has_runtime() {
+    if tokio::runtime::Handle::try_current().is_ok() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
     } else {
         read.await;
@@ -138,7 +138,7 @@ pub(crate) async fn drain<ResBody: http_body::Body>(body: ResBody) {
             }
         }
     };
-    if crate::cell::has_runtime() {
+    if tokio::runtime::Handle::try_current().is_ok() {
         let _ = tokio::time::timeout(DRAIN_WAIT, read).await;
     } else {
         let _ = futures_util::FutureExt::now_or_never(read);

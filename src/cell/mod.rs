@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use attempt::{BoxFuture, ErasedRefresher};
-pub(crate) use attempt::{has_runtime, in_refresh};
+pub(crate) use attempt::in_refresh;
 pub(crate) use state::{Answer, Lookup, Need, Ticket, Unavailable};
 use state::{Now, Policy, Session, State};
 
