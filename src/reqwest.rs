@@ -347,6 +347,10 @@ impl SentUrl {
             Some(copy) => copy.url(),
             None => self.0.as_deref().expect("kept without a copy"),
         };
+        if sent.fragment().is_none() {
+            // The common case: one comparison of the two URLs' text.
+            return sent != res.url();
+        }
         without_fragment(sent) != without_fragment(res.url())
     }
 }
