@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use attempt::{BoxFuture, ErasedRefresher};
 pub(crate) use attempt::in_refresh;
+use attempt::{BoxFuture, ErasedRefresher};
 pub(crate) use state::{Answer, Lookup, Need, Ticket, Unavailable};
 use state::{Now, Policy, Session, State};
 
