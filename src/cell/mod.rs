@@ -10,9 +10,11 @@
 //!   for an old token reuses the token already there.
 //! - **No send with a known-rejected token.** While a refresh triggered by a refusal of
 //!   generation `g` runs, requests that would carry `g` wait for it instead.
-//! - **A refresh always completes.** It runs as its own task (and every waiter polls the same
-//!   shared future, so a waiter drives it if that task is not being driven), bounded by the
-//!   refresh timeout; its result is stored even if every waiter is gone.
+//! - **A refresh always completes.** It runs as its own task on the runtime the cell was made
+//!   in (without any runtime, its waiters drive it together), bounded by the refresh timeout;
+//!   its result is stored even if every waiter is gone. A waiter on another runtime than the
+//!   task's also has a bound of its own (that runtime may no longer be driven); one on the
+//!   task's runtime needs none.
 //! - **The handle wins.** A token installed or cleared while a refresh runs is not replaced by
 //!   that refresh's result, success or failure.
 //! - **The hot path never awaits**: a `std` read lock held for a few pointer copies. No lock is
