@@ -569,3 +569,50 @@ fn debug_of_the_middleware_shows_no_token() {
     assert!(!printed.contains(STALE) && !printed.contains(FRESH));
     assert!(!printed.contains("stale-rq") && !printed.contains("fresh-rq"));
 }
+
+/// The origin check reads the URL's text first and falls back to comparing host and port:
+/// an allowed origin written in capitals, or with its default port, still gets the token;
+/// another port of the same host and the first-seen rule's other origins do not.
+#[tokio::test]
+async fn origins_match_however_they_are_written_and_nothing_else_does() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let other_port = Api::start(Some(FRESH)).await;
+        let port = api.addr.port();
+        let layer = RefreshLayer::new(counting_after(&Arc::default(), FRESH, Duration::ZERO))
+            .initial_token(Token::bearer(FRESH).unwrap())
+            .allowed_origins([format!("HTTP://LOCALHOST:{port}")])
+            .unwrap();
+        let client = reqwest_client(layer.reqwest_middleware());
+        let res = client
+            .get(format!("http://localhost:{port}/a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(api.seen()[0].auth, format!("Bearer {FRESH}"));
+        let res = client
+            .get(format!("http://localhost:{}/b", other_port.addr.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(other_port.seen()[0].auth, "-");
+
+        // First seen: `127.0.0.1:port` binds the token; `localhost:port` is another origin.
+        let layer = RefreshLayer::new(counting_after(&Arc::default(), FRESH, Duration::ZERO))
+            .initial_token(Token::bearer(FRESH).unwrap());
+        let client = reqwest_client(layer.reqwest_middleware());
+        let res = client.get(api.url("/c")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let res = client
+            .get(format!("http://localhost:{port}/d"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        let auths: Vec<_> = api.seen().into_iter().map(|s| s.auth).collect();
+        assert_eq!(auths[1..], [format!("Bearer {FRESH}"), "-".to_owned()]);
+    })
+    .await;
+}
