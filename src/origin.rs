@@ -54,7 +54,12 @@ impl Origin {
             scheme: scheme.clone(),
             host: authority.host().to_ascii_lowercase(),
             secure: secure_or_loopback(scheme, authority.host()),
-            written: authority.as_str().into(),
+            // Never the user information (it may hold a password, and `Debug` shows this).
+            written: authority
+                .as_str()
+                .rsplit_once('@')
+                .map_or(authority.as_str(), |(_, host)| host)
+                .into(),
         })
     }
 
@@ -190,6 +195,11 @@ mod tests {
         ] {
             assert!(!matches(other), "{other}");
         }
+        let with_user = Origin::of_uri(&"http://u:pw-123@127.0.0.1:8080/".parse().unwrap());
+        let with_user = with_user.unwrap();
+        assert!(!format!("{with_user:?}").contains("pw-123"));
+        let again: Uri = "http://u:pw-123@127.0.0.1:8080/b".parse().unwrap();
+        assert!(with_user.matches(again.scheme().unwrap(), again.authority().unwrap()));
         let first = Origin::of_uri(&"http://127.0.0.1:8080/a".parse().unwrap()).unwrap();
         assert_eq!(first, Origin::parse("http://127.0.0.1:8080").unwrap());
         assert_ne!(first, Origin::parse("http://127.0.0.1:8081").unwrap());
