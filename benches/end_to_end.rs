@@ -19,62 +19,23 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_auth_refresh::ReplayBody;
 use tower_http::auth::AddAuthorizationLayer;
 
 const SECRET: &str = "end-to-end-token-0123456789abcdef";
 const IN_FLIGHT: usize = 64;
-
-/// Counts requests the server refused for a missing or wrong token.
-static REFUSED: AtomicU64 = AtomicU64::new(0);
-
-async fn server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let expected = format!("Bearer {SECRET}");
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            let expected = expected.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let ok = req
-                        .headers()
-                        .get(AUTHORIZATION)
-                        .is_some_and(|v| v == expected.as_str());
-                    async move {
-                        if !ok {
-                            REFUSED.fetch_add(1, Ordering::Relaxed);
-                        }
-                        req.into_body().collect().await?;
-                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 fn client<B>() -> Client<HttpConnector, B>
 where
@@ -222,7 +183,7 @@ fn count_mode(n: usize) {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let addr = server().await;
+        let addr = common::token_server(SECRET).await;
         let uri: Arc<str> = format!("http://{addr}/items").into();
         let payload = Bytes::from(vec![b'x'; 1024]);
         let (calls, layer) = common::valid_token_layer(SECRET);
@@ -262,7 +223,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let addr = server().await;
+        let addr = common::token_server(SECRET).await;
         let uri: Arc<str> = format!("http://{addr}/items").into();
         let payload = Bytes::from(vec![b'x'; 1024]);
 
@@ -291,13 +252,13 @@ fn main() {
                 for k in 0..3 {
                     let line = (round + k) % 3;
                     let (u, p) = (uri.clone(), payload.clone());
-                    let before = REFUSED.load(Ordering::Relaxed);
+                    let before = common::REFUSED.load(Ordering::Relaxed);
                     this[line] = match line {
                         0 => run(bare.clone(), case, u, p, Limit::Secs(secs)).await,
                         1 => run(add.clone(), case, u, p, Limit::Secs(secs)).await,
                         _ => run(refresh.clone(), case, u, p, Limit::Secs(secs)).await,
                     };
-                    let refused = REFUSED.load(Ordering::Relaxed) - before;
+                    let refused = common::REFUSED.load(Ordering::Relaxed) - before;
                     if line == 0 {
                         // The bare line sends no token: the server refuses (and counts) each.
                         assert!(refused > 0);

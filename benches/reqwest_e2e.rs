@@ -18,57 +18,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::{Extensions, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::{Extensions, HeaderValue, StatusCode};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
-use tokio::net::TcpListener;
 
 const SECRET: &str = "end-to-end-token-0123456789abcdef";
 const IN_FLIGHT: usize = 64;
-
-/// Requests the server refused for a missing or wrong token.
-static REFUSED: AtomicU64 = AtomicU64::new(0);
-
-async fn server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let expected = format!("Bearer {SECRET}");
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            let expected = expected.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let ok = req
-                        .headers()
-                        .get(AUTHORIZATION)
-                        .is_some_and(|v| v == expected.as_str());
-                    async move {
-                        if !ok {
-                            REFUSED.fetch_add(1, Ordering::Relaxed);
-                        }
-                        req.into_body().collect().await?;
-                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 /// A static `Authorization` header, as a hand-written reqwest middleware adds one.
 struct StaticHeader(HeaderValue);
@@ -189,7 +149,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let addr = server().await;
+        let addr = common::token_server(SECRET).await;
         let url: Arc<str> = format!("http://{addr}/items").into();
         let payload = Bytes::from(vec![b'x'; 1024]);
         let (calls, layer) = common::valid_token_layer(SECRET);
@@ -212,9 +172,9 @@ fn main() {
                 let mut this = [Figures::default(); 2];
                 for k in 0..2 {
                     let line = (round + k) % 2;
-                    let before = REFUSED.load(Ordering::Relaxed);
+                    let before = common::REFUSED.load(Ordering::Relaxed);
                     this[line] = run(lines[line].1.clone(), case, url.clone(), payload.clone(), secs).await;
-                    assert_eq!(REFUSED.load(Ordering::Relaxed), before, "the server refused the token");
+                    assert_eq!(common::REFUSED.load(Ordering::Relaxed), before, "the server refused the token");
                 }
                 let [s, r] = this;
                 println!(

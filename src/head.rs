@@ -68,37 +68,17 @@ impl std::fmt::Display for ResponseHead {
 
 impl std::error::Error for ResponseHead {}
 
-/// Up to [`MAX_ERROR_BODY`] bytes of a response body, read within
-/// a second when a runtime is there (a refusal's body is small; a stream that never ends is
-/// cut off).
+/// Up to [`MAX_ERROR_BODY`] bytes of a response body, read within a second (a refusal's body
+/// is small; a stream that never ends is cut off).
 pub(crate) async fn body_prefix<ResBody: http_body::Body>(body: ResBody) -> bytes::Bytes {
-    use http_body_util::BodyExt;
-    let max = MAX_ERROR_BODY;
     let mut kept = bytes::BytesMut::new();
-    let mut body = std::pin::pin!(body);
-    let read = async {
-        while kept.len() < max {
-            match body.as_mut().frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(mut data) = frame.into_data() {
-                        use bytes::Buf;
-                        while data.has_remaining() && kept.len() < max {
-                            let chunk = data.chunk();
-                            let n = chunk.len().min(max - kept.len());
-                            kept.extend_from_slice(&chunk[..n]);
-                            data.advance(n);
-                        }
-                    }
-                }
-                Some(Err(_)) | None => break,
-            }
-        }
-    };
-    if tokio::runtime::Handle::try_current().is_ok() {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
-    } else {
-        read.await;
-    }
+    read_bounded(
+        body,
+        MAX_ERROR_BODY,
+        std::time::Duration::from_secs(1),
+        |chunk| kept.extend_from_slice(chunk),
+    )
+    .await;
     kept.freeze()
 }
 
@@ -113,11 +93,8 @@ pub(crate) const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_mil
 /// pool, reqwest) hands a connection back to its pool only once the response on it was read to
 /// its end, so the replay that follows can reuse it instead of opening a new one. Bounded: a
 /// body announced or found larger than [`DRAIN_MAX`] is dropped (its connection closes, as it
-/// would have), and the wait for more data is at most [`DRAIN_WAIT`] (without a Tokio runtime
-/// there is no timer: only what has arrived already is read).
+/// would have), and the wait for more data is at most [`DRAIN_WAIT`].
 pub(crate) async fn drain<ResBody: http_body::Body>(body: ResBody) {
-    use bytes::Buf;
-    use http_body_util::BodyExt;
     if body.is_end_stream()
         || body
             .size_hint()
@@ -126,20 +103,40 @@ pub(crate) async fn drain<ResBody: http_body::Body>(body: ResBody) {
     {
         return;
     }
+    read_bounded(body, DRAIN_MAX, DRAIN_WAIT, |_| {}).await;
+}
+
+/// Reads `body` to its end, an error, `max` bytes or `wait`, whichever comes first, handing
+/// the data to `keep`. Without a Tokio runtime there is no timer: only what has arrived
+/// already is read (never a wait without a bound).
+async fn read_bounded<ResBody: http_body::Body>(
+    body: ResBody,
+    max: usize,
+    wait: std::time::Duration,
+    mut keep: impl FnMut(&[u8]),
+) {
+    use bytes::Buf;
+    use http_body_util::BodyExt;
     let mut body = std::pin::pin!(body);
     let read = async {
-        let mut left = DRAIN_MAX;
-        while let Some(Ok(frame)) = body.as_mut().frame().await {
-            if let Some(data) = frame.data_ref() {
-                match left.checked_sub(data.remaining()) {
-                    Some(rest) => left = rest,
-                    None => return,
+        let mut read = 0;
+        while read < max {
+            let Some(Ok(frame)) = body.as_mut().frame().await else {
+                return;
+            };
+            if let Ok(mut data) = frame.into_data() {
+                while data.has_remaining() && read < max {
+                    let chunk = data.chunk();
+                    let n = chunk.len().min(max - read);
+                    keep(&chunk[..n]);
+                    read += n;
+                    data.advance(n);
                 }
             }
         }
     };
     if tokio::runtime::Handle::try_current().is_ok() {
-        let _ = tokio::time::timeout(DRAIN_WAIT, read).await;
+        let _ = tokio::time::timeout(wait, read).await;
     } else {
         let _ = futures_util::FutureExt::now_or_never(read);
     }

@@ -172,9 +172,8 @@ impl RefreshMiddleware {
     /// One request through the middleware: the same protocol as the tower layer
     /// ([`replay`](crate::replay) steps), with reqwest's types.
     ///
-    /// The common path (a usable token, a final response) is this function; the wait for a
-    /// token and the recovery after a refusal are boxed futures of their own, so the future
-    /// every request allocates stays small.
+    /// One path for every request; the wait for a token and the recovery after a refusal are
+    /// boxed futures of their own, so the future every request allocates stays small.
     ///
     /// Not an `async fn`: the request is captured once by the `async move` block (an
     /// `async fn` keeps a second copy of every argument), which keeps the future every request
@@ -215,16 +214,28 @@ impl RefreshMiddleware {
                 Admit::Fail(failure) => return Err(failure.into_reqwest()),
                 Admit::Send { ticket, header } => (Sent::new(ticket, false, extensions), header),
                 Admit::Wait { ticket, reason } => {
-                    return Box::pin(after_wait(
-                        shared, req, uri, ticket, reason, extensions, next,
-                    ))
-                    .await;
+                    // Boxed: most requests never wait, and the wait is a large future.
+                    let waited = Box::pin(replay::wait_for_token(shared, ticket, reason))
+                        .await
+                        .map_err(|f| f.into_reqwest())?;
+                    match waited {
+                        Some((ticket, header)) => (Sent::new(ticket, true, extensions), header),
+                        // Anonymous: no token can be had; send it as it is.
+                        None => return next.run(req, extensions).await,
+                    }
                 }
             };
             let method = req.method().clone();
+            // After a wait a refusal is final (no second refresh): only a refused proof (a
+            // nonce challenge) replays, so only a layer with a proof keeps a copy then.
+            let replays = if sent.waited {
+                shared.options().proof.is_some()
+            } else {
+                shared.options().may_replay(&method)
+            };
             // The copy for the replay is taken before the token goes in (the replay sets a newer
             // one): a request without headers of its own then clones without allocating a map.
-            let copy = if !sent.no_replay && shared.options().may_replay(&method) {
+            let copy = if !sent.no_replay && replays {
                 Copy::prepare(&mut req, shared.options().max_replay_body)
             } else {
                 None
@@ -260,68 +271,6 @@ impl RefreshMiddleware {
             Box::pin(refused.recover(shared, verdict, first, extensions, next)).await
         }
     }
-}
-
-/// No usable token at the first send: wait for one, send, and judge the response (a refusal
-/// now is final, unless a proof asks for a new one).
-async fn after_wait(
-    shared: &Shared,
-    mut req: Request,
-    uri: Option<Box<http::Uri>>,
-    ticket: crate::cell::Ticket,
-    reason: crate::refresher::RefreshReason,
-    extensions: &mut Extensions,
-    next: Next<'_>,
-) -> reqwest_middleware::Result<Response> {
-    let sent = match replay::wait_for_token(shared, ticket, reason)
-        .await
-        .map_err(|f| f.into_reqwest())?
-    {
-        Some((ticket, header)) => {
-            req.headers_mut().insert(AUTHORIZATION, header);
-            Sent::new(ticket, true, extensions)
-        }
-        None => return next.run(req, extensions).await,
-    };
-    let method = req.method().clone();
-    replay::prove(shared, &method, target(&uri), req.headers_mut())
-        .map_err(|f| f.into_reqwest())?;
-    if sent.no_replay {
-        return next.run(req, extensions).await;
-    }
-    // Only a refused proof replays after a wait: keep a copy only for a layer with a proof.
-    let (copy, token) = if shared.options().proof.is_some() {
-        (
-            Copy::prepare(&mut req, shared.options().max_replay_body),
-            req.headers().get(AUTHORIZATION).cloned(),
-        )
-    } else {
-        (None, None)
-    };
-    let sent_url = SentUrl::keep(&req, &copy);
-    let first = next.clone().run(req, &mut *extensions).await?;
-    let redirected = sent_url.redirected(&copy, &first);
-    let verdict = replay::judge(
-        shared,
-        sent,
-        target(&uri),
-        first.status(),
-        first.headers(),
-        redirected,
-    );
-    if verdict == Verdict::Final {
-        return Ok(first);
-    }
-    let refused = Refused {
-        method,
-        uri,
-        sent,
-        copy,
-        token,
-    };
-    refused
-        .recover(shared, verdict, first, extensions, next)
-        .await
 }
 
 /// The request's `http::Uri` where a proof or an attach rule needs it; `/` (never looked at)

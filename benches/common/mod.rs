@@ -2,9 +2,18 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
 
 use tower_auth_refresh::{RefreshError, RefreshLayer, Token, refresh_fn};
 
@@ -50,4 +59,41 @@ pub(crate) fn cpu_secs() -> f64 {
     };
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after `state`.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Requests the [`token_server`] refused for a missing or wrong token.
+pub(crate) static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// A hyper HTTP/1 server on `127.0.0.1:0` (`TCP_NODELAY`) that reads each request's body and
+/// answers `200 ok`, counting in [`REFUSED`] the requests without `Bearer <secret>`.
+pub(crate) async fn token_server(secret: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let expected = format!("Bearer {secret}");
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let expected = expected.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let ok = req
+                        .headers()
+                        .get(AUTHORIZATION)
+                        .is_some_and(|v| v == expected.as_str());
+                    async move {
+                        if !ok {
+                            REFUSED.fetch_add(1, Ordering::Relaxed);
+                        }
+                        req.into_body().collect().await?;
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
 }
