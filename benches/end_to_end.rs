@@ -19,6 +19,8 @@
 
 mod common;
 
+use common::Case;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -47,21 +49,6 @@ where
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(IN_FLIGHT)
         .build(connector)
-}
-
-#[derive(Clone, Copy)]
-enum Case {
-    Get,
-    Post1k,
-}
-
-impl Case {
-    fn name(self) -> &'static str {
-        match self {
-            Case::Get => "GET, empty body",
-            Case::Post1k => "POST, 1 KiB body",
-        }
-    }
 }
 
 fn request(case: Case, uri: &str, payload: &Bytes) -> Request<Full<Bytes>> {

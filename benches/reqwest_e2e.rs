@@ -18,6 +18,8 @@
 
 mod common;
 
+use common::Case;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -65,21 +67,6 @@ fn client(middleware: impl Middleware) -> ClientWithMiddleware {
         .build()
         .unwrap();
     ClientBuilder::new(inner).with(middleware).build()
-}
-
-#[derive(Clone, Copy)]
-enum Case {
-    Get,
-    Post1k,
-}
-
-impl Case {
-    fn name(self) -> &'static str {
-        match self {
-            Case::Get => "GET, empty body",
-            Case::Post1k => "POST, 1 KiB body",
-        }
-    }
 }
 
 #[derive(Default, Clone, Copy)]

@@ -97,3 +97,19 @@ pub(crate) async fn token_server(secret: &str) -> SocketAddr {
     });
     addr
 }
+
+/// The request shapes of the end-to-end benches.
+#[derive(Clone, Copy)]
+pub(crate) enum Case {
+    Get,
+    Post1k,
+}
+
+impl Case {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Case::Get => "GET, empty body",
+            Case::Post1k => "POST, 1 KiB body",
+        }
+    }
+}
