@@ -9,8 +9,8 @@
 //! spawn to the last response.
 //!
 //! Environment: `STAMPEDE_ROUNDS` (default 7), `STAMPEDE_REQUESTS` (default 10000);
-//! `STAMPEDE_ONLY=fresh|stale` runs one round of one kind on a current-thread runtime (for
-//! callgrind).
+//! `STAMPEDE_ONLY=fresh|stale|mutex` runs one round of one kind (`mutex`: the mutex +
+//! wait-for-unlock design's stampede) on a current-thread runtime (for callgrind).
 
 mod common;
 
@@ -170,12 +170,16 @@ fn main() {
     if let Ok(kind) = std::env::var("STAMPEDE_ONLY") {
         // One round of one kind (`fresh`: no refresh, `stale`: a stampede) on a current-thread
         // runtime, for instruction counts under callgrind.
-        let token: &'static str = if kind == "stale" { "stale" } else { "fresh" };
+        let token: &'static str = if kind == "fresh" { "fresh" } else { "stale" };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let r = rt.block_on(round(n, token));
+        let r = if kind == "mutex" {
+            rt.block_on(round_mutex_wait(n, token))
+        } else {
+            rt.block_on(round(n, token))
+        };
         println!(
             "{kind}: {n} requests, {:.1} ms, {} refresher calls, {:.3} sends per request",
             ms(r.wall),

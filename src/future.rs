@@ -12,8 +12,7 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
-use crate::cell::Ticket;
-use crate::error::Failure;
+use crate::cell::{FreshWait, Ticket};
 use crate::head::ResponseHead;
 use crate::refresher::RefreshReason;
 use crate::replay::{self, Admit, Recovery, Sent, Verdict};
@@ -42,14 +41,13 @@ pub(crate) struct Kit<S, B> {
 }
 
 impl<S, B> Kit<S, B> {
-    /// The URI the request was sent to.
-    fn sent_uri(&self) -> http::Uri {
+    /// The URI the request was sent to (kept whenever a proof may need it).
+    fn sent_uri(&self) -> &http::Uri {
         self.head
             .as_ref()
             .map(|h| &h.uri)
             .or(self.uri.as_deref())
-            .cloned()
-            .unwrap_or_default()
+            .unwrap_or_else(|| replay::no_uri())
     }
 
     /// Whether `res` came from a later redirect hop than the request this layer sent
@@ -85,15 +83,17 @@ struct Readying<S, B> {
     req: Request<B>,
 }
 
-/// The outcome of a wait for a token before the first send (`None`: anonymous, no token).
-type Waited = Result<Option<(Ticket, HeaderValue)>, Failure>;
-
-/// A request whose wait for a token is over: what it sends once the inner service is ready.
-/// Boxed in the future: every future is sized for its largest state.
+/// A request that waits for a token before its first send, in one allocation (every future
+/// is sized for its largest state, and in a stampede every request waits): the kit, the
+/// body, the wait, then the token it is sent with once the inner service is ready.
 pub(crate) struct Parked<S, B> {
     kit: Kit<S, B>,
     body: ReplayBody<B>,
-    token: Option<(Ticket, HeaderValue)>,
+    /// Why it waits, until the first poll starts the wait.
+    reason: Option<RefreshReason>,
+    wait: Option<FreshWait>,
+    /// The outcome of the wait: the token (`None`: anonymous, sent without one).
+    token: Option<Option<(Ticket, HeaderValue)>>,
 }
 
 pin_project! {
@@ -123,13 +123,10 @@ pin_project! {
         Passthrough { #[pin] fut: F },
         // Sent with the current token; a refusal moves on to `Recovering`.
         Sent { #[pin] fut: F, kit: Option<Kit<S, B>> },
-        // No usable token at `call`: waiting for one (the wait boxed, small: in a stampede
-        // every request waits), holding no readiness of the inner service.
-        // The kit goes into the wait and comes back with its outcome.
-        Waiting { wait: BoxFuture<(Kit<S, B>, Waited)>, body: Option<ReplayBody<B>> },
-        // The wait is over: readying the inner service, then the send with the new token
-        // (`None`: anonymous, sent without one) goes on as `Sent` (or `Passthrough`).
-        Resuming { parked: Option<Box<Parked<S, B>>> },
+        // No usable token at `call`: waiting for one, holding no readiness of the inner
+        // service; then readying it, and the send with the new token goes on as `Sent` (or
+        // `Passthrough`, anonymous).
+        Waiting { parked: Option<Box<Parked<S, B>>> },
         // Replaying after a refusal (boxed: the rare path).
         Recovering { fut: BoxFuture<Result<R, BoxError>> },
         // Failed before anything was sent.
@@ -144,7 +141,6 @@ impl<S, B, F, R> std::fmt::Debug for ResponseFuture<S, B, F, R> {
             State::Passthrough { .. } => "passthrough",
             State::Sent { .. } => "sent",
             State::Waiting { .. } => "waiting",
-            State::Resuming { .. } => "resuming",
             State::Recovering { .. } => "recovering",
             State::Failed { .. } => "failed",
         };
@@ -196,15 +192,16 @@ where
     }
 
     pub(crate) fn after_wait(kit: Kit<S, B>, body: ReplayBody<B>, reason: RefreshReason) -> Self {
-        let ticket = kit.sent.ticket;
-        let wait = async move {
-            let waited = replay::wait_for_token(&kit.shared, ticket, reason).await;
-            (kit, waited)
+        let parked = Parked {
+            kit,
+            body,
+            reason: Some(reason),
+            wait: None,
+            token: None,
         };
         Self {
             state: State::Waiting {
-                wait: Box::pin(wait),
-                body: Some(body),
+                parked: Some(Box::new(parked)),
             },
         }
     }
@@ -250,8 +247,7 @@ where
                     }
                     let redirected = k.redirected(&res);
                     let uri = k.sent_uri();
-                    match replay::judge(&k.shared, k.sent, &uri, status, res.headers(), redirected)
-                    {
+                    match replay::judge(&k.shared, k.sent, uri, status, res.headers(), redirected) {
                         Verdict::Final => return Poll::Ready(Ok(res)),
                         Verdict::NewProof => {
                             let kit = kit.take().expect("checked above");
@@ -267,25 +263,27 @@ where
                         }
                     }
                 }
-                StateProj::Waiting { wait, body } => {
-                    let (kit, waited) = ready!(wait.as_mut().poll(cx));
-                    let token = waited.map_err(|f| f.into_box())?;
-                    let body = body.take().expect("polled after completion");
-                    this.state.set(State::Resuming {
-                        parked: Some(Box::new(Parked { kit, body, token })),
-                    });
-                }
-                StateProj::Resuming { parked } => {
-                    let polled = parked
-                        .as_mut()
-                        .expect("polled after completion")
-                        .kit
-                        .svc
-                        .poll_ready(cx);
-                    if let Err(err) = ready!(polled) {
+                StateProj::Waiting { parked } => {
+                    let p = parked.as_mut().expect("polled after completion");
+                    if p.token.is_none() {
+                        // The wait starts at the first poll, as an `async` block's would.
+                        if let Some(reason) = p.reason.take() {
+                            let ticket = p.kit.sent.ticket;
+                            p.wait = Some(replay::start_wait(&p.kit.shared, ticket, reason));
+                        }
+                        let wait = p.wait.as_mut().expect("started above");
+                        let answer = ready!(Pin::new(wait).poll(cx));
+                        p.wait = None;
+                        let token = replay::waited(&p.kit.shared, answer);
+                        p.token = Some(token.map_err(|f| f.into_box())?);
+                    }
+                    if let Err(err) = ready!(p.kit.svc.poll_ready(cx)) {
                         return Poll::Ready(Err(err.into()));
                     }
-                    let Parked { kit, body, token } = *parked.take().expect("readied once");
+                    let Parked {
+                        kit, body, token, ..
+                    } = *parked.take().expect("readied once");
+                    let token = token.expect("the wait is over");
                     let next = send_after_wait(kit, body, token);
                     this.state.set(next.state);
                 }

@@ -18,7 +18,7 @@ use futures_util::future::join;
 use http::header::AUTHORIZATION;
 use http::{Extensions, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
-use crate::cell::{Lookup, Need, Ticket, Unavailable, in_refresh};
+use crate::cell::{Answer, FreshWait, Lookup, Need, Ticket, Unavailable, in_refresh};
 use crate::config::{NoReplay, RequestHead, TokenRequest};
 use crate::error::{Failure, UnauthorizedAfterRefresh};
 use crate::head::ResponseHead;
@@ -113,16 +113,31 @@ pub(crate) async fn wait_for_token(
     ticket: Ticket,
     reason: RefreshReason,
 ) -> Result<Option<(Ticket, HeaderValue)>, Failure> {
+    let answer = start_wait(shared, ticket, reason).await;
+    waited(shared, answer)
+}
+
+/// [`wait_for_token`] in two parts, for a front end that keeps the wait in its own state:
+/// the wait itself (a small future that holds no borrow)…
+pub(crate) fn start_wait(shared: &Shared, ticket: Ticket, reason: RefreshReason) -> FreshWait {
     tracing::trace!(
         generation = ticket.generation,
         "no usable token; waiting for a refresh"
     );
-    let options = shared.options();
-    match shared
+    shared
         .cell()
-        .fresher_than(ticket, Need::BeforeSend, reason, options)
-        .await
-    {
+        .wait_fresher_than(ticket, Need::BeforeSend, reason, shared.options())
+}
+
+/// …and what its answer means for the request.
+// `Failure` is large only for its rare refresh variants.
+#[allow(clippy::result_large_err)]
+pub(crate) fn waited(
+    shared: &Shared,
+    answer: Answer,
+) -> Result<Option<(Ticket, HeaderValue)>, Failure> {
+    let options = shared.options();
+    match answer {
         Ok(fresh) => Ok(Some((fresh.ticket, fresh.header))),
         Err(err @ (Unavailable::Failed(_) | Unavailable::Cooling(_))) => {
             // A refresh inside the leeway failed: the token is still valid until it expires.
@@ -166,6 +181,13 @@ pub(crate) fn observe(shared: &Shared, uri: &Uri, status: StatusCode, headers: &
         .proof
         .as_ref()
         .is_some_and(|proof| proof.wants_new_proof(uri, status, headers))
+}
+
+/// A placeholder URI for a front end that kept none (only a proof reads it, and a layer with
+/// a proof always keeps the real one).
+pub(crate) fn no_uri() -> &'static Uri {
+    static NONE: std::sync::LazyLock<Uri> = std::sync::LazyLock::new(Uri::default);
+    &NONE
 }
 
 /// How a request was sent, for [`judge`].

@@ -276,8 +276,7 @@ impl RefreshMiddleware {
 /// The request's `http::Uri` where a proof or an attach rule needs it; `/` (never looked at)
 /// otherwise. Boxed where kept: every request's future holds it.
 fn target(uri: &Option<Box<http::Uri>>) -> &http::Uri {
-    static UNUSED: std::sync::LazyLock<http::Uri> = std::sync::LazyLock::new(http::Uri::default);
-    uri.as_deref().unwrap_or(&UNUSED)
+    uri.as_deref().unwrap_or_else(|| replay::no_uri())
 }
 
 /// The URL a request was sent to, to tell its response from a later redirect hop's: the copy

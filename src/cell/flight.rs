@@ -36,10 +36,24 @@ impl TokenCell {
         reason: RefreshReason,
         options: &RefreshOptions,
     ) -> Answer {
+        self.wait_fresher_than(ticket, need, reason, options).await
+    }
+
+    /// [`fresher_than`](Self::fresher_than) as a future of its own, small and nameable: the
+    /// decision (answer now, join, or start a refresh) is taken at once, and the future only
+    /// waits. A request front end keeps it beside the request instead of boxing an `async`
+    /// block (in a stampede every request holds one).
+    pub(crate) fn wait_fresher_than(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        need: Need,
+        reason: RefreshReason,
+        options: &RefreshOptions,
+    ) -> FreshWait {
         let shared = {
             let st = self.read();
             match st.begin_shared(ticket, need) {
-                Some(Begin::Answer(answer)) => return answer,
+                Some(Begin::Answer(answer)) => return FreshWait::Done(Some(answer)),
                 Some(Begin::Join(job)) => Some((job, st.flight.as_ref().is_some_and(|f| f.inline))),
                 _ => None,
             }
@@ -49,7 +63,7 @@ impl TokenCell {
         } else {
             let mut st = self.write();
             let (job, task) = match st.begin(ticket, need, options.clock.now()) {
-                Begin::Answer(answer) => return answer,
+                Begin::Answer(answer) => return FreshWait::Done(Some(answer)),
                 Begin::Join(job) => (job, None),
                 Begin::Start => self.start(&mut st, reason, options, false),
             };
@@ -63,7 +77,7 @@ impl TokenCell {
             tokio::runtime::Handle::try_current().is_ok_and(|current| current.id() == id)
         });
         let waiting = Waiting {
-            cell: self,
+            cell: self.clone(),
             job: Some(job),
             inline,
         };
@@ -71,7 +85,7 @@ impl TokenCell {
             // The refresh task runs on the runtime that drives this waiter, and its own
             // bound (the refresh timeout) ends it: no timer of its own (in a stampede every
             // request waits, and a timer each costs the runtime's timer wheel two updates).
-            return waiting.await;
+            return FreshWait::Joined(waiting);
         }
         // A waiter's own bound, beyond the refresh's: a refresh whose task sits on a runtime
         // that nobody drives any more delays its waiters but never wedges them.
@@ -79,19 +93,22 @@ impl TokenCell {
             .refresh_timeout
             .max(options.retries.total())
             .saturating_add(WAITER_MARGIN);
-        match tokio::time::timeout(bound, waiting).await {
-            Ok(answer) => answer,
-            Err(_) => {
-                self.abandon_flight(None);
-                tracing::warn!(
-                    bound_ms = bound.as_millis() as u64,
-                    "gave up waiting for a token refresh that does not finish"
-                );
-                Err(Unavailable::Failed(Arc::new(RefreshError::transient(
-                    "the token refresh did not finish in time",
-                ))))
+        let cell = self.clone();
+        FreshWait::Bounded(Box::pin(async move {
+            match tokio::time::timeout(bound, waiting).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    cell.abandon_flight(None);
+                    tracing::warn!(
+                        bound_ms = bound.as_millis() as u64,
+                        "gave up waiting for a token refresh that does not finish"
+                    );
+                    Err(Unavailable::Failed(Arc::new(RefreshError::transient(
+                        "the token refresh did not finish in time",
+                    ))))
+                }
             }
-        }
+        }))
     }
 
     /// Always calls the refresher, or joins the refresh already in flight. Ignores an ended
@@ -279,6 +296,34 @@ impl TokenCell {
 /// How long a waiter waits beyond the refresh's own bound before it gives up.
 const WAITER_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The wait of [`TokenCell::wait_fresher_than`].
+pub(crate) enum FreshWait {
+    /// Answered at once (`None` once it was taken).
+    Done(Option<Answer>),
+    /// Joined a refresh that the runtime driving this waiter runs (or the waiters drive).
+    Joined(Waiting),
+    /// Joined a refresh on another runtime: bounded by a timer of its own (rare: boxed).
+    Bounded(std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 'static>>),
+}
+
+impl std::future::Future for FreshWait {
+    type Output = Answer;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Answer> {
+        // Every variant is `Unpin`.
+        match self.get_mut() {
+            Self::Done(answer) => {
+                std::task::Poll::Ready(answer.take().expect("polled after completion"))
+            }
+            Self::Joined(waiting) => std::pin::Pin::new(waiting).poll(cx),
+            Self::Bounded(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A refresh task, spawned once the cell's lock is released.
 pub(crate) struct Task {
     runtime: tokio::runtime::Handle,
@@ -314,13 +359,13 @@ impl Drop for TaskGuard {
 /// Without a runtime, if it is dropped as the last one driving the refresh, the refresh is
 /// cancelled and the flight cleared, so that the next request starts a new one instead of
 /// waiting on a refresh nobody polls.
-struct Waiting<'a> {
-    cell: &'a TokenCell,
+pub(crate) struct Waiting {
+    cell: Arc<TokenCell>,
     job: Option<Job>,
     inline: bool,
 }
 
-impl std::future::Future for Waiting<'_> {
+impl std::future::Future for Waiting {
     type Output = Answer;
 
     fn poll(
@@ -334,7 +379,7 @@ impl std::future::Future for Waiting<'_> {
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
         let Some(job) = self.job.take() else {
             return;

@@ -34,6 +34,7 @@ use tokio::sync::broadcast;
 
 pub(crate) use attempt::in_refresh;
 use attempt::{BoxFuture, ErasedRefresher};
+pub(crate) use flight::FreshWait;
 pub(crate) use state::{Answer, Lookup, Need, Ticket, Unavailable};
 use state::{Now, Policy, Session, State};
 
