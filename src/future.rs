@@ -14,7 +14,6 @@ use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
 use crate::cell::{FreshWait, Ticket};
 use crate::head::ResponseHead;
-use crate::refresher::RefreshReason;
 use crate::replay::{self, Admit, Recovery, Sent, Verdict};
 use crate::shared::Shared;
 
@@ -89,11 +88,18 @@ struct Readying<S, B> {
 pub(crate) struct Parked<S, B> {
     kit: Kit<S, B>,
     body: ReplayBody<B>,
-    /// Why it waits, until the first poll starts the wait.
-    reason: Option<RefreshReason>,
-    wait: Option<FreshWait>,
-    /// The outcome of the wait: the token (`None`: anonymous, sent without one).
-    token: Option<Option<(Ticket, HeaderValue)>>,
+    phase: Phase,
+}
+
+/// Where a parked request's wait is.
+enum Phase {
+    /// Not started: the first poll starts it (`expired`: why it waits).
+    Start {
+        expired: bool,
+    },
+    Waiting(FreshWait),
+    /// Over: the token to send with (`None`: anonymous, sent without one).
+    Over(Option<(Ticket, HeaderValue)>),
 }
 
 pin_project! {
@@ -191,13 +197,11 @@ where
         }
     }
 
-    pub(crate) fn after_wait(kit: Kit<S, B>, body: ReplayBody<B>, reason: RefreshReason) -> Self {
+    pub(crate) fn after_wait(kit: Kit<S, B>, body: ReplayBody<B>, expired: bool) -> Self {
         let parked = Parked {
             kit,
             body,
-            reason: Some(reason),
-            wait: None,
-            token: None,
+            phase: Phase::Start { expired },
         };
         Self {
             state: State::Waiting {
@@ -265,25 +269,23 @@ where
                 }
                 StateProj::Waiting { parked } => {
                     let p = parked.as_mut().expect("polled after completion");
-                    if p.token.is_none() {
+                    if let Phase::Start { expired } = p.phase {
                         // The wait starts at the first poll, as an `async` block's would.
-                        if let Some(reason) = p.reason.take() {
-                            let ticket = p.kit.sent.ticket;
-                            p.wait = Some(replay::start_wait(&p.kit.shared, ticket, reason));
-                        }
-                        let wait = p.wait.as_mut().expect("started above");
+                        let wait = replay::start_wait(&p.kit.shared, p.kit.sent.ticket, expired);
+                        p.phase = Phase::Waiting(wait);
+                    }
+                    if let Phase::Waiting(wait) = &mut p.phase {
                         let answer = ready!(Pin::new(wait).poll(cx));
-                        p.wait = None;
                         let token = replay::waited(&p.kit.shared, answer);
-                        p.token = Some(token.map_err(|f| f.into_box())?);
+                        p.phase = Phase::Over(token.map_err(|f| f.into_box())?);
                     }
                     if let Err(err) = ready!(p.kit.svc.poll_ready(cx)) {
                         return Poll::Ready(Err(err.into()));
                     }
-                    let Parked {
-                        kit, body, token, ..
-                    } = *parked.take().expect("readied once");
-                    let token = token.expect("the wait is over");
+                    let Parked { kit, body, phase } = *parked.take().expect("readied once");
+                    let Phase::Over(token) = phase else {
+                        unreachable!("the wait is over before the send");
+                    };
                     let next = send_after_wait(kit, body, token);
                     this.state.set(next.state);
                 }
@@ -556,7 +558,7 @@ where
             };
             ResponseFuture::sent(fut, kit)
         }
-        Admit::Wait { ticket, reason } => {
+        Admit::Wait { ticket, expired } => {
             let (parts, body) = req.into_parts();
             let sent = Sent::new(ticket, true, &parts.extensions);
             let (body, source) = if sent.no_replay {
@@ -577,7 +579,7 @@ where
                 sent,
                 header: None,
             };
-            ResponseFuture::after_wait(kit, body, reason)
+            ResponseFuture::after_wait(kit, body, expired)
         }
     }
 }

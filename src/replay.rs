@@ -34,11 +34,9 @@ pub(crate) enum Admit {
     Fail(Failure),
     /// Send it now with this token.
     Send { ticket: Ticket, header: HeaderValue },
-    /// Wait for a token newer than `ticket`, then send it.
-    Wait {
-        ticket: Ticket,
-        reason: RefreshReason,
-    },
+    /// Wait for a token newer than `ticket`, then send it (`expired`: the token expired;
+    /// otherwise there is none yet). Kept this small: every `admit` returns one.
+    Wait { ticket: Ticket, expired: bool },
 }
 
 /// Step 1: the decision, without awaiting anything.
@@ -90,14 +88,7 @@ fn admit_to(
     }
     match shared.cell().lookup(shared.options()) {
         Lookup::Usable { ticket, header, .. } => Admit::Send { ticket, header },
-        Lookup::Stale { ticket, expired } => Admit::Wait {
-            ticket,
-            reason: if expired {
-                RefreshReason::Expired
-            } else {
-                RefreshReason::NoToken
-            },
-        },
+        Lookup::Stale { ticket, expired } => Admit::Wait { ticket, expired },
         Lookup::Cooling(cooling) => {
             Admit::Fail(Failure::Unavailable(Unavailable::Cooling(cooling), None))
         }
@@ -111,19 +102,24 @@ fn admit_to(
 pub(crate) async fn wait_for_token(
     shared: &Shared,
     ticket: Ticket,
-    reason: RefreshReason,
+    expired: bool,
 ) -> Result<Option<(Ticket, HeaderValue)>, Failure> {
-    let answer = start_wait(shared, ticket, reason).await;
+    let answer = start_wait(shared, ticket, expired).await;
     waited(shared, answer)
 }
 
 /// [`wait_for_token`] in two parts, for a front end that keeps the wait in its own state:
 /// the wait itself (a small future that holds no borrow)…
-pub(crate) fn start_wait(shared: &Shared, ticket: Ticket, reason: RefreshReason) -> FreshWait {
+pub(crate) fn start_wait(shared: &Shared, ticket: Ticket, expired: bool) -> FreshWait {
     tracing::trace!(
         generation = ticket.generation,
         "no usable token; waiting for a refresh"
     );
+    let reason = if expired {
+        RefreshReason::Expired
+    } else {
+        RefreshReason::NoToken
+    };
     shared
         .cell()
         .wait_fresher_than(ticket, Need::BeforeSend, reason, shared.options())

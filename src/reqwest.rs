@@ -213,9 +213,9 @@ impl RefreshMiddleware {
                 Admit::Untouched => return next.run(req, extensions).await,
                 Admit::Fail(failure) => return Err(failure.into_reqwest()),
                 Admit::Send { ticket, header } => (Sent::new(ticket, false, extensions), header),
-                Admit::Wait { ticket, reason } => {
+                Admit::Wait { ticket, expired } => {
                     // Boxed: most requests never wait, and the wait is a large future.
-                    let waited = Box::pin(replay::wait_for_token(shared, ticket, reason))
+                    let waited = Box::pin(replay::wait_for_token(shared, ticket, expired))
                         .await
                         .map_err(|f| f.into_reqwest())?;
                     match waited {

@@ -73,15 +73,15 @@ impl TokenCell {
         if let Some(task) = task {
             task.spawn();
         }
-        let runs_here = job.runtime.is_some_and(|id| {
-            tokio::runtime::Handle::try_current().is_ok_and(|current| current.id() == id)
-        });
+        // One look at the current runtime (each clones and drops its handle).
+        let current = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+        let runs_here = job.runtime.is_some() && job.runtime == current;
         let waiting = Waiting {
             cell: self.clone(),
             job: Some(job),
             inline,
         };
-        if !has_runtime() || runs_here {
+        if current.is_none() || runs_here {
             // The refresh task runs on the runtime that drives this waiter, and its own
             // bound (the refresh timeout) ends it: no timer of its own (in a stampede every
             // request waits, and a timer each costs the runtime's timer wheel two updates).
