@@ -99,6 +99,7 @@ fn admit_to(
 
 /// Step 2: waits for a token newer than `ticket` before the first send. `Ok(None)`: send the
 /// request untouched (anonymous mode, no token can be had).
+#[cfg(feature = "reqwest")]
 pub(crate) async fn wait_for_token(
     shared: &Shared,
     ticket: Ticket,
@@ -108,7 +109,7 @@ pub(crate) async fn wait_for_token(
     waited(shared, answer)
 }
 
-/// [`wait_for_token`] in two parts, for a front end that keeps the wait in its own state:
+/// Step 2 in two parts, for a front end that keeps the wait in its own state:
 /// the wait itself (a small future that holds no borrow)…
 pub(crate) fn start_wait(shared: &Shared, ticket: Ticket, expired: bool) -> FreshWait {
     tracing::trace!(
