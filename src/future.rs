@@ -49,6 +49,27 @@ impl<S, B> Kit<S, B> {
             .unwrap_or_else(|| replay::no_uri())
     }
 
+    /// What `res` means for the request: `None` when it goes to the caller as it is.
+    #[inline]
+    fn verdict<T>(&self, res: &Response<T>) -> Option<Verdict> {
+        let (status, headers) = (res.status(), res.headers());
+        if !replay::interesting(&self.shared, status, headers) {
+            return None;
+        }
+        let redirected = self.redirected(res);
+        match replay::judge(
+            &self.shared,
+            self.sent,
+            self.sent_uri(),
+            status,
+            headers,
+            redirected,
+        ) {
+            Verdict::Final => None,
+            verdict => Some(verdict),
+        }
+    }
+
     /// Whether `res` came from a later redirect hop than the request this layer sent
     /// (tower-http's `FollowRedirectLayer` records the final URI on the response).
     fn redirected<T>(&self, res: &Response<T>) -> bool {
@@ -100,6 +121,8 @@ enum Phase {
     Waiting(FreshWait),
     /// Over: the token to send with (`None`: anonymous, sent without one).
     Over(Option<(Ticket, HeaderValue)>),
+    /// The request went out (its kit stays here, see `State::Resent`).
+    Sent,
 }
 
 pin_project! {
@@ -129,6 +152,8 @@ pin_project! {
         Passthrough { #[pin] fut: F },
         // Sent with the current token; a refusal moves on to `Recovering`.
         Sent { #[pin] fut: F, kit: Option<Kit<S, B>> },
+        // Sent after a wait: as `Sent`, its kit kept where it waited (not moved again).
+        Resent { #[pin] fut: F, parked: Option<Box<Parked<S, B>>> },
         // No usable token at `call`: waiting for one, holding no readiness of the inner
         // service; then readying it, and the send with the new token goes on as `Sent` (or
         // `Passthrough`, anonymous).
@@ -145,7 +170,7 @@ impl<S, B, F, R> std::fmt::Debug for ResponseFuture<S, B, F, R> {
         let state = match &self.state {
             State::Readying { .. } => "readying",
             State::Passthrough { .. } => "passthrough",
-            State::Sent { .. } => "sent",
+            State::Sent { .. } | State::Resent { .. } => "sent",
             State::Waiting { .. } => "waiting",
             State::Recovering { .. } => "recovering",
             State::Failed { .. } => "failed",
@@ -242,30 +267,19 @@ where
                 StateProj::Passthrough { fut } => return fut.poll(cx).map_err(Into::into),
                 StateProj::Sent { fut, kit } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    let Some(k) = kit.as_ref() else {
+                    let Some(verdict) = kit.as_ref().and_then(|k| k.verdict(&res)) else {
                         return Poll::Ready(Ok(res));
                     };
-                    let status = res.status();
-                    if !replay::interesting(&k.shared, status, res.headers()) {
+                    let kit = kit.take().expect("checked above");
+                    this.state.set(recovering(kit, res, verdict));
+                }
+                StateProj::Resent { fut, parked } => {
+                    let res = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    let Some(verdict) = parked.as_ref().and_then(|p| p.kit.verdict(&res)) else {
                         return Poll::Ready(Ok(res));
-                    }
-                    let redirected = k.redirected(&res);
-                    let uri = k.sent_uri();
-                    match replay::judge(&k.shared, k.sent, uri, status, res.headers(), redirected) {
-                        Verdict::Final => return Poll::Ready(Ok(res)),
-                        Verdict::NewProof => {
-                            let kit = kit.take().expect("checked above");
-                            this.state.set(State::Recovering {
-                                fut: Box::pin(new_proof_replay(kit, res)),
-                            });
-                        }
-                        _ => {
-                            let kit = kit.take().expect("checked above");
-                            this.state.set(State::Recovering {
-                                fut: Box::pin(recover_and_replay(kit, res)),
-                            });
-                        }
-                    }
+                    };
+                    let kit = parked.take().expect("checked above").kit;
+                    this.state.set(recovering(kit, res, verdict));
                 }
                 StateProj::Waiting { parked } => {
                     let p = parked.as_mut().expect("polled after completion");
@@ -282,11 +296,7 @@ where
                     if let Err(err) = ready!(p.kit.svc.poll_ready(cx)) {
                         return Poll::Ready(Err(err.into()));
                     }
-                    let Parked { kit, body, phase } = *parked.take().expect("readied once");
-                    let Phase::Over(token) = phase else {
-                        unreachable!("the wait is over before the send");
-                    };
-                    let next = send_after_wait(kit, body, token);
+                    let next = send_after_wait(parked.take().expect("readied once"));
                     this.state.set(next.state);
                 }
                 StateProj::Recovering { fut } => return fut.as_mut().poll(cx),
@@ -315,9 +325,7 @@ where
 /// (`None`: anonymous, untouched). The response is judged as any other (`Sent`): a refusal
 /// now is final ([`Verdict::RefusedAfterRefresh`]) unless a proof asks for a new one.
 fn send_after_wait<S, B, ResBody>(
-    mut kit: Kit<S, B>,
-    body: ReplayBody<B>,
-    token: Option<(Ticket, HeaderValue)>,
+    mut parked: Box<Parked<S, B>>,
 ) -> ResponseFuture<S, B, S::Future, Response<ResBody>>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Send + 'static,
@@ -327,6 +335,11 @@ where
     ResBody: Body + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
+    let Phase::Over(token) = std::mem::replace(&mut parked.phase, Phase::Sent) else {
+        unreachable!("the wait is over before the send");
+    };
+    let body = std::mem::take(&mut parked.body);
+    let kit = &mut parked.kit;
     let mut parts = kit
         .head
         .take()
@@ -352,7 +365,33 @@ where
     }
     kit.sent.ticket = ticket;
     let fut = kit.svc.call(Request::from_parts(parts, body));
-    ResponseFuture::sent(fut, kit)
+    ResponseFuture {
+        state: State::Resent {
+            fut,
+            parked: Some(parked),
+        },
+    }
+}
+
+/// The state that recovers from a refusal with this verdict.
+fn recovering<S, B, F, ResBody>(
+    kit: Kit<S, B>,
+    res: Response<ResBody>,
+    verdict: Verdict,
+) -> State<S, B, F, Response<ResBody>>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let fut: BoxFuture<Result<Response<ResBody>, BoxError>> = match verdict {
+        Verdict::NewProof => Box::pin(new_proof_replay(kit, res)),
+        _ => Box::pin(recover_and_replay(kit, res)),
+    };
+    State::Recovering { fut }
 }
 
 /// The response refused the token the request carried: get a newer one and replay once.
