@@ -14,7 +14,9 @@
 //! CPU time per request is reported too, the steadier figure on a shared machine.
 //!
 //! Environment: `REQWEST_ROUNDS` (default 7), `REQWEST_SECS` (seconds per line and round,
-//! default 1).
+//! default 1). With `REQWEST_ITERS=<n>` the binary sends `n` requests of one line
+//! (`REQWEST_LINE` = `static_header` | `refresh`) and case (`REQWEST_CASE` = `get` |
+//! `post_1k`) one after the other on a current-thread runtime, for callgrind.
 
 mod common;
 
@@ -128,7 +130,63 @@ async fn run(
     }
 }
 
+/// Sends `n` requests one after the other.
+async fn sequential(
+    client: &ClientWithMiddleware,
+    case: Case,
+    url: &str,
+    payload: &Bytes,
+    n: usize,
+) {
+    for _ in 0..n {
+        let req = match case {
+            Case::Get => client.get(url),
+            Case::Post1k => client
+                .post(url)
+                .header(http::header::CONTENT_TYPE, "application/octet-stream")
+                .body(payload.clone()),
+        };
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.bytes().await.unwrap();
+    }
+}
+
+/// `REQWEST_ITERS` mode, for instruction counts.
+fn count_mode(n: usize) {
+    let line = std::env::var("REQWEST_LINE").unwrap_or_else(|_| "refresh".into());
+    let case = match std::env::var("REQWEST_CASE").as_deref().unwrap_or("get") {
+        "get" => Case::Get,
+        "post_1k" => Case::Post1k,
+        other => panic!("unknown REQWEST_CASE {other}"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let addr = common::token_server(SECRET).await;
+        let url = format!("http://{addr}/items");
+        let payload = Bytes::from(vec![b'x'; 1024]);
+        let (calls, layer) = common::valid_token_layer(SECRET);
+        let client = match line.as_str() {
+            "static_header" => client(StaticHeader(
+                HeaderValue::from_str(&format!("Bearer {SECRET}")).unwrap(),
+            )),
+            "refresh" => client(layer.reqwest_middleware()),
+            other => panic!("unknown REQWEST_LINE {other}"),
+        };
+        sequential(&client, case, &url, &payload, 16).await;
+        sequential(&client, case, &url, &payload, n).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "the refresher was called");
+    });
+}
+
 fn main() {
+    if let Ok(n) = std::env::var("REQWEST_ITERS") {
+        count_mode(n.parse().expect("REQWEST_ITERS is a number"));
+        return;
+    }
     let rounds: usize = common::env_or("REQWEST_ROUNDS", 7);
     let secs: f64 = common::env_or("REQWEST_SECS", 1.0);
     let rt = tokio::runtime::Builder::new_multi_thread()
