@@ -17,7 +17,9 @@
 //!   write lock for the refresh (requests wait for the unlock), then the request is replayed
 //!   once from its clone;
 //! - `refresh`: this crate, with a valid initial token (no refresh happens; every refresher in
-//!   this bench counts its calls and the count is checked to be zero).
+//!   this bench counts its calls and the count is checked to be zero);
+//! - `refresh_expiring`: the same with a token that expires in an hour, as OAuth 2.0 tokens
+//!   do: the layer then reads the clock on every request.
 //!
 //! The peers are small and honest versions of their documented designs, written here (none is
 //! a dependency); like typical hand-written middleware, they return a boxed future.
@@ -357,7 +359,7 @@ fn request(case: Case, payload: &Bytes) -> Request<Full<Bytes>> {
 }
 
 /// The lines, in the order of the tables.
-const LINES: [&str; 7] = [
+const LINES: [&str; 8] = [
     "bare",
     "add_authorization",
     "replay_floor",
@@ -365,6 +367,7 @@ const LINES: [&str; 7] = [
     "kube_style",
     "mutex_wait",
     "refresh",
+    "refresh_expiring",
 ];
 
 /// A line's service over `inner`, type-erased only by `impl Trait` (no boxing on the path):
@@ -420,6 +423,7 @@ macro_rules! with_line {
 /// `ServiceBuilder` and inference only, so renaming the layer's types does not touch it.
 fn refresh_svc<S>(
     inner: S,
+    line: &str,
 ) -> impl Service<Request<Full<Bytes>>, Response = Response<String>, Error = BoxError>
 where
     S: Service<Request<ReplayBody<Full<Bytes>>>, Response = Response<String>, Error = Infallible>
@@ -434,7 +438,12 @@ where
                 REFRESHES.fetch_add(1, Ordering::SeqCst);
                 async { Err::<Token, _>(RefreshError::terminal("the hot path must not refresh")) }
             }))
-            .initial_token(Token::bearer(SECRET).unwrap()),
+            .initial_token(match line {
+                "refresh_expiring" => Token::bearer(SECRET)
+                    .unwrap()
+                    .with_expires_in(Duration::from_secs(3600)),
+                _ => Token::bearer(SECRET).unwrap(),
+            }),
         )
         .service(inner)
 }
@@ -453,8 +462,8 @@ fn setup_check() {
     for case in Case::ALL {
         let payload = case.payload();
         for line in LINES {
-            if line == "refresh" {
-                let mut svc = refresh_svc(checking(Some(expected)));
+            if line.starts_with("refresh") {
+                let mut svc = refresh_svc(checking(Some(expected)), line);
                 drive(&mut svc, request(case, &payload));
                 continue;
             }
@@ -476,8 +485,8 @@ fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         let mut group = c.benchmark_group(format!("p1/{}", case.name()));
         group.throughput(Throughput::Elements(1));
         for line in LINES {
-            if line == "refresh" {
-                let mut svc = refresh_svc(inner());
+            if line.starts_with("refresh") {
+                let mut svc = refresh_svc(inner(), line);
                 group.bench_function(line, |b| {
                     b.iter_batched(
                         || request(case, &payload),
@@ -524,8 +533,8 @@ fn count_mode(iters: u64) {
                 black_box(request(case, &payload));
             }
         }
-        "refresh" => {
-            let mut svc = refresh_svc(inner());
+        "refresh" | "refresh_expiring" => {
+            let mut svc = refresh_svc(inner(), &line);
             for _ in 0..iters {
                 black_box(drive(&mut svc, request(case, &payload)));
             }

@@ -459,6 +459,7 @@ impl RefreshOptions {
 
     // ===== the per-request policy =====
 
+    #[inline]
     pub(crate) fn triggers(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         match &self.trigger {
             Some(trigger) => trigger(status, headers),

@@ -52,10 +52,15 @@ impl<S, B> Kit<S, B> {
     /// What `res` means for the request: `None` when it goes to the caller as it is.
     #[inline]
     fn verdict<T>(&self, res: &Response<T>) -> Option<Verdict> {
-        let (status, headers) = (res.status(), res.headers());
-        if !replay::interesting(&self.shared, status, headers) {
+        if !replay::interesting(&self.shared, res.status(), res.headers()) {
             return None;
         }
+        self.judge(res)
+    }
+
+    /// [`verdict`](Self::verdict) for a response worth a look.
+    fn judge<T>(&self, res: &Response<T>) -> Option<Verdict> {
+        let (status, headers) = (res.status(), res.headers());
         let redirected = self.redirected(res);
         match replay::judge(
             &self.shared,
@@ -247,10 +252,40 @@ where
 {
     type Output = Result<Response<ResBody>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let mut state = self.project().state;
+        // The common path, kept small so that the inner future's `poll` can be inlined
+        // here: a request sent with the current token, its response not worth a look.
+        if let StateProj::Sent { fut, kit } = state.as_mut().project() {
+            let res = ready!(fut.poll(cx)).map_err(Into::into)?;
+            let Some(verdict) = kit.as_ref().and_then(|k| k.verdict(&res)) else {
+                return Poll::Ready(Ok(res));
+            };
+            let kit = kit.take().expect("checked above");
+            state.set(recovering(kit, res, verdict));
+        }
+        Self::poll_states(state, cx)
+    }
+}
+
+impl<S, B, ResBody> ResponseFuture<S, B, S::Future, Response<ResBody>>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    /// Every state, moving from one to the next until one is pending or done.
+    #[inline(never)]
+    fn poll_states(
+        mut state: Pin<&mut State<S, B, S::Future, Response<ResBody>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ResBody>, BoxError>> {
         loop {
-            match this.state.as_mut().project() {
+            match state.as_mut().project() {
                 StateProj::Readying { ready } => {
                     let polled = ready
                         .as_mut()
@@ -262,7 +297,7 @@ where
                     }
                     let Readying { svc, shared, req } = *ready.take().expect("readied once");
                     let next = dispatch(&shared, svc, req);
-                    this.state.set(next.state);
+                    state.set(next.state);
                 }
                 StateProj::Passthrough { fut } => return fut.poll(cx).map_err(Into::into),
                 StateProj::Sent { fut, kit } => {
@@ -271,7 +306,7 @@ where
                         return Poll::Ready(Ok(res));
                     };
                     let kit = kit.take().expect("checked above");
-                    this.state.set(recovering(kit, res, verdict));
+                    state.set(recovering(kit, res, verdict));
                 }
                 StateProj::Resent { fut, parked } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;
@@ -279,7 +314,7 @@ where
                         return Poll::Ready(Ok(res));
                     };
                     let kit = parked.take().expect("checked above").kit;
-                    this.state.set(recovering(kit, res, verdict));
+                    state.set(recovering(kit, res, verdict));
                 }
                 StateProj::Waiting { parked } => {
                     let p = parked.as_mut().expect("polled after completion");
@@ -297,7 +332,7 @@ where
                         return Poll::Ready(Err(err.into()));
                     }
                     let next = send_after_wait(parked.take().expect("readied once"));
-                    this.state.set(next.state);
+                    state.set(next.state);
                 }
                 StateProj::Recovering { fut } => return fut.as_mut().poll(cx),
                 StateProj::Failed { error } => {

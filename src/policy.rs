@@ -278,8 +278,14 @@ pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
 /// assert!(default_trigger(StatusCode::UNAUTHORIZED, &HeaderMap::new()));
 /// assert!(!default_trigger(StatusCode::OK, &HeaderMap::new()));
 /// ```
+#[inline]
 pub fn default_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
-    http_trigger(status, headers) || grpc_trigger(status, headers)
+    // Every response the layer sees comes through here: the statuses first, inline.
+    match status {
+        StatusCode::UNAUTHORIZED => bearer_allows_refresh(headers),
+        StatusCode::OK if !headers.is_empty() => grpc_trigger(status, headers),
+        _ => false,
+    }
 }
 
 /// The HTTP trigger: status 401, unless every Bearer challenge names an `error` other than

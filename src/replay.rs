@@ -151,6 +151,7 @@ pub(crate) fn waited(
 /// Adds the proof of possession, if the layer has one, to a send that carries the token.
 // `Failure` is large only for its rare refresh variants; this path returns `Proof` alone.
 #[allow(clippy::result_large_err)]
+#[inline]
 pub(crate) fn prove(
     shared: &Shared,
     method: &Method,
@@ -198,6 +199,7 @@ pub(crate) struct Sent {
 }
 
 impl Sent {
+    #[inline]
     pub(crate) fn new(ticket: Ticket, waited: bool, extensions: &Extensions) -> Self {
         Self {
             ticket,

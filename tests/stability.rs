@@ -1193,6 +1193,8 @@ struct SuspendClock {
     mono: Instant,
     wall: SystemTime,
     offsets: Arc<Mutex<(Duration, Duration)>>,
+    /// How many times the layer read the wall clock.
+    wall_reads: Arc<AtomicUsize>,
 }
 
 impl SuspendClock {
@@ -1201,6 +1203,7 @@ impl SuspendClock {
             mono: Instant::now(),
             wall: SystemTime::now(),
             offsets: Arc::default(),
+            wall_reads: Arc::default(),
         }
     }
 
@@ -1217,8 +1220,51 @@ impl Clock for SuspendClock {
     }
 
     fn wall(&self) -> SystemTime {
+        self.wall_reads.fetch_add(1, Ordering::SeqCst);
         self.wall + self.offsets.lock().unwrap().1
     }
+}
+
+/// The wall clock costs a clock read of its own: requests with a token that has an expiry
+/// read it at most once per 50 ms of the monotonic clock, and the next read still catches a
+/// machine that slept through the expiry.
+#[tokio::test]
+async fn the_wall_clock_is_read_once_per_50_ms_and_still_catches_a_suspend() {
+    guard(async {
+        let script = Script::new(Mode::Issue, Some(Duration::from_secs(600)));
+        script.accept("t0");
+        let seen = Seen::default();
+        let clock = SuspendClock::new();
+        let layer = RefreshLayer::new(script.refresher())
+            .clock(clock.clone())
+            .initial_token(expiring("t0", Duration::from_secs(600)));
+        let svc = layer.layer(api(&script, &seen));
+
+        let before = clock.wall_reads.load(Ordering::SeqCst);
+        for _ in 0..100 {
+            let res = svc.clone().oneshot(get("/")).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        let reads = clock.wall_reads.load(Ordering::SeqCst) - before;
+        assert_eq!(
+            reads, 1,
+            "100 requests within 50 ms read the wall clock {reads} times"
+        );
+
+        // An hour of sleep, then 50 ms of the monotonic clock: the next request checks.
+        clock.advance(Duration::from_millis(50), Duration::from_secs(3600));
+        let res = svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(script.calls(), 1);
+        assert_eq!(script.call_log()[0].reason, "expired");
+        assert_eq!(seen.all().last().map(String::as_str), Some("Bearer t1"));
+        assert_eq!(
+            seen.all().len(),
+            101,
+            "no request went out with the expired token"
+        );
+    })
+    .await;
 }
 
 #[tokio::test]

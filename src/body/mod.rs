@@ -181,6 +181,7 @@ impl<B> ReplayBody<B> {
 }
 
 impl<B> Drop for ReplayBody<B> {
+    #[inline]
     fn drop(&mut self) {
         if matches!(self.kind, Kind::Capture(_)) {
             if let Kind::Capture(capture) = std::mem::replace(&mut self.kind, Kind::Empty) {

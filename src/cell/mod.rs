@@ -106,6 +106,19 @@ fn policy(options: &RefreshOptions) -> Policy<'_> {
     }
 }
 
+/// The layer's clocks, read one at a time as a decision needs them.
+struct Clocks<'a>(&'a RefreshOptions);
+
+impl state::Reading for Clocks<'_> {
+    fn mono(&self) -> tokio::time::Instant {
+        self.0.clock.now()
+    }
+
+    fn wall(&self) -> std::time::SystemTime {
+        self.0.clock.wall()
+    }
+}
+
 fn now(options: &RefreshOptions) -> Now {
     Now {
         mono: options.clock.now(),
@@ -160,7 +173,7 @@ impl TokenCell {
     /// background refresh when one is due.
     #[inline]
     pub(crate) fn lookup(self: &Arc<Self>, options: &RefreshOptions) -> Lookup {
-        let found = self.read().lookup(|| now(options), policy(options));
+        let found = self.read().lookup(Clocks(options), policy(options));
         if let Lookup::Usable { ahead: true, .. } = found {
             self.refresh_ahead(options);
         }

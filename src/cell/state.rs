@@ -4,6 +4,7 @@
 //! That keeps every transition unit-testable without a runtime (see the tests at the end).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
@@ -17,6 +18,13 @@ use crate::token::{Expiry, Token};
 /// The leeway never exceeds this fraction of a token's lifetime (1/`LEEWAY_DIVISOR`), so a
 /// token that lives less than the leeway is still used for most of its life.
 pub(crate) const LEEWAY_DIVISOR: u32 = 10;
+
+/// How often, on the monotonic clock, the hot path also reads the wall clock to catch a
+/// machine that slept through a token's expiry. Every request used to read both clocks; the
+/// wall clock costs a `clock_gettime` of its own. A request in the first 50 ms after such a
+/// wake-up may still carry the expired token: the server refuses it and the layer refreshes
+/// and replays, as for any refused token.
+pub(crate) const WALL_CHECK_EVERY: Duration = Duration::from_millis(50);
 
 /// Where a request stands: the generation of the token it saw and how many foreground
 /// refreshes had completed then. A waiter is answered by anything that happened after it.
@@ -54,6 +62,13 @@ pub(crate) struct Held {
     /// The same deadline on the wall clock, to catch a machine that slept through it (the
     /// monotonic clock stops during suspend on Linux and macOS).
     pub(crate) wall_expires_at: Option<SystemTime>,
+    /// The leeway's cap for this token (1/`LEEWAY_DIVISOR` of its lifetime).
+    leeway_cap: Duration,
+    /// When it was stored, on the monotonic clock.
+    stored_at: Instant,
+    /// Nanoseconds after `stored_at` before which the hot path need not read the wall clock
+    /// again (see [`WALL_CHECK_EVERY`]).
+    wall_quiet: AtomicU64,
 }
 
 impl Held {
@@ -72,7 +87,31 @@ impl Held {
             lifetime,
             expires_at,
             wall_expires_at,
+            leeway_cap: lifetime.map_or(Duration::ZERO, |life| life / LEEWAY_DIVISOR),
+            stored_at: now,
+            wall_quiet: AtomicU64::new(0),
         }
+    }
+
+    /// Past the hard deadline, for the hot path: the monotonic clock on every call, the wall
+    /// clock at most every [`WALL_CHECK_EVERY`] (of the monotonic clock).
+    fn expired_now(&self, mono: Instant, clocks: &impl Reading) -> bool {
+        if self.expires_at.is_some_and(|at| mono >= at) {
+            return true;
+        }
+        let Some(wall_at) = self.wall_expires_at else {
+            return false;
+        };
+        let since = nanos(mono.saturating_duration_since(self.stored_at));
+        if since < self.wall_quiet.load(Ordering::Relaxed) {
+            return false;
+        }
+        if clocks.wall() >= wall_at {
+            return true;
+        }
+        let next = since.saturating_add(nanos(WALL_CHECK_EVERY));
+        self.wall_quiet.store(next, Ordering::Relaxed);
+        false
     }
 
     /// Past the hard deadline, on either clock.
@@ -83,8 +122,8 @@ impl Held {
 
     /// When requests stop using the token and wait for a refresh first.
     pub(crate) fn refresh_at(&self, leeway: Duration) -> Option<Instant> {
-        let (life, at) = (self.lifetime?, self.expires_at?);
-        Some(at - leeway.min(life / LEEWAY_DIVISOR))
+        let at = self.expires_at?;
+        Some(at - leeway.min(self.leeway_cap))
     }
 
     /// When a background refresh may start while the token is still used: the window is
@@ -134,21 +173,26 @@ pub(crate) struct Now {
     pub(crate) wall: SystemTime,
 }
 
-/// Something that reads the clocks: a reading taken already, or a way to take one.
+/// Something that reads the clocks: a reading taken already, or the clocks themselves (each
+/// read only when a decision needs it).
 pub(crate) trait Reading {
-    fn read(&self) -> Now;
+    fn mono(&self) -> Instant;
+    fn wall(&self) -> SystemTime;
 }
 
 impl Reading for Now {
-    fn read(&self) -> Now {
-        *self
+    fn mono(&self) -> Instant {
+        self.mono
+    }
+
+    fn wall(&self) -> SystemTime {
+        self.wall
     }
 }
 
-impl<F: Fn() -> Now> Reading for F {
-    fn read(&self) -> Now {
-        self()
-    }
+/// A duration in nanoseconds, saturating.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// What a request found.
@@ -288,7 +332,7 @@ impl<J: Clone> State<J> {
     pub(crate) fn lookup(&self, now: impl Reading, policy: Policy<'_>) -> Lookup {
         let ticket = self.ticket();
         let cooling_at = |now: &dyn Reading| match self.cooling {
-            Some(_) => self.cooling_at(now.read().mono),
+            Some(_) => self.cooling_at(now.mono()),
             None => None,
         };
         let held = match &self.session {
@@ -322,9 +366,9 @@ impl<J: Clone> State<J> {
                 ahead: false,
             };
         }
-        let now = now.read();
-        let cooling = self.cooling_at(now.mono);
-        if held.expired(now.mono, now.wall) {
+        let mono = now.mono();
+        let cooling = self.cooling_at(mono);
+        if held.expired_now(mono, &now) {
             return match cooling {
                 Some(c) => Lookup::Cooling(c),
                 None => Lookup::Stale {
@@ -333,11 +377,7 @@ impl<J: Clone> State<J> {
                 },
             };
         }
-        if cooling.is_none()
-            && held
-                .refresh_at(policy.leeway)
-                .is_some_and(|at| now.mono >= at)
-        {
+        if cooling.is_none() && held.refresh_at(policy.leeway).is_some_and(|at| mono >= at) {
             return Lookup::Stale {
                 ticket,
                 expired: true,
@@ -345,10 +385,10 @@ impl<J: Clone> State<J> {
         }
         let ahead = cooling.is_none()
             && self.flight.is_none()
-            && self.ahead_not_before.is_none_or(|t| now.mono >= t)
+            && self.ahead_not_before.is_none_or(|t| mono >= t)
             && policy.ahead.is_some_and(|rule| {
                 held.ahead_at(rule, policy.leeway)
-                    .is_some_and(|at| now.mono >= at)
+                    .is_some_and(|at| mono >= at)
             });
         Lookup::Usable {
             ticket,
