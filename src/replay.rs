@@ -40,7 +40,7 @@ pub(crate) enum Admit {
 }
 
 /// Step 1: the decision, without awaiting anything.
-#[inline]
+#[inline(always)]
 pub(crate) fn admit(
     shared: &Shared,
     method: &Method,
@@ -68,14 +68,14 @@ pub(crate) fn admit_url(
     })
 }
 
-#[inline]
+#[inline(always)]
 fn admit_to(
     shared: &Shared,
     headers: &HeaderMap,
     extensions: &Extensions,
     destination: impl FnOnce() -> Destination,
 ) -> Admit {
-    if headers.contains_key(AUTHORIZATION)
+    if (!headers.is_empty() && headers.contains_key(AUTHORIZATION))
         || extensions.get::<TokenRequest>().is_some()
         || in_refresh()
     {

@@ -77,6 +77,7 @@ impl Shared {
     }
 
     /// Where the token may go for a request to `uri`.
+    #[inline]
     pub(crate) fn destination(&self, head: &RequestHead<'_>) -> Destination {
         let options = self.options();
         if let Some(rule) = &options.attach_when {

@@ -96,10 +96,16 @@ impl<B: Body + 'static> ReplayBody<B> {
     /// A body that is already one chunk in memory (`Full<Bytes>`, `String`) of at most
     /// [`SEND_SLICE`] bytes and the cap needs no capture: its bytes are
     /// the replay (a reference-counted clone), with no shared slot, no lock, no allocation.
-    pub(crate) fn new(mut body: B, cap: usize) -> (Self, Option<ReplaySource<B>>) {
+    #[inline]
+    pub(crate) fn new(body: B, cap: usize) -> (Self, Option<ReplaySource<B>>) {
         if body.is_end_stream() {
             return (Self { kind: Kind::Empty }, Some(ReplaySource::Empty));
         }
+        Self::with_data(body, cap)
+    }
+
+    /// [`new`](Self::new) for a body that has data to send.
+    fn with_data(mut body: B, cap: usize) -> (Self, Option<ReplaySource<B>>) {
         let hint = body.size_hint();
         let too_big = match hint.exact() {
             Some(n) => n > cap as u64,

@@ -145,6 +145,7 @@ impl TokenCell {
         self
     }
 
+    #[inline]
     fn read(&self) -> RwLockReadGuard<'_, State<Job>> {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -171,7 +172,7 @@ impl TokenCell {
 
     /// The hot path: what a request should do, without awaiting anything. Starts a
     /// background refresh when one is due.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn lookup(self: &Arc<Self>, options: &RefreshOptions) -> Lookup {
         let found = self.read().lookup(Clocks(options), policy(options));
         if let Lookup::Usable { ahead: true, .. } = found {
