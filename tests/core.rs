@@ -190,6 +190,26 @@ async fn attaches_sensitive_bearer_and_leaves_callers_own_authorization_alone() 
     let req = round_trip(&svc, &mut handle, own, status(StatusCode::UNAUTHORIZED)).await;
     assert_eq!(auth(&req), "Basic dXNlcjpwdw==");
     assert_eq!(refresher.calls(), 0);
+
+    // Found among a few other headers, and among many (the layer looks for it two ways).
+    for others in [3, 12] {
+        let mut own = get("/c");
+        for i in 0..others {
+            own.headers_mut().insert(
+                http::HeaderName::try_from(format!("x-extra-{i}")).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        own.headers_mut().insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic dXNlcjpwdw=="),
+        );
+        own.headers_mut()
+            .insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+        let req = round_trip(&svc, &mut handle, own, status(StatusCode::UNAUTHORIZED)).await;
+        assert_eq!(auth(&req), "Basic dXNlcjpwdw==", "{others} other headers");
+        assert_eq!(refresher.calls(), 0);
+    }
 }
 
 #[tokio::test]

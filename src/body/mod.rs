@@ -219,8 +219,11 @@ where
                 let Kind::Whole(bytes) = std::mem::replace(&mut self.kind, Kind::Empty) else {
                     return Poll::Ready(None);
                 };
-                let bytes = Arc::unwrap_or_clone(bytes);
-                Poll::Ready(Some(Ok(Frame::data(bytes))))
+                // A clone of the shared `Bytes` (one count), not `Arc::unwrap_or_clone`: the
+                // replay source usually holds the other `Arc`, so the unwrap would not succeed.
+                let data = Bytes::clone(&bytes);
+                drop(bytes);
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
             Kind::Passthrough(body) => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
