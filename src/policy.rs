@@ -332,13 +332,14 @@ pub fn grpc_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
     if status != StatusCode::OK || headers.is_empty() {
         return false;
     }
-    let unauthenticated = headers
-        .get(&GRPC_STATUS)
-        .is_some_and(|v| v.as_bytes().trim_ascii() == GRPC_UNAUTHENTICATED);
-    unauthenticated
+    // The content type first: a standard header name is cheaper to look up than
+    // `grpc-status`, and most responses are not gRPC.
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
         && headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
+            .get(&GRPC_STATUS)
+            .is_some_and(|v| v.as_bytes().trim_ascii() == GRPC_UNAUTHENTICATED)
         && bearer_allows_refresh(headers)
 }
 
