@@ -2,6 +2,7 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::AUTHORIZATION;
@@ -19,11 +20,51 @@ use crate::shared::Shared;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// Where a replay gets its inner service from.
+pub(crate) enum Replayer<S> {
+    /// A clone taken at `call`: for a service no larger than two words, whose clone costs no
+    /// more than the shared count below (a closure, a handle around one `Arc`).
+    Own(S),
+    /// The layer's own copy, shared and cloned only for a replay: a larger service (a
+    /// hyper-util `Client` is 120 bytes and several reference counts) is neither cloned
+    /// nor carried in every request's future. Behind a lock only because a service need
+    /// not be `Sync`; it is taken once per replay.
+    Shared(Template<S>),
+}
+
+/// A layer's shared copy of its inner service (see [`Replayer::Shared`]).
+pub(crate) type Template<S> = Arc<std::sync::Mutex<S>>;
+
+impl<S: Clone> Replayer<S> {
+    /// Whether a layer shares a copy of `S` for replays instead of cloning it per request.
+    pub(crate) const SHARES: bool = std::mem::size_of::<S>() > 2 * std::mem::size_of::<usize>();
+
+    /// How a request sent through `inner` replays: `template` is the layer's shared copy
+    /// (present when [`SHARES`](Self::SHARES)).
+    #[inline]
+    pub(crate) fn of(inner: &S, template: Option<&Template<S>>) -> Self {
+        match template {
+            Some(template) => Self::Shared(template.clone()),
+            None => Self::Own(inner.clone()),
+        }
+    }
+
+    /// A service to replay through (not ready yet).
+    fn service(self) -> S {
+        match self {
+            Self::Own(svc) => svc,
+            Self::Shared(template) => template
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
 /// What a request keeps to wait for a token, or to replay itself once.
 pub(crate) struct Kit<S, B> {
-    /// The inner service: the one `call` used (the replay readies it again), or an unready
-    /// clone for a request that waits before its first send.
-    pub(crate) svc: S,
+    /// Where a replay gets its inner service from.
+    pub(crate) replayer: Replayer<S>,
     pub(crate) shared: Shared,
     /// The request head without the token, kept only when the body can be replayed (or the
     /// request has not been sent yet).
@@ -104,6 +145,7 @@ fn redirected<T>(_: &Response<T>, _: Option<&http::Uri>) -> bool {
 /// What `Refresh::request` keeps until the inner service is ready.
 struct Readying<S, B> {
     svc: S,
+    replayer: Replayer<S>,
     shared: Shared,
     req: Request<B>,
 }
@@ -113,6 +155,9 @@ struct Readying<S, B> {
 /// body, the wait, then the token it is sent with once the inner service is ready.
 pub(crate) struct Parked<S, B> {
     kit: Kit<S, B>,
+    /// The service it is sent through once the wait is over: an unready clone (the readied
+    /// one was given up, see `dispatch`).
+    svc: S,
     body: ReplayBody<B>,
     phase: Phase,
 }
@@ -195,10 +240,15 @@ where
     ResBody: Body + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    pub(crate) fn readying(svc: S, shared: Shared, req: Request<B>) -> Self {
+    pub(crate) fn readying(svc: S, replayer: Replayer<S>, shared: Shared, req: Request<B>) -> Self {
         Self {
             state: State::Readying {
-                ready: Some(Box::new(Readying { svc, shared, req })),
+                ready: Some(Box::new(Readying {
+                    svc,
+                    replayer,
+                    shared,
+                    req,
+                })),
             },
         }
     }
@@ -227,9 +277,10 @@ where
         }
     }
 
-    pub(crate) fn after_wait(kit: Kit<S, B>, body: ReplayBody<B>, expired: bool) -> Self {
+    pub(crate) fn after_wait(kit: Kit<S, B>, svc: S, body: ReplayBody<B>, expired: bool) -> Self {
         let parked = Parked {
             kit,
+            svc,
             body,
             phase: Phase::Start { expired },
         };
@@ -295,8 +346,13 @@ where
                     if let Err(err) = ready!(polled) {
                         return Poll::Ready(Err(err.into()));
                     }
-                    let Readying { svc, shared, req } = *ready.take().expect("readied once");
-                    let next = dispatch(&shared, svc, req);
+                    let Readying {
+                        mut svc,
+                        replayer,
+                        shared,
+                        req,
+                    } = *ready.take().expect("readied once");
+                    let next = dispatch(&shared, &mut svc, |_| replayer, req);
                     state.set(next.state);
                 }
                 StateProj::Passthrough { fut } => return fut.poll(cx).map_err(Into::into),
@@ -328,7 +384,7 @@ where
                         let token = replay::waited(&p.kit.shared, answer);
                         p.phase = Phase::Over(token.map_err(|f| f.into_box())?);
                     }
-                    if let Err(err) = ready!(p.kit.svc.poll_ready(cx)) {
+                    if let Err(err) = ready!(p.svc.poll_ready(cx)) {
                         return Poll::Ready(Err(err.into()));
                     }
                     let next = send_after_wait(parked.take().expect("readied once"));
@@ -374,14 +430,14 @@ where
         unreachable!("the wait is over before the send");
     };
     let body = std::mem::take(&mut parked.body);
-    let kit = &mut parked.kit;
+    let Parked { kit, svc, .. } = &mut *parked;
     let mut parts = kit
         .head
         .take()
         .expect("the head is kept for the first send");
     let Some((ticket, header)) = token else {
         // Anonymous: no token can be had; send it as it is.
-        return ResponseFuture::passthrough(kit.svc.call(Request::from_parts(parts, body)));
+        return ResponseFuture::passthrough(svc.call(Request::from_parts(parts, body)));
     };
     // After a wait a refusal is final (no second refresh): only a refused proof (a nonce
     // challenge) replays, so only a layer with a proof keeps the head and the header.
@@ -399,7 +455,7 @@ where
         return ResponseFuture::failed(f.into_box());
     }
     kit.sent.ticket = ticket;
-    let fut = kit.svc.call(Request::from_parts(parts, body));
+    let fut = svc.call(Request::from_parts(parts, body));
     ResponseFuture {
         state: State::Resent {
             fut,
@@ -415,7 +471,7 @@ fn recovering<S, B, F, ResBody>(
     verdict: Verdict,
 ) -> State<S, B, F, Response<ResBody>>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
@@ -435,13 +491,13 @@ async fn recover_and_replay<S, B, ResBody>(
     first: Response<ResBody>,
 ) -> Result<Response<ResBody>, BoxError>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     B: Body,
     ResBody: Body,
 {
     let Kit {
-        mut svc,
+        replayer,
         shared,
         head,
         body,
@@ -465,6 +521,7 @@ where
         Recovery::Fail(failure) => Err(failure.into_box()),
         Recovery::Replay((head, body), ticket, header) => {
             crate::head::drain(first_body).await;
+            let mut svc = replayer.service();
             let second = send_replay(&mut svc, &shared, head, body, header).await?;
             if second.challenged
                 || replay::refused_again(&shared, ticket, second.res.status(), second.res.headers())
@@ -482,13 +539,13 @@ async fn new_proof_replay<S, B, ResBody>(
     first: Response<ResBody>,
 ) -> Result<Response<ResBody>, BoxError>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     B: Body,
     ResBody: Body,
 {
     let Kit {
-        mut svc,
+        replayer,
         shared,
         head,
         body,
@@ -508,6 +565,7 @@ where
     let (first_parts, first_body) = first.into_parts();
     crate::head::drain(first_body).await;
     let first_head = ResponseHead::from_parts(&first_parts);
+    let mut svc = replayer.service();
     let second = send_replay(&mut svc, &shared, head, body, *header).await?;
     let refused = shared
         .options()
@@ -567,11 +625,16 @@ where
     Err(replay::twice(first, head).into_box())
 }
 
-/// Sends `req` through `inner` (already ready) as the protocol decides.
+/// Sends `req` through `inner` (already ready) as the protocol decides; `replayer` says how
+/// a request that may be replayed gets a service for it.
+///
+/// A request that must wait for a token first leaves `inner` unready (a clone in place of
+/// the readied one, whose readiness may hold a permit the token request needs).
 #[inline]
 pub(crate) fn dispatch<S, B, ResBody>(
     shared: &Shared,
-    mut inner: S,
+    inner: &mut S,
+    replayer: impl FnOnce(&S) -> Replayer<S>,
     req: Request<B>,
 ) -> ResponseFuture<S, B, S::Future, http::Response<ResBody>>
 where
@@ -620,9 +683,10 @@ where
             if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers) {
                 return ResponseFuture::failed(f.into_box());
             }
+            let replayer = replayer(inner);
             let fut = inner.call(Request::from_parts(parts, body));
             let kit = Kit {
-                svc: inner,
+                replayer,
                 shared: shared.clone(),
                 head,
                 body: source,
@@ -643,9 +707,9 @@ where
             // Give up the readied service while waiting: it may hold a permit the token
             // request needs (a concurrency limit below the layer). A clone is readied later.
             let svc = inner.clone();
-            drop(inner);
+            drop(std::mem::replace(inner, svc.clone()));
             let kit = Kit {
-                svc,
+                replayer: replayer(&svc),
                 shared: shared.clone(),
                 uri: None,
                 head: Some(parts),
@@ -653,7 +717,7 @@ where
                 sent,
                 header: None,
             };
-            ResponseFuture::after_wait(kit, body, expired)
+            ResponseFuture::after_wait(kit, svc, body, expired)
         }
     }
 }

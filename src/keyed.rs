@@ -55,7 +55,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -72,8 +72,7 @@ use crate::cell::TokenCell;
 use crate::config::{RefreshOptions, option_setters};
 use crate::error::MissingKey;
 use crate::events::{Lagged, RefreshEvent};
-use crate::future::ResponseFuture;
-use crate::future::dispatch;
+use crate::future::{Replayer, ResponseFuture, Template, dispatch};
 use crate::handle::TokenHandle;
 use crate::origin::Origin;
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
@@ -438,6 +437,7 @@ impl<S, K, R> Layer<S> for KeyedRefreshLayer<K, R> {
     fn layer(&self, inner: S) -> Self::Service {
         KeyedRefresh {
             inner,
+            template: None,
             keyed: self.keyed.clone(),
             options: self.options.clone(),
             picker: self.picker.clone(),
@@ -448,6 +448,8 @@ impl<S, K, R> Layer<S> for KeyedRefreshLayer<K, R> {
 /// The service made by [`KeyedRefreshLayer`].
 pub struct KeyedRefresh<S, K, R> {
     inner: S,
+    /// The copy replays are sent through, for a service too large to clone per request.
+    template: Option<Template<S>>,
     keyed: Arc<Keyed<K, R>>,
     options: Arc<RefreshOptions>,
     picker: Arc<Picker<K>>,
@@ -457,6 +459,7 @@ impl<S: Clone, K, R> Clone for KeyedRefresh<S, K, R> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            template: self.template.clone(),
             keyed: self.keyed.clone(),
             options: self.options.clone(),
             picker: self.picker.clone(),
@@ -506,14 +509,21 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
         let Some(key) = self.picker.pick(&parts) else {
             return ResponseFuture::failed(MissingKey::new().into());
         };
         let shared = Shared::pair(self.keyed.cell(&key), self.options.clone());
-        dispatch(&shared, inner, Request::from_parts(parts, body))
+        if Replayer::<S>::SHARES && self.template.is_none() {
+            self.template = Some(Arc::new(Mutex::new(self.inner.clone())));
+        }
+        let template = self.template.as_ref();
+        dispatch(
+            &shared,
+            &mut self.inner,
+            |inner| Replayer::of(inner, template),
+            Request::from_parts(parts, body),
+        )
     }
 }
 

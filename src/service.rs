@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::Request;
@@ -7,7 +8,7 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::ReplayBody;
-use crate::future::{ResponseFuture, dispatch};
+use crate::future::{Replayer, ResponseFuture, Template, dispatch};
 use crate::handle::TokenHandle;
 use crate::shared::Shared;
 
@@ -24,12 +25,19 @@ use crate::shared::Shared;
 /// before it is sent.
 pub struct Refresh<S> {
     inner: S,
+    /// The copy replays are sent through, for a service too large to clone per request (see
+    /// `Replayer`); made at the first `call`, dropped by `get_mut`.
+    template: Option<Template<S>>,
     shared: Shared,
 }
 
 impl<S> Refresh<S> {
     pub(crate) fn from_shared(inner: S, shared: Shared) -> Self {
-        Self { inner, shared }
+        Self {
+            inner,
+            template: None,
+            shared,
+        }
     }
 
     /// The handle to the shared token.
@@ -80,7 +88,8 @@ impl<S> Refresh<S> {
         ResBody: Body + Send + 'static,
         ResBody::Error: Into<BoxError>,
     {
-        ResponseFuture::readying(self.inner.clone(), self.shared.clone(), req)
+        let replayer = Replayer::of(&self.inner, self.template.as_ref());
+        ResponseFuture::readying(self.inner.clone(), replayer, self.shared.clone(), req)
     }
 
     /// The inner service.
@@ -88,8 +97,9 @@ impl<S> Refresh<S> {
         &self.inner
     }
 
-    /// The inner service, mutably.
+    /// The inner service, mutably. Replays go through the service as changed here.
     pub fn get_mut(&mut self) -> &mut S {
+        self.template = None;
         &mut self.inner
     }
 
@@ -103,6 +113,7 @@ impl<S: Clone> Clone for Refresh<S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            template: self.template.clone(),
             shared: self.shared.clone(),
         }
     }
@@ -136,10 +147,17 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // The readied service goes with this request; a clone stays for the next `call`.
-        // See tower-service's "Be careful when cloning inner services".
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        dispatch(&self.shared, inner, req)
+        // The request goes through the readied service; a replay through a clone (see
+        // tower-service's "Be careful when cloning inner services").
+        if Replayer::<S>::SHARES && self.template.is_none() {
+            self.template = Some(Arc::new(Mutex::new(self.inner.clone())));
+        }
+        let template = self.template.as_ref();
+        dispatch(
+            &self.shared,
+            &mut self.inner,
+            |inner| Replayer::of(inner, template),
+            req,
+        )
     }
 }

@@ -646,3 +646,76 @@ async fn a_401_before_the_body_was_sent_waits_for_it_then_replays_it_whole() {
     assert_eq!(status_of(call).await, StatusCode::OK);
     assert_eq!(refresher.calls(), 1);
 }
+
+/// An inner service larger than two words, which the layer does not clone per request: a
+/// replay goes through a shared copy of it. It answers 401 unless the request carries the
+/// token in `accept`, and records the tag it had and the token of every request it saw.
+#[derive(Clone)]
+struct Tagged {
+    tag: String,
+    accept: Arc<std::sync::Mutex<String>>,
+    seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Service<Request<ReplayBody<Body>>> for Tagged {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<String>, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReplayBody<Body>>) -> Self::Future {
+        let token = auth(&req);
+        self.seen
+            .lock()
+            .unwrap()
+            .push((self.tag.clone(), token.clone()));
+        let ok = token == *self.accept.lock().unwrap();
+        let code = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        std::future::ready(Ok(status(code)))
+    }
+}
+
+#[tokio::test]
+async fn a_replay_goes_through_the_inner_service_as_get_mut_left_it() {
+    let refresher = Counting::default();
+    let accept = Arc::new(std::sync::Mutex::new("Bearer fresh-1".to_owned()));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let inner = Tagged {
+        tag: "a".into(),
+        accept: accept.clone(),
+        seen: seen.clone(),
+    };
+    assert!(std::mem::size_of::<Tagged>() > 2 * std::mem::size_of::<usize>());
+    let mut svc = stale_layer(refresher.clone()).layer(inner);
+
+    let res = svc.ready().await.unwrap().call(get("/one")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // The service changes; the next refusal's replay goes through the changed one.
+    svc.get_mut().tag = "b".into();
+    *accept.lock().unwrap() = "Bearer fresh-2".to_owned();
+    let res = svc.ready().await.unwrap().call(get("/two")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let seen = seen.lock().unwrap().clone();
+    let seen: Vec<(&str, &str)> = seen.iter().map(|(t, a)| (t.as_str(), a.as_str())).collect();
+    assert_eq!(
+        seen,
+        [
+            ("a", "Bearer stale"),
+            ("a", "Bearer fresh-1"),
+            ("b", "Bearer fresh-1"),
+            ("b", "Bearer fresh-2"),
+        ]
+    );
+    assert_eq!(refresher.calls(), 2);
+}
