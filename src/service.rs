@@ -19,10 +19,12 @@ use crate::shared::Shared;
 /// # Clone
 ///
 /// Clones share the token cell and the options. `call` sends with the service that
-/// `poll_ready` made ready and keeps a clone for the next call, as tower requires. A request
-/// that must wait for a token first gives the readied service up while it waits (so a
-/// concurrency limit below the layer is free for the token request) and readies a clone
-/// before it is sent.
+/// `poll_ready` made ready, as tower requires; a replay readies a clone of the inner service
+/// (for a service larger than two words, a clone of one copy the layer keeps, so that such
+/// a service is not cloned for every request; [`get_mut`](Self::get_mut) renews that copy).
+/// A request that must wait for a token first gives the readied service up while it waits
+/// (so a concurrency limit below the layer is free for the token request) and readies a
+/// clone before it is sent.
 pub struct Refresh<S> {
     inner: S,
     /// The copy replays are sent through, for a service too large to clone per request (see
