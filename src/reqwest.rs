@@ -249,6 +249,9 @@ impl RefreshMiddleware {
             }
             let sent_url = SentUrl::keep(&req, &copy);
             let first = next.clone().run(req, &mut *extensions).await?;
+            if !replay::interesting(shared, first.status(), first.headers()) {
+                return Ok(first);
+            }
             let redirected = sent_url.redirected(&copy, &first);
             let verdict = replay::judge(
                 shared,
