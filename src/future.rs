@@ -233,7 +233,7 @@ impl<S, B, F, R> std::fmt::Debug for ResponseFuture<S, B, F, R> {
 
 impl<S, B, ResBody> ResponseFuture<S, B, S::Future, Response<ResBody>>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
@@ -290,45 +290,7 @@ where
             },
         }
     }
-}
 
-impl<S, B, ResBody> Future for ResponseFuture<S, B, S::Future, Response<ResBody>>
-where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    ResBody: Body + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    type Output = Result<Response<ResBody>, BoxError>;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
-        // The common path, kept small so that the inner future's `poll` can be inlined
-        // here: a request sent with the current token, its response not worth a look.
-        if let StateProj::Sent { fut, kit } = state.as_mut().project() {
-            let res = ready!(fut.poll(cx)).map_err(Into::into)?;
-            let Some(verdict) = kit.as_ref().and_then(|k| k.verdict(&res)) else {
-                return Poll::Ready(Ok(res));
-            };
-            let kit = kit.take().expect("checked above");
-            state.set(recovering(kit, res, verdict));
-        }
-        Self::poll_states(state, cx)
-    }
-}
-
-impl<S, B, ResBody> ResponseFuture<S, B, S::Future, Response<ResBody>>
-where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    ResBody: Body + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
     /// Every state, moving from one to the next until one is pending or done.
     #[inline(never)]
     fn poll_states(
@@ -399,6 +361,34 @@ where
     }
 }
 
+impl<S, B, ResBody> Future for ResponseFuture<S, B, S::Future, Response<ResBody>>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResBody>, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        // The common path, kept small so that the inner future's `poll` can be inlined
+        // here: a request sent with the current token, its response not worth a look.
+        if let StateProj::Sent { fut, kit } = state.as_mut().project() {
+            let res = ready!(fut.poll(cx)).map_err(Into::into)?;
+            let Some(verdict) = kit.as_ref().and_then(|k| k.verdict(&res)) else {
+                return Poll::Ready(Ok(res));
+            };
+            let kit = kit.take().expect("checked above");
+            state.set(recovering(kit, res, verdict));
+        }
+        Self::poll_states(state, cx)
+    }
+}
+
 /// Readies `svc` and sends `req` through it.
 async fn ready_call<S, B, ResBody>(
     svc: &mut S,
@@ -419,7 +409,7 @@ fn send_after_wait<S, B, ResBody>(
     mut parked: Box<Parked<S, B>>,
 ) -> ResponseFuture<S, B, S::Future, Response<ResBody>>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
