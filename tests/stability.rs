@@ -1225,20 +1225,24 @@ impl Clock for SuspendClock {
     }
 }
 
+/// A token endpoint issuing ten-minute tokens with `t0` accepted, and a clock the test moves.
+fn suspend_setup() -> (Script, Seen, SuspendClock) {
+    let script = Script::new(Mode::Issue, Some(Duration::from_secs(600)));
+    script.accept("t0");
+    (script, Seen::default(), SuspendClock::new())
+}
+
 /// The wall clock costs a clock read of its own: requests with a token that has an expiry
 /// read it at most once per 50 ms of the monotonic clock, and the next read still catches a
 /// machine that slept through the expiry.
 #[tokio::test]
 async fn the_wall_clock_is_read_once_per_50_ms_and_still_catches_a_suspend() {
     guard(async {
-        let script = Script::new(Mode::Issue, Some(Duration::from_secs(600)));
-        script.accept("t0");
-        let seen = Seen::default();
-        let clock = SuspendClock::new();
-        let layer = RefreshLayer::new(script.refresher())
-            .clock(clock.clone())
-            .initial_token(expiring("t0", Duration::from_secs(600)));
-        let svc = layer.layer(api(&script, &seen));
+        let (script, seen, clock) = suspend_setup();
+        let layer = RefreshLayer::new(script.refresher()).clock(clock.clone());
+        let svc = layer
+            .initial_token(expiring("t0", Duration::from_secs(600)))
+            .layer(api(&script, &seen));
 
         let before = clock.wall_reads.load(Ordering::SeqCst);
         for _ in 0..100 {
@@ -1270,14 +1274,11 @@ async fn the_wall_clock_is_read_once_per_50_ms_and_still_catches_a_suspend() {
 #[tokio::test]
 async fn after_a_suspend_past_the_expiry_the_token_is_refreshed_before_it_is_sent() {
     guard(async {
-        let script = Script::new(Mode::Issue, Some(Duration::from_secs(600)));
-        script.accept("t0");
-        let seen = Seen::default();
-        let clock = SuspendClock::new();
-        let layer = RefreshLayer::new(script.refresher())
-            .clock(clock.clone())
-            .initial_token(expiring("t0", Duration::from_secs(600)));
-        let svc = layer.layer(api(&script, &seen));
+        let (script, seen, clock) = suspend_setup();
+        let layer = RefreshLayer::new(script.refresher()).clock(clock.clone());
+        let svc = layer
+            .initial_token(expiring("t0", Duration::from_secs(600)))
+            .layer(api(&script, &seen));
 
         let res = svc.clone().oneshot(get("/")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
