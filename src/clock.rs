@@ -34,7 +34,8 @@ pub trait Clock: fmt::Debug + Send + Sync + 'static {
 
     /// The current wall-clock time. The layer checks token deadlines against it too, so a
     /// machine that slept through a token's expiry (the monotonic clock stops during suspend
-    /// on Linux and macOS) does not send it. Defaults to [`SystemTime::now`].
+    /// on Linux and macOS) does not send it. Requests read it at most once per 50 ms of
+    /// [`now`](Self::now). Defaults to [`SystemTime::now`].
     fn wall(&self) -> SystemTime {
         SystemTime::now()
     }
