@@ -1,4 +1,5 @@
-//! The README's demo: 100 concurrent requests on an expired token, one refresh, 100 replays.
+//! The README's demo: 100 concurrent requests on an expired token, one refresh, every request
+//! answered.
 //!
 //! It starts two servers on 127.0.0.1, on ports the OS picks:
 //!
@@ -9,8 +10,10 @@
 //!
 //! The client is a `hyper-util` client behind [`RefreshLayer`]. Its refresher is a closure that
 //! POSTs to the token server with a plain `hyper-util` client. The layer starts with a token
-//! the API server has already expired, then 100 requests are fired at once: all 100 are
-//! refused, the layer refreshes **once**, and replays each of them **once** with the new token.
+//! the API server has already expired, then 100 requests are fired at once: those sent before
+//! the first refusal comes back are refused, the layer refreshes **once** and replays each of
+//! them **once** with the new token; those that come later wait for it instead of sending the
+//! refused token (how many of each depends on timing).
 //!
 //! Run it with:
 //!
