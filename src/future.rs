@@ -35,6 +35,18 @@ pub(crate) enum Replayer<S> {
 /// A layer's shared copy of its inner service (see [`Replayer::Shared`]).
 pub(crate) type Template<S> = Arc<std::sync::Mutex<S>>;
 
+/// A layer's shared copy of `inner`, made on first use when `S` is a service to share.
+#[inline]
+pub(crate) fn template_of<'a, S: Clone>(
+    inner: &S,
+    template: &'a mut Option<Template<S>>,
+) -> Option<&'a Template<S>> {
+    if Replayer::<S>::SHARES && template.is_none() {
+        *template = Some(Arc::new(std::sync::Mutex::new(inner.clone())));
+    }
+    template.as_ref()
+}
+
 impl<S: Clone> Replayer<S> {
     /// Whether a layer shares a copy of `S` for replays instead of cloning it per request.
     pub(crate) const SHARES: bool = std::mem::size_of::<S>() > 2 * std::mem::size_of::<usize>();

@@ -55,7 +55,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -72,7 +72,7 @@ use crate::cell::TokenCell;
 use crate::config::{RefreshOptions, option_setters};
 use crate::error::MissingKey;
 use crate::events::{Lagged, RefreshEvent};
-use crate::future::{Replayer, ResponseFuture, Template, dispatch};
+use crate::future::{Replayer, ResponseFuture, Template, dispatch, template_of};
 use crate::handle::TokenHandle;
 use crate::origin::Origin;
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
@@ -514,10 +514,7 @@ where
             return ResponseFuture::failed(MissingKey::new().into());
         };
         let shared = Shared::pair(self.keyed.cell(&key), self.options.clone());
-        if Replayer::<S>::SHARES && self.template.is_none() {
-            self.template = Some(Arc::new(Mutex::new(self.inner.clone())));
-        }
-        let template = self.template.as_ref();
+        let template = template_of(&self.inner, &mut self.template);
         dispatch(
             &shared,
             &mut self.inner,

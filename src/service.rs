@@ -1,5 +1,4 @@
 use std::fmt;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::Request;
@@ -8,7 +7,7 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::ReplayBody;
-use crate::future::{Replayer, ResponseFuture, Template, dispatch};
+use crate::future::{Replayer, ResponseFuture, Template, dispatch, template_of};
 use crate::handle::TokenHandle;
 use crate::shared::Shared;
 
@@ -151,10 +150,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         // The request goes through the readied service; a replay through a clone (see
         // tower-service's "Be careful when cloning inner services").
-        if Replayer::<S>::SHARES && self.template.is_none() {
-            self.template = Some(Arc::new(Mutex::new(self.inner.clone())));
-        }
-        let template = self.template.as_ref();
+        let template = template_of(&self.inner, &mut self.template);
         dispatch(
             &self.shared,
             &mut self.inner,
