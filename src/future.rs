@@ -217,7 +217,7 @@ pin_project! {
         // Sent after a wait: as `Sent`, its kit kept where it waited (not moved again).
         Resent { #[pin] fut: F, parked: Option<Box<Parked<S, B>>> },
         // No usable token at `call`: waiting for one, holding no readiness of the inner
-        // service; then readying it, and the send with the new token goes on as `Sent` (or
+        // service; then readying it, and the send with the new token goes on as `Resent` (or
         // `Passthrough`, anonymous).
         Waiting { parked: Option<Box<Parked<S, B>>> },
         // Replaying after a refusal (boxed: the rare path).
@@ -414,7 +414,7 @@ where
     svc.call(req).await.map_err(Into::into)
 }
 
-/// The wait for a token is over and `kit.svc` is ready: sends the request with the token
+/// The wait for a token is over and `parked.svc` is ready: sends the request with the token
 /// (`None`: anonymous, untouched). The response is judged as any other (`Sent`): a refusal
 /// now is final ([`Verdict::RefusedAfterRefresh`]) unless a proof asks for a new one.
 fn send_after_wait<S, B, ResBody>(
