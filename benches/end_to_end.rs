@@ -160,11 +160,7 @@ where
 /// current-thread runtime, after a warm-up that opens the connections; for callgrind.
 fn count_mode(n: usize) {
     let line = std::env::var("E2E_LINE").unwrap_or_else(|_| "refresh".into());
-    let case = match std::env::var("E2E_CASE").as_deref().unwrap_or("get") {
-        "get" => Case::Get,
-        "post_1k" => Case::Post1k,
-        other => panic!("unknown E2E_CASE {other}"),
-    };
+    let case = Case::from_env("E2E_CASE");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -99,16 +99,7 @@ async fn run(
             );
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let req = match case {
-                        Case::Get => client.get(&*url),
-                        Case::Post1k => client
-                            .post(&*url)
-                            .header(http::header::CONTENT_TYPE, "application/octet-stream")
-                            .body(payload.clone()),
-                    };
-                    let res = req.send().await.unwrap();
-                    assert_eq!(res.status(), StatusCode::OK);
-                    res.bytes().await.unwrap();
+                    one(&client, case, &url, &payload).await;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -139,27 +130,28 @@ async fn sequential(
     n: usize,
 ) {
     for _ in 0..n {
-        let req = match case {
-            Case::Get => client.get(url),
-            Case::Post1k => client
-                .post(url)
-                .header(http::header::CONTENT_TYPE, "application/octet-stream")
-                .body(payload.clone()),
-        };
-        let res = req.send().await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        res.bytes().await.unwrap();
+        one(client, case, url, payload).await;
     }
+}
+
+/// Sends one request of `case` and reads its body.
+async fn one(client: &ClientWithMiddleware, case: Case, url: &str, payload: &Bytes) {
+    let req = match case {
+        Case::Get => client.get(url),
+        Case::Post1k => client
+            .post(url)
+            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .body(payload.clone()),
+    };
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.bytes().await.unwrap();
 }
 
 /// `REQWEST_ITERS` mode, for instruction counts.
 fn count_mode(n: usize) {
     let line = std::env::var("REQWEST_LINE").unwrap_or_else(|_| "refresh".into());
-    let case = match std::env::var("REQWEST_CASE").as_deref().unwrap_or("get") {
-        "get" => Case::Get,
-        "post_1k" => Case::Post1k,
-        other => panic!("unknown REQWEST_CASE {other}"),
-    };
+    let case = Case::from_env("REQWEST_CASE");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

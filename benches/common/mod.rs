@@ -112,4 +112,14 @@ impl Case {
             Case::Post1k => "POST, 1 KiB body",
         }
     }
+
+    /// The case a count mode runs, from the variable `var` (`get`, the default, or `post_1k`).
+    #[allow(dead_code)] // not every bench has a count mode
+    pub(crate) fn from_env(var: &str) -> Self {
+        match std::env::var(var).as_deref().unwrap_or("get") {
+            "get" => Case::Get,
+            "post_1k" => Case::Post1k,
+            other => panic!("unknown {var} {other}"),
+        }
+    }
 }
