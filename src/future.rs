@@ -14,7 +14,7 @@ use tower_service::Service;
 use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
 use crate::cell::{FreshWait, Ticket};
-use crate::head::ResponseHead;
+use crate::head::{RequestCopy, ResponseHead};
 use crate::replay::{self, Admit, Recovery, Sent, Verdict};
 use crate::shared::Shared;
 
@@ -78,9 +78,8 @@ pub(crate) struct Kit<S, B> {
     /// Where a replay gets its inner service from.
     pub(crate) replayer: Replayer<S>,
     pub(crate) shared: Shared,
-    /// The request head without the token, kept only when the body can be replayed (or the
-    /// request has not been sent yet).
-    pub(crate) head: Option<http::request::Parts>,
+    /// The request head without the token, kept only when the body can be replayed.
+    pub(crate) head: Option<RequestCopy>,
     pub(crate) body: Option<ReplaySource<B>>,
     pub(crate) sent: Sent,
     /// The URI the request was sent to, kept apart only when `head` is not kept: a response
@@ -167,6 +166,8 @@ struct Readying<S, B> {
 /// body, the wait, then the token it is sent with once the inner service is ready.
 pub(crate) struct Parked<S, B> {
     kit: Kit<S, B>,
+    /// The request's head, as the caller made it (taken by the send).
+    parts: Option<http::request::Parts>,
     /// The service it is sent through once the wait is over: an unready clone (the readied
     /// one was given up, see `dispatch`).
     svc: S,
@@ -289,9 +290,16 @@ where
         }
     }
 
-    pub(crate) fn after_wait(kit: Kit<S, B>, svc: S, body: ReplayBody<B>, expired: bool) -> Self {
+    pub(crate) fn after_wait(
+        kit: Kit<S, B>,
+        parts: http::request::Parts,
+        svc: S,
+        body: ReplayBody<B>,
+        expired: bool,
+    ) -> Self {
         let parked = Parked {
             kit,
+            parts: Some(parts),
             svc,
             body,
             phase: Phase::Start { expired },
@@ -432,11 +440,10 @@ where
         unreachable!("the wait is over before the send");
     };
     let body = std::mem::take(&mut parked.body);
-    let Parked { kit, svc, .. } = &mut *parked;
-    let mut parts = kit
-        .head
-        .take()
-        .expect("the head is kept for the first send");
+    let Parked {
+        kit, svc, parts, ..
+    } = &mut *parked;
+    let mut parts = parts.take().expect("the head is kept for the first send");
     let Some((ticket, header)) = token else {
         // Anonymous: no token can be had; send it as it is.
         return ResponseFuture::passthrough(svc.call(Request::from_parts(parts, body)));
@@ -445,7 +452,7 @@ where
     // challenge) replays, so only a layer with a proof keeps the head and the header.
     if kit.shared.options().proof.is_some() {
         if kit.body.is_some() {
-            kit.head = Some(parts.clone());
+            kit.head = Some(RequestCopy::of(&parts));
         }
         kit.header = Some(Box::new(header.clone()));
     }
@@ -593,7 +600,7 @@ struct Replayed<R> {
 async fn send_replay<S, B, ResBody>(
     svc: &mut S,
     shared: &Shared,
-    mut head: http::request::Parts,
+    head: RequestCopy,
     body: ReplayBody<B>,
     header: http::HeaderValue,
 ) -> Result<Replayed<Response<ResBody>>, BoxError>
@@ -601,6 +608,7 @@ where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
+    let mut head = head.into_parts();
     head.headers.insert(AUTHORIZATION, header);
     replay::prove(shared, &head.method, &head.uri, &mut head.headers).map_err(|f| f.into_box())?;
     let uri = head.uri.clone();
@@ -673,8 +681,8 @@ where
             }
             let (body, source) = ReplayBody::new(body, shared.options().max_replay_body);
             // The head is kept without the token (the replay sets a newer one); a request
-            // without headers then clones without allocating.
-            let head = source.as_ref().map(|_| parts.clone());
+            // without headers then is copied without allocating.
+            let head = source.as_ref().map(|_| RequestCopy::of(&parts));
             let uri = head.is_none().then(|| Box::new(parts.uri.clone()));
             let kept = shared
                 .options()
@@ -714,12 +722,12 @@ where
                 replayer: replayer(&svc),
                 shared: shared.clone(),
                 uri: None,
-                head: Some(parts),
+                head: None,
                 body: source,
                 sent,
                 header: None,
             };
-            ResponseFuture::after_wait(kit, svc, body, expired)
+            ResponseFuture::after_wait(kit, parts, svc, body, expired)
         }
     }
 }

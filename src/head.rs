@@ -1,7 +1,9 @@
-//! The head of a response, kept as context for an error or a refresh.
+//! The head of a response, kept as context for an error or a refresh, and the copy of a
+//! request's head kept for its replay.
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode, Version};
+use http::header::{HeaderName, HeaderValue};
+use http::{Extensions, HeaderMap, Method, StatusCode, Uri, Version};
 
 /// The status line and headers of a response, kept as context for an error, and (for the
 /// final refusal of [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh)) the start of its body.
@@ -139,5 +141,55 @@ async fn read_bounded<ResBody: http_body::Body>(
         let _ = tokio::time::timeout(wait, read).await;
     } else {
         let _ = futures_util::FutureExt::now_or_never(read);
+    }
+}
+
+/// A request's head, kept for its replay: `http::request::Parts` with the headers as a list.
+///
+/// Every request that may be replayed keeps one, in its future. A `Parts` clone copies the
+/// header map (two allocations: its index and its entries) into 224 bytes; this keeps the
+/// headers in one allocation (none for a request without headers) in 152 bytes, and builds
+/// the map again only for a replay.
+pub(crate) struct RequestCopy {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    version: Version,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    extensions: Extensions,
+}
+
+impl RequestCopy {
+    /// A copy of `parts` (the headers in the map's order, every value of a name).
+    pub(crate) fn of(parts: &http::request::Parts) -> Self {
+        let mut headers = Vec::new();
+        if !parts.headers.is_empty() {
+            headers = Vec::with_capacity(parts.headers.len());
+            for (name, value) in &parts.headers {
+                headers.push((name.clone(), value.clone()));
+            }
+        }
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers,
+            extensions: parts.extensions.clone(),
+        }
+    }
+
+    /// The head again, for the replay.
+    pub(crate) fn into_parts(self) -> http::request::Parts {
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        // The copy came from a map that held these entries, so the map can hold them again.
+        let mut headers = HeaderMap::try_with_capacity(self.headers.len()).unwrap_or_default();
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
+        parts.method = self.method;
+        parts.uri = self.uri;
+        parts.version = self.version;
+        parts.headers = headers;
+        parts.extensions = self.extensions;
+        parts
     }
 }

@@ -299,6 +299,9 @@ async fn replay_repeats_method_uri_version_headers_extensions_and_body() {
             .header("x-multi", "2")
             .body(Full::new(body.clone()))
             .unwrap();
+        let mut secret = HeaderValue::from_static("session=s3cr3t");
+        secret.set_sensitive(true);
+        req.headers_mut().insert(http::header::COOKIE, secret);
         req.extensions_mut().insert(TraceId(7));
         let call = spawn_call(&svc, req);
 
@@ -326,6 +329,10 @@ async fn replay_repeats_method_uri_version_headers_extensions_and_body() {
         );
         assert_eq!(replay.headers, expected, "{method}: headers");
         assert_eq!(replay.headers.get_all("x-multi").iter().count(), 2);
+        assert!(
+            replay.headers[http::header::COOKIE].is_sensitive(),
+            "{method}: a sensitive header stays sensitive in the replay"
+        );
         assert_eq!(refresher.calls(), 1);
     }
 }
