@@ -32,6 +32,11 @@
 //! must be `Ready`. The request is built outside the timed section (`iter_batched`), so the
 //! figure is `poll_ready` + `call` + the future + dropping the response.
 //!
+//! Interleaved timing: with `HOT_PATH_ROUNDS=<r>` set, the binary times every line of GET and
+//! POST 1 KiB in turn, `r` rounds, and prints each line's median and its median ratio to the
+//! replay floor within rounds (criterion times one line after the other, so a drift of a
+//! shared machine during the run can fall on one line only).
+//!
 //! Instruction counts: with `HOT_PATH_ITERS=<n>` set, the binary runs `n` requests of one
 //! line (`HOT_PATH_LINE` = `build` or a line name above) and one shape
 //! (`HOT_PATH_CASE` = `get` | `post_1k` | `post_64k`) without criterion, for
@@ -548,9 +553,89 @@ fn count_mode(iters: u64) {
     assert_no_refresh();
 }
 
+/// Requests per timed batch in the rounds mode, and batches per line and round.
+const BATCH: usize = 1000;
+const BATCHES: usize = 40;
+
+/// Nanoseconds per request of `svc` for `case`: `BATCHES` batches of `BATCH` requests, each
+/// batch built before its clock starts (as criterion's `iter_batched` does), one batch of
+/// warm-up first.
+fn time_line<S>(svc: &mut S, case: Case, payload: &Bytes) -> f64
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<String>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut timed = Duration::ZERO;
+    for batch in 0..=BATCHES {
+        let requests: Vec<_> = (0..BATCH).map(|_| request(case, payload)).collect();
+        let start = Instant::now();
+        for req in requests {
+            black_box(drive(svc, req));
+        }
+        if batch > 0 {
+            timed += start.elapsed();
+        }
+    }
+    timed.as_nanos() as f64 / (BATCH * BATCHES) as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `HOT_PATH_ROUNDS` mode: every line of a case timed in turn, round after round, so that a
+/// drift of a shared machine falls on every line alike; each line's figure is the median of
+/// its rounds, and its ratio to the replay floor is the median of the ratios within rounds.
+fn rounds_mode(rounds: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _enter = rt.enter();
+    setup_check();
+    let floor = LINES.iter().position(|l| *l == "replay_floor").unwrap();
+    for case in [Case::Get, Case::Post1k] {
+        let payload = case.payload();
+        let mut ns: Vec<Vec<f64>> = vec![Vec::new(); LINES.len()];
+        for _ in 0..rounds {
+            for (i, line) in LINES.iter().enumerate() {
+                let t = if line.starts_with("refresh") {
+                    time_line(&mut refresh_svc(inner(), line), case, &payload)
+                } else {
+                    with_line!(*line, inner::<Full<Bytes>>(), |svc| {
+                        time_line(&mut svc, case, &payload)
+                    })
+                };
+                ns[i].push(t);
+            }
+        }
+        println!(
+            "P1 {} ({rounds} rounds of {} requests per line, lines interleaved):",
+            case.name(),
+            BATCH * BATCHES
+        );
+        for (i, line) in LINES.iter().enumerate() {
+            let mut ratios: Vec<f64> = (0..rounds).map(|r| ns[i][r] / ns[floor][r]).collect();
+            let mut own = ns[i].clone();
+            println!(
+                "  {line:<18} {:>7.1} ns (median; min {:>6.1})  {:.3}x the replay floor (median of the rounds' ratios)",
+                median(&mut own),
+                own[0],
+                median(&mut ratios)
+            );
+        }
+    }
+    assert_no_refresh();
+}
+
 fn main() {
     if let Ok(iters) = std::env::var("HOT_PATH_ITERS") {
         count_mode(iters.parse().expect("HOT_PATH_ITERS is a number"));
+        return;
+    }
+    if let Ok(rounds) = std::env::var("HOT_PATH_ROUNDS") {
+        rounds_mode(rounds.parse().expect("HOT_PATH_ROUNDS is a number"));
         return;
     }
     let rt = tokio::runtime::Builder::new_current_thread()
