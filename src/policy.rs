@@ -26,7 +26,7 @@
 //! ```
 
 use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 /// One challenge of a `WWW-Authenticate` header (RFC 9110 §11.6.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,13 +334,21 @@ pub fn grpc_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
     }
     // The content type first: a standard header name is cheaper to look up than
     // `grpc-status`, and most responses are not gRPC.
-    headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
+    first_value(headers, &CONTENT_TYPE).is_some_and(|v| is_grpc_content_type(v.as_bytes()))
         && headers
             .get(&GRPC_STATUS)
             .is_some_and(|v| v.as_bytes().trim_ascii() == GRPC_UNAUTHENTICATED)
         && bearer_allows_refresh(headers)
+}
+
+/// The first value of `name`, as [`HeaderMap::get`]. A response the layer checks usually has
+/// a few headers, and a look at each name costs less than hashing one.
+#[inline]
+fn first_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    if headers.keys_len() > 8 {
+        return headers.get(name);
+    }
+    headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
 }
 
 /// `application/grpc`, alone or with a `+format` or `;parameters`, in any case.
@@ -458,6 +466,31 @@ mod tests {
             ok,
             &grpc("16", "application/grpc", &["Bearer error=invalid_request"])
         ));
+    }
+
+    #[test]
+    fn the_content_type_is_found_among_few_and_many_headers_and_the_first_value_counts() {
+        let ok = StatusCode::OK;
+        for others in [0, 3, 12] {
+            let mut m = grpc("16", "application/grpc", &[]);
+            for i in 0..others {
+                m.insert(
+                    HeaderName::try_from(format!("x-other-{i}")).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            assert!(grpc_trigger(ok, &m), "{others} other headers");
+            // As `HeaderMap::get`: the first value of a repeated name is the one read.
+            m.append(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            assert!(grpc_trigger(ok, &m), "{others} other headers, two types");
+            let mut plain = m.clone();
+            plain.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            plain.append(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            assert!(
+                !grpc_trigger(ok, &plain),
+                "{others} other headers, plain first"
+            );
+        }
     }
 
     #[test]
