@@ -525,21 +525,31 @@ fn count_mode(iters: u64) {
         "post_64k" => Case::Post64k,
         other => panic!("unknown HOT_PATH_CASE {other}"),
     };
+    in_checked_runtime(|| count_line(&line, case, iters));
+}
+
+/// Runs `f` inside a current-thread runtime, after the setup check.
+fn in_checked_runtime(f: impl FnOnce()) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let _enter = rt.enter();
     setup_check();
+    f();
+    assert_no_refresh();
+}
+
+fn count_line(line: &str, case: Case, iters: u64) {
     let payload = case.payload();
-    match line.as_str() {
+    match line {
         "build" => {
             for _ in 0..iters {
                 black_box(request(case, &payload));
             }
         }
         "refresh" | "refresh_expiring" => {
-            let mut svc = refresh_svc(inner(), &line);
+            let mut svc = refresh_svc(inner(), line);
             for _ in 0..iters {
                 black_box(drive(&mut svc, request(case, &payload)));
             }
@@ -550,7 +560,6 @@ fn count_mode(iters: u64) {
             }
         }),
     }
-    assert_no_refresh();
 }
 
 /// Requests per timed batch in the rounds mode, and batches per line and round.
@@ -588,12 +597,10 @@ fn median(v: &mut [f64]) -> f64 {
 /// drift of a shared machine falls on every line alike; each line's figure is the median of
 /// its rounds, and its ratio to the replay floor is the median of the ratios within rounds.
 fn rounds_mode(rounds: usize) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _enter = rt.enter();
-    setup_check();
+    in_checked_runtime(|| time_rounds(rounds));
+}
+
+fn time_rounds(rounds: usize) {
     let floor = LINES.iter().position(|l| *l == "replay_floor").unwrap();
     for case in [Case::Get, Case::Post1k] {
         let payload = case.payload();
@@ -626,7 +633,6 @@ fn rounds_mode(rounds: usize) {
             );
         }
     }
-    assert_no_refresh();
 }
 
 fn main() {
