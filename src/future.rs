@@ -655,23 +655,16 @@ where
     ResBody: Body + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let decision = replay::admit(
-        shared,
-        req.method(),
-        req.uri(),
-        req.headers(),
-        req.extensions(),
-    );
-    match decision {
-        Admit::Untouched => {
-            ResponseFuture::passthrough(inner.call(req.map(ReplayBody::passthrough)))
-        }
+    let (mut parts, body) = req.into_parts();
+    // A usable token is in `parts` once this returns `Send`.
+    match replay::admit_into(shared, &mut parts) {
+        Admit::Untouched => ResponseFuture::passthrough(
+            inner.call(Request::from_parts(parts, ReplayBody::passthrough(body))),
+        ),
         Admit::Fail(failure) => ResponseFuture::failed(failure.into_box()),
-        Admit::Send { ticket, header } => {
-            let (mut parts, body) = req.into_parts();
+        Admit::Send { ticket, header: () } => {
             let sent = Sent::new(ticket, false, &parts.extensions);
             if sent.no_replay {
-                parts.headers.insert(AUTHORIZATION, header);
                 if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers)
                 {
                     return ResponseFuture::failed(f.into_box());
@@ -681,15 +674,13 @@ where
             }
             let (body, source) = ReplayBody::new(body, shared.options().max_replay_body);
             // The head is kept without the token (the replay sets a newer one); a request
-            // without headers then is copied without allocating.
-            let head = source.as_ref().map(|_| RequestCopy::of(&parts));
+            // without headers of its own then is copied without allocating.
+            let head = source.as_ref().map(|_| RequestCopy::without_token(&parts));
             let uri = head.is_none().then(|| Box::new(parts.uri.clone()));
-            let kept = shared
-                .options()
-                .proof
-                .is_some()
-                .then(|| Box::new(header.clone()));
-            parts.headers.insert(AUTHORIZATION, header);
+            let kept = match &shared.options().proof {
+                Some(_) => parts.headers.get(AUTHORIZATION).cloned().map(Box::new),
+                None => None,
+            };
             if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers) {
                 return ResponseFuture::failed(f.into_box());
             }
@@ -707,7 +698,6 @@ where
             ResponseFuture::sent(fut, kit)
         }
         Admit::Wait { ticket, expired } => {
-            let (parts, body) = req.into_parts();
             let sent = Sent::new(ticket, true, &parts.extensions);
             let (body, source) = if sent.no_replay {
                 (ReplayBody::passthrough(body), None)

@@ -2,7 +2,7 @@
 //! request's head kept for its replay.
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use http::{Extensions, HeaderMap, Method, StatusCode, Uri, Version};
 
 /// The status line and headers of a response, kept as context for an error, and (for the
@@ -159,13 +159,28 @@ pub(crate) struct RequestCopy {
 }
 
 impl RequestCopy {
-    /// A copy of `parts` (the headers in the map's order, every value of a name).
+    /// A copy of `parts`, which carry no `Authorization` (the headers in the map's order,
+    /// every value of a name).
     pub(crate) fn of(parts: &http::request::Parts) -> Self {
+        Self::copy(parts, 0)
+    }
+
+    /// A copy of `parts` without the token the layer has just put in them (a replay sets a
+    /// newer one; a request with an `Authorization` of its own is never the layer's).
+    pub(crate) fn without_token(parts: &http::request::Parts) -> Self {
+        Self::copy(parts, 1)
+    }
+
+    #[inline(always)]
+    fn copy(parts: &http::request::Parts, tokens: usize) -> Self {
         let mut headers = Vec::new();
-        if !parts.headers.is_empty() {
-            headers = Vec::with_capacity(parts.headers.len());
+        let kept = parts.headers.len().saturating_sub(tokens);
+        if kept > 0 {
+            headers = Vec::with_capacity(kept);
             for (name, value) in &parts.headers {
-                headers.push((name.clone(), value.clone()));
+                if tokens == 0 || name != AUTHORIZATION {
+                    headers.push((name.clone(), value.clone()));
+                }
             }
         }
         Self {

@@ -25,21 +25,24 @@ use crate::head::ResponseHead;
 use crate::refresher::RefreshReason;
 use crate::shared::{Destination, Shared};
 
-/// What to do with a request before its first send.
+/// What to do with a request before its first send. `H` is what `Send` carries of the token:
+/// its header, or nothing when it is in the request already (see [`admit_into`]).
 #[derive(Debug)]
-pub(crate) enum Admit {
+pub(crate) enum Admit<H = HeaderValue> {
     /// Send it untouched: no token, no refresh, no replay.
     Untouched,
     /// Fail it without sending anything.
     Fail(Failure),
     /// Send it now with this token.
-    Send { ticket: Ticket, header: HeaderValue },
+    Send { ticket: Ticket, header: H },
     /// Wait for a token newer than `ticket`, then send it (`expired`: the token expired;
     /// otherwise there is none yet). Kept this small: every `admit` returns one.
     Wait { ticket: Ticket, expired: bool },
 }
 
-/// Step 1: the decision, without awaiting anything.
+/// Step 1: the decision, without awaiting anything (the reqwest front end; the tower one
+/// uses [`admit_into`]).
+#[cfg(feature = "reqwest")]
 #[inline(always)]
 pub(crate) fn admit(
     shared: &Shared,
@@ -68,6 +71,23 @@ pub(crate) fn admit_url(
     })
 }
 
+/// [`admit`] for a request taken apart: a usable token goes straight into its headers, while
+/// the cell is locked for reading, so that no copy of the header is moved around on the hot
+/// path.
+#[inline(always)]
+pub(crate) fn admit_into(shared: &Shared, parts: &mut http::request::Parts) -> Admit<()> {
+    let gated = gate(&parts.headers, &parts.extensions, || {
+        shared.destination(&RequestHead::new(&parts.method, &parts.uri, &parts.headers))
+    });
+    if let Some(decision) = gated {
+        return decision;
+    }
+    grant(shared, |header| {
+        parts.headers.insert(AUTHORIZATION, header.clone());
+    })
+}
+
+#[cfg(feature = "reqwest")]
 #[inline(always)]
 fn admit_to(
     shared: &Shared,
@@ -75,15 +95,33 @@ fn admit_to(
     extensions: &Extensions,
     destination: impl FnOnce() -> Destination,
 ) -> Admit {
+    match gate(headers, extensions, destination) {
+        Some(decision) => decision,
+        None => grant(shared, HeaderValue::clone),
+    }
+}
+
+/// The checks before a token: `None` when the request is the layer's to authenticate.
+#[inline(always)]
+fn gate<H>(
+    headers: &HeaderMap,
+    extensions: &Extensions,
+    destination: impl FnOnce() -> Destination,
+) -> Option<Admit<H>> {
     if has_authorization(headers) || extensions.get::<TokenRequest>().is_some() || in_refresh() {
-        return Admit::Untouched;
+        return Some(Admit::Untouched);
     }
     match destination() {
-        Destination::Attach => {}
-        Destination::Untouched => return Admit::Untouched,
-        Destination::Insecure => return Admit::Fail(Failure::Insecure),
+        Destination::Attach => None,
+        Destination::Untouched => Some(Admit::Untouched),
+        Destination::Insecure => Some(Admit::Fail(Failure::Insecure)),
     }
-    match shared.cell().lookup(shared.options()) {
+}
+
+/// The cell's answer: a usable token's header goes to `use_header`.
+#[inline(always)]
+fn grant<H>(shared: &Shared, use_header: impl FnOnce(&HeaderValue) -> H) -> Admit<H> {
+    match shared.cell().lookup_with(shared.options(), use_header) {
         Lookup::Usable { ticket, header, .. } => Admit::Send { ticket, header },
         Lookup::Stale { ticket, expired } => Admit::Wait { ticket, expired },
         Lookup::Cooling(cooling) => {

@@ -30,6 +30,7 @@ pub(crate) mod state;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use http::HeaderValue;
 use tokio::sync::broadcast;
 
 pub(crate) use attempt::in_refresh;
@@ -174,7 +175,22 @@ impl TokenCell {
     /// background refresh when one is due.
     #[inline(always)]
     pub(crate) fn lookup(self: &Arc<Self>, options: &RefreshOptions) -> Lookup {
-        let found = self.read().lookup(Clocks(options), policy(options));
+        self.lookup_with(options, HeaderValue::clone)
+    }
+
+    /// [`lookup`](Self::lookup), with a usable token's header handed to `use_header` while
+    /// the cell is locked for reading (a caller that puts it straight into a request moves
+    /// no copy of it around).
+    #[inline(always)]
+    pub(crate) fn lookup_with<T>(
+        self: &Arc<Self>,
+        options: &RefreshOptions,
+        use_header: impl FnOnce(&HeaderValue) -> T,
+    ) -> Lookup<T> {
+        let found = self
+            .read()
+            .lookup(Clocks(options), policy(options))
+            .map(use_header);
         if let Lookup::Usable { ahead: true, .. } = found {
             self.refresh_ahead(options);
         }

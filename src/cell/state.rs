@@ -195,13 +195,14 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// What a request found.
+/// What a request found: `H` is the token's header (borrowed from the state, or what a
+/// caller made of it while the state was locked).
 #[derive(Debug)]
-pub(crate) enum Lookup {
+pub(crate) enum Lookup<H = HeaderValue> {
     /// A usable token. `ahead`: a background refresh is due.
     Usable {
         ticket: Ticket,
-        header: HeaderValue,
+        header: H,
         ahead: bool,
     },
     /// No usable token: wait for one newer than `ticket` before sending.
@@ -210,6 +211,27 @@ pub(crate) enum Lookup {
     Cooling(Cooling),
     /// The session ended: fail fast.
     Ended(Arc<RefreshError>),
+}
+
+impl<H> Lookup<H> {
+    /// The same answer, with `f` applied to a usable token's header.
+    #[inline(always)]
+    pub(crate) fn map<T>(self, f: impl FnOnce(H) -> T) -> Lookup<T> {
+        match self {
+            Self::Usable {
+                ticket,
+                header,
+                ahead,
+            } => Lookup::Usable {
+                ticket,
+                header: f(header),
+                ahead,
+            },
+            Self::Stale { ticket, expired } => Lookup::Stale { ticket, expired },
+            Self::Cooling(c) => Lookup::Cooling(c),
+            Self::Ended(e) => Lookup::Ended(e),
+        }
+    }
 }
 
 /// A token newer than the one a request used.
@@ -329,7 +351,8 @@ impl<J: Clone> State<J> {
     ///
     /// The clocks are read only when the answer depends on them (a token with an expiry, a
     /// cool-down): a token without an expiry costs no clock reading.
-    pub(crate) fn lookup(&self, now: impl Reading, policy: Policy<'_>) -> Lookup {
+    #[inline(always)]
+    pub(crate) fn lookup(&self, now: impl Reading, policy: Policy<'_>) -> Lookup<&HeaderValue> {
         let ticket = self.ticket();
         let cooling_at = |now: &dyn Reading| match self.cooling {
             Some(_) => self.cooling_at(now.mono()),
@@ -362,7 +385,7 @@ impl<J: Clone> State<J> {
         if held.expires_at.is_none() {
             return Lookup::Usable {
                 ticket,
-                header: held.token.header_value().clone(),
+                header: held.token.header_value(),
                 ahead: false,
             };
         }
@@ -392,7 +415,7 @@ impl<J: Clone> State<J> {
             });
         Lookup::Usable {
             ticket,
-            header: held.token.header_value().clone(),
+            header: held.token.header_value(),
             ahead,
         }
     }
