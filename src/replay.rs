@@ -3,7 +3,9 @@
 //!
 //! A front end only moves its own request and response types between these steps:
 //!
-//! 1. [`admit`]: pass through, fail, send now with the current token, or wait for a newer one.
+//! 1. [`admit_into`] (the tower and keyed layers: the token goes straight into the request's
+//!    headers) or `admit` (reqwest): pass through, fail, send now with the current token, or
+//!    wait for a newer one.
 //! 2. [`wait_for_token`]: the wait before a first send (no token, expired, or the token was
 //!    just refused for another request and a refresh for it runs).
 //! 3. [`judge`]: after a response, is it final, ours to recover, or a refusal after a wait?
