@@ -73,9 +73,9 @@ pub(crate) fn admit_url(
     })
 }
 
-/// [`admit`] for a request taken apart: a usable token goes straight into its headers, while
-/// the cell is locked for reading, so that no copy of the header is moved around on the hot
-/// path.
+/// Step 1 for a request taken apart (the tower and keyed layers): a usable token goes
+/// straight into its headers, while the cell is locked for reading, so that no copy of the
+/// header is moved around on the hot path.
 #[inline(always)]
 pub(crate) fn admit_into(shared: &Shared, parts: &mut http::request::Parts) -> Admit<()> {
     let gated = gate(&parts.headers, &parts.extensions, || {
