@@ -376,7 +376,8 @@ const LINES: [&str; 8] = [
 ];
 
 /// A line's service over `inner`, type-erased only by `impl Trait` (no boxing on the path):
-/// one closure per line, called by [`with_line`].
+/// one closure per line, called by [`with_line`]. `inner` is written once and typed per line
+/// (this crate's lines wrap the body in `ReplayBody`).
 macro_rules! with_line {
     ($line:expr, $inner:expr, |$svc:ident| $body:expr) => {
         match $line {
@@ -417,6 +418,10 @@ macro_rules! with_line {
                     inner: $inner,
                     token: Arc::new(tokio::sync::RwLock::new(bearer())),
                 };
+                $body
+            }
+            "refresh" | "refresh_expiring" => {
+                let mut $svc = refresh_svc($inner, $line);
                 $body
             }
             other => panic!("unknown line {other}"),
@@ -467,13 +472,8 @@ fn setup_check() {
     for case in Case::ALL {
         let payload = case.payload();
         for line in LINES {
-            if line.starts_with("refresh") {
-                let mut svc = refresh_svc(checking(Some(expected)), line);
-                drive(&mut svc, request(case, &payload));
-                continue;
-            }
             let want = (line != "bare").then_some(expected);
-            with_line!(line, checking::<Full<Bytes>>(want), |svc| {
+            with_line!(line, checking(want), |svc| {
                 drive(&mut svc, request(case, &payload));
             });
         }
@@ -490,18 +490,7 @@ fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         let mut group = c.benchmark_group(format!("p1/{}", case.name()));
         group.throughput(Throughput::Elements(1));
         for line in LINES {
-            if line.starts_with("refresh") {
-                let mut svc = refresh_svc(inner(), line);
-                group.bench_function(line, |b| {
-                    b.iter_batched(
-                        || request(case, &payload),
-                        |req| drive(&mut svc, req),
-                        BatchSize::SmallInput,
-                    )
-                });
-                continue;
-            }
-            with_line!(line, inner::<Full<Bytes>>(), |svc| {
+            with_line!(line, inner(), |svc| {
                 group.bench_function(line, |b| {
                     b.iter_batched(
                         || request(case, &payload),
@@ -548,13 +537,7 @@ fn count_line(line: &str, case: Case, iters: u64) {
                 black_box(request(case, &payload));
             }
         }
-        "refresh" | "refresh_expiring" => {
-            let mut svc = refresh_svc(inner(), line);
-            for _ in 0..iters {
-                black_box(drive(&mut svc, request(case, &payload)));
-            }
-        }
-        other => with_line!(other, inner::<Full<Bytes>>(), |svc| {
+        other => with_line!(other, inner(), |svc| {
             for _ in 0..iters {
                 black_box(drive(&mut svc, request(case, &payload)));
             }
@@ -607,13 +590,7 @@ fn time_rounds(rounds: usize) {
         let mut ns: Vec<Vec<f64>> = vec![Vec::new(); LINES.len()];
         for _ in 0..rounds {
             for (i, line) in LINES.iter().enumerate() {
-                let t = if line.starts_with("refresh") {
-                    time_line(&mut refresh_svc(inner(), line), case, &payload)
-                } else {
-                    with_line!(*line, inner::<Full<Bytes>>(), |svc| {
-                        time_line(&mut svc, case, &payload)
-                    })
-                };
+                let t = with_line!(*line, inner(), |svc| time_line(&mut svc, case, &payload));
                 ns[i].push(t);
             }
         }
