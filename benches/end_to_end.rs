@@ -159,17 +159,10 @@ where
 /// `E2E_ITERS` mode: `n` requests of one line (`E2E_LINE`) and case (`E2E_CASE`) on a
 /// current-thread runtime, after a warm-up that opens the connections; for callgrind.
 fn count_mode(n: usize) {
-    let line = std::env::var("E2E_LINE").unwrap_or_else(|_| "refresh".into());
-    let case = Case::from_env("E2E_CASE");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (line, case, rt) = common::count_start("E2E");
     rt.block_on(async move {
-        let addr = common::token_server(SECRET).await;
+        let (addr, payload, calls, layer) = common::count_fixture(SECRET).await;
         let uri: Arc<str> = format!("http://{addr}/items").into();
-        let payload = Bytes::from(vec![b'x'; 1024]);
-        let (calls, layer) = common::valid_token_layer(SECRET);
         let warm = Limit::Requests(4 * IN_FLIGHT);
         let (u, p) = (uri.clone(), payload.clone());
         match line.as_str() {

@@ -150,17 +150,10 @@ async fn one(client: &ClientWithMiddleware, case: Case, url: &str, payload: &Byt
 
 /// `REQWEST_ITERS` mode, for instruction counts.
 fn count_mode(n: usize) {
-    let line = std::env::var("REQWEST_LINE").unwrap_or_else(|_| "refresh".into());
-    let case = Case::from_env("REQWEST_CASE");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (line, case, rt) = common::count_start("REQWEST");
     rt.block_on(async move {
-        let addr = common::token_server(SECRET).await;
+        let (addr, payload, calls, layer) = common::count_fixture(SECRET).await;
         let url = format!("http://{addr}/items");
-        let payload = Bytes::from(vec![b'x'; 1024]);
-        let (calls, layer) = common::valid_token_layer(SECRET);
         let client = match line.as_str() {
             "static_header" => client(StaticHeader(
                 HeaderValue::from_str(&format!("Bearer {SECRET}")).unwrap(),

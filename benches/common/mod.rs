@@ -123,3 +123,28 @@ impl Case {
         }
     }
 }
+
+/// What a count mode (instructions per request, for callgrind) starts from: the line and
+/// case named by `<prefix>_LINE` (default `refresh`) and `<prefix>_CASE`, and a
+/// current-thread runtime.
+#[allow(dead_code)] // not every bench has a count mode
+pub(crate) fn count_start(prefix: &str) -> (String, Case, tokio::runtime::Runtime) {
+    let line = std::env::var(format!("{prefix}_LINE")).unwrap_or_else(|_| "refresh".into());
+    let case = Case::from_env(&format!("{prefix}_CASE"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (line, case, rt)
+}
+
+/// The loopback server a count mode sends to, the 1 KiB payload of its POSTs, and a layer
+/// with a valid token (with its refresher's call count, which must stay 0).
+#[allow(dead_code)] // not every bench has a count mode
+pub(crate) async fn count_fixture(
+    secret: &'static str,
+) -> (SocketAddr, Bytes, Arc<AtomicUsize>, RefreshLayer) {
+    let addr = token_server(secret).await;
+    let (calls, layer) = valid_token_layer(secret);
+    (addr, Bytes::from(vec![b'x'; 1024]), calls, layer)
+}
