@@ -172,25 +172,38 @@
 //! - By default the token goes only to the origin of the first request; an allow-list or an
 //!   explicit [`any_origin`](RefreshOptions::any_origin) changes that. Plain `http://` is refused
 //!   except to loopback.
-//! - The refresh-token grant of the [`oauth2`] module refuses a non-https token endpoint that
+//! - The refresh-token grant of the [`oauth2`][mod-oauth2] module refuses a non-https token endpoint that
 //!   is not loopback, and persists rotated refresh tokens before the new access token is used.
 //!
 //! # Feature flags
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `oauth2` | yes | the RFC 6749 refresh-token and client-credentials refreshers ([`oauth2`]) |
+//! | `oauth2` | yes | the RFC 6749 refresh-token and client-credentials refreshers ([`oauth2`][mod-oauth2]) |
 //! | `follow-redirect` | yes | a 401 from a later hop of tower-http's `FollowRedirectLayer` is never refreshed or replayed |
-//! | `reqwest` | no | a `reqwest-middleware` adapter ([`reqwest`]) sharing the layer's token, and a `reqwest::Client` as the OAuth 2.0 token client |
-//! | `store` | no | a token set shared by several processes ([`store`]): memory and file stores |
+//! | `reqwest` | no | a `reqwest-middleware` adapter ([`reqwest`][mod-reqwest]) sharing the layer's token, and a `reqwest::Client` as the OAuth 2.0 token client |
+//! | `store` | no | a token set shared by several processes ([`store`][mod-store]): memory and file stores |
 //! | `redis` | no | the Redis token store, for replicas on several hosts (implies `store`) |
-//! | `dpop` | no | [`dpop::Dpop`]: DPoP (RFC 9449) proofs, DPoP-bound OAuth 2.0 tokens |
+//! | `dpop` | no | [`dpop::Dpop`][dpop-Dpop]: DPoP (RFC 9449) proofs, DPoP-bound OAuth 2.0 tokens |
 //!
 //! # Many principals
 //!
 //! [`keyed::KeyedRefreshLayer`] keeps one token per key (tenant, account, user), chosen from the
 //! request, with the same guarantees per key and isolation between keys.
+//!
+//! (Without its feature, a module's name in the table links to the table itself.)
+//!
 
+// The feature-gated modules of the table: links where the module is built, the table otherwise
+// (so that `cargo doc` with any set of features has no broken link).
+#![cfg_attr(feature = "oauth2", doc = "[mod-oauth2]: crate::oauth2")]
+#![cfg_attr(not(feature = "oauth2"), doc = "[mod-oauth2]: #feature-flags")]
+#![cfg_attr(feature = "reqwest", doc = "[mod-reqwest]: crate::reqwest")]
+#![cfg_attr(not(feature = "reqwest"), doc = "[mod-reqwest]: #feature-flags")]
+#![cfg_attr(feature = "store", doc = "[mod-store]: crate::store")]
+#![cfg_attr(not(feature = "store"), doc = "[mod-store]: #feature-flags")]
+#![cfg_attr(feature = "dpop", doc = "[dpop-Dpop]: crate::dpop::Dpop")]
+#![cfg_attr(not(feature = "dpop"), doc = "[dpop-Dpop]: #feature-flags")]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

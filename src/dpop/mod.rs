@@ -6,7 +6,7 @@
 //! with `ath`, the hash of the access token; a `401` with `WWW-Authenticate: DPoP
 //! error="use_dpop_nonce"` is answered by one replay with the same token and a proof carrying
 //! the new nonce, never by a refresh. Given to the OAuth 2.0 refresher
-//! ([`OAuth2RefresherBuilder::dpop`](crate::oauth2::OAuth2RefresherBuilder::dpop)), it proves
+//! ([`OAuth2RefresherBuilder::dpop`][builder-dpop], feature `oauth2`), it proves
 //! each token request too and asks for DPoP-bound tokens (`token_type: DPoP`), sent as
 //! `Authorization: DPoP <token>`.
 //!
@@ -23,6 +23,13 @@
 //! ```
 //!
 //! Clone one `Dpop` for the layer and the refresher: they then share the key and the nonces.
+//!
+
+#![cfg_attr(
+    feature = "oauth2",
+    doc = "[builder-dpop]: crate::oauth2::OAuth2RefresherBuilder::dpop"
+)]
+#![cfg_attr(not(feature = "oauth2"), doc = "[builder-dpop]: crate#feature-flags")]
 
 mod key;
 
@@ -235,8 +242,8 @@ impl Dpop {
 impl RequestProof for Dpop {
     /// Adds the `DPoP` header when the request carries `Authorization: DPoP <token>`, with
     /// `ath` for that token. A request with another scheme (a `Bearer` token accepted with
-    /// [`dpop_accept_bearer`](crate::oauth2::OAuth2RefresherBuilder::dpop_accept_bearer)) is
-    /// sent without a proof: it is not bound to the key.
+    /// `OAuth2RefresherBuilder::dpop_accept_bearer`) is sent without a proof: it is not bound
+    /// to the key.
     fn prove(&self, method: &Method, uri: &Uri, headers: &mut HeaderMap) -> Result<(), BoxError> {
         let token = headers
             .get(AUTHORIZATION)

@@ -144,10 +144,14 @@ pub enum ErrorKind {
     NoRefreshToken,
     /// The [`on_rotation`](super::OAuth2RefresherBuilder::on_rotation) hook failed. Transient.
     Persist,
-    /// DPoP was asked for ([`dpop`](super::OAuth2RefresherBuilder::dpop)) but the token
+    /// DPoP was asked for (`OAuth2RefresherBuilder::dpop`, feature `dpop`) but the token
     /// endpoint answered a `Bearer` token (or no `token_type`): a token not bound to the key.
-    /// Terminal, unless [`dpop_accept_bearer`](super::OAuth2RefresherBuilder::dpop_accept_bearer)
-    /// accepts such tokens.
+    /// Terminal, unless `OAuth2RefresherBuilder::dpop_accept_bearer` accepts such tokens.
+    #[cfg_attr(
+        feature = "dpop",
+        doc = "\n\nSee [`dpop`](super::OAuth2RefresherBuilder::dpop) and \
+               [`dpop_accept_bearer`](super::OAuth2RefresherBuilder::dpop_accept_bearer)."
+    )]
     DpopNotBound,
     /// The DPoP proof for the token request could not be made (the signer failed). Transient.
     DpopProof,
