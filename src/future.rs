@@ -663,6 +663,11 @@ where
         ),
         Admit::Fail(failure) => ResponseFuture::failed(failure.into_box()),
         Admit::Send { ticket, header: () } => {
+            // The kit's count on the shared state is taken first: an atomic operation (a
+            // locked instruction on x86) waits until every store before it has left the store
+            // buffer, and the copies below store a few hundred bytes. (A request that is never
+            // replayed drops it again: rare.)
+            let kit_shared = shared.clone();
             let sent = Sent::new(ticket, false, &parts.extensions);
             if sent.no_replay {
                 if let Err(f) = replay::prove(shared, &parts.method, &parts.uri, &mut parts.headers)
@@ -688,7 +693,7 @@ where
             let fut = inner.call(Request::from_parts(parts, body));
             let kit = Kit {
                 replayer,
-                shared: shared.clone(),
+                shared: kit_shared,
                 head,
                 body: source,
                 sent,
