@@ -92,48 +92,48 @@ pub(crate) struct Kit<S, B> {
 }
 
 impl<S, B> Kit<S, B> {
-    /// The URI the request was sent to (kept whenever a proof may need it).
-    fn sent_uri(&self) -> &http::Uri {
+    /// The URI the request was sent to, if kept (whenever a proof or the redirect check may
+    /// need it): in the head, boxed apart, or `elsewhere` (a parked request keeps it in its
+    /// own allocation).
+    fn sent_uri<'a>(&'a self, elsewhere: Option<&'a http::Uri>) -> Option<&'a http::Uri> {
         self.head
             .as_ref()
             .map(|h| &h.uri)
             .or(self.uri.as_deref())
-            .unwrap_or_else(|| replay::no_uri())
+            .or(elsewhere)
     }
 
     /// What `res` means for the request: `None` when it goes to the caller as it is.
     #[inline]
     fn verdict<T>(&self, res: &Response<T>) -> Option<Verdict> {
+        self.verdict_at(res, None)
+    }
+
+    /// [`verdict`](Self::verdict) for a request whose URI is kept `elsewhere`.
+    #[inline]
+    fn verdict_at<T>(&self, res: &Response<T>, elsewhere: Option<&http::Uri>) -> Option<Verdict> {
         if !replay::interesting(&self.shared, res.status(), res.headers()) {
             return None;
         }
-        self.judge(res)
+        self.judge(res, self.sent_uri(elsewhere))
     }
 
-    /// [`verdict`](Self::verdict) for a response worth a look.
-    fn judge<T>(&self, res: &Response<T>) -> Option<Verdict> {
+    /// [`verdict`](Self::verdict) for a response worth a look; `sent`: where the request went.
+    /// A response from another URI came from a later redirect hop than the request this
+    /// layer sent (tower-http's `FollowRedirectLayer` records the final URI on the response).
+    fn judge<T>(&self, res: &Response<T>, sent: Option<&http::Uri>) -> Option<Verdict> {
         let (status, headers) = (res.status(), res.headers());
-        let redirected = self.redirected(res);
         match replay::judge(
             &self.shared,
             self.sent,
-            self.sent_uri(),
+            sent.unwrap_or_else(|| replay::no_uri()),
             status,
             headers,
-            redirected,
+            redirected(res, sent),
         ) {
             Verdict::Final => None,
             verdict => Some(verdict),
         }
-    }
-
-    /// Whether `res` came from a later redirect hop than the request this layer sent
-    /// (tower-http's `FollowRedirectLayer` records the final URI on the response).
-    fn redirected<T>(&self, res: &Response<T>) -> bool {
-        redirected(
-            res,
-            self.head.as_ref().map(|h| &h.uri).or(self.uri.as_deref()),
-        )
     }
 }
 
@@ -175,6 +175,18 @@ pub(crate) struct Parked<S, B> {
     phase: Phase,
 }
 
+impl<S, B> Parked<S, B> {
+    /// What the response to its send means (see [`Kit::verdict`]).
+    #[inline]
+    fn verdict<T>(&self, res: &Response<T>) -> Option<Verdict> {
+        let uri = match &self.phase {
+            Phase::Sent(uri) => uri.as_ref(),
+            _ => None,
+        };
+        self.kit.verdict_at(res, uri)
+    }
+}
+
 /// Where a parked request's wait is.
 enum Phase {
     /// Not started: the first poll starts it (`expired`: why it waits).
@@ -184,8 +196,9 @@ enum Phase {
     Waiting(FreshWait),
     /// Over: the token to send with (`None`: anonymous, sent without one).
     Over(Option<(Ticket, HeaderValue)>),
-    /// The request went out (its kit stays here, see `State::Resent`).
-    Sent,
+    /// The request went out (its kit stays here, see `State::Resent`), to this URI when the
+    /// kit keeps no head (for the redirect check; kept here rather than boxed in the kit).
+    Sent(Option<http::Uri>),
 }
 
 pin_project! {
@@ -348,7 +361,7 @@ where
                 }
                 StateProj::Resent { fut, parked } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    let Some(verdict) = parked.as_ref().and_then(|p| p.kit.verdict(&res)) else {
+                    let Some(verdict) = parked.as_ref().and_then(|p| p.verdict(&res)) else {
                         return Poll::Ready(Ok(res));
                     };
                     let kit = parked.take().expect("checked above").kit;
@@ -436,12 +449,16 @@ where
     ResBody: Body + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let Phase::Over(token) = std::mem::replace(&mut parked.phase, Phase::Sent) else {
+    let Phase::Over(token) = std::mem::replace(&mut parked.phase, Phase::Sent(None)) else {
         unreachable!("the wait is over before the send");
     };
     let body = std::mem::take(&mut parked.body);
     let Parked {
-        kit, svc, parts, ..
+        kit,
+        svc,
+        parts,
+        phase,
+        ..
     } = &mut *parked;
     let mut parts = parts.take().expect("the head is kept for the first send");
     let Some((ticket, header)) = token else {
@@ -457,7 +474,9 @@ where
         kit.header = Some(Box::new(header.clone()));
     }
     if kit.head.is_none() {
-        kit.uri = Some(Box::new(parts.uri.clone()));
+        // A clone of the URI is counts on its bytes, no allocation: it stays in the parked
+        // request's allocation instead of a box of its own.
+        *phase = Phase::Sent(Some(parts.uri.clone()));
     }
     parts.headers.insert(AUTHORIZATION, header);
     if let Err(f) = replay::prove(&kit.shared, &parts.method, &parts.uri, &mut parts.headers) {

@@ -268,6 +268,51 @@ async fn a_refusal_from_a_redirect_target_never_replays_the_post() {
     .await;
 }
 
+/// A request that waited for its token and is refused by the very server it was sent to
+/// (no redirect, although a `FollowRedirectLayer` below the layer marks every response with
+/// its final URI) gets the typed error, not the refusal taken for a redirect hop's: the URI
+/// it was sent to is kept for the check while it is on its way after the wait.
+#[tokio::test]
+async fn a_refusal_after_a_wait_through_follow_redirect_is_the_typed_error() {
+    guard(async {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let server = {
+            let seen = seen.clone();
+            serve(move |req: Request<hyper::body::Incoming>| {
+                seen.lock().unwrap().push(authorization(req.headers()));
+                async { response(StatusCode::UNAUTHORIZED, "not you either") }
+            })
+            .await
+        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        // No token at first: the request waits for the refresh, then is sent once.
+        let layer = RefreshLayer::new(support::counting(&calls, "fresh"));
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(FollowRedirectLayer::new())
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let err = svc
+            .oneshot(
+                Request::get(format!("http://{server}/account"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .expect_err("a refusal right after a refresh is an error");
+        assert!(
+            err.is::<tower_auth_refresh::error::UnauthorizedAfterRefresh>(),
+            "{err}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one token call");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec!["Bearer fresh".to_owned()],
+            "sent once"
+        );
+    })
+    .await;
+}
+
 /// The same with reqwest's own redirects.
 #[cfg(feature = "reqwest")]
 #[tokio::test]
