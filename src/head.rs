@@ -173,6 +173,9 @@ impl RequestCopy {
 
     #[inline(always)]
     fn copy(parts: &http::request::Parts, tokens: usize) -> Self {
+        // The URI first: its clone may take an atomic count, which waits for the stores
+        // before it (the header list's are many).
+        let uri = parts.uri.clone();
         let mut headers = Vec::new();
         let kept = parts.headers.len().saturating_sub(tokens);
         if kept > 0 {
@@ -185,7 +188,7 @@ impl RequestCopy {
         }
         Self {
             method: parts.method.clone(),
-            uri: parts.uri.clone(),
+            uri,
             version: parts.version,
             headers,
             extensions: parts.extensions.clone(),
