@@ -474,8 +474,8 @@ where
         kit.header = Some(Box::new(header.clone()));
     }
     if kit.head.is_none() {
-        // A clone of the URI is counts on its bytes, no allocation: it stays in the parked
-        // request's allocation instead of a box of its own.
+        // The clone shares the URI's bytes; it stays in the parked request's allocation
+        // instead of a box of its own.
         *phase = Phase::Sent(Some(parts.uri.clone()));
     }
     parts.headers.insert(AUTHORIZATION, header);
