@@ -2,10 +2,11 @@
 //! gRPC UNAUTHENTICATED.
 //!
 //! By default a response triggers a refresh when its status is 401, or when it is a
-//! trailers-only gRPC response with `grpc-status: 16` (UNAUTHENTICATED), and it does not carry
-//! a Bearer challenge whose `error` is something other than `invalid_token`. So
-//! `insufficient_scope` and `invalid_request` (RFC 6750 §3.1) reach the caller untouched:
-//! a new token would not fix them.
+//! trailers-only gRPC response with `grpc-status: 16` (UNAUTHENTICATED), unless every Bearer
+//! challenge it carries names an `error` other than `invalid_token` (one Bearer challenge
+//! without an error, or with `invalid_token`, is enough to refresh). So `insufficient_scope`
+//! and `invalid_request` (RFC 6750 §3.1) alone reach the caller untouched: a new token would
+//! not fix them.
 //!
 //! # Example
 //!

@@ -40,8 +40,12 @@
 //!
 //! The middleware's own failures are [`reqwest_middleware::Error::Middleware`] wrapping one of
 //! the types of [`error`](crate::error): [`RefreshRejected`], [`RefreshFailed`],
-//! [`SessionEnded`] or [`UnauthorizedAfterRefresh`]. Downcast to tell them apart. Errors of
-//! the client and of later middleware pass through unchanged.
+//! [`SessionEnded`] or [`UnauthorizedAfterRefresh`] for the token's fate, and
+//! [`InsecureTransport`] (the token would go over plain HTTP to a host that is not loopback),
+//! [`ReentrantRefresh`] (the refresher sent a request through this same middleware) or
+//! [`ProofFailed`] (a proof of possession could not be made) for a request the middleware
+//! would not send. Downcast to tell them apart. Errors of the client and of later middleware
+//! pass through unchanged.
 //!
 //! ```
 //! use reqwest_middleware::Error;
@@ -90,6 +94,9 @@
 //! [`RefreshRejected`]: crate::error::RefreshRejected
 //! [`RefreshFailed`]: crate::error::RefreshFailed
 //! [`UnauthorizedAfterRefresh`]: crate::error::UnauthorizedAfterRefresh
+//! [`InsecureTransport`]: crate::error::InsecureTransport
+//! [`ReentrantRefresh`]: crate::error::ReentrantRefresh
+//! [`ProofFailed`]: crate::error::ProofFailed
 
 use std::fmt;
 use std::future::Future;

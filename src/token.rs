@@ -199,7 +199,9 @@ impl Token {
         &self.inner.scheme
     }
 
-    /// The secret itself. Handle with care: this is the only accessor that reveals it.
+    /// The secret itself. Handle with care: with [`header_value`](Self::header_value) (which
+    /// carries it, marked sensitive) and [`refresh_token`](Self::refresh_token) (a secret of its
+    /// own), the only accessors that reveal a secret.
     pub fn secret(&self) -> &str {
         &self.inner.secret
     }
