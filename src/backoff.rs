@@ -125,6 +125,12 @@ impl Backoff {
     }
 }
 
+/// The longest pause after a failed refresh (one day), whatever a token endpoint's
+/// `Retry-After` or the [`Cooldown`] asks for: `Retry-After: 99999999999999999999` is a
+/// malformed answer, not a reason to never refresh again (a pause's end must also stay
+/// within what the monotonic clock can represent).
+pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The pause after a failed refresh: no new refresh starts before it ends, so a token
 /// endpoint that is down gets one attempt per pause instead of one per request.
 ///
@@ -133,9 +139,11 @@ impl Backoff {
 /// [`RefreshFailed`](crate::error::RefreshFailed), which says when the next attempt is
 /// allowed; a 401 is returned to the caller, not refreshed. The pause doubles with each
 /// failure in a row, from `base` up to `max`, with equal jitter (between half and all of it),
-/// and a token endpoint's `Retry-After` extends it. [`TokenHandle::refresh`](crate::TokenHandle::refresh)
-/// and installing a token bypass it; a success ends it. The first refresh after a pause makes
-/// a single attempt (no retries), so an outage costs one token request per pause.
+/// and a token endpoint's `Retry-After` extends it. No pause is longer than a day: a longer
+/// `Retry-After` (or configured pause) counts as a day.
+/// [`TokenHandle::refresh`](crate::TokenHandle::refresh) and installing a token bypass it; a
+/// success ends it. The first refresh after a pause makes a single attempt (no retries), so an
+/// outage costs one token request per pause.
 ///
 /// Default: 30 s, doubling up to 5 min (AWS SDKs pause 5 to 10 minutes; a bearer-token client
 /// usually serves a person and should recover sooner).
@@ -189,11 +197,12 @@ impl Cooldown {
             .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
             .min(self.max);
         let half = ceiling / 2;
-        let pause = half + (ceiling - half).mul_f64(unit);
+        let pause = half.saturating_add((ceiling - half).mul_f64(unit));
         match retry_after {
             Some(floor) if !ceiling.is_zero() => pause.max(floor),
             _ => pause,
         }
+        .min(MAX_PAUSE)
     }
 
     /// The pause after `failures` failures in a row.
@@ -202,11 +211,14 @@ impl Cooldown {
     }
 
     /// The pause before the next background refresh after `failures` failed ones: short
-    /// (the token is still valid), never past the hard deadline.
-    pub(crate) fn background(&self, failures: u32) -> Duration {
+    /// (the token is still valid), never past the hard deadline. `retry_after` (from the
+    /// token endpoint) is a floor; the pause never exceeds [`MAX_PAUSE`].
+    pub(crate) fn background(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
         Duration::from_secs(1)
             .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
             .min(Duration::from_secs(60))
+            .max(retry_after.unwrap_or_default())
+            .min(MAX_PAUSE)
     }
 }
 
@@ -364,6 +376,10 @@ mod tests {
             assert!(distinct.len() > 100, "jitter missing");
         }
         assert!(c.delay(1, Some(Duration::from_secs(900))) >= Duration::from_secs(900));
+        // An absurd Retry-After, or an absurd configuration, is capped.
+        assert_eq!(c.delay(1, Some(Duration::MAX)), MAX_PAUSE);
+        assert_eq!(c.background(1, Some(Duration::MAX)), MAX_PAUSE);
+        assert!(Cooldown::new(Duration::MAX, Duration::MAX).delay(3, None) <= MAX_PAUSE);
         assert_eq!(
             Cooldown::none().delay(5, Some(Duration::from_secs(9))),
             Duration::ZERO

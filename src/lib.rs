@@ -70,8 +70,14 @@
 //! One refresh runs at a time for the layer and all clones of its services. It runs as a Tokio
 //! task of its own and stores its result even if every request waiting on it is dropped: with
 //! rotating refresh tokens, a cancelled refresh may already have spent the old refresh token
-//! on the server. Every waiter polls the same shared future too, so a refresh whose task sits
-//! on a runtime nobody drives any more is driven by the waiters that are still polled.
+//! on the server. The task runs on the runtime the layer (for a keyed layer, the key's token)
+//! was created in, else on that of the request that starts it; the waiters only wait for its
+//! answer, they never run it. A waiter on another runtime than the task's waits at most
+//! [`refresh_timeout`](RefreshOptions::refresh_timeout) or
+//! [`Backoff::max_elapsed`], whichever is longer, plus 5 s: if the task's runtime is alive
+//! but no longer driven, the refresh does not progress and such a waiter fails with
+//! [`RefreshFailed`](error::RefreshFailed) at that bound, and the next request starts a new
+//! refresh, again on that runtime, until it shuts down (then on the requester's runtime).
 //! (Outside a Tokio runtime it runs inside the waiting requests; dropping the last one
 //! cancels it.)
 //!

@@ -731,3 +731,40 @@ fn after_a_session_ends_through_a_bad_refresh_token_a_login_resumes() {
     assert!(trace.contains("session ended"), "{trace}");
     assert!(!trace.contains("login-secret"));
 }
+
+// ---- Absurd Retry-After -------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_retry_after_is_a_typed_failure_and_the_cool_down_still_applies() {
+    // What `retry_after` makes of a Retry-After too large for a u64 of seconds.
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from_static("99999999999999999999"),
+    );
+    let huge = tower_auth_refresh::retry_after(&headers).unwrap();
+    assert_eq!(huge, Duration::from_secs(u64::MAX));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let refresher = {
+        let calls = calls.clone();
+        tower_auth_refresh::refresh_fn(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move { Err::<Token, _>(RefreshError::transient("slow down").with_retry_after(huge)) }
+        })
+    };
+    let sends = Arc::new(AtomicUsize::new(0));
+    let svc = RefreshLayer::new(refresher).layer(api("never", sends.clone()));
+    for _ in 0..3 {
+        let err = svc.clone().oneshot(get()).await.unwrap_err();
+        let failed = err
+            .downcast_ref::<RefreshFailed>()
+            .expect("a typed RefreshFailed");
+        assert!(
+            !failed.to_string().contains("dropped"),
+            "the refresh task died: {failed}"
+        );
+    }
+    // One refresher call: the later requests fail fast during the cool-down.
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(sends.load(Ordering::SeqCst), 0);
+}

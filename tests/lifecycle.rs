@@ -695,3 +695,105 @@ async fn an_absurd_lifetime_is_treated_as_no_expiry() {
         "Bearer forever"
     );
 }
+
+/// Polls `fut` once, so that what it does before its first wait (its decision to start or
+/// join a refresh) has happened when this returns.
+async fn poll_once<F: std::future::Future + Unpin>(fut: &mut F) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *fut).poll(cx))).await
+}
+
+#[tokio::test]
+async fn invalidate_during_a_refresh_gives_later_requests_a_token_from_a_refresh_after_it() {
+    let (issuer, gate) = Issuer::gated(None, 0);
+    let seen = Seen::default();
+    let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("t0").unwrap());
+    let handle = layer.token_handle();
+    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+
+    // A refresh runs: refresher call 1, held at the gate.
+    let forced = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.refresh().await.map_err(|e| e.to_string()) }
+    });
+    for _ in 0..10_000 {
+        if issuer.calls() == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(issuer.calls(), 1);
+
+    // The token is invalidated while it runs; a request after that waits for a token.
+    handle.invalidate();
+    let mut request = Box::pin(svc.clone().oneshot(get("/")));
+    assert!(poll_once(&mut request).await.is_pending());
+    assert!(handle.state().refreshing());
+
+    gate.add_permits(2);
+    let res = request
+        .await
+        .expect("a request after invalidate gets a token through the refresher");
+    assert_eq!(res.status(), StatusCode::OK);
+    // One more refresher call, started after the invalidation (one at a time: the gate
+    // held call 1 until then); the request went out once, with its token.
+    assert_eq!(issuer.calls(), 2);
+    assert_eq!(seen.all(), ["Bearer t2"]);
+    // The forced refresh that was waiting gets that token too.
+    let state = forced.await.unwrap().unwrap();
+    assert!(state.has_token());
+    assert_eq!(handle.token().unwrap().secret(), "t2");
+    assert_eq!(issuer.calls(), 2);
+}
+
+#[test]
+fn a_waiter_that_gives_up_abandons_only_the_refresh_it_joined() {
+    use tower_auth_refresh::error::RefreshFailed;
+    // The cell's runtime: the refresh tasks go there, and it is not driven while requests
+    // wait on another runtime, so their own bound (refresh timeout + 5 s) ends their wait.
+    let cells = support::paused_runtime();
+    let issuer = Issuer::new(None);
+    let layer = {
+        let _cells = cells.enter();
+        RefreshLayer::new(issuer.clone())
+            .refresh_timeout(Duration::from_millis(100))
+            .retries(Backoff::none().max_elapsed(Duration::from_millis(100)))
+    };
+    let handle = layer.token_handle();
+    let refresh = || {
+        let handle = handle.clone();
+        Box::pin(async move { handle.refresh().await.map(|state| state.generation()) })
+    };
+    let requests = support::paused_runtime();
+    let (mut second, mut third) = requests.block_on(async {
+        // W0 starts refresh A; W1 joins it one second later.
+        let mut w0 = refresh();
+        assert!(poll_once(&mut w0).await.is_pending());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let w1 = tokio::spawn(refresh());
+        // W0 gives up on A and abandons it; W2 starts refresh B.
+        assert!(w0.await.unwrap_err().is::<RefreshFailed>());
+        let mut w2 = refresh();
+        assert!(poll_once(&mut w2).await.is_pending());
+        assert!(handle.state().refreshing());
+        // W1 gives up on A a second later: B is not its to abandon.
+        assert!(w1.await.unwrap().unwrap_err().is::<RefreshFailed>());
+        assert!(
+            handle.state().refreshing(),
+            "a waiter abandoned a refresh it never joined"
+        );
+        // W3 joins B instead of starting a refresh beside it.
+        let mut w3 = refresh();
+        assert!(poll_once(&mut w3).await.is_pending());
+        (w2, w3)
+    });
+    // The cell's runtime runs its refresh tasks now (A's call first, then B's) until idle.
+    cells.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+    assert_eq!(issuer.calls(), 2);
+    let (second, third) =
+        requests.block_on(async { (second.as_mut().await, third.as_mut().await) });
+    // A was abandoned: its late result is not recorded over B's, which answers B's waiters.
+    assert_eq!(second.unwrap(), 1);
+    assert_eq!(third.unwrap(), 1);
+    assert_eq!(handle.token().unwrap().secret(), "t2");
+    assert_eq!(issuer.calls(), 2);
+}

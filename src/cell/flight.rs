@@ -7,7 +7,7 @@ use futures_util::FutureExt;
 use tracing::Instrument;
 
 use super::attempt::{FlightSettings, attempt_all, has_runtime};
-use super::state::{Begin, Need, Session, State, Ticket, Unavailable};
+use super::state::{Begin, Finished, Flight, Need, Session, State, Ticket, Unavailable};
 use super::{Answer, Job, TokenCell, now, policy};
 use crate::config::RefreshOptions;
 use crate::events::RefreshEvent;
@@ -54,12 +54,13 @@ impl TokenCell {
             let st = self.read();
             match st.begin_shared(ticket, need) {
                 Some(Begin::Answer(answer)) => return FreshWait::Done(Some(answer)),
-                Some(Begin::Join(job)) => Some((job, st.flight.as_ref().is_some_and(|f| f.inline))),
+                Some(Begin::Join(job)) => Some((job, FlightKey::of(st.flight.as_ref()))),
                 _ => None,
             }
         };
-        let (job, task, inline) = if let Some((job, inline)) = shared {
-            (job, None, inline)
+        // `key`: the flight this waiter joined (or started), the only one it may abandon.
+        let (job, task, key) = if let Some((job, key)) = shared {
+            (job, None, key)
         } else {
             let mut st = self.write();
             let (job, task) = match st.begin(ticket, need, options.clock.now()) {
@@ -67,9 +68,9 @@ impl TokenCell {
                 Begin::Join(job) => (job, None),
                 Begin::Start => self.start(&mut st, reason, options, false),
             };
-            let inline = st.flight.as_ref().is_some_and(|f| f.inline);
-            (job, task, inline)
+            (job, task, FlightKey::of(st.flight.as_ref()))
         };
+        let inline = key.is_some_and(|key| key.inline);
         if let Some(task) = task {
             task.spawn();
         }
@@ -98,7 +99,11 @@ impl TokenCell {
             match tokio::time::timeout(bound, waiting).await {
                 Ok(answer) => answer,
                 Err(_) => {
-                    cell.abandon_flight(None);
+                    // Only the flight it joined, and only if that has not called the
+                    // refresher again since (its runtime is evidently driven then).
+                    if let Some(key) = key {
+                        cell.abandon_flight(key.id, Some(key.generation));
+                    }
                     tracing::warn!(
                         bound_ms = bound.as_millis() as u64,
                         "gave up waiting for a token refresh that does not finish"
@@ -146,14 +151,14 @@ impl TokenCell {
         }
     }
 
-    /// Clears the flight `id` (any flight if `None`): its task was dropped, or its waiters
-    /// gave up on it.
-    fn abandon_flight(&self, id: Option<u64>) {
+    /// Clears the flight `id` (if it still calls the refresher for `generation`, when given):
+    /// its task was dropped, or its waiters gave up on it. Another flight is left alone.
+    fn abandon_flight(&self, id: u64, generation: Option<u64>) {
         let mut st = self.write();
         if st
             .flight
             .as_ref()
-            .is_some_and(|f| id.is_none_or(|id| f.id == id))
+            .is_some_and(|f| f.id == id && generation.is_none_or(|g| f.generation == g))
         {
             st.flight = None;
         }
@@ -188,28 +193,48 @@ impl TokenCell {
         );
         let ctx = RefreshContext::new(stale, reason);
         let cell = Arc::clone(self);
+        let id = st.started_id();
         let work = async move {
             let started = settings.clock.now();
-            // A token installed (or a logout) between the decision and the start is the answer:
-            // do not refresh it away (`finish` discards the outcome of a superseded refresh).
-            let superseded = cell.read().generation != generation;
-            let result = if superseded {
-                Err(RefreshError::transient("superseded before it started"))
-            } else {
-                tracing::debug!("token refresh started");
-                attempt_all(&*cell.refresher, ctx, &settings, single).await
+            let (mut generation, mut ctx, mut single) = (generation, ctx, single);
+            let (answer, events, error) = loop {
+                // A token installed (or a logout) between the decision and the start is the
+                // answer: do not refresh it away (`finish` discards the outcome of a
+                // superseded refresh; after an invalidation it asks for another round).
+                let superseded = cell.read().generation != generation;
+                let result = if superseded {
+                    Err(RefreshError::transient("superseded before it started"))
+                } else {
+                    tracing::debug!(generation, "token refresh started");
+                    attempt_all(&*cell.refresher, ctx, &settings, single).await
+                };
+                let error = result.as_ref().err().map(ToString::to_string);
+                let reading = super::state::Now {
+                    mono: settings.clock.now(),
+                    wall: settings.clock.wall(),
+                };
+                match cell.write().finish(id, result, reading, &settings.cooldown) {
+                    Finished::Done(answer, events) => break (answer, events, error),
+                    Finished::Again {
+                        generation: now_at,
+                        stale,
+                    } => {
+                        tracing::debug!(
+                            generation = now_at,
+                            "the token was invalidated during the refresh; refreshing again"
+                        );
+                        generation = now_at;
+                        ctx = RefreshContext::new(stale, RefreshReason::NoToken);
+                        // The invalidation reset the failure count: retries allowed again.
+                        single = false;
+                    }
+                }
             };
             let elapsed_ms = settings
                 .clock
                 .now()
                 .saturating_duration_since(started)
                 .as_millis() as u64;
-            let error = result.as_ref().err().map(ToString::to_string);
-            let reading = super::state::Now {
-                mono: settings.clock.now(),
-                wall: settings.clock.wall(),
-            };
-            let (answer, events) = cell.write().finish(result, reading, &settings.cooldown);
             match (&answer, error) {
                 (Ok(fresh), _) => tracing::debug!(
                     generation = fresh.ticket.generation,
@@ -238,7 +263,6 @@ impl TokenCell {
         }
         .instrument(span)
         .boxed();
-        let id = st.started_id();
         match self.spawn_target() {
             Some(runtime) => {
                 // The refresh runs as a task of its own and survives the cancellation of every
@@ -290,6 +314,26 @@ impl TokenCell {
                 (job, None)
             }
         }
+    }
+}
+
+/// The flight a waiter joined: its id and the generation it refreshes for then.
+#[derive(Clone, Copy)]
+struct FlightKey {
+    id: u64,
+    generation: u64,
+    inline: bool,
+}
+
+impl FlightKey {
+    /// The key of the flight a waiter just joined or started (always there: read under the
+    /// lock that joined or started it).
+    fn of(flight: Option<&Flight<Job>>) -> Option<Self> {
+        flight.map(|flight| Self {
+            id: flight.id,
+            generation: flight.generation,
+            inline: flight.inline,
+        })
     }
 }
 
@@ -348,7 +392,7 @@ impl Drop for TaskGuard {
     fn drop(&mut self) {
         if !self.finished {
             self.cell.runtime_gone.store(true, Ordering::Relaxed);
-            self.cell.abandon_flight(Some(self.id));
+            self.cell.abandon_flight(self.id, None);
         }
     }
 }

@@ -16,7 +16,14 @@
 //!   task's also has a bound of its own (that runtime may no longer be driven); one on the
 //!   task's runtime needs none.
 //! - **The handle wins.** A token installed or cleared while a refresh runs is not replaced by
-//!   that refresh's result, success or failure.
+//!   that refresh's result, success or failure. A token invalidated while a refresh runs makes
+//!   that same flight call the refresher again when its call ends (for the new generation,
+//!   handed the token the first call got, if any): its waiters and the requests that join it
+//!   after the invalidation get a token from a call that started after it, and there is still
+//!   one refresher call at a time.
+//! - **A flight is cleared only by itself.** A refresh records its outcome only while it is
+//!   the flight (checked by id), and a waiter that gives up clears only the flight it joined:
+//!   neither ever clears or answers for a later flight.
 //! - **The hot path never awaits**: a `std` read lock held for a few pointer copies. No lock is
 //!   held across an `.await`.
 //! - Transitions are pure functions of [`state::State`] (unit-tested without a runtime);

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::backoff::{Cooldown, RefreshAhead};
+use crate::backoff::{Cooldown, MAX_PAUSE, RefreshAhead};
 use crate::events::RefreshEvent;
 use crate::refresher::RefreshError;
 use crate::token::{Expiry, Token};
@@ -140,10 +140,12 @@ impl Held {
 pub(crate) struct Flight<J> {
     pub(crate) job: J,
     pub(crate) background: bool,
-    /// The generation the cell held when the refresh started: the refresh's result is
-    /// discarded if the handle installed or cleared a token meanwhile.
+    /// The generation the cell held when the refresher was last called: the refresh's result
+    /// is discarded if the handle installed or cleared a token meanwhile, and the refresher is
+    /// called again (for the new generation) if the handle invalidated the token.
     pub(crate) generation: u64,
-    /// Tells this flight from later ones.
+    /// Tells this flight from later ones (it stays the same when the flight calls the
+    /// refresher again after an invalidation).
     pub(crate) id: u64,
     /// No task runs it: its waiters drive it (no runtime).
     pub(crate) inline: bool,
@@ -281,6 +283,26 @@ pub(crate) enum Need {
 
 /// The events a transition emits, in order.
 pub(crate) type Emitted = [Option<RefreshEvent>; 2];
+
+/// What [`State::finish`] made of a refresher's outcome.
+#[derive(Debug)]
+pub(crate) enum Finished {
+    /// The refresh is over: the answer for its waiters, and the events to emit.
+    Done(Answer, Emitted),
+    /// The token was invalidated while the refresh ran: the same flight (its waiters, and
+    /// the requests that join it meanwhile) calls the refresher again, for `generation`,
+    /// handed `stale`.
+    Again {
+        generation: u64,
+        stale: Option<Token>,
+    },
+}
+
+/// `now + pause`, never panicking: a pause is capped at [`MAX_PAUSE`] already, and an instant
+/// the clock cannot represent (a clock near its end) ends the pause at `now`.
+fn after(now: Instant, pause: Duration) -> Instant {
+    now.checked_add(pause.min(MAX_PAUSE)).unwrap_or(now)
+}
 
 /// The whole state of a token cell.
 #[derive(Debug)]
@@ -534,34 +556,68 @@ impl<J: Clone> State<J> {
             }),
             Session::Ended { cause: err, .. } => Err(Unavailable::Ended(err.clone())),
             Session::Empty { .. } => Err(Unavailable::Failed(Arc::new(RefreshError::transient(
-                "the token was invalidated during the refresh",
+                "the token refresh was abandoned before it finished",
             )))),
         }
     }
 
-    /// Records the outcome of the refresh in flight: the bookkeeping of a finished refresh.
-    /// Returns the answer for its waiters and the events to emit.
+    /// Records the outcome of refresh `id`: the bookkeeping of a finished refresh. Returns
+    /// the answer for its waiters and the events to emit, or, if the token was invalidated
+    /// while it ran, that the same flight refreshes again.
+    ///
+    /// A refresh that is no longer the flight (its waiters gave up on it, and another may
+    /// have started since) records nothing and leaves the flight alone.
     pub(crate) fn finish(
         &mut self,
+        id: u64,
         result: Result<Token, RefreshError>,
         now: Now,
         cooldown: &Cooldown,
-    ) -> (Answer, Emitted) {
-        let Some(flight) = self.flight.take() else {
-            // Not ours to record (cannot happen: only the flight finishes itself).
-            return (self.current(), [None, None]);
+    ) -> Finished {
+        let Some(flight) = self.flight.as_mut().filter(|f| f.id == id) else {
+            return Finished::Done(self.current(), [None, None]);
         };
-        let background = flight.background;
         if self.generation != flight.generation {
-            // The handle installed, invalidated or cleared a token while this refresh ran:
-            // what the handle set wins, whether the refresh succeeded or failed (a failure of
-            // a superseded refresh must not end the new session).
+            if let Session::Empty { stale } = &mut self.session {
+                // Invalidated while this refresh ran: a token it got predates the
+                // invalidation, so the flight asks again for the new generation (still one
+                // refresher call at a time). A token it got is handed on as the stale one:
+                // with refresh-token rotation, it carries the only refresh token still valid.
+                if let Ok(token) = result {
+                    *stale = Some(token);
+                }
+                flight.generation = self.generation;
+                flight.background = false;
+                return Finished::Again {
+                    generation: self.generation,
+                    stale: stale.clone(),
+                };
+            }
+            // The handle installed or cleared a token while this refresh ran: what the handle
+            // set wins, whether the refresh succeeded or failed (a failure of a superseded
+            // refresh must not end the new session).
+            let background = flight.background;
+            self.flight = None;
             if !background {
                 self.attempts += 1;
                 self.last_failure = None;
             }
-            return (self.current(), [None, None]);
+            return Finished::Done(self.current(), [None, None]);
         }
+        let background = flight.background;
+        self.flight = None;
+        let (answer, events) = self.record(result, background, now, cooldown);
+        Finished::Done(answer, events)
+    }
+
+    /// The bookkeeping of a refresh that finished for the generation it started at.
+    fn record(
+        &mut self,
+        result: Result<Token, RefreshError>,
+        background: bool,
+        now: Now,
+        cooldown: &Cooldown,
+    ) -> (Answer, Emitted) {
         let result = result.and_then(|token| self.accept(token, now));
         match result {
             Ok(token) => {
@@ -605,11 +661,11 @@ impl<J: Clone> State<J> {
             }
             Err(err) if background => {
                 // A token endpoint's `Retry-After` is a floor here too, as for the cool-down.
-                let retry_after = err.retry_after().unwrap_or_default();
+                let retry_after = err.retry_after();
                 let err = Arc::new(err);
                 self.ahead_failures = self.ahead_failures.saturating_add(1);
-                let pause = cooldown.background(self.ahead_failures).max(retry_after);
-                self.ahead_not_before = Some(now.mono + pause);
+                let pause = cooldown.background(self.ahead_failures, retry_after);
+                self.ahead_not_before = Some(after(now.mono, pause));
                 let generation = self.generation;
                 (
                     Err(Unavailable::Failed(err)),
@@ -628,9 +684,9 @@ impl<J: Clone> State<J> {
                 self.attempts += 1;
                 self.failures = self.failures.saturating_add(1);
                 self.last_failure = Some(err.clone());
-                let pause = cooldown.delay(self.failures, retry_after);
+                let pause = cooldown.delay(self.failures, retry_after).min(MAX_PAUSE);
                 self.cooling = (!pause.is_zero()).then(|| Cooling {
-                    until: now.mono + pause,
+                    until: after(now.mono, pause),
                     error: err.clone(),
                     left: pause,
                 });
@@ -673,7 +729,8 @@ impl<J: Clone> State<J> {
         self.generation
     }
 
-    /// Drops the token without ending the session: the next request refreshes.
+    /// Drops the token without ending the session: the next request refreshes. A refresh in
+    /// flight calls the refresher again when it finishes (see [`finish`](Self::finish)).
     pub(crate) fn invalidate(&mut self) -> u64 {
         self.generation += 1;
         self.rejected = None;

@@ -35,6 +35,20 @@ fn no_cooldown() -> Cooldown {
     Cooldown::none()
 }
 
+/// Finishes the flight in `st` (whichever it is), expecting the refresh to be over.
+fn finish(
+    st: &mut S,
+    result: Result<Token, RefreshError>,
+    now: Now,
+    cooldown: &Cooldown,
+) -> (Answer, Emitted) {
+    let id = st.flight.as_ref().expect("a flight to finish").id;
+    match st.finish(id, result, now, cooldown) {
+        Finished::Done(answer, events) => (answer, events),
+        again => panic!("expected the refresh to be over, got {again:?}"),
+    }
+}
+
 #[test]
 fn an_empty_cell_asks_the_first_request_to_start_one_refresh_and_the_rest_to_join() {
     let mut st = S::new();
@@ -70,7 +84,7 @@ fn a_refusal_pauses_requests_for_that_generation_until_the_refresh_ends() {
     st.started(1, false, 0, false);
     // A new request would carry the refused token: it waits instead.
     assert!(matches!(st.lookup(t, POLICY), Lookup::Stale { .. }));
-    let (answer, events) = st.finish(Ok(token("b", None)), t, &no_cooldown());
+    let (answer, events) = finish(&mut st, Ok(token("b", None)), t, &no_cooldown());
     let fresh = answer.unwrap();
     assert_eq!(fresh.ticket.generation, ticket.generation + 1);
     assert_eq!(
@@ -105,7 +119,12 @@ fn shared_failure_is_every_waiters_answer() {
         Begin::Start
     ));
     st.started(1, false, 0, false);
-    let (answer, _) = st.finish(Err(RefreshError::transient("down")), t, &no_cooldown());
+    let (answer, _) = finish(
+        &mut st,
+        Err(RefreshError::transient("down")),
+        t,
+        &no_cooldown(),
+    );
     let Err(Unavailable::Failed(first)) = answer else {
         panic!("transient failure");
     };
@@ -127,13 +146,18 @@ fn install_during_flight_wins_over_the_refresh_result() {
     let t = now();
     st.started(1, false, 0, false);
     st.install(token("login", None), t);
-    let (answer, events) = st.finish(Ok(token("refreshed", None)), t, &no_cooldown());
+    let (answer, events) = finish(&mut st, Ok(token("refreshed", None)), t, &no_cooldown());
     assert_eq!(answer.unwrap().header, "Bearer login");
     assert_eq!(events, [None, None]);
     // And a terminal failure of the superseded refresh does not end the new session.
     st.started(2, false, 0, false);
     st.install(token("login-2", None), t);
-    let (answer, _) = st.finish(Err(RefreshError::terminal("revoked")), t, &no_cooldown());
+    let (answer, _) = finish(
+        &mut st,
+        Err(RefreshError::terminal("revoked")),
+        t,
+        &no_cooldown(),
+    );
     assert_eq!(answer.unwrap().header, "Bearer login-2");
     assert!(matches!(st.session, Session::Active(_)));
 }
@@ -145,7 +169,12 @@ fn a_terminal_failure_ends_the_session_once_in_the_foreground_and_the_background
         let t = now();
         st.install(token("a", Some(600)), t);
         st.started(1, background, 0, false);
-        let (answer, events) = st.finish(Err(RefreshError::terminal("revoked")), t, &no_cooldown());
+        let (answer, events) = finish(
+            &mut st,
+            Err(RefreshError::terminal("revoked")),
+            t,
+            &no_cooldown(),
+        );
         assert!(matches!(answer, Err(Unavailable::Rejected(_))));
         assert_eq!(
             events[1],
@@ -163,7 +192,7 @@ fn a_failed_refresh_cools_down_and_later_requests_fail_fast_without_a_refresh() 
     let t = now();
     let cooldown = Cooldown::new(Duration::from_secs(60), Duration::from_secs(600));
     st.started(1, false, 0, false);
-    let _ = st.finish(Err(RefreshError::transient("503")), t, &cooldown);
+    let _ = finish(&mut st, Err(RefreshError::transient("503")), t, &cooldown);
     let Lookup::Cooling(c) = st.lookup(t, POLICY) else {
         panic!("no token and cooling: fail fast");
     };
@@ -197,7 +226,12 @@ fn inside_the_leeway_a_failed_refresh_keeps_sending_the_valid_token() {
     let near = later(t, Duration::from_secs(550));
     assert!(matches!(st.lookup(near, policy), Lookup::Stale { .. }));
     st.started(1, false, 0, false);
-    let _ = st.finish(Err(RefreshError::transient("503")), near, &cooldown);
+    let _ = finish(
+        &mut st,
+        Err(RefreshError::transient("503")),
+        near,
+        &cooldown,
+    );
     // The refresh failed: the token is still valid for 50 s, so it is used.
     assert!(matches!(st.lookup(near, policy), Lookup::Usable { .. }));
     // Past the hard expiry, with the cool-down still running: fail fast.
@@ -212,7 +246,7 @@ fn an_expired_token_from_the_refresher_never_replaces_a_valid_one() {
     st.install(token("valid", Some(600)), t);
     let generation = st.generation;
     st.started(1, false, 0, false);
-    let (answer, _) = st.finish(Ok(token("dead", Some(0))), t, &no_cooldown());
+    let (answer, _) = finish(&mut st, Ok(token("dead", Some(0))), t, &no_cooldown());
     assert!(matches!(answer, Err(Unavailable::Failed(_))));
     assert_eq!(st.generation, generation);
     let Lookup::Usable { header, .. } = st.lookup(t, POLICY) else {
@@ -222,7 +256,12 @@ fn an_expired_token_from_the_refresher_never_replaces_a_valid_one() {
     // With no valid token, the expired one serves the waiters of that refresh, once.
     let mut empty = S::new();
     empty.started(1, false, 0, false);
-    let (answer, _) = empty.finish(Ok(token("single-use", Some(0))), t, &no_cooldown());
+    let (answer, _) = finish(
+        &mut empty,
+        Ok(token("single-use", Some(0))),
+        t,
+        &no_cooldown(),
+    );
     assert_eq!(answer.unwrap().header, "Bearer single-use");
     assert!(matches!(empty.lookup(t, POLICY), Lookup::Stale { .. }));
 }
@@ -271,7 +310,12 @@ fn refresh_ahead_is_due_once_inside_its_window_and_never_during_a_flight() {
     assert!(st.ahead_due(inside, policy));
     st.started(1, true, 0, false);
     assert!(!st.ahead_due(inside, policy));
-    let _ = st.finish(Err(RefreshError::transient("x")), inside, &no_cooldown());
+    let _ = finish(
+        &mut st,
+        Err(RefreshError::transient("x")),
+        inside,
+        &no_cooldown(),
+    );
     // A failed background refresh keeps the token and backs off.
     assert!(matches!(
         st.lookup(inside, policy),
@@ -307,7 +351,7 @@ fn the_read_only_begin_agrees_with_begin_and_never_skips_a_change() {
     // A forced refresh always goes through `begin`.
     assert!(st.begin_shared(ticket, Need::Forced).is_none());
     // After the refresh: the answer, without a lock to write.
-    let _ = st.finish(Ok(token("b", None)), t, &no_cooldown());
+    let _ = finish(&mut st, Ok(token("b", None)), t, &no_cooldown());
     assert!(matches!(
         st.begin_shared(ticket, Need::BeforeSend),
         Some(Begin::Answer(Ok(_)))
@@ -317,4 +361,87 @@ fn the_read_only_begin_agrees_with_begin_and_never_skips_a_change() {
         panic!("usable");
     };
     assert!(st.begin_shared(ticket, Need::BeforeSend).is_none());
+}
+
+#[test]
+fn an_absurd_retry_after_never_panics_and_still_pauses() {
+    let window = RefreshAhead::fixed(Duration::from_secs(120));
+    let policy = Policy {
+        leeway: Duration::from_secs(30),
+        ahead: Some(&window),
+    };
+    for background in [true, false] {
+        let mut st = S::new();
+        let t = now();
+        st.install(token("a", Some(600)), t);
+        st.started(1, background, 0, false);
+        let err = RefreshError::transient("slow down").with_retry_after(Duration::MAX);
+        let (answer, _) = finish(&mut st, Err(err), t, &Cooldown::default());
+        assert!(matches!(answer, Err(Unavailable::Failed(_))));
+        // An hour on, the token long expired: still paused, no refresh starts.
+        let hour = later(t, Duration::from_secs(3600));
+        if background {
+            assert!(!st.ahead_due(later(t, Duration::from_secs(500)), policy));
+            assert!(st.ahead_not_before.is_some_and(|at| at > hour.mono));
+        } else {
+            assert!(matches!(st.lookup(hour, policy), Lookup::Cooling(_)));
+        }
+    }
+}
+
+#[test]
+fn an_invalidation_during_a_refresh_makes_the_same_flight_refresh_again() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("a", None), t);
+    st.started(7, false, 1, false);
+    st.invalidate();
+    // A request after the invalidation joins the flight, which calls the refresher again
+    // when its first call ends, handing on the token that call got (with rotation, its
+    // refresh token is the only valid one).
+    let after = st.ticket();
+    assert!(matches!(
+        st.begin(after, Need::BeforeSend, t.mono),
+        Begin::Join(7)
+    ));
+    match st.finish(1, Ok(token("early", None)), t, &no_cooldown()) {
+        Finished::Again { generation, stale } => {
+            assert_eq!(generation, after.generation);
+            assert_eq!(stale.unwrap().secret(), "early");
+        }
+        other => panic!("expected another round, got {other:?}"),
+    }
+    // Still one flight: nobody starts a refresh beside it.
+    assert!(matches!(
+        st.begin(after, Need::BeforeSend, t.mono),
+        Begin::Join(7)
+    ));
+    assert!(matches!(st.lookup(t, POLICY), Lookup::Stale { .. }));
+    // Its second round answers every waiter with a token from after the invalidation.
+    let (answer, events) = finish(&mut st, Ok(token("late", None)), t, &no_cooldown());
+    assert_eq!(answer.unwrap().header, "Bearer late");
+    assert!(matches!(events[0], Some(RefreshEvent::Refreshed { .. })));
+    assert!(st.flight.is_none());
+}
+
+#[test]
+fn a_finishing_refresh_that_is_no_longer_the_flight_records_nothing() {
+    let mut st = S::new();
+    let t = now();
+    st.started(1, false, 1, false);
+    // Its waiters gave up on it; another started.
+    st.flight = None;
+    st.started(2, false, 2, false);
+    let generation = st.generation;
+    match st.finish(1, Ok(token("late", None)), t, &no_cooldown()) {
+        Finished::Done(_, events) => assert_eq!(events, [None, None]),
+        other => panic!("expected no second round, got {other:?}"),
+    }
+    assert_eq!(st.generation, generation);
+    assert!(matches!(
+        st.begin(st.ticket(), Need::BeforeSend, t.mono),
+        Begin::Join(2)
+    ));
+    let (answer, _) = finish(&mut st, Ok(token("b", None)), t, &no_cooldown());
+    assert_eq!(answer.unwrap().header, "Bearer b");
 }
