@@ -1,5 +1,5 @@
 //! A reqwest-only application: the reqwest-middleware adapter, with the built-in OAuth 2.0
-//! refresher sending its token requests with the same `reqwest::Client` (no hyper-util
+//! refresher sending its token requests with a `reqwest::Client` too (no hyper-util
 //! client, no glue). Two loopback servers: a token endpoint (refresh-token grant with
 //! rotation) and an API that has just revoked the client's access token. A stampede of
 //! concurrent requests is refused, the token is refreshed once, and every request is
@@ -153,10 +153,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     let http = reqwest::Client::builder().no_proxy().build()?;
 
-    // The OAuth 2.0 refresher sends token requests with the plain reqwest client (not the
-    // middleware client: a token request must not wait on the refresh it is part of).
+    // The OAuth 2.0 refresher sends token requests with a plain reqwest client (not the
+    // middleware client: a token request must not wait on the refresh it is part of), one
+    // that never follows redirects: a token request carries the refresh token and the client
+    // secret, and goes to the token endpoint only.
+    let token_http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
     let refresher =
-        OAuth2Refresher::with_reqwest(format!("http://{idp}/token").parse()?, http.clone())
+        OAuth2Refresher::with_reqwest(format!("http://{idp}/token").parse()?, token_http)
             .client_id("app")
             .client_secret("app-secret", ClientAuth::Basic)
             .build()?;

@@ -682,6 +682,112 @@ async fn rotation_is_persisted_before_the_token_is_returned_and_a_failed_hook_ke
     .await;
 }
 
+/// After a failed hook, a later answer without a new refresh token (none, or the same one)
+/// calls the hook again with the kept refresh token until it succeeds, so the persisted store
+/// never keeps a spent one; once it succeeded, no more calls for that token.
+#[tokio::test]
+async fn a_token_the_hook_failed_to_persist_is_persisted_by_a_later_refresh_without_rotation() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (p, c) = (persisted.clone(), calls.clone());
+        let refresher = app(&s, &rt0)
+            .on_rotation(move |new: RefreshToken| {
+                let (p, c) = (p.clone(), c.clone());
+                async move {
+                    if c.fetch_add(1, Ordering::SeqCst) < 2 {
+                        return Err(std::io::Error::other("disk full"));
+                    }
+                    p.lock().unwrap().push(new.secret().to_owned());
+                    Ok(())
+                }
+            })
+            .build()
+            .unwrap();
+
+        // Rotation to rt1; the hook fails.
+        let err = refresher.refresh(ctx()).await.unwrap_err();
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Persist);
+        let rt1 = s.token.rotated()[0].clone();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        // The retry's answer carries the same refresh token: the hook is called again with it
+        // (and fails again).
+        let same =
+            json!({ "access_token": "atok-same", "token_type": "Bearer", "refresh_token": rt1 });
+        s.token.script(Scripted::json(StatusCode::OK, same));
+        let err = refresher.refresh(ctx()).await.unwrap_err();
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Persist);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(s.token.seen()[1].field("refresh_token"), Some(rt1.as_str()));
+
+        // The next answer carries no refresh token: the hook persists rt1 before the token is
+        // returned.
+        let none = json!({ "access_token": "atok-none", "token_type": "Bearer" });
+        s.token.script(Scripted::json(StatusCode::OK, none.clone()));
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert_eq!(token.secret(), "atok-none");
+        assert_eq!(token.refresh_token(), Some(rt1.as_str()));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(*persisted.lock().unwrap(), vec![rt1.clone()]);
+
+        // Persisted: no more calls for it.
+        s.token.script(Scripted::json(StatusCode::OK, none));
+        refresher.refresh(ctx()).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(s.token.rotated().len(), 1);
+    })
+    .await;
+}
+
+/// A refresh token set while a refresh is in flight wins over the rotation that refresh
+/// brings back: the returned token set carries the new one, and the next refresh presents it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_set_during_a_refresh_is_carried_by_its_token_set() {
+    guard(async {
+        let (s, rt0, persisted, refresher) = logged_in(TokenConfig::default()).await;
+        let (_, after_login) = s.token.login();
+        // The server rotates rt0 and holds its answer until the test lets it go.
+        s.token.hold_next(1);
+        let pending = tokio::spawn({
+            let refresher = refresher.clone();
+            async move { refresher.refresh(stale_ctx(&rt0)).await }
+        });
+        s.token.held(1).await;
+        refresher.set_refresh_token(RefreshToken::new(after_login.as_str()));
+        s.token.release();
+        let token = pending.await.unwrap().unwrap();
+        let rotated = s.token.rotated();
+        assert_eq!(rotated.len(), 1);
+        assert_eq!(
+            token.refresh_token(),
+            Some(after_login.as_str()),
+            "the token set carries the refresh token set meanwhile, not the rotated one"
+        );
+        assert_eq!(refresher.refresh_token().unwrap().secret(), after_login);
+        assert!(
+            persisted.lock().unwrap().is_empty(),
+            "the rotated token was discarded"
+        );
+
+        // The next refresh replaces that token set: it presents the new login's token.
+        let next = tower_auth_refresh::RefreshContext::new(
+            Some(token),
+            tower_auth_refresh::RefreshReason::Expired,
+        );
+        let renewed = refresher.refresh(next).await.unwrap();
+        assert_eq!(
+            s.token.seen()[1].field("refresh_token"),
+            Some(after_login.as_str())
+        );
+        assert!(s.token.access_valid(renewed.secret()));
+        assert_eq!(s.token.reuse_detected(), 0);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn no_returned_refresh_token_keeps_the_old_one_and_expires_in_may_be_a_string() {
     guard(async {
@@ -1928,6 +2034,108 @@ mod with_reqwest {
                 seen[1].field("refresh_token"),
                 Some(s.token.rotated()[0].as_str())
             );
+        })
+        .await;
+    }
+
+    /// A token endpoint that answers with a redirect: the form (refresh token, client secret)
+    /// is never sent again to the redirect target, even by a reqwest client with the default
+    /// redirect policy, and the answer is a terminal `ErrorKind::Redirect` that names the
+    /// redirect and no secret.
+    #[tokio::test]
+    async fn a_redirecting_token_endpoint_is_never_followed_and_is_a_typed_error() {
+        guard(async {
+            let post = ClientCheck::Post {
+                id: "app".into(),
+                secret: "app-secret".into(),
+            };
+            let s = servers_checking(post.clone()).await;
+            let elsewhere = servers_checking(post).await;
+            let (_, rt0) = s.token.login();
+            let refresher = |http: reqwest::Client| {
+                OAuth2Refresher::with_reqwest(s.token_url().parse().unwrap(), http)
+                    .client_id("app")
+                    .client_secret("app-secret", ClientAuth::Post)
+                    .refresh_token(rt0.as_str())
+                    .build()
+                    .unwrap()
+            };
+            let check = |err: &RefreshError, status: Option<u16>| {
+                let cause = oauth2_cause(err);
+                assert_eq!(cause.kind(), ErrorKind::Redirect, "{cause}");
+                assert_eq!(cause.status().map(|s| s.as_u16()), status, "{cause}");
+                assert!(err.is_terminal(), "{cause}");
+                let shown = shown(err);
+                assert!(shown.contains("redirect"), "{shown}");
+                assert!(
+                    !shown.contains(&rt0) && !shown.contains("app-secret"),
+                    "{shown}"
+                );
+            };
+
+            // reqwest's default policy follows redirects: a 307/308 would re-send the form.
+            let following = refresher(plain_reqwest());
+            for status in [307, 308] {
+                s.token.script(
+                    Scripted::new(StatusCode::from_u16(status).unwrap(), None, "")
+                        .location(elsewhere.token_url()),
+                );
+                let err = following.refresh(ctx()).await.unwrap_err();
+                assert_eq!(
+                    elsewhere.token.requests(),
+                    0,
+                    "{status}: the token request went to the redirect target"
+                );
+                check(&err, Some(status));
+            }
+            // A 301/302/303 makes such a client fetch the target with a bodiless GET: no
+            // secret goes along, and the target's answer is refused.
+            for status in [301, 302, 303] {
+                s.token.script(
+                    Scripted::new(StatusCode::from_u16(status).unwrap(), None, "")
+                        .location(elsewhere.token_url()),
+                );
+                let err = following.refresh(ctx()).await.unwrap_err();
+                check(&err, None);
+            }
+            for seen in elsewhere.token.seen() {
+                assert_eq!(seen.method, http::Method::GET);
+                assert!(seen.form.is_empty(), "{:?}", seen.form);
+                assert_eq!(seen.authorization, None);
+            }
+
+            // Built as recommended (no redirects), nothing at all reaches the target.
+            let none = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            let before = elsewhere.token.requests();
+            let strict = refresher(none);
+            for status in [301, 302, 303, 307, 308] {
+                s.token.script(
+                    Scripted::new(StatusCode::from_u16(status).unwrap(), None, "")
+                        .location(elsewhere.token_url()),
+                );
+                check(&strict.refresh(ctx()).await.unwrap_err(), Some(status));
+            }
+            // The hyper-util client never follows redirects either.
+            let hyper = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+                .client_id("app")
+                .client_secret("app-secret", ClientAuth::Post)
+                .refresh_token(rt0.as_str())
+                .build()
+                .unwrap();
+            s.token.script(
+                Scripted::new(StatusCode::TEMPORARY_REDIRECT, None, "")
+                    .location(elsewhere.token_url()),
+            );
+            check(&hyper.refresh(ctx()).await.unwrap_err(), Some(307));
+            assert_eq!(elsewhere.token.requests(), before);
+            assert_eq!(elsewhere.token.grants(), 0);
+            // The refresh token was never spent: the refresher still works.
+            let token = strict.refresh(ctx()).await.unwrap();
+            assert!(s.token.access_valid(token.secret()));
         })
         .await;
     }

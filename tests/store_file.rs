@@ -407,3 +407,134 @@ async fn keyed_layers_share_one_record_per_key() {
         assert!(record.same_access_token(&Token::bearer(format!("{tenant}-token")).unwrap()));
     }
 }
+
+/// A record at the last possible version (`u64::MAX`) has no successor: it is a typed,
+/// transient store error before any token call, never a panic or a wrapped version 0.
+#[tokio::test]
+async fn a_record_at_the_last_version_is_refused_before_any_token_call() {
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access, refresh) = servers.token.login();
+    let dir = TempDir::new("max-version");
+    let path = dir.path().join("token.json");
+    let bytes = format!(
+        r#"{{"format":1,"version":18446744073709551615,"scheme":"Bearer","access_token":"{access}","expires_at_ms":1000,"refresh_token":"{refresh}"}}"#
+    );
+    std::fs::write(&path, &bytes).unwrap();
+    let store = FileStore::new(&path);
+    let calls = GrantCalls::default();
+    let shared = StoreRefresher::new(
+        grant_refresher(servers.token_url(), calls.clone()),
+        store.clone(),
+    );
+    let stale = expired_set(&access, &refresh);
+    let err = within("the refresh", shared.refresh(ctx(&stale)))
+        .await
+        .unwrap_err();
+    assert!(err.is_transient());
+    let cause = std::error::Error::source(&err)
+        .and_then(|e| e.downcast_ref::<tower_auth_refresh::store::StoreError>())
+        .expect("a StoreError");
+    assert!(cause.is_corrupt(), "{cause}");
+    assert!(!format!("{err} {err:?}").contains(&refresh));
+    assert_eq!(calls.get(), 0, "no token call");
+    assert_eq!(
+        servers.token.requests(),
+        0,
+        "the token endpoint saw nothing"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), bytes, "untouched");
+}
+
+/// The token endpoint rotated the refresh token but the store write failed: this process
+/// keeps the new set, and once the store works again its next refresh presents its own new
+/// refresh token (not the stored, spent one) and writes the result back. While the store is
+/// down, refreshes fail transiently without a token call, and work again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_after_rotation_is_recovered_with_the_processs_own_refresh_token() {
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access, refresh0) = servers.token.login();
+    let dir = TempDir::new("failed-write");
+    let file = FileStore::new(dir.path().join("token.json"));
+    let initial = expired_set(&access, &refresh0);
+    seed(&file, &initial).await;
+    let flaky = Flaky::new(FileStore::new(file.path()), dir.path());
+    let calls = GrantCalls::default();
+    let shared = StoreRefresher::new(
+        grant_refresher(servers.token_url(), calls.clone()),
+        flaky.clone(),
+    );
+    let layer = RefreshLayer::new(shared.clone())
+        .initial_token(initial)
+        .retries(Backoff::none())
+        .cooldown(tower_auth_refresh::Cooldown::none());
+    let handle = layer.token_handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(support::http_client::<ReplayBody<Full<Bytes>>>());
+    let get = || {
+        let svc = svc.clone();
+        let url = servers.api_url();
+        async move { within("a request", svc.oneshot(support::get(url))).await }
+    };
+
+    // The token endpoint rotates refresh0 -> refresh1; writing the new set fails.
+    flaky.fail_next_writes(1);
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(flaky.failed_writes(), 1);
+    let refresh1 = servers.token.rotated()[0].clone();
+    let stored = file.load().await.unwrap().unwrap();
+    assert_eq!(stored.version(), 1, "the write failed");
+    assert_eq!(
+        stored.to_token().unwrap().refresh_token(),
+        Some(refresh0.as_str()),
+        "the store still holds the spent refresh token"
+    );
+
+    // An outage: the refresh fails (transient), no token call is made.
+    flaky.set_down(true);
+    servers.token.expire_access_tokens();
+    let err = get().await.unwrap_err();
+    assert!(err.is::<RefreshFailed>(), "{err}");
+    assert_eq!(
+        servers.token.requests(),
+        1,
+        "no token call while the store is down"
+    );
+
+    // The store is back: the next refresh presents refresh1, not the stored refresh0.
+    flaky.set_down(false);
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(servers.token.reuse_detected(), 0, "no invalid_grant");
+    assert!(!servers.token.family_revoked(&refresh0));
+    let seen = servers.token.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].field("refresh_token"), Some(refresh1.as_str()));
+    let refresh2 = servers.token.rotated()[1].clone();
+    let stored = file.load().await.unwrap().unwrap();
+    assert_eq!(stored.version(), 2, "written back");
+    assert_eq!(
+        stored.to_token().unwrap().refresh_token(),
+        Some(refresh2.as_str())
+    );
+    assert!(handle.token().is_some_and(|t| stored.same_access_token(&t)));
+
+    // The session lives on: the next refresh (from the stored set) works too, and another
+    // process follows the stored set.
+    servers.token.expire_access_tokens();
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(servers.token.reuse_detected(), 0);
+    assert_eq!(servers.token.grants(), 3);
+    assert_eq!(calls.get(), 3);
+    let stored = file.load().await.unwrap().unwrap();
+    assert_eq!(stored.version(), 3);
+    let other = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        FileStore::new(file.path()),
+    );
+    let adopted = other
+        .refresh(RefreshContext::new(None, RefreshReason::NoToken))
+        .await
+        .unwrap();
+    assert!(stored.same_access_token(&adopted));
+    assert_eq!(servers.token.grants(), 3, "adopted, no token call");
+}

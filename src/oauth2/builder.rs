@@ -448,10 +448,15 @@ impl<C> OAuth2RefresherBuilder<C> {
     /// The old refresh token is spent on the server, so the refresher keeps the new one in
     /// memory and uses it from then on; but the refresh fails with a transient error of kind
     /// [`ErrorKind::Persist`](super::ErrorKind::Persist) and its access token is dropped. The layer's
-    /// [`Backoff`](crate::Backoff) then tries again: the retry rotates once more and
-    /// calls the hook with the newer token, so the store catches up as soon as the hook
-    /// succeeds. While it keeps failing, requests fail with
-    /// [`RefreshFailed`](crate::error::RefreshFailed).
+    /// [`Backoff`](crate::Backoff) then tries again, presenting the kept token. If the answer
+    /// rotates it, the hook is called with the newer token; if it does not (no refresh token
+    /// in the answer, or the same one), the hook is called again with the kept token. Either
+    /// way a refresh succeeds only once the hook has succeeded, so what the hook persisted
+    /// is never left a spent token. While it keeps failing, requests fail with
+    /// [`RefreshFailed`](crate::error::RefreshFailed). A refresh token set from outside
+    /// meanwhile ([`set_refresh_token`](super::OAuth2Refresher::set_refresh_token), a token
+    /// set installed through the handle) is the application's to persist: the hook is not
+    /// called for it, nor again for the token it replaced.
     ///
     /// # Example
     ///

@@ -139,6 +139,12 @@ pub enum ErrorKind {
     /// endpoint at the configured URI. Terminal: a configuration error, which retrying on every
     /// request would not fix.
     Misconfigured,
+    /// The token endpoint answered with a redirect (a 3xx status), or the client for token
+    /// requests followed one (then [`OAuth2Error::status`] is `None`). Token requests never
+    /// follow redirects: the refresh token and the client secret go to the configured URI
+    /// only, never to a redirect target. Terminal: the configured URI is not the token
+    /// endpoint's (configure the final one), which retrying would not fix.
+    Redirect,
     /// There is no refresh token to present: none was given, or a
     /// [logout](crate::TokenHandle::clear) forgot it. Terminal, until a new login sets one.
     NoRefreshToken,
@@ -287,6 +293,18 @@ impl fmt::Display for OAuth2Error {
                 }
                 Ok(())
             }
+            ErrorKind::Redirect => match self.status {
+                Some(status) => write!(
+                    f,
+                    "token endpoint answered {status}, a redirect; token requests never follow \
+                     redirects (configure the token endpoint's final URI)"
+                ),
+                None => f.write_str(
+                    "the client for token requests followed a redirect from the token endpoint; \
+                     the answer was refused (build the client without redirects, and configure \
+                     the token endpoint's final URI)",
+                ),
+            },
             ErrorKind::NoRefreshToken => f.write_str(
                 "no refresh token to present (none was given, or a logout forgot it): log in again",
             ),

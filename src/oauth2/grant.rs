@@ -202,6 +202,9 @@ where
     let exchange = exchange(inner.client.clone(), req, inner.max_body);
     let (status, headers, body) = match tokio::time::timeout(inner.timeout, exchange).await {
         Ok(Ok(answer)) => answer,
+        Ok(Err(err)) if err.kind == ErrorKind::Redirect => {
+            return Err(RefreshError::terminal(err));
+        }
         Ok(Err(err)) => {
             tracing::debug!(kind = ?err.kind, "oauth2: token request failed");
             return Err(RefreshError::transient(err));
@@ -235,7 +238,13 @@ where
     std::future::poll_fn(|cx| client.poll_ready(cx))
         .await
         .map_err(transport)?;
+    let sent = req.uri().clone();
     let res = client.call(req).await.map_err(transport)?;
+    if followed_redirect(&res, &sent) {
+        // Whatever the redirect target answered, it is not the token endpoint's answer.
+        tracing::debug!("oauth2: the token client followed a redirect; its answer is refused");
+        return Err(OAuth2Error::new(ErrorKind::Redirect));
+    }
     let (parts, body) = res.into_parts();
     let too_large = || {
         OAuth2Error::new(ErrorKind::BodyTooLarge)
@@ -254,6 +263,26 @@ where
         }
     };
     Ok((parts.status, parts.headers, body))
+}
+
+/// Put in a response's extensions by a client for token requests that followed a redirect
+/// (the reqwest client does, when the answer's URL is not the one it was sent to).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FollowedRedirect;
+
+/// Whether `res` came from a redirect target rather than from `sent`: marked so by the client,
+/// or (feature `follow-redirect`) from another URI per tower-http's `FollowRedirect`.
+fn followed_redirect<B>(res: &Response<B>, sent: &http::Uri) -> bool {
+    let marked = res.extensions().get::<FollowedRedirect>().is_some();
+    #[cfg(feature = "follow-redirect")]
+    let marked = marked
+        || res
+            .extensions()
+            .get::<tower_http::follow_redirect::RequestUri>()
+            .is_some_and(|hop| hop.0 != *sent);
+    #[cfg(not(feature = "follow-redirect"))]
+    let _ = sent;
+    marked
 }
 
 #[cfg(test)]

@@ -58,6 +58,11 @@
 //! A hyper-util client built with `build_http()` only speaks plain HTTP: for an `https`
 //! endpoint, build it with an HTTPS connector (hyper-rustls or hyper-tls).
 //!
+//! Token requests never follow redirects, so the refresh token and the client secret go to
+//! the configured URI only: a 3xx answer is a terminal [`ErrorKind::Redirect`], and so is an
+//! answer that the client fetched from a redirect target (a hyper-util client does not
+//! follow redirects; for reqwest, see `ReqwestClient`, feature `reqwest`).
+//!
 //! # `expires_in`: 0, missing or unreadable
 //!
 //! RFC 6749 makes `expires_in` optional and says nothing of 0. This refresher reads
@@ -315,6 +320,9 @@ pub(super) struct Slot {
     pub(super) token: Option<RefreshToken>,
     pub(super) generation: u64,
     pub(super) spent: std::collections::VecDeque<RefreshToken>,
+    /// A rotated refresh token the [`on_rotation`](OAuth2RefresherBuilder::on_rotation) hook
+    /// failed to persist; the hook gets it again until it succeeds (or the token changes).
+    pub(super) unpersisted: Option<RefreshToken>,
 }
 
 /// The refresh token a refresh-token grant request presented.
@@ -484,8 +492,8 @@ impl<C> OAuth2Refresher<C> {
     /// Replaces the refresh token, after a new login for instance (then install the new
     /// access token with [`TokenHandle::set_token`](crate::TokenHandle::set_token) to end a
     /// session-ended state). A refresh in flight that rotates the token it presented does not
-    /// overwrite this one, and the replaced token is never presented again, even if the
-    /// layer's token set still carries it. Installing a token set with
+    /// overwrite this one (the token set it returns carries this one), and the replaced token
+    /// is never presented again, even if the layer's token set still carries it. Installing a token set with
     /// [`Token::with_refresh_token`] through the handle does both steps at once.
     ///
     /// # Example
@@ -562,6 +570,8 @@ impl<C> Inner<C> {
         }
         slot.token = token;
         slot.generation += 1;
+        // A token set from outside is the application's own to persist.
+        slot.unpersisted = None;
     }
 
     /// Stores `current` (a rotated token, or the token set's token that the server accepted)
@@ -583,6 +593,31 @@ impl<C> Inner<C> {
             true
         } else {
             false
+        }
+    }
+
+    /// The refresher's own refresh token if the hook failed to persist it and nothing was set
+    /// from outside since `generation` was read.
+    pub(super) fn unpersisted(&self, generation: u64) -> Option<RefreshToken> {
+        let slot = self.slot();
+        match (&slot.token, &slot.unpersisted) {
+            (Some(own), Some(u)) if slot.generation == generation && own.secret() == u.secret() => {
+                Some(own.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Records whether the hook failed (`true`) or managed (`false`) to persist `token`, if it
+    /// is still the refresher's own.
+    pub(super) fn set_unpersisted(&self, token: &RefreshToken, failed: bool) {
+        let mut slot = self.slot();
+        if slot
+            .token
+            .as_ref()
+            .is_some_and(|own| own.secret() == token.secret())
+        {
+            slot.unpersisted = failed.then(|| token.clone());
         }
     }
 

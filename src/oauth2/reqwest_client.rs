@@ -18,7 +18,19 @@ use super::{OAuth2Refresher, OAuth2RefresherBuilder};
 ///
 /// Give it a plain `reqwest::Client`, not the `reqwest_middleware` client that wears the
 /// [`RefreshMiddleware`](crate::reqwest::RefreshMiddleware); TLS, proxies and connection
-/// pooling are the client's own.
+/// pooling are the client's own. Build it with
+/// [`redirect::Policy::none()`](reqwest::redirect::Policy::none), as in the example of
+/// [`OAuth2Refresher::with_reqwest`].
+///
+/// # Redirects
+///
+/// A token request is never sent again to a redirect target, whatever the client's redirect
+/// policy: its form (the refresh token, a `client_secret_post` secret) goes out as a body
+/// reqwest cannot replay, so a 307 or 308 is returned as it is, and the refresh fails with
+/// a terminal [`ErrorKind::Redirect`](super::ErrorKind::Redirect). A client that follows
+/// redirects still turns a 301, 302 or 303 into a `GET` without a body to the target (reqwest
+/// drops the `Authorization` header when the host, port or scheme changes); that answer is
+/// refused with the same error. With `Policy::none()` nothing at all goes to a redirect target.
 #[derive(Debug, Clone)]
 pub struct ReqwestClient(reqwest::Client);
 
@@ -58,8 +70,19 @@ impl Service<Request<Full<Bytes>>> for ReqwestClient {
                 Ok(collected) => collected.to_bytes(),
                 Err(never) => match never {},
             };
+            // A streamed body, which reqwest cannot clone: even a client whose redirect policy
+            // follows redirects never re-sends the form (refresh token, client secret) to a
+            // 307/308 target.
+            let body = reqwest::Body::wrap(Full::new(body));
             let req = reqwest::Request::try_from(Request::from_parts(parts, body))?;
-            Ok(Response::from(client.execute(req).await?))
+            let sent = req.url().clone();
+            let res = client.execute(req).await?;
+            let redirected = *res.url() != sent;
+            let mut res = Response::from(res);
+            if redirected {
+                res.extensions_mut().insert(super::grant::FollowedRedirect);
+            }
+            Ok(res)
         })
     }
 }
@@ -77,7 +100,11 @@ impl OAuth2Refresher<ReqwestClient> {
     ///
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let http = reqwest::Client::new();
-    /// let refresher = OAuth2Refresher::with_reqwest("https://idp.example/token".parse()?, http.clone())
+    /// // Token requests never follow redirects: a client of their own, built so.
+    /// let token_http = reqwest::Client::builder()
+    ///     .redirect(reqwest::redirect::Policy::none())
+    ///     .build()?;
+    /// let refresher = OAuth2Refresher::with_reqwest("https://idp.example/token".parse()?, token_http)
     ///     .client_id("app")
     ///     .client_secret("secret", ClientAuth::Basic)
     ///     .refresh_token("from-the-login")

@@ -53,30 +53,40 @@ pub(crate) async fn success<C>(
         (Some(_), Some(_)) => return Err(malformed(ErrorKind::Malformed)),
     };
     let rotated_now = rotated.is_some();
-    if let (Some(p), None) = (presented, &rotated) {
-        if p.from_set {
-            // The token set's refresh token works: it is the refresher's own from now on.
-            inner.store(p.generation, p.token.clone(), None);
-        }
-    }
-    let current = rotated
-        .clone()
-        .or_else(|| presented.map(|p| p.token.clone()));
-    if let (Some(new), Some(p)) = (rotated, presented) {
-        if inner.store(p.generation, new.clone(), Some(p.token.clone())) {
-            if let Some(hook) = &inner.hook {
-                if let Err(err) = hook(new).await {
-                    tracing::warn!(
-                        "oauth2: rotation hook failed; the new refresh token is kept in memory only"
-                    );
-                    return Err(RefreshError::transient(
-                        OAuth2Error::new(ErrorKind::Persist).with_source(err),
-                    ));
-                }
+    // The refresh token the hook must persist now, if any.
+    let mut persist = None;
+    match (presented, rotated) {
+        (Some(p), Some(new)) => {
+            if inner.store(p.generation, new.clone(), Some(p.token.clone())) {
+                persist = Some(new);
+            } else {
+                tracing::debug!(
+                    "oauth2: rotated refresh token discarded: a new one was set meanwhile"
+                );
             }
-        } else {
-            tracing::debug!("oauth2: rotated refresh token discarded: a new one was set meanwhile");
         }
+        (Some(p), None) => {
+            if p.from_set {
+                // The token set's refresh token works: it is the refresher's own from now on.
+                inner.store(p.generation, p.token.clone(), None);
+            }
+            // No new refresh token: one the hook failed to persist gets another chance, so
+            // that what is persisted never stays a spent token.
+            persist = inner.unpersisted(p.generation);
+        }
+        (None, _) => {}
+    }
+    if let (Some(new), Some(hook)) = (persist, &inner.hook) {
+        if let Err(err) = hook(new.clone()).await {
+            inner.set_unpersisted(&new, true);
+            tracing::warn!(
+                "oauth2: rotation hook failed; the new refresh token is kept in memory only"
+            );
+            return Err(RefreshError::transient(
+                OAuth2Error::new(ErrorKind::Persist).with_source(err),
+            ));
+        }
+        inner.set_unpersisted(&new, false);
     }
     if !json_type {
         tracing::debug!(
@@ -109,9 +119,13 @@ pub(crate) async fn success<C>(
     if let Some(life) = lifetime {
         token = token.with_expires_in(life);
     }
-    // Every token carries the current refresh token: the layer keeps the two together.
-    if let Some(current) = current {
-        token = token.with_refresh_token(current.secret());
+    // Every token carries the current refresh token, the slot's: the layer keeps the two
+    // together. It is the rotated one, or the presented one, or one set from outside while
+    // this refresh was in flight (a new login wins over the rotation this answer brought).
+    if presented.is_some() {
+        if let Some(current) = inner.current().0 {
+            token = token.with_refresh_token(current.secret());
+        }
     }
     tracing::debug!(
         status = status.as_u16(),
@@ -130,6 +144,15 @@ pub(crate) fn failure<C>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> RefreshError {
+    if status.is_redirection() {
+        // Never followed (the form carries the refresh token and the client secret); the
+        // target is not even named in the error.
+        tracing::debug!(
+            status = status.as_u16(),
+            "oauth2: token endpoint answered with a redirect; not followed"
+        );
+        return RefreshError::terminal(OAuth2Error::new(ErrorKind::Redirect).with_status(status));
+    }
     let (code, description) = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(fields)) => error_fields(&fields, |s| inner.redact(s, presented)),
         _ => (None, None),

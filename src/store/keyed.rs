@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::refresher::Unstored;
 use super::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreRefresher, TokenStore};
 use crate::keyed::{Bound, KeyedRefresher};
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
@@ -42,6 +43,8 @@ pub struct KeyedStoreRefresher<R, F> {
     lease_ttl: Duration,
     lease_wait: Option<Duration>,
     min_remaining: Duration,
+    /// The token sets whose write failed, of every key (see [`StoreRefresher`]).
+    unstored: Arc<Unstored>,
 }
 
 impl<R, F> fmt::Debug for KeyedStoreRefresher<R, F> {
@@ -63,6 +66,7 @@ impl<R, F> KeyedStoreRefresher<R, F> {
             lease_ttl: DEFAULT_LEASE_TTL,
             lease_wait: None,
             min_remaining: DEFAULT_MIN_REMAINING,
+            unstored: Arc::default(),
         }
     }
 
@@ -102,9 +106,10 @@ where
             key: key.clone(),
             refresher: self.refresher.clone(),
         };
-        let mut shared = StoreRefresher::new(bound, (self.store_for)(key))
-            .lease_ttl(self.lease_ttl)
-            .min_remaining(self.min_remaining);
+        let mut shared =
+            StoreRefresher::with_unstored(bound, (self.store_for)(key), self.unstored.clone())
+                .lease_ttl(self.lease_ttl)
+                .min_remaining(self.min_remaining);
         if let Some(wait) = self.lease_wait {
             shared = shared.lease_wait(wait);
         }

@@ -132,7 +132,8 @@ impl Record {
     }
 
     /// The version the store gave this record; 0 is never a stored version (it stands for
-    /// "no record" in [`TokenStore::compare_and_set`]).
+    /// "no record" in [`TokenStore::compare_and_set`]), nor is `u64::MAX` (no version could
+    /// follow it).
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -199,8 +200,8 @@ impl Record {
     /// # Errors
     ///
     /// A [`StoreError`] for which [`is_corrupt`](StoreError::is_corrupt) holds if `bytes` is
-    /// not a whole record (truncated, not JSON, missing or mistyped fields, version 0, an
-    /// unknown format, an unusable token). The message gives the position, never the content.
+    /// not a whole record (truncated, not JSON, missing or mistyped fields, version 0 or
+    /// `u64::MAX`, an unknown format, an unusable token). The message gives the position, never the content.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let wire: Wire = serde_json::from_slice(bytes).map_err(|e| {
             // serde_json's messages can quote the offending value, a secret perhaps: keep
@@ -220,6 +221,12 @@ impl Record {
         }
         if wire.version == 0 {
             return Err(StoreError::corrupt("the stored record has version 0"));
+        }
+        if wire.version == u64::MAX {
+            // No version can follow it: a refresh could never store its result.
+            return Err(StoreError::corrupt(
+                "the stored record has the last possible version (u64::MAX)",
+            ));
         }
         let record = Self {
             version: wire.version,
@@ -472,6 +479,7 @@ mod tests {
             b"{\"format\":1,\"version\":2,\"scheme\":\"Bearer\",\"access_token\":\"tops",
             b"{\"format\":1,\"version\":\"topsecret\",\"scheme\":\"Bearer\",\"access_token\":\"x\"}",
             b"{\"format\":1,\"version\":0,\"scheme\":\"Bearer\",\"access_token\":\"topsecret\"}",
+            b"{\"format\":1,\"version\":18446744073709551615,\"scheme\":\"Bearer\",\"access_token\":\"topsecret\"}",
             b"{\"format\":1,\"version\":1,\"scheme\":\"Bearer\",\"access_token\":\"top secret\"}",
             b"{\"format\":1,\"version\":1,\"scheme\":\"Bearer\",\"access_token\":\"t\",\"x\":\"topsecret\"}",
             b"\xff\xfe",

@@ -1,9 +1,10 @@
 //! The store protocol as a refresher decorator.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -23,12 +24,28 @@ use crate::token::Token;
 ///
 /// Your refresher should attach the refresh token it got back to the token it returns
 /// ([`Token::with_refresh_token`]); if it returns none, the stored one is kept. The token
-/// handed to the layer carries the absolute expiry and the refresh token, so a process that
-/// loses the store (Redis down) can still refresh on its own later.
+/// handed to the layer carries the absolute expiry and the refresh token.
 ///
-/// Store failures are transient refresh failures ([`RefreshError::transient`]), retried by
-/// the layer. A refresh whose write fails after the token endpoint answered still returns the
-/// new token to this process (the refresh token may already be spent on the server).
+/// # When the store fails
+///
+/// - **Store unreachable** (Redis down, an I/O error): every refresh fails with a transient
+///   error ([`RefreshError::transient`], a [`StoreError`] for which
+///   [`is_unavailable`](StoreError::is_unavailable) holds) *before* your refresher is called,
+///   since refreshing without the lease could spend a refresh token another process is
+///   about to present. The layer retries with its backoff; requests whose access token is
+///   still valid keep working, the others fail with
+///   [`RefreshFailed`](crate::error::RefreshFailed) until the store is back, and then
+///   refreshes work again with no other action.
+/// - **The write fails after the token endpoint answered**: the new token set is still
+///   returned to this process (the refresh token it presented may be spent on the server), and
+///   this process remembers that its set is newer than the stored record. As long as that
+///   record is still the stored one (nobody wrote since), the next refresh of this process
+///   presents its own new refresh token, not the stored spent one, and writes the result
+///   back. Until then, another process that refreshes from the stored record presents the
+///   spent refresh token: with a server that detects reuse, that ends its session (and may
+///   revoke the whole token family). This memory does not survive a restart of the process.
+/// - **A corrupt record** ([`is_corrupt`](StoreError::is_corrupt)) fails every refresh, before
+///   any token call, until it is removed.
 ///
 /// # Example
 ///
@@ -56,6 +73,61 @@ struct Inner<R, S> {
     lease_ttl: Duration,
     lease_wait: Option<Duration>,
     min_remaining: Duration,
+    unstored: Arc<Unstored>,
+}
+
+/// Token sets this process got from the token endpoint but could not store (the write
+/// failed), each with the record it was refreshed from. While that record is still the stored
+/// one, the stored refresh token is spent (rotated away by that refresh) and this process's
+/// own set is the newest: the next refresh starts from it and writes its result back.
+#[derive(Default)]
+pub(super) struct Unstored(Mutex<VecDeque<Pending>>);
+
+struct Pending {
+    /// The record the set was refreshed from (`None`: there was none).
+    from: Option<Record>,
+    /// The newest set, with its refresh token.
+    newest: Token,
+}
+
+/// How many unstored token sets are remembered (one per principal whose write failed).
+const UNSTORED_KEPT: usize = 64;
+
+impl Unstored {
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This process's own newer set, if `record` is still the record it was refreshed from
+    /// and the layer still holds that set (`stale` carries its refresh token). A set whose
+    /// record was replaced meanwhile (another process wrote) is forgotten.
+    fn find(&self, record: Option<&Record>, stale: Option<&Token>) -> Option<Token> {
+        let held = stale.and_then(Token::refresh_token)?;
+        let mut pending = self.pending();
+        let at = pending
+            .iter()
+            .position(|p| p.newest.refresh_token() == Some(held))?;
+        if pending[at].from.as_ref() == record {
+            return Some(pending[at].newest.clone());
+        }
+        pending.remove(at);
+        None
+    }
+
+    /// Remembers `newest`, refreshed from `from`, as not stored.
+    fn remember(&self, from: Option<Record>, newest: Token) {
+        let mut pending = self.pending();
+        pending.retain(|p| p.from != from);
+        if pending.len() == UNSTORED_KEPT {
+            pending.pop_front();
+        }
+        pending.push_back(Pending { from, newest });
+    }
+
+    /// Forgets the set refreshed from `from`: stored, or replaced by another process's.
+    fn forget(&self, from: Option<&Record>) {
+        self.pending().retain(|p| p.from.as_ref() != from);
+    }
 }
 
 impl<R, S> Clone for StoreRefresher<R, S> {
@@ -90,6 +162,12 @@ const WAIT_SLICE: Duration = Duration::from_millis(250);
 impl<R, S> StoreRefresher<R, S> {
     /// Wraps `refresher` so that every process using `store` shares its token set.
     pub fn new(refresher: R, store: S) -> Self {
+        Self::with_unstored(refresher, store, Arc::default())
+    }
+
+    /// [`new`](Self::new), remembering unstored token sets in `unstored` (shared by the
+    /// keyed refresher among its keys).
+    pub(super) fn with_unstored(refresher: R, store: S, unstored: Arc<Unstored>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 refresher,
@@ -97,6 +175,7 @@ impl<R, S> StoreRefresher<R, S> {
                 lease_ttl: DEFAULT_LEASE_TTL,
                 lease_wait: None,
                 min_remaining: DEFAULT_MIN_REMAINING,
+                unstored,
             }),
         }
     }
@@ -196,6 +275,11 @@ where
         written_after: u64,
     ) -> Option<Token> {
         let record = record?;
+        if self.inner.unstored.find(Some(record), stale).is_some() {
+            // Older than this process's own set, whose write failed: its refresh token is
+            // spent.
+            return None;
+        }
         let margin = if record.version() > written_after {
             Duration::ZERO
         } else {
@@ -280,11 +364,27 @@ where
             return Ok(token);
         }
         let base = record.as_ref().map_or(0, Record::version);
+        // Checked before the token call: a result that cannot be stored must not spend the
+        // refresh token.
+        let Some(next) = base.checked_add(1) else {
+            return Err(store_failure(StoreError::corrupt(
+                "the stored record has the last possible version (u64::MAX)",
+            )));
+        };
 
         // The token set to refresh from: the stored one (its refresh token is the current one
-        // for every process), else this process's own.
-        let from = match &record {
-            Some(record) => {
+        // for every process), else this process's own; and this process's own when the stored
+        // refresh token is one it spent in a refresh whose write failed.
+        let mine = self.inner.unstored.find(record.as_ref(), stale.as_ref());
+        let from = match (mine, &record) {
+            (Some(mine), _) => {
+                tracing::info!(
+                    version = base,
+                    "token store: refreshing from this process's own newer token set (its write had failed)"
+                );
+                Some(mine)
+            }
+            (None, Some(record)) => {
                 let token = record.to_token().map_err(store_failure)?;
                 let own = stale.as_ref().and_then(Token::refresh_token);
                 Some(match (token.refresh_token(), own) {
@@ -292,7 +392,7 @@ where
                     _ => token,
                 })
             }
-            None => stale.clone(),
+            (None, None) => stale.clone(),
         };
         let previous_refresh = from
             .as_ref()
@@ -333,14 +433,25 @@ where
             (None, Some(previous)) => token.with_refresh_token(previous),
             _ => token,
         };
-        let record = Record::from_token(base + 1, &token, SystemTime::now());
-        let token = match record.expires_at() {
+        let new_record = Record::from_token(next, &token, SystemTime::now());
+        let token = match new_record.expires_at() {
             Some(at) => token.with_expires_at(at),
             None => token,
         };
-        match store.compare_and_set(lease, base, &record).await {
+        // If the write fails, is the stored set left behind? Yes if this set's refresh token
+        // is not the stored one (rotated): the stored one is spent.
+        let left_behind = token.refresh_token().is_some()
+            && token.refresh_token() != record.as_ref().and_then(|r| r.refresh_token.as_deref());
+        let unstored = |token: Token| {
+            if left_behind {
+                self.inner.unstored.remember(record.clone(), token.clone());
+            }
+            Ok(token)
+        };
+        match store.compare_and_set(lease, base, &new_record).await {
             Ok(CasOutcome::Written) => {
-                tracing::debug!(version = base + 1, "token store: stored the new token");
+                tracing::debug!(version = next, "token store: stored the new token");
+                self.inner.unstored.forget(record.as_ref());
                 Ok(token)
             }
             Ok(lost) => {
@@ -354,19 +465,20 @@ where
                                 outcome = ?lost,
                                 "token store: lost the write to another process; adopted its token"
                             );
+                            self.inner.unstored.forget(record.as_ref());
                             Ok(winner)
                         }
                         Err(_) => Ok(token),
                     },
                     _ => {
                         tracing::warn!(outcome = ?lost, "token store: the new token was not stored");
-                        Ok(token)
+                        unstored(token)
                     }
                 }
             }
             Err(err) => {
                 tracing::warn!(error = %err, "token store: the new token was not stored");
-                Ok(token)
+                unstored(token)
             }
         }
     }
@@ -482,6 +594,34 @@ mod tests {
         let token = shared.refresh(stale()).await.unwrap();
         assert_eq!(token.secret(), "a1");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A store of its own may hold a record at `u64::MAX` (the built-in ones refuse to read
+    /// one): refused before the refresher is called, never a panic or a wrapped version.
+    #[tokio::test]
+    async fn a_record_at_the_last_version_is_refused_before_the_refresher_runs() {
+        let store = MemoryStore::new();
+        let lease = store
+            .try_lease(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
+        let expiring = Token::bearer("a0")
+            .unwrap()
+            .with_expires_in(Duration::from_secs(1))
+            .with_refresh_token("r0");
+        let last = Record::from_token(u64::MAX, &expiring, SystemTime::now());
+        let written = store.compare_and_set(&lease, 0, &last).await.unwrap();
+        assert_eq!(written, CasOutcome::Written);
+        store.release(lease).await.unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shared = StoreRefresher::new(counting(calls.clone(), Duration::ZERO), store.clone());
+        let err = shared.refresh(stale()).await.unwrap_err();
+        assert!(err.is_transient());
+        let cause = std::error::Error::source(&err).unwrap();
+        assert!(cause.downcast_ref::<StoreError>().unwrap().is_corrupt());
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert_eq!(store.load().await.unwrap(), Some(last));
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -91,6 +91,7 @@ pub(crate) struct Scripted {
     pub(crate) content_type: Option<&'static str>,
     pub(crate) body: Bytes,
     pub(crate) retry_after: Option<&'static str>,
+    pub(crate) location: Option<String>,
 }
 
 impl Scripted {
@@ -104,6 +105,7 @@ impl Scripted {
             content_type,
             body: body.into(),
             retry_after: None,
+            location: None,
         }
     }
 
@@ -113,6 +115,12 @@ impl Scripted {
 
     pub(crate) fn retry_after(mut self, value: &'static str) -> Self {
         self.retry_after = Some(value);
+        self
+    }
+
+    /// A `Location` header (for a redirect).
+    pub(crate) fn location(mut self, url: impl Into<String>) -> Self {
+        self.location = Some(url.into());
         self
     }
 }
@@ -548,6 +556,10 @@ impl TokenState {
             let mut res = response(s.status, s.content_type, s.body);
             if let Some(ra) = s.retry_after {
                 res.headers_mut().insert(RETRY_AFTER, ra.parse().unwrap());
+            }
+            if let Some(location) = s.location {
+                res.headers_mut()
+                    .insert(LOCATION, location.parse().unwrap());
             }
             return res;
         }

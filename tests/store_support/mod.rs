@@ -698,3 +698,106 @@ impl<S: TokenStore> TokenStore for Partitioned<S> {
         self.0.wait_change(seen, max).await
     }
 }
+
+/// A store that can be made to fail: every operation while it is [down](Self::set_down) (an
+/// outage), or the next `n` writes ([`fail_next_writes`](Self::fail_next_writes)). The errors
+/// are real `StoreError`s: those of a file store whose directory is a regular file.
+#[derive(Clone)]
+pub(crate) struct Flaky<S> {
+    inner: Arc<S>,
+    broken: FileStore,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    failing_writes: Arc<AtomicUsize>,
+    failed_writes: Arc<AtomicUsize>,
+}
+
+impl<S: TokenStore> Flaky<S> {
+    /// Wraps `inner`; `scratch` is a directory where the broken path is made.
+    pub(crate) fn new(inner: S, scratch: &Path) -> Self {
+        let not_a_dir = scratch.join("not-a-directory");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        Self {
+            inner: Arc::new(inner),
+            broken: FileStore::new(not_a_dir.join("token.json")),
+            down: Arc::default(),
+            failing_writes: Arc::default(),
+            failed_writes: Arc::default(),
+        }
+    }
+
+    pub(crate) fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    pub(crate) fn fail_next_writes(&self, n: usize) {
+        self.failing_writes.store(n, Ordering::SeqCst);
+    }
+
+    /// Writes refused so far (outage or armed).
+    pub(crate) fn failed_writes(&self) -> usize {
+        self.failed_writes.load(Ordering::SeqCst)
+    }
+
+    async fn outage(&self) -> Result<(), tower_auth_refresh::store::StoreError> {
+        if !self.down.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let err = self
+            .broken
+            .load()
+            .await
+            .expect_err("a path under a regular file cannot be read");
+        assert!(err.is_unavailable(), "{err}");
+        Err(err)
+    }
+}
+
+impl<S: TokenStore> TokenStore for Flaky<S> {
+    async fn load(&self) -> Result<Option<Record>, tower_auth_refresh::store::StoreError> {
+        self.outage().await?;
+        self.inner.load().await
+    }
+
+    async fn try_lease(
+        &self,
+        ttl: Duration,
+    ) -> Result<Option<tower_auth_refresh::store::Lease>, tower_auth_refresh::store::StoreError>
+    {
+        self.outage().await?;
+        self.inner.try_lease(ttl).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        lease: &tower_auth_refresh::store::Lease,
+        expected: u64,
+        record: &Record,
+    ) -> Result<CasOutcome, tower_auth_refresh::store::StoreError> {
+        let armed = self
+            .failing_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if armed || self.down.load(Ordering::SeqCst) {
+            self.failed_writes.fetch_add(1, Ordering::SeqCst);
+            let err = self.broken.load().await.expect_err("unreadable");
+            return Err(err);
+        }
+        self.inner.compare_and_set(lease, expected, record).await
+    }
+
+    async fn release(
+        &self,
+        lease: tower_auth_refresh::store::Lease,
+    ) -> Result<(), tower_auth_refresh::store::StoreError> {
+        self.inner.release(lease).await
+    }
+
+    async fn wait_change(
+        &self,
+        seen: u64,
+        max: Duration,
+    ) -> Result<(), tower_auth_refresh::store::StoreError> {
+        self.outage().await?;
+        self.inner.wait_change(seen, max).await
+    }
+}
