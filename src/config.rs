@@ -368,7 +368,10 @@ impl RefreshOptions {
     /// requests pass through without a token and never trigger a refresh. Default: the origin
     /// of the first request with an absolute URI. Requests with a relative URI (an inner
     /// service that adds the origin itself, such as a gRPC channel) get the token by default
-    /// and with [`any_origin`](Self::any_origin), never with an allow-list.
+    /// and with [`any_origin`](Self::any_origin), never with an allow-list. An absolute URI
+    /// whose origin cannot be told (a scheme other than `http`, `https`, `ws` and `wss`
+    /// without a port, such as `foo://host/`, or a bare `host:port`) never gets the token by
+    /// default or with an allow-list: the connector decides how it travels.
     ///
     /// # Errors
     ///
@@ -390,6 +393,9 @@ impl RefreshOptions {
 
     /// Sends the token to every origin, redirect targets included. Only for clients whose
     /// every destination is trusted; prefer [`allowed_origins`](Self::allowed_origins).
+    /// The plain-http rule still holds: a token goes over `http://` (or a scheme that cannot be
+    /// shown to be TLS, such as `foo://host/`) only to loopback, unless
+    /// [`allow_insecure_http`](Self::allow_insecure_http).
     #[must_use]
     pub fn any_origin(mut self) -> Self {
         self.origins = Origins::Any;

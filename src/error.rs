@@ -167,11 +167,14 @@ impl SessionEnded {
     }
 }
 
-/// The request would carry the token over plain `http://` to a host that is not loopback.
-/// Nothing was sent. Use `https://`, or opt in with
+/// The request would carry the token over plain `http://` (or a scheme that cannot be shown
+/// to be TLS, with [`any_origin`](crate::RefreshOptions::any_origin)) to a host that is not
+/// loopback. Nothing was sent. Use `https://`, or opt in with
 /// [`RefreshOptions::allow_insecure_http`](crate::RefreshOptions::allow_insecure_http).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("refusing to send a token over plain http to a host that is not loopback")]
+#[error(
+    "refusing to send a token over plain http (or a scheme not known to be TLS) to a host that is not loopback"
+)]
 pub struct InsecureTransport(());
 
 /// [`TokenHandle::refresh`](crate::TokenHandle::refresh) was called from inside the

@@ -1,7 +1,8 @@
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::BoxError;
-use crate::cell::in_refresh;
+use crate::cell::{TokenCell, in_refresh};
 use crate::error::Failure;
 use crate::events::Events;
 use crate::shared::Shared;
@@ -41,19 +42,66 @@ use crate::token::Token;
 #[derive(Clone)]
 pub struct TokenHandle {
     shared: Shared,
+    /// A keyed layer's handle: the key's current cell is looked up on every call.
+    key: Option<Arc<KeyCell>>,
 }
+
+/// How a key's handle finds the key's current cell, and the cell it last acted on (held, so
+/// that the keyed layer does not evict it while the handle is alive).
+struct KeyCell {
+    resolve: ResolveCell,
+    held: Mutex<Arc<TokenCell>>,
+}
+
+/// Looks a key's current cell up, creating it if needed as a request would.
+pub(crate) type ResolveCell = Box<dyn Fn() -> Arc<TokenCell> + Send + Sync>;
 
 impl std::fmt::Debug for TokenHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenHandle")
-            .field("cell", &self.shared.cell())
-            .finish()
+        let cell = match &self.key {
+            Some(key) => key
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            None => self.shared.cell().clone(),
+        };
+        f.debug_struct("TokenHandle").field("cell", &cell).finish()
     }
 }
 
 impl TokenHandle {
     pub(crate) fn new(shared: Shared) -> Self {
-        Self { shared }
+        Self { shared, key: None }
+    }
+
+    /// A keyed layer's handle to one key: `resolve` gives the key's current cell (made if
+    /// needed), looked up on every call; `shared` has the layer's options.
+    pub(crate) fn keyed(
+        resolve: ResolveCell,
+        shared: impl FnOnce(Arc<TokenCell>) -> Shared,
+    ) -> Self {
+        let cell = resolve();
+        Self {
+            shared: shared(cell.clone()),
+            key: Some(Arc::new(KeyCell {
+                resolve,
+                held: Mutex::new(cell),
+            })),
+        }
+    }
+
+    /// The cell to act on: the layer's, or the key's current one.
+    fn cell(&self) -> Arc<TokenCell> {
+        match &self.key {
+            None => self.shared.cell().clone(),
+            Some(key) => {
+                let cell = (key.resolve)();
+                // The previous cell (forgotten by a `remove`) is let go.
+                *key.held.lock().unwrap_or_else(PoisonError::into_inner) = cell.clone();
+                cell
+            }
+        }
     }
 
     /// Installs a token, or a whole token set (access token, expiry, refresh token: see
@@ -62,14 +110,23 @@ impl TokenHandle {
     /// token replays with this one instead of refreshing. A refresh in flight does not
     /// overwrite it.
     pub fn set_token(&self, token: Token) -> u64 {
-        self.shared.cell().install(token, self.shared.options())
+        self.cell().install(token, self.shared.options())
     }
 
     /// Drops the current token *without* logging out (Ktor's `clearToken`): the next request
     /// gets a new one through the refresher, which is handed the dropped token (and its
     /// refresh token). Concurrent requests share that one refresh.
+    ///
+    /// If a refresh is running when the token is invalidated, its result is not used: the
+    /// refresher is called again once that call ends, for the requests that waited on it and
+    /// those that come after the invalidation, and they all get the token of that second
+    /// call. The refresher is never called twice at once: the second call starts only when
+    /// the first one has returned, and it is handed the token the first one returned (if it
+    /// succeeded; with refresh-token rotation, that one holds the valid refresh token),
+    /// otherwise the dropped token. A request after the invalidation may so wait for up to two
+    /// refresher calls.
     pub fn invalidate(&self) -> u64 {
-        self.shared.cell().invalidate()
+        self.cell().invalidate()
     }
 
     /// Logs out: drops the token and the refresher forgets its own credentials
@@ -79,7 +136,7 @@ impl TokenHandle {
     /// [`anonymous_when_logged_out`](crate::RefreshOptions::anonymous_when_logged_out)),
     /// until [`set_token`](Self::set_token) or [`refresh`](Self::refresh).
     pub fn clear(&self) {
-        self.shared.cell().clear();
+        self.cell().clear();
     }
 
     /// Refreshes now: always calls the refresher, or joins the refresh already in flight.
@@ -96,8 +153,7 @@ impl TokenHandle {
         if in_refresh() {
             return Err(Failure::Reentrant.into_box());
         }
-        self.shared
-            .cell()
+        self.cell()
             .force_refresh(self.shared.options())
             .await
             .map_err(|e| Failure::Unavailable(e, None).into_box())?;
@@ -107,12 +163,12 @@ impl TokenHandle {
     /// The current token, for code that must forward it (a WebSocket upgrade, a subprocess).
     /// **A secret**: never log it. `None` when there is no token.
     pub fn token(&self) -> Option<Token> {
-        self.shared.cell().current_token()
+        self.cell().current_token()
     }
 
     /// The state of the token, without its secret.
     pub fn state(&self) -> TokenState {
-        let s = self.shared.cell().status(self.shared.options());
+        let s = self.cell().status(self.shared.options());
         TokenState {
             generation: s.generation,
             has_token: s.has_token,
@@ -126,7 +182,7 @@ impl TokenHandle {
 
     /// Subscribes to [`RefreshEvent`](crate::RefreshEvent)s from now on.
     pub fn subscribe(&self) -> Events {
-        Events::new(self.shared.cell().subscribe())
+        Events::new(self.cell().subscribe())
     }
 }
 

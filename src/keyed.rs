@@ -19,8 +19,8 @@
 //! eviction ([`KeyedRefreshLayer::idle_timeout`], default 30 min), amortised O(1) per new key
 //! (a second-chance queue, not a scan). A cell is never evicted while a refresh for it runs,
 //! while its session is ended or logged out (the key stays ended), or while a [`TokenHandle`]
-//! for it is alive (the handle always acts on the key's current cell). An evicted key is
-//! rebuilt on its next use with a fresh refresh.
+//! holds it. An evicted or removed key is rebuilt on its next use with a fresh refresh; a
+//! key's handle acts on the key's current cell on every call, whichever cell that is.
 //!
 //! # Example
 //!
@@ -73,7 +73,7 @@ use crate::config::{RefreshOptions, option_setters};
 use crate::error::MissingKey;
 use crate::events::{Lagged, RefreshEvent};
 use crate::future::{Replayer, ResponseFuture, Template, dispatch, template_of};
-use crate::handle::TokenHandle;
+use crate::handle::{ResolveCell, TokenHandle};
 use crate::origin::Origin;
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
 use crate::shared::Shared;
@@ -526,7 +526,8 @@ where
 
 /// The object-safe part of [`Keyed`] a handle needs.
 trait KeyedCells<K>: Send + Sync {
-    fn cell(&self, key: &K) -> Arc<TokenCell>;
+    /// Looks `key`'s current cell up on each call, creating it if needed (as a request does).
+    fn resolver(self: Arc<Self>, key: &K) -> ResolveCell;
     fn remove(&self, key: &K) -> bool;
     fn len(&self) -> usize;
     fn subscribe(&self) -> broadcast::Receiver<(K, RefreshEvent)>;
@@ -537,8 +538,9 @@ where
     K: Clone + Eq + Hash + Send + Sync + 'static,
     R: KeyedRefresher<K>,
 {
-    fn cell(&self, key: &K) -> Arc<TokenCell> {
-        Keyed::cell(self, key)
+    fn resolver(self: Arc<Self>, key: &K) -> ResolveCell {
+        let key = key.clone();
+        Box::new(move || Keyed::cell(&self, &key))
     }
 
     fn remove(&self, key: &K) -> bool {
@@ -571,13 +573,29 @@ impl<K> fmt::Debug for KeyedTokenHandle<K> {
 
 impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
     /// The handle of `key`'s token (its cell is created if needed): install, clear,
-    /// invalidate, force a refresh, read the state. While it is alive the key's cell is not
-    /// evicted, so it always acts on the key's current cell.
+    /// invalidate, force a refresh, read the state. Every call acts on the key's current
+    /// cell, looked up (and created if needed, as a request would) each time: after
+    /// [`remove`](Self::remove) the same handle acts on the key's new cell. The cell it last
+    /// acted on is not evicted while the handle is alive (a cell forgotten by `remove` is let
+    /// go at the handle's next call). [`TokenHandle::subscribe`] follows
+    /// the cell current when it is called; [`subscribe`](Self::subscribe) follows the key.
     pub fn key(&self, key: &K) -> TokenHandle {
-        TokenHandle::new(Shared::pair(self.cells.cell(key), self.options.clone()))
+        let options = self.options.clone();
+        TokenHandle::keyed(self.cells.clone().resolver(key), |cell| {
+            Shared::pair(cell, options)
+        })
     }
 
-    /// Forgets `key`'s cell; its next request starts with a fresh refresh.
+    /// Forgets `key`'s cell (its token, session state and cool-down): the key's next request
+    /// or handle call makes a new cell, as for a key never seen (a request then starts with a
+    /// fresh refresh). Returns whether the key had a cell.
+    ///
+    /// A refresh running for the forgotten cell is not cancelled: it runs to completion and
+    /// answers the requests that were waiting for it, and its token goes to the forgotten
+    /// cell only. A request for the key after `remove` starts a refresh of its own in the
+    /// new cell, so the refresher may then run twice at once for this key (with rotating
+    /// refresh tokens, one of the two may be refused). To avoid that, remove a key when
+    /// [`TokenState::refreshing`](crate::TokenState::refreshing) is false.
     pub fn remove(&self, key: &K) -> bool {
         self.cells.remove(key)
     }

@@ -28,7 +28,8 @@ impl PartialEq for Origin {
 impl Eq for Origin {}
 
 /// Whether this layer can tell the origin of `scheme://authority`: a scheme with a known
-/// default port, or an explicit port.
+/// default port, or an explicit port. Any other absolute URI never gets the token by the
+/// first-seen or allow-list rules (it is not a relative URI).
 pub(crate) fn judgeable(scheme: &Scheme, authority: &Authority) -> bool {
     matches!(scheme.as_str(), "https" | "http" | "wss" | "ws") || authority.port_u16().is_some()
 }

@@ -6,7 +6,7 @@ use http::uri::{Authority, Scheme};
 
 use crate::cell::TokenCell;
 use crate::config::{RefreshOptions, RequestHead};
-use crate::origin::{Origin, Origins, judgeable, secure_or_loopback};
+use crate::origin::{Origin, Origins, is_loopback, judgeable, secure_or_loopback};
 
 /// Where the token may go for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +88,10 @@ impl Shared {
         let uri = head.uri();
         match (uri.scheme(), uri.authority()) {
             (Some(scheme), Some(authority)) => self.destination_at(scheme, authority),
-            _ => relative(&options.origins),
+            // A host without a scheme (the authority form of `CONNECT`): the connector picks
+            // the transport, so it is judged as a scheme this layer does not know.
+            (None, Some(authority)) => unknown_scheme(options, authority),
+            (_, None) => relative(&options.origins),
         }
     }
 
@@ -120,8 +123,7 @@ impl Shared {
     fn destination_at(&self, scheme: &Scheme, authority: &Authority) -> Destination {
         let options = self.options();
         if !judgeable(scheme, authority) {
-            // A scheme without a known port is not an origin this layer can judge.
-            return relative(&options.origins);
+            return unknown_scheme(options, authority);
         }
         let secure = match &options.origins {
             Origins::Any => secure_or_loopback(scheme, authority.host()),
@@ -134,7 +136,8 @@ impl Shared {
                     Some(origin) => origin,
                     None => match Origin::of(scheme, authority) {
                         Some(first) => self.cell().origin.get_or_init(|| first),
-                        None => return relative(&options.origins),
+                        // Not reached: a judgeable origin has a port.
+                        None => return Destination::Untouched,
                     },
                 };
                 if !origin.matches(scheme, authority) {
@@ -153,6 +156,23 @@ fn secured(options: &RefreshOptions, secure: bool) -> Destination {
         Destination::Insecure
     } else {
         Destination::Attach
+    }
+}
+
+/// An absolute URI with a host whose origin this layer cannot tell: a scheme without a known
+/// default port and no port written (`foo://host/`), or no scheme at all (`host:port`). It is
+/// not a relative URI: the connector decides where it goes, and may send it as plain HTTP to
+/// that host (hyper-rustls' `https_or_http` does). It never becomes the first-seen origin, is
+/// never on an allow-list, and with [`Origins::Any`] it is held to the plain-http rule (its
+/// transport cannot be shown to be TLS): refused unless loopback or insecure http is allowed.
+/// The rare path: a comparison or two, no allocation.
+#[cold]
+#[inline(never)]
+fn unknown_scheme(options: &RefreshOptions, authority: &Authority) -> Destination {
+    match &options.origins {
+        // `https` and `wss` are judgeable: only a loopback host is secure here.
+        Origins::Any => secured(options, is_loopback(authority.host())),
+        Origins::FirstSeen | Origins::List(_) => Destination::Untouched,
     }
 }
 

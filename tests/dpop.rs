@@ -218,6 +218,69 @@ async fn a_replayed_request_carries_a_new_jti_and_the_nonce() {
     .await;
 }
 
+/// Review item 2: a request URI with user information (`http://user:pw@host/`) gets a proof
+/// whose `htu` is the target URI the server computes (scheme, host, port, path: no user
+/// information, so no password inside the proof), and the nonce it was handed is kept for the
+/// origin, so a request to the same host without user information sends it at once.
+#[tokio::test]
+async fn user_information_is_never_in_a_proof_and_shares_the_origins_nonce() {
+    guard(async {
+        let s = setup(NonceMode::Fixed(API_NONCE), TokenType::Dpop).await;
+        s.issued.insert("at-0", Some(s.dpop.thumbprint()), false);
+        let svc = client(&s, Token::with_scheme("DPoP", "at-0").unwrap(), false);
+        let addr = s.api.addr;
+        for (id, uri) in [
+            (1, format!("http://user:pw-5e1c@{addr}/api/orders/1?page=2")),
+            (2, format!("http://{addr}/api/orders/2")),
+            (3, format!("http://USER:pw-5e1c@{addr}/api/orders/3")),
+        ] {
+            let req = Request::get(uri)
+                .header("x-request", id.to_string())
+                .body(Full::default())
+                .unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "request {id}");
+        }
+        let proofs = s.api_stats.proofs_seen.lock().unwrap().clone();
+        let htus: Vec<_> = proofs
+            .iter()
+            .map(|p| dpop_support::claims_of_jwt(p).unwrap()["htu"].clone())
+            .collect();
+        let htu = |n: u32| format!("http://{addr}/api/orders/{n}");
+        // One nonce challenge for the first request; the others send the nonce at once.
+        assert_eq!(htus, [htu(1), htu(1), htu(2), htu(3)]);
+        assert!(proofs.iter().all(|p| {
+            let claims = dpop_support::claims_of_jwt(p).unwrap().to_string();
+            !claims.contains("pw-5e1c") && !claims.contains('@')
+        }));
+        assert_eq!(s.api_stats.nonce_challenges.load(Ordering::SeqCst), 1);
+        assert!(s.api_stats.refused.lock().unwrap().is_empty());
+        assert_eq!(s.token_stats.calls.load(Ordering::SeqCst), 0, "no refresh");
+        let plain: Uri = format!("http://{addr}/").parse().unwrap();
+        assert_eq!(s.dpop.nonce_for(&plain).as_deref(), Some(API_NONCE));
+    })
+    .await;
+
+    // Made by hand, too: no user information in `htu`, the nonce shared, the header sensitive.
+    let dpop = Dpop::new(Es256Key::generate());
+    let with_user = Uri::from_static("https://u:pw-5e1c@API.example:8443/a?q=1");
+    let mut nonce = HeaderMap::new();
+    nonce.insert(DPOP_NONCE, HeaderValue::from_static("n-1"));
+    assert_eq!(
+        dpop.remember_nonce(&with_user, &nonce),
+        NonceOutcome::Stored
+    );
+    let plain = Uri::from_static("https://api.example:8443/b");
+    assert_eq!(dpop.nonce_for(&plain).as_deref(), Some("n-1"));
+    let mut headers = HeaderMap::new();
+    headers.insert(AUTHORIZATION, HeaderValue::from_static("DPoP tok-1"));
+    dpop.prove(&Method::GET, &with_user, &mut headers).unwrap();
+    assert!(headers[DPOP].is_sensitive());
+    let claims = claims_of(&headers).unwrap();
+    assert_eq!(claims["htu"], "https://api.example:8443/a");
+    assert_eq!(claims["nonce"], "n-1");
+}
+
 #[tokio::test]
 async fn the_nonce_of_a_success_is_used_by_the_next_request() {
     guard(async {
@@ -614,4 +677,34 @@ fn proofs_bind_method_uri_and_token_and_fail_typed() {
 /// each takes half of what the open-files limit allows (all 200 when it is high, as in CI).
 fn concurrency() -> usize {
     (connection_budget(400) / 2).max(1)
+}
+
+/// The proof of a token request is a signed secret like the layer's: marked sensitive (kept out
+/// of logs and HTTP/2 header tables). Seen by the client the refresher sends through.
+#[tokio::test]
+async fn a_token_requests_proof_is_marked_sensitive() {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let client = {
+        let seen = seen.clone();
+        tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let seen = seen.clone();
+            async move {
+                *seen.lock().unwrap() = req.headers().get(DPOP).map(HeaderValue::is_sensitive);
+                let body = r#"{"access_token":"at-1","token_type":"DPoP","expires_in":60}"#;
+                let res = http::Response::builder()
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        })
+    };
+    let refresher = OAuth2Refresher::builder("https://idp.example/token".parse().unwrap(), client)
+        .refresh_token("rt-1")
+        .dpop(Dpop::new(Es256Key::generate()))
+        .build()
+        .unwrap();
+    let handle = RefreshLayer::new(refresher).token_handle();
+    handle.refresh().await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), Some(true));
 }

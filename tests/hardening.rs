@@ -488,3 +488,175 @@ fn a_refresh_is_never_parked_on_a_runtime_nobody_drives() {
     assert!(started.elapsed() < Duration::from_secs(5));
     drop(parked);
 }
+
+/// What an in-memory inner service saw: each request's URI and `Authorization` ("-" without).
+type Auths = Arc<Mutex<Vec<(String, String)>>>;
+
+/// An inner service that records what it saw and answers 200.
+fn recording_inner(
+    seen: &Auths,
+) -> impl Service<
+    Request<ReplayBody<Full<Bytes>>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    let seen = seen.clone();
+    tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+        seen.lock()
+            .unwrap()
+            .push((req.uri().to_string(), authorization(req.headers())));
+        std::future::ready(Ok(response(StatusCode::OK, "ok")))
+    })
+}
+
+/// Sends `uri` through `layer` over a recording inner service: what the inner service saw of
+/// it (`None`: it was not sent), or the layer's error.
+async fn auth_seen_for(layer: &RefreshLayer, seen: &Auths, uri: &str) -> Result<String, BoxError> {
+    let before = seen.lock().unwrap().len();
+    tower::Layer::layer(layer, recording_inner(seen))
+        .oneshot(Request::get(uri).body(Full::default()).unwrap())
+        .await?;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), before + 1, "{uri} was sent once");
+    Ok(seen[before].1.clone())
+}
+
+/// Review item 1 (security): an absolute URI whose scheme the layer cannot tell an origin of
+/// (`foo://host`, no port) is not a relative URI. With the default first-seen origin it never
+/// gets the token, whether it comes before or after the first origin was fixed (a connector
+/// such as hyper-rustls' `https_or_http` sends it as plain HTTP to that host); nor does a
+/// host without a scheme (an authority-form URI). With `any_origin` it is held to the
+/// plain-http rule: refused unless it is loopback or insecure http is allowed.
+#[tokio::test]
+async fn an_absolute_uri_with_an_unknown_scheme_never_gets_the_token_by_default() {
+    let seen = Auths::default();
+    let tok = || Token::bearer("tok-secret").unwrap();
+    let refresher = || refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("r")?) });
+    let bearer = Ok("Bearer tok-secret".to_owned());
+    let bare = Ok("-".to_owned());
+    let seen_for = |layer: &RefreshLayer, uri: &'static str| {
+        let (layer, seen) = (layer.clone(), seen.clone());
+        async move {
+            auth_seen_for(&layer, &seen, uri)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+
+    // The origin is fixed first by an https request, then by a relative one and an https one.
+    let after_https = RefreshLayer::new(refresher()).initial_token(tok());
+    assert_eq!(
+        seen_for(&after_https, "https://api.example/a").await,
+        bearer
+    );
+    let before_any = RefreshLayer::new(refresher()).initial_token(tok());
+    assert_eq!(seen_for(&before_any, "/relative").await, bearer);
+    for layer in [&after_https, &before_any] {
+        for uri in [
+            "foo://evil.example/x",
+            "foo://api.example/x",
+            "foo://user:pw@evil.example/x",
+            "evil.example:443",
+            "evil.example",
+        ] {
+            assert_eq!(seen_for(layer, uri).await, bare, "{uri}");
+        }
+    }
+    assert_eq!(seen_for(&before_any, "https://api.example/b").await, bearer);
+    for layer in [&after_https, &before_any] {
+        assert_eq!(seen_for(layer, "https://api.example/c").await, bearer);
+        assert_eq!(seen_for(layer, "https://evil.example/c").await, bare);
+        assert_eq!(seen_for(layer, "/relative").await, bearer);
+    }
+
+    // An allow-list: never.
+    let listed = RefreshLayer::new(refresher())
+        .initial_token(tok())
+        .allowed_origins(["https://api.example"])
+        .unwrap();
+    for uri in ["foo://api.example/x", "api.example:443"] {
+        assert_eq!(seen_for(&listed, uri).await, bare, "{uri}");
+    }
+
+    // any_origin: the plain-http rule holds (nothing is sent), loopback and the opt-in aside.
+    let any = RefreshLayer::new(refresher())
+        .initial_token(tok())
+        .any_origin();
+    let sent = seen.lock().unwrap().len();
+    for uri in ["foo://evil.example/x", "evil.example:443"] {
+        let err = auth_seen_for(&any, &seen, uri).await.unwrap_err();
+        assert!(
+            err.is::<tower_auth_refresh::error::InsecureTransport>(),
+            "{uri}: {err}"
+        );
+    }
+    assert_eq!(seen.lock().unwrap().len(), sent, "nothing was sent");
+    assert_eq!(seen_for(&any, "foo://localhost/x").await, bearer);
+    let insecure = any.clone().allow_insecure_http(true);
+    assert_eq!(seen_for(&insecure, "foo://evil.example/x").await, bearer);
+}
+
+/// The same through the reqwest middleware, which judges the URL's text: the request after
+/// the middleware carries no token.
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn through_reqwest_an_unknown_scheme_never_gets_the_token_by_default() {
+    /// Records the `Authorization` of each request and answers 200 without sending it.
+    struct Record(Arc<Mutex<Vec<String>>>);
+
+    // `async_trait`'s expansion, written out (the crate is not a dependency of the tests).
+    impl reqwest_middleware::Middleware for Record {
+        fn handle<'s, 'e, 'n, 'f>(
+            &'s self,
+            req: reqwest::Request,
+            _: &'e mut http::Extensions,
+            _: reqwest_middleware::Next<'n>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = reqwest_middleware::Result<reqwest::Response>>
+                    + Send
+                    + 'f,
+            >,
+        >
+        where
+            's: 'f,
+            'e: 'f,
+            'n: 'f,
+            Self: 'f,
+        {
+            self.0.lock().unwrap().push(authorization(req.headers()));
+            Box::pin(std::future::ready(Ok(http::Response::new("ok").into())))
+        }
+    }
+
+    guard(async {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let layer = RefreshLayer::new(refresh_fn(|_| async {
+            Ok::<_, RefreshError>(Token::bearer("r")?)
+        }))
+        .initial_token(Token::bearer("tok-secret").unwrap());
+        let client = reqwest_middleware::ClientBuilder::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        )
+        .with(layer.reqwest_middleware())
+        .with(Record(seen.clone()))
+        .build();
+        for url in [
+            "https://api.example/a",
+            "foo://evil.example/x",
+            "foo://api.example/x",
+            "https://api.example/b",
+        ] {
+            let res = client.get(url).send().await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{url}");
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["Bearer tok-secret", "-", "-", "Bearer tok-secret"]
+        );
+    })
+    .await;
+}

@@ -323,3 +323,45 @@ async fn requests_without_a_key_fail_typed_or_use_the_default_principal() {
         .unwrap();
     assert_eq!(res.body(), "Bearer t0");
 }
+
+/// Review item 3: a key's handle acts on the key's current cell on every call, also after
+/// `remove` (and the requests that rebuilt the key's cell): a token installed through a handle
+/// taken before `remove` is the one the next request carries, and its state is that cell's.
+#[tokio::test]
+async fn a_key_handle_taken_before_remove_acts_on_the_keys_new_cell() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = {
+        let calls = calls.clone();
+        KeyedRefreshLayer::new(move |tenant: Tenant, _| {
+            let i = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}-r{i}", tenant.0))?) }
+        })
+    };
+    let handle = layer.token_handle();
+    let svc = layer.layer(echo());
+    let send = |t: u32| {
+        let svc = svc.clone();
+        async move { svc.oneshot(for_tenant(t)).await.unwrap().into_body() }
+    };
+
+    let h = handle.key(&Tenant(5));
+    h.set_token(Token::bearer("t5-login").unwrap());
+    assert_eq!(send(5).await, "Bearer t5-login");
+
+    // Removed, then installed through the handle taken before: no refresh, the new token.
+    assert!(handle.remove(&Tenant(5)));
+    h.set_token(Token::bearer("t5-after-remove").unwrap());
+    assert_eq!(send(5).await, "Bearer t5-after-remove");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    // Removed, then rebuilt by a request (a fresh refresh): the old handle sees that cell.
+    assert!(handle.remove(&Tenant(5)));
+    assert_eq!(send(5).await, "Bearer t5-r1");
+    assert_eq!(h.token().unwrap().secret(), "t5-r1");
+    assert_eq!(h.state().generation(), 1);
+    h.set_token(Token::bearer("t5-again").unwrap());
+    assert_eq!(send(5).await, "Bearer t5-again");
+    h.invalidate();
+    assert_eq!(send(5).await, "Bearer t5-r2");
+    assert_eq!(handle.len(), 1);
+}

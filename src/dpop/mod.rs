@@ -256,7 +256,9 @@ impl RequestProof for Dpop {
             return Ok(());
         };
         let proof = self.proof(method, uri, Some(&token))?;
-        let value = HeaderValue::try_from(proof).map_err(|_| DpopError::Sign)?;
+        let mut value = HeaderValue::try_from(proof).map_err(|_| DpopError::Sign)?;
+        // Like the `Authorization` header: traces print it as `Sensitive`.
+        value.set_sensitive(true);
         headers.insert(DPOP, value);
         Ok(())
     }
@@ -282,11 +284,15 @@ fn asks_for_nonce(headers: &HeaderMap) -> bool {
     })
 }
 
-/// `scheme://authority`, lowercased (the key of the nonce map and the start of `htu`).
+/// `scheme://host[:port]`, lowercased (the key of the nonce map and the start of `htu`).
+/// Never the user information of the authority: it is not part of the target URI the server
+/// checks `htu` against (RFC 9449 §4.3), it may hold a password, and the nonce is the host's
+/// whoever the URI names as its user.
 fn origin(uri: &Uri) -> Option<String> {
     let scheme = uri.scheme_str()?;
-    let authority = uri.authority()?;
-    Some(format!("{scheme}://{authority}").to_ascii_lowercase())
+    let authority = uri.authority()?.as_str();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    Some(format!("{scheme}://{host_port}").to_ascii_lowercase())
 }
 
 /// RFC 9449 §8.1: `NQCHAR = %x21 / %x23-5B / %x5D-7E`.

@@ -27,11 +27,13 @@ impl DpopSettings {
     pub(super) fn prove(&self, req: &mut Request<Full<Bytes>>) -> Result<(), RefreshError> {
         #[cfg(feature = "dpop")]
         if let Some(dpop) = &self.dpop {
-            let proof = dpop
+            let mut proof = dpop
                 .proof(req.method(), req.uri(), None)
                 .ok()
                 .and_then(|p| http::HeaderValue::try_from(p).ok())
                 .ok_or_else(|| RefreshError::transient(OAuth2Error::new(ErrorKind::DpopProof)))?;
+            // A signed proof: kept out of logs and HTTP/2 header tables, as the layer's are.
+            proof.set_sensitive(true);
             req.headers_mut().insert(crate::dpop::DPOP, proof);
         }
         #[cfg(not(feature = "dpop"))]

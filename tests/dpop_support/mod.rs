@@ -70,6 +70,11 @@ pub(crate) fn claims_of(headers: &HeaderMap) -> Option<Value> {
     b64json(jwt.split('.').nth(1)?).ok()
 }
 
+/// The claims of a proof JWT, unverified (for the record).
+pub(crate) fn claims_of_jwt(jwt: &str) -> Option<Value> {
+    b64json(jwt.split('.').nth(1)?).ok()
+}
+
 /// The `jti` of the request's proof, unverified (for the record).
 pub(crate) fn jti_of(headers: &HeaderMap) -> Option<String> {
     Some(claims_of(headers)?["jti"].as_str()?.to_owned())
@@ -338,6 +343,8 @@ pub(crate) struct ApiStats {
     pub(crate) refused: Mutex<Vec<String>>,
     /// The nonces the proofs carried.
     pub(crate) nonces_seen: Mutex<Vec<Option<String>>>,
+    /// Every `DPoP` header received, as sent, in order.
+    pub(crate) proofs_seen: Mutex<Vec<String>>,
 }
 
 /// A resource server at `/api/...` that accepts the issued, unexpired tokens, with a proof
@@ -388,6 +395,10 @@ pub(crate) async fn api_server(
                     }
                 };
                 let jti = jti_of(&parts.headers);
+                for proof in parts.headers.get_all("dpop") {
+                    let proof = String::from_utf8_lossy(proof.as_bytes()).into_owned();
+                    stats.proofs_seen.lock().unwrap().push(proof);
+                }
                 let answer = |status: StatusCode, challenge: Option<&str>| {
                     stats
                         .by_request
