@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use crate::BoxError;
 use crate::cell::{TokenCell, in_refresh};
+use crate::config::RefreshOptions;
 use crate::error::Failure;
 use crate::events::Events;
 use crate::shared::Shared;
@@ -40,17 +41,23 @@ use crate::token::Token;
 /// # }
 /// ```
 #[derive(Clone)]
-pub struct TokenHandle {
-    shared: Shared,
-    /// A keyed layer's handle: the key's current cell is looked up on every call.
-    key: Option<Arc<KeyCell>>,
+pub struct TokenHandle(Of);
+
+#[derive(Clone)]
+enum Of {
+    /// A layer's (or a middleware's) cell and options.
+    Layer(Shared),
+    /// A keyed layer's handle to one key: the key's current cell is looked up on every call.
+    Key(Arc<KeyCell>),
 }
 
-/// How a key's handle finds the key's current cell, and the cell it last acted on (held, so
-/// that the keyed layer does not evict it while the handle is alive).
+/// How a key's handle finds the key's current cell, the cell it last acted on (held, so that
+/// the keyed layer does not evict it while the handle is alive; a cell forgotten by a
+/// `remove` is let go at the next call), and the keyed layer's options.
 struct KeyCell {
     resolve: ResolveCell,
     held: Mutex<Arc<TokenCell>>,
+    options: Arc<RefreshOptions>,
 }
 
 /// Looks a key's current cell up, creating it if needed as a request would.
@@ -58,13 +65,13 @@ pub(crate) type ResolveCell = Box<dyn Fn() -> Arc<TokenCell> + Send + Sync>;
 
 impl std::fmt::Debug for TokenHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let cell = match &self.key {
-            Some(key) => key
+        let cell = match &self.0 {
+            Of::Layer(shared) => shared.cell().clone(),
+            Of::Key(key) => key
                 .held
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
-            None => self.shared.cell().clone(),
         };
         f.debug_struct("TokenHandle").field("cell", &cell).finish()
     }
@@ -72,35 +79,37 @@ impl std::fmt::Debug for TokenHandle {
 
 impl TokenHandle {
     pub(crate) fn new(shared: Shared) -> Self {
-        Self { shared, key: None }
+        Self(Of::Layer(shared))
     }
 
     /// A keyed layer's handle to one key: `resolve` gives the key's current cell (made if
-    /// needed), looked up on every call; `shared` has the layer's options.
-    pub(crate) fn keyed(
-        resolve: ResolveCell,
-        shared: impl FnOnce(Arc<TokenCell>) -> Shared,
-    ) -> Self {
-        let cell = resolve();
-        Self {
-            shared: shared(cell.clone()),
-            key: Some(Arc::new(KeyCell {
-                resolve,
-                held: Mutex::new(cell),
-            })),
-        }
+    /// needed), looked up on every call.
+    pub(crate) fn keyed(resolve: ResolveCell, options: Arc<RefreshOptions>) -> Self {
+        let held = Mutex::new(resolve());
+        Self(Of::Key(Arc::new(KeyCell {
+            resolve,
+            held,
+            options,
+        })))
     }
 
     /// The cell to act on: the layer's, or the key's current one.
     fn cell(&self) -> Arc<TokenCell> {
-        match &self.key {
-            None => self.shared.cell().clone(),
-            Some(key) => {
+        match &self.0 {
+            Of::Layer(shared) => shared.cell().clone(),
+            Of::Key(key) => {
                 let cell = (key.resolve)();
                 // The previous cell (forgotten by a `remove`) is let go.
                 *key.held.lock().unwrap_or_else(PoisonError::into_inner) = cell.clone();
                 cell
             }
+        }
+    }
+
+    fn options(&self) -> &RefreshOptions {
+        match &self.0 {
+            Of::Layer(shared) => shared.options(),
+            Of::Key(key) => &key.options,
         }
     }
 
@@ -110,7 +119,7 @@ impl TokenHandle {
     /// token replays with this one instead of refreshing. A refresh in flight does not
     /// overwrite it.
     pub fn set_token(&self, token: Token) -> u64 {
-        self.cell().install(token, self.shared.options())
+        self.cell().install(token, self.options())
     }
 
     /// Drops the current token *without* logging out (Ktor's `clearToken`): the next request
@@ -124,7 +133,10 @@ impl TokenHandle {
     /// the first one has returned, and it is handed the token the first one returned (if it
     /// succeeded; with refresh-token rotation, that one holds the valid refresh token),
     /// otherwise the dropped token. A request after the invalidation may so wait for up to two
-    /// refresher calls.
+    /// refresher calls. (A request driven by another runtime than the refresh task's keeps its
+    /// own bound, the refresh timeout or the backoff's total plus 5 s, across both calls: if
+    /// the two together outlast it, that request fails with
+    /// [`RefreshFailed`](crate::error::RefreshFailed) and the refresh goes on.)
     pub fn invalidate(&self) -> u64 {
         self.cell().invalidate()
     }
@@ -154,7 +166,7 @@ impl TokenHandle {
             return Err(Failure::Reentrant.into_box());
         }
         self.cell()
-            .force_refresh(self.shared.options())
+            .force_refresh(self.options())
             .await
             .map_err(|e| Failure::Unavailable(e, None).into_box())?;
         Ok(self.state())
@@ -168,7 +180,7 @@ impl TokenHandle {
 
     /// The state of the token, without its secret.
     pub fn state(&self) -> TokenState {
-        let s = self.cell().status(self.shared.options());
+        let s = self.cell().status(self.options());
         TokenState {
             generation: s.generation,
             has_token: s.has_token,

@@ -580,10 +580,7 @@ impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
     /// go at the handle's next call). [`TokenHandle::subscribe`] follows
     /// the cell current when it is called; [`subscribe`](Self::subscribe) follows the key.
     pub fn key(&self, key: &K) -> TokenHandle {
-        let options = self.options.clone();
-        TokenHandle::keyed(self.cells.clone().resolver(key), |cell| {
-            Shared::pair(cell, options)
-        })
+        TokenHandle::keyed(self.cells.clone().resolver(key), self.options.clone())
     }
 
     /// Forgets `key`'s cell (its token, session state and cool-down): the key's next request

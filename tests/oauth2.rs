@@ -2029,6 +2029,16 @@ mod with_reqwest {
                 seen[0].authorization.as_deref(),
                 Some(oauth2_server::APP_BASIC)
             );
+            // The form goes out whole, with its length (not chunked), as a form.
+            for seen in &seen {
+                assert_eq!(
+                    seen.content_type.as_deref(),
+                    Some("application/x-www-form-urlencoded")
+                );
+                let length = seen.content_length.as_deref().expect("a Content-Length");
+                assert_eq!(length.parse::<usize>().unwrap(), seen.body_len);
+                assert!(seen.body_len > 0);
+            }
             assert_eq!(seen[0].field("refresh_token"), Some(rt0.as_str()));
             assert_eq!(
                 seen[1].field("refresh_token"),

@@ -130,6 +130,10 @@ impl Scripted {
 pub(crate) struct Seen {
     pub(crate) method: Method,
     pub(crate) content_type: Option<String>,
+    /// The `Content-Length` it came with (`None`: chunked, or none).
+    pub(crate) content_length: Option<String>,
+    /// The length of the body it received.
+    pub(crate) body_len: usize,
     pub(crate) authorization: Option<String>,
     pub(crate) form: Vec<(String, String)>,
 }
@@ -543,6 +547,8 @@ impl TokenState {
         let seen = Seen {
             method: parts.method.clone(),
             content_type: header(CONTENT_TYPE),
+            content_length: header(http::header::CONTENT_LENGTH),
+            body_len: body.len(),
             authorization: header(AUTHORIZATION),
             form: form_urlencoded::parse(&body).into_owned().collect(),
         };
