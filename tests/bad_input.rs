@@ -531,9 +531,12 @@ fn a_caller_that_times_out_while_waiting_for_the_refresh_loses_nothing() {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh in flight");
         gate.add_permits(1);
-        while handle.state().generation() == 0 {
-            tokio::task::yield_now().await;
-        }
+        support::yield_until(
+            "the released refresh installed its token",
+            support::YIELD_BOUND,
+            || handle.state().generation() > 0,
+        )
+        .await;
         let res = svc.clone().oneshot(get()).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(

@@ -443,9 +443,10 @@ async fn refresh_runs_to_completion_when_every_waiter_is_dropped() {
         answer(&mut handle, status(StatusCode::UNAUTHORIZED)).await;
     }
     // Wait until the refresh is in flight, then cancel every caller.
-    while refresher.calls() == 0 {
-        tokio::task::yield_now().await;
-    }
+    support::yield_until("the refresh started", support::YIELD_BOUND, || {
+        refresher.calls() > 0
+    })
+    .await;
     for c in &callers {
         c.abort();
     }
@@ -469,9 +470,12 @@ async fn a_waiter_finishes_the_job_when_the_request_that_started_the_refresh_is_
     let (refresher, gate) = Counting::gated();
     let (svc, mut handle) = layered(RefreshLayer::new(refresher.clone()));
     let driver = spawn_call(&svc, get("/driver"));
-    while refresher.calls() == 0 {
-        tokio::task::yield_now().await;
-    }
+    support::yield_until(
+        "the driver started the refresh",
+        support::YIELD_BOUND,
+        || refresher.calls() > 0,
+    )
+    .await;
     let waiter = spawn_call(&svc, get("/waiter"));
     tokio::time::sleep(Duration::from_millis(10)).await;
     driver.abort();

@@ -408,7 +408,8 @@ async fn a_token_endpoint_asking_for_a_nonce_again_is_retried_once_and_fails_tra
                     .proof(dpop.clone()),
             )
             .service(http_client::<ReplayBody<Full<Bytes>>>());
-        let req = Request::get("http://127.0.0.1:9/never-sent")
+        let never = support::unused_loopback_addr();
+        let req = Request::get(format!("http://{never}/never-sent"))
             .body(Full::default())
             .unwrap();
         let err = svc.oneshot(req).await.unwrap_err();

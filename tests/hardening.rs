@@ -6,7 +6,7 @@ mod support;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::LOCATION;
@@ -469,8 +469,7 @@ fn a_refresh_is_never_parked_on_a_runtime_nobody_drives() {
     });
     assert!(early.is_err(), "the caller on the parked runtime timed out");
 
-    // A request on the driven runtime gets the refreshed token soon.
-    let started = Instant::now();
+    // A request on the driven runtime gets the refreshed token; the 5 s timeout is the bound.
     let res = main
         .block_on(async {
             tokio::time::timeout(
@@ -484,8 +483,6 @@ fn a_refresh_is_never_parked_on_a_runtime_nobody_drives() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh");
-    // Not a timing assert on speed: only that it did not wait for the waiter's own bound.
-    assert!(started.elapsed() < Duration::from_secs(5));
     drop(parked);
 }
 

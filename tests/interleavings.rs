@@ -1381,9 +1381,10 @@ fn a_logout_during_a_refresh_gives_waiters_session_ended_not_an_older_failure() 
         assert!(first.is::<RefreshFailed>(), "{first}");
 
         let driver = tokio::spawn(svc.clone().oneshot(get("/")));
-        while refresher.calls() < 2 {
-            tokio::task::yield_now().await;
-        }
+        support::yield_until("the second refresh started", support::YIELD_BOUND, || {
+            refresher.calls() >= 2
+        })
+        .await;
         let waiter = tokio::spawn(svc.clone().oneshot(get("/")));
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -1415,9 +1416,10 @@ fn a_login_during_a_doomed_refresh_is_not_ended_by_its_failure() {
     let svc = layer.layer(gatekeeper("after-login", seen.clone()));
     run_paused(Duration::from_secs(600), async {
         let before = tokio::spawn(svc.clone().oneshot(get("/")));
-        while refresher.calls() < 1 {
-            tokio::task::yield_now().await;
-        }
+        support::yield_until("the doomed refresh started", support::YIELD_BOUND, || {
+            refresher.calls() >= 1
+        })
+        .await;
         handle.set_token(Token::bearer("after-login").unwrap());
         gate.add_permits(1);
         let _ = before.await.unwrap();

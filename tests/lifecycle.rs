@@ -198,9 +198,12 @@ async fn refresh_ahead_runs_one_background_refresh_without_delaying_requests() {
     assert_eq!(*accepted_t1.lock().unwrap(), "t1");
     assert!(seen.all().iter().all(|a| a == "Bearer t1"));
     gate.add_permits(1);
-    while handle.state().generation() < 2 {
-        tokio::task::yield_now().await;
-    }
+    support::yield_until(
+        "the background refresh installed t2",
+        support::YIELD_BOUND,
+        || handle.state().generation() >= 2,
+    )
+    .await;
     let res = svc.clone().oneshot(get("/")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(seen.all().last().unwrap(), "Bearer t2");
@@ -221,11 +224,22 @@ async fn failed_background_refresh_keeps_the_token_and_backs_off() {
 
     tokio::time::advance(Duration::from_secs(70)).await;
     svc.clone().oneshot(get("/")).await.unwrap();
-    loop {
-        if let Some(Ok(RefreshEvent::RefreshFailed { .. })) = events.recv().await {
-            break;
+    // Bounded: at most a few events, each awaited for at most a minute of (paused) time.
+    let mut failed = false;
+    for _ in 0..16 {
+        let event = tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .expect("no RefreshFailed event: the background refresh never reported");
+        match event {
+            Some(Ok(RefreshEvent::RefreshFailed { .. })) => {
+                failed = true;
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the event stream closed before a RefreshFailed event"),
         }
     }
+    assert!(failed, "16 events and none was RefreshFailed");
     assert_eq!(issuer.calls(), 2);
     // Within the backoff: requests keep the old token and start no refresh.
     for _ in 0..20 {
@@ -285,9 +299,10 @@ async fn session_end_one_call_one_event_every_waiter_typed_then_no_network_until
         .collect();
     // Every request either reached the server (and was refused) or, once the first refusal
     // was known, waits for the refresh instead of sending the refused token.
-    while issuer.calls() < 1 {
-        tokio::task::yield_now().await;
-    }
+    support::yield_until("the first refresh started", support::YIELD_BOUND, || {
+        issuer.calls() >= 1
+    })
+    .await;
     for _ in 0..1000 {
         tokio::task::yield_now().await;
     }
@@ -403,9 +418,12 @@ async fn late_401_for_a_token_older_than_an_installed_one_reuses_the_installed_o
     };
     let svc = layer.layer(inner);
     let call = tokio::spawn(svc.oneshot(get("/")));
-    while seen.count() < 1 {
-        tokio::task::yield_now().await;
-    }
+    support::yield_until(
+        "the request with the old token reached the API",
+        support::YIELD_BOUND,
+        || seen.count() >= 1,
+    )
+    .await;
     handle.set_token(Token::bearer("installed").unwrap());
     release.add_permits(1);
     assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);

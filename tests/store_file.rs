@@ -257,7 +257,10 @@ fn corrupt_or_truncated_record_is_a_typed_error_and_never_overwritten() {
             // Through the refresher and the layer: a transient failure, the file untouched.
             let calls = GrantCalls::default();
             let shared = StoreRefresher::new(
-                grant_refresher("http://127.0.0.1:9/never".into(), calls.clone()),
+                grant_refresher(
+                    format!("http://{}/never", support::unused_loopback_addr()),
+                    calls.clone(),
+                ),
                 store.clone(),
             );
             let stale = Token::bearer("stale-token")

@@ -191,7 +191,10 @@ fn corrupt_redis_value_is_a_typed_error_and_never_overwritten() {
 
             let calls = GrantCalls::default();
             let shared = StoreRefresher::new(
-                grant_refresher("http://127.0.0.1:9/never".into(), calls.clone()),
+                grant_refresher(
+                    format!("http://{}/never", support::unused_loopback_addr()),
+                    calls.clone(),
+                ),
                 store.clone(),
             );
             let stale = Token::bearer("stale")

@@ -157,6 +157,27 @@ pub(crate) fn counting_after(
     })
 }
 
+/// The bound the tests pass to [`yield_until`]: far more yields than any awaited condition
+/// needs (they hold within ten), few enough that a regression fails in well under a second.
+pub(crate) const YIELD_BOUND: usize = 100_000;
+
+/// Yields to the runtime until `cond` holds, at most `max_iterations` times, then panics saying
+/// that `what` never happened. A bare `while !cond { yield_now().await }` hangs on a regression,
+/// and under paused time it also keeps the runtime busy, so the clock never auto-advances and a
+/// surrounding timeout never fires.
+pub(crate) async fn yield_until(what: &str, max_iterations: usize, mut cond: impl FnMut() -> bool) {
+    for _ in 0..max_iterations {
+        if cond() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        cond(),
+        "never happened within {max_iterations} yields: {what}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Runtimes.
 
@@ -181,6 +202,15 @@ pub(crate) fn run_paused(deadline: Duration, test: impl Future<Output = ()>) {
 
 // ---------------------------------------------------------------------------------------------
 // Loopback servers and clients.
+
+/// A loopback address nothing listens on: the address of a `127.0.0.1:0` listener, dropped
+/// before this returns. For URLs a test must never contact; a connection to it is refused.
+pub(crate) fn unused_loopback_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
 
 /// A server on `127.0.0.1:0` that stops accepting when dropped (see [`Server::detach`]).
 pub(crate) struct Server {
