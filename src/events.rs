@@ -62,7 +62,11 @@ impl Events {
     }
 
     /// Waits for the next event; `Err(Lagged(n))` if `n` events were missed. `None` once the
-    /// layer, its services and handles are gone.
+    /// token cell it listens to is gone: the layer, its services and handles are dropped, or,
+    /// for a keyed layer's per-key handle, the key's cell was evicted or removed and nothing
+    /// holds it any more (the keyed
+    /// handle's own [`subscribe`](crate::keyed::KeyedTokenHandle::subscribe) follows every
+    /// key for the layer's life).
     pub async fn recv(&mut self) -> Option<Result<RefreshEvent, Lagged>> {
         match self.rx.recv().await {
             Ok(ev) => Some(Ok(ev)),

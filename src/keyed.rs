@@ -16,11 +16,22 @@
 //! options are a value, the tokens are shared by every clone.
 //!
 //! The map of cells is bounded ([`KeyedRefreshLayer::capacity`], default 10,000) with idle
-//! eviction ([`KeyedRefreshLayer::idle_timeout`], default 30 min), amortised O(1) per new key
-//! (a second-chance queue, not a scan). A cell is never evicted while a refresh for it runs,
-//! while its session is ended or logged out (the key stays ended), or while a [`TokenHandle`]
-//! holds it. An evicted or removed key is rebuilt on its next use with a fresh refresh; a
-//! key's handle acts on the key's current cell on every call, whichever cell that is.
+//! eviction ([`KeyedRefreshLayer::idle_timeout`], default 30 min). Eviction is a second-chance
+//! queue, not a scan of the map: a new key on a full map walks the queue from the cell queued
+//! longest ago and evicts the first one that is idle or was not used since it was queued; a
+//! cell used since is queued again, its second chance spent. If every cell the walk looked at
+//! had a second chance, the least recently used of them goes. So the choice approximates
+//! least recently used; it is not exact (a cell made and not used again goes before an older
+//! one used twice, unless that one is idle).
+//!
+//! A cell is pinned, never evicted, while a refresh for it runs, while its session is ended or
+//! logged out (the key stays ended), or while a [`TokenHandle`] or a request holds it. A walk
+//! looks at no more than 64 cells, so a new key costs amortised O(1) (the leftover queue
+//! slots of removed keys are dropped on the way, each once) however many cells are pinned. If
+//! all the cells it looked at are pinned, the map grows past its capacity for now; each later
+//! new key then evicts up to two cells, until the map is back within its capacity. An
+//! evicted or removed key is rebuilt on its next use with a fresh refresh; a key's handle
+//! acts on the key's current cell on every call, whichever cell that is.
 //!
 //! # Example
 //!
@@ -161,18 +172,78 @@ impl<K: Clone + Send + Sync + 'static> Picker<K> {
     }
 }
 
+/// The most cells one eviction walk looks at (pinned or given a second chance); leftover
+/// queue slots of removed keys are dropped on the way without counting.
+const WALK: usize = 64;
+
 struct Entry {
     cell: Arc<TokenCell>,
     /// Milliseconds since `Keyed::base` at the last use.
     last_used: AtomicU64,
     /// Milliseconds since `Keyed::base` when the key was (re)queued for eviction.
     queued_at: u64,
+    /// Tells this entry's queue slot from slots left by an earlier cell of the same key.
+    stamp: u64,
 }
 
-/// The cells and the eviction queue (every key once, oldest first; stale keys skipped).
+/// A place in the eviction queue: a key, and the stamp of the entry it was queued for. A slot
+/// whose key has no entry with that stamp (the key was removed, or evicted out of turn, and
+/// maybe made again) is stale: dropped when met, or by a compaction.
+struct Slot<K> {
+    key: K,
+    stamp: u64,
+}
+
+/// The cells and the eviction queue: one live slot per cell, oldest queued first, and stale
+/// slots, never more than the live ones plus a few.
 struct Cells<K> {
     map: HashMap<K, Entry>,
-    order: VecDeque<K>,
+    order: VecDeque<Slot<K>>,
+    stamps: u64,
+}
+
+impl<K: Clone + Eq + Hash> Cells<K> {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            stamps: 0,
+        }
+    }
+
+    /// Adds `key`'s cell, used and queued at `now`.
+    fn insert(&mut self, key: K, cell: Arc<TokenCell>, now: u64) {
+        self.stamps += 1;
+        let stamp = self.stamps;
+        self.map.insert(
+            key.clone(),
+            Entry {
+                cell,
+                last_used: AtomicU64::new(now),
+                queued_at: now,
+                stamp,
+            },
+        );
+        self.order.push_back(Slot { key, stamp });
+        self.compact();
+    }
+
+    /// Forgets `key`'s cell; its queue slot goes stale.
+    fn remove(&mut self, key: &K) -> bool {
+        let removed = self.map.remove(key).is_some();
+        self.compact();
+        removed
+    }
+
+    /// Drops the stale slots once they outnumber the live ones by 16: amortised O(1) per
+    /// removal, which made each of them.
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.map.len() + 16 {
+            let map = &self.map;
+            self.order
+                .retain(|slot| map.get(&slot.key).is_some_and(|e| e.stamp == slot.stamp));
+        }
+    }
 }
 
 /// The map's bounds; shared by every clone of the layer.
@@ -222,11 +293,19 @@ where
             entry.last_used.store(now, Ordering::Relaxed);
             return entry.cell.clone();
         }
-        if cells.map.len() >= limits.capacity && !evict_one(&mut cells, now, limits.idle_ms) {
-            tracing::debug!(
-                cells = cells.map.len(),
-                "token cell map full of cells in use; growing past its capacity"
-            );
+        // One eviction makes room; a second one shrinks a map grown past its capacity while
+        // the cells a walk looked at were all pinned.
+        for _ in 0..2 {
+            if cells.map.len() < limits.capacity {
+                break;
+            }
+            if !evict_one(&mut cells, now, limits.idle_ms) {
+                tracing::debug!(
+                    cells = cells.map.len(),
+                    "every token cell the eviction walk looked at is in use; growing past the capacity"
+                );
+                break;
+            }
         }
         let events = self.events.clone();
         let tagged = key.clone();
@@ -242,21 +321,13 @@ where
             )
             .with_origin(self.origin.clone()),
         );
-        cells.map.insert(
-            key.clone(),
-            Entry {
-                cell: cell.clone(),
-                last_used: AtomicU64::new(now),
-                queued_at: now,
-            },
-        );
-        cells.order.push_back(key.clone());
+        cells.insert(key.clone(), cell.clone(), now);
         cell
     }
 
     fn remove(&self, key: &K) -> bool {
         let mut cells = self.cells.write().unwrap_or_else(PoisonError::into_inner);
-        cells.map.remove(key).is_some()
+        cells.remove(key)
     }
 
     fn len(&self) -> usize {
@@ -268,33 +339,54 @@ where
     }
 }
 
-/// Evicts one cell: the oldest in the queue that is idle, or not used since it was queued
-/// (a second chance for the others), and not pinned (a refresh running, an ended session, a
-/// live handle or request). Amortised O(1): each use grants at most one second chance.
+/// Evicts one cell, walking the queue from its head: the first cell that is idle, or not used
+/// since it was queued, goes; a cell used since is queued again with its second chance spent;
+/// a pinned cell (a refresh running, an ended session, a live handle or request) is queued
+/// again as it is. If every unpinned cell walked had a second chance, the least recently used
+/// of them goes. The walk looks at most at [`WALK`] cells (each at most once); stale slots are
+/// dropped on the way. Returns false if every cell it looked at was pinned.
 fn evict_one<K: Clone + Eq + Hash>(cells: &mut Cells<K>, now: u64, idle_ms: u64) -> bool {
-    let mut budget = cells.order.len();
+    let mut budget = WALK.min(cells.map.len());
+    // The least recently used cell given a second chance by this walk, and its last use.
+    let mut lru: Option<(u64, K)> = None;
     while budget > 0 {
+        let Some(slot) = cells.order.pop_front() else {
+            break;
+        };
+        let Some(entry) = cells
+            .map
+            .get_mut(&slot.key)
+            .filter(|entry| entry.stamp == slot.stamp)
+        else {
+            continue; // stale: removed, or evicted out of turn
+        };
         budget -= 1;
-        let Some(key) = cells.order.pop_front() else {
-            return false;
-        };
-        let Some(entry) = cells.map.get_mut(&key) else {
-            continue; // removed through the handle
-        };
         // The map holds one reference; any other is a handle or a request in flight.
         let pinned = Arc::strong_count(&entry.cell) > 1 || entry.cell.pinned();
+        // No use can be recorded meanwhile: this runs under the write lock.
         let last = entry.last_used.load(Ordering::Relaxed);
         let idle = now.saturating_sub(last) >= idle_ms;
-        if pinned || (!idle && last > entry.queued_at) {
-            entry.queued_at = now;
-            cells.order.push_back(key);
-            continue;
+        if !pinned {
+            if idle || last <= entry.queued_at {
+                cells.map.remove(&slot.key);
+                tracing::trace!(idle, "token cell evicted");
+                return true;
+            }
+            // The second chance, spent: a later walk evicts it unless it is used again.
+            entry.queued_at = now.max(last);
+            if lru.as_ref().is_none_or(|(oldest, _)| last < *oldest) {
+                lru = Some((last, slot.key.clone()));
+            }
         }
-        cells.map.remove(&key);
-        tracing::trace!(idle, "token cell evicted");
-        return true;
+        cells.order.push_back(slot);
     }
-    false
+    let Some((_, key)) = lru else {
+        return false;
+    };
+    // Its slot, queued again above, goes stale.
+    cells.map.remove(&key);
+    tracing::trace!("token cell evicted, the least recently used");
+    true
 }
 
 /// Like [`RefreshLayer`](crate::RefreshLayer), with one token per key.
@@ -353,10 +445,7 @@ where
         Self {
             keyed: Arc::new(Keyed {
                 refresher: Arc::new(refresher),
-                cells: RwLock::new(Cells {
-                    map: HashMap::new(),
-                    order: VecDeque::new(),
-                }),
+                cells: RwLock::new(Cells::new()),
                 limits: RwLock::new(Limits {
                     capacity: 10_000,
                     idle_ms: 30 * 60 * 1000,
@@ -409,14 +498,19 @@ where
         this
     }
 
-    /// At most this many cells (at least 1) while cells can be evicted (see the module docs
-    /// for which cannot). When full, an idle cell or the least recently used one goes.
+    /// At most this many cells (at least 1), unless the up to 64 cells an eviction walk looks
+    /// at are all pinned (see the module docs; a map of at most 64 cells grows past this only
+    /// when every cell is pinned). When full, a new key evicts the first cell in queue order
+    /// that is idle or was not used since it was queued, or else the least recently used of
+    /// the cells the walk looked at.
     #[must_use]
     pub fn capacity(self, cells: usize) -> Self {
         self.limits(|l| l.capacity = cells.max(1))
     }
 
-    /// A cell unused for this long is evicted first when room is needed.
+    /// A cell unused for this long loses its second chance: the eviction walk evicts it when it
+    /// meets it, even if it was used since it was queued. (The walk does not look for idle
+    /// cells: one not used since it was queued, met first, goes first.)
     #[must_use]
     pub fn idle_timeout(self, idle: Duration) -> Self {
         self.limits(|l| l.idle_ms = idle.as_millis().min(u128::from(u64::MAX)) as u64)
@@ -577,8 +671,14 @@ impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
     /// cell, looked up (and created if needed, as a request would) each time: after
     /// [`remove`](Self::remove) the same handle acts on the key's new cell. The cell it last
     /// acted on is not evicted while the handle is alive (a cell forgotten by `remove` is let
-    /// go at the handle's next call). [`TokenHandle::subscribe`] follows
-    /// the cell current when it is called; [`subscribe`](Self::subscribe) follows the key.
+    /// go at the handle's next call).
+    ///
+    /// [`TokenHandle::subscribe`] follows the cell current when it is called, not the key: it
+    /// gets no event of the key's later cells, and its [`Events::recv`](crate::Events::recv)
+    /// returns `None` once that cell is gone (evicted or removed, and no longer held by a
+    /// handle, request or refresh), while the layer lives on. Drop the handle and the cell can
+    /// be evicted: `handle.key(&k).subscribe()` may end at the next eviction. To follow a key
+    /// for the layer's life, use [`subscribe`](Self::subscribe) and filter on the key.
     pub fn key(&self, key: &K) -> TokenHandle {
         TokenHandle::keyed(self.cells.clone().resolver(key), self.options.clone())
     }
@@ -652,23 +752,13 @@ mod tests {
     use super::*;
 
     fn cells(n: u32) -> Cells<u32> {
-        let mut c = Cells {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-        };
+        let mut c = Cells::new();
         for k in 0..n {
-            c.map.insert(
-                k,
-                Entry {
-                    cell: Arc::new(TokenCell::new(
-                        |_: Option<Token>| async { Token::bearer("t").map_err(RefreshError::from) },
-                        None,
-                    )),
-                    last_used: AtomicU64::new(0),
-                    queued_at: 0,
-                },
-            );
-            c.order.push_back(k);
+            let cell = Arc::new(TokenCell::new(
+                |_: Option<Token>| async { Token::bearer("t").map_err(RefreshError::from) },
+                None,
+            ));
+            c.insert(k, cell, 0);
         }
         c
     }
@@ -698,5 +788,53 @@ mod tests {
         let later = 5 + 30 * 60 * 1000;
         assert!(evict_one(&mut c, later, 30 * 60 * 1000));
         assert!(!c.map.contains_key(&0));
+    }
+    /// The key at the head of the eviction queue.
+    fn front_key(c: &Cells<u32>) -> u32 {
+        c.order.front().unwrap().key
+    }
+
+    /// Review A2: `remove` forgot the key's queue entry, so remove/re-create cycles grew the
+    /// queue without bound (eviction, which drops such entries, runs only on a full map).
+    #[test]
+    fn removing_and_recreating_a_key_keeps_the_queue_bounded() {
+        let layer = KeyedRefreshLayer::new(|_: u32, _: Option<Token>| async {
+            Token::bearer("t").map_err(RefreshError::from)
+        });
+        let handle = layer.token_handle();
+        handle.key(&1);
+        for _ in 0..1_000 {
+            drop(handle.key(&7));
+            assert!(handle.remove(&7));
+        }
+        handle.key(&7);
+        let cells = layer.keyed.cells.read().unwrap();
+        assert_eq!(cells.map.len(), 2);
+        assert!(
+            cells.order.len() <= 2 * cells.map.len() + 17,
+            "queue of {} entries for 2 cells",
+            cells.order.len()
+        );
+    }
+
+    /// Review A3: with every cell pinned, each new key walked the whole queue under the write
+    /// lock. A walk now looks at a bounded number of cells, and later walks go on from there.
+    #[test]
+    fn a_walk_over_pinned_cells_is_bounded_and_goes_on_where_the_last_one_stopped() {
+        let mut c = cells(1_000);
+        let mut held: Vec<_> = (0..1_000).map(|k| c.map[&k].cell.clone()).collect();
+        assert!(!evict_one(&mut c, 10, 1_000));
+        assert_eq!(front_key(&c), 64, "one walk looked at 64 cells");
+        assert!(!evict_one(&mut c, 10, 1_000));
+        assert_eq!(front_key(&c), 128);
+        // The one unpinned cell, far down the queue, is found by later walks.
+        drop(held.pop());
+        let mut walks = 0;
+        while !evict_one(&mut c, 10, 1_000) {
+            walks += 1;
+            assert!(walks <= 1_000 / 64 + 1, "never found");
+        }
+        assert!(!c.map.contains_key(&999));
+        assert_eq!(c.map.len(), 999);
     }
 }

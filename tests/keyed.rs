@@ -30,16 +30,24 @@ struct Tenant(u32);
 struct Registry {
     current: Mutex<HashMap<u32, String>>,
     refreshes: Mutex<HashMap<u32, usize>>,
+    /// The stale token each refresh of a tenant was handed, in order.
+    handed: Mutex<HashMap<u32, Vec<Option<String>>>>,
     mismatches: AtomicUsize,
     served: AtomicUsize,
     rejected: AtomicUsize,
 }
 
 impl Registry {
-    fn issue(&self, tenant: u32) -> String {
+    fn issue(&self, tenant: u32, stale: Option<Token>) -> String {
         let mut refreshes = self.refreshes.lock().unwrap();
         let n = refreshes.entry(tenant).or_default();
         *n += 1;
+        self.handed
+            .lock()
+            .unwrap()
+            .entry(tenant)
+            .or_default()
+            .push(stale.map(|t| t.secret().to_owned()));
         let token = format!("tenant{tenant}-gen{n}");
         self.current.lock().unwrap().insert(tenant, token.clone());
         token
@@ -49,6 +57,11 @@ impl Registry {
     fn revoke(&self, tenant: u32) {
         self.current.lock().unwrap().remove(&tenant);
     }
+}
+
+/// How long a token of `tenant` lives: 50 to 290 ms.
+fn lifetime(tenant: u32) -> Duration {
+    Duration::from_millis(50 + u64::from(tenant % 7) * 40)
 }
 
 #[tokio::test]
@@ -84,14 +97,14 @@ async fn every_request_carries_its_own_tenants_token_under_a_concurrent_mix() {
         .await;
 
         let issuer = registry.clone();
-        let layer = KeyedRefreshLayer::new(move |tenant: Tenant, _stale: Option<Token>| {
+        let layer = KeyedRefreshLayer::new(move |tenant: Tenant, stale: Option<Token>| {
             let issuer = issuer.clone();
             async move {
-                // Some refreshes are slow, and each token lives a random short time.
-                let lifetime = Duration::from_millis(50 + u64::from(tenant.0 % 7) * 40);
+                // Some refreshes are slow, and each token lives a short time.
                 tokio::time::sleep(Duration::from_millis(u64::from(tenant.0 % 5))).await;
                 Ok::<_, RefreshError>(
-                    Token::bearer(issuer.issue(tenant.0))?.with_expires_in(lifetime),
+                    Token::bearer(issuer.issue(tenant.0, stale))?
+                        .with_expires_in(lifetime(tenant.0)),
                 )
             }
         })
@@ -110,6 +123,8 @@ async fn every_request_carries_its_own_tenants_token_under_a_concurrent_mix() {
 
         // 1,000 requests over 50 tenants, in waves, with server-side revocations between.
         let mut ok = 0;
+        let mut revoked = HashMap::<u32, usize>::new();
+        let started = std::time::Instant::now();
         for wave in 0..4u32 {
             let calls: Vec<_> = (0..250u32)
                 .map(|i| {
@@ -128,6 +143,7 @@ async fn every_request_carries_its_own_tenants_token_under_a_concurrent_mix() {
             }
             for tenant in (wave..50).step_by(3) {
                 registry.revoke(tenant);
+                *revoked.entry(tenant).or_default() += 1;
             }
             tokio::time::sleep(Duration::from_millis(60)).await;
         }
@@ -140,14 +156,31 @@ async fn every_request_carries_its_own_tenants_token_under_a_concurrent_mix() {
         assert_eq!(registry.served.load(Ordering::SeqCst), 1000);
         let refreshes = registry.refreshes.lock().unwrap();
         assert_eq!(refreshes.len(), 50);
-        // One refresh per generation a tenant needed: at most one per wave for expiry and one
-        // for revocation, never one per request.
+        // At most one refresh per token generation: each refresh of a tenant was handed the
+        // token its previous refresh issued (the first none), never one a refresh had already
+        // replaced.
+        let handed = registry.handed.lock().unwrap();
+        for (&tenant, stale) in handed.iter() {
+            let chain: Vec<_> = (0..stale.len())
+                .map(|i| (i > 0).then(|| format!("tenant{tenant}-gen{i}")))
+                .collect();
+            assert_eq!(*stale, chain, "tenant {tenant}");
+        }
+        // And one per generation a tenant needed, never one per request: the first, one per
+        // revocation, and one per expiry (a token is used for at least 9/10 of its lifetime,
+        // the leeway being a tenth of it), over however long this run took.
+        let elapsed = started.elapsed();
         let total: usize = refreshes.values().sum();
         println!(
-            "keyed mix: 1000 requests, 50 tenants, {total} refreshes, {} 401s replayed",
+            "keyed mix: 1000 requests, 50 tenants, {total} refreshes, {} 401s replayed, {elapsed:?}",
             registry.rejected.load(Ordering::SeqCst)
         );
-        assert!(refreshes.values().all(|&n| n <= 9), "{refreshes:?}");
+        for (&tenant, &n) in refreshes.iter() {
+            let used = lifetime(tenant) * 9 / 10;
+            let expiries = (elapsed.as_micros() / used.as_micros()) as usize;
+            let bound = 1 + revoked.get(&tenant).copied().unwrap_or(0) + expiries;
+            assert!(n <= bound, "tenant {tenant}: {n} refreshes, at most {bound} expected");
+        }
     })
     .await;
 }
@@ -233,9 +266,15 @@ async fn a_slow_or_failing_tenant_never_delays_or_fails_another() {
 #[tokio::test]
 async fn per_key_handle_installs_and_forces_and_the_newest_token_wins() {
     let n = Arc::new(AtomicUsize::new(0));
+    // The stale token each refresh was handed.
+    let stale = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
     let layer = {
-        let n = n.clone();
-        KeyedRefreshLayer::new(move |tenant: Tenant, _| {
+        let (n, stale) = (n.clone(), stale.clone());
+        KeyedRefreshLayer::new(move |tenant: Tenant, old: Option<Token>| {
+            stale
+                .lock()
+                .unwrap()
+                .push(old.map(|t| t.secret().to_owned()));
             let i = n.fetch_add(1, Ordering::SeqCst) + 1;
             async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}-r{i}", tenant.0))?) }
         })
@@ -243,20 +282,23 @@ async fn per_key_handle_installs_and_forces_and_the_newest_token_wins() {
     let handle = layer.token_handle();
     let svc = layer.layer(echo());
 
-    let old = Token::bearer("t3-login").unwrap();
-    handle.key(&Tenant(3)).set_token(old.clone());
+    handle
+        .key(&Tenant(3))
+        .set_token(Token::bearer("t3-login").unwrap());
     assert_eq!(
         svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
         "Bearer t3-login"
     );
-    // The caller still holds `old`; after a forced refresh the cell's newer token is used.
+    // After a forced refresh the cell's newer token is used.
     let state = handle.key(&Tenant(3)).refresh().await.unwrap();
     assert_eq!(state.generation(), 2);
     assert_eq!(
         svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
         "Bearer t3-r1"
     );
-    assert_eq!(old.secret(), "t3-login");
+    // The forced refresh was handed the installed token, and the cell now holds its result.
+    assert_eq!(*stale.lock().unwrap(), [Some("t3-login".to_owned())]);
+    assert_eq!(handle.key(&Tenant(3)).token().unwrap().secret(), "t3-r1");
     // Another key is untouched by all of this.
     assert_eq!(
         svc.clone().oneshot(for_tenant(4)).await.unwrap().body(),
@@ -364,4 +406,51 @@ async fn a_key_handle_taken_before_remove_acts_on_the_keys_new_cell() {
     h.invalidate();
     assert_eq!(send(5).await, "Bearer t5-r2");
     assert_eq!(handle.len(), 1);
+}
+
+/// Review A4: a key's `TokenHandle::subscribe` follows the cell current when it is called: it
+/// ends (`None`) once that cell is evicted, while the layer lives on; the keyed handle's own
+/// subscription follows every key.
+#[tokio::test]
+async fn a_key_subscription_ends_with_its_cell_and_the_keyed_one_goes_on() {
+    let layer = KeyedRefreshLayer::new(|tenant: Tenant, _: Option<Token>| async move {
+        Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?)
+    })
+    .capacity(1);
+    let handle = layer.token_handle();
+    let mut keyed = handle.subscribe();
+    let mut of_0 = handle.key(&Tenant(0)).subscribe();
+    let svc = layer.layer(echo());
+    let wait = Duration::from_secs(5);
+
+    assert_eq!(
+        svc.clone().oneshot(for_tenant(0)).await.unwrap().body(),
+        "Bearer t0"
+    );
+    let first = tokio::time::timeout(wait, of_0.recv()).await.unwrap();
+    assert!(
+        matches!(first, Some(Ok(RefreshEvent::Refreshed { .. }))),
+        "{first:?}"
+    );
+    // Tenant 1 evicts tenant 0's cell (capacity 1): the key's subscription ends.
+    assert_eq!(
+        svc.clone().oneshot(for_tenant(1)).await.unwrap().body(),
+        "Bearer t1"
+    );
+    assert_eq!(handle.len(), 1);
+    assert!(
+        tokio::time::timeout(wait, of_0.recv())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The keyed subscription saw both keys, and sees tenant 0's new cell.
+    svc.clone().oneshot(for_tenant(0)).await.unwrap();
+    let mut keys = Vec::new();
+    while let Some(Ok((key, ev))) = keyed.try_recv() {
+        if matches!(ev, RefreshEvent::Refreshed { .. }) {
+            keys.push(key.0);
+        }
+    }
+    assert_eq!(keys, [0, 1, 0]);
 }
