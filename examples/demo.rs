@@ -118,7 +118,8 @@ async fn main() -> Result<(), BoxError> {
                     .header("content-type", "application/x-www-form-urlencoded")
                     .body(Full::new(Bytes::from_static(b"grant_type=refresh_token")))
                     .expect("a valid request");
-                // Network errors are worth retrying; a 4xx from the token endpoint is not.
+                // Network errors are worth retrying; `RefreshError::from_status` below says
+                // which statuses are (a 400, 401, 403 or 422 is final; a 429 or 5xx is not).
                 let res = token_client
                     .request(req)
                     .await
@@ -183,7 +184,14 @@ async fn main() -> Result<(), BoxError> {
     while let Some(outcome) = tasks.join_next().await {
         match outcome? {
             Ok(true) => succeeded += 1,
-            Ok(false) | Err(_) => failed += 1,
+            Ok(false) => failed += 1,
+            Err(err) => {
+                // The layer's failures are typed (`tower_auth_refresh::error`): say which.
+                if failed == 0 {
+                    eprintln!("first failure: {err}");
+                }
+                failed += 1;
+            }
         }
     }
 

@@ -267,8 +267,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         }
         for task in tasks {
             let res = task.await??;
+            let status = res.status();
             let body = res.into_body().collect().await?.to_bytes();
-            println!("round {round}: 200 {}", String::from_utf8_lossy(&body));
+            println!("round {round}: {status} {}", String::from_utf8_lossy(&body));
         }
     }
     let refreshes = state.tokens.lock().unwrap().len();

@@ -1,7 +1,8 @@
 //! A tonic gRPC client through the refresh layer, against a loopback gRPC server (HTTP/2) that
 //! answers an expired token with UNAUTHENTICATED (`grpc-status: 16` in a trailers-only
 //! response, never HTTP 401). 100 concurrent unary calls start with a stale token: one
-//! refresh, every call replayed once and answered.
+//! refresh; the calls sent before the first refusal came back are replayed once, those sent
+//! later wait for the new token (how many of each depends on timing); every call is answered.
 //!
 //! Messages are raw bytes (a hand-written codec, no protobuf code generation).
 //!
@@ -163,7 +164,13 @@ async fn main() -> Result<(), tower_auth_refresh::BoxError> {
     while let Some(joined) = calls.join_next().await {
         match joined? {
             Ok(true) => ok += 1,
-            Ok(false) | Err(_) => failed += 1,
+            Ok(false) => failed += 1,
+            Err(status) => {
+                if failed == 0 {
+                    eprintln!("first failed call: {status}");
+                }
+                failed += 1;
+            }
         }
     }
     println!(

@@ -35,15 +35,16 @@ use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::{BoxError, RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::{DefaultMakeSpan, TraceLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnRequest, DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     tracing::subscriber::set_global_default(
         tracing_subscriber::fmt()
-            // INFO: the layer's and tower-http's DEBUG lines (one per request, refresh and
-            // replay) would flood the output; the summary below says what happened.
-            .with_max_level(tracing::Level::INFO)
+            // INFO: the layer's DEBUG lines (refresh, replay) stay out; the summary below says
+            // what happened.
+            .with_max_level(Level::INFO)
             .finish(),
     )?;
 
@@ -90,12 +91,28 @@ async fn main() -> Result<(), BoxError> {
     let layer = RefreshLayer::new(refresher).initial_token(Token::bearer("expired-token")?);
 
     let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
+    // tower-http traces at DEBUG by default; at INFO here, so that its lines show next to the
+    // summary while the layer's own DEBUG lines stay out.
+    let on_request = DefaultOnRequest::new().level(Level::INFO);
+    let on_response = DefaultOnResponse::new().level(Level::INFO);
     let svc = ServiceBuilder::new()
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_request(on_request.clone())
+                .on_response(on_response.clone()),
+        )
         .layer(layer)
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
         .layer(
-            TraceLayer::new_for_http().make_span_with(DefaultMakeSpan::new().include_headers(true)),
+            TraceLayer::new_for_http()
+                .make_span_with(
+                    DefaultMakeSpan::new()
+                        .level(Level::INFO)
+                        .include_headers(true),
+                )
+                .on_request(on_request)
+                .on_response(on_response),
         )
         .service(client);
 

@@ -2,8 +2,9 @@
 //!
 //! Starts two loopback servers: a token endpoint that rotates refresh tokens (and would
 //! revoke the token family if a rotated one came back), and an API that accepts only the
-//! latest access token. Each round the API forgets the current access token, 50 concurrent
-//! requests are refused with 401, and the layer refreshes once and replays them.
+//! latest access token. Each round the API forgets the current access token and 50 requests
+//! start at once: those sent before the first 401 came back are refused, the layer refreshes
+//! once and replays each of them once; the later ones wait for the new token.
 //!
 //! Run with `cargo run --example oauth2`.
 

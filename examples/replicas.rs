@@ -150,7 +150,11 @@ async fn worker(
                 .stale()
                 .and_then(Token::refresh_token)
                 .ok_or_else(|| RefreshError::terminal("no refresh token"))?;
-            let body = format!("grant_type=refresh_token&refresh_token={refresh}");
+            // Form-encoded: a refresh token may hold `+`, `/`, `=` or `&`.
+            let body = form_urlencoded::Serializer::new(String::new())
+                .append_pair("grant_type", "refresh_token")
+                .append_pair("refresh_token", refresh)
+                .finish();
             let req = Request::post(url)
                 .header("content-type", "application/x-www-form-urlencoded")
                 .body(Full::new(Bytes::from(body)))

@@ -2,8 +2,9 @@
 //! refresher sending its token requests with a `reqwest::Client` too (no hyper-util
 //! client, no glue). Two loopback servers: a token endpoint (refresh-token grant with
 //! rotation) and an API that has just revoked the client's access token. A stampede of
-//! concurrent requests is refused, the token is refreshed once, and every request is
-//! replayed once.
+//! concurrent requests: those sent before the first refusal came back are refused, the token
+//! is refreshed once and each of them is replayed once; those sent later wait for the new
+//! token (how many of each depends on timing).
 //!
 //! Run with `cargo run --example reqwest --features reqwest`.
 

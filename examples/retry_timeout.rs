@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! Retry (5xx and transport errors; never auth failures)
-//!   Timeout (whole call, 2 s)
+//!   Timeout (each try of the call: the send, a refresh and the replay; 2 s)
 //!     RefreshLayer
 //!       Timeout (each attempt, 1 s)
 //!         hyper-util client

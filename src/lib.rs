@@ -133,13 +133,16 @@
 //! ServiceBuilder::new()
 //!     .layer(TraceLayer::new_for_http())        // sees the caller's request and the final response
 //!     .layer(RetryLayer::new(policy))           // retries 5xx/transport errors; see `error::is_auth_failure`
-//!     .layer(TimeoutLayer::new(total))          // cancelling a caller never cancels a refresh
+//!     .layer(TimeoutLayer::new(per_try))        // one try: the send, a refresh and the replay;
+//!                                               // cancelling a caller never cancels a refresh
 //!     .layer(RefreshLayer::new(refresher))
 //!     .layer(FollowRedirectLayer::new())        // inside: the token is attached once, and tower-http
 //!                                               // drops it on a cross-origin redirect
 //!     .layer(TimeoutLayer::new(per_attempt))    // each attempt, the replay included
 //!     .service(client)
 //! ```
+//!
+//! A timeout for the whole call, retries included, goes outside `RetryLayer`.
 //!
 //! If `FollowRedirectLayer` must sit outside this layer, every hop passes through this layer
 //! and gets the token unless its origin is not allowed: by default only the first origin the
