@@ -29,10 +29,11 @@
 //!
 //! - Bodies that reqwest can clone (`String`, `Vec<u8>`, `Bytes`, `&'static str`, JSON and form
 //!   bodies, no body): copied with [`reqwest::Request::try_clone`] before the first send.
-//! - Streaming bodies of known size up to [`RefreshLayer::max_replay_body`] (for instance
-//!   `reqwest::Body::wrap` around an in-memory body): kept as they stream out, as the tower
-//!   layer does.
-//! - Other streaming bodies are sent once. If that send is refused, the caller gets the 401
+//! - Streaming bodies (`reqwest::Body::wrap`, `wrap_stream`) not known to be larger than
+//!   [`RefreshLayer::max_replay_body`]: kept as they stream out, as the tower layer does; one
+//!   that ended within the cap is replayed.
+//! - A streaming body known to be larger than the cap, or one that went past it or failed
+//!   while streaming, is sent once. If that send is refused, the caller gets the 401
 //!   response, after the refresh has run, so a retry by the caller goes out with the new
 //!   token. Such a request never fails before its first send for being impossible to clone.
 //!
@@ -261,7 +262,9 @@ impl RefreshMiddleware {
                     let replays = if sent.waited {
                         shared.options().proof.is_some()
                     } else {
-                        shared.options().may_replay(&method)
+                        // A refused proof (a nonce challenge) replays whatever the method,
+                        // as in the tower layer; a refused token only if the method may be.
+                        shared.options().may_replay(&method) || shared.options().proof.is_some()
                     };
                     // The copy for the replay is taken before the token goes in (the replay
                     // sets a newer one): a request without headers of its own then clones
@@ -418,8 +421,13 @@ impl Refused {
                 replay::prove(shared, &method, target(&uri), again.headers_mut())
                     .map_err(|f| f.into_reqwest())?;
                 let second = next.run(again, extensions).await?;
-                replay::observe(shared, target(&uri), second.status(), second.headers());
-                if replay::refused_again(shared, ticket, second.status(), second.headers()) {
+                // A challenge of the replay's proof is a second refusal too, as in the tower
+                // layer: one replay, never more.
+                let challenged =
+                    replay::observe(shared, target(&uri), second.status(), second.headers());
+                if challenged
+                    || replay::refused_again(shared, ticket, second.status(), second.headers())
+                {
                     return refused_again(shared, Some(first_head), second).await;
                 }
                 Ok(second)

@@ -709,3 +709,42 @@ async fn a_token_requests_proof_is_marked_sensitive() {
     handle.refresh().await.unwrap();
     assert_eq!(*seen.lock().unwrap(), Some(true));
 }
+
+/// The reqwest middleware as the tower layer: a `POST` under `ReplayMethods::Idempotent` is
+/// never replayed for a new token, but a nonce challenge costs one replay with the same token
+/// and a new proof (the method does not matter: nothing was done with the refused proof).
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn through_reqwest_a_post_under_idempotent_replays_gets_its_nonce_replay() {
+    guard(async {
+        let s = setup(NonceMode::Fixed(API_NONCE), TokenType::Dpop).await;
+        s.issued.insert("at-0", Some(s.dpop.thumbprint()), false);
+        let refresher = OAuth2Refresher::builder(s.token_url.parse().unwrap(), http_client())
+            .refresh_token("rt-1")
+            .dpop(s.dpop.clone())
+            .build()
+            .unwrap();
+        let layer = RefreshLayer::new(refresher)
+            .initial_token(Token::with_scheme("DPoP", "at-0").unwrap())
+            .proof(s.dpop.clone())
+            .replay_methods(tower_auth_refresh::ReplayMethods::Idempotent);
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let client = reqwest_middleware::ClientBuilder::new(http)
+            .with(layer.reqwest_middleware())
+            .build();
+        let res = client
+            .post(s.api.url("/api/orders/7"))
+            .header("x-request", "7")
+            .body("an order")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let sends = s.api_stats.by_request.lock().unwrap()["7"].clone();
+        assert_eq!(sends.len(), 2, "one nonce challenge, one replay: {sends:?}");
+        assert_eq!((sends[0].1, sends[1].1), (401, 200));
+        assert_ne!(sends[0].0, sends[1].0, "a new proof (jti) for the replay");
+        assert_eq!(s.token_stats.calls.load(Ordering::SeqCst), 0, "no refresh");
+    })
+    .await;
+}
