@@ -412,40 +412,71 @@ async fn keyed_layers_share_one_record_per_key() {
 }
 
 /// A record at the last possible version (`u64::MAX`) has no successor: it is a typed,
-/// transient store error before any token call, never a panic or a wrapped version 0.
+/// transient store error before any token call, never a panic or a wrapped version 0. So is
+/// one at `u64::MAX - 1`: its successor could be written, but never read back.
 #[tokio::test]
 async fn a_record_at_the_last_version_is_refused_before_any_token_call() {
-    let servers = Servers::start(TokenConfig::default()).await;
-    let (access, refresh) = servers.token.login();
-    let dir = TempDir::new("max-version");
+    for version in [u64::MAX, u64::MAX - 1] {
+        let servers = Servers::start(TokenConfig::default()).await;
+        let (access, refresh) = servers.token.login();
+        let dir = TempDir::new("max-version");
+        let path = dir.path().join("token.json");
+        let bytes = format!(
+            r#"{{"format":1,"version":{version},"scheme":"Bearer","access_token":"{access}","expires_at_ms":1000,"refresh_token":"{refresh}"}}"#
+        );
+        std::fs::write(&path, &bytes).unwrap();
+        let store = FileStore::new(&path);
+        let calls = GrantCalls::default();
+        let shared = StoreRefresher::new(
+            grant_refresher(servers.token_url(), calls.clone()),
+            store.clone(),
+        );
+        let stale = expired_set(&access, &refresh);
+        let err = within("the refresh", shared.refresh(ctx(&stale)))
+            .await
+            .unwrap_err();
+        assert!(err.is_transient());
+        let cause = std::error::Error::source(&err)
+            .and_then(|e| e.downcast_ref::<tower_auth_refresh::store::StoreError>())
+            .expect("a StoreError");
+        assert!(cause.is_corrupt(), "{cause}");
+        assert!(!format!("{err} {err:?}").contains(&refresh));
+        assert_eq!(calls.get(), 0, "no token call at version {version}");
+        assert_eq!(
+            servers.token.requests(),
+            0,
+            "the token endpoint saw nothing"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), bytes, "untouched");
+    }
+}
+
+/// A writer that crashed between creating its temporary file and the rename left the file
+/// behind (mode 0600, with tokens in it): the next lease holder removes it, and no write
+/// leaves one of its own.
+#[tokio::test]
+async fn a_temporary_file_left_by_a_crash_is_removed() {
+    let dir = TempDir::new("leftover");
     let path = dir.path().join("token.json");
-    let bytes = format!(
-        r#"{{"format":1,"version":18446744073709551615,"scheme":"Bearer","access_token":"{access}","expires_at_ms":1000,"refresh_token":"{refresh}"}}"#
-    );
-    std::fs::write(&path, &bytes).unwrap();
     let store = FileStore::new(&path);
-    let calls = GrantCalls::default();
-    let shared = StoreRefresher::new(
-        grant_refresher(servers.token_url(), calls.clone()),
-        store.clone(),
-    );
-    let stale = expired_set(&access, &refresh);
-    let err = within("the refresh", shared.refresh(ctx(&stale)))
+    seed(&store, &valid_record(1).to_token().unwrap()).await;
+    let leftover = dir.path().join(".token.json.tmp");
+    std::fs::write(&leftover, valid_record(2).encode()).unwrap();
+
+    let lease = free_lease(&store).await;
+    let outcome = store
+        .compare_and_set(&lease, 1, &valid_record(2))
         .await
-        .unwrap_err();
-    assert!(err.is_transient());
-    let cause = std::error::Error::source(&err)
-        .and_then(|e| e.downcast_ref::<tower_auth_refresh::store::StoreError>())
-        .expect("a StoreError");
-    assert!(cause.is_corrupt(), "{cause}");
-    assert!(!format!("{err} {err:?}").contains(&refresh));
-    assert_eq!(calls.get(), 0, "no token call");
-    assert_eq!(
-        servers.token.requests(),
-        0,
-        "the token endpoint saw nothing"
-    );
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), bytes, "untouched");
+        .unwrap();
+    assert_eq!(outcome, CasOutcome::Written);
+    store.release(lease).await.unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["token.json", "token.json.lock"]);
+    assert_eq!(store.load().await.unwrap().unwrap().version(), 2);
 }
 
 /// The token endpoint rotated the refresh token but the store write failed: this process

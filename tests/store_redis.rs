@@ -226,10 +226,21 @@ fn corrupt_redis_value_is_a_typed_error_and_never_overwritten() {
                 assert!(!shown.contains(secret), "secret in {shown}");
             }
         }
-        // A key of another type.
+        // A key of another type: corrupt for the read and for the compare-and-set, which
+        // leaves it alone.
         redis.command(&[b"DEL", b"bad:record"]);
         redis.command(&[b"LPUSH", b"bad:record", b"x"]);
         assert!(store.load().await.unwrap_err().is_corrupt());
+        let lease = store
+            .try_lease(Duration::from_secs(2))
+            .await
+            .unwrap()
+            .unwrap();
+        let cas = store.compare_and_set(&lease, 0, &valid_record(1)).await;
+        let cas_err = cas.unwrap_err();
+        assert!(cas_err.is_corrupt(), "{cas_err}");
+        store.release(lease).await.unwrap();
+        assert_eq!(redis.command(&[b"TYPE", b"bad:record"]).trim(), "+list");
     });
     let text = logs.text();
     for secret in [SECRET_ACCESS, SECRET_REFRESH] {
@@ -307,4 +318,50 @@ async fn fenced_lease_version_check_and_prefixes() {
     assert_eq!(c.load().await.unwrap().unwrap().version(), 1);
     assert_eq!(a.load().await.unwrap().unwrap().version(), 2);
     assert!(redis.get("tenant-c:record").is_some());
+}
+
+/// The layer's `refresh_timeout` cancels a refresh while it holds the Redis lease (a token
+/// call that hangs): the lease is given back at once, not after its TTL, so the other
+/// replicas can refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_refresh_gives_the_redis_lease_back() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let store = RedisStore::open(&redis.url(), "cancelled").unwrap();
+    let hanging = tower_auth_refresh::context_fn(|_ctx: RefreshContext| {
+        std::future::pending::<Result<Token, tower_auth_refresh::RefreshError>>()
+    });
+    let shared = StoreRefresher::new(hanging, store.clone())
+        .lease_ttl(Duration::from_secs(600))
+        .lease_wait(Duration::from_secs(1));
+    let layer = RefreshLayer::new(shared)
+        .refresh_timeout(Duration::from_millis(300))
+        .retries(Backoff::none());
+    let client = support::http_client::<ReplayBody<Full<Bytes>>>();
+    let svc = tower::ServiceBuilder::new().layer(layer).service(client);
+    let url = format!("http://{}/", support::unused_loopback_addr());
+    let err = within("the request", svc.oneshot(support::get(url)))
+        .await
+        .unwrap_err();
+    assert!(err.is::<RefreshFailed>(), "{err}");
+    let mut released = false;
+    for _ in 0..100 {
+        if redis.get("cancelled:lease").is_none() {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        released,
+        "the lease was given back, not kept for its 600 s TTL"
+    );
+    assert!(
+        store
+            .try_lease(Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

@@ -11,9 +11,12 @@ use super::{CasOutcome, Lease, Record, StoreError, TokenStore, fence};
 /// A [`TokenStore`] in one file, shared by the processes of one host; it survives restarts.
 ///
 /// - The record is JSON in the file at `path`, created with mode 0600 (owner only) on Unix. A
-///   write goes to a temporary file in the same directory, is flushed to disk (`fsync`), and
-///   replaces the record with an atomic rename (then the directory is flushed too), so a
-///   reader sees the old record or the new one, never half of one, even after a crash.
+///   write goes to a temporary file in the same directory (`.<name>.tmp`, mode 0600), is
+///   flushed to disk (`fsync`), and replaces the record with an atomic rename (then the
+///   directory is flushed too), so a reader sees the old record or the new one, never half of
+///   one, even after a crash. Only the lease holder writes, so one temporary name per record
+///   is enough; one left behind by a crash (it holds tokens) is removed by the next process
+///   that takes the lease.
 /// - The lease is an OS advisory lock (`flock` on Unix, `LockFileEx` on Windows, through the
 ///   `fs4` crate) on `<path>.lock`. The OS releases it as soon as its holder exits or is
 ///   killed, so a dead holder never blocks the others; the TTL bounds the refresh the holder
@@ -43,6 +46,8 @@ pub struct FileStore {
 struct Paths {
     record: PathBuf,
     lock: PathBuf,
+    /// Where a write goes before its rename; written only under the lock.
+    tmp: PathBuf,
 }
 
 const POLL_FIRST: Duration = Duration::from_millis(10);
@@ -54,10 +59,19 @@ impl FileStore {
         let record: PathBuf = path.into();
         let mut lock = record.clone().into_os_string();
         lock.push(".lock");
+        let dir = match record.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let name = record
+            .file_name()
+            .map_or_else(|| "token".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = dir.join(format!(".{name}.tmp"));
         Self {
             paths: Arc::new(Paths {
                 record,
                 lock: PathBuf::from(lock),
+                tmp,
             }),
         }
     }
@@ -120,24 +134,35 @@ fn try_lock(file: &File, path: &Path) -> Result<bool, StoreError> {
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8], tag: &str) -> Result<(), StoreError> {
+/// Removes a temporary file left behind by a writer that crashed. Only under the lock.
+fn remove_leftover(tmp: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {
+            tracing::debug!(path = %tmp.display(), "token store: removed a temporary file left by a crash");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(unavailable("remove", tmp, e)),
+    }
+}
+
+/// Replaces the record at `path` through the temporary file `tmp`. Only under the lock.
+fn write_atomically(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .map_or_else(|| "token".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.{}.{tag}.tmp", std::process::id()));
     let result = (|| {
+        // A new file (mode 0600 from its creation), not whatever a crash left there.
+        remove_leftover(tmp)?;
         let mut file = open_private(OpenOptions::new().write(true).create_new(true))
-            .open(&tmp)
-            .map_err(|e| unavailable("create", &tmp, e))?;
+            .open(tmp)
+            .map_err(|e| unavailable("create", tmp, e))?;
         file.write_all(bytes)
             .and_then(|()| file.sync_all())
-            .map_err(|e| unavailable("write", &tmp, e))?;
+            .map_err(|e| unavailable("write", tmp, e))?;
         drop(file);
-        std::fs::rename(&tmp, path).map_err(|e| unavailable("replace", path, e))?;
+        std::fs::rename(tmp, path).map_err(|e| unavailable("replace", path, e))?;
         // Make the rename itself durable. Directories cannot be opened this way everywhere
         // (Windows), and failing here would not undo the rename: best effort.
         if let Ok(d) = File::open(dir) {
@@ -146,7 +171,7 @@ fn write_atomically(path: &Path, bytes: &[u8], tag: &str) -> Result<(), StoreErr
         Ok(())
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     result
 }
@@ -164,8 +189,10 @@ impl TokenStore for FileStore {
             if !try_lock(&file, &paths.lock)? {
                 return Ok(None);
             }
+            // Best effort: the write removes it too.
+            let _ = remove_leftover(&paths.tmp);
             let mut lease = Lease::new(fence(), ttl);
-            lease.file = Some(file);
+            lease.file = Some((file, paths.lock.clone()));
             Ok(Some(lease))
         })
         .await
@@ -177,13 +204,16 @@ impl TokenStore for FileStore {
         expected: u64,
         record: &Record,
     ) -> Result<CasOutcome, StoreError> {
-        if lease.file.is_none() {
-            // Not a lease of a file store: the OS lock is not held.
+        if lease
+            .file
+            .as_ref()
+            .is_none_or(|(_, lock)| *lock != self.paths.lock)
+        {
+            // Not a lease of this store: its OS lock is not held.
             return Ok(CasOutcome::LeaseLost);
         }
         let paths = self.paths.clone();
         let bytes = record.encode();
-        let tag = lease.fence()[..8].to_owned();
         blocking(move || {
             // The OS lock is held, so no other writer can run between this read and the rename.
             // A corrupt record is an error here too: it is never overwritten automatically.
@@ -191,7 +221,7 @@ impl TokenStore for FileStore {
             if current.as_ref().map_or(0, Record::version) != expected {
                 return Ok(CasOutcome::VersionChanged);
             }
-            write_atomically(&paths.record, &bytes, &tag)?;
+            write_atomically(&paths.record, &paths.tmp, &bytes)?;
             Ok(CasOutcome::Written)
         })
         .await

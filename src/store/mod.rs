@@ -267,7 +267,9 @@ impl fmt::Debug for Record {
 pub struct Lease {
     fence: String,
     ttl: Duration,
-    file: Option<std::fs::File>,
+    /// The file store's OS lock: the open lock file, and its path (a lease is good only for
+    /// the store whose lock it holds).
+    file: Option<(std::fs::File, std::path::PathBuf)>,
 }
 
 impl Lease {
@@ -359,6 +361,10 @@ pub trait TokenStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<CasOutcome, StoreError>> + Send;
 
     /// Gives the lease up (if it is still this one).
+    ///
+    /// [`StoreRefresher`] also calls it from a task it spawns when a refresh is dropped while
+    /// holding the lease (cancelled by the layer's `refresh_timeout`), so that the others need
+    /// not wait for the TTL.
     fn release(&self, lease: Lease) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Waits until the store may hold a version newer than `seen`, or the lease may have been
@@ -410,6 +416,20 @@ impl StoreError {
         }
     }
 
+    /// The store answered so slowly that too little of a lease was left for the token call.
+    pub(crate) fn too_slow(left: Duration, ttl: Duration) -> Self {
+        Self {
+            kind: StoreErrorKind::Unavailable,
+            message: format!(
+                "the store answered too slowly: {} ms of the {} ms lease left for the token call, \
+                 which was not made",
+                left.as_millis(),
+                ttl.as_millis()
+            ),
+            source: None,
+        }
+    }
+
     pub(crate) fn lease_timeout(waited: Duration) -> Self {
         Self {
             kind: StoreErrorKind::LeaseTimeout,
@@ -427,7 +447,8 @@ impl StoreError {
         self.kind == StoreErrorKind::Corrupt
     }
 
-    /// The store could not be reached or read (I/O error, Redis down).
+    /// The store could not be reached or read (I/O error, Redis down), or answered so slowly
+    /// that too little of the lease was left for the token call.
     pub fn is_unavailable(&self) -> bool {
         self.kind == StoreErrorKind::Unavailable
     }

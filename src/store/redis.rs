@@ -12,9 +12,14 @@ use tokio::sync::watch;
 use super::{CasOutcome, Lease, Record, StoreError, TokenStore, fence};
 
 /// The fenced compare-and-set: writes only if the lease still holds the caller's fencing
-/// value and the stored version is the expected one, then wakes the waiters.
+/// value and the stored version is the expected one, then wakes the waiters. Keys of another
+/// type than a string are checked first (a `GET` of one is an error): a lease key of another
+/// type is no lease, a record key of another type is a corrupt record.
 const CAS: &str = r"
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'string' then return 'lease' end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'lease' end
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'none' and t ~= 'string' then return 'corrupt' end
 local cur = redis.call('GET', KEYS[1])
 local v = 0
 if cur then
@@ -30,7 +35,7 @@ return 'ok'
 
 /// Releases the lease only if it still holds the caller's fencing value.
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', KEYS[2], 'released')
 end
@@ -238,7 +243,13 @@ impl TokenStore for RedisStore {
             .arg(record.version())
             .invoke_async(&mut self.conn())
             .await
-            .map_err(|e| unavailable("compare-and-set", e))?;
+            .map_err(|e| {
+                if e.code() == Some("WRONGTYPE") {
+                    StoreError::corrupt("a key of the store holds a value that is not a string")
+                } else {
+                    unavailable("compare-and-set", e)
+                }
+            })?;
         match answer.as_str() {
             "ok" => Ok(CasOutcome::Written),
             "version" => Ok(CasOutcome::VersionChanged),

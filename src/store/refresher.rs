@@ -47,6 +47,20 @@ use crate::token::Token;
 /// - **A corrupt record** ([`is_corrupt`](StoreError::is_corrupt)) fails every refresh, before
 ///   any token call, until it is removed.
 ///
+/// # Time limits
+///
+/// One refresh through the store waits for another process's lease for at most
+/// [`lease_wait`](Self::lease_wait), then calls your refresher under its own lease for at
+/// most what is left of [`lease_ttl`](Self::lease_ttl) (less a safety margin). The layer's
+/// [`refresh_timeout`](crate::RefreshOptions::refresh_timeout) (and the total bound of its
+/// [`Backoff`](crate::Backoff)) bounds the whole of it, so **set `refresh_timeout` above
+/// `lease_wait + lease_ttl`**: otherwise a process that got the lease late is cut off by the
+/// layer in the middle of its token call, and the token set it may have been given is lost.
+/// The defaults fit: 17 s of waiting plus at most 10.8 s under a 12 s lease is within the
+/// default 30 s `refresh_timeout`. A refresh cut off anyway gives its lease back at once
+/// (best effort: a release task is spawned on the current Tokio runtime, if there is one;
+/// without one, a Redis lease is kept until its TTL runs out).
+///
 /// # Example
 ///
 /// ```
@@ -149,15 +163,35 @@ impl<R, S: fmt::Debug> fmt::Debug for StoreRefresher<R, S> {
     }
 }
 
-/// The default lease TTL: longer than any sane token call (the OAuth 2.0 refresher's timeout
-/// is 10 s).
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// The default lease TTL, 12 s: the token call under it gets up to 10.8 s (the TTL less its
+/// 1/10 safety margin), more than the OAuth 2.0 refresher's 10 s timeout; and the default wait
+/// for another process's lease (17 s) plus one call under the lease fits in the layer's
+/// default 30 s [`refresh_timeout`](crate::RefreshOptions::refresh_timeout).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(12);
 
 /// A stored token with less than this left is not adopted.
 pub const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(5);
 
 /// The longest single wait for a change before the lease is tried again.
 const WAIT_SLICE: Duration = Duration::from_millis(250);
+
+/// The least safety margin kept between the end of the token call and the end of the lease.
+const MIN_LEASE_MARGIN: Duration = Duration::from_millis(5);
+
+/// How long before its lease runs out the token call is cut off: 1/10 of the TTL, at least
+/// [`MIN_LEASE_MARGIN`] (at most half the TTL). It leaves time for the compare-and-set, and
+/// covers the store's clock running a little faster than this process's.
+fn lease_margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(MIN_LEASE_MARGIN).min(ttl / 2)
+}
+
+/// The least time left for the token call that is worth starting it: 1/4 of the TTL. With
+/// less (the store answered very slowly), the lease is given back and the refresh fails
+/// transiently without a token call: a call cut off in flight may spend the refresh token
+/// for a result that is lost.
+fn min_call_time(ttl: Duration) -> Duration {
+    ttl / 4
+}
 
 impl<R, S> StoreRefresher<R, S> {
     /// Wraps `refresher` so that every process using `store` shares its token set.
@@ -184,9 +218,20 @@ impl<R, S> StoreRefresher<R, S> {
         Arc::get_mut(&mut self.inner).expect("configure a StoreRefresher before cloning it")
     }
 
-    /// How long a lease lasts at most (30 s by default). The refresh that runs under it is cut
-    /// off after this long (a transient failure), so a live holder never outlasts its lease;
-    /// a holder that dies loses it when the TTL runs out (Redis) or at once (file store).
+    /// How long a lease lasts at most ([`DEFAULT_LEASE_TTL`], 12 s, by default); set it above
+    /// the longest token call your refresher makes.
+    ///
+    /// Its time counts from just before the lease is asked for (the store starts it when it
+    /// grants the lease). Your refresher gets what is left of it after the lease and the
+    /// re-read came back, less a safety margin of 1/10 of the TTL (at least 5 ms), and is cut
+    /// off then (a transient failure): a live holder's call has ended before its lease runs
+    /// out and another process may take it and present the same refresh token. If less than
+    /// 1/4 of the TTL is left for the call (a very slow store), the lease is given back and the
+    /// refresh fails transiently without calling your refresher. A holder that dies loses its
+    /// lease when the TTL runs out (Redis) or at once (file store).
+    ///
+    /// The layer's [`refresh_timeout`](crate::RefreshOptions::refresh_timeout) should exceed
+    /// [`lease_wait`](Self::lease_wait) plus this TTL (see [Time limits](Self#time-limits)).
     ///
     /// # Panics
     ///
@@ -198,7 +243,13 @@ impl<R, S> StoreRefresher<R, S> {
     }
 
     /// How long to wait for another process's lease before failing with a transient error
-    /// (the lease TTL plus 5 s by default).
+    /// (the lease TTL plus 5 s by default: 17 s with the default TTL, enough for a dead Redis
+    /// holder's lease to run out).
+    ///
+    /// The layer's [`refresh_timeout`](crate::RefreshOptions::refresh_timeout) should exceed
+    /// this wait plus [`lease_ttl`](Self::lease_ttl): a process that takes the lease at the
+    /// end of its wait still has its whole token call to make (see
+    /// [Time limits](Self#time-limits)).
     ///
     /// # Panics
     ///
@@ -311,13 +362,16 @@ where
         // Take the lease, or adopt what its holder stores.
         let started = Instant::now();
         let wait = self.wait_budget();
-        let lease = loop {
+        let (lease, asked) = loop {
+            // The lease's time counts from here: the store starts it when it grants the
+            // lease, before its answer gets back.
+            let asked = Instant::now();
             if let Some(lease) = store
                 .try_lease(self.inner.lease_ttl)
                 .await
                 .map_err(store_failure)?
             {
-                break lease;
+                break (lease, asked);
             }
             let waited = started.elapsed();
             if waited >= wait {
@@ -342,17 +396,21 @@ where
             seen = seen.max(record.as_ref().map_or(0, Record::version));
         };
         tracing::debug!(fence = lease.fence(), "token store: lease taken");
-        let result = self.under_lease(&lease, ctx, first_seen).await;
-        if let Err(err) = store.release(lease).await {
-            // The lease runs out by itself.
-            tracing::debug!(error = %err, "token store: releasing the lease failed");
-        }
+        // Given back even if this future is dropped while it holds the lease.
+        let held = Held {
+            inner: self.inner.clone(),
+            lease: Some(lease),
+        };
+        let result = self.under_lease(held.lease(), asked, ctx, first_seen).await;
+        held.release().await;
         result
     }
 
+    /// The protocol under the lease, asked for at `asked`.
     async fn under_lease(
         &self,
         lease: &Lease,
+        asked: Instant,
         ctx: RefreshContext,
         first_seen: u64,
     ) -> Result<Token, RefreshError> {
@@ -365,10 +423,11 @@ where
         }
         let base = record.as_ref().map_or(0, Record::version);
         // Checked before the token call: a result that cannot be stored must not spend the
-        // refresh token.
-        let Some(next) = base.checked_add(1) else {
+        // refresh token. `u64::MAX` could be written but never read back (`Record::decode`
+        // refuses it), so it is no successor either.
+        let Some(next) = base.checked_add(1).filter(|v| *v != u64::MAX) else {
             return Err(store_failure(StoreError::corrupt(
-                "the stored record has the last possible version (u64::MAX)",
+                "the stored record's version has no usable successor (u64::MAX is never stored)",
             )));
         };
 
@@ -397,15 +456,31 @@ where
         let previous_refresh = from
             .as_ref()
             .and_then(|t| t.refresh_token().map(str::to_owned));
+        // The call ends a safety margin before the lease does, counted from when the lease
+        // was asked for: once the lease runs out another process may present the same
+        // refresh token.
+        let ttl = self.inner.lease_ttl;
+        let call_ends = asked
+            .checked_add(ttl - lease_margin(ttl))
+            .unwrap_or_else(far_future);
+        let left = call_ends.saturating_duration_since(Instant::now());
+        if left < min_call_time(ttl) {
+            tracing::warn!(
+                left_ms = left.as_millis() as u64,
+                lease_ttl_ms = ttl.as_millis() as u64,
+                "token store: too little of the lease left for the token call; not calling"
+            );
+            return Err(store_failure(StoreError::too_slow(left, ttl)));
+        }
         let reason = ctx.reason().clone();
         let call = self
             .inner
             .refresher
             .refresh(RefreshContext::new(from.clone(), reason));
-        let outcome = match tokio::time::timeout(self.inner.lease_ttl, call).await {
+        let outcome = match tokio::time::timeout_at(call_ends, call).await {
             Ok(outcome) => outcome,
             Err(_) => Err(RefreshError::transient(
-                "the refresher ran longer than the store's lease TTL",
+                "the refresher ran longer than what was left of the store's lease",
             )),
         };
         let token = match outcome {
@@ -481,6 +556,59 @@ where
                 unstored(token)
             }
         }
+    }
+}
+
+/// The lease while the protocol holds it. [`release`](Self::release) gives it back; if the
+/// protocol's future is dropped first (the layer's `refresh_timeout` ran out, the request was
+/// cancelled), dropping this spawns the release on the current Tokio runtime, if there is
+/// one (best effort); without one the lease is only dropped (the file store's OS lock goes
+/// with it, a Redis lease runs out after its TTL).
+struct Held<R: TokenRefresher, S: TokenStore> {
+    inner: Arc<Inner<R, S>>,
+    lease: Option<Lease>,
+}
+
+impl<R: TokenRefresher, S: TokenStore> Held<R, S> {
+    fn lease(&self) -> &Lease {
+        self.lease.as_ref().expect("held until released")
+    }
+
+    async fn release(mut self) {
+        if let Some(lease) = self.lease.take() {
+            release(&self.inner.store, lease).await;
+        }
+    }
+}
+
+impl<R: TokenRefresher, S: TokenStore> Drop for Held<R, S> {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                tracing::debug!(
+                    fence = lease.fence(),
+                    "token store: refresh dropped while holding the lease; releasing it"
+                );
+                let inner = self.inner.clone();
+                drop(runtime.spawn(async move { release(&inner.store, lease).await }));
+            }
+            Err(_) => drop(lease),
+        }
+    }
+}
+
+/// A deadline that never comes (a lease TTL too large to add to an instant).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+}
+
+async fn release<S: TokenStore>(store: &S, lease: Lease) {
+    if let Err(err) = store.release(lease).await {
+        // The lease runs out by itself.
+        tracing::debug!(error = %err, "token store: releasing the lease failed");
     }
 }
 
@@ -597,31 +725,36 @@ mod tests {
     }
 
     /// A store of its own may hold a record at `u64::MAX` (the built-in ones refuse to read
-    /// one): refused before the refresher is called, never a panic or a wrapped version.
+    /// one): refused before the refresher is called, never a panic or a wrapped version. At
+    /// `u64::MAX - 1` too: its successor `u64::MAX` could be written but never read again, so
+    /// the refresh token would be spent for a record every process then refuses.
     #[tokio::test]
     async fn a_record_at_the_last_version_is_refused_before_the_refresher_runs() {
-        let store = MemoryStore::new();
-        let lease = store
-            .try_lease(Duration::from_secs(5))
-            .await
-            .unwrap()
-            .unwrap();
-        let expiring = Token::bearer("a0")
-            .unwrap()
-            .with_expires_in(Duration::from_secs(1))
-            .with_refresh_token("r0");
-        let last = Record::from_token(u64::MAX, &expiring, SystemTime::now());
-        let written = store.compare_and_set(&lease, 0, &last).await.unwrap();
-        assert_eq!(written, CasOutcome::Written);
-        store.release(lease).await.unwrap();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let shared = StoreRefresher::new(counting(calls.clone(), Duration::ZERO), store.clone());
-        let err = shared.refresh(stale()).await.unwrap_err();
-        assert!(err.is_transient());
-        let cause = std::error::Error::source(&err).unwrap();
-        assert!(cause.downcast_ref::<StoreError>().unwrap().is_corrupt());
-        assert_eq!(calls.load(Ordering::SeqCst), 0);
-        assert_eq!(store.load().await.unwrap(), Some(last));
+        for version in [u64::MAX, u64::MAX - 1] {
+            let store = MemoryStore::new();
+            let lease = store
+                .try_lease(Duration::from_secs(5))
+                .await
+                .unwrap()
+                .unwrap();
+            let expiring = Token::bearer("a0")
+                .unwrap()
+                .with_expires_in(Duration::from_secs(1))
+                .with_refresh_token("r0");
+            let last = Record::from_token(version, &expiring, SystemTime::now());
+            let written = store.compare_and_set(&lease, 0, &last).await.unwrap();
+            assert_eq!(written, CasOutcome::Written);
+            store.release(lease).await.unwrap();
+            let calls = Arc::new(AtomicUsize::new(0));
+            let shared =
+                StoreRefresher::new(counting(calls.clone(), Duration::ZERO), store.clone());
+            let err = shared.refresh(stale()).await.unwrap_err();
+            assert!(err.is_transient());
+            let cause = std::error::Error::source(&err).unwrap();
+            assert!(cause.downcast_ref::<StoreError>().unwrap().is_corrupt());
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "version {version}");
+            assert_eq!(store.load().await.unwrap(), Some(last));
+        }
     }
 
     #[tokio::test]
@@ -645,5 +778,196 @@ mod tests {
                 .is_lease_timeout()
         );
         assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    /// Every refresh token presented to the "token endpoint", and any presented again while an
+    /// earlier presentation of it was still running.
+    #[derive(Default)]
+    struct Presentations {
+        running: Mutex<std::collections::HashMap<String, usize>>,
+        overlaps: Mutex<Vec<String>>,
+        calls: AtomicUsize,
+    }
+
+    /// One running presentation; dropping it (the call finished or was cut off) ends it.
+    struct Running(Arc<Presentations>, String);
+
+    impl Presentations {
+        fn start(self: &Arc<Self>, refresh_token: &str) -> Running {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut running = self.running.lock().unwrap();
+            let n = running.entry(refresh_token.to_owned()).or_default();
+            if *n > 0 {
+                self.overlaps.lock().unwrap().push(refresh_token.to_owned());
+            }
+            *n += 1;
+            Running(self.clone(), refresh_token.to_owned())
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            *self.0.running.lock().unwrap().get_mut(&self.1).unwrap() -= 1;
+        }
+    }
+
+    /// A refresher whose token call takes `takes`, recording what it presents.
+    fn presenting(log: Arc<Presentations>, takes: Duration) -> impl TokenRefresher {
+        context_fn(move |ctx: RefreshContext| {
+            let log = log.clone();
+            async move {
+                let presented = ctx.stale().and_then(Token::refresh_token).unwrap();
+                let _running = log.start(presented);
+                tokio::time::sleep(takes).await;
+                let n = log.calls.load(Ordering::SeqCst);
+                Ok(Token::bearer(format!("a{n}"))?
+                    .with_expires_in(Duration::from_secs(600))
+                    .with_refresh_token(format!("r{n}")))
+            }
+        })
+    }
+
+    /// A memory store whose lease answers arrive `delay` late: the lease is granted (its TTL
+    /// counts from then, as Redis counts `PX` from the `SET`) and the answer takes a while, as
+    /// over a slow network. Notifies `granted` when it grants one.
+    struct SlowLease {
+        inner: MemoryStore,
+        delay: Duration,
+        granted: Arc<tokio::sync::Notify>,
+    }
+
+    impl TokenStore for SlowLease {
+        async fn load(&self) -> Result<Option<Record>, StoreError> {
+            self.inner.load().await
+        }
+
+        async fn try_lease(&self, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+            let lease = self.inner.try_lease(ttl).await?;
+            if lease.is_some() {
+                self.granted.notify_one();
+                tokio::time::sleep(self.delay).await;
+            }
+            Ok(lease)
+        }
+
+        async fn compare_and_set(
+            &self,
+            lease: &Lease,
+            expected: u64,
+            record: &Record,
+        ) -> Result<CasOutcome, StoreError> {
+            self.inner.compare_and_set(lease, expected, record).await
+        }
+
+        async fn release(&self, lease: Lease) -> Result<(), StoreError> {
+            self.inner.release(lease).await
+        }
+
+        async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
+            self.inner.wait_change(seen, max).await
+        }
+    }
+
+    /// Two processes on one store with a 10 s lease: A's lease answer arrives `delay` after
+    /// the grant; B asks while A holds it. Both present the stored refresh token `r0`, each
+    /// call taking `takes`.
+    async fn slow_holder_and_a_waiter(
+        delay: Duration,
+        takes: Duration,
+    ) -> (
+        Arc<Presentations>,
+        Result<Token, RefreshError>,
+        Result<Token, RefreshError>,
+    ) {
+        let ttl = Duration::from_secs(10);
+        let store = MemoryStore::new();
+        let lease = store.try_lease(ttl).await.unwrap().unwrap();
+        let expired = Token::bearer("a0")
+            .unwrap()
+            .with_expires_at(SystemTime::now() - Duration::from_secs(1))
+            .with_refresh_token("r0");
+        let first = Record::from_token(1, &expired, SystemTime::now());
+        let written = store.compare_and_set(&lease, 0, &first).await.unwrap();
+        assert_eq!(written, CasOutcome::Written);
+        store.release(lease).await.unwrap();
+
+        let log = Arc::new(Presentations::default());
+        let granted = Arc::new(tokio::sync::Notify::new());
+        let slow = SlowLease {
+            inner: store.clone(),
+            delay,
+            granted: granted.clone(),
+        };
+        let a = StoreRefresher::new(presenting(log.clone(), takes), slow).lease_ttl(ttl);
+        let b = StoreRefresher::new(presenting(log.clone(), takes), store.clone()).lease_ttl(ttl);
+        let a = tokio::spawn(a.refresh(stale()));
+        granted.notified().await;
+        let b = tokio::spawn(b.refresh(stale()));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        (log, a, b)
+    }
+
+    /// The lease's TTL runs from the grant, before its answer and the re-read: a holder whose
+    /// answer came late has too little lease left for a token call, and makes none.
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_whose_lease_is_nearly_gone_never_calls() {
+        let (log, a, b) =
+            slow_holder_and_a_waiter(Duration::from_secs(8), Duration::from_secs(5)).await;
+        assert_eq!(*log.overlaps.lock().unwrap(), Vec::<String>::new());
+        assert_eq!(log.calls.load(Ordering::SeqCst), 1, "only B calls");
+        let err = a.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert_eq!(b.unwrap().refresh_token(), Some("r1"));
+    }
+
+    /// A holder's call is cut off before its lease runs out, measured from the lease request:
+    /// the next holder never presents the same refresh token while that call is running.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_under_the_lease_ends_before_the_lease() {
+        let (log, a, b) =
+            slow_holder_and_a_waiter(Duration::from_secs(5), Duration::from_secs(6)).await;
+        assert_eq!(*log.overlaps.lock().unwrap(), Vec::<String>::new());
+        assert!(a.unwrap_err().is_transient());
+        assert!(b.is_ok());
+        assert_eq!(log.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// A refresh dropped while it holds the lease (the layer's `refresh_timeout` ran out, the
+    /// request was cancelled) gives the lease back at once instead of blocking every other
+    /// process until the TTL runs out.
+    #[tokio::test]
+    async fn a_dropped_refresh_releases_its_lease() {
+        let store = MemoryStore::new();
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let hanging = {
+            let reached = reached.clone();
+            context_fn(move |_ctx: RefreshContext| {
+                reached.notify_one();
+                std::future::pending::<Result<Token, RefreshError>>()
+            })
+        };
+        let shared =
+            StoreRefresher::new(hanging, store.clone()).lease_ttl(Duration::from_secs(600));
+        let task = tokio::spawn(shared.refresh(stale()));
+        reached.notified().await;
+        assert!(
+            store
+                .try_lease(Duration::from_secs(1))
+                .await
+                .unwrap()
+                .is_none(),
+            "the refresh holds the lease"
+        );
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        let mut taken = None;
+        for _ in 0..100 {
+            taken = store.try_lease(Duration::from_secs(1)).await.unwrap();
+            if taken.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(taken.is_some(), "released at once, not after its 600 s TTL");
     }
 }
