@@ -212,9 +212,19 @@ impl TokenStore for FileStore {
             // Not a lease of this store: its OS lock is not held.
             return Ok(CasOutcome::LeaseLost);
         }
+        // A second handle on the locked file goes into the write: the OS lock belongs to the
+        // open file, so it is held until the write is done even if this future is dropped
+        // meanwhile (a timeout) and the lease with it. Else the next holder could take the
+        // lease and share the temporary file with a write still running.
+        let held = match lease.file.as_ref().map(|(file, _)| file.try_clone()) {
+            Some(Ok(file)) => file,
+            Some(Err(e)) => return Err(unavailable("lock", &self.paths.lock, e)),
+            None => return Ok(CasOutcome::LeaseLost),
+        };
         let paths = self.paths.clone();
         let bytes = record.encode();
         blocking(move || {
+            let _held = held;
             // The OS lock is held, so no other writer can run between this read and the rename.
             // A corrupt record is an error here too: it is never overwritten automatically.
             let current = read_record(&paths.record)?;
@@ -262,5 +272,32 @@ impl TokenStore for FileStore {
             }
             step = (step * 2).min(POLL_MAX);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `compare_and_set` relies on to keep the lock through a write whose future was
+    /// dropped: a second handle on the locked file holds the OS lock after the lease (and its
+    /// handle) is gone, and only until that handle is closed too.
+    #[tokio::test]
+    async fn a_second_handle_keeps_the_lock_after_the_lease_is_dropped() {
+        let dir =
+            std::env::temp_dir().join(format!("tar-file-lock-{}-{}", std::process::id(), fence()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (FileStore::new(dir.join("t")), FileStore::new(dir.join("t")));
+        let ttl = Duration::from_secs(5);
+        let lease = a.try_lease(ttl).await.unwrap().expect("the first lease");
+        let held = lease.file.as_ref().unwrap().0.try_clone().unwrap();
+        drop(lease);
+        assert!(
+            b.try_lease(ttl).await.unwrap().is_none(),
+            "the second handle still holds the lock"
+        );
+        drop(held);
+        assert!(b.try_lease(ttl).await.unwrap().is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -59,7 +59,12 @@ use crate::token::Token;
 /// The defaults fit: 17 s of waiting plus at most 10.8 s under a 12 s lease is within the
 /// default 30 s `refresh_timeout`. A refresh cut off anyway gives its lease back at once
 /// (best effort: a release task is spawned on the current Tokio runtime, if there is one;
-/// without one, a Redis lease is kept until its TTL runs out).
+/// without one, a Redis lease is kept until its TTL runs out). A token call cut off that way
+/// may still be processed by the token endpoint, and the next holder may present the same
+/// refresh token right after: with a server that rotates refresh tokens and detects reuse
+/// without a grace period, that can end the session, so keep the limits above consistent.
+/// The file store holds its OS lock until a write already started has finished, even if the
+/// refresh is dropped meanwhile.
 ///
 /// # Example
 ///
