@@ -38,6 +38,29 @@ type TokenClient = Client<HttpConnector, Full<Bytes>>;
 type ApiClient = Refresh<Client<HttpConnector, ReplayBody<Full<Bytes>>>>;
 type Persisted = Arc<Mutex<Vec<String>>>;
 
+/// A rotation hook that fails its first `failures` calls ("disk full"), then persists into
+/// `persisted`; `calls` counts every call.
+fn flaky_hook(
+    failures: usize,
+    persisted: &Persisted,
+    calls: &Arc<AtomicUsize>,
+) -> impl Fn(RefreshToken) -> Pin<Box<dyn Future<Output = Result<(), std::io::Error>> + Send>>
++ Send
++ Sync
++ 'static {
+    let (p, c) = (persisted.clone(), calls.clone());
+    move |new: RefreshToken| {
+        let (p, c) = (p.clone(), c.clone());
+        Box::pin(async move {
+            if c.fetch_add(1, Ordering::SeqCst) < failures {
+                return Err(std::io::Error::other("disk full"));
+            }
+            p.lock().unwrap().push(new.secret().to_owned());
+            Ok(())
+        })
+    }
+}
+
 fn token_client() -> TokenClient {
     http_client()
 }
@@ -642,18 +665,8 @@ async fn rotation_is_persisted_before_the_token_is_returned_and_a_failed_hook_ke
         let (_, rt0) = s.token.login();
         let persisted = Persisted::default();
         let calls = Arc::new(AtomicUsize::new(0));
-        let (p, c) = (persisted.clone(), calls.clone());
         let refresher = app(&s, &rt0)
-            .on_rotation(move |new: RefreshToken| {
-                let (p, c) = (p.clone(), c.clone());
-                async move {
-                    if c.fetch_add(1, Ordering::SeqCst) == 0 {
-                        return Err(std::io::Error::other("disk full"));
-                    }
-                    p.lock().unwrap().push(new.secret().to_owned());
-                    Ok(())
-                }
-            })
+            .on_rotation(flaky_hook(1, &persisted, &calls))
             .build()
             .unwrap();
 
@@ -692,18 +705,8 @@ async fn a_token_the_hook_failed_to_persist_is_persisted_by_a_later_refresh_with
         let (_, rt0) = s.token.login();
         let persisted = Persisted::default();
         let calls = Arc::new(AtomicUsize::new(0));
-        let (p, c) = (persisted.clone(), calls.clone());
         let refresher = app(&s, &rt0)
-            .on_rotation(move |new: RefreshToken| {
-                let (p, c) = (p.clone(), c.clone());
-                async move {
-                    if c.fetch_add(1, Ordering::SeqCst) < 2 {
-                        return Err(std::io::Error::other("disk full"));
-                    }
-                    p.lock().unwrap().push(new.secret().to_owned());
-                    Ok(())
-                }
-            })
+            .on_rotation(flaky_hook(2, &persisted, &calls))
             .build()
             .unwrap();
 
