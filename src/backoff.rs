@@ -211,8 +211,11 @@ impl Cooldown {
     }
 
     /// The pause before the next background refresh after `failures` failed ones: short
-    /// (the token is still valid), never past the hard deadline. `retry_after` (from the
-    /// token endpoint) is a floor; the pause never exceeds [`MAX_PAUSE`].
+    /// (the token is still valid), 1 s doubling up to 60 s. `retry_after` (from the token
+    /// endpoint) is a floor; the pause never exceeds [`MAX_PAUSE`]. It is not bounded by the
+    /// token's deadline: during it requests keep the still-valid token, even inside the
+    /// leeway; once it ends inside the leeway a foreground refresh takes over, and if it runs
+    /// past the deadline the first request after the deadline starts one.
     pub(crate) fn background(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
         Duration::from_secs(1)
             .saturating_mul(1u32 << failures.saturating_sub(1).min(20))

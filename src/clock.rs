@@ -7,7 +7,8 @@ use tokio::time::Instant;
 
 /// A monotonic clock. The default, [`TokioClock`], follows Tokio's clock, so tests that pause
 /// time (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) move token expiry
-/// without sleeping, and a jump of the wall clock cannot expire or revive a token.
+/// without sleeping. A backward jump of the wall clock cannot revive a token; a forward jump
+/// larger than a token's time left expires it early (see [`wall`](Clock::wall)).
 ///
 /// # Example
 ///
@@ -34,8 +35,15 @@ pub trait Clock: fmt::Debug + Send + Sync + 'static {
 
     /// The current wall-clock time. The layer checks token deadlines against it too, so a
     /// machine that slept through a token's expiry (the monotonic clock stops during suspend
-    /// on Linux and macOS) does not send it. Requests read it at most once per 50 ms of
-    /// [`now`](Self::now). Defaults to [`SystemTime::now`].
+    /// on Linux and macOS) does not send it; a forward step of the wall clock larger than a
+    /// token's time left expires it the same way (one refresh more than needed). Requests read
+    /// it at most once per 50 ms of [`now`](Self::now). Defaults to [`SystemTime::now`].
+    ///
+    /// Only the hard deadline is checked on the wall clock: the expiry leeway and the
+    /// refresh-ahead window are measured on [`now`](Self::now) alone. After a suspend that
+    /// ended shortly before a token's expiry, the token is still sent (no refresh first, none
+    /// in the background) until its deadline passes on the wall clock; then requests wait for
+    /// a refresh.
     fn wall(&self) -> SystemTime {
         SystemTime::now()
     }

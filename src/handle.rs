@@ -132,11 +132,18 @@ impl TokenHandle {
     /// call. The refresher is never called twice at once: the second call starts only when
     /// the first one has returned, and it is handed the token the first one returned (if it
     /// succeeded; with refresh-token rotation, that one holds the valid refresh token),
-    /// otherwise the dropped token. A request after the invalidation may so wait for up to two
+    /// otherwise the dropped token; but if [`set_token`](Self::set_token) installed a token
+    /// after the first call started, the second call is handed the dropped (installed) token,
+    /// not the first call's result. A request after the invalidation may so wait for up to two
     /// refresher calls. (A request driven by another runtime than the refresh task's keeps its
     /// own bound, the refresh timeout or the backoff's total plus 5 s, across both calls: if
     /// the two together outlast it, that request fails with
     /// [`RefreshFailed`](crate::error::RefreshFailed) and the refresh goes on.)
+    ///
+    /// An ended session stays ended: after a terminal refresh failure or [`clear`](Self::clear),
+    /// `invalidate` changes nothing (no event; the current generation is returned), and
+    /// requests keep failing fast without calling the refresher until
+    /// [`set_token`](Self::set_token) or [`refresh`](Self::refresh).
     pub fn invalidate(&self) -> u64 {
         self.cell().invalidate()
     }

@@ -114,8 +114,10 @@ impl Token {
     /// Sets how long the token lives, counted from when the layer receives it
     /// (RFC 6749's `expires_in`).
     ///
-    /// The layer measures the lifetime on its own monotonic clock, so a jump of the wall clock
-    /// cannot expire or revive a token.
+    /// The layer measures the lifetime on its own monotonic clock, so a backward jump of the
+    /// wall clock cannot revive a token. It also checks the deadline on the wall clock, to
+    /// catch a machine that slept through it: a forward jump larger than the time left
+    /// expires the token early (one refresh more than needed).
     ///
     /// `Duration::ZERO` means "already expired": the layer refreshes before sending it (a
     /// token endpoint's `expires_in: 0` is read as "lifetime unknown" by the OAuth 2.0

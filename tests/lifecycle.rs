@@ -815,3 +815,75 @@ fn a_waiter_that_gives_up_abandons_only_the_refresh_it_joined() {
     assert_eq!(handle.token().unwrap().secret(), "t2");
     assert_eq!(issuer.calls(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_joined_a_failed_background_refresh_keeps_the_valid_token() {
+    let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(100)), 1);
+    let seen = Seen::default();
+    let layer = RefreshLayer::new(issuer.clone())
+        .leeway(Duration::from_secs(5))
+        .refresh_ahead(Duration::from_secs(20));
+    let handle = layer.token_handle();
+    let mut events = handle.subscribe();
+    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+    svc.clone().oneshot(get("/")).await.unwrap();
+    // Inside the window: a background refresh starts and is held at the gate.
+    tokio::time::advance(Duration::from_secs(85)).await;
+    svc.clone().oneshot(get("/")).await.unwrap();
+    support::yield_until(
+        "the background refresh started",
+        support::YIELD_BOUND,
+        || issuer.calls() == 2,
+    )
+    .await;
+    // Inside the leeway (t1 valid for 4 s more): a request waits for that refresh.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    *issuer.fail.lock().unwrap() = Some(false);
+    let mut request = Box::pin(svc.clone().oneshot(get("/")));
+    assert!(poll_once(&mut request).await.is_pending());
+    // The background refresh fails: the request goes out with the still-valid token.
+    gate.add_permits(1);
+    let res = request
+        .await
+        .expect("a failed background refresh fails no request while the token is valid");
+    assert_eq!(res.status(), StatusCode::OK);
+    // So does a later request, and no refresh starts for either of them.
+    let res = svc.clone().oneshot(get("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(issuer.calls(), 2);
+    assert!(seen.all().iter().all(|a| a == "Bearer t1"));
+    let mut failed = 0;
+    while let Some(event) = events.try_recv() {
+        failed += usize::from(matches!(event, Ok(RefreshEvent::RefreshFailed { .. })));
+    }
+    assert_eq!(failed, 1);
+}
+
+#[tokio::test]
+async fn invalidate_leaves_an_ended_session_ended() {
+    use tower_auth_refresh::error::RefreshRejected;
+    let issuer = Issuer::new(None);
+    *issuer.fail.lock().unwrap() = Some(true);
+    let seen = Seen::default();
+    let layer = RefreshLayer::new(issuer.clone());
+    let handle = layer.token_handle();
+    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+    // A terminal failure ends the session.
+    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+    assert!(err.is::<RefreshRejected>());
+    assert_eq!(issuer.calls(), 1);
+    // Invalidating does not revive it: the revoked credentials are not tried again.
+    handle.invalidate();
+    assert!(handle.state().session_ended());
+    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+    assert!(err.is::<SessionEnded>());
+    assert_eq!(issuer.calls(), 1);
+    // Nor after a logout.
+    handle.set_token(Token::bearer("login").unwrap());
+    handle.clear();
+    handle.invalidate();
+    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+    assert!(err.is::<SessionEnded>());
+    assert_eq!(issuer.calls(), 1);
+    assert_eq!(seen.count(), 0);
+}

@@ -755,38 +755,178 @@ async fn a_refresh_token_set_during_a_refresh_is_carried_by_its_token_set() {
         // The server rotates rt0 and holds its answer until the test lets it go.
         s.token.hold_next(1);
         let pending = tokio::spawn({
-            let refresher = refresher.clone();
+            let (refresher, rt0) = (refresher.clone(), rt0.clone());
             async move { refresher.refresh(stale_ctx(&rt0)).await }
         });
         s.token.held(1).await;
         refresher.set_refresh_token(RefreshToken::new(after_login.as_str()));
         s.token.release();
-        let token = pending.await.unwrap().unwrap();
-        let rotated = s.token.rotated();
-        assert_eq!(rotated.len(), 1);
-        assert_eq!(
-            token.refresh_token(),
-            Some(after_login.as_str()),
-            "the token set carries the refresh token set meanwhile, not the rotated one"
-        );
+        // The held answer belongs to the old session: neither its rotation nor its access
+        // token is used; a transient error makes the layer retry.
+        let err = pending
+            .await
+            .unwrap()
+            .expect_err("an answer for the old session is not handed out");
+        assert!(err.is_transient());
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Superseded);
+        assert_eq!(s.token.rotated().len(), 1);
         assert_eq!(refresher.refresh_token().unwrap().secret(), after_login);
         assert!(
             persisted.lock().unwrap().is_empty(),
             "the rotated token was discarded"
         );
 
-        // The next refresh replaces that token set: it presents the new login's token.
+        // The layer's retry (same context) presents the new login's refresh token.
+        let token = refresher.refresh(stale_ctx(&rt0)).await.unwrap();
+        assert_eq!(s.token.requests(), 2);
+        assert_eq!(
+            s.token.seen()[1].field("refresh_token"),
+            Some(after_login.as_str())
+        );
+        assert!(
+            s.token.issued_in_session_of(token.secret(), &after_login),
+            "the access token belongs to the new session"
+        );
+        let current = s.token.current_of(&after_login).unwrap();
+        assert_ne!(current, after_login);
+        assert_eq!(token.refresh_token(), Some(current.as_str()));
+        assert_eq!(refresher.refresh_token().unwrap().secret(), current);
+        assert_eq!(
+            persisted.lock().unwrap().as_slice(),
+            std::slice::from_ref(&current)
+        );
+
+        // The next refresh replaces that token set: it presents its refresh token.
         let next = tower_auth_refresh::RefreshContext::new(
             Some(token),
             tower_auth_refresh::RefreshReason::Expired,
         );
         let renewed = refresher.refresh(next).await.unwrap();
         assert_eq!(
+            s.token.seen()[2].field("refresh_token"),
+            Some(current.as_str())
+        );
+        assert!(s.token.issued_in_session_of(renewed.secret(), &after_login));
+        assert_eq!(s.token.requests(), 3);
+        assert_eq!(s.token.reuse_detected(), 0);
+    })
+    .await;
+}
+
+/// An error answer for the session a new refresh token replaced while the request was in
+/// flight (an `invalid_grant` for the old refresh token) does not end the new session: it is
+/// a transient `Superseded`, and the retry presents the new refresh token.
+#[tokio::test]
+async fn an_error_answer_for_a_replaced_refresh_token_does_not_end_the_new_session() {
+    guard(async {
+        let (s, rt0, _persisted, refresher) = logged_in(TokenConfig::default()).await;
+        let (_, after_login) = s.token.login();
+        s.token.script(Scripted::new(
+            StatusCode::BAD_REQUEST,
+            Some("application/json"),
+            r#"{"error":"invalid_grant"}"#,
+        ));
+        s.token.hold_next(1);
+        let pending = tokio::spawn({
+            let (refresher, rt0) = (refresher.clone(), rt0.clone());
+            async move { refresher.refresh(stale_ctx(&rt0)).await }
+        });
+        s.token.held(1).await;
+        refresher.set_refresh_token(RefreshToken::new(after_login.as_str()));
+        s.token.release();
+        let err = pending
+            .await
+            .unwrap()
+            .expect_err("the old session's refusal is not the new session's");
+        assert!(err.is_transient(), "{err:?}");
+        assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Superseded);
+
+        let token = refresher.refresh(stale_ctx(&rt0)).await.unwrap();
+        assert_eq!(
             s.token.seen()[1].field("refresh_token"),
             Some(after_login.as_str())
         );
-        assert!(s.token.access_valid(renewed.secret()));
-        assert_eq!(s.token.reuse_detected(), 0);
+        assert!(s.token.issued_in_session_of(token.secret(), &after_login));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_2xx_answer_with_an_error_and_no_access_token_is_classified_like_an_error_answer() {
+    guard(async {
+        let (s, rt0, persisted, refresher) = logged_in(TokenConfig::default()).await;
+        let err_body =
+            |code: &str| json!({ "error": code, "error_description": format!("{code} for {rt0}") });
+        // (code, terminal?): the classification of an error answer, at status 200.
+        for (code, terminal) in [
+            ("invalid_grant", true),
+            ("temporarily_unavailable", false),
+            // GitHub's answer to a bad refresh token: not a known code, so transient at 200
+            // (terminal_error_codes can make it terminal), but never lost.
+            ("bad_refresh_token", false),
+        ] {
+            s.token
+                .script(Scripted::json(StatusCode::OK, err_body(code)).retry_after("2"));
+            let err = refresher.refresh(ctx()).await.expect_err("an error answer");
+            assert_eq!(err.is_terminal(), terminal, "{code}");
+            let cause = oauth2_cause(&err);
+            assert_eq!(cause.kind(), ErrorKind::ErrorResponse, "{code}");
+            assert_eq!(cause.status(), Some(StatusCode::OK));
+            assert_eq!(cause.error_code(), Some(code));
+            let expected = format!("{code} for <redacted>");
+            assert_eq!(cause.error_description(), Some(expected.as_str()));
+            assert!(!shown(&err).contains(&rt0));
+            if !terminal {
+                assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
+            }
+        }
+        let github = app(&s, &rt0)
+            .terminal_error_codes(["bad_refresh_token"])
+            .build()
+            .unwrap();
+        s.token.script(Scripted::json(
+            StatusCode::OK,
+            err_body("bad_refresh_token"),
+        ));
+        assert!(github.refresh(ctx()).await.unwrap_err().is_terminal());
+
+        // A refused token set's refresh token does not become the refresher's own.
+        let (_, other) = s.token.login();
+        s.token
+            .script(Scripted::json(StatusCode::OK, err_body("invalid_grant")));
+        let err = refresher.refresh(stale_ctx(&other)).await.unwrap_err();
+        assert!(err.is_terminal());
+        assert_eq!(
+            s.token.seen()[4].field("refresh_token"),
+            Some(other.as_str())
+        );
+        assert_eq!(refresher.refresh_token().unwrap().secret(), rt0);
+        assert!(persisted.lock().unwrap().is_empty(), "nothing rotated");
+        assert_eq!(s.token.grants(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_echoed_basic_authorization_value_is_redacted() {
+    guard(async {
+        let (s, _, _, refresher) = logged_in(TokenConfig::default()).await;
+        let basic = oauth2_server::APP_BASIC.strip_prefix("Basic ").unwrap();
+        let percent = basic.replace('=', "%3D");
+        for echo in [
+            format!("bad header Authorization: Basic {basic}"),
+            format!("credentials={percent}"),
+            format!("unpadded {}", basic.trim_end_matches('=')),
+        ] {
+            let body = json!({ "error": "invalid_client", "error_description": echo });
+            s.token
+                .script(Scripted::json(StatusCode::UNAUTHORIZED, body));
+            let err = refresher.refresh(ctx()).await.unwrap_err();
+            let description = oauth2_cause(&err).error_description().unwrap().to_owned();
+            assert!(description.contains("<redacted>"), "{description}");
+            let shown = shown(&err);
+            assert!(!shown.contains(basic.trim_end_matches('=')), "{shown}");
+        }
     })
     .await;
 }

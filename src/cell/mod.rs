@@ -259,9 +259,14 @@ impl TokenCell {
         generation
     }
 
-    /// Drops the token without ending the session: the next request refreshes.
+    /// Drops the token without ending the session: the next request refreshes. An ended
+    /// session stays ended (no event: nothing changed).
     pub(crate) fn invalidate(&self) -> u64 {
-        let generation = self.write().invalidate();
+        let (generation, dropped) = self.write().invalidate();
+        if !dropped {
+            tracing::debug!(generation, "invalidate ignored: the session has ended");
+            return generation;
+        }
         tracing::debug!(generation, "token invalidated");
         self.emit(RefreshEvent::Invalidated { generation });
         generation

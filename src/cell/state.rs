@@ -327,6 +327,8 @@ pub(crate) struct State<J> {
     /// Failed background refreshes in a row, and when the next may start.
     pub(crate) ahead_failures: u32,
     pub(crate) ahead_not_before: Option<Instant>,
+    /// The generation the handle last installed or cleared a token at (0: never).
+    pub(crate) handed: u64,
 }
 
 impl<J: Clone> Default for State<J> {
@@ -349,6 +351,7 @@ impl<J: Clone> State<J> {
             flights: 0,
             ahead_failures: 0,
             ahead_not_before: None,
+            handed: 0,
         }
     }
 
@@ -422,7 +425,13 @@ impl<J: Clone> State<J> {
                 },
             };
         }
-        if cooling.is_none() && held.refresh_at(policy.leeway).is_some_and(|at| mono >= at) {
+        if cooling.is_none()
+            && held.refresh_at(policy.leeway).is_some_and(|at| mono >= at)
+            && self.ahead_not_before.is_none_or(|t| mono >= t)
+        {
+            // Inside the leeway: wait for a refresh, unless a background refresh just failed
+            // (its requests, and those after it during its pause, keep the still-valid
+            // token, as during a foreground failure's cool-down).
             return Lookup::Stale {
                 ticket,
                 expired: true,
@@ -583,8 +592,13 @@ impl<J: Clone> State<J> {
                 // invalidation, so the flight asks again for the new generation (still one
                 // refresher call at a time). A token it got is handed on as the stale one:
                 // with refresh-token rotation, it carries the only refresh token still valid.
+                // Unless the handle installed a token since this call started (a login, then
+                // the invalidation): the installed token is the stale one then, and this
+                // call's result, from the chain before the login, is dropped.
                 if let Ok(token) = result {
-                    *stale = Some(token);
+                    if self.handed <= flight.generation {
+                        *stale = Some(token);
+                    }
                 }
                 flight.generation = self.generation;
                 flight.background = false;
@@ -726,12 +740,20 @@ impl<J: Clone> State<J> {
     /// Installs a token through the handle (a login).
     pub(crate) fn install(&mut self, token: Token, now: Now) -> u64 {
         self.store(token, now);
+        self.handed = self.generation;
         self.generation
     }
 
     /// Drops the token without ending the session: the next request refreshes. A refresh in
     /// flight calls the refresher again when it finishes (see [`finish`](Self::finish)).
-    pub(crate) fn invalidate(&mut self) -> u64 {
+    ///
+    /// An ended session (a terminal failure, a logout) stays ended and nothing changes: only
+    /// an install or a forced refresh resumes it. Returns the generation, and whether the
+    /// token was dropped.
+    pub(crate) fn invalidate(&mut self) -> (u64, bool) {
+        if matches!(self.session, Session::Ended { .. }) {
+            return (self.generation, false);
+        }
         self.generation += 1;
         self.rejected = None;
         let stale = match std::mem::replace(&mut self.session, Session::Empty { stale: None }) {
@@ -742,7 +764,7 @@ impl<J: Clone> State<J> {
         self.last_failure = None;
         self.cooling = None;
         self.failures = 0;
-        self.generation
+        (self.generation, true)
     }
 
     /// Logs out: requests fail fast until a token is installed.
@@ -756,6 +778,7 @@ impl<J: Clone> State<J> {
         self.last_failure = None;
         self.cooling = None;
         self.failures = 0;
+        self.handed = self.generation;
         self.generation
     }
 }

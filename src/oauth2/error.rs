@@ -112,8 +112,9 @@ pub struct OAuth2Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// The token endpoint answered with an error status (RFC 6749 §5.2); see
-    /// [`OAuth2Error::error_code`]. Terminal or transient depending on the code and status.
+    /// The token endpoint answered with an error status (RFC 6749 §5.2), or with a 2xx
+    /// status, an `error` and no `access_token`; see [`OAuth2Error::error_code`]. Terminal or
+    /// transient depending on the code and status.
     ErrorResponse,
     /// The token request timed out. Transient.
     Timeout,
@@ -128,7 +129,8 @@ pub enum ErrorKind {
     /// A success response that is not a JSON object, or has fields of the wrong type.
     /// Transient.
     Malformed,
-    /// A success response without `access_token`. Transient.
+    /// A success response without `access_token` (and without an `error`: one with an
+    /// `error` is an [`ErrorKind::ErrorResponse`]). Transient.
     MissingAccessToken,
     /// An `access_token` that cannot be sent in an `Authorization` header. Transient.
     InvalidAccessToken,
@@ -145,7 +147,7 @@ pub enum ErrorKind {
     /// only, never to a redirect target. Terminal: the configured URI is not the token
     /// endpoint's (configure the final one), which retrying would not fix.
     Redirect,
-    /// There is no refresh token to present: none was given, or a
+    /// There is no refresh token to present (refresh-token grant only): none was given, or a
     /// [logout](crate::TokenHandle::clear) forgot it. Terminal, until a new login sets one.
     NoRefreshToken,
     /// The [`on_rotation`](super::OAuth2RefresherBuilder::on_rotation) hook failed. Transient.
@@ -161,6 +163,11 @@ pub enum ErrorKind {
     DpopNotBound,
     /// The DPoP proof for the token request could not be made (the signer failed). Transient.
     DpopProof,
+    /// A refresh token was set from outside
+    /// ([`set_refresh_token`](super::OAuth2Refresher::set_refresh_token), a logout) while the
+    /// token request was in flight: its answer belongs to the old session and is not used.
+    /// Transient: the retry presents the new refresh token.
+    Superseded,
 }
 
 impl OAuth2Error {
@@ -332,6 +339,10 @@ impl fmt::Display for OAuth2Error {
                 f.write_str("token endpoint answered a Bearer token although DPoP was asked")
             }
             ErrorKind::DpopProof => f.write_str("the DPoP proof for the token request failed"),
+            ErrorKind::Superseded => f.write_str(
+                "a new refresh token was set while the token request was in flight; its answer \
+                 belongs to the old session and was not used",
+            ),
         }
     }
 }

@@ -113,12 +113,23 @@ impl<C> Inner<C> {
         req
     }
 
-    /// Takes the refresh token and the client secret out of server-supplied text, raw or
-    /// percent-encoded.
+    /// Takes the refresh token, the client secret and the `client_secret_basic` credentials
+    /// (the base64 of `id:secret`, which decodes to the secret) out of server-supplied text,
+    /// raw or percent-encoded.
     pub(crate) fn redact(&self, text: &str, presented: Option<&RefreshToken>) -> String {
+        let basic = match &self.auth {
+            Auth::Basic(value) => value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Basic "))
+                // Without its padding, so that an echo that dropped it is caught too.
+                .map(|b64| b64.trim().trim_end_matches('=')),
+            Auth::None | Auth::Post(_) => None,
+        };
         let secrets = [
             presented.map(RefreshToken::secret),
             self.client_secret.as_deref(),
+            basic,
         ];
         redact(text, &secrets.into_iter().flatten().collect::<Vec<_>>())
     }

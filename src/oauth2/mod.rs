@@ -17,7 +17,9 @@
 //!   [`expires_in`](self#expires_in-0-missing-or-unreadable) for 0), `refresh_token`.
 //!   Other fields, `scope` included, are ignored. The body is capped
 //!   ([`DEFAULT_MAX_RESPONSE_BODY`]); a success answer that is not JSON, lacks
-//!   `access_token`, or is too large is a transient [`OAuth2Error`].
+//!   `access_token`, or is too large is a transient [`OAuth2Error`]. A 2xx answer with an
+//!   `error` and no `access_token` (GitHub answers so) is an error answer, classified as
+//!   below.
 //! - **Rotation** (§6, RFC 9700 §4.14): a returned refresh token replaces the old one at once,
 //!   then the [`on_rotation`](OAuth2RefresherBuilder::on_rotation) hook persists it, and only
 //!   then is the new access token handed to the layer (the hook's documentation says what a
@@ -42,8 +44,12 @@
 //!   token and client secret are blanked out of them (raw or percent-encoded) before they are
 //!   cut to length.
 //! - **Logout**: [`TokenHandle::clear`](crate::TokenHandle::clear) calls
-//!   [`TokenRefresher::logout`], which makes the refresher forget its refresh token; a later
-//!   refresh fails with a terminal [`ErrorKind::NoRefreshToken`] until a new login.
+//!   [`TokenRefresher::logout`], which makes the refresher forget its refresh token. With the
+//!   refresh-token grant, a later refresh fails with a terminal
+//!   [`ErrorKind::NoRefreshToken`] until a new login sets one; with the client-credentials
+//!   grant, which uses no refresh token, a later refresh simply gets a new access token.
+//!   A refresh in flight when a refresh token is set (or forgotten) is not used: it fails
+//!   with a transient [`ErrorKind::Superseded`], and the retry presents the new one.
 //!
 //! # The client for token requests
 //!
@@ -645,9 +651,13 @@ where
         Box::pin(refresh(Arc::clone(&self.inner), ctx))
     }
 
-    /// Forgets the refresh token, so that no later refresh can log the old user back in: a
-    /// refresh without a refresh token fails with a terminal [`ErrorKind::NoRefreshToken`]
-    /// until a new login sets one ([`set_refresh_token`](OAuth2Refresher::set_refresh_token)).
+    /// Forgets the refresh token, so that no later refresh can log the old user back in.
+    ///
+    /// With the refresh-token grant, a refresh without a refresh token fails with a terminal
+    /// [`ErrorKind::NoRefreshToken`] until a new login sets one
+    /// ([`set_refresh_token`](OAuth2Refresher::set_refresh_token)). With the
+    /// client-credentials grant there is no refresh token and no user session to end: the
+    /// next refresh simply gets a new access token with the client's credentials.
     fn logout(&self) {
         self.inner.set(None);
         tracing::debug!("oauth2: logout: the refresh token is forgotten");
@@ -717,6 +727,12 @@ where
         Err(err) if status.is_success() => {
             tracing::debug!(kind = ?err.kind, "oauth2: reading the token response failed");
             Err(RefreshError::transient(err))
+        }
+        // An error answer for a session a new refresh token replaced meanwhile (an
+        // `invalid_grant` for the old one, say) must not end the new session: the retry
+        // presents the new refresh token.
+        _ if presented.is_some_and(|p| inner.current().1 != p.generation) => {
+            Err(response::superseded(status))
         }
         // An error answer is classified by its status even if its body cannot be read.
         body => Err(failure(

@@ -53,6 +53,11 @@ pub(crate) async fn success<C>(
         (Some(_), Some(_)) => return Err(malformed(ErrorKind::Malformed)),
     };
     let rotated_now = rotated.is_some();
+    // An error (§5.2) in a 2xx answer without an access token (GitHub answers so): the server
+    // refused the refresh token. A rotated refresh token it carries is still kept (above and
+    // below), but the presented one is not adopted, and nothing else is persisted.
+    let refused = fields.get("error").is_some_and(|e| !e.is_null())
+        && fields.get("access_token").is_none_or(Value::is_null);
     // The refresh token the hook must persist now, if any.
     let mut persist = None;
     match (presented, rotated) {
@@ -65,6 +70,7 @@ pub(crate) async fn success<C>(
                 );
             }
         }
+        (Some(_), None) if refused => {}
         (Some(p), None) => {
             if p.from_set {
                 // The token set's refresh token works: it is the refresher's own from now on.
@@ -95,6 +101,24 @@ pub(crate) async fn success<C>(
         );
         return Err(malformed(ErrorKind::ContentType));
     }
+    // An answer for a session that a new refresh token replaced meanwhile (a login, a logout)
+    // is not used: the retry presents the new refresh token.
+    if let Some(p) = presented {
+        if inner.current().1 != p.generation {
+            return Err(superseded(status));
+        }
+    }
+    if refused {
+        // Classified as an error answer is: the code decides, the status (2xx) does not make
+        // it terminal.
+        return Err(failure(
+            inner,
+            presented.map(|p| p.token),
+            status,
+            headers,
+            body,
+        ));
+    }
 
     let token_type = match fields.get("token_type") {
         None | Some(Value::Null) => None,
@@ -122,8 +146,12 @@ pub(crate) async fn success<C>(
     // Every token carries the current refresh token, the slot's: the layer keeps the two
     // together. It is the rotated one, or the presented one, or one set from outside while
     // this refresh was in flight (a new login wins over the rotation this answer brought).
-    if presented.is_some() {
-        if let Some(current) = inner.current().0 {
+    if let Some(p) = presented {
+        let (current, generation) = inner.current();
+        if generation != p.generation {
+            return Err(superseded(status));
+        }
+        if let Some(current) = current {
             token = token.with_refresh_token(current.secret());
         }
     }
@@ -136,7 +164,17 @@ pub(crate) async fn success<C>(
     Ok(token)
 }
 
-/// A non-2xx answer: classify it.
+/// The answer to a refresh whose session was replaced while it was in flight.
+pub(super) fn superseded(status: StatusCode) -> RefreshError {
+    tracing::debug!(
+        status = status.as_u16(),
+        "oauth2: a refresh token was set while the token request was in flight; its answer is \
+         not used"
+    );
+    RefreshError::transient(OAuth2Error::new(ErrorKind::Superseded).with_status(status))
+}
+
+/// An error answer (non-2xx, or a 2xx carrying an `error` and no access token): classify it.
 pub(crate) fn failure<C>(
     inner: &Inner<C>,
     presented: Option<&RefreshToken>,

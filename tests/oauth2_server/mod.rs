@@ -255,8 +255,8 @@ impl TokenState {
         self.script.lock().unwrap().push_back(answer);
     }
 
-    /// Processes the next `n` token requests (rotating as usual) but holds their answers
-    /// until [`release`](Self::release).
+    /// Processes the next `n` token requests (rotating as usual, or answering as scripted)
+    /// but holds their answers until [`release`](Self::release).
     pub(crate) fn hold_next(&self, n: usize) {
         self.hold_remaining.store(n, Ordering::SeqCst);
     }
@@ -384,6 +384,16 @@ impl TokenState {
         let db = self.db();
         let &(family, _) = db.refresh.get(refresh)?;
         db.families[family].chain.last().cloned()
+    }
+
+    /// Whether `access` was issued in the session (token family) of the refresh token
+    /// `refresh`, and is still valid.
+    pub(crate) fn issued_in_session_of(&self, access: &str, refresh: &str) -> bool {
+        let db = self.db();
+        match (db.access.get(access), db.refresh.get(refresh)) {
+            (Some(&a), Some(&(r, _))) => a == r,
+            _ => false,
+        }
     }
 
     pub(crate) fn family_revoked(&self, refresh: &str) -> bool {
@@ -558,18 +568,20 @@ impl TokenState {
             db.seen.push(seen.clone());
         }
         let scripted = self.script.lock().unwrap().pop_front();
-        if let Some(s) = scripted {
-            let mut res = response(s.status, s.content_type, s.body);
-            if let Some(ra) = s.retry_after {
-                res.headers_mut().insert(RETRY_AFTER, ra.parse().unwrap());
+        let res = match scripted {
+            Some(s) => {
+                let mut res = response(s.status, s.content_type, s.body);
+                if let Some(ra) = s.retry_after {
+                    res.headers_mut().insert(RETRY_AFTER, ra.parse().unwrap());
+                }
+                if let Some(location) = s.location {
+                    res.headers_mut()
+                        .insert(LOCATION, location.parse().unwrap());
+                }
+                res
             }
-            if let Some(location) = s.location {
-                res.headers_mut()
-                    .insert(LOCATION, location.parse().unwrap());
-            }
-            return res;
-        }
-        let res = self.grant(&seen);
+            None => self.grant(&seen),
+        };
         let hold = self
             .hold_remaining
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

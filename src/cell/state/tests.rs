@@ -445,3 +445,129 @@ fn a_finishing_refresh_that_is_no_longer_the_flight_records_nothing() {
     let (answer, _) = finish(&mut st, Ok(token("b", None)), t, &no_cooldown());
     assert_eq!(answer.unwrap().header, "Bearer b");
 }
+
+#[test]
+fn a_failed_background_refresh_joined_inside_the_leeway_keeps_the_valid_token() {
+    let mut st = S::new();
+    let t = now();
+    let window = RefreshAhead::fixed(Duration::from_secs(120));
+    let policy = Policy {
+        leeway: Duration::from_secs(30),
+        ahead: Some(&window),
+    };
+    st.install(token("a", Some(600)), t);
+    // A background refresh starts in the window and is still running when the leeway
+    // starts: a request there waits for it (it joins the background flight).
+    let inside = later(t, Duration::from_secs(500));
+    assert!(st.ahead_due(inside, policy));
+    st.started(1, true, 1, false);
+    let leeway = later(t, Duration::from_secs(580));
+    let Lookup::Stale { ticket, .. } = st.lookup(leeway, policy) else {
+        panic!("inside the leeway, requests wait for the refresh");
+    };
+    assert!(matches!(
+        st.begin_shared(ticket, Need::BeforeSend),
+        Some(Begin::Join(1))
+    ));
+    // It fails transiently: one event, and its waiters (who look again) and later requests
+    // keep the token, still valid for 20 s, as after a failed foreground refresh.
+    let (answer, events) = finish(
+        &mut st,
+        Err(RefreshError::transient("503")),
+        leeway,
+        &Cooldown::default(),
+    );
+    assert!(matches!(answer, Err(Unavailable::Failed(_))));
+    assert!(matches!(
+        events,
+        [
+            Some(RefreshEvent::RefreshFailed {
+                terminal: false,
+                ..
+            }),
+            None
+        ]
+    ));
+    let Lookup::Usable { header, ahead, .. } = st.lookup(leeway, policy) else {
+        panic!("the still-valid token is used after a failed background refresh");
+    };
+    assert_eq!(header, "Bearer a");
+    assert!(!ahead);
+    // Once its pause is over, the leeway's foreground refresh takes over.
+    let paused_out = later(t, Duration::from_secs(582));
+    assert!(matches!(
+        st.lookup(paused_out, policy),
+        Lookup::Stale { expired: true, .. }
+    ));
+    // Past the hard deadline the token is never sent.
+    let dead = later(t, Duration::from_secs(600));
+    assert!(matches!(
+        st.lookup(dead, policy),
+        Lookup::Stale { expired: true, .. }
+    ));
+}
+
+#[test]
+fn a_login_then_an_invalidation_during_a_refresh_keeps_the_logins_refresh_token() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("old", None).with_refresh_token("r-old"), t);
+    // A refresh starts from the old refresh token; meanwhile the handle logs in, then
+    // invalidates the new token.
+    st.started(7, false, 1, false);
+    st.install(token("login", None).with_refresh_token("r-login"), t);
+    st.invalidate();
+    match st.finish(
+        1,
+        Ok(token("old-refreshed", None).with_refresh_token("r-old-2")),
+        t,
+        &no_cooldown(),
+    ) {
+        Finished::Again { stale, .. } => {
+            let stale = stale.expect("the invalidated login token");
+            assert_eq!(stale.secret(), "login");
+            assert_eq!(stale.refresh_token(), Some("r-login"));
+        }
+        other => panic!("expected another round, got {other:?}"),
+    }
+    // Without an install, the refresh's token is still handed on (refresh-token rotation).
+    st.invalidate();
+    match st.finish(
+        1,
+        Ok(token("login-refreshed", None).with_refresh_token("r-login-2")),
+        t,
+        &no_cooldown(),
+    ) {
+        Finished::Again { stale, .. } => {
+            assert_eq!(stale.unwrap().refresh_token(), Some("r-login-2"));
+        }
+        other => panic!("expected another round, got {other:?}"),
+    }
+}
+
+#[test]
+fn invalidate_leaves_an_ended_session_ended() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("a", None), t);
+    st.clear();
+    let generation = st.generation;
+    assert_eq!(st.invalidate(), (generation, false));
+    assert!(matches!(st.lookup(t, POLICY), Lookup::Ended(_)));
+    // After a terminal failure too: the revoked credentials are not tried again.
+    let mut st = S::new();
+    st.install(token("a", None), t);
+    st.started(1, false, 1, false);
+    let _ = finish(
+        &mut st,
+        Err(RefreshError::terminal("invalid_grant")),
+        t,
+        &no_cooldown(),
+    );
+    st.invalidate();
+    assert!(matches!(st.lookup(t, POLICY), Lookup::Ended(_)));
+    assert!(matches!(
+        st.begin(st.ticket(), Need::BeforeSend, t.mono),
+        Begin::Answer(Err(Unavailable::Ended(_)))
+    ));
+}
