@@ -605,6 +605,15 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (parts, body) = req.into_parts();
         let Some(key) = self.picker.pick(&parts) else {
+            // A request no cell would authenticate (its own `Authorization`, a token request,
+            // one from inside a refresher, one the attach rule leaves alone) goes out as the
+            // tower layer sends it: untouched, with or without a key.
+            if crate::replay::untouched_by_any_cell(&parts, &self.options) {
+                return ResponseFuture::passthrough(
+                    self.inner
+                        .call(Request::from_parts(parts, ReplayBody::passthrough(body))),
+                );
+            }
             return ResponseFuture::failed(MissingKey::new().into());
         };
         let shared = Shared::pair(self.keyed.cell(&key), self.options.clone());

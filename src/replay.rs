@@ -134,6 +134,23 @@ fn grant<H>(shared: &Shared, use_header: impl FnOnce(&HeaderValue) -> H) -> Admi
     }
 }
 
+/// Whether a request goes out untouched whatever its token cell would say: its own
+/// `Authorization`, a token request, a request sent from inside a refresher, or one the
+/// attach rule leaves alone. The keyed layer asks this before it needs a key, so that such a
+/// request never fails for having none (and never makes a cell).
+pub(crate) fn untouched_by_any_cell(
+    parts: &http::request::Parts,
+    options: &crate::config::RefreshOptions,
+) -> bool {
+    has_authorization(&parts.headers)
+        || parts.extensions.get::<TokenRequest>().is_some()
+        || in_refresh()
+        || options
+            .attach_when
+            .as_ref()
+            .is_some_and(|rule| !rule(&RequestHead::new(&parts.method, &parts.uri, &parts.headers)))
+}
+
 /// Whether the caller set an `Authorization` header of its own. Requests carry few headers
 /// when they reach the layer: a look at each name costs less than hashing one.
 #[inline]

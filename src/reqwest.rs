@@ -28,7 +28,9 @@
 //! # Which bodies are replayed
 //!
 //! - Bodies that reqwest can clone (`String`, `Vec<u8>`, `Bytes`, `&'static str`, JSON and form
-//!   bodies, no body): copied with [`reqwest::Request::try_clone`] before the first send.
+//!   bodies, no body) up to [`RefreshLayer::max_replay_body`]: copied with
+//!   [`reqwest::Request::try_clone`] before the first send. A larger one is sent once, as in
+//!   the tower layer.
 //! - Streaming bodies (`reqwest::Body::wrap`, `wrap_stream`) not known to be larger than
 //!   [`RefreshLayer::max_replay_body`]: kept as they stream out, as the tower layer does; one
 //!   that ended within the cap is replayed.
@@ -42,10 +44,14 @@
 //! The middleware's own failures are [`reqwest_middleware::Error::Middleware`] wrapping one of
 //! the types of [`error`](crate::error): [`RefreshRejected`], [`RefreshFailed`],
 //! [`SessionEnded`] or [`UnauthorizedAfterRefresh`] for the token's fate, and
-//! [`InsecureTransport`] (the token would go over plain HTTP to a host that is not loopback),
-//! [`ReentrantRefresh`] (the refresher sent a request through this same middleware) or
-//! [`ProofFailed`] (a proof of possession could not be made) for a request the middleware
-//! would not send. Downcast to tell them apart. Errors of the client and of later middleware
+//! [`InsecureTransport`] (the token would go over plain HTTP to a host that is not loopback)
+//! or [`ProofFailed`] (a proof of possession could not be made) for a request the middleware
+//! would not send. (A request sent from inside the refresher passes through untouched.)
+//!
+//! The markers [`NoReplay`] and [`TokenRequest`] are read from reqwest-middleware's
+//! extensions (`RequestBuilder::with_extension`): reqwest keeps a `reqwest::Request`'s own
+//! extensions private, so a marker put into an `http::Request` converted into a
+//! `reqwest::Request` is not seen. Downcast to tell them apart. Errors of the client and of later middleware
 //! pass through unchanged.
 //!
 //! ```
@@ -96,7 +102,6 @@
 //! [`RefreshFailed`]: crate::error::RefreshFailed
 //! [`UnauthorizedAfterRefresh`]: crate::error::UnauthorizedAfterRefresh
 //! [`InsecureTransport`]: crate::error::InsecureTransport
-//! [`ReentrantRefresh`]: crate::error::ReentrantRefresh
 //! [`ProofFailed`]: crate::error::ProofFailed
 
 use std::fmt;
@@ -518,6 +523,14 @@ impl Copy {
     /// Prepares the replay of `req` before its first send, or `None` when its body cannot be
     /// replayed (a stream of unknown size or larger than `cap`).
     fn prepare(req: &mut Request, cap: usize) -> Option<Self> {
+        // An in-memory body over the cap is not replayed, as in the tower layer.
+        if req
+            .body()
+            .and_then(reqwest::Body::as_bytes)
+            .is_some_and(|bytes| bytes.len() > cap)
+        {
+            return None;
+        }
         if let Some(copy) = req.try_clone() {
             return Some(Self::Whole(copy));
         }

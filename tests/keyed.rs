@@ -356,6 +356,34 @@ async fn requests_without_a_key_fail_typed_or_use_the_default_principal() {
         .unwrap_err();
     assert!(err.is::<MissingKey>());
 
+    // A request no cell would authenticate goes out untouched without a key, as through the
+    // tower layer: a token request (say, a keyed refresher's, through the same stack), one
+    // with its own `Authorization`, one the attach rule leaves alone. No cell is made.
+    let strict = KeyedRefreshLayer::new(refresher)
+        .attach_when(|head| head.uri().path() != "/public")
+        .layer(echo());
+    let mut token_request = Request::post("/token").body(Body::default()).unwrap();
+    token_request
+        .extensions_mut()
+        .insert(tower_auth_refresh::TokenRequest);
+    let res = strict.clone().oneshot(token_request).await.unwrap();
+    assert_eq!(res.body(), "-", "no Authorization");
+    let own = Request::get("/")
+        .header(http::header::AUTHORIZATION, "Basic b3duOnNlY3JldA==")
+        .body(Body::default())
+        .unwrap();
+    let res = strict.clone().oneshot(own).await.unwrap();
+    assert_eq!(res.body(), "Basic b3duOnNlY3JldA==");
+    let public = Request::get("/public").body(Body::default()).unwrap();
+    let res = strict.clone().oneshot(public).await.unwrap();
+    assert_eq!(res.body(), "-", "no Authorization");
+    // Anything else still needs its key.
+    let err = strict
+        .oneshot(Request::get("/private").body(Body::default()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.is::<MissingKey>());
+
     let lenient = KeyedRefreshLayer::new(refresher)
         .default_key(Tenant(0))
         .layer(echo());

@@ -241,6 +241,48 @@ async fn post_json_body_is_replayed_byte_for_byte() {
     .await;
 }
 
+/// `max_replay_body` holds for bodies reqwest can clone too, as in the tower layer: a body
+/// over the cap is sent once; refused, the caller gets the 401 after the refresh ran, and a
+/// body within the cap is replayed.
+#[tokio::test]
+async fn an_in_memory_body_over_the_cap_is_sent_once_as_in_the_tower_layer() {
+    guard(async {
+        let api = Api::start(Some(FRESH)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(counting_after(&calls, FRESH, Duration::ZERO))
+            .initial_token(Token::bearer(STALE).unwrap())
+            .max_replay_body(16);
+        let client = reqwest_client(layer.reqwest_middleware());
+
+        let big = vec![b'x'; 1024];
+        let res = client
+            .post(api.url("/big"))
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(api.seen().len(), 1, "sent once, never replayed");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the refresh ran");
+
+        let small = b"sixteen bytes!!!".to_vec();
+        layer
+            .token_handle()
+            .set_token(Token::bearer(STALE).unwrap());
+        let res = client
+            .post(api.url("/small"))
+            .body(small.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let seen = api.seen();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[2].body, small);
+    })
+    .await;
+}
+
 /// A streaming body of known size (in memory, but not cloneable by reqwest) is captured as
 /// it streams out and replayed, as the tower layer does.
 #[tokio::test]
