@@ -56,7 +56,8 @@ pub struct NoReplay;
 ///
 /// The layer calls [`prove`](Self::prove) for the first send and again for the replay (a proof
 /// is never reused), after it set `Authorization`, and shows the proof every response to a
-/// proven send. A response that asks for a new *proof* rather than a new token (DPoP's
+/// proven send that may be replayed (the response to a [`NoReplay`] request may go straight
+/// to the caller unseen: a `DPoP-Nonce` it carries is then not remembered). A response that asks for a new *proof* rather than a new token (DPoP's
 /// `use_dpop_nonce`) is answered by one replay with the same token and a fresh proof, never a
 /// refresh. A request is replayed at most once in all: for a new token or for a new proof.
 ///
