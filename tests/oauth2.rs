@@ -745,6 +745,31 @@ async fn a_token_the_hook_failed_to_persist_is_persisted_by_a_later_refresh_with
     .await;
 }
 
+/// Starts a refresh presenting `rt0`, holds the server's answer while `after_login` is set
+/// as the refresher's refresh token, then lets the answer go; the refresh's error.
+async fn replaced_during_refresh<C>(
+    s: &Servers,
+    refresher: &OAuth2Refresher<C>,
+    rt0: &str,
+    after_login: &str,
+) -> RefreshError
+where
+    OAuth2Refresher<C>: TokenRefresher + Clone + 'static,
+{
+    s.token.hold_next(1);
+    let pending = tokio::spawn({
+        let (refresher, rt0) = (refresher.clone(), rt0.to_owned());
+        async move { refresher.refresh(stale_ctx(&rt0)).await }
+    });
+    s.token.held(1).await;
+    refresher.set_refresh_token(RefreshToken::new(after_login));
+    s.token.release();
+    pending
+        .await
+        .unwrap()
+        .expect_err("an answer for the old session is not handed out")
+}
+
 /// A refresh token set while a refresh is in flight wins over the rotation that refresh
 /// brings back: the returned token set carries the new one, and the next refresh presents it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -752,21 +777,10 @@ async fn a_refresh_token_set_during_a_refresh_is_carried_by_its_token_set() {
     guard(async {
         let (s, rt0, persisted, refresher) = logged_in(TokenConfig::default()).await;
         let (_, after_login) = s.token.login();
-        // The server rotates rt0 and holds its answer until the test lets it go.
-        s.token.hold_next(1);
-        let pending = tokio::spawn({
-            let (refresher, rt0) = (refresher.clone(), rt0.clone());
-            async move { refresher.refresh(stale_ctx(&rt0)).await }
-        });
-        s.token.held(1).await;
-        refresher.set_refresh_token(RefreshToken::new(after_login.as_str()));
-        s.token.release();
-        // The held answer belongs to the old session: neither its rotation nor its access
-        // token is used; a transient error makes the layer retry.
-        let err = pending
-            .await
-            .unwrap()
-            .expect_err("an answer for the old session is not handed out");
+        // The server rotates rt0 and holds its answer while a new login's refresh token is
+        // set. The held answer belongs to the old session: neither its rotation nor its
+        // access token is used; a transient error makes the layer retry.
+        let err = replaced_during_refresh(&s, &refresher, &rt0, &after_login).await;
         assert!(err.is_transient());
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Superseded);
         assert_eq!(s.token.rotated().len(), 1);
@@ -826,18 +840,7 @@ async fn an_error_answer_for_a_replaced_refresh_token_does_not_end_the_new_sessi
             Some("application/json"),
             r#"{"error":"invalid_grant"}"#,
         ));
-        s.token.hold_next(1);
-        let pending = tokio::spawn({
-            let (refresher, rt0) = (refresher.clone(), rt0.clone());
-            async move { refresher.refresh(stale_ctx(&rt0)).await }
-        });
-        s.token.held(1).await;
-        refresher.set_refresh_token(RefreshToken::new(after_login.as_str()));
-        s.token.release();
-        let err = pending
-            .await
-            .unwrap()
-            .expect_err("the old session's refusal is not the new session's");
+        let err = replaced_during_refresh(&s, &refresher, &rt0, &after_login).await;
         assert!(err.is_transient(), "{err:?}");
         assert_eq!(oauth2_cause(&err).kind(), ErrorKind::Superseded);
 

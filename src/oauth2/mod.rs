@@ -720,19 +720,13 @@ where
         // A second refusal is not retried (a transient error, below).
         observe(status, &headers, &body);
     }
-    match body {
+    let answer = match body {
         Ok(body) if status.is_success() => {
             success(&inner, presented, status, &headers, &body).await
         }
         Err(err) if status.is_success() => {
             tracing::debug!(kind = ?err.kind, "oauth2: reading the token response failed");
             Err(RefreshError::transient(err))
-        }
-        // An error answer for a session a new refresh token replaced meanwhile (an
-        // `invalid_grant` for the old one, say) must not end the new session: the retry
-        // presents the new refresh token.
-        _ if presented.is_some_and(|p| inner.current().1 != p.generation) => {
-            Err(response::superseded(status))
         }
         // An error answer is classified by its status even if its body cannot be read.
         body => Err(failure(
@@ -742,5 +736,13 @@ where
             &headers,
             body.as_deref().unwrap_or_default(),
         )),
+    };
+    // An answer for a session that a new refresh token replaced while it was in flight (a
+    // login, a logout) is not used, whatever it says: neither its access token nor a refusal
+    // (an `invalid_grant` for the old refresh token must not end the new session). The retry
+    // presents the new refresh token. (Its rotation, if any, was recorded by `success`.)
+    if presented.is_some_and(|p| inner.current().1 != p.generation) {
+        return Err(response::superseded(status));
     }
+    answer
 }

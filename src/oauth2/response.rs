@@ -101,13 +101,6 @@ pub(crate) async fn success<C>(
         );
         return Err(malformed(ErrorKind::ContentType));
     }
-    // An answer for a session that a new refresh token replaced meanwhile (a login, a logout)
-    // is not used: the retry presents the new refresh token.
-    if let Some(p) = presented {
-        if inner.current().1 != p.generation {
-            return Err(superseded(status));
-        }
-    }
     if refused {
         // Classified as an error answer is: the code decides, the status (2xx) does not make
         // it terminal.
@@ -143,15 +136,11 @@ pub(crate) async fn success<C>(
     if let Some(life) = lifetime {
         token = token.with_expires_in(life);
     }
-    // Every token carries the current refresh token, the slot's: the layer keeps the two
-    // together. It is the rotated one, or the presented one, or one set from outside while
-    // this refresh was in flight (a new login wins over the rotation this answer brought).
-    if let Some(p) = presented {
-        let (current, generation) = inner.current();
-        if generation != p.generation {
-            return Err(superseded(status));
-        }
-        if let Some(current) = current {
+    // Every token carries the current refresh token, the slot's (the rotated one or the
+    // presented one): the layer keeps the two together. (An answer for a session replaced
+    // meanwhile is refused by the caller, `refresh`.)
+    if presented.is_some() {
+        if let Some(current) = inner.current().0 {
             token = token.with_refresh_token(current.secret());
         }
     }
