@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::backoff::{Cooldown, MAX_PAUSE, RefreshAhead};
+use crate::backoff::{Cooldown, RefreshAhead};
 use crate::events::RefreshEvent;
 use crate::refresher::RefreshError;
 use crate::token::{Expiry, Token};
@@ -298,10 +298,10 @@ pub(crate) enum Finished {
     },
 }
 
-/// `now + pause`, never panicking: a pause is capped at [`MAX_PAUSE`] already, and an instant
+/// `now + pause`, never panicking: [`Cooldown`] caps a pause at a day already, and an instant
 /// the clock cannot represent (a clock near its end) ends the pause at `now`.
 fn after(now: Instant, pause: Duration) -> Instant {
-    now.checked_add(pause.min(MAX_PAUSE)).unwrap_or(now)
+    now.checked_add(pause).unwrap_or(now)
 }
 
 /// The whole state of a token cell.
@@ -698,7 +698,7 @@ impl<J: Clone> State<J> {
                 self.attempts += 1;
                 self.failures = self.failures.saturating_add(1);
                 self.last_failure = Some(err.clone());
-                let pause = cooldown.delay(self.failures, retry_after).min(MAX_PAUSE);
+                let pause = cooldown.delay(self.failures, retry_after);
                 self.cooling = (!pause.is_zero()).then(|| Cooling {
                     until: after(now.mono, pause),
                     error: err.clone(),
