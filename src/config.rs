@@ -474,6 +474,12 @@ impl RefreshOptions {
         }
     }
 
+    /// Whether the attach rule leaves this request alone (no rule: it never does).
+    #[inline]
+    pub(crate) fn rule_skips(&self, head: &RequestHead<'_>) -> bool {
+        self.attach_when.as_ref().is_some_and(|rule| !rule(head))
+    }
+
     pub(crate) fn may_replay(&self, method: &Method) -> bool {
         match self.replay_methods {
             ReplayMethods::All => true,

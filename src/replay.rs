@@ -110,7 +110,7 @@ fn gate<H>(
     extensions: &Extensions,
     destination: impl FnOnce() -> Destination,
 ) -> Option<Admit<H>> {
-    if has_authorization(headers) || extensions.get::<TokenRequest>().is_some() || in_refresh() {
+    if not_ours(headers, extensions) {
         return Some(Admit::Untouched);
     }
     match destination() {
@@ -142,13 +142,15 @@ pub(crate) fn untouched_by_any_cell(
     parts: &http::request::Parts,
     options: &crate::config::RefreshOptions,
 ) -> bool {
-    has_authorization(&parts.headers)
-        || parts.extensions.get::<TokenRequest>().is_some()
-        || in_refresh()
-        || options
-            .attach_when
-            .as_ref()
-            .is_some_and(|rule| !rule(&RequestHead::new(&parts.method, &parts.uri, &parts.headers)))
+    not_ours(&parts.headers, &parts.extensions)
+        || options.rule_skips(&RequestHead::new(&parts.method, &parts.uri, &parts.headers))
+}
+
+/// A request the layer never authenticates, whatever its cell and destination: its own
+/// `Authorization`, a token request, or one sent from inside a refresher.
+#[inline(always)]
+fn not_ours(headers: &HeaderMap, extensions: &Extensions) -> bool {
+    has_authorization(headers) || extensions.get::<TokenRequest>().is_some() || in_refresh()
 }
 
 /// Whether the caller set an `Authorization` header of its own. Requests carry few headers

@@ -80,10 +80,8 @@ impl Shared {
     #[inline]
     pub(crate) fn destination(&self, head: &RequestHead<'_>) -> Destination {
         let options = self.options();
-        if let Some(rule) = &options.attach_when {
-            if !rule(head) {
-                return Destination::Untouched;
-            }
+        if options.rule_skips(head) {
+            return Destination::Untouched;
         }
         let uri = head.uri();
         match (uri.scheme(), uri.authority()) {
