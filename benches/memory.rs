@@ -1,4 +1,4 @@
-//! P4, memory: what keeping a request body for a replay costs, in allocated bytes, measured
+//! Memory: what keeping a request body for a replay costs, in allocated bytes, measured
 //! by a counting global allocator in this bench binary (the library itself forbids unsafe
 //! code; this allocator is the only unsafe code, and it only forwards to `System`).
 //!
@@ -282,7 +282,7 @@ fn main() {
 
         let cap = DEFAULT_MAX_REPLAY_BODY;
         println!(
-            "P4 memory: bytes allocated by one request, counting global allocator; replay cap {}",
+            "Memory: bytes allocated by one request, counting global allocator; replay cap {}",
             size(cap)
         );
         println!(

@@ -1,11 +1,11 @@
 //! P4, connection reuse: a 401 stampede over a real connection pool.
 //!
-//! A hyper server on loopback answers `200 ok` for `Bearer fresh` and a `401` with a small
-//! JSON body (and `WWW-Authenticate: Bearer error="invalid_token"`) otherwise. A hyper-util
-//! (legacy) client with its connection pool sits under this crate's layer, which starts with
-//! a stale token and a refresher that takes 20 ms. `POOL_REQUESTS` requests (default 200)
-//! start at once, each in its own task; every one meets the 401, waits for the one refresh,
-//! and is replayed once.
+//! A hyper server on loopback answers `200 ok` for `Bearer fresh` and otherwise a `401` with
+//! `WWW-Authenticate: Bearer error="invalid_token"` and an HTML page of `POOL_REFUSAL_BYTES`
+//! (default 16 KiB) as its body. A hyper-util (legacy) client with its connection pool sits
+//! under this crate's layer, which starts with a stale token and a refresher that takes
+//! 20 ms. `POOL_REQUESTS` requests (default 200) start at once, each in its own task; every
+//! one meets the 401, waits for the one refresh, and is replayed once.
 //!
 //! The server counts the connections it accepted. With a valid token from the start the
 //! stampede needs at most one connection per request in flight; a 401 whose body is dropped

@@ -93,7 +93,8 @@ use crate::token::Token;
 /// Produces a new token for one principal.
 ///
 /// A blanket implementation makes any `Fn(K, Option<Token>) -> impl Future` a keyed refresher.
-/// Called at most once per key and token generation.
+/// Never called twice at once for one key (single flight per key, retried as
+/// [`Backoff`](crate::Backoff) says), except across [`KeyedTokenHandle::remove`] (see there).
 pub trait KeyedRefresher<K>: Send + Sync + 'static {
     /// The future that resolves to the new token.
     type Future: Future<Output = Result<Token, RefreshError>> + Send + 'static;

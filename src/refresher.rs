@@ -75,8 +75,10 @@ impl RefreshContext {
 
 /// Produces a new access token when the current one went stale (or there is none yet).
 ///
-/// The layer calls [`refresh`](Self::refresh) at most once per token generation, however
-/// many requests need a new token at the same time, and runs the returned future to
+/// The layer never runs two calls of [`refresh`](Self::refresh) at once, however many
+/// requests need a new token at the same time (one call per token generation; a transient
+/// failure is retried as [`Backoff`](crate::Backoff) says, and tried again after the
+/// cool-down), and runs the returned future to
 /// completion even if every request waiting for it is dropped: a rotating refresh token may
 /// already be spent on the server once the request is out, so the answer must not be lost.
 ///

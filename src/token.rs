@@ -13,8 +13,9 @@ use http::HeaderValue;
 /// [`HeaderValue`] marked [sensitive](HeaderValue::set_sensitive), so attaching it to a request
 /// is a reference-count bump. Cloning a `Token` is cheap.
 ///
-/// `Token`'s [`Debug`](fmt::Debug) and [`Display`](fmt::Display) never show the secret: they
-/// show the scheme, the lifetime and a redaction marker.
+/// `Token`'s [`Debug`](fmt::Debug) and [`Display`](fmt::Display) never show the secret:
+/// `Debug` shows the scheme, the expiry and redaction markers, `Display` the scheme and a
+/// redaction marker.
 ///
 /// # Example
 ///

@@ -1328,6 +1328,23 @@ fn configuration_is_checked_and_debug_output_is_redacted() {
     let shown = format!("{refresher:?} {:?}", refresher.refresh_token().unwrap());
     assert!(!shown.contains("SECRET"), "{shown}");
     assert!(shown.contains("client_secret_basic") && shown.contains("app"));
+
+    // User information in the endpoint (a password) is never shown, and never kept: the
+    // refresher sends client credentials by its own setters, so such an endpoint is refused.
+    let with_password = OAuth2Refresher::builder(
+        "https://app:pw-SECRET@idp.example/token".parse().unwrap(),
+        dummy,
+    )
+    .refresh_token("rt");
+    let shown = format!("{with_password:?}");
+    assert!(
+        !shown.contains("SECRET") && !shown.contains("app:"),
+        "{shown}"
+    );
+    assert!(shown.contains("idp.example/token"), "{shown}");
+    let err = with_password.build().unwrap_err();
+    assert!(err.to_string().contains("user information"), "{err}");
+    assert!(!format!("{err} {err:?}").contains("SECRET"));
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -77,7 +77,7 @@ pub struct OAuth2RefresherBuilder<C> {
 impl<C> fmt::Debug for OAuth2RefresherBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OAuth2RefresherBuilder")
-            .field("token_endpoint", &self.endpoint)
+            .field("token_endpoint", &ShownEndpoint(&self.endpoint))
             .field("client_id", &self.client_id)
             .field(
                 "client_auth",
@@ -598,6 +598,14 @@ pub(super) fn check_endpoint(endpoint: &Uri, allow_insecure: bool) -> Result<(),
     let Some(host) = endpoint.host() else {
         return Err(ConfigError(ConfigErrorKind::NotAbsolute));
     };
+    // `user:password@`: never sent by the token clients (credentials go by the refresher's
+    // own setters), and a password kept in the endpoint would show in transport errors.
+    if endpoint
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err(ConfigError(ConfigErrorKind::UserInfo));
+    }
     match endpoint.scheme_str() {
         Some(s) if s.eq_ignore_ascii_case("https") => Ok(()),
         Some(s) if s.eq_ignore_ascii_case("http") => {
@@ -609,6 +617,26 @@ pub(super) fn check_endpoint(endpoint: &Uri, allow_insecure: bool) -> Result<(),
         }
         Some(_) => Err(ConfigError(ConfigErrorKind::Scheme)),
         None => Err(ConfigError(ConfigErrorKind::NotAbsolute)),
+    }
+}
+
+/// A token endpoint as `Debug` shows it: without user information (it may hold a password;
+/// [`check_endpoint`] refuses it, but a builder is shown before it is checked).
+pub(super) struct ShownEndpoint<'a>(pub(super) &'a Uri);
+
+impl fmt::Debug for ShownEndpoint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let uri = self.0;
+        let Some(authority) = uri.authority() else {
+            return write!(f, "{uri:?}");
+        };
+        let host = authority
+            .as_str()
+            .rsplit_once('@')
+            .map_or(authority.as_str(), |(_, host)| host);
+        let scheme = uri.scheme_str().unwrap_or_default();
+        let rest = uri.path_and_query().map_or("", |p| p.as_str());
+        write!(f, "\"{scheme}://{host}{rest}\"")
     }
 }
 

@@ -40,6 +40,7 @@ pub(super) enum ConfigErrorKind {
     NotAbsolute,
     Scheme,
     Insecure,
+    UserInfo,
 }
 
 impl fmt::Display for ConfigError {
@@ -67,6 +68,10 @@ impl fmt::Display for ConfigError {
             }
             ConfigErrorKind::Scheme => {
                 "oauth2 refresher: the token endpoint must use https (or http on loopback)"
+            }
+            ConfigErrorKind::UserInfo => {
+                "oauth2 refresher: the token endpoint must not carry user information (set \
+                 client credentials with client_id and client_secret)"
             }
             ConfigErrorKind::Insecure => {
                 "oauth2 refresher: the token endpoint must use https (http only on loopback or \

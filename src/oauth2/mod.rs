@@ -374,7 +374,7 @@ impl<C> fmt::Debug for OAuth2Refresher<C> {
             Auth::Post(_) => "client_secret_post",
         };
         f.debug_struct("OAuth2Refresher")
-            .field("token_endpoint", &inner.endpoint)
+            .field("token_endpoint", &builder::ShownEndpoint(&inner.endpoint))
             .field("client_id", &inner.client_id)
             .field("client_auth", &auth)
             .field("grant", &inner.grant)

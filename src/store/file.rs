@@ -244,7 +244,10 @@ impl TokenStore for FileStore {
     }
 
     async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
-        let deadline = tokio::time::Instant::now() + max;
+        // Bounded: a wait too large to add to an instant is a long one, not a panic.
+        let deadline = tokio::time::Instant::now()
+            .checked_add(max)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
         let mut step = POLL_FIRST;
         loop {
             let now = tokio::time::Instant::now();

@@ -83,7 +83,11 @@ impl TokenStore for MemoryStore {
             return Ok(None);
         }
         let lease = Lease::new(fence(), ttl);
-        st.lease = Some((lease.fence().to_owned(), now + ttl));
+        // A TTL too large to add to an instant holds the lease for good (until released).
+        let until = now
+            .checked_add(ttl)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        st.lease = Some((lease.fence().to_owned(), until));
         Ok(Some(lease))
     }
 

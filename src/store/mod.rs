@@ -187,8 +187,9 @@ impl Record {
             scheme: self.scheme.clone(),
             access_token: self.access_token.clone(),
             expires_at_ms: self.expires_at.map(|at| {
+                // Past what a `u64` holds: the farthest expiry, never a wrapped one.
                 at.duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             }),
             refresh_token: self.refresh_token.clone(),
         };
@@ -491,6 +492,17 @@ mod tests {
         assert!(!format!("{rec:?}").contains("secret\""));
         assert!(!format!("{rec:?}").contains("acc-secret"));
         assert!(!format!("{rec:?}").contains("ref-secret"));
+    }
+
+    /// An expiry past what milliseconds since the epoch hold in a `u64` (a JWT `exp` far in
+    /// the future) is stored as the farthest one, not wrapped into 1970.
+    #[test]
+    fn a_far_future_expiry_stays_in_the_future() {
+        let now = SystemTime::now();
+        let far = UNIX_EPOCH + Duration::from_millis(u64::MAX) + Duration::from_secs(2);
+        let token = Token::bearer("a").unwrap().with_expires_at(far);
+        let back = Record::decode(&Record::from_token(1, &token, now).encode()).unwrap();
+        assert!(!back.expires_within(Duration::from_secs(86_400 * 365), now));
     }
 
     #[test]

@@ -174,6 +174,10 @@ impl<R, S: fmt::Debug> fmt::Debug for StoreRefresher<R, S> {
 /// default 30 s [`refresh_timeout`](crate::RefreshOptions::refresh_timeout).
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(12);
 
+/// The longest lease TTL [`StoreRefresher::lease_ttl`] takes: a holder that dies blocks the
+/// other processes for up to its TTL.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+
 /// A stored token with less than this left is not adopted.
 pub const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(5);
 
@@ -224,7 +228,8 @@ impl<R, S> StoreRefresher<R, S> {
     }
 
     /// How long a lease lasts at most ([`DEFAULT_LEASE_TTL`], 12 s, by default); set it above
-    /// the longest token call your refresher makes.
+    /// the longest token call your refresher makes. Taken between 1 ms and one hour (a dead
+    /// holder blocks the other processes for up to the TTL).
     ///
     /// Its time counts from just before the lease is asked for (the store starts it when it
     /// grants the lease). Your refresher gets what is left of it after the lease and the
@@ -243,7 +248,7 @@ impl<R, S> StoreRefresher<R, S> {
     /// If called on a clone.
     #[must_use]
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.inner_mut().lease_ttl = ttl.max(Duration::from_millis(1));
+        self.inner_mut().lease_ttl = ttl.clamp(Duration::from_millis(1), MAX_LEASE_TTL);
         self
     }
 
@@ -290,7 +295,7 @@ impl<R, S> StoreRefresher<R, S> {
     fn wait_budget(&self) -> Duration {
         self.inner
             .lease_wait
-            .unwrap_or(self.inner.lease_ttl + Duration::from_secs(5))
+            .unwrap_or_else(|| self.inner.lease_ttl.saturating_add(Duration::from_secs(5)))
     }
 }
 
@@ -727,6 +732,32 @@ mod tests {
         let token = shared.refresh(stale()).await.unwrap();
         assert_eq!(token.secret(), "a1");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A lease TTL or wait too large to add to an instant is capped, not a panic (in `Debug`,
+    /// in the refresh, or in the store's own lease).
+    #[tokio::test]
+    async fn an_absurd_lease_ttl_or_wait_is_not_a_panic() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shared =
+            StoreRefresher::new(counting(calls.clone(), Duration::ZERO), MemoryStore::new())
+                .lease_ttl(Duration::MAX);
+        assert!(format!("{shared:?}").contains("lease_ttl"));
+        assert_eq!(shared.refresh(stale()).await.unwrap().secret(), "a1");
+        let other = Arc::new(AtomicUsize::new(0));
+        let waiting =
+            StoreRefresher::new(counting(other.clone(), Duration::ZERO), MemoryStore::new())
+                .lease_wait(Duration::MAX);
+        assert_eq!(waiting.refresh(stale()).await.unwrap().secret(), "a1");
+        assert!(format!("{waiting:?}").contains("lease_wait"));
+        assert_eq!(
+            calls.load(Ordering::SeqCst) + other.load(Ordering::SeqCst),
+            2
+        );
+        // The store trait's own methods, called directly.
+        let store = MemoryStore::new();
+        assert!(store.try_lease(Duration::MAX).await.unwrap().is_some());
+        assert!(store.try_lease(Duration::MAX).await.unwrap().is_none());
     }
 
     /// A store of its own may hold a record at `u64::MAX` (the built-in ones refuse to read
