@@ -77,7 +77,8 @@
 //! [`Backoff::max_elapsed`], whichever is longer, plus 5 s: if the task's runtime is alive
 //! but no longer driven, the refresh does not progress and such a waiter fails with
 //! [`RefreshFailed`](error::RefreshFailed) at that bound, and the next request starts a new
-//! refresh, again on that runtime, until it shuts down (then on the requester's runtime).
+//! refresh, again on that runtime, until it shuts down (then on the requester's runtime, from
+//! the first refresh after the shutdown: that request does not fail for it).
 //! (With no Tokio runtime at all, neither where the layer was made nor where the request is
 //! polled, it runs inside the waiting requests; dropping the last one cancels it. A request
 //! polled outside any runtime for a layer made in one has no timer to bound its wait: it
@@ -85,7 +86,8 @@
 //!
 //! The runtime needs its time driver (`enable_time`, or `enable_all`; `#[tokio::main]` and
 //! `#[tokio::test]` have it): the refresh timeout, the backoff and the bounded waits for a
-//! replay's body use Tokio timers.
+//! replay's body use Tokio timers. Without it a refresh is not started (it could not be
+//! bounded): it fails with an error that names `enable_time`.
 //!
 //! - Each refresher call is bounded by [`RefreshOptions::refresh_timeout`] (30 s): a refresher
 //!   that never returns fails as a transient error instead of wedging the layer.

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 use tower::limit::ConcurrencyLimitLayer;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_auth_refresh::error::RefreshFailed;
 use tower_auth_refresh::{
     BoxError, RefreshError, RefreshLayer, ReplayBody, Token, TokenRequest, refresh_fn,
 };
@@ -484,6 +485,96 @@ fn a_refresh_is_never_parked_on_a_runtime_nobody_drives() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh");
     drop(parked);
+}
+
+/// A layer made on a runtime that has since been dropped (a client built in a setup
+/// `block_on`, or shared by several `#[tokio::test]`s) refreshes on the runtime of the request
+/// that needs it, for that very request: it does not fail the first request after the
+/// runtime went away.
+#[test]
+fn a_layer_whose_runtime_is_gone_refreshes_on_the_current_one_at_once() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let setup = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let counted = calls.clone();
+    let layer = setup.block_on(async move {
+        RefreshLayer::new(refresh_fn(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, RefreshError>(Token::bearer("fresh")?) }
+        }))
+    });
+    drop(setup);
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    main.block_on(async {
+        let (addr, seen) = recording_api("fresh").await;
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        for path in ["a", "b"] {
+            let res = tokio::time::timeout(
+                Duration::from_secs(5),
+                svc.clone()
+                    .oneshot(support::get(format!("http://{addr}/{path}"))),
+            )
+            .await
+            .expect("bounded")
+            .expect("the first request after the layer's runtime went away succeeds");
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "each request sent once");
+        assert!(seen.iter().all(|s| s.auth == "Bearer fresh"));
+    });
+}
+
+/// On a Tokio runtime without its time driver (`enable_io` only), a refresh cannot be
+/// bounded: it fails at once with an error that says so (every time, not "the task was
+/// dropped"), and the refresher is never called (nor left to hang unbounded).
+#[test]
+fn a_runtime_without_timers_gets_an_error_that_says_so() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_io()
+        .build()
+        .unwrap();
+    let counted = calls.clone();
+    rt.block_on(async move {
+        let layer = RefreshLayer::new(refresh_fn(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, RefreshError>(Token::bearer("fresh")?) }
+        }));
+        let svc = tower::Layer::layer(&layer, recording_inner(&Auths::default()));
+        for _ in 0..2 {
+            let err = svc
+                .clone()
+                .oneshot(
+                    Request::get("http://127.0.0.1:9/a")
+                        .body(Full::default())
+                        .unwrap(),
+                )
+                .await
+                .unwrap_err();
+            let failed = err
+                .downcast_ref::<RefreshFailed>()
+                .expect("a RefreshFailed error");
+            let mut chain = failed.to_string();
+            let mut next = std::error::Error::source(failed);
+            while let Some(cause) = next {
+                chain += &format!(": {cause}");
+                next = cause.source();
+            }
+            assert!(chain.contains("enable_time"), "{chain}");
+        }
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
 
 /// What an in-memory inner service saw: each request's URI and `Authorization` ("-" without).

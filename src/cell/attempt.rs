@@ -56,6 +56,28 @@ pub(crate) fn has_runtime() -> bool {
     tokio::runtime::Handle::try_current().is_ok()
 }
 
+/// Whether the current runtime has its time driver: one built without `enable_time` panics
+/// at its first timer (the panic is caught here, once per refresh, and printed by the hook).
+fn has_timer() -> bool {
+    std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok()
+}
+
+/// A refresh on a Tokio runtime without its time driver: it cannot be bounded, so it is not
+/// started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NoTimer;
+
+impl std::fmt::Display for NoTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "the Tokio runtime has no timer, which bounds the token refresh: build it with \
+             `enable_time` or `enable_all`",
+        )
+    }
+}
+
+impl std::error::Error for NoTimer {}
+
 /// Calls the refresher until it succeeds, fails terminally, or the backoff gives up. Each
 /// attempt is cut off at the refresh timeout and at the backoff's total bound, whichever
 /// comes first (with a runtime; without one there is no timer). `single`: one attempt only
@@ -66,6 +88,9 @@ pub(crate) async fn attempt_all(
     settings: &FlightSettings,
     single: bool,
 ) -> Result<Token, RefreshError> {
+    if has_runtime() && !has_timer() {
+        return Err(RefreshError::transient(NoTimer));
+    }
     let started = settings.clock.now();
     let mut attempt: u32 = 0;
     loop {

@@ -300,6 +300,7 @@ impl TokenCell {
                     job,
                     Some(Task {
                         runtime,
+                        cell: Arc::clone(self),
                         fut: Box::pin(task),
                     }),
                 )
@@ -368,15 +369,76 @@ impl std::future::Future for FreshWait {
     }
 }
 
+type TaskFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
 /// A refresh task, spawned once the cell's lock is released.
 pub(crate) struct Task {
     runtime: tokio::runtime::Handle,
-    fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>,
+    cell: Arc<TokenCell>,
+    fut: TaskFuture,
 }
 
 impl Task {
+    /// Spawns the refresh on the cell's runtime. A runtime that has shut down drops a new
+    /// task at once, unpolled, and hands it back: it then runs on the current runtime (as
+    /// every later refresh of the cell), so the request that started it does not fail for it.
     fn spawn(self) {
-        drop(self.runtime.spawn(self.fut));
+        let back = Arc::new(std::sync::Mutex::new(None));
+        drop(self.runtime.spawn(HandBack {
+            fut: Some(self.fut),
+            polled: false,
+            back: Arc::clone(&back),
+        }));
+        let returned = back
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(fut) = returned {
+            self.cell.runtime_gone.store(true, Ordering::Relaxed);
+            match tokio::runtime::Handle::try_current() {
+                Ok(current) => drop(current.spawn(fut)),
+                // Nowhere to run it: dropped, its guard clears the flight.
+                Err(_) => drop(fut),
+            }
+        }
+    }
+}
+
+/// A task's future that, dropped before its first poll, hands itself back instead of being
+/// lost (see [`Task::spawn`]).
+struct HandBack {
+    fut: Option<TaskFuture>,
+    polled: bool,
+    back: Arc<std::sync::Mutex<Option<TaskFuture>>>,
+}
+
+impl std::future::Future for HandBack {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.polled = true;
+        let fut = self.fut.as_mut().expect("polled after completion");
+        std::task::ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        std::task::Poll::Ready(())
+    }
+}
+
+impl Drop for HandBack {
+    fn drop(&mut self) {
+        if self.polled {
+            return;
+        }
+        // Nobody takes it when the runtime shut down after the spawn: dropped with the last
+        // `back`, and its guard clears the flight as before.
+        let fut = self.fut.take();
+        *self
+            .back
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fut;
     }
 }
 
@@ -391,7 +453,10 @@ struct TaskGuard {
 impl Drop for TaskGuard {
     fn drop(&mut self) {
         if !self.finished {
-            self.cell.runtime_gone.store(true, Ordering::Relaxed);
+            // Unwinding: the task panicked, its runtime is not gone.
+            if !std::thread::panicking() {
+                self.cell.runtime_gone.store(true, Ordering::Relaxed);
+            }
             self.cell.abandon_flight(self.id, None);
         }
     }

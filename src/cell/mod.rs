@@ -88,7 +88,7 @@ pub(crate) struct TokenCell {
     pub(crate) origin: Arc<OnceLock<Origin>>,
     /// The runtime the cell was made in: refresh tasks run there, so a request on a runtime
     /// that stops being driven cannot strand them. Falls back to the current runtime when
-    /// there was none, or once it is gone.
+    /// there was none, or once it is gone (found when a spawn there hands the task back).
     runtime: Option<tokio::runtime::Handle>,
     runtime_gone: std::sync::atomic::AtomicBool,
 }
