@@ -551,6 +551,9 @@ where
             crate::head::drain(first_body).await;
             let mut svc = replayer.service();
             let second = send_replay(&mut svc, &shared, head, body, header).await?;
+            if second.redirected {
+                return Ok(second.res);
+            }
             if second.challenged
                 || replay::refused_again(&shared, ticket, second.res.status(), second.res.headers())
             {
@@ -595,6 +598,9 @@ where
     let first_head = ResponseHead::from_parts(&first_parts);
     let mut svc = replayer.service();
     let second = send_replay(&mut svc, &shared, head, body, *header).await?;
+    if second.redirected {
+        return Ok(second.res);
+    }
     let refused = shared
         .options()
         .triggers(second.res.status(), second.res.headers());
@@ -612,6 +618,9 @@ where
 struct Replayed<R> {
     res: R,
     challenged: bool,
+    /// It came from a redirect target: returned as it is, as for a first send (the replay
+    /// was accepted by the server it went to).
+    redirected: bool,
 }
 
 /// Sends the replay: the token set, a fresh proof if the layer has one, the proof shown the
@@ -632,8 +641,20 @@ where
     replay::prove(shared, &head.method, &head.uri, &mut head.headers).map_err(|f| f.into_box())?;
     let uri = head.uri.clone();
     let res = ready_call(svc, Request::from_parts(head, body)).await?;
+    if redirected(&res, Some(&uri)) {
+        // Not the proof's server: nothing to learn from it.
+        return Ok(Replayed {
+            res,
+            challenged: false,
+            redirected: true,
+        });
+    }
     let challenged = replay::observe(shared, &uri, res.status(), res.headers());
-    Ok(Replayed { res, challenged })
+    Ok(Replayed {
+        res,
+        challenged,
+        redirected: false,
+    })
 }
 
 /// A refusal after a refresh: the response itself, or the typed error (with the first bytes

@@ -607,9 +607,11 @@ where
         let (parts, body) = req.into_parts();
         let Some(key) = self.picker.pick(&parts) else {
             // A request no cell would authenticate (its own `Authorization`, a token request,
-            // one from inside a refresher, one the attach rule leaves alone) goes out as the
-            // tower layer sends it: untouched, with or without a key.
-            if crate::replay::untouched_by_any_cell(&parts, &self.options) {
+            // one from inside a refresher, one the attach rule or the origins leave alone)
+            // goes out as the tower layer sends it: untouched, with or without a key.
+            if crate::replay::untouched_by_any_cell(&parts, &self.options)
+                || crate::shared::untouched_by_origin(&self.options, &self.keyed.origin, &parts.uri)
+            {
                 return ResponseFuture::passthrough(
                     self.inner
                         .call(Request::from_parts(parts, ReplayBody::passthrough(body))),

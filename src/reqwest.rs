@@ -23,7 +23,14 @@
 //!    from the request the middleware sent (not from a redirect target reqwest followed), the
 //!    request gets a token newer than the one it was sent with (the one already there, the
 //!    refresh in flight, or a new refresh) and is replayed **once**. A second refusal is
-//!    [`UnauthorizedAfterRefresh`].
+//!    [`UnauthorizedAfterRefresh`]; a replay answered by a redirect target is returned as it
+//!    is, as a first send's.
+//!
+//! A redirect is told by the response's URL: a response from another URL than the one this
+//! middleware sent comes from a redirect target, and is never refreshed or replayed for.
+//! Add middleware that rewrites URLs (a base URL, an API version in the query, a signer)
+//! **before** this one (`ClientBuilder::with` runs them in order): below it, its rewrite
+//! looks like a redirect, and its 401s are returned as they are.
 //!
 //! # Which bodies are replayed
 //!
@@ -46,13 +53,14 @@
 //! [`SessionEnded`] or [`UnauthorizedAfterRefresh`] for the token's fate, and
 //! [`InsecureTransport`] (the token would go over plain HTTP to a host that is not loopback)
 //! or [`ProofFailed`] (a proof of possession could not be made) for a request the middleware
-//! would not send. (A request sent from inside the refresher passes through untouched.)
+//! would not send (a request sent from inside the refresher passes through untouched).
+//! Downcast to tell them apart. Errors of the client and of later middleware pass through
+//! unchanged.
 //!
 //! The markers [`NoReplay`] and [`TokenRequest`] are read from reqwest-middleware's
 //! extensions (`RequestBuilder::with_extension`): reqwest keeps a `reqwest::Request`'s own
 //! extensions private, so a marker put into an `http::Request` converted into a
-//! `reqwest::Request` is not seen. Downcast to tell them apart. Errors of the client and of later middleware
-//! pass through unchanged.
+//! `reqwest::Request` is not seen.
 //!
 //! ```
 //! use reqwest_middleware::Error;
@@ -341,12 +349,19 @@ impl SentUrl {
             Some(copy) => copy.url(),
             None => self.0.as_deref().expect("kept without a copy"),
         };
-        if sent.fragment().is_none() {
-            // The common case: one comparison of the two URLs' text.
-            return sent != res.url();
-        }
-        without_fragment(sent) != without_fragment(res.url())
+        redirected(sent, res)
     }
+}
+
+/// Whether `res`, the response to a request sent to `sent`, came from another URL: a
+/// redirect reqwest followed. The fragment is never sent (a response's URL has none): it is
+/// not compared.
+fn redirected(sent: &reqwest::Url, res: &Response) -> bool {
+    if sent.fragment().is_none() {
+        // The common case: one comparison of the two URLs' text.
+        return sent != res.url();
+    }
+    without_fragment(sent) != without_fragment(res.url())
 }
 
 fn without_fragment(url: &reqwest::Url) -> &str {
@@ -400,7 +415,11 @@ impl Refused {
                 again.headers_mut().insert(AUTHORIZATION, token);
                 replay::prove(shared, &method, target(&uri), again.headers_mut())
                     .map_err(|f| f.into_reqwest())?;
+                let sent = again.url().clone();
                 let second = next.run(again, extensions).await?;
+                if redirected(&sent, &second) {
+                    return Ok(second);
+                }
                 let challenged =
                     replay::observe(shared, target(&uri), second.status(), second.headers());
                 if challenged || shared.options().triggers(second.status(), second.headers()) {
@@ -425,7 +444,13 @@ impl Refused {
                 again.headers_mut().insert(AUTHORIZATION, header);
                 replay::prove(shared, &method, target(&uri), again.headers_mut())
                     .map_err(|f| f.into_reqwest())?;
+                let sent = again.url().clone();
                 let second = next.run(again, extensions).await?;
+                // A redirect target's answer is returned as it is, as for a first send (the
+                // replay was accepted by the server it went to).
+                if redirected(&sent, &second) {
+                    return Ok(second);
+                }
                 // A challenge of the replay's proof is a second refusal too, as in the tower
                 // layer: one replay, never more.
                 let challenged =

@@ -148,6 +148,29 @@ impl Shared {
     }
 }
 
+/// Whether a request to `uri` goes out untouched by every cell that shares the first-seen
+/// `origin` (the keyed layer asks before it needs a key): an origin off the allow-list, an
+/// origin this layer cannot tell, or another origin than the first-seen one once that is
+/// bound. Binds nothing: an origin not yet bound is not decided here.
+pub(crate) fn untouched_by_origin(
+    options: &RefreshOptions,
+    origin: &std::sync::OnceLock<Origin>,
+    uri: &http::Uri,
+) -> bool {
+    let decided = match (uri.scheme(), uri.authority()) {
+        (Some(scheme), Some(authority)) if judgeable(scheme, authority) => {
+            return match &options.origins {
+                Origins::Any => false,
+                Origins::List(list) => !list.iter().any(|o| o.matches(scheme, authority)),
+                Origins::FirstSeen => origin.get().is_some_and(|o| !o.matches(scheme, authority)),
+            };
+        }
+        (_, Some(authority)) => unknown_scheme(options, authority),
+        (_, None) => relative(&options.origins),
+    };
+    decided == Destination::Untouched
+}
+
 /// Attach, unless the destination is not secure and plain HTTP was not allowed.
 fn secured(options: &RefreshOptions, secure: bool) -> Destination {
     if !options.allow_insecure_http && !secure {

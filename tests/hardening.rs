@@ -240,6 +240,107 @@ async fn redirect_to_a_refusing_origin()
     (shop, orders, refusals)
 }
 
+/// Two servers: `POST /orders` on the first refuses any token but `Bearer fresh` with 401;
+/// with it, it places the order and answers 303 to the second, which refuses every request
+/// with 401 (the token was rightly not sent across origins).
+async fn redirect_after_a_refresh() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let other = {
+        let refusals = refusals.clone();
+        serve(move |_req: Request<hyper::body::Incoming>| {
+            refusals.fetch_add(1, Ordering::SeqCst);
+            async { response(StatusCode::UNAUTHORIZED, "who are you?") }
+        })
+        .await
+    };
+    let orders = Arc::new(AtomicUsize::new(0));
+    let shop = {
+        let orders = orders.clone();
+        serve(move |req: Request<hyper::body::Incoming>| {
+            let orders = orders.clone();
+            async move {
+                if authorization(req.headers()) != "Bearer fresh" {
+                    return response(StatusCode::UNAUTHORIZED, "stale");
+                }
+                orders.fetch_add(1, Ordering::SeqCst);
+                let mut res = response(StatusCode::SEE_OTHER, "");
+                res.headers_mut()
+                    .insert(LOCATION, format!("http://{other}/done").parse().unwrap());
+                res
+            }
+        })
+        .await
+    };
+    (shop, orders, refusals)
+}
+
+/// A replay the server accepted (the order is placed) and answered with a redirect to an
+/// origin that refuses it: the redirect target's 401 is returned as it is, as for a first
+/// send, not taken for a refusal of the new token (`UnauthorizedAfterRefresh` would tell the
+/// caller the order failed, and a caller that retries would place it twice).
+#[tokio::test]
+async fn a_replay_answered_by_a_redirect_target_is_returned_as_it_is() {
+    guard(async {
+        let (shop, orders, refusals) = redirect_after_a_refresh().await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
+            .initial_token(Token::bearer("stale").unwrap());
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(FollowRedirectLayer::new())
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let res = svc
+            .oneshot(
+                Request::post(format!("http://{shop}/orders"))
+                    .body(Full::from("{\"item\": 1}"))
+                    .unwrap(),
+            )
+            .await
+            .expect("the redirect target's answer, not an error");
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            orders.load(Ordering::SeqCst),
+            1,
+            "the replayed POST ran once"
+        );
+        assert_eq!(refusals.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one token call");
+    })
+    .await;
+}
+
+/// The same with reqwest's own redirects.
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn through_reqwest_a_replay_answered_by_a_redirect_target_is_returned_as_it_is() {
+    guard(async {
+        let (shop, orders, refusals) = redirect_after_a_refresh().await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
+            .initial_token(Token::bearer("stale").unwrap());
+        let client = reqwest_middleware::ClientBuilder::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+        )
+        .with(layer.reqwest_middleware())
+        .build();
+        let res = client
+            .post(format!("http://{shop}/orders"))
+            .body("{\"item\": 1}")
+            .send()
+            .await
+            .expect("the redirect target's answer, not an error");
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            orders.load(Ordering::SeqCst),
+            1,
+            "the replayed POST ran once"
+        );
+        assert_eq!(refusals.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one token call");
+    })
+    .await;
+}
+
 /// Hold-every-promise item 1: a 401 from a redirect hop (another origin) never triggers a
 /// refresh or a replay: the order is placed once.
 #[tokio::test]

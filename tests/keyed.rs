@@ -384,6 +384,56 @@ async fn requests_without_a_key_fail_typed_or_use_the_default_principal() {
         .unwrap_err();
     assert!(err.is::<MissingKey>());
 
+    // A destination no cell would send a token to goes out untouched without a key too: an
+    // origin off the allow-list, or (without one) another origin than the first-seen one, once
+    // that is bound. An origin not yet bound still needs the key (and binds nothing).
+    let listed = KeyedRefreshLayer::new(refresher)
+        .allowed_origins(["https://api.example"])
+        .unwrap()
+        .layer(echo());
+    let cdn = Request::get("https://cdn.example/logo.png")
+        .body(Body::default())
+        .unwrap();
+    let res = listed.clone().oneshot(cdn).await.unwrap();
+    assert_eq!(res.body(), "-", "no Authorization");
+    let err = listed
+        .oneshot(
+            Request::get("https://api.example/x")
+                .body(Body::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is::<MissingKey>());
+    let first_seen = KeyedRefreshLayer::new(refresher).layer(echo());
+    let unbound = Request::get("https://cdn.example/logo.png")
+        .body(Body::default())
+        .unwrap();
+    let err = first_seen.clone().oneshot(unbound).await.unwrap_err();
+    assert!(
+        err.is::<MissingKey>(),
+        "nothing bound yet: the key is needed"
+    );
+    let mut keyed = Request::get("https://api.example/x")
+        .body(Body::default())
+        .unwrap();
+    keyed.extensions_mut().insert(Tenant(1));
+    let res = first_seen.clone().oneshot(keyed).await.unwrap();
+    assert_eq!(
+        res.body(),
+        "Bearer t1",
+        "the first-seen origin is api.example"
+    );
+    let cdn = Request::get("https://cdn.example/logo.png")
+        .body(Body::default())
+        .unwrap();
+    let res = first_seen.oneshot(cdn).await.unwrap();
+    assert_eq!(
+        res.body(),
+        "-",
+        "another origin than the bound one: untouched"
+    );
+
     let lenient = KeyedRefreshLayer::new(refresher)
         .default_key(Tenant(0))
         .layer(echo());
