@@ -717,7 +717,14 @@ where
                 let req = Request::from_parts(parts, ReplayBody::passthrough(body));
                 return ResponseFuture::passthrough(inner.call(req));
             }
-            let (body, source) = ReplayBody::new(body, shared.options().max_replay_body);
+            // A refused proof (a nonce challenge) replays whatever the method; a refused token
+            // only if the method may be replayed. A body never replayed is not kept.
+            let options = shared.options();
+            let (body, source) = if options.proof.is_some() || options.may_replay(&parts.method) {
+                ReplayBody::new(body, options.max_replay_body)
+            } else {
+                (ReplayBody::passthrough(body), None)
+            };
             // The head is kept without the token (the replay sets a newer one); a request
             // without headers of its own then is copied without allocating.
             let head = source.as_ref().map(|_| RequestCopy::without_token(&parts));
@@ -744,7 +751,9 @@ where
         }
         Admit::Wait { ticket, expired } => {
             let sent = Sent::new(ticket, true, &parts.extensions);
-            let (body, source) = if sent.no_replay {
+            // After a wait a refusal is final (no second refresh): only a refused proof (a
+            // nonce challenge) replays, so only a layer with a proof keeps the body.
+            let (body, source) = if sent.no_replay || shared.options().proof.is_none() {
                 (ReplayBody::passthrough(body), None)
             } else {
                 ReplayBody::new(body, shared.options().max_replay_body)

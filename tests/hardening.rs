@@ -849,3 +849,79 @@ async fn through_reqwest_an_unknown_scheme_never_gets_the_token_by_default() {
     })
     .await;
 }
+
+/// Counts its drops: the owner of a request body's bytes.
+struct Tracked(Vec<u8>, Arc<AtomicUsize>);
+
+impl AsRef<[u8]> for Tracked {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A body the layer could never replay is not kept: a request that waited for its token
+/// (a refusal after a wait is final) and, under `ReplayMethods::Idempotent`, a `POST`. The
+/// inner service reads the body and lets go of it; the bytes are then gone, not held by a
+/// capture until the response.
+#[tokio::test]
+async fn a_body_that_can_never_be_replayed_is_not_kept() {
+    let freed_by_inner = Arc::new(Mutex::new(Vec::new()));
+    let inner = {
+        let freed_by_inner = freed_by_inner.clone();
+        tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let freed_by_inner = freed_by_inner.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let freed = parts.extensions.get::<Arc<AtomicUsize>>().unwrap().clone();
+                let bytes = body.collect().await.unwrap().to_bytes();
+                assert_eq!(&bytes[..], b"order 1");
+                drop(bytes);
+                freed_by_inner
+                    .lock()
+                    .unwrap()
+                    .push(freed.load(Ordering::SeqCst));
+                Ok::<_, BoxError>(response(StatusCode::OK, "ok"))
+            }
+        })
+    };
+    let post = || {
+        let freed = Arc::new(AtomicUsize::new(0));
+        let body = Bytes::from_owner(Tracked(b"order 1".to_vec(), freed.clone()));
+        let mut req = Request::post("http://127.0.0.1:9/orders")
+            .body(Full::new(body))
+            .unwrap();
+        req.extensions_mut().insert(freed);
+        req
+    };
+    // No token yet: the request waits for the refresh.
+    let waits = RefreshLayer::new(refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer("fresh")?)
+    }));
+    let res = tower::Layer::layer(&waits, inner.clone())
+        .oneshot(post())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // A valid token, but a method the options never replay.
+    let idempotent = RefreshLayer::new(refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer("fresh")?)
+    }))
+    .initial_token(Token::bearer("valid").unwrap())
+    .replay_methods(tower_auth_refresh::ReplayMethods::Idempotent);
+    let res = tower::Layer::layer(&idempotent, inner)
+        .oneshot(post())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        *freed_by_inner.lock().unwrap(),
+        vec![1, 1],
+        "the bytes were freed once the inner service let go of them"
+    );
+}
