@@ -1,6 +1,5 @@
 //! The store protocol as a refresher decorator.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -44,6 +43,10 @@ use crate::token::Token;
 ///   back. Until then, another process that refreshes from the stored record presents the
 ///   spent refresh token: with a server that detects reuse, that ends its session (and may
 ///   revoke the whole token family). This memory does not survive a restart of the process.
+/// - **The write loses its lease** (the store restarted or was flushed during the token call,
+///   or a slow write landed after the lease's TTL) and nobody stored anything newer: the new
+///   set is written under a lease taken again (a few tries, at most 250 ms apart), so the
+///   other processes follow it; if that fails too, it is kept as above.
 /// - **A corrupt record** ([`is_corrupt`](StoreError::is_corrupt)) fails every refresh, before
 ///   any token call, until it is removed.
 ///
@@ -99,8 +102,14 @@ struct Inner<R, S> {
 /// failed), each with the record it was refreshed from. While that record is still the stored
 /// one, the stored refresh token is spent (rotated away by that refresh) and this process's
 /// own set is the newest: the next refresh starts from it and writes its result back.
+///
+/// One entry per record refreshed from, i.e. per principal (a keyed refresher shares this
+/// among its keys), dropped once that principal's set is stored or its record replaced. At
+/// most [`UNSTORED_KEPT`] (the keyed layer's default capacity): dropping an entry early makes
+/// that principal's next refresh present the stored, spent refresh token, so the cap is far
+/// above one outage's worth for most applications, and dropping one is logged.
 #[derive(Default)]
-pub(super) struct Unstored(Mutex<VecDeque<Pending>>);
+pub(super) struct Unstored(Mutex<std::collections::VecDeque<Pending>>);
 
 struct Pending {
     /// The record the set was refreshed from (`None`: there was none).
@@ -110,10 +119,10 @@ struct Pending {
 }
 
 /// How many unstored token sets are remembered (one per principal whose write failed).
-const UNSTORED_KEPT: usize = 64;
+const UNSTORED_KEPT: usize = 10_000;
 
 impl Unstored {
-    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Pending>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -133,12 +142,17 @@ impl Unstored {
         None
     }
 
-    /// Remembers `newest`, refreshed from `from`, as not stored.
+    /// Remembers `newest`, refreshed from `from`, as not stored, in place of an earlier set
+    /// refreshed from the same record.
     fn remember(&self, from: Option<Record>, newest: Token) {
         let mut pending = self.pending();
         pending.retain(|p| p.from != from);
-        if pending.len() == UNSTORED_KEPT {
+        if pending.len() >= UNSTORED_KEPT {
             pending.pop_front();
+            tracing::warn!(
+                kept = UNSTORED_KEPT,
+                "token store: forgot the oldest token set that could not be stored"
+            );
         }
         pending.push_back(Pending { from, newest });
     }
@@ -539,31 +553,113 @@ where
                 self.inner.unstored.forget(record.as_ref());
                 Ok(token)
             }
-            Ok(lost) => {
+            Ok(lost) => match self.store_again(record.as_ref(), &new_record).await {
+                // Nobody stored anything newer (the lease vanished with a restarted or
+                // flushed store, or ran out before a slow write): stored under a new lease.
+                Rewrite::Stored => {
+                    tracing::info!(
+                        version = next,
+                        outcome = ?lost,
+                        "token store: the write had lost its lease; stored the new token under a new one"
+                    );
+                    self.inner.unstored.forget(record.as_ref());
+                    Ok(token)
+                }
                 // Another process wrote meanwhile (our lease expired or was not exclusive):
                 // everyone else follows the stored set, so follow it too.
-                match store.load().await {
-                    Ok(Some(now)) if now.version() > base => match now.to_token() {
-                        Ok(winner) => {
-                            tracing::info!(
-                                version = now.version(),
-                                outcome = ?lost,
-                                "token store: lost the write to another process; adopted its token"
-                            );
-                            self.inner.unstored.forget(record.as_ref());
-                            Ok(winner)
-                        }
-                        Err(_) => Ok(token),
-                    },
-                    _ => {
-                        tracing::warn!(outcome = ?lost, "token store: the new token was not stored");
-                        unstored(token)
+                Rewrite::Newer(now) => match now.to_token() {
+                    Ok(winner) => {
+                        tracing::info!(
+                            version = now.version(),
+                            outcome = ?lost,
+                            "token store: lost the write to another process; adopted its token"
+                        );
+                        self.inner.unstored.forget(record.as_ref());
+                        Ok(winner)
                     }
+                    Err(_) => Ok(token),
+                },
+                Rewrite::NotStored => {
+                    tracing::warn!(outcome = ?lost, "token store: the new token was not stored");
+                    unstored(token)
                 }
-            }
+            },
             Err(err) => {
                 tracing::warn!(error = %err, "token store: the new token was not stored");
                 unstored(token)
+            }
+        }
+    }
+}
+
+/// What became of a write that lost its lease or found another version, tried again by
+/// [`StoreRefresher::store_again`].
+enum Rewrite {
+    /// Stored after all, under a new lease.
+    Stored,
+    /// Another process stored this newer record meanwhile.
+    Newer(Record),
+    /// Not stored: the store failed, another process kept the lease, or it holds a record of
+    /// another lineage (not newer by version).
+    NotStored,
+}
+
+/// How many times [`StoreRefresher::store_again`] asks for a new lease; it waits at most
+/// [`WAIT_SLICE`] between two of them.
+const REWRITE_TRIES: usize = 3;
+
+impl<R, S> StoreRefresher<R, S>
+where
+    R: TokenRefresher,
+    S: TokenStore,
+{
+    /// After a write of `new_record` (refreshed from `record`) that lost its lease or found
+    /// another version: if the store still holds `record`, or no record at all (a flushed
+    /// store), the refresh token `record` carries is spent and nobody stored its successor, so
+    /// `new_record` is written under a lease taken again (and given back). Bounded: at most
+    /// [`REWRITE_TRIES`] lease requests, waiting at most [`WAIT_SLICE`] after a refused one.
+    /// Never calls the refresher.
+    async fn store_again(&self, record: Option<&Record>, new_record: &Record) -> Rewrite {
+        let store = &self.inner.store;
+        let base = record.map_or(0, Record::version);
+        let mut tries = 0;
+        loop {
+            let Ok(now) = store.load().await else {
+                return Rewrite::NotStored;
+            };
+            match now {
+                Some(now) if now.version() > base => return Rewrite::Newer(now),
+                Some(ref now) if Some(now) != record => return Rewrite::NotStored,
+                _ => {}
+            }
+            let expected = now.as_ref().map_or(0, Record::version);
+            if tries == REWRITE_TRIES {
+                return Rewrite::NotStored;
+            }
+            tries += 1;
+            let lease = match store.try_lease(self.inner.lease_ttl).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    if store.wait_change(expected, WAIT_SLICE).await.is_err() {
+                        return Rewrite::NotStored;
+                    }
+                    continue;
+                }
+                Err(_) => return Rewrite::NotStored,
+            };
+            let held = Held {
+                inner: self.inner.clone(),
+                lease: Some(lease),
+            };
+            let outcome = store
+                .compare_and_set(held.lease(), expected, new_record)
+                .await;
+            held.release().await;
+            match outcome {
+                Ok(CasOutcome::Written) => return Rewrite::Stored,
+                // Read again: a newer record is adopted, the same one tried again.
+                Ok(_) => {}
+                Err(_) => return Rewrite::NotStored,
             }
         }
     }
@@ -627,8 +723,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::keyed::KeyedRefresher;
     use crate::refresher::{RefreshReason, context_fn};
-    use crate::store::MemoryStore;
+    use crate::store::{KeyedStoreRefresher, MemoryStore};
 
     fn counting(calls: Arc<AtomicUsize>, delay: Duration) -> impl TokenRefresher {
         context_fn(move |ctx: RefreshContext| {
@@ -1005,5 +1102,306 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(taken.is_some(), "released at once, not after its 600 s TTL");
+    }
+
+    /// A refresher that records every refresh token it is presented and answers `a{n}` with
+    /// the rotated refresh token `r{n}` (`n`: the count of presentations so far).
+    fn recording(log: Arc<Mutex<Vec<String>>>) -> impl TokenRefresher {
+        context_fn(move |ctx: RefreshContext| {
+            let log = log.clone();
+            async move {
+                let presented = ctx.stale().and_then(Token::refresh_token).unwrap();
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(presented.to_owned());
+                    log.len()
+                };
+                Ok(Token::bearer(format!("a{n}"))?
+                    .with_expires_in(Duration::from_secs(600))
+                    .with_refresh_token(format!("r{n}")))
+            }
+        })
+    }
+
+    /// Writes `token` as version `version` into an empty `store`.
+    async fn seed(store: &impl TokenStore, version: u64, token: &Token) {
+        let lease = store
+            .try_lease(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
+        let record = Record::from_token(version, token, SystemTime::now());
+        let written = store.compare_and_set(&lease, 0, &record).await.unwrap();
+        assert_eq!(written, CasOutcome::Written);
+        store.release(lease).await.unwrap();
+    }
+
+    /// An expired stored set with refresh token `refresh`.
+    fn expired(access: &str, refresh: &str) -> Token {
+        Token::bearer(access)
+            .unwrap()
+            .with_expires_at(SystemTime::now() - Duration::from_secs(1))
+            .with_refresh_token(refresh)
+    }
+
+    /// What happens to the store just before the next compare-and-set lands.
+    #[derive(Clone, Copy)]
+    enum Fault {
+        /// The lease vanishes (a Redis restart that kept the data, a lease whose TTL ran out
+        /// before a slow write): the write answers `LeaseLost`.
+        LeaseGone,
+        /// Everything vanishes, lease and record (a flushed Redis): `LeaseLost`.
+        Flushed,
+        /// Another process takes the lease and keeps it (ours ran out): `LeaseLost`.
+        TakenOver,
+        /// Another process takes the lease and stores a set of its own: `LeaseLost`.
+        Overtaken,
+    }
+
+    /// A memory store with faults: one armed [`Fault`] for the next write, and writes that fail
+    /// (an error) while `writes_fail` is set. Clones share everything.
+    #[derive(Clone, Default)]
+    struct Faulty {
+        current: Arc<Mutex<MemoryStore>>,
+        fault: Arc<Mutex<Option<Fault>>>,
+        other: Arc<Mutex<Option<Lease>>>,
+        writes_fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Faulty {
+        fn store(&self) -> MemoryStore {
+            self.current.lock().unwrap().clone()
+        }
+
+        fn arm(&self, fault: Fault) {
+            *self.fault.lock().unwrap() = Some(fault);
+        }
+    }
+
+    impl TokenStore for Faulty {
+        async fn load(&self) -> Result<Option<Record>, StoreError> {
+            self.store().load().await
+        }
+
+        async fn try_lease(&self, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+            self.store().try_lease(ttl).await
+        }
+
+        async fn compare_and_set(
+            &self,
+            lease: &Lease,
+            expected: u64,
+            record: &Record,
+        ) -> Result<CasOutcome, StoreError> {
+            if self.writes_fail.load(Ordering::SeqCst) {
+                return Err(StoreError::unavailable(
+                    "the store is down",
+                    "connection refused",
+                ));
+            }
+            let fault = self.fault.lock().unwrap().take();
+            let store = self.store();
+            match fault {
+                None => {}
+                Some(Fault::LeaseGone) => {
+                    store
+                        .release(Lease::new(lease.fence(), lease.ttl()))
+                        .await?;
+                }
+                Some(Fault::Flushed) => *self.current.lock().unwrap() = MemoryStore::new(),
+                Some(Fault::TakenOver) => {
+                    store
+                        .release(Lease::new(lease.fence(), lease.ttl()))
+                        .await?;
+                    let other = store.try_lease(Duration::from_secs(600)).await?;
+                    *self.other.lock().unwrap() = other;
+                }
+                Some(Fault::Overtaken) => {
+                    store
+                        .release(Lease::new(lease.fence(), lease.ttl()))
+                        .await?;
+                    let other = store.try_lease(Duration::from_secs(600)).await?.unwrap();
+                    let theirs = Token::bearer("theirs")
+                        .unwrap()
+                        .with_expires_in(Duration::from_secs(600))
+                        .with_refresh_token("their-refresh");
+                    let now = Record::from_token(record.version(), &theirs, SystemTime::now());
+                    let written = store.compare_and_set(&other, expected, &now).await?;
+                    assert_eq!(written, CasOutcome::Written);
+                    store.release(other).await?;
+                }
+            }
+            self.store().compare_and_set(lease, expected, record).await
+        }
+
+        async fn release(&self, lease: Lease) -> Result<(), StoreError> {
+            self.store().release(lease).await
+        }
+
+        async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
+            self.store().wait_change(seen, max).await
+        }
+    }
+
+    /// One process rotates `r0 -> r1` and its write meets `fault`; returns that process, its
+    /// token, the store, and the log of presented refresh tokens.
+    async fn rotate_through(
+        fault: Fault,
+    ) -> (
+        StoreRefresher<impl TokenRefresher, Faulty>,
+        Token,
+        Faulty,
+        Arc<Mutex<Vec<String>>>,
+    ) {
+        let store = Faulty::default();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let a = StoreRefresher::new(recording(log.clone()), store.clone());
+        store.arm(fault);
+        let got = a.refresh(stale()).await.unwrap();
+        assert!(store.fault.lock().unwrap().is_none(), "the fault was met");
+        (a, got, store, log)
+    }
+
+    /// The write of a rotated set lost its lease, and nobody stored anything since: the set
+    /// is stored after all (under a lease taken again, and given back), so another process
+    /// presents the new refresh token, never the spent one.
+    #[tokio::test]
+    async fn a_rotated_set_whose_lease_vanished_is_stored_after_all() {
+        for fault in [Fault::LeaseGone, Fault::Flushed] {
+            let (_a, got, store, log) = rotate_through(fault).await;
+            assert_eq!(got.refresh_token(), Some("r1"));
+            let stored = store.load().await.unwrap().expect("a stored set");
+            assert_eq!(stored.to_token().unwrap().refresh_token(), Some("r1"));
+            assert!(stored.same_access_token(&got));
+            let lease = store.try_lease(Duration::from_secs(1)).await.unwrap();
+            store
+                .release(lease.expect("the lease was given back"))
+                .await
+                .unwrap();
+
+            // Another process: adopts the stored set, then refreshes from its refresh token.
+            let b = StoreRefresher::new(recording(log.clone()), store.clone());
+            let adopted = b.refresh(stale()).await.unwrap();
+            assert_eq!(adopted.secret(), "a1");
+            let next = b
+                .refresh(RefreshContext::new(Some(adopted), RefreshReason::Forced))
+                .await
+                .unwrap();
+            assert_eq!(next.refresh_token(), Some("r2"));
+            assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
+            let stored = store.load().await.unwrap().unwrap();
+            assert_eq!(stored.to_token().unwrap().refresh_token(), Some("r2"));
+        }
+    }
+
+    /// A write that lost to another process's set adopts that set, as before.
+    #[tokio::test]
+    async fn a_rotated_set_overtaken_by_another_process_adopts_its_set() {
+        let (_a, got, store, log) = rotate_through(Fault::Overtaken).await;
+        assert_eq!(got.secret(), "theirs");
+        assert_eq!(got.refresh_token(), Some("their-refresh"));
+        let stored = store.load().await.unwrap().unwrap();
+        assert_eq!(stored.version(), 2);
+        assert!(stored.same_access_token(&got));
+        assert_eq!(*log.lock().unwrap(), ["r0"]);
+    }
+
+    /// Storing the rotated set again is bounded: with the lease held elsewhere for long, the
+    /// set is kept in memory, and this process's next refresh presents its refresh token.
+    #[tokio::test(start_paused = true)]
+    async fn storing_a_rotated_set_again_gives_up_while_another_process_holds_the_lease() {
+        let (a, got, store, log) = rotate_through(Fault::TakenOver).await;
+        assert_eq!(got.refresh_token(), Some("r1"));
+        let stored = store.load().await.unwrap().unwrap();
+        assert_eq!(stored.version(), 1, "not stored");
+        let other = store.other.lock().unwrap().take().unwrap();
+        store.release(other).await.unwrap();
+
+        let next = a
+            .refresh(RefreshContext::new(Some(got), RefreshReason::Forced))
+            .await
+            .unwrap();
+        assert_eq!(next.refresh_token(), Some("r2"));
+        assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
+        let stored = store.load().await.unwrap().unwrap();
+        assert_eq!(stored.to_token().unwrap().refresh_token(), Some("r2"));
+    }
+
+    /// A keyed refresher whose token call for key `k` presents and rotates `r{k}.{n}`.
+    fn keyed_recording(
+        log: Arc<Mutex<Vec<(usize, String)>>>,
+    ) -> impl Fn(
+        usize,
+        Option<Token>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Token, RefreshError>>
+    + Send
+    + Sync
+    + 'static {
+        move |key: usize, stale: Option<Token>| {
+            let log = log.clone();
+            Box::pin(async move {
+                let presented = stale.as_ref().and_then(Token::refresh_token).unwrap();
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push((key, presented.to_owned()));
+                    log.iter().filter(|(k, _)| *k == key).count()
+                };
+                Ok(Token::bearer(format!("a{key}.{n}"))?
+                    .with_expires_in(Duration::from_secs(600))
+                    .with_refresh_token(format!("r{key}.{n}")))
+            })
+        }
+    }
+
+    /// An outage of the store's writes across many keys of a keyed refresher: once writes work
+    /// again, every key's next refresh presents its own rotated refresh token, not the stored
+    /// spent one, however many keys the outage hit.
+    #[tokio::test]
+    async fn unstored_sets_of_many_keys_all_survive_an_outage() {
+        const KEYS: usize = 100;
+        let writes_fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stores: Vec<Faulty> = (0..KEYS)
+            .map(|_| Faulty {
+                writes_fail: writes_fail.clone(),
+                ..Faulty::default()
+            })
+            .collect();
+        for (key, store) in stores.iter().enumerate() {
+            seed(
+                store,
+                1,
+                &expired(&format!("a{key}.0"), &format!("r{key}.0")),
+            )
+            .await;
+        }
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stores = Arc::new(stores);
+        let shared = {
+            let stores = stores.clone();
+            KeyedStoreRefresher::new(keyed_recording(log.clone()), move |key: &usize| {
+                stores[*key].clone()
+            })
+        };
+        writes_fail.store(true, Ordering::SeqCst);
+        let mut held = Vec::new();
+        for key in 0..KEYS {
+            let initial = expired(&format!("a{key}.0"), &format!("r{key}.0"));
+            let ctx = RefreshContext::new(Some(initial), RefreshReason::Expired);
+            let got = KeyedRefresher::refresh(&shared, &key, ctx).await.unwrap();
+            assert_eq!(got.refresh_token(), Some(format!("r{key}.1").as_str()));
+            held.push(got);
+        }
+        writes_fail.store(false, Ordering::SeqCst);
+        for (key, got) in held.into_iter().enumerate() {
+            let ctx = RefreshContext::new(Some(got), RefreshReason::Forced);
+            let next = KeyedRefresher::refresh(&shared, &key, ctx).await.unwrap();
+            assert_eq!(next.refresh_token(), Some(format!("r{key}.2").as_str()));
+            let presented = log.lock().unwrap().last().cloned().unwrap();
+            assert_eq!(presented, (key, format!("r{key}.1")), "key {key}");
+            let stored = stores[key].load().await.unwrap().unwrap();
+            assert_eq!(stored.version(), 2);
+            assert!(stored.same_access_token(&next));
+        }
     }
 }
