@@ -365,3 +365,207 @@ async fn a_cancelled_refresh_gives_the_redis_lease_back() {
             .is_some()
     );
 }
+
+/// A TCP proxy to `redis-server` that can stall: [`stall`](Self::stall) makes every connection
+/// open at that moment stop forwarding in both directions without closing (a half-open
+/// connection, as after a host crash or a NAT idle drop), while new connections are still
+/// accepted and forwarded. Its tasks end when it is dropped.
+struct StallingProxy {
+    addr: std::net::SocketAddr,
+    epoch: tokio::sync::watch::Sender<u64>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (epoch, mut rx) = tokio::sync::watch::channel(0u64);
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    conn = listener.accept() => {
+                        if let Ok((client, _)) = conn {
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            tokio::spawn(Self::pipe(client, upstream, rx.clone()));
+                        }
+                    }
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            epoch,
+            accepted,
+        }
+    }
+
+    async fn pipe(
+        client: tokio::net::TcpStream,
+        upstream: std::net::SocketAddr,
+        mut epoch: tokio::sync::watch::Receiver<u64>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let born = *epoch.borrow_and_update();
+        let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+            return;
+        };
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let (mut up, mut down) = ([0u8; 4096], [0u8; 4096]);
+        loop {
+            tokio::select! {
+                // The stall first: bytes that arrive with it are not forwarded.
+                biased;
+                stalled = async { epoch.wait_for(|e| *e != born).await.is_ok() } => {
+                    if stalled {
+                        // Half-open: keep both sockets, forward nothing, until the proxy is
+                        // dropped.
+                        while epoch.changed().await.is_ok() {}
+                    }
+                    return;
+                }
+                n = cr.read(&mut up) => match n {
+                    Ok(n) if n > 0 => {
+                        if sw.write_all(&up[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                },
+                n = sr.read(&mut down) => match n {
+                    Ok(n) if n > 0 => {
+                        if cw.write_all(&down[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// Every connection open now goes silent; later ones are forwarded.
+    fn stall(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn record_with_access(version: u64, access: &str) -> Record {
+    let token = Token::bearer(access)
+        .unwrap()
+        .with_expires_in(Duration::from_secs(600))
+        .with_refresh_token(SECRET_REFRESH);
+    Record::from_token(version, &token, SystemTime::now())
+}
+
+/// The connection to Redis goes half-open (the peer vanishes without a reset): the operation
+/// on it times out (a transient error), and the store then moves to a new connection, so a
+/// later operation reads the current record, writes, and is woken by a publication again,
+/// instead of timing out until the kernel gives the dead socket up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connection_is_replaced_after_a_timeout() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let upstream: std::net::SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = StallingProxy::start(upstream).await;
+    let set = |version: u64, access: &str| {
+        let bytes = record_with_access(version, access).encode();
+        assert_eq!(
+            redis.command(&[b"SET", b"halfopen:record", &bytes]).trim(),
+            "+OK"
+        );
+    };
+    set(7, "acc-v7");
+    let store = RedisStore::open(&proxy.url(), "halfopen").unwrap();
+    let first = within("a load", store.load()).await.unwrap().unwrap();
+    assert_eq!(first.version(), 7);
+    // Subscribed on the first connection.
+    within(
+        "a short wait",
+        store.wait_change(7, Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(proxy.accepted(), 1);
+
+    proxy.stall();
+    set(8, "acc-v8");
+    let err = within("a load on the stalled connection", store.load())
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains(SECRET_REFRESH), "secret in {shown}");
+
+    // Recovers at all: within a few tries and 10 s, not after the kernel's ~15 min.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut loaded = None;
+    for _ in 0..20 {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        match within("a load after the stall", store.load()).await {
+            Ok(record) => {
+                loaded = record;
+                break;
+            }
+            Err(err) => {
+                assert!(err.is_unavailable(), "{err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let loaded = loaded.expect("a load succeeds on a new connection within 10 s");
+    assert_eq!(loaded.version(), 8, "the current record, read from Redis");
+    assert!(loaded.same_access_token(&Token::bearer("acc-v8").unwrap()));
+    assert!(proxy.accepted() >= 2, "a new connection was opened");
+
+    // Writes and the change notification work on the new connection too: the store
+    // subscribes again there.
+    let lease = within("a lease", store.try_lease(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .expect("a free lease");
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_change(8, Duration::from_secs(600)).await })
+    };
+    // Lets the waiter subscribe first; either order ends the wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let written = within(
+        "a compare-and-set",
+        store.compare_and_set(&lease, 8, &record_with_access(9, "acc-v9")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, CasOutcome::Written);
+    within("a release", store.release(lease)).await.unwrap();
+    within("the waiter, woken by the publication", waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    let stored = Record::decode(&redis.get("halfopen:record").unwrap()).unwrap();
+    assert_eq!(stored.version(), 9);
+}

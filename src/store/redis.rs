@@ -1,12 +1,13 @@
 //! A store in Redis, for replicas on several hosts.
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ProtocolVersion, PushKind, Script};
+use redis::io::tcp::socket2::TcpKeepalive;
+use redis::{Client, ProtocolVersion, PushKind, RedisResult, Script};
 use tokio::sync::watch;
 
 use super::{CasOutcome, Lease, Record, StoreError, TokenStore, fence};
@@ -54,11 +55,21 @@ return 1
 ///   one step, then `PUBLISH`es, so waiters wake without polling hard (they still re-check
 ///   every 250 ms at most, for a missed message or an expired lease).
 /// - The connection is a `redis` crate `ConnectionManager` (RESP3, so one connection carries
-///   commands and the subscription), which reconnects by itself; while Redis is unreachable,
-///   every operation fails as a [`StoreError`] for which
+///   commands and the subscription), which reconnects by itself when the connection drops;
+///   while Redis is unreachable, every operation fails as a [`StoreError`] for which
 ///   [`is_unavailable`](StoreError::is_unavailable) holds, a transient refresh failure.
+/// - An operation without an answer within 2 s fails the same way, and the store then
+///   replaces the connection: a half-open one (the server's host crashed, a NAT or firewall
+///   dropped the flow, a failover moved the address) costs one failed operation, not every
+///   operation until the kernel gives the socket up. TCP keepalive probes also close such a
+///   connection while it is idle.
 ///
-/// Needs Redis 6 or later (RESP3).
+/// Needs Redis 6 or later (RESP3). Redis must keep what it acknowledged: a restart from an
+/// RDB snapshot, or with `appendfsync everysec`, or a failover to a replica that lagged, can
+/// bring back an older record whose refresh token was already rotated away, and every process
+/// then presents that spent token. Where the token endpoint rotates refresh tokens and detects
+/// reuse, run Redis with AOF and `appendfsync always`, and do not fail over to an asynchronous
+/// replica (or accept that such a failover ends the sessions it rolls back).
 ///
 /// # Example
 ///
@@ -84,15 +95,84 @@ struct Inner {
     record: String,
     lease: String,
     channel: String,
-    subscribed: AtomicBool,
+    /// `1 +` the generation of the connection this store subscribed on; 0 for none.
+    subscribed: AtomicU64,
 }
 
 /// What the stores of several prefixes share: one connection, its subscription messages.
 struct Connection {
-    conn: ConnectionManager,
+    client: Client,
+    config: ConnectionManagerConfig,
+    current: RwLock<Current>,
     changed: watch::Sender<u64>,
     cas: Script,
     release: Script,
+}
+
+/// The connection manager in use, and how many times it was replaced before.
+#[derive(Clone)]
+struct Current {
+    generation: u64,
+    manager: ConnectionManager,
+}
+
+impl Connection {
+    fn current(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After an operation on the manager of `generation` timed out, a new manager (so a new
+    /// connection) for the next operations: a `ConnectionManager` reconnects after a dropped
+    /// connection, not after a timeout, and a half-open connection never drops by itself.
+    /// Concurrent timeouts on one manager replace it once. The old manager, and its
+    /// connection, go away with the last operation still using it.
+    fn replace_after_timeout(&self, generation: u64) {
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if current.generation != generation {
+            return;
+        }
+        // Only fails for a configuration `open` already accepted; then keep the old one.
+        if let Ok(manager) =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+        {
+            *current = Current {
+                generation: generation.wrapping_add(1),
+                manager,
+            };
+        }
+    }
+
+    /// `result` of an operation on the manager of `generation`, replacing that manager if
+    /// the operation timed out.
+    fn settle<T>(&self, generation: u64, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(err) = &result {
+            if err.is_timeout() {
+                self.replace_after_timeout(generation);
+            }
+        }
+        result
+    }
+}
+
+/// Keepalive probes after 30 s of silence, then every 10 s, 3 unanswered ones closing the
+/// connection: an idle half-open connection (the subscription's) is seen within about a minute.
+fn keepalive() -> TcpKeepalive {
+    let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(30));
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "windows",
+    ))]
+    let keepalive = keepalive
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    keepalive
 }
 
 impl fmt::Debug for RedisStore {
@@ -127,8 +207,10 @@ impl RedisStore {
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
-        let client = Client::open(info.set_redis_settings(settings))
-            .map_err(|e| StoreError::unavailable("invalid redis URL", e))?;
+        let tcp = info.tcp_settings().clone().set_keepalive(keepalive());
+        let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
+        let client =
+            Client::open(info).map_err(|e| StoreError::unavailable("invalid redis URL", e))?;
         let (changed, _) = watch::channel(0u64);
         let tx = changed.clone();
         let config = ConnectionManagerConfig::new()
@@ -144,10 +226,15 @@ impl RedisStore {
                 Ok::<(), ()>(())
             })
             .set_automatic_resubscription();
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| StoreError::unavailable("redis connection setup failed", e))?;
         let conn = Arc::new(Connection {
-            conn,
+            client,
+            config,
+            current: RwLock::new(Current {
+                generation: 0,
+                manager,
+            }),
             changed,
             cas: Script::new(CAS),
             release: Script::new(RELEASE),
@@ -162,7 +249,7 @@ impl RedisStore {
                 record: format!("{prefix}:record"),
                 lease: format!("{prefix}:lease"),
                 channel: format!("{prefix}:changed"),
-                subscribed: AtomicBool::new(false),
+                subscribed: AtomicU64::new(0),
             }),
         }
     }
@@ -188,38 +275,52 @@ impl RedisStore {
         &self.inner.record
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.inner.conn.conn.clone()
+    fn conn(&self) -> Current {
+        self.inner.conn.current()
+    }
+
+    fn settle<T>(&self, generation: u64, result: RedisResult<T>) -> RedisResult<T> {
+        self.inner.conn.settle(generation, result)
     }
 }
 
 impl TokenStore for RedisStore {
     async fn load(&self) -> Result<Option<Record>, StoreError> {
-        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+        let Current {
+            generation,
+            mut manager,
+        } = self.conn();
+        let result = redis::cmd("GET")
             .arg(&self.inner.record)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| {
-                if e.code() == Some("WRONGTYPE") {
-                    StoreError::corrupt("the record key holds a value that is not a string")
-                } else {
-                    unavailable("GET", e)
-                }
-            })?;
+            .query_async(&mut manager)
+            .await;
+        let bytes: Option<Vec<u8>> = self.settle(generation, result).map_err(|e| {
+            if e.code() == Some("WRONGTYPE") {
+                StoreError::corrupt("the record key holds a value that is not a string")
+            } else {
+                unavailable("GET", e)
+            }
+        })?;
         bytes.map(|b| Record::decode(&b)).transpose()
     }
 
     async fn try_lease(&self, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         let fence = fence();
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let set: Option<String> = redis::cmd("SET")
+        let Current {
+            generation,
+            mut manager,
+        } = self.conn();
+        let result = redis::cmd("SET")
             .arg(&self.inner.lease)
             .arg(&fence)
             .arg("NX")
             .arg("PX")
             .arg(ms)
-            .query_async(&mut self.conn())
-            .await
+            .query_async(&mut manager)
+            .await;
+        let set: Option<String> = self
+            .settle(generation, result)
             .map_err(|e| unavailable("SET NX", e))?;
         Ok(set.map(|_| Lease::new(fence, ttl)))
     }
@@ -230,7 +331,11 @@ impl TokenStore for RedisStore {
         expected: u64,
         record: &Record,
     ) -> Result<CasOutcome, StoreError> {
-        let answer: String = self
+        let Current {
+            generation,
+            mut manager,
+        } = self.conn();
+        let result = self
             .inner
             .conn
             .cas
@@ -241,15 +346,15 @@ impl TokenStore for RedisStore {
             .arg(expected)
             .arg(record.encode())
             .arg(record.version())
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| {
-                if e.code() == Some("WRONGTYPE") {
-                    StoreError::corrupt("a key of the store holds a value that is not a string")
-                } else {
-                    unavailable("compare-and-set", e)
-                }
-            })?;
+            .invoke_async(&mut manager)
+            .await;
+        let answer: String = self.settle(generation, result).map_err(|e| {
+            if e.code() == Some("WRONGTYPE") {
+                StoreError::corrupt("a key of the store holds a value that is not a string")
+            } else {
+                unavailable("compare-and-set", e)
+            }
+        })?;
         match answer.as_str() {
             "ok" => Ok(CasOutcome::Written),
             "version" => Ok(CasOutcome::VersionChanged),
@@ -261,27 +366,38 @@ impl TokenStore for RedisStore {
     }
 
     async fn release(&self, lease: Lease) -> Result<(), StoreError> {
-        let _: i64 = self
+        let Current {
+            generation,
+            mut manager,
+        } = self.conn();
+        let result = self
             .inner
             .conn
             .release
             .key(&self.inner.lease)
             .key(&self.inner.channel)
             .arg(lease.fence())
-            .invoke_async(&mut self.conn())
-            .await
+            .invoke_async(&mut manager)
+            .await;
+        let _: i64 = self
+            .settle(generation, result)
             .map_err(|e| unavailable("lease release", e))?;
         Ok(())
     }
 
     async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
         let mut rx = self.inner.conn.changed.subscribe();
-        if !self.inner.subscribed.load(Ordering::Acquire) {
-            self.conn()
-                .subscribe(&self.inner.channel)
-                .await
+        // Once per connection manager: a replaced one has not heard of the subscription.
+        let Current {
+            generation,
+            mut manager,
+        } = self.conn();
+        let mark = generation.wrapping_add(1);
+        if self.inner.subscribed.load(Ordering::Acquire) != mark {
+            let result = manager.subscribe(&self.inner.channel).await;
+            self.settle(generation, result)
                 .map_err(|e| unavailable("SUBSCRIBE", e))?;
-            self.inner.subscribed.store(true, Ordering::Release);
+            self.inner.subscribed.store(mark, Ordering::Release);
         }
         // A version published before the subscription is seen here.
         let current = self.load().await?.map_or(0, |r| r.version());
