@@ -1,7 +1,8 @@
 //! P3, stampede: 10,000 concurrent requests on a stale token (the first ones are refused, the
-//! rest wait for the one refresh), and a refresher that takes 50 ms. Exactly one refresh must run, every request must succeed, and
-//! the wall time must stay within 50 ms + 1.5x the time of the same 10,000 requests without a
-//! refresh (a valid token from the start), measured in the same run.
+//! rest wait for the one refresh), and a refresher that takes 50 ms. Exactly one refresh must
+//! run, every request must succeed, and the wall time must stay within 50 ms + 1.5x the time
+//! of the same 10,000 requests without a refresh (a valid token from the start), measured in
+//! the same run.
 //!
 //! Setup per round: a fresh layer over an in-memory inner service that answers at once, 200
 //! for `Bearer fresh` and 401 otherwise; 10,000 tasks spawned on a multi-threaded runtime,

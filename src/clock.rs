@@ -36,9 +36,10 @@ pub trait Clock: fmt::Debug + Send + Sync + 'static {
     /// The current wall-clock time. The layer checks token deadlines against it too, so a
     /// machine that slept through a token's expiry (the monotonic clock stops during suspend
     /// on Linux and macOS) does not send it (except, possibly, in the first 50 ms after waking,
-    /// before the wall clock is read again; that 401 is recovered as any other); a forward step of the wall clock larger than a
-    /// token's time left expires it the same way (one refresh more than needed). Requests read
-    /// it at most once per 50 ms of [`now`](Self::now). Defaults to [`SystemTime::now`].
+    /// before the wall clock is read again; that 401 is recovered as any other); a forward
+    /// step of the wall clock larger than a token's time left expires it the same way (one
+    /// refresh more than needed). Requests read it at most once per 50 ms of
+    /// [`now`](Self::now). Defaults to [`SystemTime::now`].
     ///
     /// Only the hard deadline is checked on the wall clock: the expiry leeway and the
     /// refresh-ahead window are measured on [`now`](Self::now) alone. After a suspend that

@@ -78,7 +78,7 @@
 //! but no longer driven, the refresh does not progress and such a waiter fails with
 //! [`RefreshFailed`](error::RefreshFailed) at that bound, and the next request starts a new
 //! refresh, again on that runtime, until it shuts down (then on the requester's runtime, from
-//! the first refresh after the shutdown: that request does not fail for it).
+//! the first refresh after the shutdown: a request polled on a runtime does not fail for it).
 //! (With no Tokio runtime at all, neither where the layer was made nor where the request is
 //! polled, it runs inside the waiting requests; dropping the last one cancels it. A request
 //! polled outside any runtime for a layer made in one has no timer to bound its wait: it

@@ -60,7 +60,9 @@ use crate::token::Token;
 /// `lease_wait + lease_ttl`**: otherwise a process that got the lease late is cut off by the
 /// layer in the middle of its token call, and the token set it may have been given is lost.
 /// The defaults fit: 17 s of waiting plus at most 10.8 s under a 12 s lease is within the
-/// default 30 s `refresh_timeout`. A refresh cut off anyway gives its lease back at once
+/// default 30 s `refresh_timeout`. (A write that lost its lease is tried again for up to
+/// about 1 s more, a few store calls: the rare case of a store that restarted or slowed down
+/// during the token call.) A refresh cut off anyway gives its lease back at once
 /// (best effort: a release task is spawned on the current Tokio runtime, if there is one;
 /// without one, a Redis lease is kept until its TTL runs out). A token call cut off that way
 /// may still be processed by the token endpoint, and the next holder may present the same
@@ -553,7 +555,7 @@ where
                 self.inner.unstored.forget(record.as_ref());
                 Ok(token)
             }
-            Ok(lost) => match self.store_again(record.as_ref(), &new_record).await {
+            Ok(lost) => match self.store_again(lease, record.as_ref(), &new_record).await {
                 // Nobody stored anything newer (the lease vanished with a restarted or
                 // flushed store, or ran out before a slow write): stored under a new lease.
                 Rewrite::Stored => {
@@ -605,7 +607,7 @@ enum Rewrite {
 }
 
 /// How many times [`StoreRefresher::store_again`] asks for a new lease; it waits at most
-/// [`WAIT_SLICE`] between two of them.
+/// [`WAIT_SLICE`] after a refused one.
 const REWRITE_TRIES: usize = 3;
 
 impl<R, S> StoreRefresher<R, S>
@@ -613,34 +615,31 @@ where
     R: TokenRefresher,
     S: TokenStore,
 {
-    /// After a write of `new_record` (refreshed from `record`) that lost its lease or found
-    /// another version: if the store still holds `record`, or no record at all (a flushed
-    /// store), the refresh token `record` carries is spent and nobody stored its successor, so
-    /// `new_record` is written under a lease taken again (and given back). Bounded: at most
-    /// [`REWRITE_TRIES`] lease requests, waiting at most [`WAIT_SLICE`] after a refused one.
+    /// After a write of `new_record` (refreshed from `record`) under `lease` that lost its
+    /// lease or found another version: if the store still holds `record`, or no record at all
+    /// (a flushed or evicted one), the refresh token `record` carries is spent and nobody
+    /// stored its successor, so `new_record` is written after all: first under `lease` (still
+    /// ours if only the version had changed: an evicted record), then under a lease taken
+    /// again (and given back). What the store holds is read under the lease each time, so a
+    /// newer set written meanwhile is adopted, never overwritten. Bounded: at most
+    /// [`REWRITE_TRIES`] new leases, waiting at most [`WAIT_SLICE`] after a refused one.
     /// Never calls the refresher.
-    async fn store_again(&self, record: Option<&Record>, new_record: &Record) -> Rewrite {
+    async fn store_again(
+        &self,
+        lease: &Lease,
+        record: Option<&Record>,
+        new_record: &Record,
+    ) -> Rewrite {
         let store = &self.inner.store;
         let base = record.map_or(0, Record::version);
-        let mut tries = 0;
-        loop {
-            let Ok(now) = store.load().await else {
-                return Rewrite::NotStored;
-            };
-            match now {
-                Some(now) if now.version() > base => return Rewrite::Newer(now),
-                Some(ref now) if Some(now) != record => return Rewrite::NotStored,
-                _ => {}
-            }
-            let expected = now.as_ref().map_or(0, Record::version);
-            if tries == REWRITE_TRIES {
-                return Rewrite::NotStored;
-            }
-            tries += 1;
-            let lease = match store.try_lease(self.inner.lease_ttl).await {
-                Ok(Some(lease)) => lease,
+        if let Some(decided) = self.write_if_unchanged(lease, record, new_record).await {
+            return decided;
+        }
+        for _ in 0..REWRITE_TRIES {
+            let again = match store.try_lease(self.inner.lease_ttl).await {
+                Ok(Some(again)) => again,
                 Ok(None) => {
-                    if store.wait_change(expected, WAIT_SLICE).await.is_err() {
+                    if store.wait_change(base, WAIT_SLICE).await.is_err() {
                         return Rewrite::NotStored;
                     }
                     continue;
@@ -649,18 +648,46 @@ where
             };
             let held = Held {
                 inner: self.inner.clone(),
-                lease: Some(lease),
+                lease: Some(again),
             };
-            let outcome = store
-                .compare_and_set(held.lease(), expected, new_record)
+            let decided = self
+                .write_if_unchanged(held.lease(), record, new_record)
                 .await;
             held.release().await;
-            match outcome {
-                Ok(CasOutcome::Written) => return Rewrite::Stored,
-                // Read again: a newer record is adopted, the same one tried again.
-                Ok(_) => {}
-                Err(_) => return Rewrite::NotStored,
+            if let Some(decided) = decided {
+                return decided;
             }
+        }
+        match store.load().await {
+            Ok(Some(now)) if now.version() > base => Rewrite::Newer(now),
+            _ => Rewrite::NotStored,
+        }
+    }
+
+    /// Reads the store under `lease` and writes `new_record` if it still holds `record` (or
+    /// nothing): the outcome, or `None` when `lease` was not (or no longer) ours.
+    async fn write_if_unchanged(
+        &self,
+        lease: &Lease,
+        record: Option<&Record>,
+        new_record: &Record,
+    ) -> Option<Rewrite> {
+        let store = &self.inner.store;
+        let base = record.map_or(0, Record::version);
+        let Ok(now) = store.load().await else {
+            return Some(Rewrite::NotStored);
+        };
+        match now {
+            Some(now) if now.version() > base => return Some(Rewrite::Newer(now)),
+            Some(ref now) if Some(now) != record => return Some(Rewrite::NotStored),
+            _ => {}
+        }
+        let expected = now.as_ref().map_or(0, Record::version);
+        match store.compare_and_set(lease, expected, new_record).await {
+            Ok(CasOutcome::Written) => Some(Rewrite::Stored),
+            // Not ours, or written meanwhile by a holder of no lease: read again.
+            Ok(CasOutcome::LeaseLost | CasOutcome::VersionChanged) => None,
+            Err(_) => Some(Rewrite::NotStored),
         }
     }
 }
@@ -1156,6 +1183,9 @@ mod tests {
         TakenOver,
         /// Another process takes the lease and stores a set of its own: `LeaseLost`.
         Overtaken,
+        /// The version looks changed although the lease is still ours (the record evicted
+        /// and back, say): `VersionChanged`, nothing written.
+        VersionMoved,
     }
 
     /// A memory store with faults: one armed [`Fault`] for the next write, and writes that fail
@@ -1216,6 +1246,7 @@ mod tests {
                     let other = store.try_lease(Duration::from_secs(600)).await?;
                     *self.other.lock().unwrap() = other;
                 }
+                Some(Fault::VersionMoved) => return Ok(CasOutcome::VersionChanged),
                 Some(Fault::Overtaken) => {
                     store
                         .release(Lease::new(lease.fence(), lease.ttl()))
@@ -1293,6 +1324,23 @@ mod tests {
             let stored = store.load().await.unwrap().unwrap();
             assert_eq!(stored.to_token().unwrap().refresh_token(), Some("r2"));
         }
+    }
+
+    /// A write that found another version while its lease was still its own is written under
+    /// that lease (a new lease could never be had: it is held by this very write), at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_rotated_set_whose_write_saw_another_version_is_stored_under_its_own_lease() {
+        let started = tokio::time::Instant::now();
+        let (_a, got, store, log) = rotate_through(Fault::VersionMoved).await;
+        assert_eq!(got.refresh_token(), Some("r1"));
+        let stored = store.load().await.unwrap().expect("a stored set");
+        assert_eq!(stored.version(), 2);
+        assert_eq!(stored.to_token().unwrap().refresh_token(), Some("r1"));
+        assert_eq!(*log.lock().unwrap(), ["r0"]);
+        assert!(
+            started.elapsed() < WAIT_SLICE,
+            "no wait for a lease it held itself (paused clock)"
+        );
     }
 
     /// A write that lost to another process's set adopts that set, as before.
