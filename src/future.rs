@@ -720,7 +720,7 @@ where
             // A refused proof (a nonce challenge) replays whatever the method; a refused token
             // only if the method may be replayed. A body never replayed is not kept.
             let options = shared.options();
-            let (body, source) = if options.proof.is_some() || options.may_replay(&parts.method) {
+            let (body, source) = if options.keeps_body_of(&parts.method) {
                 ReplayBody::new(body, options.max_replay_body)
             } else {
                 (ReplayBody::passthrough(body), None)
