@@ -2,11 +2,13 @@
 //! gRPC UNAUTHENTICATED.
 //!
 //! By default a response triggers a refresh when its status is 401, or when it is a
-//! trailers-only gRPC response with `grpc-status: 16` (UNAUTHENTICATED), unless every Bearer
-//! challenge it carries names an `error` other than `invalid_token` (one Bearer challenge
-//! without an error, or with `invalid_token`, is enough to refresh). So `insufficient_scope`
-//! and `invalid_request` (RFC 6750 §3.1) alone reach the caller untouched: a new token would
-//! not fix them.
+//! trailers-only gRPC response with `grpc-status: 16` (UNAUTHENTICATED), unless every `Bearer`
+//! or `DPoP` challenge it carries names an `error` other than `invalid_token` (one such
+//! challenge without an error, or with `invalid_token`, is enough to refresh). So
+//! `insufficient_scope` and `invalid_request` (RFC 6750 §3.1), and DPoP's
+//! `invalid_dpop_proof` and `use_dpop_nonce` (RFC 9449 §7.1; a nonce challenge is answered by
+//! a layer's [proof](crate::RefreshLayer::proof), not by a new token), alone reach the caller
+//! untouched: a new token would not fix them.
 //!
 //! # Example
 //!
@@ -259,8 +261,8 @@ pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
 }
 
 /// The default refresh trigger: an HTTP 401 ([`http_trigger`]) or a gRPC UNAUTHENTICATED
-/// ([`grpc_trigger`]), unless every Bearer challenge of the response names an `error` other
-/// than `invalid_token` (RFC 6750 §3.1).
+/// ([`grpc_trigger`]), unless every `Bearer` or `DPoP` challenge of the response names an
+/// `error` other than `invalid_token` (RFC 6750 §3.1, RFC 9449 §7.1).
 ///
 /// gRPC is in the default because a gRPC server never answers 401 for an expired token: it
 /// answers HTTP 200 with `grpc-status: 16`. The two cannot be confused (a gRPC response has a
@@ -289,8 +291,8 @@ pub fn default_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
     }
 }
 
-/// The HTTP trigger: status 401, unless every Bearer challenge names an `error` other than
-/// `invalid_token` (RFC 6750 §3.1).
+/// The HTTP trigger: status 401, unless every `Bearer` or `DPoP` challenge names an `error`
+/// other than `invalid_token` (RFC 6750 §3.1, RFC 9449 §7.1).
 pub fn http_trigger(status: StatusCode, headers: &HeaderMap) -> bool {
     status == StatusCode::UNAUTHORIZED && bearer_allows_refresh(headers)
 }
@@ -361,13 +363,18 @@ fn is_grpc_content_type(value: &[u8]) -> bool {
         && matches!(value.get(GRPC.len()), None | Some(b'+' | b';' | b'-'))
 }
 
-/// False when every Bearer challenge names an `error` other than `invalid_token`.
+/// False when every `Bearer` or `DPoP` challenge names an `error` other than
+/// `invalid_token` (RFC 6750 §3.1; RFC 9449 §7.1 uses the same errors, and adds
+/// `invalid_dpop_proof` and `use_dpop_nonce`, which a new token would not answer either).
 fn bearer_allows_refresh(headers: &HeaderMap) -> bool {
     if !headers.contains_key(WWW_AUTHENTICATE) {
         return true;
     }
     let all = challenges(headers);
-    let mut bearer = all.iter().filter(|c| c.is_bearer()).peekable();
+    let mut bearer = all
+        .iter()
+        .filter(|c| c.is_bearer() || c.scheme().eq_ignore_ascii_case("dpop"))
+        .peekable();
     if bearer.peek().is_none() {
         return true;
     }
@@ -385,6 +392,28 @@ mod tests {
             m.append(WWW_AUTHENTICATE, HeaderValue::from_str(v).unwrap());
         }
         m
+    }
+
+    /// DPoP challenges follow the same rule (RFC 9449 §7.1): a proof or scope problem is not
+    /// answered by a new token.
+    #[test]
+    fn dpop_challenges_refresh_only_for_invalid_token() {
+        let s = StatusCode::UNAUTHORIZED;
+        assert!(default_trigger(s, &h(&[r#"DPoP algs="ES256""#])));
+        assert!(default_trigger(
+            s,
+            &h(&[r#"DPoP error="invalid_token", algs="ES256""#])
+        ));
+        for error in ["invalid_dpop_proof", "use_dpop_nonce", "insufficient_scope"] {
+            let challenge = format!(r#"DPoP error="{error}", algs="ES256""#);
+            assert!(!default_trigger(s, &h(&[&challenge])), "{error}");
+            assert!(!http_trigger(s, &h(&[&challenge])), "{error}");
+        }
+        // Beside a Bearer challenge without an error: that one asks for a token.
+        assert!(default_trigger(
+            s,
+            &h(&[r#"Bearer realm="api", DPoP error="use_dpop_nonce""#])
+        ));
     }
 
     #[test]

@@ -281,6 +281,38 @@ async fn user_information_is_never_in_a_proof_and_shares_the_origins_nonce() {
     assert_eq!(claims["nonce"], "n-1");
 }
 
+/// A nonce challenge offered beside a `Bearer` challenge (RFC 9449 §7.2, several challenges
+/// in one field) asks for a new proof; a resource server's nonce is never sent to a token
+/// endpoint on the same origin, nor the other way round (RFC 9449 §9).
+#[test]
+fn a_combined_challenge_asks_for_a_proof_and_nonces_stay_with_their_server() {
+    let dpop = Dpop::new(Es256Key::generate());
+    let api = Uri::from_static("https://idp.example/userinfo");
+    let token = Uri::from_static("https://idp.example/token");
+    let mut challenge = HeaderMap::new();
+    challenge.insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(
+            r#"Bearer realm="api", DPoP error="use_dpop_nonce", algs="ES256""#,
+        ),
+    );
+    challenge.insert(DPOP_NONCE, HeaderValue::from_static("rs-1"));
+    assert!(dpop.wants_new_proof(&api, StatusCode::UNAUTHORIZED, &challenge));
+    assert_eq!(dpop.nonce_for(&api).as_deref(), Some("rs-1"));
+    // A token request's proof (no access token) on the same origin carries no RS nonce.
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        DPOP,
+        HeaderValue::try_from(dpop.proof(&Method::POST, &token, None).unwrap()).unwrap(),
+    );
+    assert!(claims_of(&headers).unwrap().get("nonce").is_none());
+    // A resource request's does.
+    let mut headers = HeaderMap::new();
+    headers.insert(AUTHORIZATION, HeaderValue::from_static("DPoP tok-1"));
+    dpop.prove(&Method::GET, &api, &mut headers).unwrap();
+    assert_eq!(claims_of(&headers).unwrap()["nonce"], "rs-1");
+}
+
 #[tokio::test]
 async fn the_nonce_of_a_success_is_used_by_the_next_request() {
     guard(async {
@@ -378,7 +410,7 @@ fn malformed_nonces_are_typed_outcomes() {
     assert_eq!(outcome(&[b"good-2"]), NonceOutcome::Stored);
     outcome(&[b"quote\""]);
     assert_eq!(dpop.nonce_for(&uri).as_deref(), Some("good-2"));
-    let proof = dpop.proof(&Method::GET, &uri, None).unwrap();
+    let proof = dpop.proof(&Method::GET, &uri, Some("tok-1")).unwrap();
     let mut headers = HeaderMap::new();
     headers.insert(DPOP, proof.parse().unwrap());
     assert_eq!(claims_of(&headers).unwrap()["nonce"], "good-2");
@@ -421,11 +453,19 @@ async fn a_token_endpoint_asking_for_a_nonce_again_is_retried_once_and_fails_tra
         assert_eq!(oauth.error_code(), Some("use_dpop_nonce"));
         assert_eq!(stats.calls.load(Ordering::SeqCst), 2, "one retry, no loop");
         assert_eq!(stats.nonce_refusals.load(Ordering::SeqCst), 2);
-        // The retry carried the nonce of the first refusal; the second one is remembered.
-        assert_eq!(
-            dpop.nonce_for(&token.url("/").parse().unwrap()).as_deref(),
-            Some("t-2")
+        // The retry carried the nonce of the first refusal; the second one is remembered for
+        // the token endpoint (a token request's proof), not for the origin's resources.
+        let endpoint: Uri = token.url("/token").parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            DPOP,
+            dpop.proof(&Method::POST, &endpoint, None)
+                .unwrap()
+                .parse()
+                .unwrap(),
         );
+        assert_eq!(claims_of(&headers).unwrap()["nonce"], "t-2");
+        assert_eq!(dpop.nonce_for(&endpoint), None);
     })
     .await;
 }

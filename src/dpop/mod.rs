@@ -24,6 +24,12 @@
 //!
 //! Clone one `Dpop` for the layer and the refresher: they then share the key and the nonces.
 //!
+//! Processes that share their tokens through a [token store](crate::store) must share the key
+//! too ([`Es256Key::from_jwk`] or [`Es256Key::from_pkcs8_der`] from one secret): a stored
+//! DPoP token is bound to the key that asked for it, and so is a public client's refresh
+//! token; a replica with a key of its own would have its proofs refused, and its refresh
+//! would end the session.
+//!
 
 #![cfg_attr(
     feature = "oauth2",
@@ -96,7 +102,10 @@ struct Inner {
     signer: Box<dyn DpopSigner>,
     /// `base64url(header) "."`, the same for every proof.
     header: String,
-    nonces: Mutex<HashMap<String, String>>,
+    /// The latest nonce per server: `(true, origin)` for a token endpoint (proofs without an
+    /// access token), `(false, origin)` for a resource server. Kept apart even on one origin
+    /// (RFC 9449 §9: a nonce is for the server that issued it).
+    nonces: Mutex<HashMap<(bool, String), String>>,
 }
 
 impl fmt::Debug for Dpop {
@@ -133,7 +142,10 @@ impl Dpop {
     }
 
     /// A proof JWT for `method` on `uri`, with `ath` when `access_token` is given and the
-    /// origin's latest nonce, if any.
+    /// latest nonce of the server it goes to, if any: without an access token, a token
+    /// endpoint's (from the OAuth 2.0 refresher's token requests), with one, a resource
+    /// server's ([`remember_nonce`](Self::remember_nonce)); the two are kept apart even on
+    /// one origin (RFC 9449 §9).
     ///
     /// ```
     /// use http::{Method, Uri};
@@ -171,7 +183,8 @@ impl Dpop {
             let ath = URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()));
             claims.insert("ath".into(), Value::String(ath));
         }
-        if let Some(nonce) = self.nonce(&origin) {
+        // A proof without an access token is a token request: the token endpoint's nonce.
+        if let Some(nonce) = self.nonce(access_token.is_none(), origin) {
             claims.insert("nonce".into(), Value::String(nonce));
         }
         let mut jwt = self.inner.header.clone();
@@ -201,6 +214,20 @@ impl Dpop {
     /// assert_eq!(dpop.nonce_for(&uri).as_deref(), Some("n-1"));
     /// ```
     pub fn remember_nonce(&self, uri: &Uri, headers: &HeaderMap) -> NonceOutcome {
+        self.remember(false, uri, headers)
+    }
+
+    /// [`remember_nonce`](Self::remember_nonce) for a token endpoint's answer: kept apart from
+    /// the resource servers' nonces, and sent with proofs without an access token.
+    pub(crate) fn remember_token_endpoint_nonce(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> NonceOutcome {
+        self.remember(true, uri, headers)
+    }
+
+    fn remember(&self, token_endpoint: bool, uri: &Uri, headers: &HeaderMap) -> NonceOutcome {
         let mut values = headers.get_all(&DPOP_NONCE).iter();
         let Some(value) = values.next() else {
             return NonceOutcome::Absent;
@@ -218,24 +245,26 @@ impl Dpop {
         };
         // All NQCHAR bytes are ASCII.
         let nonce = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let key = (token_endpoint, origin);
         let mut nonces = self.inner.nonces.lock().unwrap_or_else(|e| e.into_inner());
-        if nonces.len() >= MAX_ORIGINS && !nonces.contains_key(&origin) {
+        if nonces.len() >= MAX_ORIGINS && !nonces.contains_key(&key) {
             if let Some(evict) = nonces.keys().next().cloned() {
                 nonces.remove(&evict);
             }
         }
-        nonces.insert(origin, nonce);
+        nonces.insert(key, nonce);
         NonceOutcome::Stored
     }
 
-    /// The latest nonce remembered for `uri`'s origin.
+    /// The latest nonce remembered for `uri`'s origin as a resource server (by
+    /// [`remember_nonce`](Self::remember_nonce)).
     pub fn nonce_for(&self, uri: &Uri) -> Option<String> {
-        self.nonce(&origin(uri)?)
+        self.nonce(false, origin(uri)?)
     }
 
-    fn nonce(&self, origin: &str) -> Option<String> {
+    fn nonce(&self, token_endpoint: bool, origin: String) -> Option<String> {
         let nonces = self.inner.nonces.lock().unwrap_or_else(|e| e.into_inner());
-        nonces.get(origin).cloned()
+        nonces.get(&(token_endpoint, origin)).cloned()
     }
 }
 
@@ -275,12 +304,14 @@ impl RequestProof for Dpop {
     }
 }
 
-/// A `WWW-Authenticate: DPoP error="use_dpop_nonce"` challenge.
+/// A `WWW-Authenticate` challenge `DPoP error="use_dpop_nonce"`, alone or among others (a
+/// `Bearer` challenge offered beside it, RFC 9449 §7.2).
 fn asks_for_nonce(headers: &HeaderMap) -> bool {
-    headers.get_all(WWW_AUTHENTICATE).iter().any(|v| {
-        let v = String::from_utf8_lossy(v.as_bytes());
-        let v = v.trim_start();
-        v.get(..4).is_some_and(|s| s.eq_ignore_ascii_case("dpop")) && v.contains("use_dpop_nonce")
+    if !headers.contains_key(WWW_AUTHENTICATE) {
+        return false;
+    }
+    crate::policy::challenges(headers).iter().any(|c| {
+        c.scheme().eq_ignore_ascii_case("dpop") && c.param("error") == Some("use_dpop_nonce")
     })
 }
 

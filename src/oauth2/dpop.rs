@@ -52,7 +52,7 @@ impl DpopSettings {
     ) -> bool {
         #[cfg(feature = "dpop")]
         if let Some(dpop) = &self.dpop {
-            let stored = dpop.remember_nonce(endpoint, headers);
+            let stored = dpop.remember_token_endpoint_nonce(endpoint, headers);
             let asks = matches!(status.as_u16(), 400 | 401)
                 && matches!(
                     serde_json::from_slice::<serde_json::Value>(body),

@@ -50,6 +50,9 @@ use crate::token::Token;
 /// - **A corrupt record** ([`is_corrupt`](StoreError::is_corrupt)) fails every refresh, before
 ///   any token call, until it is removed.
 ///
+/// With DPoP, every process sharing the store must prove with the same key (see the `dpop`
+/// module): the stored tokens are bound to it.
+///
 /// # Time limits
 ///
 /// One refresh through the store waits for another process's lease for at most
