@@ -90,7 +90,7 @@ fn streaming_body(chunks: &[&'static str]) -> ScriptedBody {
 
 /// Issue "one core", item 2: a request started while a 401-triggered refresh is in flight is
 /// not sent with the refused token; it waits and is sent once with the new one. A streaming
-/// body of unknown size (never replayable) started then succeeds.
+/// body of unknown size started then succeeds, sent once.
 #[tokio::test]
 async fn a_request_started_during_a_refresh_waits_and_is_sent_once_with_the_new_token() {
     guard(async {
@@ -134,10 +134,16 @@ async fn a_request_started_during_a_refresh_waits_and_is_sent_once_with_the_new_
         );
         gate.add_permits(1);
         assert_eq!(upload.await.unwrap().unwrap().status(), StatusCode::OK);
-        // The first request's body has no size, so it is not replayed: its 401 comes back
-        // after the refresh (documented), and a retry goes out fresh.
-        let _ = first.await.unwrap().unwrap();
+        // The first request's stream (of no size, empty) ended within the replay cap: it is
+        // replayed once, with the new token.
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
         let seen = seen.lock().unwrap();
+        let firsts: Vec<_> = seen
+            .iter()
+            .filter(|s| s.path == "/first")
+            .map(|s| s.auth.as_str())
+            .collect();
+        assert_eq!(firsts, ["Bearer stale", "Bearer fresh"]);
         let uploads: Vec<_> = seen.iter().filter(|s| s.path == "/upload").collect();
         assert_eq!(uploads.len(), 1, "the upload is sent exactly once");
         assert_eq!(uploads[0].method, http::Method::POST);
@@ -540,13 +546,18 @@ fn a_refresh_is_never_parked_on_a_runtime_nobody_drives() {
         .build()
         .unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
+    // The refresh ends once the caller on the parked runtime has given up (not after a fixed
+    // time a stalled machine could outlast).
+    let gate = Arc::new(Semaphore::new(0));
     let (svc, addr) = main.block_on(async {
         let (addr, _seen) = recording_api("fresh").await;
         let counted = calls.clone();
+        let gate = gate.clone();
         let layer = RefreshLayer::new(refresh_fn(move |_| {
             counted.fetch_add(1, Ordering::SeqCst);
-            async {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            let gate = gate.clone();
+            async move {
+                let _open = gate.acquire().await.unwrap();
                 Ok::<_, RefreshError>(Token::bearer("fresh")?)
             }
         }));
@@ -570,6 +581,7 @@ fn a_refresh_is_never_parked_on_a_runtime_nobody_drives() {
         .await
     });
     assert!(early.is_err(), "the caller on the parked runtime timed out");
+    gate.add_permits(1);
 
     // A request on the driven runtime gets the refreshed token; the 5 s timeout is the bound.
     let res = main

@@ -1161,8 +1161,9 @@ async fn a_lost_answer_is_covered_by_the_grace_window_and_detected_as_reuse_with
             // The first answer is held past the refresher's timeout: the server rotated, the
             // client never learns the new refresh token and presents the old one again.
             s.token.hold_next(1);
+            // Long enough for the second, unheld call on a loaded machine.
             let refresher = app_persisting(&s, &rt0, &persisted)
-                .timeout(Duration::from_millis(200))
+                .timeout(Duration::from_secs(2))
                 .build()
                 .unwrap();
             let (client, handle) = api_client(refresher.clone(), "expired-at-start");
@@ -2323,7 +2324,8 @@ mod with_reqwest {
                     .client_id("app")
                     .client_secret("app-secret", ClientAuth::Basic)
                     .refresh_token(rt0.as_str())
-                    .timeout(Duration::from_millis(300))
+                    // Long enough for the unheld calls on a loaded machine.
+                    .timeout(Duration::from_secs(2))
                     .build()
                     .unwrap();
             let echo =

@@ -158,9 +158,11 @@ async fn a_refusal_body_that_never_ends_does_not_hold_the_replay_back() {
 async fn through_reqwest_after_a_refusal_the_replay_reuses_the_connection() {
     let (addr, seen) = api(Refusal::Sized(16 * 1024)).await;
     let (layer, calls) = stale_layer();
-    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(layer.reqwest_middleware())
-        .build();
+    let client = reqwest_middleware::ClientBuilder::new(
+        reqwest::Client::builder().no_proxy().build().unwrap(),
+    )
+    .with(layer.reqwest_middleware())
+    .build();
     let res = tokio::time::timeout(
         Duration::from_secs(10),
         // A fragment is not sent: the response still answers this request (no redirect).
@@ -183,9 +185,11 @@ async fn through_reqwest_a_refused_url_with_a_fragment_is_refreshed_and_replayed
     // The fragment is never sent, so the response's URL has none: that is not a redirect.
     let (addr, seen) = api(Refusal::Sized(10)).await;
     let (layer, calls) = stale_layer();
-    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(layer.reqwest_middleware())
-        .build();
+    let client = reqwest_middleware::ClientBuilder::new(
+        reqwest::Client::builder().no_proxy().build().unwrap(),
+    )
+    .with(layer.reqwest_middleware())
+    .build();
     let res = client
         .post(format!("http://{addr}/orders#summary"))
         .body("{\"id\":7}")

@@ -318,6 +318,13 @@ struct Refresher {
     log: Arc<RefresherLog>,
 }
 
+impl RefresherLog {
+    /// Failed refresher calls so far (each counted before its error is returned).
+    fn failures(&self) -> u64 {
+        self.timeouts.get() + self.transport_errors.get() + self.status_errors.get()
+    }
+}
+
 fn parse_token(body: &[u8]) -> Result<Token, RefreshError> {
     let body = std::str::from_utf8(body).map_err(RefreshError::transient)?;
     let (secret, ms) = body
@@ -868,7 +875,7 @@ async fn run_clients(
     let mut clients = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
         let (stack, next, outcomes) = (stack.clone(), next.clone(), outcomes.clone());
-        let handle = handle.clone();
+        let (handle, log) = (handle.clone(), log.clone());
         let mut rng = seeded(seed ^ (c as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
         clients.spawn(async move {
             loop {
@@ -878,6 +885,9 @@ async fn run_clients(
                 }
                 outcomes.started.add();
                 let (req, replayable) = request(id, api_addr, &mut rng);
+                // A refresh that failed while this request was out may have put the layer in
+                // its cool-down, which may be over again by the time the 401 is looked at.
+                let failures_before = log.failures();
                 let call = stack.clone().oneshot(req);
                 // Cancellation at random points: a drop after the first poll, or a timeout
                 // that fires somewhere along the way. The rest get a generous bound, and
@@ -897,7 +907,8 @@ async fn run_clients(
                     Ok(Ok(res))
                         if res.status() == StatusCode::UNAUTHORIZED
                             && replayable
-                            && handle.state().cooling_for().is_some() =>
+                            && (handle.state().cooling_for().is_some()
+                                || log.failures() > failures_before) =>
                     {
                         // A 401 during the cool-down of a failed refresh is returned, by design.
                         outcomes.cooling_401.add();
