@@ -122,11 +122,13 @@ async fn redis_down_mid_run_then_back() {
     assert_eq!(servers.token.requests(), 0);
 
     redis.start();
-    // The connection manager reconnects on demand; the layer's retry covers a first failure.
+    // The connection manager reconnects on demand, backing off (up to 500 ms) between tries:
+    // requests fail as `RefreshFailed` until it is back, then one succeeds. Bounded by 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut status = None;
-    for _ in 0..5 {
+    while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(60)).await;
-        match send().await {
+        match within("a request after the restart", send()).await {
             Ok(res) => {
                 status = Some(res.status());
                 break;
@@ -263,11 +265,8 @@ async fn fenced_lease_version_check_and_prefixes() {
         "another prefix, another record"
     );
 
-    let lease = a
-        .try_lease(Duration::from_millis(300))
-        .await
-        .unwrap()
-        .unwrap();
+    // A long TTL: the lease is expired on purpose below, not by the clock between steps.
+    let lease = a.try_lease(Duration::from_secs(5)).await.unwrap().unwrap();
     assert!(
         a.try_lease(Duration::from_secs(1)).await.unwrap().is_none(),
         "exclusive"
@@ -282,8 +281,21 @@ async fn fenced_lease_version_check_and_prefixes() {
             .unwrap(),
         CasOutcome::VersionChanged
     );
-    // The lease runs out; another holder takes it; the old fence cannot write any more.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The lease runs out (made to expire now); another holder takes it; the old fence cannot
+    // write any more.
+    assert_eq!(
+        redis.command(&[b"PEXPIRE", b"tenant-a:lease", b"1"]).trim(),
+        ":1",
+        "the first lease was still held"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while redis.get("tenant-a:lease").is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease did not expire within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let second = a
         .try_lease(Duration::from_secs(5))
         .await

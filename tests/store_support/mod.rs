@@ -280,7 +280,7 @@ pub(crate) fn run_worker() {
         let grant = grant_refresher(var("STORE_TOKEN_URL"), calls.clone());
         let ttl = Duration::from_millis(var("STORE_LEASE_TTL_MS").parse().unwrap());
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .build_http::<ReplayBody<Full<Bytes>>>();
+            .build::<_, ReplayBody<Full<Bytes>>>(CappedConnector::new(WORKER_CONNECTIONS));
         if let Ok(path) = std::env::var("STORE_FILE") {
             let shared = StoreRefresher::new(grant, FileStore::new(path)).lease_ttl(ttl);
             let svc = tower::ServiceBuilder::new()
@@ -303,6 +303,116 @@ pub(crate) fn run_worker() {
             }
         }
     });
+}
+
+/// The most connections a worker keeps open to the API at once. Every request of a round is
+/// in the layer at once (and waits for the same refresh), but at most this many are on the
+/// wire: 4 workers × 250 connections would hold ~1,000 sockets in the test process, at the
+/// usual limit of 1,024 open files.
+pub(crate) const WORKER_CONNECTIONS: usize = 32;
+
+/// An `HttpConnector` whose connections each hold a permit of a semaphore until they close,
+/// so the client never has more than `max` open; a connect waits for a permit (meanwhile the
+/// pool hands the request the first connection that becomes idle).
+#[derive(Clone)]
+pub(crate) struct CappedConnector {
+    inner: HttpConnector,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl CappedConnector {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            inner: HttpConnector::new(),
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Service<http::Uri> for CappedConnector {
+    type Response = CappedConnection;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<CappedConnection, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let (inner, permits) = (self.inner.clone(), self.permits.clone());
+        Box::pin(async move {
+            let permit = permits.acquire_owned().await?;
+            let io = inner.oneshot(dst).await?;
+            Ok(CappedConnection {
+                io,
+                _permit: permit,
+            })
+        })
+    }
+}
+
+/// A connection of a [`CappedConnector`]: gives its permit back when dropped (closed).
+pub(crate) struct CappedConnection {
+    io: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl hyper_util::client::legacy::connect::Connection for CappedConnection {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for CappedConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CappedConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
 }
 
 async fn serve_commands<S>(svc: S, api_url: String, calls: GrantCalls)
@@ -423,6 +533,17 @@ impl RedisServer {
             .expect("start redis-server");
         self.child = Some(child);
         for _ in 0..200 {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                panic!(
+                    "redis-server exited before answering ({status}); is port {} taken?",
+                    self.port
+                );
+            }
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
                 use std::io::{Read, Write};
                 s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
@@ -447,10 +568,19 @@ impl RedisServer {
         }
     }
 
+    /// A blocking connection whose reads and writes fail after 10 s instead of hanging.
+    fn connect(&self) -> std::net::TcpStream {
+        let s = std::net::TcpStream::connect(("127.0.0.1", self.port))
+            .unwrap_or_else(|err| panic!("connect to redis-server: {err}"));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
     /// Sends a raw command (RESP arrays of bulk strings) and returns the first reply line.
     pub(crate) fn command(&self, args: &[&[u8]]) -> String {
         use std::io::{BufRead, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut s = self.connect();
         let mut msg = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
             msg.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
@@ -459,25 +589,29 @@ impl RedisServer {
         }
         s.write_all(&msg).unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        std::io::BufReader::new(s)
+            .read_line(&mut line)
+            .unwrap_or_else(|err| panic!("redis-server did not answer within 10 s: {err}"));
         line
     }
 
     /// GET as raw bytes (`None` for nil).
     pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
         use std::io::{BufRead, Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut s = self.connect();
         let msg = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
         s.write_all(msg.as_bytes()).unwrap();
         let mut r = std::io::BufReader::new(s);
         let mut line = String::new();
-        r.read_line(&mut line).unwrap();
+        r.read_line(&mut line)
+            .unwrap_or_else(|err| panic!("redis-server did not answer within 10 s: {err}"));
         let len: i64 = line.trim_end().strip_prefix('$').unwrap().parse().unwrap();
         if len < 0 {
             return None;
         }
         let mut buf = vec![0u8; len as usize + 2];
-        r.read_exact(&mut buf).unwrap();
+        r.read_exact(&mut buf)
+            .unwrap_or_else(|err| panic!("redis-server did not answer within 10 s: {err}"));
         buf.truncate(len as usize);
         Some(buf)
     }
@@ -672,10 +806,16 @@ impl<S: TokenStore> TokenStore for Partitioned<S> {
         expected: u64,
         record: &Record,
     ) -> Result<CasOutcome, tower_auth_refresh::store::StoreError> {
+        // Bounded: the real lease is only held for one write at a time, never for long.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let real = loop {
             if let Some(lease) = self.0.try_lease(Duration::from_secs(5)).await? {
                 break lease;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Partitioned::compare_and_set: the real store's lease stayed taken for 20 s"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         let outcome = self.0.compare_and_set(&real, expected, record).await;
