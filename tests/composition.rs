@@ -23,7 +23,7 @@ use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnRequest, TraceLayer};
 
-use support::{capture_logs, rejecting};
+use support::{capture_logs, guard, rejecting, run_paused};
 
 type Body = Full<Bytes>;
 
@@ -121,102 +121,110 @@ impl Policy<Request<Body>, Response<String>, BoxError> for RetryServerErrors {
 
 #[tokio::test]
 async fn retry_outside_picks_up_the_fresh_token_and_never_retries_auth_failures() {
-    let api = Api::default();
-    api.flaky.store(1, Ordering::SeqCst);
-    let calls = Arc::new(AtomicUsize::new(0));
-    let svc = ServiceBuilder::new()
-        .layer(RetryLayer::new(RetryServerErrors(3)))
-        .layer(RefreshLayer::new(issuing(&api, &calls, Duration::ZERO)))
-        .service(api.clone());
-    // 503 (retried by the retry layer), then the token is fetched and used.
-    assert_eq!(
-        svc.clone().oneshot(get()).await.unwrap().status(),
-        StatusCode::OK
-    );
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
-
-    // A terminal refresh failure is not retried.
-    let tries = Arc::new(AtomicUsize::new(0));
-    let svc = ServiceBuilder::new()
-        .layer(RetryLayer::new(RetryServerErrors(3)))
-        .layer(RefreshLayer::new(rejecting(&tries)))
-        .service(api.clone());
-    let err = svc.oneshot(get()).await.unwrap_err();
-    assert!(err.is::<RefreshRejected>(), "{err}");
-    assert_eq!(tries.load(Ordering::SeqCst), 1);
-}
-
-#[tokio::test(start_paused = true)]
-async fn an_outer_timeout_cancels_the_request_but_not_the_refresh() {
-    let api = Api::default();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RefreshLayer::new(issuing(&api, &calls, Duration::from_secs(2)));
-    let handle = layer.token_handle();
-    let svc = ServiceBuilder::new()
-        .layer(TimeoutLayer::new(Duration::from_millis(500)))
-        .layer(layer)
-        // Inside: each attempt (the first send and the replay) gets its own timeout.
-        .layer(TimeoutLayer::new(Duration::from_secs(1)))
-        .service(api.clone());
-    let err = svc.clone().oneshot(get()).await.unwrap_err();
-    assert!(err.is::<tower::timeout::error::Elapsed>());
-    assert!(handle.state().refreshing());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        handle.state().generation(),
-        1,
-        "the refresh finished on its own"
-    );
-    assert_eq!(svc.oneshot(get()).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!(api.seen.load(Ordering::SeqCst), 1);
-}
-
-#[tokio::test]
-async fn trace_and_sensitive_headers_layers_never_print_the_token() {
-    let (logs, _tracing) = capture_logs();
-
-    let api = Api::default();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RefreshLayer::new(issuing(&api, &calls, Duration::ZERO))
-        .initial_token(Token::bearer("stale-secret-value").unwrap());
-    let svc = ServiceBuilder::new()
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().include_headers(true))
-                .on_request(DefaultOnRequest::new()),
-        )
-        .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
-        .layer(layer)
-        // Inside the refresh layer: sees the Authorization header the layer set.
-        .layer(
-            TraceLayer::new_for_http().make_span_with(
-                DefaultMakeSpan::new()
-                    .include_headers(true)
-                    .level(tracing::Level::INFO),
-            ),
-        )
-        .service(api.clone());
-    for _ in 0..5 {
+    guard(async {
+        let api = Api::default();
+        api.flaky.store(1, Ordering::SeqCst);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = ServiceBuilder::new()
+            .layer(RetryLayer::new(RetryServerErrors(3)))
+            .layer(RefreshLayer::new(issuing(&api, &calls, Duration::ZERO)))
+            .service(api.clone());
+        // 503 (retried by the retry layer), then the token is fetched and used.
         assert_eq!(
             svc.clone().oneshot(get()).await.unwrap().status(),
             StatusCode::OK
         );
-    }
-    let text = logs.text();
-    assert!(
-        text.contains("authorization"),
-        "the trace shows headers: {text}"
-    );
-    assert!(text.contains("Sensitive"));
-    assert!(
-        text.contains("token refresh succeeded"),
-        "the layer's own events are captured"
-    );
-    assert!(
-        !text.contains("stale-secret-value") && !text.contains("fresh-1"),
-        "token leaked: {text}"
-    );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        // A terminal refresh failure is not retried.
+        let tries = Arc::new(AtomicUsize::new(0));
+        let svc = ServiceBuilder::new()
+            .layer(RetryLayer::new(RetryServerErrors(3)))
+            .layer(RefreshLayer::new(rejecting(&tries)))
+            .service(api.clone());
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(err.is::<RefreshRejected>(), "{err}");
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[test]
+fn an_outer_timeout_cancels_the_request_but_not_the_refresh() {
+    run_paused(Duration::from_secs(3600), async {
+        let api = Api::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(issuing(&api, &calls, Duration::from_secs(2)));
+        let handle = layer.token_handle();
+        let svc = ServiceBuilder::new()
+            .layer(TimeoutLayer::new(Duration::from_millis(500)))
+            .layer(layer)
+            // Inside: each attempt (the first send and the replay) gets its own timeout.
+            .layer(TimeoutLayer::new(Duration::from_secs(1)))
+            .service(api.clone());
+        let err = svc.clone().oneshot(get()).await.unwrap_err();
+        assert!(err.is::<tower::timeout::error::Elapsed>());
+        assert!(handle.state().refreshing());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            handle.state().generation(),
+            1,
+            "the refresh finished on its own"
+        );
+        assert_eq!(svc.oneshot(get()).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(api.seen.load(Ordering::SeqCst), 1);
+    });
+}
+
+#[tokio::test]
+async fn trace_and_sensitive_headers_layers_never_print_the_token() {
+    guard(async {
+        let (logs, _tracing) = capture_logs();
+
+        let api = Api::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RefreshLayer::new(issuing(&api, &calls, Duration::ZERO))
+            .initial_token(Token::bearer("stale-secret-value").unwrap());
+        let svc = ServiceBuilder::new()
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(DefaultMakeSpan::new().include_headers(true))
+                    .on_request(DefaultOnRequest::new()),
+            )
+            .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+            .layer(layer)
+            // Inside the refresh layer: sees the Authorization header the layer set.
+            .layer(
+                TraceLayer::new_for_http().make_span_with(
+                    DefaultMakeSpan::new()
+                        .include_headers(true)
+                        .level(tracing::Level::INFO),
+                ),
+            )
+            .service(api.clone());
+        for _ in 0..5 {
+            assert_eq!(
+                svc.clone().oneshot(get()).await.unwrap().status(),
+                StatusCode::OK
+            );
+        }
+        let text = logs.text();
+        assert!(
+            text.contains("authorization"),
+            "the trace shows headers: {text}"
+        );
+        assert!(text.contains("Sensitive"));
+        assert!(
+            text.contains("token refresh succeeded"),
+            "the layer's own events are captured"
+        );
+        assert!(
+            !text.contains("stale-secret-value") && !text.contains("fresh-1"),
+            "token leaked: {text}"
+        );
+    })
+    .await;
 }
 
 /// A service that is not `Clone`: it must sit behind a `Buffer`.
@@ -238,30 +246,33 @@ impl Service<Request<ReplayBody<Body>>> for NotClone {
 
 #[tokio::test]
 async fn works_over_buffer_and_concurrency_limit() {
-    let api = Api::default();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let svc = ServiceBuilder::new()
-        .layer(
-            RefreshLayer::new(issuing(&api, &calls, Duration::from_millis(5)))
-                .initial_token(Token::bearer("stale").unwrap()),
-        )
-        .layer(BufferLayer::new(64))
-        .layer(ConcurrencyLimitLayer::new(4))
-        .service(NotClone(api.clone()));
-    let all: Vec<_> = (0..100)
-        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
-        .collect();
-    for c in all {
-        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
-    }
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
-    // Every request is sent once with the fresh token; only those sent before the first 401
-    // came back carry the stale one (the rest wait for the refresh instead).
-    let seen = api.seen.load(Ordering::SeqCst);
-    assert!((101..=200).contains(&seen), "{seen}");
+    guard(async {
+        let api = Api::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = ServiceBuilder::new()
+            .layer(
+                RefreshLayer::new(issuing(&api, &calls, Duration::from_millis(5)))
+                    .initial_token(Token::bearer("stale").unwrap()),
+            )
+            .layer(BufferLayer::new(64))
+            .layer(ConcurrencyLimitLayer::new(4))
+            .service(NotClone(api.clone()));
+        let all: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+            .collect();
+        for c in all {
+            assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Every request is sent once with the fresh token; only those sent before the first 401
+        // came back carry the stale one (the rest wait for the refresh instead).
+        let seen = api.seen.load(Ordering::SeqCst);
+        assert!((101..=200).contains(&seen), "{seen}");
 
-    // Boxed and cloned services work as well.
-    let boxed = tower::util::BoxCloneService::new(svc.map_err(|e: BoxError| e));
-    let res = boxed.oneshot(get()).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+        // Boxed and cloned services work as well.
+        let boxed = tower::util::BoxCloneService::new(svc.map_err(|e: BoxError| e));
+        let res = boxed.oneshot(get()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    })
+    .await;
 }

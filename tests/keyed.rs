@@ -199,249 +199,261 @@ fn for_tenant(t: u32) -> Request<Body> {
 
 #[tokio::test]
 async fn a_slow_or_failing_tenant_never_delays_or_fails_another() {
-    let gate = Arc::new(Semaphore::new(0));
-    let calls = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
-    let layer = {
-        let (gate, calls) = (gate.clone(), calls.clone());
-        KeyedRefreshLayer::new(move |tenant: Tenant, _| {
-            *calls.lock().unwrap().entry(tenant.0).or_default() += 1;
-            let gate = gate.clone();
-            async move {
-                match tenant.0 {
-                    // Tenant 1 is slow, then rejected.
-                    1 => {
-                        gate.acquire().await.unwrap().forget();
-                        Err(RefreshError::terminal("invalid_grant"))
+    guard(async {
+        let gate = Arc::new(Semaphore::new(0));
+        let calls = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+        let layer = {
+            let (gate, calls) = (gate.clone(), calls.clone());
+            KeyedRefreshLayer::new(move |tenant: Tenant, _| {
+                *calls.lock().unwrap().entry(tenant.0).or_default() += 1;
+                let gate = gate.clone();
+                async move {
+                    match tenant.0 {
+                        // Tenant 1 is slow, then rejected.
+                        1 => {
+                            gate.acquire().await.unwrap().forget();
+                            Err(RefreshError::terminal("invalid_grant"))
+                        }
+                        n => Ok(Token::bearer(format!("t{n}"))?),
                     }
-                    n => Ok(Token::bearer(format!("t{n}"))?),
                 }
-            }
-        })
-    };
-    let handle = layer.token_handle();
-    let mut events = handle.subscribe();
-    let svc = layer.layer(echo());
+            })
+        };
+        let handle = layer.token_handle();
+        let mut events = handle.subscribe();
+        let svc = layer.layer(echo());
 
-    let slow: Vec<_> = (0..20)
-        .map(|_| tokio::spawn(svc.clone().oneshot(for_tenant(1))))
-        .collect();
-    tokio::task::yield_now().await;
-    // Tenant 2 is served while tenant 1's refresh hangs.
-    let res = tokio::time::timeout(Duration::from_secs(5), svc.clone().oneshot(for_tenant(2)))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(res.body(), "Bearer t2");
-    gate.add_permits(1);
-    for s in slow {
-        let err = s.await.unwrap().unwrap_err();
-        assert!(err.is::<RefreshRejected>(), "{err}");
-    }
-    // Tenant 1's session ended; tenant 2 works on.
-    assert!(
-        svc.clone()
-            .oneshot(for_tenant(1))
+        let slow: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(svc.clone().oneshot(for_tenant(1))))
+            .collect();
+        tokio::task::yield_now().await;
+        // Tenant 2 is served while tenant 1's refresh hangs.
+        let res = tokio::time::timeout(Duration::from_secs(5), svc.clone().oneshot(for_tenant(2)))
             .await
-            .unwrap_err()
-            .is::<SessionEnded>()
-    );
-    assert_eq!(
-        svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
-        "Bearer t2"
-    );
-    assert_eq!(calls.lock().unwrap()[&1], 1);
-    assert_eq!(calls.lock().unwrap()[&2], 1);
-    assert!(handle.key(&Tenant(1)).state().session_ended());
-    assert!(!handle.key(&Tenant(2)).state().session_ended());
-
-    let mut ended = Vec::new();
-    while let Some(Ok((key, ev))) = events.try_recv() {
-        if matches!(ev, RefreshEvent::SessionEnded { .. }) {
-            ended.push(key);
+            .unwrap()
+            .unwrap();
+        assert_eq!(res.body(), "Bearer t2");
+        gate.add_permits(1);
+        for s in slow {
+            let err = s.await.unwrap().unwrap_err();
+            assert!(err.is::<RefreshRejected>(), "{err}");
         }
-    }
-    assert_eq!(ended, [Tenant(1)], "events carry their key");
+        // Tenant 1's session ended; tenant 2 works on.
+        assert!(
+            svc.clone()
+                .oneshot(for_tenant(1))
+                .await
+                .unwrap_err()
+                .is::<SessionEnded>()
+        );
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
+            "Bearer t2"
+        );
+        assert_eq!(calls.lock().unwrap()[&1], 1);
+        assert_eq!(calls.lock().unwrap()[&2], 1);
+        assert!(handle.key(&Tenant(1)).state().session_ended());
+        assert!(!handle.key(&Tenant(2)).state().session_ended());
+
+        let mut ended = Vec::new();
+        while let Some(Ok((key, ev))) = events.try_recv() {
+            if matches!(ev, RefreshEvent::SessionEnded { .. }) {
+                ended.push(key);
+            }
+        }
+        assert_eq!(ended, [Tenant(1)], "events carry their key");
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn per_key_handle_installs_and_forces_and_the_newest_token_wins() {
-    let n = Arc::new(AtomicUsize::new(0));
-    // The stale token each refresh was handed.
-    let stale = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
-    let layer = {
-        let (n, stale) = (n.clone(), stale.clone());
-        KeyedRefreshLayer::new(move |tenant: Tenant, old: Option<Token>| {
-            stale
-                .lock()
-                .unwrap()
-                .push(old.map(|t| t.secret().to_owned()));
-            let i = n.fetch_add(1, Ordering::SeqCst) + 1;
-            async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}-r{i}", tenant.0))?) }
-        })
-    };
-    let handle = layer.token_handle();
-    let svc = layer.layer(echo());
+    guard(async {
+        let n = Arc::new(AtomicUsize::new(0));
+        // The stale token each refresh was handed.
+        let stale = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
+        let layer = {
+            let (n, stale) = (n.clone(), stale.clone());
+            KeyedRefreshLayer::new(move |tenant: Tenant, old: Option<Token>| {
+                stale
+                    .lock()
+                    .unwrap()
+                    .push(old.map(|t| t.secret().to_owned()));
+                let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+                async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}-r{i}", tenant.0))?) }
+            })
+        };
+        let handle = layer.token_handle();
+        let svc = layer.layer(echo());
 
-    handle
-        .key(&Tenant(3))
-        .set_token(Token::bearer("t3-login").unwrap());
-    assert_eq!(
-        svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
-        "Bearer t3-login"
-    );
-    // After a forced refresh the cell's newer token is used.
-    let state = handle.key(&Tenant(3)).refresh().await.unwrap();
-    assert_eq!(state.generation(), 2);
-    assert_eq!(
-        svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
-        "Bearer t3-r1"
-    );
-    // The forced refresh was handed the installed token, and the cell now holds its result.
-    assert_eq!(*stale.lock().unwrap(), [Some("t3-login".to_owned())]);
-    assert_eq!(handle.key(&Tenant(3)).token().unwrap().secret(), "t3-r1");
-    // Another key is untouched by all of this.
-    assert_eq!(
-        svc.clone().oneshot(for_tenant(4)).await.unwrap().body(),
-        "Bearer t4-r2"
-    );
-    assert_eq!(handle.len(), 2);
+        handle
+            .key(&Tenant(3))
+            .set_token(Token::bearer("t3-login").unwrap());
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
+            "Bearer t3-login"
+        );
+        // After a forced refresh the cell's newer token is used.
+        let state = handle.key(&Tenant(3)).refresh().await.unwrap();
+        assert_eq!(state.generation(), 2);
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
+            "Bearer t3-r1"
+        );
+        // The forced refresh was handed the installed token, and the cell now holds its result.
+        assert_eq!(*stale.lock().unwrap(), [Some("t3-login".to_owned())]);
+        assert_eq!(handle.key(&Tenant(3)).token().unwrap().secret(), "t3-r1");
+        // Another key is untouched by all of this.
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(4)).await.unwrap().body(),
+            "Bearer t4-r2"
+        );
+        assert_eq!(handle.len(), 2);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_map_is_bounded_and_an_evicted_key_refreshes_anew() {
-    let calls = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
-    let layer = {
-        let calls = calls.clone();
-        KeyedRefreshLayer::new(move |tenant: Tenant, _| {
-            *calls.lock().unwrap().entry(tenant.0).or_default() += 1;
-            async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?) }
-        })
-        .capacity(3)
-    };
-    let handle = layer.token_handle();
-    let svc = layer.layer(echo());
-    for t in [1, 2, 3, 1, 4, 5, 1] {
+    guard(async {
+        let calls = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+        let layer = {
+            let calls = calls.clone();
+            KeyedRefreshLayer::new(move |tenant: Tenant, _| {
+                *calls.lock().unwrap().entry(tenant.0).or_default() += 1;
+                async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?) }
+            })
+            .capacity(3)
+        };
+        let handle = layer.token_handle();
+        let svc = layer.layer(echo());
+        for t in [1, 2, 3, 1, 4, 5, 1] {
+            assert_eq!(
+                *svc.clone().oneshot(for_tenant(t)).await.unwrap().body(),
+                format!("Bearer t{t}")
+            );
+            assert!(handle.len() <= 3);
+            // Distinct instants, so that "least recently used" is well defined.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        {
+            let calls = calls.lock().unwrap();
+            // 1 stayed in use (LRU keeps it); 2 and 3 were evicted for 4 and 5.
+            assert_eq!(calls[&1], 1, "{calls:?}");
+            assert_eq!(calls.values().sum::<usize>(), 5);
+        }
+        // An evicted key comes back with a fresh refresh.
         assert_eq!(
-            *svc.clone().oneshot(for_tenant(t)).await.unwrap().body(),
-            format!("Bearer t{t}")
+            svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
+            "Bearer t2"
         );
+        assert_eq!(calls.lock().unwrap()[&2], 2);
         assert!(handle.len() <= 3);
-        // Distinct instants, so that "least recently used" is well defined.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    {
-        let calls = calls.lock().unwrap();
-        // 1 stayed in use (LRU keeps it); 2 and 3 were evicted for 4 and 5.
-        assert_eq!(calls[&1], 1, "{calls:?}");
-        assert_eq!(calls.values().sum::<usize>(), 5);
-    }
-    // An evicted key comes back with a fresh refresh.
-    assert_eq!(
-        svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
-        "Bearer t2"
-    );
-    assert_eq!(calls.lock().unwrap()[&2], 2);
-    assert!(handle.len() <= 3);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn requests_without_a_key_fail_typed_or_use_the_default_principal() {
-    let refresher = |tenant: Tenant, _: Option<Token>| async move {
-        Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?)
-    };
-    let strict = KeyedRefreshLayer::new(refresher).layer(echo());
-    let err = strict
-        .oneshot(Request::get("/").body(Body::default()).unwrap())
-        .await
-        .unwrap_err();
-    assert!(err.is::<MissingKey>());
+    guard(async {
+        let refresher = |tenant: Tenant, _: Option<Token>| async move {
+            Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?)
+        };
+        let strict = KeyedRefreshLayer::new(refresher).layer(echo());
+        let err = strict
+            .oneshot(Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.is::<MissingKey>());
 
-    // A request no cell would authenticate goes out untouched without a key, as through the
-    // tower layer: a token request (say, a keyed refresher's, through the same stack), one
-    // with its own `Authorization`, one the attach rule leaves alone. No cell is made.
-    let strict = KeyedRefreshLayer::new(refresher)
-        .attach_when(|head| head.uri().path() != "/public")
-        .layer(echo());
-    let mut token_request = Request::post("/token").body(Body::default()).unwrap();
-    token_request
-        .extensions_mut()
-        .insert(tower_auth_refresh::TokenRequest);
-    let res = strict.clone().oneshot(token_request).await.unwrap();
-    assert_eq!(res.body(), "-", "no Authorization");
-    let own = Request::get("/")
-        .header(http::header::AUTHORIZATION, "Basic b3duOnNlY3JldA==")
-        .body(Body::default())
-        .unwrap();
-    let res = strict.clone().oneshot(own).await.unwrap();
-    assert_eq!(res.body(), "Basic b3duOnNlY3JldA==");
-    let public = Request::get("/public").body(Body::default()).unwrap();
-    let res = strict.clone().oneshot(public).await.unwrap();
-    assert_eq!(res.body(), "-", "no Authorization");
-    // Anything else still needs its key.
-    let err = strict
-        .oneshot(Request::get("/private").body(Body::default()).unwrap())
-        .await
-        .unwrap_err();
-    assert!(err.is::<MissingKey>());
+        // A request no cell would authenticate goes out untouched without a key, as through the
+        // tower layer: a token request (say, a keyed refresher's, through the same stack), one
+        // with its own `Authorization`, one the attach rule leaves alone. No cell is made.
+        let strict = KeyedRefreshLayer::new(refresher)
+            .attach_when(|head| head.uri().path() != "/public")
+            .layer(echo());
+        let mut token_request = Request::post("/token").body(Body::default()).unwrap();
+        token_request
+            .extensions_mut()
+            .insert(tower_auth_refresh::TokenRequest);
+        let res = strict.clone().oneshot(token_request).await.unwrap();
+        assert_eq!(res.body(), "-", "no Authorization");
+        let own = Request::get("/")
+            .header(http::header::AUTHORIZATION, "Basic b3duOnNlY3JldA==")
+            .body(Body::default())
+            .unwrap();
+        let res = strict.clone().oneshot(own).await.unwrap();
+        assert_eq!(res.body(), "Basic b3duOnNlY3JldA==");
+        let public = Request::get("/public").body(Body::default()).unwrap();
+        let res = strict.clone().oneshot(public).await.unwrap();
+        assert_eq!(res.body(), "-", "no Authorization");
+        // Anything else still needs its key.
+        let err = strict
+            .oneshot(Request::get("/private").body(Body::default()).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.is::<MissingKey>());
 
-    // A destination no cell would send a token to goes out untouched without a key too: an
-    // origin off the allow-list, or (without one) another origin than the first-seen one, once
-    // that is bound. An origin not yet bound still needs the key (and binds nothing).
-    let listed = KeyedRefreshLayer::new(refresher)
-        .allowed_origins(["https://api.example"])
-        .unwrap()
-        .layer(echo());
-    let cdn = Request::get("https://cdn.example/logo.png")
-        .body(Body::default())
-        .unwrap();
-    let res = listed.clone().oneshot(cdn).await.unwrap();
-    assert_eq!(res.body(), "-", "no Authorization");
-    let err = listed
-        .oneshot(
-            Request::get("https://api.example/x")
-                .body(Body::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap_err();
-    assert!(err.is::<MissingKey>());
-    let first_seen = KeyedRefreshLayer::new(refresher).layer(echo());
-    let unbound = Request::get("https://cdn.example/logo.png")
-        .body(Body::default())
-        .unwrap();
-    let err = first_seen.clone().oneshot(unbound).await.unwrap_err();
-    assert!(
-        err.is::<MissingKey>(),
-        "nothing bound yet: the key is needed"
-    );
-    let mut keyed = Request::get("https://api.example/x")
-        .body(Body::default())
-        .unwrap();
-    keyed.extensions_mut().insert(Tenant(1));
-    let res = first_seen.clone().oneshot(keyed).await.unwrap();
-    assert_eq!(
-        res.body(),
-        "Bearer t1",
-        "the first-seen origin is api.example"
-    );
-    let cdn = Request::get("https://cdn.example/logo.png")
-        .body(Body::default())
-        .unwrap();
-    let res = first_seen.oneshot(cdn).await.unwrap();
-    assert_eq!(
-        res.body(),
-        "-",
-        "another origin than the bound one: untouched"
-    );
+        // A destination no cell would send a token to goes out untouched without a key too: an
+        // origin off the allow-list, or (without one) another origin than the first-seen one, once
+        // that is bound. An origin not yet bound still needs the key (and binds nothing).
+        let listed = KeyedRefreshLayer::new(refresher)
+            .allowed_origins(["https://api.example"])
+            .unwrap()
+            .layer(echo());
+        let cdn = Request::get("https://cdn.example/logo.png")
+            .body(Body::default())
+            .unwrap();
+        let res = listed.clone().oneshot(cdn).await.unwrap();
+        assert_eq!(res.body(), "-", "no Authorization");
+        let err = listed
+            .oneshot(
+                Request::get("https://api.example/x")
+                    .body(Body::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.is::<MissingKey>());
+        let first_seen = KeyedRefreshLayer::new(refresher).layer(echo());
+        let unbound = Request::get("https://cdn.example/logo.png")
+            .body(Body::default())
+            .unwrap();
+        let err = first_seen.clone().oneshot(unbound).await.unwrap_err();
+        assert!(
+            err.is::<MissingKey>(),
+            "nothing bound yet: the key is needed"
+        );
+        let mut keyed = Request::get("https://api.example/x")
+            .body(Body::default())
+            .unwrap();
+        keyed.extensions_mut().insert(Tenant(1));
+        let res = first_seen.clone().oneshot(keyed).await.unwrap();
+        assert_eq!(
+            res.body(),
+            "Bearer t1",
+            "the first-seen origin is api.example"
+        );
+        let cdn = Request::get("https://cdn.example/logo.png")
+            .body(Body::default())
+            .unwrap();
+        let res = first_seen.oneshot(cdn).await.unwrap();
+        assert_eq!(
+            res.body(),
+            "-",
+            "another origin than the bound one: untouched"
+        );
 
-    let lenient = KeyedRefreshLayer::new(refresher)
-        .default_key(Tenant(0))
-        .layer(echo());
-    let res = lenient
-        .oneshot(Request::get("/").body(Body::default()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(res.body(), "Bearer t0");
+        let lenient = KeyedRefreshLayer::new(refresher)
+            .default_key(Tenant(0))
+            .layer(echo());
+        let res = lenient
+            .oneshot(Request::get("/").body(Body::default()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.body(), "Bearer t0");
+    })
+    .await;
 }
 
 /// Review item 3: a key's handle acts on the key's current cell on every call, also after
@@ -449,41 +461,44 @@ async fn requests_without_a_key_fail_typed_or_use_the_default_principal() {
 /// taken before `remove` is the one the next request carries, and its state is that cell's.
 #[tokio::test]
 async fn a_key_handle_taken_before_remove_acts_on_the_keys_new_cell() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let layer = {
-        let calls = calls.clone();
-        KeyedRefreshLayer::new(move |tenant: Tenant, _| {
-            let i = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}-r{i}", tenant.0))?) }
-        })
-    };
-    let handle = layer.token_handle();
-    let svc = layer.layer(echo());
-    let send = |t: u32| {
-        let svc = svc.clone();
-        async move { svc.oneshot(for_tenant(t)).await.unwrap().into_body() }
-    };
+    guard(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = {
+            let calls = calls.clone();
+            KeyedRefreshLayer::new(move |tenant: Tenant, _| {
+                let i = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}-r{i}", tenant.0))?) }
+            })
+        };
+        let handle = layer.token_handle();
+        let svc = layer.layer(echo());
+        let send = |t: u32| {
+            let svc = svc.clone();
+            async move { svc.oneshot(for_tenant(t)).await.unwrap().into_body() }
+        };
 
-    let h = handle.key(&Tenant(5));
-    h.set_token(Token::bearer("t5-login").unwrap());
-    assert_eq!(send(5).await, "Bearer t5-login");
+        let h = handle.key(&Tenant(5));
+        h.set_token(Token::bearer("t5-login").unwrap());
+        assert_eq!(send(5).await, "Bearer t5-login");
 
-    // Removed, then installed through the handle taken before: no refresh, the new token.
-    assert!(handle.remove(&Tenant(5)));
-    h.set_token(Token::bearer("t5-after-remove").unwrap());
-    assert_eq!(send(5).await, "Bearer t5-after-remove");
-    assert_eq!(calls.load(Ordering::SeqCst), 0);
+        // Removed, then installed through the handle taken before: no refresh, the new token.
+        assert!(handle.remove(&Tenant(5)));
+        h.set_token(Token::bearer("t5-after-remove").unwrap());
+        assert_eq!(send(5).await, "Bearer t5-after-remove");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
 
-    // Removed, then rebuilt by a request (a fresh refresh): the old handle sees that cell.
-    assert!(handle.remove(&Tenant(5)));
-    assert_eq!(send(5).await, "Bearer t5-r1");
-    assert_eq!(h.token().unwrap().secret(), "t5-r1");
-    assert_eq!(h.state().generation(), 1);
-    h.set_token(Token::bearer("t5-again").unwrap());
-    assert_eq!(send(5).await, "Bearer t5-again");
-    h.invalidate();
-    assert_eq!(send(5).await, "Bearer t5-r2");
-    assert_eq!(handle.len(), 1);
+        // Removed, then rebuilt by a request (a fresh refresh): the old handle sees that cell.
+        assert!(handle.remove(&Tenant(5)));
+        assert_eq!(send(5).await, "Bearer t5-r1");
+        assert_eq!(h.token().unwrap().secret(), "t5-r1");
+        assert_eq!(h.state().generation(), 1);
+        h.set_token(Token::bearer("t5-again").unwrap());
+        assert_eq!(send(5).await, "Bearer t5-again");
+        h.invalidate();
+        assert_eq!(send(5).await, "Bearer t5-r2");
+        assert_eq!(handle.len(), 1);
+    })
+    .await;
 }
 
 /// Review A4: a key's `TokenHandle::subscribe` follows the cell current when it is called: it
@@ -491,44 +506,47 @@ async fn a_key_handle_taken_before_remove_acts_on_the_keys_new_cell() {
 /// subscription follows every key.
 #[tokio::test]
 async fn a_key_subscription_ends_with_its_cell_and_the_keyed_one_goes_on() {
-    let layer = KeyedRefreshLayer::new(|tenant: Tenant, _: Option<Token>| async move {
-        Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?)
-    })
-    .capacity(1);
-    let handle = layer.token_handle();
-    let mut keyed = handle.subscribe();
-    let mut of_0 = handle.key(&Tenant(0)).subscribe();
-    let svc = layer.layer(echo());
-    let wait = Duration::from_secs(5);
+    guard(async {
+        let layer = KeyedRefreshLayer::new(|tenant: Tenant, _: Option<Token>| async move {
+            Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?)
+        })
+        .capacity(1);
+        let handle = layer.token_handle();
+        let mut keyed = handle.subscribe();
+        let mut of_0 = handle.key(&Tenant(0)).subscribe();
+        let svc = layer.layer(echo());
+        let wait = Duration::from_secs(5);
 
-    assert_eq!(
-        svc.clone().oneshot(for_tenant(0)).await.unwrap().body(),
-        "Bearer t0"
-    );
-    let first = tokio::time::timeout(wait, of_0.recv()).await.unwrap();
-    assert!(
-        matches!(first, Some(Ok(RefreshEvent::Refreshed { .. }))),
-        "{first:?}"
-    );
-    // Tenant 1 evicts tenant 0's cell (capacity 1): the key's subscription ends.
-    assert_eq!(
-        svc.clone().oneshot(for_tenant(1)).await.unwrap().body(),
-        "Bearer t1"
-    );
-    assert_eq!(handle.len(), 1);
-    assert!(
-        tokio::time::timeout(wait, of_0.recv())
-            .await
-            .unwrap()
-            .is_none()
-    );
-    // The keyed subscription saw both keys, and sees tenant 0's new cell.
-    svc.clone().oneshot(for_tenant(0)).await.unwrap();
-    let mut keys = Vec::new();
-    while let Some(Ok((key, ev))) = keyed.try_recv() {
-        if matches!(ev, RefreshEvent::Refreshed { .. }) {
-            keys.push(key.0);
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(0)).await.unwrap().body(),
+            "Bearer t0"
+        );
+        let first = tokio::time::timeout(wait, of_0.recv()).await.unwrap();
+        assert!(
+            matches!(first, Some(Ok(RefreshEvent::Refreshed { .. }))),
+            "{first:?}"
+        );
+        // Tenant 1 evicts tenant 0's cell (capacity 1): the key's subscription ends.
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(1)).await.unwrap().body(),
+            "Bearer t1"
+        );
+        assert_eq!(handle.len(), 1);
+        assert!(
+            tokio::time::timeout(wait, of_0.recv())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The keyed subscription saw both keys, and sees tenant 0's new cell.
+        svc.clone().oneshot(for_tenant(0)).await.unwrap();
+        let mut keys = Vec::new();
+        while let Some(Ok((key, ev))) = keyed.try_recv() {
+            if matches!(ev, RefreshEvent::Refreshed { .. }) {
+                keys.push(key.0);
+            }
         }
-    }
-    assert_eq!(keys, [0, 1, 0]);
+        assert_eq!(keys, [0, 1, 0]);
+    })
+    .await;
 }

@@ -22,7 +22,7 @@ use tower_auth_refresh::error::SessionEnded;
 use tower_auth_refresh::keyed::{KeyedRefresh, KeyedRefreshLayer, KeyedRefresher};
 use tower_auth_refresh::{BoxError, RefreshError, ReplayBody, ReplayMethods, Token};
 
-use support::{InMemoryApi, authorization, guard, http_client, serve};
+use support::{InMemoryApi, authorization, guard, http_client, run_paused, serve};
 
 type Body = Full<Bytes>;
 
@@ -414,51 +414,53 @@ where
     Ok(svc.clone().oneshot(for_tenant(tenant)).await?.into_body())
 }
 
-#[tokio::test(start_paused = true)]
-async fn keyed_refresh_ahead_starts_one_background_refresh_per_key() {
-    let calls = Calls::default();
-    let lifetime = Duration::from_secs(600);
-    // Each refresh takes a second (of paused time), so requests inside the window overlap it.
-    let slow = {
-        let calls = calls.clone();
-        move |tenant: Tenant, _stale: Option<Token>| {
+#[test]
+fn keyed_refresh_ahead_starts_one_background_refresh_per_key() {
+    run_paused(Duration::from_secs(3600), async {
+        let calls = Calls::default();
+        let lifetime = Duration::from_secs(600);
+        // Each refresh takes a second (of paused time), so requests inside the window overlap it.
+        let slow = {
             let calls = calls.clone();
-            let n = calls.start(tenant.0);
-            async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                calls.end(tenant.0);
-                Ok::<_, RefreshError>(
-                    Token::bearer(format!("t{}-gen{n}", tenant.0))?.with_expires_in(lifetime),
-                )
+            move |tenant: Tenant, _stale: Option<Token>| {
+                let calls = calls.clone();
+                let n = calls.start(tenant.0);
+                async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    calls.end(tenant.0);
+                    Ok::<_, RefreshError>(
+                        Token::bearer(format!("t{}-gen{n}", tenant.0))?.with_expires_in(lifetime),
+                    )
+                }
             }
-        }
-    };
-    let layer = KeyedRefreshLayer::new(slow).refresh_ahead(Duration::from_secs(120));
-    let svc = layer.layer(echo());
+        };
+        let layer = KeyedRefreshLayer::new(slow).refresh_ahead(Duration::from_secs(120));
+        let svc = layer.layer(echo());
 
-    for t in 1..=3 {
-        assert_eq!(auth_of(&svc, t).await.unwrap(), format!("Bearer t{t}-gen1"));
-    }
-    // 100 s before expiry: inside the 120 s window, outside the 30 s leeway.
-    tokio::time::advance(Duration::from_secs(500)).await;
-    for _ in 0..5 {
         for t in 1..=3 {
-            // The still-valid token goes out at once while the refresh runs.
             assert_eq!(auth_of(&svc, t).await.unwrap(), format!("Bearer t{t}-gen1"));
         }
-        // Let the background refreshes (tasks of their own) start and sleep.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
+        // 100 s before expiry: inside the 120 s window, outside the 30 s leeway.
+        tokio::time::advance(Duration::from_secs(500)).await;
+        for _ in 0..5 {
+            for t in 1..=3 {
+                // The still-valid token goes out at once while the refresh runs.
+                assert_eq!(auth_of(&svc, t).await.unwrap(), format!("Bearer t{t}-gen1"));
+            }
+            // Let the background refreshes (tasks of their own) start and sleep.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
         }
-    }
-    for t in 1..=3 {
-        assert_eq!(calls.of(t), 2, "one background refresh for tenant {t}");
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for t in 1..=3 {
-        assert_eq!(auth_of(&svc, t).await.unwrap(), format!("Bearer t{t}-gen2"));
-        assert_eq!(calls.of(t), 2);
-    }
+        for t in 1..=3 {
+            assert_eq!(calls.of(t), 2, "one background refresh for tenant {t}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for t in 1..=3 {
+            assert_eq!(auth_of(&svc, t).await.unwrap(), format!("Bearer t{t}-gen2"));
+            assert_eq!(calls.of(t), 2);
+        }
+    });
 }
 
 #[tokio::test]
@@ -562,79 +564,90 @@ async fn a_kept_handle_acts_on_the_keys_current_cell() {
 /// Review A1: when every queued cell was used again since it was queued, each got its second
 /// chance and the walk ended without evicting: the map grew past its capacity although no cell
 /// was busy. The least recently used one goes now.
-#[tokio::test(start_paused = true)]
-async fn a_full_map_evicts_even_when_every_cell_was_used_again() {
-    let calls = Calls::default();
-    let layer = KeyedRefreshLayer::new(issuer(&calls, None, None)).capacity(2);
-    let handle = layer.token_handle();
-    let svc = layer.layer(echo());
-    auth_of(&svc, 0).await.unwrap();
-    auth_of(&svc, 1).await.unwrap();
-    tokio::time::advance(Duration::from_millis(10)).await;
-    auth_of(&svc, 0).await.unwrap();
-    tokio::time::advance(Duration::from_millis(10)).await;
-    auth_of(&svc, 1).await.unwrap();
-    tokio::time::advance(Duration::from_millis(10)).await;
-    assert_eq!(auth_of(&svc, 2).await.unwrap(), "Bearer t2-gen1");
-    assert_eq!(handle.len(), 2, "the map kept its capacity");
-    tokio::time::advance(Duration::from_millis(10)).await;
-    // Tenant 1, used last, was kept; tenant 0, the least recently used, was evicted.
-    assert_eq!(auth_of(&svc, 1).await.unwrap(), "Bearer t1-gen1");
-    assert_eq!(auth_of(&svc, 0).await.unwrap(), "Bearer t0-gen2");
-    assert_eq!((calls.of(0), calls.of(1), calls.of(2)), (2, 1, 1));
-    assert_eq!(handle.len(), 2);
+#[test]
+fn a_full_map_evicts_even_when_every_cell_was_used_again() {
+    run_paused(Duration::from_secs(3600), async {
+        let calls = Calls::default();
+        let layer = KeyedRefreshLayer::new(issuer(&calls, None, None)).capacity(2);
+        let handle = layer.token_handle();
+        let svc = layer.layer(echo());
+        auth_of(&svc, 0).await.unwrap();
+        auth_of(&svc, 1).await.unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        auth_of(&svc, 0).await.unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        auth_of(&svc, 1).await.unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(auth_of(&svc, 2).await.unwrap(), "Bearer t2-gen1");
+        assert_eq!(handle.len(), 2, "the map kept its capacity");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        // Tenant 1, used last, was kept; tenant 0, the least recently used, was evicted.
+        assert_eq!(auth_of(&svc, 1).await.unwrap(), "Bearer t1-gen1");
+        assert_eq!(auth_of(&svc, 0).await.unwrap(), "Bearer t0-gen2");
+        assert_eq!((calls.of(0), calls.of(1), calls.of(2)), (2, 1, 1));
+        assert_eq!(handle.len(), 2);
+    });
 }
 
 /// A cell idle for the idle timeout loses its second chance: the stale cell goes instead of a
 /// fresh one.
-#[tokio::test(start_paused = true)]
-async fn an_idle_key_loses_its_second_chance() {
-    /// Tenant 0 fills half a map of two and is used once more soon after, then idles past a
-    /// minute; then tenant 1 arrives (not used again since), then tenant 2 needs room. Then
-    /// tenant `kept`, then tenant `evicted` sends a request; returns the refresher calls of
-    /// each (1 if its cell was kept).
-    async fn scenario(idle_timeout: Option<Duration>, kept: u32, evicted: u32) -> (usize, usize) {
-        let calls = Calls::default();
-        let mut layer = KeyedRefreshLayer::new(issuer(&calls, None, None)).capacity(2);
-        if let Some(idle) = idle_timeout {
-            layer = layer.idle_timeout(idle);
+#[test]
+fn an_idle_key_loses_its_second_chance() {
+    run_paused(Duration::from_secs(3600), async {
+        /// Tenant 0 fills half a map of two and is used once more soon after, then idles past a
+        /// minute; then tenant 1 arrives (not used again since), then tenant 2 needs room. Then
+        /// tenant `kept`, then tenant `evicted` sends a request; returns the refresher calls of
+        /// each (1 if its cell was kept).
+        async fn scenario(
+            idle_timeout: Option<Duration>,
+            kept: u32,
+            evicted: u32,
+        ) -> (usize, usize) {
+            let calls = Calls::default();
+            let mut layer = KeyedRefreshLayer::new(issuer(&calls, None, None)).capacity(2);
+            if let Some(idle) = idle_timeout {
+                layer = layer.idle_timeout(idle);
+            }
+            let handle = layer.token_handle();
+            let svc = layer.layer(echo());
+            auth_of(&svc, 0).await.unwrap();
+            tokio::time::advance(Duration::from_millis(10)).await;
+            auth_of(&svc, 0).await.unwrap();
+            tokio::time::advance(Duration::from_secs(61)).await;
+            auth_of(&svc, 1).await.unwrap();
+            auth_of(&svc, 2).await.unwrap();
+            assert_eq!(handle.len(), 2, "one cell was evicted for tenant 2");
+            // A request for a kept key creates no cell, so it evicts nothing.
+            auth_of(&svc, kept).await.unwrap();
+            auth_of(&svc, evicted).await.unwrap();
+            assert_eq!(handle.len(), 2);
+            (calls.of(kept), calls.of(evicted))
         }
-        let handle = layer.token_handle();
-        let svc = layer.layer(echo());
-        auth_of(&svc, 0).await.unwrap();
-        tokio::time::advance(Duration::from_millis(10)).await;
-        auth_of(&svc, 0).await.unwrap();
-        tokio::time::advance(Duration::from_secs(61)).await;
-        auth_of(&svc, 1).await.unwrap();
-        auth_of(&svc, 2).await.unwrap();
-        assert_eq!(handle.len(), 2, "one cell was evicted for tenant 2");
-        // A request for a kept key creates no cell, so it evicts nothing.
-        auth_of(&svc, kept).await.unwrap();
-        auth_of(&svc, evicted).await.unwrap();
-        assert_eq!(handle.len(), 2);
-        (calls.of(kept), calls.of(evicted))
-    }
 
-    // Idle for more than the 60 s timeout: tenant 0 is evicted, the fresh tenant 1 is kept.
-    assert_eq!(scenario(Some(Duration::from_secs(60)), 1, 0).await, (1, 2));
-    // With the default 30 minutes, tenant 0 (used after it was queued) keeps its second
-    // chance, and tenant 1, not used since it was queued, goes.
-    assert_eq!(scenario(None, 0, 1).await, (1, 2));
+        // Idle for more than the 60 s timeout: tenant 0 is evicted, the fresh tenant 1 is kept.
+        assert_eq!(scenario(Some(Duration::from_secs(60)), 1, 0).await, (1, 2));
+        // With the default 30 minutes, tenant 0 (used after it was queued) keeps its second
+        // chance, and tenant 1, not used since it was queued, goes.
+        assert_eq!(scenario(None, 0, 1).await, (1, 2));
+    });
 }
 
 /// Review A3: a map grown past its capacity while every cell it looked at was pinned (here by
 /// live handles) shrinks back once they can be evicted: each new key then evicts up to two.
 #[tokio::test]
 async fn a_map_grown_past_its_capacity_by_pinned_cells_shrinks_back() {
-    let calls = Calls::default();
-    let layer = KeyedRefreshLayer::new(issuer(&calls, None, None)).capacity(2);
-    let handle = layer.token_handle();
-    let svc = layer.layer(echo());
-    let held: Vec<_> = (0..5).map(|t| handle.key(&Tenant(t))).collect();
-    assert_eq!(handle.len(), 5, "every cell is held: none can go");
-    drop(held);
-    for t in 10..13 {
-        assert_eq!(auth_of(&svc, t).await.unwrap(), format!("Bearer t{t}-gen1"));
-    }
-    assert_eq!(handle.len(), 2);
+    guard(async {
+        let calls = Calls::default();
+        let layer = KeyedRefreshLayer::new(issuer(&calls, None, None)).capacity(2);
+        let handle = layer.token_handle();
+        let svc = layer.layer(echo());
+        let held: Vec<_> = (0..5).map(|t| handle.key(&Tenant(t))).collect();
+        assert_eq!(handle.len(), 5, "every cell is held: none can go");
+        drop(held);
+        for t in 10..13 {
+            assert_eq!(auth_of(&svc, t).await.unwrap(), format!("Bearer t{t}-gen1"));
+        }
+        assert_eq!(handle.len(), 2);
+    })
+    .await;
 }

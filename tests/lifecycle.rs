@@ -26,7 +26,7 @@ use tower_auth_refresh::{
 use tower_auth_refresh::{RefreshContext, RefreshReason};
 use tower_http::follow_redirect::FollowRedirectLayer;
 
-use support::{InMemoryApi, authorization, get, http_client, rejecting, serve};
+use support::{InMemoryApi, authorization, get, guard, http_client, rejecting, run_paused, serve};
 
 type Body = Full<Bytes>;
 
@@ -130,132 +130,142 @@ impl TokenRefresher for Issuer {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn short_lived_token_is_not_refreshed_on_every_request() {
-    // A 5 s token with the default 30 s leeway: the leeway is clamped to 0.5 s.
-    let issuer = Issuer::new(Some(Duration::from_secs(5)));
-    let seen = Seen::default();
-    let svc = RefreshLayer::new(issuer.clone()).layer(api(seen.clone(), issuer.accepted.clone()));
-    for _ in 0..1000 {
-        let res = svc.clone().oneshot(get("/")).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        tokio::time::advance(Duration::from_millis(5)).await;
-    }
-    assert_eq!(seen.count(), 1000);
-    assert!(
-        issuer.calls() <= 3,
-        "{} refreshes for 1,000 requests over 5 s",
-        issuer.calls()
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn expired_token_is_refreshed_once_for_concurrent_requests() {
-    let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(60)), 1);
-    let seen = Seen::default();
-    let svc = RefreshLayer::new(issuer.clone()).layer(api(seen.clone(), issuer.accepted.clone()));
-    svc.clone().oneshot(get("/")).await.unwrap();
-    tokio::time::advance(Duration::from_secs(59)).await;
-    let calls: Vec<_> = (0..100)
-        .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    gate.add_permits(1);
-    for c in calls {
-        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
-    }
-    assert_eq!(issuer.calls(), 2);
-    assert!(
-        seen.all()
-            .iter()
-            .all(|a| a != "Bearer t1" || seen.count() == 101)
-    );
-    assert_eq!(seen.all().iter().filter(|a| *a == "Bearer t2").count(), 100);
-}
-
-#[tokio::test(start_paused = true)]
-async fn refresh_ahead_runs_one_background_refresh_without_delaying_requests() {
-    let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(100)), 1);
-    let seen = Seen::default();
-    let layer = RefreshLayer::new(issuer.clone())
-        .leeway(Duration::from_secs(5))
-        .refresh_ahead(Duration::from_secs(20));
-    let handle = layer.token_handle();
-    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
-    svc.clone().oneshot(get("/")).await.unwrap();
-    assert_eq!(issuer.calls(), 1);
-
-    // Inside the window: the background refresh is stuck on the gate, yet every request goes
-    // out at once with the still-valid token, and only one refresh starts.
-    tokio::time::advance(Duration::from_secs(85)).await;
-    let accepted_t1 = issuer.accepted.clone();
-    for _ in 0..50 {
-        let res = svc.clone().oneshot(get("/")).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(issuer.calls(), 2);
-    assert_eq!(*accepted_t1.lock().unwrap(), "t1");
-    assert!(seen.all().iter().all(|a| a == "Bearer t1"));
-    gate.add_permits(1);
-    support::yield_until(
-        "the background refresh installed t2",
-        support::YIELD_BOUND,
-        || handle.state().generation() >= 2,
-    )
-    .await;
-    let res = svc.clone().oneshot(get("/")).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(seen.all().last().unwrap(), "Bearer t2");
-    assert_eq!(issuer.calls(), 2);
-}
-
-#[tokio::test(start_paused = true)]
-async fn failed_background_refresh_keeps_the_token_and_backs_off() {
-    let issuer = Issuer::new(Some(Duration::from_secs(100)));
-    let seen = Seen::default();
-    let layer = RefreshLayer::new(issuer.clone())
-        .leeway(Duration::from_secs(5))
-        .refresh_ahead(Duration::from_secs(40));
-    let mut events = layer.token_handle().subscribe();
-    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
-    svc.clone().oneshot(get("/")).await.unwrap();
-    *issuer.fail.lock().unwrap() = Some(false);
-
-    tokio::time::advance(Duration::from_secs(70)).await;
-    svc.clone().oneshot(get("/")).await.unwrap();
-    // Bounded: at most a few events, each awaited for at most a minute of (paused) time.
-    let mut failed = false;
-    for _ in 0..16 {
-        let event = tokio::time::timeout(Duration::from_secs(60), events.recv())
-            .await
-            .expect("no RefreshFailed event: the background refresh never reported");
-        match event {
-            Some(Ok(RefreshEvent::RefreshFailed { .. })) => {
-                failed = true;
-                break;
-            }
-            Some(_) => {}
-            None => panic!("the event stream closed before a RefreshFailed event"),
+#[test]
+fn short_lived_token_is_not_refreshed_on_every_request() {
+    run_paused(Duration::from_secs(3600), async {
+        // A 5 s token with the default 30 s leeway: the leeway is clamped to 0.5 s.
+        let issuer = Issuer::new(Some(Duration::from_secs(5)));
+        let seen = Seen::default();
+        let svc =
+            RefreshLayer::new(issuer.clone()).layer(api(seen.clone(), issuer.accepted.clone()));
+        for _ in 0..1000 {
+            let res = svc.clone().oneshot(get("/")).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            tokio::time::advance(Duration::from_millis(5)).await;
         }
-    }
-    assert!(failed, "16 events and none was RefreshFailed");
-    assert_eq!(issuer.calls(), 2);
-    // Within the backoff: requests keep the old token and start no refresh.
-    for _ in 0..20 {
-        assert_eq!(
-            svc.clone().oneshot(get("/")).await.unwrap().status(),
-            StatusCode::OK
+        assert_eq!(seen.count(), 1000);
+        assert!(
+            issuer.calls() <= 3,
+            "{} refreshes for 1,000 requests over 5 s",
+            issuer.calls()
         );
-        tokio::time::advance(Duration::from_millis(10)).await;
-    }
-    assert_eq!(issuer.calls(), 2);
-    // After the backoff, one more background attempt.
-    tokio::time::advance(Duration::from_secs(2)).await;
-    svc.clone().oneshot(get("/")).await.unwrap();
-    tokio::task::yield_now().await;
-    assert_eq!(issuer.calls(), 3);
-    assert!(seen.all().iter().all(|a| a == "Bearer t1"));
+    });
+}
+
+#[test]
+fn expired_token_is_refreshed_once_for_concurrent_requests() {
+    run_paused(Duration::from_secs(3600), async {
+        let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(60)), 1);
+        let seen = Seen::default();
+        let svc =
+            RefreshLayer::new(issuer.clone()).layer(api(seen.clone(), issuer.accepted.clone()));
+        svc.clone().oneshot(get("/")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let calls: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        gate.add_permits(1);
+        for c in calls {
+            assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
+        }
+        assert_eq!(issuer.calls(), 2);
+        // The first request went out with t1; each of the 100 concurrent ones waited for the
+        // one refresh and went out once, with t2.
+        let mut expected = vec!["Bearer t1".to_owned()];
+        expected.extend(std::iter::repeat_n("Bearer t2".to_owned(), 100));
+        assert_eq!(seen.all(), expected);
+        assert_eq!(seen.all().iter().filter(|a| *a == "Bearer t2").count(), 100);
+    });
+}
+
+#[test]
+fn refresh_ahead_runs_one_background_refresh_without_delaying_requests() {
+    run_paused(Duration::from_secs(3600), async {
+        let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(100)), 1);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone())
+            .leeway(Duration::from_secs(5))
+            .refresh_ahead(Duration::from_secs(20));
+        let handle = layer.token_handle();
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+        svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(issuer.calls(), 1);
+
+        // Inside the window: the background refresh is stuck on the gate, yet every request goes
+        // out at once with the still-valid token, and only one refresh starts.
+        tokio::time::advance(Duration::from_secs(85)).await;
+        let accepted_t1 = issuer.accepted.clone();
+        for _ in 0..50 {
+            let res = svc.clone().oneshot(get("/")).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(issuer.calls(), 2);
+        assert_eq!(*accepted_t1.lock().unwrap(), "t1");
+        assert!(seen.all().iter().all(|a| a == "Bearer t1"));
+        gate.add_permits(1);
+        support::yield_until(
+            "the background refresh installed t2",
+            support::YIELD_BOUND,
+            || handle.state().generation() >= 2,
+        )
+        .await;
+        let res = svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(seen.all().last().unwrap(), "Bearer t2");
+        assert_eq!(issuer.calls(), 2);
+    });
+}
+
+#[test]
+fn failed_background_refresh_keeps_the_token_and_backs_off() {
+    run_paused(Duration::from_secs(3600), async {
+        let issuer = Issuer::new(Some(Duration::from_secs(100)));
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone())
+            .leeway(Duration::from_secs(5))
+            .refresh_ahead(Duration::from_secs(40));
+        let mut events = layer.token_handle().subscribe();
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+        svc.clone().oneshot(get("/")).await.unwrap();
+        *issuer.fail.lock().unwrap() = Some(false);
+
+        tokio::time::advance(Duration::from_secs(70)).await;
+        svc.clone().oneshot(get("/")).await.unwrap();
+        // Bounded: at most a few events, each awaited for at most a minute of (paused) time.
+        let mut failed = false;
+        for _ in 0..16 {
+            let event = tokio::time::timeout(Duration::from_secs(60), events.recv())
+                .await
+                .expect("no RefreshFailed event: the background refresh never reported");
+            match event {
+                Some(Ok(RefreshEvent::RefreshFailed { .. })) => {
+                    failed = true;
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("the event stream closed before a RefreshFailed event"),
+            }
+        }
+        assert!(failed, "16 events and none was RefreshFailed");
+        assert_eq!(issuer.calls(), 2);
+        // Within the backoff: requests keep the old token and start no refresh.
+        for _ in 0..20 {
+            assert_eq!(
+                svc.clone().oneshot(get("/")).await.unwrap().status(),
+                StatusCode::OK
+            );
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert_eq!(issuer.calls(), 2);
+        // After the backoff, one more background attempt.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        svc.clone().oneshot(get("/")).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(issuer.calls(), 3);
+        assert!(seen.all().iter().all(|a| a == "Bearer t1"));
+    });
 }
 
 /// A clock the test moves by hand.
@@ -270,258 +280,278 @@ impl Clock for ManualClock {
 
 #[tokio::test]
 async fn expiry_follows_the_injected_clock() {
-    let clock = ManualClock(Arc::new(Mutex::new(tokio::time::Instant::now())));
-    let issuer = Issuer::new(Some(Duration::from_secs(3600)));
-    let seen = Seen::default();
-    let svc = RefreshLayer::new(issuer.clone())
-        .clock(clock.clone())
-        .layer(api(seen.clone(), issuer.accepted.clone()));
-    svc.clone().oneshot(get("/")).await.unwrap();
-    svc.clone().oneshot(get("/")).await.unwrap();
-    assert_eq!(issuer.calls(), 1);
-    *clock.0.lock().unwrap() += Duration::from_secs(3600);
-    svc.clone().oneshot(get("/")).await.unwrap();
-    assert_eq!(issuer.calls(), 2);
+    guard(async {
+        let clock = ManualClock(Arc::new(Mutex::new(tokio::time::Instant::now())));
+        let issuer = Issuer::new(Some(Duration::from_secs(3600)));
+        let seen = Seen::default();
+        let svc = RefreshLayer::new(issuer.clone())
+            .clock(clock.clone())
+            .layer(api(seen.clone(), issuer.accepted.clone()));
+        svc.clone().oneshot(get("/")).await.unwrap();
+        svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(issuer.calls(), 1);
+        *clock.0.lock().unwrap() += Duration::from_secs(3600);
+        svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(issuer.calls(), 2);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn session_end_one_call_one_event_every_waiter_typed_then_no_network_until_rearmed() {
-    let (issuer, gate) = Issuer::gated(None, 0);
-    *issuer.fail.lock().unwrap() = Some(true);
-    let seen = Seen::default();
-    let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("stale").unwrap());
-    let handle = layer.token_handle();
-    let mut events = handle.subscribe();
-    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+    guard(async {
+        let (issuer, gate) = Issuer::gated(None, 0);
+        *issuer.fail.lock().unwrap() = Some(true);
+        let seen = Seen::default();
+        let layer =
+            RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("stale").unwrap());
+        let handle = layer.token_handle();
+        let mut events = handle.subscribe();
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
 
-    let calls: Vec<_> = (0..500)
-        .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
-        .collect();
-    // Every request either reached the server (and was refused) or, once the first refusal
-    // was known, waits for the refresh instead of sending the refused token.
-    support::yield_until("the first refresh started", support::YIELD_BOUND, || {
-        issuer.calls() >= 1
+        let calls: Vec<_> = (0..500)
+            .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
+            .collect();
+        // Every request either reached the server (and was refused) or, once the first refusal
+        // was known, waits for the refresh instead of sending the refused token.
+        support::yield_until("the first refresh started", support::YIELD_BOUND, || {
+            issuer.calls() >= 1
+        })
+        .await;
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(1);
+        let mut refused = 0;
+        for c in calls {
+            let err = c.await.unwrap().unwrap_err();
+            let rejected = err.downcast_ref::<RefreshRejected>().expect("typed");
+            if let Some(head) = rejected.unauthorized() {
+                assert_eq!(head.status(), StatusCode::UNAUTHORIZED);
+                refused += 1;
+            }
+        }
+        let sent = seen.count();
+        assert!(sent >= 1, "the first request was sent");
+        assert_eq!(refused, sent, "each refused request keeps its 401");
+        assert_eq!(issuer.calls(), 1);
+        let mut ended = 0;
+        while let Some(ev) = events.try_recv() {
+            ended += usize::from(matches!(ev, Ok(RefreshEvent::SessionEnded { .. })));
+        }
+        assert_eq!(ended, 1);
+        assert!(handle.state().session_ended());
+
+        // Fail fast: no refresher call, no network.
+        for _ in 0..100 {
+            let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+            assert!(err.is::<SessionEnded>());
+        }
+        assert_eq!(seen.count(), sent);
+        assert_eq!(issuer.calls(), 1);
+
+        // Re-armed by a login.
+        *issuer.accepted.lock().unwrap() = "relogin".into();
+        handle.set_token(Token::bearer("relogin").unwrap());
+        assert_eq!(
+            svc.clone().oneshot(get("/")).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(seen.count(), sent + 1);
     })
     .await;
-    for _ in 0..1000 {
-        tokio::task::yield_now().await;
-    }
-    gate.add_permits(1);
-    let mut refused = 0;
-    for c in calls {
-        let err = c.await.unwrap().unwrap_err();
-        let rejected = err.downcast_ref::<RefreshRejected>().expect("typed");
-        if let Some(head) = rejected.unauthorized() {
-            assert_eq!(head.status(), StatusCode::UNAUTHORIZED);
-            refused += 1;
-        }
-    }
-    let sent = seen.count();
-    assert!(sent >= 1, "the first request was sent");
-    assert_eq!(refused, sent, "each refused request keeps its 401");
-    assert_eq!(issuer.calls(), 1);
-    let mut ended = 0;
-    while let Some(ev) = events.try_recv() {
-        ended += usize::from(matches!(ev, Ok(RefreshEvent::SessionEnded { .. })));
-    }
-    assert_eq!(ended, 1);
-    assert!(handle.state().session_ended());
-
-    // Fail fast: no refresher call, no network.
-    for _ in 0..100 {
-        let err = svc.clone().oneshot(get("/")).await.unwrap_err();
-        assert!(err.is::<SessionEnded>());
-    }
-    assert_eq!(seen.count(), sent);
-    assert_eq!(issuer.calls(), 1);
-
-    // Re-armed by a login.
-    *issuer.accepted.lock().unwrap() = "relogin".into();
-    handle.set_token(Token::bearer("relogin").unwrap());
-    assert_eq!(
-        svc.clone().oneshot(get("/")).await.unwrap().status(),
-        StatusCode::OK
-    );
-    assert_eq!(seen.count(), sent + 1);
 }
 
 #[tokio::test]
 async fn handle_installs_clears_forces_and_reports() {
-    let issuer = Issuer::new(Some(Duration::from_secs(600)));
-    let seen = Seen::default();
-    let layer = RefreshLayer::new(issuer.clone());
-    let handle = layer.token_handle();
-    let mut events = handle.subscribe();
-    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+    guard(async {
+        let issuer = Issuer::new(Some(Duration::from_secs(600)));
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone());
+        let handle = layer.token_handle();
+        let mut events = handle.subscribe();
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
 
-    assert!(!handle.state().has_token());
-    let generation = handle.set_token(Token::bearer("login").unwrap());
-    assert_eq!(generation, 1);
-    *issuer.accepted.lock().unwrap() = "login".into();
-    assert_eq!(
-        svc.clone().oneshot(get("/")).await.unwrap().status(),
-        StatusCode::OK
-    );
-    assert_eq!(issuer.calls(), 0);
+        assert!(!handle.state().has_token());
+        let generation = handle.set_token(Token::bearer("login").unwrap());
+        assert_eq!(generation, 1);
+        *issuer.accepted.lock().unwrap() = "login".into();
+        assert_eq!(
+            svc.clone().oneshot(get("/")).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(issuer.calls(), 0);
 
-    // A forced refresh always calls the refresher.
-    let state = handle.refresh().await.unwrap();
-    assert_eq!(state.generation(), 2);
-    assert_eq!(issuer.calls(), 1);
-    assert!(state.expires_in().unwrap() <= Duration::from_secs(600));
-    assert!(!format!("{state:?}{handle:?}").contains("t1"));
+        // A forced refresh always calls the refresher.
+        let state = handle.refresh().await.unwrap();
+        assert_eq!(state.generation(), 2);
+        assert_eq!(issuer.calls(), 1);
+        assert!(state.expires_in().unwrap() <= Duration::from_secs(600));
+        assert!(!format!("{state:?}{handle:?}").contains("t1"));
 
-    // Two forced refreshes at once share one refresher call.
-    let (a, b) = tokio::join!(handle.refresh(), handle.refresh());
-    assert_eq!(a.unwrap().generation(), b.unwrap().generation());
-    assert_eq!(issuer.calls(), 2);
+        // Two forced refreshes at once share one refresher call.
+        let (a, b) = tokio::join!(handle.refresh(), handle.refresh());
+        assert_eq!(a.unwrap().generation(), b.unwrap().generation());
+        assert_eq!(issuer.calls(), 2);
 
-    // Logout: fail fast until a token is installed.
-    handle.clear();
-    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
-    assert!(err.is::<SessionEnded>());
-    assert_eq!(issuer.calls(), 2);
+        // Logout: fail fast until a token is installed.
+        handle.clear();
+        let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+        assert!(err.is::<SessionEnded>());
+        assert_eq!(issuer.calls(), 2);
 
-    let mut kinds = Vec::new();
-    while let Some(Ok(ev)) = events.try_recv() {
-        kinds.push(ev);
-    }
-    assert_eq!(kinds[0], RefreshEvent::Installed { generation: 1 });
-    assert_eq!(kinds[1], RefreshEvent::Refreshed { generation: 2 });
-    assert!(matches!(kinds.last(), Some(RefreshEvent::Cleared { .. })));
+        let mut kinds = Vec::new();
+        while let Some(Ok(ev)) = events.try_recv() {
+            kinds.push(ev);
+        }
+        assert_eq!(kinds[0], RefreshEvent::Installed { generation: 1 });
+        assert_eq!(kinds[1], RefreshEvent::Refreshed { generation: 2 });
+        assert!(matches!(kinds.last(), Some(RefreshEvent::Cleared { .. })));
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn late_401_for_a_token_older_than_an_installed_one_reuses_the_installed_one() {
-    let issuer = Issuer::new(None);
-    let seen = Seen::default();
-    let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("old").unwrap());
-    let handle = layer.token_handle();
-    // An API that holds the first response until the new token is installed.
-    let release = Arc::new(Semaphore::new(0));
-    let inner = {
-        let (seen, release) = (seen.clone(), release.clone());
-        service_fn(move |req: Request<ReplayBody<Body>>| {
-            seen.push(req.headers());
-            let auth = req.headers()[AUTHORIZATION].clone();
-            let release = release.clone();
-            async move {
-                if auth == "Bearer old" {
-                    release.acquire().await.unwrap().forget();
-                    return Ok::<_, Infallible>(
-                        Response::builder().status(401).body(String::new()).unwrap(),
-                    );
+    guard(async {
+        let issuer = Issuer::new(None);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("old").unwrap());
+        let handle = layer.token_handle();
+        // An API that holds the first response until the new token is installed.
+        let release = Arc::new(Semaphore::new(0));
+        let inner = {
+            let (seen, release) = (seen.clone(), release.clone());
+            service_fn(move |req: Request<ReplayBody<Body>>| {
+                seen.push(req.headers());
+                let auth = req.headers()[AUTHORIZATION].clone();
+                let release = release.clone();
+                async move {
+                    if auth == "Bearer old" {
+                        release.acquire().await.unwrap().forget();
+                        return Ok::<_, Infallible>(
+                            Response::builder().status(401).body(String::new()).unwrap(),
+                        );
+                    }
+                    Ok(Response::new(String::new()))
                 }
-                Ok(Response::new(String::new()))
-            }
-        })
-    };
-    let svc = layer.layer(inner);
-    let call = tokio::spawn(svc.oneshot(get("/")));
-    support::yield_until(
-        "the request with the old token reached the API",
-        support::YIELD_BOUND,
-        || seen.count() >= 1,
-    )
+            })
+        };
+        let svc = layer.layer(inner);
+        let call = tokio::spawn(svc.oneshot(get("/")));
+        support::yield_until(
+            "the request with the old token reached the API",
+            support::YIELD_BOUND,
+            || seen.count() >= 1,
+        )
+        .await;
+        handle.set_token(Token::bearer("installed").unwrap());
+        release.add_permits(1);
+        assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(seen.all(), ["Bearer old", "Bearer installed"]);
+        assert_eq!(issuer.calls(), 0);
+    })
     .await;
-    handle.set_token(Token::bearer("installed").unwrap());
-    release.add_permits(1);
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
-    assert_eq!(seen.all(), ["Bearer old", "Bearer installed"]);
-    assert_eq!(issuer.calls(), 0);
 }
 
 #[tokio::test]
 async fn custom_trigger_and_replay_policy() {
-    // An API that signals expiry with 403 + x-token-expired.
-    let issuer = Issuer::new(None);
-    let seen = Seen::default();
-    let inner = {
-        let (seen, accepted) = (seen.clone(), issuer.accepted.clone());
-        service_fn(move |req: Request<ReplayBody<Body>>| {
-            seen.push(req.headers());
-            let ok = req.headers()[AUTHORIZATION] == format!("Bearer {}", accepted.lock().unwrap());
-            let res = if ok {
-                Response::new(String::new())
-            } else {
-                Response::builder()
-                    .status(403)
-                    .header("x-token-expired", "1")
-                    .body(String::new())
-                    .unwrap()
-            };
-            async move { Ok::<_, Infallible>(res) }
-        })
-    };
-    let layer = RefreshLayer::new(issuer.clone())
-        .initial_token(Token::bearer("stale").unwrap())
-        .refresh_on(|status, headers| {
-            default_trigger(status, headers)
-                || (status == StatusCode::FORBIDDEN && headers.contains_key("x-token-expired"))
-        })
-        .replay_methods(ReplayMethods::Idempotent);
-    let svc = layer.layer(inner);
-    assert_eq!(
-        svc.clone().oneshot(get("/")).await.unwrap().status(),
-        StatusCode::OK
-    );
-    assert_eq!(seen.all(), ["Bearer stale", "Bearer t1"]);
+    guard(async {
+        // An API that signals expiry with 403 + x-token-expired.
+        let issuer = Issuer::new(None);
+        let seen = Seen::default();
+        let inner = {
+            let (seen, accepted) = (seen.clone(), issuer.accepted.clone());
+            service_fn(move |req: Request<ReplayBody<Body>>| {
+                seen.push(req.headers());
+                let ok =
+                    req.headers()[AUTHORIZATION] == format!("Bearer {}", accepted.lock().unwrap());
+                let res = if ok {
+                    Response::new(String::new())
+                } else {
+                    Response::builder()
+                        .status(403)
+                        .header("x-token-expired", "1")
+                        .body(String::new())
+                        .unwrap()
+                };
+                async move { Ok::<_, Infallible>(res) }
+            })
+        };
+        let layer = RefreshLayer::new(issuer.clone())
+            .initial_token(Token::bearer("stale").unwrap())
+            .refresh_on(|status, headers| {
+                default_trigger(status, headers)
+                    || (status == StatusCode::FORBIDDEN && headers.contains_key("x-token-expired"))
+            })
+            .replay_methods(ReplayMethods::Idempotent);
+        let svc = layer.layer(inner);
+        assert_eq!(
+            svc.clone().oneshot(get("/")).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(seen.all(), ["Bearer stale", "Bearer t1"]);
 
-    // POST is not idempotent: its 403 is returned, the refresh still happens.
-    *issuer.accepted.lock().unwrap() = "rotated-elsewhere".into();
-    let post = Request::post("/").body(Body::from("x")).unwrap();
-    assert_eq!(
-        svc.clone().oneshot(post).await.unwrap().status(),
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(issuer.calls(), 2);
-    assert_eq!(seen.count(), 3);
+        // POST is not idempotent: its 403 is returned, the refresh still happens.
+        *issuer.accepted.lock().unwrap() = "rotated-elsewhere".into();
+        let post = Request::post("/").body(Body::from("x")).unwrap();
+        assert_eq!(
+            svc.clone().oneshot(post).await.unwrap().status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(issuer.calls(), 2);
+        assert_eq!(seen.count(), 3);
 
-    // A request opted out of refresh gets its 403.
-    *issuer.accepted.lock().unwrap() = "rotated-again".into();
-    let mut opted = get("/");
-    opted.extensions_mut().insert(NoReplay);
-    assert_eq!(
-        svc.clone().oneshot(opted).await.unwrap().status(),
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(issuer.calls(), 2);
+        // A request opted out of refresh gets its 403.
+        *issuer.accepted.lock().unwrap() = "rotated-again".into();
+        let mut opted = get("/");
+        opted.extensions_mut().insert(NoReplay);
+        assert_eq!(
+            svc.clone().oneshot(opted).await.unwrap().status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(issuer.calls(), 2);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn rfc6750_errors_other_than_invalid_token_are_returned_untouched() {
-    for (challenge, refreshes) in [
-        (r#"Bearer error="insufficient_scope", scope="admin""#, 0),
-        ("Bearer error=invalid_request", 0),
-        (r#"Basic realm="x", bearer error="invalid_token""#, 1),
-        (r#"Bearer realm="api""#, 1),
-    ] {
-        let issuer = Issuer::new(None);
-        let inner = service_fn(move |req: Request<ReplayBody<Body>>| {
-            let fresh = req.headers()[AUTHORIZATION] == "Bearer t1";
-            let res = if fresh {
-                Response::new(String::new())
+    guard(async {
+        for (challenge, refreshes) in [
+            (r#"Bearer error="insufficient_scope", scope="admin""#, 0),
+            ("Bearer error=invalid_request", 0),
+            (r#"Basic realm="x", bearer error="invalid_token""#, 1),
+            (r#"Bearer realm="api""#, 1),
+        ] {
+            let issuer = Issuer::new(None);
+            let inner = service_fn(move |req: Request<ReplayBody<Body>>| {
+                let fresh = req.headers()[AUTHORIZATION] == "Bearer t1";
+                let res = if fresh {
+                    Response::new(String::new())
+                } else {
+                    Response::builder()
+                        .status(401)
+                        .header(WWW_AUTHENTICATE, challenge)
+                        .body(String::new())
+                        .unwrap()
+                };
+                async move { Ok::<_, Infallible>(res) }
+            });
+            let svc = RefreshLayer::new(issuer.clone())
+                .initial_token(Token::bearer("stale").unwrap())
+                .layer(inner);
+            let res = svc.oneshot(get("/")).await.unwrap();
+            assert_eq!(issuer.calls(), refreshes, "{challenge}");
+            let expected = if refreshes == 0 {
+                StatusCode::UNAUTHORIZED
             } else {
-                Response::builder()
-                    .status(401)
-                    .header(WWW_AUTHENTICATE, challenge)
-                    .body(String::new())
-                    .unwrap()
+                StatusCode::OK
             };
-            async move { Ok::<_, Infallible>(res) }
-        });
-        let svc = RefreshLayer::new(issuer.clone())
-            .initial_token(Token::bearer("stale").unwrap())
-            .layer(inner);
-        let res = svc.oneshot(get("/")).await.unwrap();
-        assert_eq!(issuer.calls(), refreshes, "{challenge}");
-        let expected = if refreshes == 0 {
-            StatusCode::UNAUTHORIZED
-        } else {
-            StatusCode::OK
-        };
-        assert_eq!(res.status(), expected, "{challenge}");
-    }
+            assert_eq!(res.status(), expected, "{challenge}");
+        }
+    })
+    .await;
 }
 
 proptest! {
@@ -573,145 +603,155 @@ async fn recording_server(
 
 #[tokio::test]
 async fn token_goes_only_to_allowed_origins_and_never_follows_a_cross_origin_redirect() {
-    let other_seen = Seen::default();
-    let other = recording_server(other_seen.clone(), |_| {
-        Response::builder()
-            .status(401)
-            .body(Full::default())
-            .unwrap()
-    })
-    .await;
-    let api_seen = Seen::default();
-    let api = recording_server(api_seen.clone(), move |path| match path {
-        "/redirect" => Response::builder()
-            .status(302)
-            .header(LOCATION, format!("http://{other}/landing"))
-            .body(Full::default())
-            .unwrap(),
-        _ => Response::new(Full::default()),
-    })
-    .await;
-    let refresher = refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("secret-token")?) });
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = {
-        let calls = calls.clone();
-        refresh_fn(move |stale| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            refresher.refresh(RefreshContext::new(stale, RefreshReason::NoToken))
+    guard(async {
+        let other_seen = Seen::default();
+        let other = recording_server(other_seen.clone(), |_| {
+            Response::builder()
+                .status(401)
+                .body(Full::default())
+                .unwrap()
         })
-    };
+        .await;
+        let api_seen = Seen::default();
+        let api = recording_server(api_seen.clone(), move |path| match path {
+            "/redirect" => Response::builder()
+                .status(302)
+                .header(LOCATION, format!("http://{other}/landing"))
+                .body(Full::default())
+                .unwrap(),
+            _ => Response::new(Full::default()),
+        })
+        .await;
+        let refresher =
+            refresh_fn(|_| async { Ok::<_, RefreshError>(Token::bearer("secret-token")?) });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = {
+            let calls = calls.clone();
+            refresh_fn(move |stale| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                refresher.refresh(RefreshContext::new(stale, RefreshReason::NoToken))
+            })
+        };
 
-    // Allowed origins: a request to another origin gets no token and its 401 triggers nothing.
-    let layer = RefreshLayer::new(counted)
-        .allowed_origins([format!("http://{api}")])
-        .unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .service(http_client::<ReplayBody<Body>>());
-    let res = svc
-        .clone()
-        .oneshot(get(format!("http://{api}/a")))
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    let res = svc
-        .clone()
-        .oneshot(get(format!("http://{other}/b")))
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Allowed origins: a request to another origin gets no token and its 401 triggers nothing.
+        let layer = RefreshLayer::new(counted)
+            .allowed_origins([format!("http://{api}")])
+            .unwrap();
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(http_client::<ReplayBody<Body>>());
+        let res = svc
+            .clone()
+            .oneshot(get(format!("http://{api}/a")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let res = svc
+            .clone()
+            .oneshot(get(format!("http://{other}/b")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
 
-    // Recommended order: this layer outside the redirect layer. The token is attached once;
-    // tower-http's standard policy drops it on the cross-origin hop.
-    let outside = ServiceBuilder::new()
-        .layer(RefreshLayer::new(refresh_fn(|_| async {
-            Ok::<_, RefreshError>(Token::bearer("secret-token")?)
-        })))
-        .layer(FollowRedirectLayer::new())
-        .service(http_client::<ReplayBody<Body>>());
-    let _ = outside.oneshot(get(format!("http://{api}/redirect"))).await;
+        // Recommended order: this layer outside the redirect layer. The token is attached once;
+        // tower-http's standard policy drops it on the cross-origin hop.
+        let outside = ServiceBuilder::new()
+            .layer(RefreshLayer::new(refresh_fn(|_| async {
+                Ok::<_, RefreshError>(Token::bearer("secret-token")?)
+            })))
+            .layer(FollowRedirectLayer::new())
+            .service(http_client::<ReplayBody<Body>>());
+        let _ = outside.oneshot(get(format!("http://{api}/redirect"))).await;
 
-    // Redirect layer outside: every hop passes through this layer, so allowed origins are
-    // what keeps the token at home.
-    let redirect_outside = ServiceBuilder::new()
-        .layer(FollowRedirectLayer::new())
-        .layer(layer)
-        .service(http_client::<ReplayBody<Body>>());
-    let res = redirect_outside
-        .oneshot(get(format!("http://{api}/redirect")))
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        // Redirect layer outside: every hop passes through this layer, so allowed origins are
+        // what keeps the token at home.
+        let redirect_outside = ServiceBuilder::new()
+            .layer(FollowRedirectLayer::new())
+            .layer(layer)
+            .service(http_client::<ReplayBody<Body>>());
+        let res = redirect_outside
+            .oneshot(get(format!("http://{api}/redirect")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 
-    let leaked: Vec<_> = other_seen.all().into_iter().filter(|a| a != "-").collect();
-    assert!(
-        leaked.is_empty(),
-        "the other origin saw credentials: {leaked:?}"
-    );
-    assert!(other_seen.count() >= 3);
-    assert!(api_seen.all().iter().all(|a| a == "Bearer secret-token"));
+        let leaked: Vec<_> = other_seen.all().into_iter().filter(|a| a != "-").collect();
+        assert!(
+            leaked.is_empty(),
+            "the other origin saw credentials: {leaked:?}"
+        );
+        assert!(other_seen.count() >= 3);
+        assert!(api_seen.all().iter().all(|a| a == "Bearer secret-token"));
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn transient_failure_waits_out_retry_after_then_succeeds() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let refresher = {
-        let calls = calls.clone();
-        refresh_fn(move |_| {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    return Err(RefreshError::transient("rotation_in_progress")
-                        .with_retry_after(Duration::from_millis(30)));
+    guard(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let refresher = {
+            let calls = calls.clone();
+            refresh_fn(move |_| {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        return Err(RefreshError::transient("rotation_in_progress")
+                            .with_retry_after(Duration::from_millis(30)));
+                    }
+                    Ok(Token::bearer("ok")?)
                 }
-                Ok(Token::bearer("ok")?)
-            }
-        })
-    };
-    let started = tokio::time::Instant::now();
-    let layer = RefreshLayer::new(refresher)
-        .retries(Backoff::default().base_delay(Duration::from_millis(1)));
-    let handle = layer.token_handle();
-    handle
-        .refresh()
-        .await
-        .map_err(|e: BoxError| e.to_string())
-        .unwrap();
-    assert!(
-        started.elapsed() >= Duration::from_millis(30),
-        "Retry-After is a floor"
-    );
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
-    // Terminal failures are not retried.
-    let terminal_calls = Arc::new(AtomicUsize::new(0));
-    let err = RefreshLayer::new(rejecting(&terminal_calls))
-        .token_handle()
-        .refresh()
-        .await
-        .unwrap_err();
-    assert!(err.is::<RefreshRejected>());
-    assert_eq!(terminal_calls.load(Ordering::SeqCst), 1);
+            })
+        };
+        let started = tokio::time::Instant::now();
+        let layer = RefreshLayer::new(refresher)
+            .retries(Backoff::default().base_delay(Duration::from_millis(1)));
+        let handle = layer.token_handle();
+        handle
+            .refresh()
+            .await
+            .map_err(|e: BoxError| e.to_string())
+            .unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(30),
+            "Retry-After is a floor"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Terminal failures are not retried.
+        let terminal_calls = Arc::new(AtomicUsize::new(0));
+        let err = RefreshLayer::new(rejecting(&terminal_calls))
+            .token_handle()
+            .refresh()
+            .await
+            .unwrap_err();
+        assert!(err.is::<RefreshRejected>());
+        assert_eq!(terminal_calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_absurd_lifetime_is_treated_as_no_expiry() {
-    let refresher = refresh_fn(|_| async {
-        Ok::<_, RefreshError>(Token::bearer("forever")?.with_expires_in(Duration::MAX))
-    });
-    let layer = RefreshLayer::new(refresher);
-    let handle = layer.token_handle();
-    let state = handle.refresh().await.unwrap();
-    assert_eq!(state.expires_in(), None);
-    let svc = layer.layer(service_fn(|req: Request<ReplayBody<Body>>| async move {
-        Ok::<_, Infallible>(Response::new(
-            req.headers()[AUTHORIZATION].to_str().unwrap().to_owned(),
-        ))
-    }));
-    assert_eq!(
-        svc.oneshot(get("/")).await.unwrap().body(),
-        "Bearer forever"
-    );
+    guard(async {
+        let refresher = refresh_fn(|_| async {
+            Ok::<_, RefreshError>(Token::bearer("forever")?.with_expires_in(Duration::MAX))
+        });
+        let layer = RefreshLayer::new(refresher);
+        let handle = layer.token_handle();
+        let state = handle.refresh().await.unwrap();
+        assert_eq!(state.expires_in(), None);
+        let svc = layer.layer(service_fn(|req: Request<ReplayBody<Body>>| async move {
+            Ok::<_, Infallible>(Response::new(
+                req.headers()[AUTHORIZATION].to_str().unwrap().to_owned(),
+            ))
+        }));
+        assert_eq!(
+            svc.oneshot(get("/")).await.unwrap().body(),
+            "Bearer forever"
+        );
+    })
+    .await;
 }
 
 /// Polls `fut` once, so that what it does before its first wait (its decision to start or
@@ -722,45 +762,48 @@ async fn poll_once<F: std::future::Future + Unpin>(fut: &mut F) -> std::task::Po
 
 #[tokio::test]
 async fn invalidate_during_a_refresh_gives_later_requests_a_token_from_a_refresh_after_it() {
-    let (issuer, gate) = Issuer::gated(None, 0);
-    let seen = Seen::default();
-    let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("t0").unwrap());
-    let handle = layer.token_handle();
-    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+    guard(async {
+        let (issuer, gate) = Issuer::gated(None, 0);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("t0").unwrap());
+        let handle = layer.token_handle();
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
 
-    // A refresh runs: refresher call 1, held at the gate.
-    let forced = tokio::spawn({
-        let handle = handle.clone();
-        async move { handle.refresh().await.map_err(|e| e.to_string()) }
-    });
-    for _ in 0..10_000 {
-        if issuer.calls() == 1 {
-            break;
+        // A refresh runs: refresher call 1, held at the gate.
+        let forced = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.refresh().await.map_err(|e| e.to_string()) }
+        });
+        for _ in 0..10_000 {
+            if issuer.calls() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(issuer.calls(), 1);
+        assert_eq!(issuer.calls(), 1);
 
-    // The token is invalidated while it runs; a request after that waits for a token.
-    handle.invalidate();
-    let mut request = Box::pin(svc.clone().oneshot(get("/")));
-    assert!(poll_once(&mut request).await.is_pending());
-    assert!(handle.state().refreshing());
+        // The token is invalidated while it runs; a request after that waits for a token.
+        handle.invalidate();
+        let mut request = Box::pin(svc.clone().oneshot(get("/")));
+        assert!(poll_once(&mut request).await.is_pending());
+        assert!(handle.state().refreshing());
 
-    gate.add_permits(2);
-    let res = request
-        .await
-        .expect("a request after invalidate gets a token through the refresher");
-    assert_eq!(res.status(), StatusCode::OK);
-    // One more refresher call, started after the invalidation (one at a time: the gate
-    // held call 1 until then); the request went out once, with its token.
-    assert_eq!(issuer.calls(), 2);
-    assert_eq!(seen.all(), ["Bearer t2"]);
-    // The forced refresh that was waiting gets that token too.
-    let state = forced.await.unwrap().unwrap();
-    assert!(state.has_token());
-    assert_eq!(handle.token().unwrap().secret(), "t2");
-    assert_eq!(issuer.calls(), 2);
+        gate.add_permits(2);
+        let res = request
+            .await
+            .expect("a request after invalidate gets a token through the refresher");
+        assert_eq!(res.status(), StatusCode::OK);
+        // One more refresher call, started after the invalidation (one at a time: the gate
+        // held call 1 until then); the request went out once, with its token.
+        assert_eq!(issuer.calls(), 2);
+        assert_eq!(seen.all(), ["Bearer t2"]);
+        // The forced refresh that was waiting gets that token too.
+        let state = forced.await.unwrap().unwrap();
+        assert!(state.has_token());
+        assert_eq!(handle.token().unwrap().secret(), "t2");
+        assert_eq!(issuer.calls(), 2);
+    })
+    .await;
 }
 
 #[test]
@@ -782,7 +825,9 @@ fn a_waiter_that_gives_up_abandons_only_the_refresh_it_joined() {
         Box::pin(async move { handle.refresh().await.map(|state| state.generation()) })
     };
     let requests = support::paused_runtime();
-    let (mut second, mut third) = requests.block_on(async {
+    // Each `block_on` is bounded by `guard`'s minute of (paused) time, far more than the few
+    // seconds these waits move the clock.
+    let (mut second, mut third) = requests.block_on(guard(async {
         // W0 starts refresh A; W1 joins it one second later.
         let mut w0 = refresh();
         assert!(poll_once(&mut w0).await.is_pending());
@@ -803,12 +848,13 @@ fn a_waiter_that_gives_up_abandons_only_the_refresh_it_joined() {
         let mut w3 = refresh();
         assert!(poll_once(&mut w3).await.is_pending());
         (w2, w3)
-    });
+    }));
     // The cell's runtime runs its refresh tasks now (A's call first, then B's) until idle.
     cells.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
     assert_eq!(issuer.calls(), 2);
-    let (second, third) =
-        requests.block_on(async { (second.as_mut().await, third.as_mut().await) });
+    let (second, third) = requests.block_on(guard(async {
+        (second.as_mut().await, third.as_mut().await)
+    }));
     // A was abandoned: its late result is not recorded over B's, which answers B's waiters.
     assert_eq!(second.unwrap(), 1);
     assert_eq!(third.unwrap(), 1);
@@ -816,74 +862,79 @@ fn a_waiter_that_gives_up_abandons_only_the_refresh_it_joined() {
     assert_eq!(issuer.calls(), 2);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_request_that_joined_a_failed_background_refresh_keeps_the_valid_token() {
-    let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(100)), 1);
-    let seen = Seen::default();
-    let layer = RefreshLayer::new(issuer.clone())
-        .leeway(Duration::from_secs(5))
-        .refresh_ahead(Duration::from_secs(20));
-    let handle = layer.token_handle();
-    let mut events = handle.subscribe();
-    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
-    svc.clone().oneshot(get("/")).await.unwrap();
-    // Inside the window: a background refresh starts and is held at the gate.
-    tokio::time::advance(Duration::from_secs(85)).await;
-    svc.clone().oneshot(get("/")).await.unwrap();
-    support::yield_until(
-        "the background refresh started",
-        support::YIELD_BOUND,
-        || issuer.calls() == 2,
-    )
-    .await;
-    // Inside the leeway (t1 valid for 4 s more): a request waits for that refresh.
-    tokio::time::advance(Duration::from_secs(11)).await;
-    *issuer.fail.lock().unwrap() = Some(false);
-    let mut request = Box::pin(svc.clone().oneshot(get("/")));
-    assert!(poll_once(&mut request).await.is_pending());
-    // The background refresh fails: the request goes out with the still-valid token.
-    gate.add_permits(1);
-    let res = request
-        .await
-        .expect("a failed background refresh fails no request while the token is valid");
-    assert_eq!(res.status(), StatusCode::OK);
-    // So does a later request, and no refresh starts for either of them.
-    let res = svc.clone().oneshot(get("/")).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(issuer.calls(), 2);
-    assert!(seen.all().iter().all(|a| a == "Bearer t1"));
-    let mut failed = 0;
-    while let Some(event) = events.try_recv() {
-        failed += usize::from(matches!(event, Ok(RefreshEvent::RefreshFailed { .. })));
-    }
-    assert_eq!(failed, 1);
+#[test]
+fn a_request_that_joined_a_failed_background_refresh_keeps_the_valid_token() {
+    run_paused(Duration::from_secs(3600), async {
+        let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(100)), 1);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone())
+            .leeway(Duration::from_secs(5))
+            .refresh_ahead(Duration::from_secs(20));
+        let handle = layer.token_handle();
+        let mut events = handle.subscribe();
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+        svc.clone().oneshot(get("/")).await.unwrap();
+        // Inside the window: a background refresh starts and is held at the gate.
+        tokio::time::advance(Duration::from_secs(85)).await;
+        svc.clone().oneshot(get("/")).await.unwrap();
+        support::yield_until(
+            "the background refresh started",
+            support::YIELD_BOUND,
+            || issuer.calls() == 2,
+        )
+        .await;
+        // Inside the leeway (t1 valid for 4 s more): a request waits for that refresh.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        *issuer.fail.lock().unwrap() = Some(false);
+        let mut request = Box::pin(svc.clone().oneshot(get("/")));
+        assert!(poll_once(&mut request).await.is_pending());
+        // The background refresh fails: the request goes out with the still-valid token.
+        gate.add_permits(1);
+        let res = request
+            .await
+            .expect("a failed background refresh fails no request while the token is valid");
+        assert_eq!(res.status(), StatusCode::OK);
+        // So does a later request, and no refresh starts for either of them.
+        let res = svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(issuer.calls(), 2);
+        assert!(seen.all().iter().all(|a| a == "Bearer t1"));
+        let mut failed = 0;
+        while let Some(event) = events.try_recv() {
+            failed += usize::from(matches!(event, Ok(RefreshEvent::RefreshFailed { .. })));
+        }
+        assert_eq!(failed, 1);
+    });
 }
 
 #[tokio::test]
 async fn invalidate_leaves_an_ended_session_ended() {
-    use tower_auth_refresh::error::RefreshRejected;
-    let issuer = Issuer::new(None);
-    *issuer.fail.lock().unwrap() = Some(true);
-    let seen = Seen::default();
-    let layer = RefreshLayer::new(issuer.clone());
-    let handle = layer.token_handle();
-    let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
-    // A terminal failure ends the session.
-    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
-    assert!(err.is::<RefreshRejected>());
-    assert_eq!(issuer.calls(), 1);
-    // Invalidating does not revive it: the revoked credentials are not tried again.
-    handle.invalidate();
-    assert!(handle.state().session_ended());
-    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
-    assert!(err.is::<SessionEnded>());
-    assert_eq!(issuer.calls(), 1);
-    // Nor after a logout.
-    handle.set_token(Token::bearer("login").unwrap());
-    handle.clear();
-    handle.invalidate();
-    let err = svc.clone().oneshot(get("/")).await.unwrap_err();
-    assert!(err.is::<SessionEnded>());
-    assert_eq!(issuer.calls(), 1);
-    assert_eq!(seen.count(), 0);
+    guard(async {
+        use tower_auth_refresh::error::RefreshRejected;
+        let issuer = Issuer::new(None);
+        *issuer.fail.lock().unwrap() = Some(true);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone());
+        let handle = layer.token_handle();
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+        // A terminal failure ends the session.
+        let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+        assert!(err.is::<RefreshRejected>());
+        assert_eq!(issuer.calls(), 1);
+        // Invalidating does not revive it: the revoked credentials are not tried again.
+        handle.invalidate();
+        assert!(handle.state().session_ended());
+        let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+        assert!(err.is::<SessionEnded>());
+        assert_eq!(issuer.calls(), 1);
+        // Nor after a logout.
+        handle.set_token(Token::bearer("login").unwrap());
+        handle.clear();
+        handle.invalidate();
+        let err = svc.clone().oneshot(get("/")).await.unwrap_err();
+        assert!(err.is::<SessionEnded>());
+        assert_eq!(issuer.calls(), 1);
+        assert_eq!(seen.count(), 0);
+    })
+    .await;
 }

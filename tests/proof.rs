@@ -2,6 +2,8 @@
 //! token gets a fresh proof, a refused proof is answered by one replay with the same token and
 //! a new proof (never a refresh), and a proof that cannot be made fails the request unsent.
 
+mod support;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,8 @@ use tower_auth_refresh::error::{ProofFailed, UnauthorizedAfterRefresh};
 use tower_auth_refresh::{
     BoxError, RefreshError, RefreshLayer, ReplayBody, RequestProof, Token, refresh_fn,
 };
+
+use support::guard;
 
 /// Numbers each proof; the server wants a proof numbered at least `min`.
 #[derive(Debug, Default)]
@@ -96,40 +100,49 @@ fn post() -> Request<String> {
 
 #[tokio::test]
 async fn a_refused_proof_is_replayed_once_with_the_same_token_and_a_new_proof() {
-    let (seen, calls) = (Seen::default(), Arc::new(AtomicUsize::new(0)));
-    let svc = layer(&calls, Numbered::default()).layer(api(seen.clone(), 1));
-    let res = svc.oneshot(post()).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 2, "one extra send");
-    assert_eq!(seen[0].1, Some(0));
-    assert_eq!(seen[1].1, Some(1), "a new proof, never the same one");
-    assert!(
-        seen.iter()
-            .all(|s| s.0 == "Bearer good" && s.2 == "{\"n\":1}")
-    );
-    assert_eq!(calls.load(Ordering::SeqCst), 0, "never a refresh");
+    guard(async {
+        let (seen, calls) = (Seen::default(), Arc::new(AtomicUsize::new(0)));
+        let svc = layer(&calls, Numbered::default()).layer(api(seen.clone(), 1));
+        let res = svc.oneshot(post()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "one extra send");
+        assert_eq!(seen[0].1, Some(0));
+        assert_eq!(seen[1].1, Some(1), "a new proof, never the same one");
+        assert!(
+            seen.iter()
+                .all(|s| s.0 == "Bearer good" && s.2 == "{\"n\":1}")
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "never a refresh");
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_proof_refused_again_is_a_typed_error_not_a_loop() {
-    let (seen, calls) = (Seen::default(), Arc::new(AtomicUsize::new(0)));
-    let svc = layer(&calls, Numbered::default()).layer(api(seen.clone(), u64::MAX));
-    let err = svc.oneshot(post()).await.unwrap_err();
-    assert!(err.is::<UnauthorizedAfterRefresh>(), "{err}");
-    assert_eq!(seen.lock().unwrap().len(), 2);
-    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    guard(async {
+        let (seen, calls) = (Seen::default(), Arc::new(AtomicUsize::new(0)));
+        let svc = layer(&calls, Numbered::default()).layer(api(seen.clone(), u64::MAX));
+        let err = svc.oneshot(post()).await.unwrap_err();
+        assert!(err.is::<UnauthorizedAfterRefresh>(), "{err}");
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_proof_that_cannot_be_made_fails_the_request_unsent() {
-    let (seen, calls) = (Seen::default(), Arc::new(AtomicUsize::new(0)));
-    let proof = Numbered {
-        fail: true,
-        ..Numbered::default()
-    };
-    let svc = layer(&calls, proof).layer(api(seen.clone(), 0));
-    let err = svc.oneshot(post()).await.unwrap_err();
-    assert!(err.is::<ProofFailed>(), "{err}");
-    assert!(seen.lock().unwrap().is_empty());
+    guard(async {
+        let (seen, calls) = (Seen::default(), Arc::new(AtomicUsize::new(0)));
+        let proof = Numbered {
+            fail: true,
+            ..Numbered::default()
+        };
+        let svc = layer(&calls, proof).layer(api(seen.clone(), 0));
+        let err = svc.oneshot(post()).await.unwrap_err();
+        assert!(err.is::<ProofFailed>(), "{err}");
+        assert!(seen.lock().unwrap().is_empty());
+    })
+    .await;
 }

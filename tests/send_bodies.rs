@@ -4,6 +4,8 @@
 //! "implementation of `Service` is not general enough", as it does for a bare hyper-util
 //! client).
 
+mod support;
+
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -16,6 +18,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_auth_refresh::{BoxError, RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
+
+use support::guard;
 
 fn layer() -> RefreshLayer {
     RefreshLayer::new(refresh_fn(|_| async {
@@ -69,19 +73,22 @@ macro_rules! spawn_with_body {
 
 #[tokio::test]
 async fn common_body_types_work_inside_a_spawned_task() {
-    let addr = closing_listener().await;
-    spawn_with_body!(addr, Full<Bytes>, Full::new(Bytes::from_static(b"x")));
-    spawn_with_body!(addr, String, String::from("x"));
-    spawn_with_body!(
-        addr,
-        BoxBody<Bytes, BoxError>,
-        Full::new(Bytes::from_static(b"x")).map_err(Into::into).boxed()
-    );
-    spawn_with_body!(
-        addr,
-        UnsyncBoxBody<Bytes, BoxError>,
-        Full::new(Bytes::from_static(b"x"))
-            .map_err(Into::into)
-            .boxed_unsync()
-    );
+    guard(async {
+        let addr = closing_listener().await;
+        spawn_with_body!(addr, Full<Bytes>, Full::new(Bytes::from_static(b"x")));
+        spawn_with_body!(addr, String, String::from("x"));
+        spawn_with_body!(
+            addr,
+            BoxBody<Bytes, BoxError>,
+            Full::new(Bytes::from_static(b"x")).map_err(Into::into).boxed()
+        );
+        spawn_with_body!(
+            addr,
+            UnsyncBoxBody<Bytes, BoxError>,
+            Full::new(Bytes::from_static(b"x"))
+                .map_err(Into::into)
+                .boxed_unsync()
+        );
+    })
+    .await;
 }
