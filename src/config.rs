@@ -480,15 +480,6 @@ impl RefreshOptions {
         self.attach_when.as_ref().is_some_and(|rule| !rule(head))
     }
 
-    /// Whether a request with `method` may be replayed: after a refused token (its method
-    /// may be replayed) or a refused proof (any method). A request that may not is sent with
-    /// its body as it is, not kept.
-    #[inline]
-    pub(crate) fn keeps_body_of(&self, method: &Method) -> bool {
-        // The default first: one comparison.
-        self.replay_methods == ReplayMethods::All || self.proof.is_some() || self.may_replay(method)
-    }
-
     pub(crate) fn may_replay(&self, method: &Method) -> bool {
         match self.replay_methods {
             ReplayMethods::All => true,

@@ -717,14 +717,10 @@ where
                 let req = Request::from_parts(parts, ReplayBody::passthrough(body));
                 return ResponseFuture::passthrough(inner.call(req));
             }
-            // A refused proof (a nonce challenge) replays whatever the method; a refused token
-            // only if the method may be replayed. A body never replayed is not kept.
-            let options = shared.options();
-            let (body, source) = if options.keeps_body_of(&parts.method) {
-                ReplayBody::new(body, options.max_replay_body)
-            } else {
-                (ReplayBody::passthrough(body), None)
-            };
+            // Kept whatever the method (one path: a check of the method here costs the hot
+            // path more than it saves); a body the options never replay is dropped with the
+            // response.
+            let (body, source) = ReplayBody::new(body, shared.options().max_replay_body);
             // The head is kept without the token (the replay sets a newer one); a request
             // without headers of its own then is copied without allocating.
             let head = source.as_ref().map(|_| RequestCopy::without_token(&parts));
