@@ -3,8 +3,9 @@
 //!
 //! By default a response triggers a refresh when its status is 401, or when it is a
 //! trailers-only gRPC response with `grpc-status: 16` (UNAUTHENTICATED), unless every `Bearer`
-//! or `DPoP` challenge it carries names an `error` other than `invalid_token` (one such
-//! challenge without an error, or with `invalid_token`, is enough to refresh). So
+//! challenge, and every `DPoP` challenge that names an error, names an `error` other than
+//! `invalid_token` (one Bearer challenge without an error, or one with `invalid_token`, is
+//! enough to refresh; a `DPoP` challenge without an error only offers the scheme). So
 //! `insufficient_scope` and `invalid_request` (RFC 6750 §3.1), and DPoP's
 //! `invalid_dpop_proof` and `use_dpop_nonce` (RFC 9449 §7.1; a nonce challenge is answered by
 //! a layer's [proof](crate::RefreshLayer::proof), not by a new token), alone reach the caller
@@ -371,9 +372,13 @@ fn bearer_allows_refresh(headers: &HeaderMap) -> bool {
         return true;
     }
     let all = challenges(headers);
+    // A `DPoP` challenge without an error only offers the scheme (RFC 9449 §7.2, beside a
+    // Bearer one): it counts when it names an error.
     let mut bearer = all
         .iter()
-        .filter(|c| c.is_bearer() || c.scheme().eq_ignore_ascii_case("dpop"))
+        .filter(|c| {
+            c.is_bearer() || (c.scheme().eq_ignore_ascii_case("dpop") && c.param("error").is_some())
+        })
         .peekable();
     if bearer.peek().is_none() {
         return true;
@@ -413,6 +418,12 @@ mod tests {
         assert!(default_trigger(
             s,
             &h(&[r#"Bearer realm="api", DPoP error="use_dpop_nonce""#])
+        ));
+        // A DPoP challenge without an error beside a Bearer one only offers the scheme: the
+        // Bearer challenge's error decides.
+        assert!(!default_trigger(
+            s,
+            &h(&[r#"Bearer error="insufficient_scope", DPoP algs="ES256""#])
         ));
     }
 

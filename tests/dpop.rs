@@ -311,6 +311,25 @@ fn a_combined_challenge_asks_for_a_proof_and_nonces_stay_with_their_server() {
     headers.insert(AUTHORIZATION, HeaderValue::from_static("DPoP tok-1"));
     dpop.prove(&Method::GET, &api, &mut headers).unwrap();
     assert_eq!(claims_of(&headers).unwrap()["nonce"], "rs-1");
+    // A refresher of one's own keeps the token endpoint's nonce through the public API, and
+    // its token requests carry it (the resource requests keep theirs).
+    let mut answer = HeaderMap::new();
+    answer.insert(DPOP_NONCE, HeaderValue::from_static("as-1"));
+    assert_eq!(
+        dpop.remember_token_endpoint_nonce(&token, &answer),
+        NonceOutcome::Stored
+    );
+    assert_eq!(
+        dpop.token_endpoint_nonce_for(&token).as_deref(),
+        Some("as-1")
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        DPOP,
+        HeaderValue::try_from(dpop.proof(&Method::POST, &token, None).unwrap()).unwrap(),
+    );
+    assert_eq!(claims_of(&headers).unwrap()["nonce"], "as-1");
+    assert_eq!(dpop.nonce_for(&api).as_deref(), Some("rs-1"));
 }
 
 #[tokio::test]
@@ -465,6 +484,10 @@ async fn a_token_endpoint_asking_for_a_nonce_again_is_retried_once_and_fails_tra
                 .unwrap(),
         );
         assert_eq!(claims_of(&headers).unwrap()["nonce"], "t-2");
+        assert_eq!(
+            dpop.token_endpoint_nonce_for(&endpoint).as_deref(),
+            Some("t-2")
+        );
         assert_eq!(dpop.nonce_for(&endpoint), None);
     })
     .await;
@@ -715,7 +738,7 @@ fn proofs_bind_method_uri_and_token_and_fail_typed() {
 }
 
 /// How many of the 200 requests run at once: two tests of this file run them side by side, so
-/// each takes half of what the open-files limit allows (all 200 when it is high, as in CI).
+/// each takes half of what the open-files limit allows (all 200 when it is high, as in CI's full-size pass).
 fn concurrency() -> usize {
     (connection_budget(400) / 2).max(1)
 }

@@ -318,13 +318,6 @@ struct Refresher {
     log: Arc<RefresherLog>,
 }
 
-impl RefresherLog {
-    /// Failed refresher calls so far (each counted before its error is returned).
-    fn failures(&self) -> u64 {
-        self.timeouts.get() + self.transport_errors.get() + self.status_errors.get()
-    }
-}
-
 fn parse_token(body: &[u8]) -> Result<Token, RefreshError> {
     let body = std::str::from_utf8(body).map_err(RefreshError::transient)?;
     let (secret, ms) = body
@@ -436,6 +429,9 @@ struct Outcomes {
     unreplayable_401: Counter,
     replayable_401: Counter,
     cooling_401: Counter,
+    /// Replayable requests whose 401 came back when the layer was no longer cooling down:
+    /// (sent, answered), judged against the failed refreshes once the run is over.
+    late_401s: Mutex<Vec<(Instant, Instant)>>,
     other_status: Counter,
     refresh_failed: Counter,
     refresh_rejected: Counter,
@@ -871,11 +867,30 @@ async fn run_clients(
         })
     };
 
+    // When refreshes failed (each starts a cool-down): heard from the layer's events.
+    let failed_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let lagged = Arc::new(AtomicBool::new(false));
+    let listener = {
+        let (mut events, failed_at, lagged) =
+            (handle.subscribe(), failed_at.clone(), lagged.clone());
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                match event {
+                    Ok(tower_auth_refresh::RefreshEvent::RefreshFailed { .. }) => {
+                        failed_at.lock().unwrap().push(Instant::now());
+                    }
+                    Ok(_) => {}
+                    Err(_) => lagged.store(true, Ordering::Relaxed),
+                }
+            }
+        })
+    };
+
     let next = Arc::new(AtomicU64::new(0));
     let mut clients = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
         let (stack, next, outcomes) = (stack.clone(), next.clone(), outcomes.clone());
-        let (handle, log) = (handle.clone(), log.clone());
+        let handle = handle.clone();
         let mut rng = seeded(seed ^ (c as u64 + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
         clients.spawn(async move {
             loop {
@@ -885,9 +900,7 @@ async fn run_clients(
                 }
                 outcomes.started.add();
                 let (req, replayable) = request(id, api_addr, &mut rng);
-                // A refresh that failed while this request was out may have put the layer in
-                // its cool-down, which may be over again by the time the 401 is looked at.
-                let failures_before = log.failures();
+                let sent_at = Instant::now();
                 let call = stack.clone().oneshot(req);
                 // Cancellation at random points: a drop after the first poll, or a timeout
                 // that fires somewhere along the way. The rest get a generous bound, and
@@ -904,14 +917,20 @@ async fn run_clients(
                         // than spin on fail-fast errors.
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    Ok(Ok(res))
-                        if res.status() == StatusCode::UNAUTHORIZED
-                            && replayable
-                            && (handle.state().cooling_for().is_some()
-                                || log.failures() > failures_before) =>
-                    {
-                        // A 401 during the cool-down of a failed refresh is returned, by design.
-                        outcomes.cooling_401.add();
+                    Ok(Ok(res)) if res.status() == StatusCode::UNAUTHORIZED && replayable => {
+                        if handle.state().cooling_for().is_some() {
+                            // A 401 during the cool-down of a failed refresh is returned, by
+                            // design.
+                            outcomes.cooling_401.add();
+                        } else {
+                            // The cool-down may be over by now: judged at the end against the
+                            // failed refreshes.
+                            outcomes
+                                .late_401s
+                                .lock()
+                                .unwrap()
+                                .push((sent_at, Instant::now()));
+                        }
                     }
                     Ok(result) => outcomes.classify(id, replayable, result),
                     Err(_) if by_test => outcomes.cancelled.add(),
@@ -922,6 +941,27 @@ async fn run_clients(
     }
     while let Some(joined) = clients.join_next().await {
         joined.expect("a client task panicked");
+    }
+    // A replayable 401 that came back after the cool-down was over is excused only if a
+    // refresh failed shortly before it was sent (a cool-down lasts at most 200 ms) or while it
+    // was out (the event is heard a little after the failure: 1 s of slack).
+    // The listener runs on this runtime: a few turns let it hear the last events.
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    listener.abort();
+    {
+        let failed_at = failed_at.lock().unwrap();
+        let lagged = lagged.load(Ordering::Relaxed);
+        for (sent, answered) in outcomes.late_401s.lock().unwrap().drain(..) {
+            let from = sent.checked_sub(Duration::from_millis(250)).unwrap_or(sent);
+            let to = answered + Duration::from_secs(1);
+            if lagged || failed_at.iter().any(|t| (from..=to).contains(t)) {
+                outcomes.cooling_401.add();
+            } else {
+                outcomes.replayable_401.add();
+            }
+        }
     }
     done.store(true, Ordering::Relaxed);
     login.await.unwrap();

@@ -1,7 +1,8 @@
 //! DPoP (RFC 9449): sender-constrained tokens, proven on every send.
 //!
 //! A [`Dpop`] holds a signing key ([`Es256Key`] or any [`DpopSigner`]) and the latest
-//! `DPoP-Nonce` of each origin. Given to the layer ([`RefreshLayer::proof`](crate::RefreshLayer::proof)),
+//! `DPoP-Nonce` of each server: per origin, a token endpoint's apart from a resource
+//! server's (RFC 9449 §9). Given to the layer ([`RefreshLayer::proof`](crate::RefreshLayer::proof)),
 //! it adds a `DPoP` proof header to every send that carries the token (first send and replay),
 //! with `ath`, the hash of the access token; a `401` with `WWW-Authenticate: DPoP
 //! error="use_dpop_nonce"` is answered by one replay with the same token and a proof carrying
@@ -84,7 +85,8 @@ pub enum DpopError {
 pub enum NonceOutcome {
     /// No `DPoP-Nonce` header.
     Absent,
-    /// A valid nonce, remembered for the origin.
+    /// A valid nonce, remembered for the server (origin, and token endpoint or resource
+    /// server).
     Stored,
     /// A nonce that is not `1*NQCHAR` (RFC 9449 §8.1), longer than [`MAX_NONCE_LEN`], or
     /// given more than once: ignored, the origin's last good nonce kept.
@@ -198,7 +200,9 @@ impl Dpop {
         Ok(jwt)
     }
 
-    /// Remembers the `DPoP-Nonce` of a response from `uri`'s origin.
+    /// Remembers the `DPoP-Nonce` of a resource server's response from `uri`'s origin (the
+    /// layer does this for every response it sees); a token endpoint's goes to
+    /// [`remember_token_endpoint_nonce`](Self::remember_token_endpoint_nonce).
     ///
     /// ```
     /// use http::{HeaderMap, HeaderValue, Uri};
@@ -218,12 +222,23 @@ impl Dpop {
     }
 
     /// [`remember_nonce`](Self::remember_nonce) for a token endpoint's answer: kept apart from
-    /// the resource servers' nonces, and sent with proofs without an access token.
-    pub(crate) fn remember_token_endpoint_nonce(
-        &self,
-        uri: &Uri,
-        headers: &HeaderMap,
-    ) -> NonceOutcome {
+    /// the resource servers' nonces (even on the same origin), and sent with proofs without an
+    /// access token (token requests). The OAuth 2.0 refresher does this itself; a refresher of
+    /// your own that proves its token requests calls it with each answer.
+    ///
+    /// ```
+    /// use http::{HeaderMap, HeaderValue, Method, Uri};
+    /// use tower_auth_refresh::dpop::{DPOP_NONCE, Dpop, Es256Key, NonceOutcome};
+    ///
+    /// let dpop = Dpop::new(Es256Key::generate());
+    /// let token = Uri::from_static("https://idp.example/token");
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert(DPOP_NONCE, HeaderValue::from_static("as-1"));
+    /// assert_eq!(dpop.remember_token_endpoint_nonce(&token, &headers), NonceOutcome::Stored);
+    /// assert_eq!(dpop.token_endpoint_nonce_for(&token).as_deref(), Some("as-1"));
+    /// assert_eq!(dpop.nonce_for(&token), None, "not a resource server's");
+    /// ```
+    pub fn remember_token_endpoint_nonce(&self, uri: &Uri, headers: &HeaderMap) -> NonceOutcome {
         self.remember(true, uri, headers)
     }
 
@@ -260,6 +275,12 @@ impl Dpop {
     /// [`remember_nonce`](Self::remember_nonce)).
     pub fn nonce_for(&self, uri: &Uri) -> Option<String> {
         self.nonce(false, origin(uri)?)
+    }
+
+    /// The latest nonce remembered for `uri`'s origin as a token endpoint (by
+    /// [`remember_token_endpoint_nonce`](Self::remember_token_endpoint_nonce)).
+    pub fn token_endpoint_nonce_for(&self, uri: &Uri) -> Option<String> {
+        self.nonce(true, origin(uri)?)
     }
 
     fn nonce(&self, token_endpoint: bool, origin: String) -> Option<String> {

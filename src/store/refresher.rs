@@ -565,7 +565,7 @@ where
                     tracing::info!(
                         version = next,
                         outcome = ?lost,
-                        "token store: the write had lost its lease; stored the new token under a new one"
+                        "token store: the first write of the new token failed; stored it after all"
                     );
                     self.inner.unstored.forget(record.as_ref());
                     Ok(token)
@@ -600,7 +600,7 @@ where
 /// What became of a write that lost its lease or found another version, tried again by
 /// [`StoreRefresher::store_again`].
 enum Rewrite {
-    /// Stored after all, under a new lease.
+    /// Stored after all (under the write's own lease, or a new one).
     Stored,
     /// Another process stored this newer record meanwhile.
     Newer(Record),
@@ -635,8 +635,11 @@ where
     ) -> Rewrite {
         let store = &self.inner.store;
         let base = record.map_or(0, Record::version);
-        if let Some(decided) = self.write_if_unchanged(lease, record, new_record).await {
-            return decided;
+        match self.write_if_unchanged(lease, record, new_record).await {
+            Ok(decided) => return decided,
+            // The lease is still this write's: a new one cannot be had while it is held.
+            Err(CasOutcome::VersionChanged) => return Rewrite::NotStored,
+            Err(_) => {}
         }
         for _ in 0..REWRITE_TRIES {
             let again = match store.try_lease(self.inner.lease_ttl).await {
@@ -657,7 +660,7 @@ where
                 .write_if_unchanged(held.lease(), record, new_record)
                 .await;
             held.release().await;
-            if let Some(decided) = decided {
+            if let Ok(decided) = decided {
                 return decided;
             }
         }
@@ -668,29 +671,29 @@ where
     }
 
     /// Reads the store under `lease` and writes `new_record` if it still holds `record` (or
-    /// nothing): the outcome, or `None` when `lease` was not (or no longer) ours.
+    /// nothing): the outcome, or the write's answer when it wrote nothing (`LeaseLost`: the
+    /// lease was not, or no longer, ours; `VersionChanged`: written meanwhile without it).
     async fn write_if_unchanged(
         &self,
         lease: &Lease,
         record: Option<&Record>,
         new_record: &Record,
-    ) -> Option<Rewrite> {
+    ) -> Result<Rewrite, CasOutcome> {
         let store = &self.inner.store;
         let base = record.map_or(0, Record::version);
         let Ok(now) = store.load().await else {
-            return Some(Rewrite::NotStored);
+            return Ok(Rewrite::NotStored);
         };
         match now {
-            Some(now) if now.version() > base => return Some(Rewrite::Newer(now)),
-            Some(ref now) if Some(now) != record => return Some(Rewrite::NotStored),
+            Some(now) if now.version() > base => return Ok(Rewrite::Newer(now)),
+            Some(ref now) if Some(now) != record => return Ok(Rewrite::NotStored),
             _ => {}
         }
         let expected = now.as_ref().map_or(0, Record::version);
         match store.compare_and_set(lease, expected, new_record).await {
-            Ok(CasOutcome::Written) => Some(Rewrite::Stored),
-            // Not ours, or written meanwhile by a holder of no lease: read again.
-            Ok(CasOutcome::LeaseLost | CasOutcome::VersionChanged) => None,
-            Err(_) => Some(Rewrite::NotStored),
+            Ok(CasOutcome::Written) => Ok(Rewrite::Stored),
+            Ok(nothing) => Err(nothing),
+            Err(_) => Ok(Rewrite::NotStored),
         }
     }
 }
