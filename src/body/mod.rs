@@ -157,8 +157,12 @@ fn in_memory<B: 'static>(body: &mut B) -> Option<Bytes> {
 }
 
 impl<B: Body> ReplayBody<B> {
-    /// Wraps `body` without keeping anything.
+    /// Wraps `body` without keeping anything. An empty body is not kept at all (no
+    /// allocation), as in [`new`](Self::new).
     pub(crate) fn passthrough(body: B) -> Self {
+        if body.is_end_stream() {
+            return Self { kind: Kind::Empty };
+        }
         Self {
             kind: Kind::Passthrough(Box::pin(body)),
         }
