@@ -217,6 +217,20 @@ async fn through_reqwest_a_request_started_during_a_refresh_waits_and_is_sent_on
 /// request with 401 (the token was rightly not sent across origins).
 async fn redirect_to_a_refusing_origin()
 -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    shop_and_refusing_origin(false).await
+}
+
+/// The same, but the first server refuses any token but `Bearer fresh` with 401 (and then
+/// places no order).
+async fn redirect_after_a_refresh() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    shop_and_refusing_origin(true).await
+}
+
+/// The shop (refusing stale tokens when `checks_token`), the origin it redirects to, and
+/// the counts of orders placed and of the other origin's refusals.
+async fn shop_and_refusing_origin(
+    checks_token: bool,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let refusals = Arc::new(AtomicUsize::new(0));
     let other = {
         let refusals = refusals.clone();
@@ -232,43 +246,12 @@ async fn redirect_to_a_refusing_origin()
         serve(move |req: Request<hyper::body::Incoming>| {
             let orders = orders.clone();
             async move {
+                if checks_token && authorization(req.headers()) != "Bearer fresh" {
+                    return response(StatusCode::UNAUTHORIZED, "stale");
+                }
                 if req.method() == http::Method::POST {
                     orders.fetch_add(1, Ordering::SeqCst);
                 }
-                let mut res = response(StatusCode::SEE_OTHER, "");
-                res.headers_mut()
-                    .insert(LOCATION, format!("http://{other}/done").parse().unwrap());
-                res
-            }
-        })
-        .await
-    };
-    (shop, orders, refusals)
-}
-
-/// Two servers: `POST /orders` on the first refuses any token but `Bearer fresh` with 401;
-/// with it, it places the order and answers 303 to the second, which refuses every request
-/// with 401 (the token was rightly not sent across origins).
-async fn redirect_after_a_refresh() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    let refusals = Arc::new(AtomicUsize::new(0));
-    let other = {
-        let refusals = refusals.clone();
-        serve(move |_req: Request<hyper::body::Incoming>| {
-            refusals.fetch_add(1, Ordering::SeqCst);
-            async { response(StatusCode::UNAUTHORIZED, "who are you?") }
-        })
-        .await
-    };
-    let orders = Arc::new(AtomicUsize::new(0));
-    let shop = {
-        let orders = orders.clone();
-        serve(move |req: Request<hyper::body::Incoming>| {
-            let orders = orders.clone();
-            async move {
-                if authorization(req.headers()) != "Bearer fresh" {
-                    return response(StatusCode::UNAUTHORIZED, "stale");
-                }
-                orders.fetch_add(1, Ordering::SeqCst);
                 let mut res = response(StatusCode::SEE_OTHER, "");
                 res.headers_mut()
                     .insert(LOCATION, format!("http://{other}/done").parse().unwrap());
