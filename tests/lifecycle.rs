@@ -454,6 +454,47 @@ async fn late_401_for_a_token_older_than_an_installed_one_reuses_the_installed_o
     .await;
 }
 
+/// A token installed while an older refresh runs, then refused by the API (a request sent
+/// with it joins that refresh): the refresh's answer is not the refused token. The refresher
+/// is called again, from the installed token set, and every waiter gets that newer token.
+#[tokio::test]
+async fn a_refused_installed_token_is_never_the_answer_of_a_refresh_started_before_it() {
+    guard(async {
+        let (issuer, gate) = Issuer::gated(None, 0);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone());
+        let handle = layer.token_handle();
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+        // No token: the first request starts a refresh, held at the gate.
+        let first = tokio::spawn(svc.clone().oneshot(get("/a")));
+        support::yield_until("the refresh started", support::YIELD_BOUND, || {
+            issuer.calls() == 1
+        })
+        .await;
+        // A login installs a token the API refuses; a request sent with it joins the refresh.
+        handle.set_token(Token::bearer("installed").unwrap());
+        let second = tokio::spawn(svc.clone().oneshot(get("/b")));
+        support::yield_until(
+            "the installed token was refused",
+            support::YIELD_BOUND,
+            || seen.count() == 1,
+        )
+        .await;
+        gate.add_permits(2);
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(second.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            issuer.calls(),
+            2,
+            "asked again, from the installed token set"
+        );
+        let mut sent = seen.all();
+        sent.sort();
+        assert_eq!(sent, ["Bearer installed", "Bearer t2", "Bearer t2"]);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn custom_trigger_and_replay_policy() {
     guard(async {

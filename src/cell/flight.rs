@@ -218,13 +218,15 @@ impl TokenCell {
                     Finished::Again {
                         generation: now_at,
                         stale,
+                        reason,
                     } => {
                         tracing::debug!(
                             generation = now_at,
-                            "the token was invalidated during the refresh; refreshing again"
+                            "the token changed during the refresh and its answer is not the one \
+                             waited for; refreshing again"
                         );
                         generation = now_at;
-                        ctx = RefreshContext::new(stale, RefreshReason::NoToken);
+                        ctx = RefreshContext::new(stale, reason);
                         // The invalidation reset the failure count: retries allowed again.
                         single = false;
                     }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::backoff::{Cooldown, RefreshAhead};
 use crate::events::RefreshEvent;
-use crate::refresher::RefreshError;
+use crate::refresher::{RefreshError, RefreshReason};
 use crate::token::{Expiry, Token};
 
 /// The leeway never exceeds this fraction of a token's lifetime (1/`LEEWAY_DIVISOR`), so a
@@ -149,6 +149,10 @@ pub(crate) struct Flight<J> {
     pub(crate) id: u64,
     /// No task runs it: its waiters drive it (no runtime).
     pub(crate) inline: bool,
+    /// The generation at which a forced refresh joined it after the handle had installed or
+    /// cleared a token: while that is still the cell's generation, this flight's answer (for
+    /// an older one) is not what the forced refresh asked for.
+    pub(crate) forced_at: Option<u64>,
 }
 
 /// A failed refresh in its cool-down: no new refresh starts before `until`.
@@ -295,6 +299,7 @@ pub(crate) enum Finished {
     Again {
         generation: u64,
         stale: Option<Token>,
+        reason: RefreshReason,
     },
 }
 
@@ -511,7 +516,10 @@ impl<J: Clone> State<J> {
         if need == Need::Refused && ticket.generation == self.generation {
             self.rejected = Some(ticket.generation);
         }
-        if let Some(flight) = &self.flight {
+        if let Some(flight) = &mut self.flight {
+            if need == Need::Forced && flight.generation != self.generation {
+                flight.forced_at = Some(self.generation);
+            }
             return Begin::Join(flight.job.clone());
         }
         if need != Need::Forced {
@@ -536,6 +544,7 @@ impl<J: Clone> State<J> {
             generation: self.generation,
             id,
             inline,
+            forced_at: None,
         });
     }
 
@@ -605,6 +614,31 @@ impl<J: Clone> State<J> {
                 return Finished::Again {
                     generation: self.generation,
                     stale: stale.clone(),
+                    reason: RefreshReason::NoToken,
+                };
+            }
+            // The handle installed a token that was refused since (a request sent with it
+            // joined this flight), or a forced refresh joined after the handle acted and
+            // nothing newer came since: the token this refresh got is dropped (it comes from
+            // the chain before the handle), and the flight asks again from what the handle
+            // set, for its waiters.
+            let refused = self.rejected == Some(self.generation);
+            if refused || flight.forced_at == Some(self.generation) {
+                flight.generation = self.generation;
+                flight.background = false;
+                flight.forced_at = None;
+                let stale = match &self.session {
+                    Session::Active(held) => Some(held.token.clone()),
+                    Session::Empty { stale } | Session::Ended { stale, .. } => stale.clone(),
+                };
+                return Finished::Again {
+                    generation: self.generation,
+                    stale,
+                    reason: if refused {
+                        RefreshReason::Expired
+                    } else {
+                        RefreshReason::Forced
+                    },
                 };
             }
             // The handle installed or cleared a token while this refresh ran: what the handle

@@ -405,7 +405,9 @@ fn an_invalidation_during_a_refresh_makes_the_same_flight_refresh_again() {
         Begin::Join(7)
     ));
     match st.finish(1, Ok(token("early", None)), t, &no_cooldown()) {
-        Finished::Again { generation, stale } => {
+        Finished::Again {
+            generation, stale, ..
+        } => {
             assert_eq!(generation, after.generation);
             assert_eq!(stale.unwrap().secret(), "early");
         }
@@ -422,6 +424,58 @@ fn an_invalidation_during_a_refresh_makes_the_same_flight_refresh_again() {
     assert_eq!(answer.unwrap().header, "Bearer late");
     assert!(matches!(events[0], Some(RefreshEvent::Refreshed { .. })));
     assert!(st.flight.is_none());
+}
+
+/// A token installed by the handle while an older refresh runs, and refused since (a request
+/// sent with it met a 401 and joined the flight): the flight's answer must not be that very
+/// token. It refreshes again, from the installed token set, for the new generation.
+#[test]
+fn a_refused_installed_token_makes_a_superseded_flight_refresh_again() {
+    let mut st = S::new();
+    let t = now();
+    st.started(7, false, 1, false);
+    st.install(token("installed", None), t);
+    let sent = st.ticket();
+    assert!(matches!(
+        st.begin(sent, Need::Refused, t.mono),
+        Begin::Join(7)
+    ));
+    match st.finish(1, Ok(token("from-before", None)), t, &no_cooldown()) {
+        Finished::Again {
+            generation, stale, ..
+        } => {
+            assert_eq!(generation, sent.generation);
+            assert_eq!(stale.unwrap().secret(), "installed");
+        }
+        other => panic!("expected another round, got {other:?}"),
+    }
+    let (answer, _) = finish(&mut st, Ok(token("new", None)), t, &no_cooldown());
+    let fresh = answer.unwrap();
+    assert_eq!(fresh.header, "Bearer new");
+    assert!(fresh.ticket.generation > sent.generation);
+}
+
+/// A forced refresh asked for after the handle cleared the token, while an older refresh
+/// ran: it joins that flight, which then calls the refresher again instead of answering with
+/// the logout.
+#[test]
+fn a_forced_refresh_after_a_clear_makes_a_superseded_flight_refresh_again() {
+    let mut st = S::new();
+    let t = now();
+    st.install(token("a", None), t);
+    st.started(7, false, 1, false);
+    st.clear();
+    let after = st.ticket();
+    assert!(matches!(
+        st.begin(after, Need::Forced, t.mono),
+        Begin::Join(7)
+    ));
+    assert!(matches!(
+        st.finish(1, Ok(token("from-before", None)), t, &no_cooldown()),
+        Finished::Again { .. }
+    ));
+    let (answer, _) = finish(&mut st, Ok(token("forced", None)), t, &no_cooldown());
+    assert_eq!(answer.unwrap().header, "Bearer forced");
 }
 
 #[test]
