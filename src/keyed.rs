@@ -201,6 +201,9 @@ struct Cells<K> {
     map: HashMap<K, Entry>,
     order: VecDeque<Slot<K>>,
     stamps: u64,
+    /// The highest generation any cell had when it left the map: a new cell starts after it,
+    /// so a key's generation never goes back when its cell is rebuilt.
+    high_water: u64,
 }
 
 impl<K: Clone + Eq + Hash> Cells<K> {
@@ -209,7 +212,18 @@ impl<K: Clone + Eq + Hash> Cells<K> {
             map: HashMap::new(),
             order: VecDeque::new(),
             stamps: 0,
+            high_water: 0,
         }
+    }
+
+    /// Takes `key`'s cell out of the map (its queue slot goes stale), keeping its generation
+    /// in the high-water mark.
+    fn take_out(&mut self, key: &K) -> bool {
+        let Some(entry) = self.map.remove(key) else {
+            return false;
+        };
+        self.high_water = self.high_water.max(entry.cell.generation());
+        true
     }
 
     /// Adds `key`'s cell, used and queued at `now`.
@@ -231,7 +245,7 @@ impl<K: Clone + Eq + Hash> Cells<K> {
 
     /// Forgets `key`'s cell; its queue slot goes stale.
     fn remove(&mut self, key: &K) -> bool {
-        let removed = self.map.remove(key).is_some();
+        let removed = self.take_out(key);
         self.compact();
         removed
     }
@@ -320,7 +334,8 @@ where
                     let _ = events.send((tagged.clone(), ev));
                 })),
             )
-            .with_origin(self.origin.clone()),
+            .with_origin(self.origin.clone())
+            .starting_after(cells.high_water),
         );
         cells.insert(key.clone(), cell.clone(), now);
         cell
@@ -369,7 +384,7 @@ fn evict_one<K: Clone + Eq + Hash>(cells: &mut Cells<K>, now: u64, idle_ms: u64)
         let idle = now.saturating_sub(last) >= idle_ms;
         if !pinned {
             if idle || last <= entry.queued_at {
-                cells.map.remove(&slot.key);
+                cells.take_out(&slot.key);
                 tracing::trace!(idle, "token cell evicted");
                 return true;
             }
@@ -385,7 +400,7 @@ fn evict_one<K: Clone + Eq + Hash>(cells: &mut Cells<K>, now: u64, idle_ms: u64)
         return false;
     };
     // Its slot, queued again above, goes stale.
-    cells.map.remove(&key);
+    cells.take_out(&key);
     tracing::trace!("token cell evicted, the least recently used");
     true
 }

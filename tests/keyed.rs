@@ -459,6 +459,48 @@ async fn requests_without_a_key_fail_typed_or_use_the_default_principal() {
 /// Review item 3: a key's handle acts on the key's current cell on every call, also after
 /// `remove` (and the requests that rebuilt the key's cell): a token installed through a handle
 /// taken before `remove` is the one the next request carries, and its state is that cell's.
+/// A key's generation never goes back: a cell rebuilt after an eviction or `remove` starts
+/// after every generation a cell of the layer had when it went (so events and
+/// `state().generation()` per key keep increasing).
+#[tokio::test]
+async fn a_keys_generation_never_goes_back_when_its_cell_is_rebuilt() {
+    guard(async {
+        let layer = KeyedRefreshLayer::new(|tenant: Tenant, _: Option<Token>| async move {
+            Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?)
+        })
+        .capacity(1);
+        let handle = layer.token_handle();
+        let svc = layer.layer(echo());
+        // No handle kept between the steps: a live handle would keep the cell.
+        let install = |secret: String| {
+            handle
+                .key(&Tenant(1))
+                .set_token(Token::bearer(secret).unwrap())
+        };
+        let mut last = 0;
+        for round in 0..3 {
+            for n in 0..3 {
+                let g = install(format!("one-{round}-{n}"));
+                assert!(g > last, "round {round}: generation {g} after {last}");
+                last = g;
+            }
+            // Another key's request takes the only place: key 1's cell is evicted.
+            let res = svc.clone().oneshot(for_tenant(2)).await.unwrap();
+            assert_eq!(res.body(), "Bearer t2");
+            assert_eq!(handle.len(), 1, "key 1's cell was evicted");
+            let g = handle.key(&Tenant(1)).state().generation();
+            assert!(g >= last, "the rebuilt cell starts at {g}, before {last}");
+        }
+        let g = install("before-remove".into());
+        assert!(g > last);
+        last = g;
+        assert!(handle.remove(&Tenant(1)));
+        let g = install("after-remove".into());
+        assert!(g > last, "after remove: generation {g} after {last}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_key_handle_taken_before_remove_acts_on_the_keys_new_cell() {
     guard(async {
@@ -487,11 +529,13 @@ async fn a_key_handle_taken_before_remove_acts_on_the_keys_new_cell() {
         assert_eq!(send(5).await, "Bearer t5-after-remove");
         assert_eq!(calls.load(Ordering::SeqCst), 0);
 
-        // Removed, then rebuilt by a request (a fresh refresh): the old handle sees that cell.
+        // Removed, then rebuilt by a request (a fresh refresh): the old handle sees that cell,
+        // whose generations continue past the removed one's.
+        let before = h.state().generation();
         assert!(handle.remove(&Tenant(5)));
         assert_eq!(send(5).await, "Bearer t5-r1");
         assert_eq!(h.token().unwrap().secret(), "t5-r1");
-        assert_eq!(h.state().generation(), 1);
+        assert_eq!(h.state().generation(), before + 2);
         h.set_token(Token::bearer("t5-again").unwrap());
         assert_eq!(send(5).await, "Bearer t5-again");
         h.invalidate();

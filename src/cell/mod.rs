@@ -147,6 +147,21 @@ impl TokenCell {
         }
     }
 
+    /// A new cell whose generations come after `generation` (a keyed layer's cell rebuilt
+    /// for a key: its generations continue past the old cell's). 0: from 0, as any cell.
+    pub(crate) fn starting_after(mut self, generation: u64) -> Self {
+        if generation > 0 {
+            let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+            state.generation = state.generation.max(generation.saturating_add(1));
+        }
+        self
+    }
+
+    /// The current generation.
+    pub(crate) fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
     /// This cell binds its token to `origin`, shared with other cells.
     pub(crate) fn with_origin(mut self, origin: Arc<OnceLock<Origin>>) -> Self {
         self.origin = origin;
