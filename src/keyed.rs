@@ -24,14 +24,18 @@
 //! least recently used; it is not exact (a cell made and not used again goes before an older
 //! one used twice, unless that one is idle).
 //!
-//! A cell is pinned, never evicted, while a refresh for it runs, while its session is ended or
-//! logged out (the key stays ended), or while a [`TokenHandle`] or a request holds it. A walk
-//! looks at no more than 64 cells, so a new key costs amortised O(1) (the leftover queue
-//! slots of removed keys are dropped on the way, each once) however many cells are pinned. If
-//! all the cells it looked at are pinned, the map grows past its capacity for now; each later
-//! new key then evicts up to two cells, until the map is back within its capacity. An
-//! evicted or removed key is rebuilt on its next use with a fresh refresh; a key's handle
-//! acts on the key's current cell on every call, whichever cell that is.
+//! A cell is pinned, never evicted, while a refresh for it runs, or while a [`TokenHandle`] or
+//! a request holds it. A cell whose session ended (a logout, a refused refresh token) may be
+//! evicted: the key's ended session is remembered apart (at most ten times the capacity, at
+//! least 10,000 keys, the oldest forgotten first), and a cell rebuilt for it starts ended, so
+//! the key stays logged out until a token is installed for it. A walk looks at no more than 64
+//! cells, so a new key costs amortised O(1) (the leftover queue slots of removed keys are
+//! dropped on the way, each once) however many cells are pinned. If all the cells it looked
+//! at are pinned, the map grows past its capacity for now; each later new key then evicts up
+//! to two cells, until the map is back within its capacity. An evicted key is rebuilt on its
+//! next use with a fresh refresh (an ended one stays ended), a removed key with a fresh
+//! refresh in any case; a key's handle acts on the key's current cell on every call,
+//! whichever cell that is.
 //!
 //! # Example
 //!
@@ -204,7 +208,22 @@ struct Cells<K> {
     /// The highest generation any cell had when it left the map: a new cell starts after it,
     /// so a key's generation never goes back when its cell is rebuilt.
     high_water: u64,
+    /// Keys whose cell left the map with its session ended (a logout, a refused refresh
+    /// token), and why: a cell rebuilt for one starts ended, so an evicted logout stays a
+    /// logout. At most `ended_cap` ([`ended_kept`]), the oldest forgotten first.
+    ended: HashMap<K, (Ended, u64)>,
+    ended_order: VecDeque<(K, u64)>,
+    ended_cap: usize,
 }
+
+/// How many ended sessions of evicted keys are remembered for a map of `capacity` cells: ten
+/// times as many, at least 10,000 (an entry is a key and an error, far smaller than a cell).
+fn ended_kept(capacity: usize) -> usize {
+    capacity.saturating_mul(10).max(10_000)
+}
+
+/// The cause of an ended session, and the token it could not replace.
+type Ended = (Arc<crate::RefreshError>, Option<crate::Token>);
 
 impl<K: Clone + Eq + Hash> Cells<K> {
     fn new() -> Self {
@@ -213,17 +232,46 @@ impl<K: Clone + Eq + Hash> Cells<K> {
             order: VecDeque::new(),
             stamps: 0,
             high_water: 0,
+            ended: HashMap::new(),
+            ended_order: VecDeque::new(),
+            ended_cap: usize::MAX,
         }
     }
 
     /// Takes `key`'s cell out of the map (its queue slot goes stale), keeping its generation
-    /// in the high-water mark.
+    /// in the high-water mark, and its ended session, if it ended.
     fn take_out(&mut self, key: &K) -> bool {
         let Some(entry) = self.map.remove(key) else {
             return false;
         };
         self.high_water = self.high_water.max(entry.cell.generation());
+        if let Some(ended) = entry.cell.ended() {
+            self.stamps += 1;
+            let stamp = self.stamps;
+            self.ended.insert(key.clone(), (ended, stamp));
+            self.ended_order.push_back((key.clone(), stamp));
+            while self.ended.len() > self.ended_cap {
+                let Some((old, stamp)) = self.ended_order.pop_front() else {
+                    break;
+                };
+                // A slot left by an earlier entry of the same key is stale.
+                if self.ended.get(&old).is_some_and(|(_, s)| *s == stamp) {
+                    self.ended.remove(&old);
+                    tracing::debug!("forgot the oldest ended session of an evicted key");
+                }
+            }
+            if self.ended_order.len() > 2 * self.ended.len() + 16 {
+                let ended = &self.ended;
+                self.ended_order
+                    .retain(|(k, s)| ended.get(k).is_some_and(|(_, live)| live == s));
+            }
+        }
         true
+    }
+
+    /// The ended session a cell rebuilt for `key` starts with, if its last cell left ended.
+    fn take_ended(&mut self, key: &K) -> Option<Ended> {
+        self.ended.remove(key).map(|(ended, _)| ended)
     }
 
     /// Adds `key`'s cell, used and queued at `now`.
@@ -246,6 +294,8 @@ impl<K: Clone + Eq + Hash> Cells<K> {
     /// Forgets `key`'s cell; its queue slot goes stale.
     fn remove(&mut self, key: &K) -> bool {
         let removed = self.take_out(key);
+        // Forgotten for good: a later cell for the key starts afresh.
+        self.ended.remove(key);
         self.compact();
         removed
     }
@@ -308,6 +358,7 @@ where
             entry.last_used.store(now, Ordering::Relaxed);
             return entry.cell.clone();
         }
+        cells.ended_cap = ended_kept(limits.capacity);
         // One eviction makes room; a second one shrinks a map grown past its capacity while
         // the cells a walk looked at were all pinned.
         for _ in 0..2 {
@@ -335,7 +386,8 @@ where
                 })),
             )
             .with_origin(self.origin.clone())
-            .starting_after(cells.high_water),
+            .starting_after(cells.high_water)
+            .starting_ended(cells.take_ended(key)),
         );
         cells.insert(key.clone(), cell.clone(), now);
         cell
@@ -357,7 +409,7 @@ where
 
 /// Evicts one cell, walking the queue from its head: the first cell that is idle, or not used
 /// since it was queued, goes; a cell used since is queued again with its second chance spent;
-/// a pinned cell (a refresh running, an ended session, a live handle or request) is queued
+/// a pinned cell (a refresh running, a live handle or request) is queued
 /// again as it is. If every unpinned cell walked had a second chance, the least recently used
 /// of them goes. The walk looks at most at [`WALK`] cells (each at most once); stale slots are
 /// dropped on the way. Returns false if every cell it looked at was pinned.
@@ -377,7 +429,8 @@ fn evict_one<K: Clone + Eq + Hash>(cells: &mut Cells<K>, now: u64, idle_ms: u64)
             continue; // stale: removed, or evicted out of turn
         };
         budget -= 1;
-        // The map holds one reference; any other is a handle or a request in flight.
+        // The map holds one reference; any other is a handle or a request in flight. An ended
+        // session is not pinned: it is kept apart when the cell goes (`take_out`).
         let pinned = Arc::strong_count(&entry.cell) > 1 || entry.cell.pinned();
         // No use can be recorded meanwhile: this runs under the write lock.
         let last = entry.last_used.load(Ordering::Relaxed);

@@ -459,6 +459,53 @@ async fn requests_without_a_key_fail_typed_or_use_the_default_principal() {
 /// Review item 3: a key's handle acts on the key's current cell on every call, also after
 /// `remove` (and the requests that rebuilt the key's cell): a token installed through a handle
 /// taken before `remove` is the one the next request carries, and its state is that cell's.
+/// Keys whose session ended (a logout, a refused refresh token) do not keep their cells for
+/// good: the map stays within its capacity, and an evicted ended key stays ended (its next
+/// request fails fast without a refresh) until a token is installed for it.
+#[tokio::test]
+async fn ended_sessions_do_not_grow_the_map_and_stay_ended_when_evicted() {
+    guard(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = {
+            let calls = calls.clone();
+            KeyedRefreshLayer::new(move |tenant: Tenant, _: Option<Token>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?) }
+            })
+            .capacity(4)
+        };
+        let handle = layer.token_handle();
+        let svc = layer.layer(echo());
+        for k in 0..1000 {
+            handle.key(&Tenant(k)).clear();
+        }
+        assert!(
+            handle.len() <= 4,
+            "{} cells for a capacity of 4",
+            handle.len()
+        );
+        // Key 0's cell was evicted long ago: still logged out, no refresher call.
+        let err = svc.clone().oneshot(for_tenant(0)).await.unwrap_err();
+        assert!(err.is::<SessionEnded>(), "{err}");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        // A login revives it.
+        handle
+            .key(&Tenant(0))
+            .set_token(Token::bearer("t0-login").unwrap());
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(0)).await.unwrap().body(),
+            "Bearer t0-login"
+        );
+        // A key never seen refreshes as usual.
+        assert_eq!(
+            svc.oneshot(for_tenant(5000)).await.unwrap().body(),
+            "Bearer t5000"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
 /// A key's generation never goes back: a cell rebuilt after an eviction or `remove` starts
 /// after every generation a cell of the layer had when it went (so events and
 /// `state().generation()` per key keep increasing).

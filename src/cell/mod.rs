@@ -49,7 +49,7 @@ use state::{Now, Policy, Session, State};
 use crate::config::RefreshOptions;
 use crate::events::RefreshEvent;
 use crate::origin::Origin;
-use crate::refresher::TokenRefresher;
+use crate::refresher::{RefreshError, TokenRefresher};
 use crate::token::Token;
 
 /// What every waiter of one refresh polls: the shared answer, and where the refresh runs.
@@ -224,10 +224,30 @@ impl TokenCell {
         self.read().ticket()
     }
 
-    /// Whether a refresh runs or a session ended: a keyed cell in either state is not evicted.
+    /// Whether a refresh runs: a keyed cell then is not evicted.
     pub(crate) fn pinned(&self) -> bool {
-        let st = self.read();
-        st.flight.is_some() || matches!(st.session, Session::Ended { .. })
+        self.read().flight.is_some()
+    }
+
+    /// The cause of the ended session and the token it could not replace, if it ended.
+    pub(crate) fn ended(&self) -> Option<(Arc<RefreshError>, Option<Token>)> {
+        match &self.read().session {
+            Session::Ended { cause, stale } => Some((cause.clone(), stale.clone())),
+            _ => None,
+        }
+    }
+
+    /// A new cell whose session starts ended by `ended` (a keyed layer's cell rebuilt for a
+    /// key whose last cell left ended), if given.
+    pub(crate) fn starting_ended(
+        mut self,
+        ended: Option<(Arc<RefreshError>, Option<Token>)>,
+    ) -> Self {
+        if let Some((cause, stale)) = ended {
+            let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+            state.session = Session::Ended { cause, stale };
+        }
+        self
     }
 
     pub(crate) fn status(&self, options: &RefreshOptions) -> Status {
