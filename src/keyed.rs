@@ -24,8 +24,8 @@
 //! least recently used; it is not exact (a cell made and not used again goes before an older
 //! one used twice, unless that one is idle).
 //!
-//! A cell is pinned, never evicted, while a refresh for it runs, or while a [`TokenHandle`] or
-//! a request holds it. A cell whose session ended (a logout, a refused refresh token) may be
+//! A cell is pinned, never evicted, while a refresh for it runs or the cool-down of a failed
+//! one may hold, or while a [`TokenHandle`] or a request holds it. A cell whose session ended (a logout, a refused refresh token) may be
 //! evicted: the key's ended session is remembered apart (at most ten times the capacity, at
 //! least 10,000 keys, the oldest forgotten first), and a cell rebuilt for it starts ended, so
 //! the key stays logged out until a token is installed for it. A walk looks at no more than 64
@@ -409,7 +409,7 @@ where
 
 /// Evicts one cell, walking the queue from its head: the first cell that is idle, or not used
 /// since it was queued, goes; a cell used since is queued again with its second chance spent;
-/// a pinned cell (a refresh running, a live handle or request) is queued
+/// a pinned cell (a refresh running or cooling down, a live handle or request) is queued
 /// again as it is. If every unpinned cell walked had a second chance, the least recently used
 /// of them goes. The walk looks at most at [`WALK`] cells (each at most once); stale slots are
 /// dropped on the way. Returns false if every cell it looked at was pinned.

@@ -506,6 +506,42 @@ async fn ended_sessions_do_not_grow_the_map_and_stay_ended_when_evicted() {
     .await;
 }
 
+/// A key in the cool-down of a failed refresh keeps its cell (and so its cool-down) when
+/// other keys need the room: its next request fails fast instead of calling the token
+/// endpoint again at once.
+#[tokio::test]
+async fn a_key_in_its_cool_down_is_not_evicted() {
+    guard(async {
+        let calls = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
+        let layer = {
+            let calls = calls.clone();
+            KeyedRefreshLayer::new(move |tenant: Tenant, _: Option<Token>| {
+                *calls.lock().unwrap().entry(tenant.0).or_default() += 1;
+                async move {
+                    if tenant.0 == 1 {
+                        return Err(RefreshError::transient("503"));
+                    }
+                    Ok::<_, RefreshError>(Token::bearer(format!("t{}", tenant.0))?)
+                }
+            })
+            .capacity(1)
+            .retries(tower_auth_refresh::Backoff::none())
+        };
+        let svc = layer.layer(echo());
+        assert!(svc.clone().oneshot(for_tenant(1)).await.is_err());
+        // Another key needs the only place.
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
+            "Bearer t2"
+        );
+        // Key 1 is still cooling down: no second call.
+        assert!(svc.clone().oneshot(for_tenant(1)).await.is_err());
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls[&1], 1, "{calls:?}");
+    })
+    .await;
+}
+
 /// A key's generation never goes back: a cell rebuilt after an eviction or `remove` starts
 /// after every generation a cell of the layer had when it went (so events and
 /// `state().generation()` per key keep increasing).

@@ -224,9 +224,16 @@ impl TokenCell {
         self.read().ticket()
     }
 
-    /// Whether a refresh runs: a keyed cell then is not evicted.
+    /// Whether a refresh runs, or a failed one's cool-down holds: a keyed cell then is not
+    /// evicted (a rebuilt cell would call the token endpoint again at once). The cool-down is
+    /// read on Tokio's clock (an injected clock may make it end a little early or late here).
     pub(crate) fn pinned(&self) -> bool {
-        self.read().flight.is_some()
+        let st = self.read();
+        st.flight.is_some()
+            || st
+                .cooling
+                .as_ref()
+                .is_some_and(|c| c.until > tokio::time::Instant::now())
     }
 
     /// The cause of the ended session and the token it could not replace, if it ended.
