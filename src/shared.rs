@@ -1,6 +1,6 @@
 //! What every service, middleware and handle holds: the token cell and the options.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::uri::{Authority, Scheme};
 
@@ -83,14 +83,7 @@ impl Shared {
         if options.rule_skips(head) {
             return Destination::Untouched;
         }
-        let uri = head.uri();
-        match (uri.scheme(), uri.authority()) {
-            (Some(scheme), Some(authority)) => self.destination_at(scheme, authority),
-            // A host without a scheme (the authority form of `CONNECT`): the connector picks
-            // the transport, so it is judged as a scheme this layer does not know.
-            (None, Some(authority)) => unknown_scheme(options, authority),
-            (_, None) => relative(&options.origins),
-        }
+        destination_of(options, &self.cell().origin, head.uri(), true)
     }
 
     /// [`destination`](Self::destination) for an absolute URL given as text, for a layer
@@ -110,65 +103,84 @@ impl Shared {
             return secured(options, origin.secure());
         }
         match (scheme.parse::<Scheme>(), authority.parse::<Authority>()) {
-            (Ok(scheme), Ok(authority)) => self.destination_at(&scheme, &authority),
+            (Ok(scheme), Ok(authority)) => {
+                destination_at(options, &self.cell().origin, &scheme, &authority, true)
+            }
             // No host: nothing this layer can tell an origin of.
             _ => Destination::Untouched,
         }
-    }
-
-    /// The origin check for `scheme://authority`. Compared in place: no allocation per
-    /// request.
-    fn destination_at(&self, scheme: &Scheme, authority: &Authority) -> Destination {
-        let options = self.options();
-        if !judgeable(scheme, authority) {
-            return unknown_scheme(options, authority);
-        }
-        let secure = match &options.origins {
-            Origins::Any => secure_or_loopback(scheme, authority.host()),
-            Origins::List(list) => match list.iter().find(|o| o.matches(scheme, authority)) {
-                Some(origin) => origin.secure(),
-                None => return Destination::Untouched,
-            },
-            Origins::FirstSeen => {
-                let origin = match self.cell().origin.get() {
-                    Some(origin) => origin,
-                    None => match Origin::of(scheme, authority) {
-                        Some(first) => self.cell().origin.get_or_init(|| first),
-                        // Not reached: a judgeable origin has a port.
-                        None => return Destination::Untouched,
-                    },
-                };
-                if !origin.matches(scheme, authority) {
-                    return Destination::Untouched;
-                }
-                origin.secure()
-            }
-        };
-        secured(options, secure)
     }
 }
 
 /// Whether a request to `uri` goes out untouched by every cell that shares the first-seen
 /// `origin` (the keyed layer asks before it needs a key): an origin off the allow-list, an
 /// origin this layer cannot tell, or another origin than the first-seen one once that is
-/// bound. Binds nothing: an origin not yet bound is not decided here.
+/// bound. Binds nothing: an origin not yet bound is judged as if it became `uri`'s.
 pub(crate) fn untouched_by_origin(
     options: &RefreshOptions,
-    origin: &std::sync::OnceLock<Origin>,
+    origin: &OnceLock<Origin>,
     uri: &http::Uri,
 ) -> bool {
-    let decided = match (uri.scheme(), uri.authority()) {
-        (Some(scheme), Some(authority)) if judgeable(scheme, authority) => {
-            return match &options.origins {
-                Origins::Any => false,
-                Origins::List(list) => !list.iter().any(|o| o.matches(scheme, authority)),
-                Origins::FirstSeen => origin.get().is_some_and(|o| !o.matches(scheme, authority)),
-            };
-        }
-        (_, Some(authority)) => unknown_scheme(options, authority),
+    destination_of(options, origin, uri, false) == Destination::Untouched
+}
+
+/// Where the token may go for a request to `uri`, by the allow-list or the first-seen
+/// `origin` (which `uri`'s origin becomes, with `bind`, if none is bound yet).
+#[inline]
+fn destination_of(
+    options: &RefreshOptions,
+    origin: &OnceLock<Origin>,
+    uri: &http::Uri,
+    bind: bool,
+) -> Destination {
+    match (uri.scheme(), uri.authority()) {
+        (Some(scheme), Some(authority)) => destination_at(options, origin, scheme, authority, bind),
+        // A host without a scheme (the authority form of `CONNECT`): the connector picks the
+        // transport, so it is judged as a scheme this layer does not know.
+        (None, Some(authority)) => unknown_scheme(options, authority),
         (_, None) => relative(&options.origins),
+    }
+}
+
+/// The origin check for `scheme://authority`. Compared in place: no allocation per request
+/// (one, once, to bind the first-seen origin; and on the keyed layer's rare keyless look
+/// before anything is bound).
+fn destination_at(
+    options: &RefreshOptions,
+    origin: &OnceLock<Origin>,
+    scheme: &Scheme,
+    authority: &Authority,
+    bind: bool,
+) -> Destination {
+    if !judgeable(scheme, authority) {
+        return unknown_scheme(options, authority);
+    }
+    let secure = match &options.origins {
+        Origins::Any => secure_or_loopback(scheme, authority.host()),
+        Origins::List(list) => match list.iter().find(|o| o.matches(scheme, authority)) {
+            Some(origin) => origin.secure(),
+            None => return Destination::Untouched,
+        },
+        Origins::FirstSeen => match origin.get() {
+            Some(origin) if origin.matches(scheme, authority) => origin.secure(),
+            Some(_) => return Destination::Untouched,
+            None => match Origin::of(scheme, authority) {
+                Some(first) if bind => {
+                    // Another request may have bound another origin meanwhile.
+                    let bound = origin.get_or_init(|| first);
+                    if !bound.matches(scheme, authority) {
+                        return Destination::Untouched;
+                    }
+                    bound.secure()
+                }
+                // Judged as if it became the first-seen origin.
+                Some(first) => first.secure(),
+                // Not reached: a judgeable origin has a port.
+                None => return Destination::Untouched,
+            },
+        },
     };
-    decided == Destination::Untouched
+    secured(options, secure)
 }
 
 /// Attach, unless the destination is not secure and plain HTTP was not allowed.
