@@ -263,6 +263,55 @@ async fn shop_and_refusing_origin(
     (shop, orders, refusals)
 }
 
+/// Places an order (a `POST` to `shop`) through the tower layer over tower-http's
+/// `FollowRedirectLayer`, starting from the token `initial`: the answer, and how many times
+/// the refresher was called.
+async fn order_through_tower(
+    shop: std::net::SocketAddr,
+    initial: &str,
+) -> (
+    Result<http::Response<hyper::body::Incoming>, BoxError>,
+    usize,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
+        .initial_token(Token::bearer(initial).unwrap());
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(FollowRedirectLayer::new())
+        .service(http_client::<ReplayBody<Full<Bytes>>>());
+    let res = svc
+        .oneshot(
+            Request::post(format!("http://{shop}/orders"))
+                .body(Full::from("{\"item\": 1}"))
+                .unwrap(),
+        )
+        .await;
+    (res, calls.load(Ordering::SeqCst))
+}
+
+/// The same through the reqwest middleware and reqwest's own redirects.
+#[cfg(feature = "reqwest")]
+async fn order_through_reqwest(
+    shop: std::net::SocketAddr,
+    initial: &str,
+) -> (reqwest_middleware::Result<reqwest::Response>, usize) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
+        .initial_token(Token::bearer(initial).unwrap());
+    let client = reqwest_middleware::ClientBuilder::new(
+        reqwest::Client::builder().no_proxy().build().unwrap(),
+    )
+    .with(layer.reqwest_middleware())
+    .build();
+    let res = client
+        .post(format!("http://{shop}/orders"))
+        .body("{\"item\": 1}")
+        .send()
+        .await;
+    (res, calls.load(Ordering::SeqCst))
+}
+
 /// A replay the server accepted (the order is placed) and answered with a redirect to an
 /// origin that refuses it: the redirect target's 401 is returned as it is, as for a first
 /// send, not taken for a refusal of the new token (`UnauthorizedAfterRefresh` would tell the
@@ -271,21 +320,8 @@ async fn shop_and_refusing_origin(
 async fn a_replay_answered_by_a_redirect_target_is_returned_as_it_is() {
     guard(async {
         let (shop, orders, refusals) = redirect_after_a_refresh().await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
-            .initial_token(Token::bearer("stale").unwrap());
-        let svc = ServiceBuilder::new()
-            .layer(layer)
-            .layer(FollowRedirectLayer::new())
-            .service(http_client::<ReplayBody<Full<Bytes>>>());
-        let res = svc
-            .oneshot(
-                Request::post(format!("http://{shop}/orders"))
-                    .body(Full::from("{\"item\": 1}"))
-                    .unwrap(),
-            )
-            .await
-            .expect("the redirect target's answer, not an error");
+        let (res, calls) = order_through_tower(shop, "stale").await;
+        let res = res.expect("the redirect target's answer, not an error");
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(
             orders.load(Ordering::SeqCst),
@@ -293,7 +329,7 @@ async fn a_replay_answered_by_a_redirect_target_is_returned_as_it_is() {
             "the replayed POST ran once"
         );
         assert_eq!(refusals.load(Ordering::SeqCst), 1);
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "one token call");
+        assert_eq!(calls, 1, "one token call");
     })
     .await;
 }
@@ -304,20 +340,8 @@ async fn a_replay_answered_by_a_redirect_target_is_returned_as_it_is() {
 async fn through_reqwest_a_replay_answered_by_a_redirect_target_is_returned_as_it_is() {
     guard(async {
         let (shop, orders, refusals) = redirect_after_a_refresh().await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
-            .initial_token(Token::bearer("stale").unwrap());
-        let client = reqwest_middleware::ClientBuilder::new(
-            reqwest::Client::builder().no_proxy().build().unwrap(),
-        )
-        .with(layer.reqwest_middleware())
-        .build();
-        let res = client
-            .post(format!("http://{shop}/orders"))
-            .body("{\"item\": 1}")
-            .send()
-            .await
-            .expect("the redirect target's answer, not an error");
+        let (res, calls) = order_through_reqwest(shop, "stale").await;
+        let res = res.expect("the redirect target's answer, not an error");
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(
             orders.load(Ordering::SeqCst),
@@ -325,7 +349,7 @@ async fn through_reqwest_a_replay_answered_by_a_redirect_target_is_returned_as_i
             "the replayed POST ran once"
         );
         assert_eq!(refusals.load(Ordering::SeqCst), 1);
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "one token call");
+        assert_eq!(calls, 1, "one token call");
     })
     .await;
 }
@@ -336,25 +360,12 @@ async fn through_reqwest_a_replay_answered_by_a_redirect_target_is_returned_as_i
 async fn a_refusal_from_a_redirect_target_never_replays_the_post() {
     guard(async {
         let (shop, orders, refusals) = redirect_to_a_refusing_origin().await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
-            .initial_token(Token::bearer("valid").unwrap());
-        let svc = ServiceBuilder::new()
-            .layer(layer)
-            .layer(FollowRedirectLayer::new())
-            .service(http_client::<ReplayBody<Full<Bytes>>>());
-        let res = svc
-            .oneshot(
-                Request::post(format!("http://{shop}/orders"))
-                    .body(Full::from("{\"item\": 1}"))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let (res, calls) = order_through_tower(shop, "valid").await;
+        let res = res.unwrap();
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "returned as it is");
         assert_eq!(orders.load(Ordering::SeqCst), 1, "the POST ran once");
         assert_eq!(refusals.load(Ordering::SeqCst), 1);
-        assert_eq!(calls.load(Ordering::SeqCst), 0, "no token call");
+        assert_eq!(calls, 0, "no token call");
     })
     .await;
 }
@@ -410,24 +421,12 @@ async fn a_refusal_after_a_wait_through_follow_redirect_is_the_typed_error() {
 async fn through_reqwest_a_refusal_from_a_redirect_target_never_replays_the_post() {
     guard(async {
         let (shop, orders, refusals) = redirect_to_a_refusing_origin().await;
-        let calls = Arc::new(AtomicUsize::new(0));
-        let layer = RefreshLayer::new(support::counting(&calls, "fresh"))
-            .initial_token(Token::bearer("valid").unwrap());
-        let client = reqwest_middleware::ClientBuilder::new(
-            reqwest::Client::builder().no_proxy().build().unwrap(),
-        )
-        .with(layer.reqwest_middleware())
-        .build();
-        let res = client
-            .post(format!("http://{shop}/orders"))
-            .body("{\"item\": 1}")
-            .send()
-            .await
-            .unwrap();
+        let (res, calls) = order_through_reqwest(shop, "valid").await;
+        let res = res.unwrap();
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(orders.load(Ordering::SeqCst), 1, "the POST ran once");
         assert_eq!(refusals.load(Ordering::SeqCst), 1);
-        assert_eq!(calls.load(Ordering::SeqCst), 0, "no token call");
+        assert_eq!(calls, 0, "no token call");
     })
     .await;
 }
