@@ -677,9 +677,7 @@ where
             // A request no cell would authenticate (its own `Authorization`, a token request,
             // one from inside a refresher, one the attach rule or the origins leave alone)
             // goes out as the tower layer sends it: untouched, with or without a key.
-            if crate::replay::untouched_by_any_cell(&parts, &self.options)
-                || crate::shared::untouched_by_origin(&self.options, &self.keyed.origin, &parts.uri)
-            {
+            if crate::replay::untouched_by_any_cell(&parts, &self.options, &self.keyed.origin) {
                 return ResponseFuture::passthrough(
                     self.inner
                         .call(Request::from_parts(parts, ReplayBody::passthrough(body))),

@@ -135,15 +135,21 @@ fn grant<H>(shared: &Shared, use_header: impl FnOnce(&HeaderValue) -> H) -> Admi
 }
 
 /// Whether a request goes out untouched whatever its token cell would say: its own
-/// `Authorization`, a token request, a request sent from inside a refresher, or one the
-/// attach rule leaves alone. The keyed layer asks this before it needs a key, so that such a
-/// request never fails for having none (and never makes a cell).
+/// `Authorization`, a token request, a request sent from inside a refresher, one the attach
+/// rule leaves alone, or one for an origin no cell sharing the first-seen `origin` would send
+/// the token to. The keyed layer asks this before it needs a key, so that such a request
+/// never fails for having none (and never makes a cell).
 pub(crate) fn untouched_by_any_cell(
     parts: &http::request::Parts,
     options: &crate::config::RefreshOptions,
+    origin: &std::sync::OnceLock<crate::origin::Origin>,
 ) -> bool {
     not_ours(&parts.headers, &parts.extensions)
-        || options.rule_skips(&RequestHead::new(&parts.method, &parts.uri, &parts.headers))
+        || crate::shared::destination_unbound(
+            options,
+            origin,
+            &RequestHead::new(&parts.method, &parts.uri, &parts.headers),
+        ) == Destination::Untouched
 }
 
 /// A request the layer never authenticates, whatever its cell and destination: its own

@@ -79,11 +79,7 @@ impl Shared {
     /// Where the token may go for a request to `uri`.
     #[inline]
     pub(crate) fn destination(&self, head: &RequestHead<'_>) -> Destination {
-        let options = self.options();
-        if options.rule_skips(head) {
-            return Destination::Untouched;
-        }
-        destination_of(options, &self.cell().origin, head.uri(), true)
+        destination_for(self.options(), &self.cell().origin, head, true)
     }
 
     /// [`destination`](Self::destination) for an absolute URL given as text, for a layer
@@ -112,20 +108,33 @@ impl Shared {
     }
 }
 
-/// Whether a request to `uri` goes out untouched by every cell that shares the first-seen
-/// `origin` (the keyed layer asks before it needs a key): an origin off the allow-list, an
-/// origin this layer cannot tell, or another origin than the first-seen one once that is
-/// bound. Binds nothing: an origin not yet bound is judged as if it became `uri`'s.
-pub(crate) fn untouched_by_origin(
+/// [`Shared::destination`] for every cell that shares the first-seen `origin` (the keyed
+/// layer asks before it needs a key), binding nothing: an origin not yet bound is judged as
+/// if it became the request's.
+pub(crate) fn destination_unbound(
     options: &RefreshOptions,
     origin: &OnceLock<Origin>,
-    uri: &http::Uri,
-) -> bool {
-    destination_of(options, origin, uri, false) == Destination::Untouched
+    head: &RequestHead<'_>,
+) -> Destination {
+    destination_for(options, origin, head, false)
 }
 
-/// Where the token may go for a request to `uri`, by the allow-list or the first-seen
-/// `origin` (which `uri`'s origin becomes, with `bind`, if none is bound yet).
+/// Where the token may go for a request: not where the attach rule says no; else by the
+/// allow-list or the first-seen `origin` (which the request's becomes, with `bind`, if none
+/// is bound yet).
+#[inline]
+fn destination_for(
+    options: &RefreshOptions,
+    origin: &OnceLock<Origin>,
+    head: &RequestHead<'_>,
+    bind: bool,
+) -> Destination {
+    if options.rule_skips(head) {
+        return Destination::Untouched;
+    }
+    destination_of(options, origin, head.uri(), bind)
+}
+
 #[inline]
 fn destination_of(
     options: &RefreshOptions,
