@@ -34,10 +34,12 @@
 //!
 //! # Which bodies are replayed
 //!
-//! - Bodies that reqwest can clone (`String`, `Vec<u8>`, `Bytes`, `&'static str`, JSON and form
-//!   bodies, no body) up to [`RefreshLayer::max_replay_body`]: copied with
-//!   [`reqwest::Request::try_clone`] before the first send. A larger one is sent once, as in
-//!   the tower layer.
+//! - Bodies that reqwest keeps in memory (`String`, `Vec<u8>`, `Bytes`, `&'static str`, JSON
+//!   and form bodies, no body) up to [`RefreshLayer::max_replay_body`]: copied before the
+//!   first send, with the method, URL, headers, version and timeout (what
+//!   [`reqwest::Request::try_clone`] copies but a request's own extensions, which reqwest does
+//!   not send); the copy shares the body's bytes. A larger one is sent once, as in the tower
+//!   layer.
 //! - Streaming bodies (`reqwest::Body::wrap`, `wrap_stream`) not known to be larger than
 //!   [`RefreshLayer::max_replay_body`]: kept as they stream out, as the tower layer does; one
 //!   that ended within the cap is replayed.
@@ -115,10 +117,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use http::Extensions;
 use http::header::AUTHORIZATION;
+use http_body::Body as _;
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
@@ -548,27 +554,30 @@ impl Copy {
     /// Prepares the replay of `req` before its first send, or `None` when its body cannot be
     /// replayed (a stream of unknown size or larger than `cap`).
     fn prepare(req: &mut Request, cap: usize) -> Option<Self> {
-        // An in-memory body over the cap is not replayed, as in the tower layer.
-        if req
-            .body()
-            .and_then(reqwest::Body::as_bytes)
-            .is_some_and(|bytes| bytes.len() > cap)
-        {
-            return None;
+        match req.body().map(reqwest::Body::as_bytes) {
+            None => Some(Self::Whole(head_of(req))),
+            // In memory: both requests share its bytes, up to the cap, as in the tower layer.
+            Some(Some(bytes)) => {
+                if bytes.len() > cap {
+                    return None;
+                }
+                let body = share(req.body_mut().as_mut()?);
+                let mut copy = head_of(req);
+                *copy.body_mut() = Some(body);
+                Some(Self::Whole(copy))
+            }
+            // A stream: kept as it goes out.
+            Some(None) => {
+                let body = req.body_mut().take()?;
+                let head = head_of(req);
+                let (body, source) = ReplayBody::new(body, cap);
+                *req.body_mut() = Some(reqwest::Body::wrap(body));
+                Some(Self::Captured {
+                    head,
+                    body: source?,
+                })
+            }
         }
-        if let Some(copy) = req.try_clone() {
-            return Some(Self::Whole(copy));
-        }
-        // Only a streaming body makes `try_clone` fail.
-        let body = req.body_mut().take()?;
-        // Without its body the request clones, private settings (timeout) included.
-        let head = req.try_clone();
-        let (body, source) = ReplayBody::new(body, cap);
-        *req.body_mut() = Some(reqwest::Body::wrap(body));
-        Some(Self::Captured {
-            head: head?,
-            body: source?,
-        })
     }
 
     /// The URL of the request.
@@ -592,9 +601,141 @@ impl Copy {
     }
 }
 
+/// A copy of what reqwest sends of `req` but its body: method, URL, headers, version and
+/// timeout.
+///
+/// Made field by field rather than with `Request::try_clone`, which in reqwest 0.13 builds an
+/// extensions map for the copy's timeout and drops it again: three allocations and their
+/// frees, about 790 of the 2,720 instructions per GET this middleware added to a static
+/// header (`benches/reqwest_e2e.rs`, BENCHMARKS.md).
+/// What `try_clone` copies besides, the extensions a request brought from an `http::Request`,
+/// reqwest neither sends nor shows to middleware; the replay goes out without them.
+fn head_of(req: &Request) -> Request {
+    let mut copy = Request::new(req.method().clone(), req.url().clone());
+    *copy.headers_mut() = req.headers().clone();
+    *copy.version_mut() = req.version();
+    // Only a timeout that is set: setting `None` would build the map for nothing.
+    if let Some(&timeout) = req.timeout() {
+        *copy.timeout_mut() = Some(timeout);
+    }
+    copy
+}
+
+/// A second body with the bytes of `body`, an in-memory one, sharing them (what reqwest's own,
+/// crate-private, `Body::try_clone` does).
+fn share(body: &mut reqwest::Body) -> reqwest::Body {
+    let len = body.as_bytes().map_or(0, <[u8]>::len);
+    // An in-memory body gives all its bytes in its first frame, at once, without a waker.
+    let mut cx = Context::from_waker(Waker::noop());
+    let first = match Pin::new(&mut *body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    };
+    let bytes = whole(first, len, body.as_bytes());
+    *body = reqwest::Body::from(bytes.clone());
+    reqwest::Body::from(bytes)
+}
+
+/// The bytes of an in-memory body of `len` bytes, from its first frame and what it holds
+/// after that frame was read: the frame itself when it is the whole body (reqwest 0.13's way),
+/// the two together otherwise.
+fn whole(first: Bytes, len: usize, rest: Option<&[u8]>) -> Bytes {
+    if first.len() == len {
+        return first;
+    }
+    Bytes::from([first.as_ref(), rest.unwrap_or_default()].concat())
+}
+
 impl ResponseHead {
     /// The head of a reqwest response.
     pub(crate) fn from_reqwest_ref(res: &Response) -> Self {
         Self::new(res.status(), res.version(), res.headers().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    use super::{head_of, share, whole};
+
+    async fn bytes_of(body: reqwest::Body) -> Bytes {
+        body.collect().await.unwrap().to_bytes()
+    }
+
+    /// Both bodies give the bytes the original had, for every kind of in-memory body; the
+    /// copy shares them instead of copying.
+    #[tokio::test]
+    async fn an_in_memory_body_is_shared_whole() {
+        let large = vec![7u8; 64 * 1024];
+        let bodies: Vec<(reqwest::Body, Vec<u8>)> = vec![
+            (reqwest::Body::from("static text"), b"static text".to_vec()),
+            (
+                reqwest::Body::from(String::from("a string")),
+                b"a string".to_vec(),
+            ),
+            (reqwest::Body::from(large.clone()), large),
+            (
+                reqwest::Body::from(Bytes::from_static(b"\x00\xff")),
+                b"\x00\xff".to_vec(),
+            ),
+            (reqwest::Body::from(""), Vec::new()),
+            (reqwest::Body::default(), Vec::new()),
+        ];
+        for (mut body, want) in bodies {
+            let copy = share(&mut body);
+            assert_eq!(body.as_bytes(), Some(&want[..]));
+            assert_eq!(copy.as_bytes(), Some(&want[..]));
+            if !want.is_empty() {
+                assert_eq!(
+                    body.as_bytes().unwrap().as_ptr(),
+                    copy.as_bytes().unwrap().as_ptr()
+                );
+            }
+            assert_eq!(bytes_of(body).await, want);
+            assert_eq!(bytes_of(copy).await, want);
+        }
+    }
+
+    /// A body given in pieces loses nothing: the first piece and the rest are put together.
+    #[test]
+    fn a_body_given_in_pieces_is_put_together() {
+        let first = Bytes::from_static(b"abcd");
+        let same = whole(first.clone(), 4, Some(b""));
+        assert_eq!(same.as_ptr(), first.as_ptr());
+        assert_eq!(whole(Bytes::from_static(b"ab"), 5, Some(b"cde")), "abcde");
+        assert_eq!(whole(Bytes::new(), 3, Some(b"xyz")), "xyz");
+    }
+
+    /// The copy has what `try_clone` gives of every setting reqwest sends: method, URL,
+    /// headers, version and timeout (set or not); only the body is left to the caller.
+    #[test]
+    fn the_head_copy_matches_try_clone() {
+        let client = reqwest::Client::new();
+        let requests = [
+            client
+                .patch("http://127.0.0.1:1/a?b=c#d")
+                .header("x-one", "1")
+                .header("x-one", "2")
+                .basic_auth("user", Some("pw"))
+                .version(http::Version::HTTP_10)
+                .timeout(Duration::from_millis(1234))
+                .build()
+                .unwrap(),
+            client.get("http://127.0.0.1:1/").build().unwrap(),
+        ];
+        for req in requests {
+            let copy = head_of(&req);
+            let cloned = req.try_clone().unwrap();
+            assert_eq!(copy.method(), cloned.method());
+            assert_eq!(copy.url(), cloned.url());
+            assert_eq!(copy.headers(), cloned.headers());
+            assert_eq!(copy.version(), cloned.version());
+            assert_eq!(copy.timeout(), cloned.timeout());
+            assert!(copy.body().is_none());
+        }
     }
 }

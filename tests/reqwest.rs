@@ -658,3 +658,111 @@ async fn origins_match_however_they_are_written_and_nothing_else_does() {
     })
     .await;
 }
+
+/// What the API of [`the_replay_is_the_request_as_reqwest_sent_it`] saw of one request.
+#[derive(Debug, Clone, PartialEq)]
+struct Sent {
+    method: http::Method,
+    version: http::Version,
+    uri: String,
+    auth: String,
+    trace: Option<String>,
+    body: Bytes,
+}
+
+/// The replay is the request as reqwest sent it the first time (the middleware copies it
+/// field by field, not with `Request::try_clone`): method, URL with its query, headers, HTTP
+/// version and body, with only the token changed; and the request's own timeout holds for the
+/// replay too (a replay without it would wait for the slow answer and succeed).
+#[tokio::test]
+async fn the_replay_is_the_request_as_reqwest_sent_it() {
+    guard(async {
+        let seen = Arc::new(Mutex::new(Vec::<Sent>::new()));
+        let addr = serve({
+            let seen = seen.clone();
+            move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap();
+                    let auth = authorization(&parts.headers);
+                    seen.lock().unwrap().push(Sent {
+                        method: parts.method.clone(),
+                        version: parts.version,
+                        uri: parts.uri.to_string(),
+                        auth: auth.clone(),
+                        trace: parts
+                            .headers
+                            .get("x-trace")
+                            .map(|v| v.to_str().unwrap().to_owned()),
+                        body,
+                    });
+                    if auth != format!("Bearer {FRESH}") {
+                        return Response::builder()
+                            .status(StatusCode::UNAUTHORIZED)
+                            .header(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)
+                            .body(Full::default())
+                            .unwrap();
+                    }
+                    if parts.uri.path() == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    Response::new(Full::new(Bytes::from_static(b"done")))
+                }
+            }
+        })
+        .await;
+        let stale_client = || {
+            let layer = RefreshLayer::new(counting_after(&Arc::default(), FRESH, Duration::ZERO))
+                .initial_token(Token::bearer(STALE).unwrap());
+            reqwest_client(layer.reqwest_middleware())
+        };
+
+        let res = stale_client()
+            .put(format!("http://{addr}/items/7?tag=a%20b&n=1"))
+            .version(http::Version::HTTP_10)
+            .header("x-trace", "trace-1")
+            .body(Bytes::from_static(b"\x00payload\xff"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.bytes().await.unwrap(), "done");
+        let sent = std::mem::take(&mut *seen.lock().unwrap());
+        assert_eq!(sent.len(), 2);
+        let first = Sent {
+            method: http::Method::PUT,
+            version: http::Version::HTTP_10,
+            uri: "/items/7?tag=a%20b&n=1".to_owned(),
+            auth: format!("Bearer {STALE}"),
+            trace: Some("trace-1".to_owned()),
+            body: Bytes::from_static(b"\x00payload\xff"),
+        };
+        assert_eq!(sent[0], first);
+        let replay = Sent {
+            auth: format!("Bearer {FRESH}"),
+            ..first
+        };
+        assert_eq!(sent[1], replay);
+
+        // The request's timeout (300 ms) holds for the replay, answered after 5 s.
+        let err = stale_client()
+            .get(format!("http://{addr}/slow"))
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+        let auths: Vec<_> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.auth.clone())
+            .collect();
+        assert_eq!(
+            auths,
+            [format!("Bearer {STALE}"), format!("Bearer {FRESH}")]
+        );
+    })
+    .await;
+}
