@@ -125,7 +125,8 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 /// Where the token may go.
 #[derive(Debug, Clone)]
 pub(crate) enum Origins {
-    /// The origin of the first request with an absolute URI, fixed from then on.
+    /// The origin of the first request with an absolute URI the token may go to (one
+    /// refused as plain HTTP does not count), fixed from then on.
     FirstSeen,
     /// These origins only.
     List(Arc<[Origin]>),

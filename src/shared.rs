@@ -174,6 +174,12 @@ fn destination_at(
             Some(origin) if origin.matches(scheme, authority) => origin.secure(),
             Some(_) => return Destination::Untouched,
             None => match Origin::of(scheme, authority) {
+                // Refused as plain HTTP: the token never goes there, so it does not become
+                // the first-seen origin (a later secure request to the same host still gets
+                // the token).
+                Some(first) if !first.secure() && !options.allow_insecure_http => {
+                    return Destination::Insecure;
+                }
                 Some(first) if bind => {
                     // Another request may have bound another origin meanwhile.
                     let bound = origin.get_or_init(|| first);

@@ -907,3 +907,39 @@ async fn a_body_that_can_never_be_replayed_is_not_kept() {
         "the bytes were freed once the inner service let go of them"
     );
 }
+
+/// Review item (this session): a first request refused as plain HTTP to a host that is not
+/// loopback does not fix the first-seen origin (the token never went there). It had: every
+/// later `https://` request to the same host went out without the token, its 401 returned
+/// as it was, for the life of the process. Now the secure origin binds, and only it.
+#[tokio::test]
+async fn a_request_refused_as_plain_http_does_not_fix_the_origin() {
+    let seen = Auths::default();
+    let layer = RefreshLayer::new(refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer("r")?)
+    }))
+    .initial_token(Token::bearer("tok-secret").unwrap());
+    let err = auth_seen_for(&layer, &seen, "http://api.example/health")
+        .await
+        .unwrap_err();
+    assert!(
+        err.is::<tower_auth_refresh::error::InsecureTransport>(),
+        "{err}"
+    );
+    assert!(seen.lock().unwrap().is_empty(), "nothing was sent");
+    assert_eq!(
+        auth_seen_for(&layer, &seen, "https://api.example/a")
+            .await
+            .unwrap(),
+        "Bearer tok-secret"
+    );
+    // The https origin is the bound one now: another host, and plain http to the same host
+    // (another origin), go out untouched.
+    for other in ["https://other.example/a", "http://api.example/b"] {
+        assert_eq!(
+            auth_seen_for(&layer, &seen, other).await.unwrap(),
+            "-",
+            "{other}"
+        );
+    }
+}
