@@ -677,3 +677,37 @@ async fn a_key_subscription_ends_with_its_cell_and_the_keyed_one_goes_on() {
     })
     .await;
 }
+
+/// Review item (this session): `KeyedStoreRefresher` passes a key's logout on to the refresher
+/// it wraps, as `StoreRefresher` does for one token. It did not: a refresher that forgets a
+/// key's refresh token at logout was never told, and a later refresh presented the stored
+/// one again (the tenant logged back in silently).
+#[tokio::test]
+async fn a_keyed_store_refresher_passes_logout_on() {
+    use tower_auth_refresh::RefreshContext;
+    use tower_auth_refresh::keyed::KeyedRefresher;
+    use tower_auth_refresh::store::{KeyedStoreRefresher, MemoryStore};
+
+    #[derive(Clone, Default)]
+    struct Tenants {
+        logouts: Arc<Mutex<Vec<u32>>>,
+    }
+    impl KeyedRefresher<u32> for Tenants {
+        type Future = std::future::Ready<Result<Token, RefreshError>>;
+        fn refresh(&self, key: &u32, _ctx: RefreshContext) -> Self::Future {
+            std::future::ready(Token::bearer(format!("t{key}")).map_err(Into::into))
+        }
+        fn logout(&self, key: &u32) {
+            self.logouts.lock().unwrap().push(*key);
+        }
+    }
+
+    let tenants = Tenants::default();
+    let layer = KeyedRefreshLayer::new(KeyedStoreRefresher::new(tenants.clone(), |_: &u32| {
+        MemoryStore::new()
+    }));
+    let handle = layer.token_handle();
+    handle.key(&7).clear();
+    handle.key(&3).clear();
+    assert_eq!(*tenants.logouts.lock().unwrap(), [7, 3]);
+}

@@ -115,4 +115,11 @@ where
         }
         shared.refresh(ctx)
     }
+
+    /// Passed on to the wrapped refresher, as [`StoreRefresher`] does: a refresher that
+    /// forgets a key's refresh token at logout then refuses to present it again, even when
+    /// the store hands it back.
+    fn logout(&self, key: &K) {
+        self.refresher.logout(key);
+    }
 }
