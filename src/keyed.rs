@@ -84,6 +84,7 @@ use tower_service::Service;
 use crate::BoxError;
 use crate::body::ReplayBody;
 use crate::cell::TokenCell;
+use crate::clock::Clock;
 use crate::config::{RefreshOptions, option_setters};
 use crate::error::MissingKey;
 use crate::events::{Lagged, RefreshEvent};
@@ -343,7 +344,8 @@ where
 
     /// The cell of `key`, created (and one cell evicted if the map is full) if needed. The
     /// common case, an existing key, takes a read lock and stores one relaxed atomic.
-    fn cell(&self, key: &K) -> Arc<TokenCell> {
+    /// `clock` is the asking layer's: a cool-down is read on the clock it was set on.
+    fn cell(&self, key: &K, clock: &dyn Clock) -> Arc<TokenCell> {
         let now = self.tick();
         {
             let cells = self.cells.read().unwrap_or_else(PoisonError::into_inner);
@@ -365,7 +367,7 @@ where
             if cells.map.len() < limits.capacity {
                 break;
             }
-            if !evict_one(&mut cells, now, limits.idle_ms) {
+            if !evict_one(&mut cells, now, limits.idle_ms, clock.now()) {
                 tracing::debug!(
                     cells = cells.map.len(),
                     "every token cell the eviction walk looked at is in use; growing past the capacity"
@@ -413,7 +415,14 @@ where
 /// again as it is. If every unpinned cell walked had a second chance, the least recently used
 /// of them goes. The walk looks at most at [`WALK`] cells (each at most once); stale slots are
 /// dropped on the way. Returns false if every cell it looked at was pinned.
-fn evict_one<K: Clone + Eq + Hash>(cells: &mut Cells<K>, now: u64, idle_ms: u64) -> bool {
+///
+/// `cooling_now` is the current instant on the layer's clock, which a cool-down is set on.
+fn evict_one<K: Clone + Eq + Hash>(
+    cells: &mut Cells<K>,
+    now: u64,
+    idle_ms: u64,
+    cooling_now: Instant,
+) -> bool {
     let mut budget = WALK.min(cells.map.len());
     // The least recently used cell given a second chance by this walk, and its last use.
     let mut lru: Option<(u64, K)> = None;
@@ -431,7 +440,7 @@ fn evict_one<K: Clone + Eq + Hash>(cells: &mut Cells<K>, now: u64, idle_ms: u64)
         budget -= 1;
         // The map holds one reference; any other is a handle or a request in flight. An ended
         // session is not pinned: it is kept apart when the cell goes (`take_out`).
-        let pinned = Arc::strong_count(&entry.cell) > 1 || entry.cell.pinned();
+        let pinned = Arc::strong_count(&entry.cell) > 1 || entry.cell.pinned(cooling_now);
         // No use can be recorded meanwhile: this runs under the write lock.
         let last = entry.last_used.load(Ordering::Relaxed);
         let idle = now.saturating_sub(last) >= idle_ms;
@@ -685,7 +694,10 @@ where
             }
             return ResponseFuture::failed(MissingKey::new().into());
         };
-        let shared = Shared::pair(self.keyed.cell(&key), self.options.clone());
+        let shared = Shared::pair(
+            self.keyed.cell(&key, &*self.options.clock),
+            self.options.clone(),
+        );
         let template = template_of(&self.inner, &mut self.template);
         dispatch(
             &shared,
@@ -699,7 +711,7 @@ where
 /// The object-safe part of [`Keyed`] a handle needs.
 trait KeyedCells<K>: Send + Sync {
     /// Looks `key`'s current cell up on each call, creating it if needed (as a request does).
-    fn resolver(self: Arc<Self>, key: &K) -> ResolveCell;
+    fn resolver(self: Arc<Self>, key: &K, clock: Arc<dyn Clock>) -> ResolveCell;
     fn remove(&self, key: &K) -> bool;
     fn len(&self) -> usize;
     fn subscribe(&self) -> broadcast::Receiver<(K, RefreshEvent)>;
@@ -710,9 +722,9 @@ where
     K: Clone + Eq + Hash + Send + Sync + 'static,
     R: KeyedRefresher<K>,
 {
-    fn resolver(self: Arc<Self>, key: &K) -> ResolveCell {
+    fn resolver(self: Arc<Self>, key: &K, clock: Arc<dyn Clock>) -> ResolveCell {
         let key = key.clone();
-        Box::new(move || Keyed::cell(&self, &key))
+        Box::new(move || Keyed::cell(&self, &key, &*clock))
     }
 
     fn remove(&self, key: &K) -> bool {
@@ -758,7 +770,11 @@ impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
     /// be evicted: `handle.key(&k).subscribe()` may end at the next eviction. To follow a key
     /// for the layer's life, use [`subscribe`](Self::subscribe) and filter on the key.
     pub fn key(&self, key: &K) -> TokenHandle {
-        TokenHandle::keyed(self.cells.clone().resolver(key), self.options.clone())
+        let clock = self.options.clock.clone();
+        TokenHandle::keyed(
+            self.cells.clone().resolver(key, clock),
+            self.options.clone(),
+        )
     }
 
     /// Forgets `key`'s cell (its token, session state and cool-down): the key's next request
@@ -846,15 +862,18 @@ mod tests {
         let mut c = cells(3);
         // Key 0 was used after it was queued: it gets a second chance, key 1 goes.
         c.map[&0].last_used.store(5, Ordering::Relaxed);
-        assert!(evict_one(&mut c, 10, 1_000));
+        assert!(evict_one(&mut c, 10, 1_000, Instant::now()));
         assert!(c.map.contains_key(&0) && !c.map.contains_key(&1));
         // A cell with a live handle (another reference) is never evicted.
         let held = c.map[&2].cell.clone();
-        assert!(evict_one(&mut c, 10, 1_000));
+        assert!(evict_one(&mut c, 10, 1_000, Instant::now()));
         assert!(c.map.contains_key(&2) && !c.map.contains_key(&0));
-        assert!(!evict_one(&mut c, 10, 1_000), "only a pinned cell is left");
+        assert!(
+            !evict_one(&mut c, 10, 1_000, Instant::now()),
+            "only a pinned cell is left"
+        );
         drop(held);
-        assert!(evict_one(&mut c, 10, 1_000));
+        assert!(evict_one(&mut c, 10, 1_000, Instant::now()));
         assert!(c.map.is_empty());
     }
 
@@ -864,7 +883,7 @@ mod tests {
         c.map[&0].last_used.store(5, Ordering::Relaxed);
         // 30 minutes later, key 0 is idle: it goes first despite its later use.
         let later = 5 + 30 * 60 * 1000;
-        assert!(evict_one(&mut c, later, 30 * 60 * 1000));
+        assert!(evict_one(&mut c, later, 30 * 60 * 1000, Instant::now()));
         assert!(!c.map.contains_key(&0));
     }
     /// The key at the head of the eviction queue.
@@ -901,14 +920,14 @@ mod tests {
     fn a_walk_over_pinned_cells_is_bounded_and_goes_on_where_the_last_one_stopped() {
         let mut c = cells(1_000);
         let mut held: Vec<_> = (0..1_000).map(|k| c.map[&k].cell.clone()).collect();
-        assert!(!evict_one(&mut c, 10, 1_000));
+        assert!(!evict_one(&mut c, 10, 1_000, Instant::now()));
         assert_eq!(front_key(&c), 64, "one walk looked at 64 cells");
-        assert!(!evict_one(&mut c, 10, 1_000));
+        assert!(!evict_one(&mut c, 10, 1_000, Instant::now()));
         assert_eq!(front_key(&c), 128);
         // The one unpinned cell, far down the queue, is found by later walks.
         drop(held.pop());
         let mut walks = 0;
-        while !evict_one(&mut c, 10, 1_000) {
+        while !evict_one(&mut c, 10, 1_000, Instant::now()) {
             walks += 1;
             assert!(walks <= 1_000 / 64 + 1, "never found");
         }

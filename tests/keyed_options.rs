@@ -651,3 +651,55 @@ async fn a_map_grown_past_its_capacity_by_pinned_cells_shrinks_back() {
     })
     .await;
 }
+
+/// A layer clock frozen at the instant it was made.
+#[derive(Debug)]
+struct Frozen(tokio::time::Instant);
+
+impl tower_auth_refresh::Clock for Frozen {
+    fn now(&self) -> tokio::time::Instant {
+        self.0
+    }
+}
+
+/// Review item (this session): a key cooling down after a failed refresh is not evicted while
+/// its cool-down holds on the layer's clock, the clock it was set on. Eviction read Tokio's
+/// clock instead: with a layer clock behind Tokio's, a key still cooling down was evicted
+/// and its rebuilt cell called the token endpoint again at once.
+#[test]
+fn a_key_cooling_down_on_the_layers_clock_is_not_evicted() {
+    run_paused(Duration::from_secs(3600), async {
+        let calls = Calls::default();
+        let refresher = {
+            let calls = calls.clone();
+            move |tenant: Tenant, _stale: Option<Token>| {
+                calls.start(tenant.0);
+                calls.end(tenant.0);
+                async move {
+                    if tenant.0 == 1 {
+                        return Err(RefreshError::transient(std::io::Error::other("down")));
+                    }
+                    Ok(Token::bearer(format!("t{}", tenant.0))?)
+                }
+            }
+        };
+        let layer = KeyedRefreshLayer::new(refresher)
+            .capacity(1)
+            .retries(tower_auth_refresh::Backoff::none())
+            .cooldown(tower_auth_refresh::Cooldown::new(
+                Duration::from_secs(30),
+                Duration::from_secs(30),
+            ))
+            .clock(Frozen(tokio::time::Instant::now()));
+        let handle = layer.token_handle();
+        let svc = layer.layer(echo());
+        assert!(auth_of(&svc, 1).await.is_err(), "tenant 1's refresh fails");
+        assert_eq!(calls.of(1), 1);
+        // Tokio's clock moves past the cool-down; the layer's does not.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(auth_of(&svc, 2).await.unwrap(), "Bearer t2");
+        assert_eq!(handle.len(), 2, "tenant 1, cooling down, was kept");
+        assert!(auth_of(&svc, 1).await.is_err(), "still cooling down");
+        assert_eq!(calls.of(1), 1, "no second token call during the cool-down");
+    });
+}

@@ -224,16 +224,12 @@ impl TokenCell {
         self.read().ticket()
     }
 
-    /// Whether a refresh runs, or a failed one's cool-down holds: a keyed cell then is not
-    /// evicted (a rebuilt cell would call the token endpoint again at once). The cool-down is
-    /// read on Tokio's clock (an injected clock may make it end a little early or late here).
-    pub(crate) fn pinned(&self) -> bool {
+    /// Whether a refresh runs, or a failed one's cool-down holds at `now` (on the layer's
+    /// clock, the one the cool-down was set on): a keyed cell then is not evicted (a rebuilt
+    /// cell would call the token endpoint again at once).
+    pub(crate) fn pinned(&self, now: tokio::time::Instant) -> bool {
         let st = self.read();
-        st.flight.is_some()
-            || st
-                .cooling
-                .as_ref()
-                .is_some_and(|c| c.until > tokio::time::Instant::now())
+        st.flight.is_some() || st.cooling.as_ref().is_some_and(|c| c.until > now)
     }
 
     /// The cause of the ended session and the token it could not replace, if it ended.
