@@ -109,8 +109,8 @@ pub(crate) async fn drain<ResBody: http_body::Body>(body: ResBody) {
 }
 
 /// Reads `body` to its end, an error, `max` bytes or `wait`, whichever comes first, handing
-/// the data to `keep`. Without a Tokio runtime there is no timer: only what has arrived
-/// already is read (never a wait without a bound).
+/// the data to `keep`. Without a timer (no Tokio runtime, or one without its time driver)
+/// only what has arrived already is read (never a wait without a bound, never a panic).
 async fn read_bounded<ResBody: http_body::Body>(
     body: ResBody,
     max: usize,
@@ -137,11 +137,36 @@ async fn read_bounded<ResBody: http_body::Body>(
             }
         }
     };
-    if tokio::runtime::Handle::try_current().is_ok() {
+    if timer_here() {
         let _ = tokio::time::timeout(wait, read).await;
     } else {
+        // No timer to bound a wait: only what has arrived already.
         let _ = futures_util::FutureExt::now_or_never(read);
     }
+}
+
+/// Whether a timer can bound a wait here: a Tokio runtime with its time driver. A runtime
+/// built without `enable_time` panics at its first timer; that panic is caught here (the
+/// panic hook prints it once per thread and runtime: the answer is remembered for the last
+/// runtime each thread asked about).
+pub(crate) fn timer_here() -> bool {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST: Cell<Option<(tokio::runtime::Id, bool)>> = const { Cell::new(None) };
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return false;
+    };
+    let id = runtime.id();
+    if let Some((last, timer)) = LAST.get() {
+        if last == id {
+            return timer;
+        }
+    }
+    let timer =
+        std::panic::catch_unwind(|| drop(tokio::time::sleep(std::time::Duration::ZERO))).is_ok();
+    LAST.set(Some((id, timer)));
+    timer
 }
 
 /// A request's head, kept for its replay: `http::request::Parts` with the headers as a list.

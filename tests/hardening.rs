@@ -943,3 +943,65 @@ async fn a_request_refused_as_plain_http_does_not_fix_the_origin() {
         );
     }
 }
+
+/// Review item (this session): on a Tokio runtime without its time driver, the bounded reads
+/// of a refusal's body (drained before a replay; its first bytes kept in the error after a
+/// second refusal) read what has arrived instead of starting a timer. They started one, and
+/// Tokio panics at a timer without its driver: a late 401 answered by a token installed
+/// meanwhile (no refresh, so no timer needed otherwise) panicked the caller's task.
+#[test]
+fn a_runtime_without_timers_replays_and_refuses_without_a_panic() {
+    let outcome = std::thread::spawn(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let layer = RefreshLayer::new(refresh_fn(|_| async {
+                Ok::<_, RefreshError>(Token::bearer("from-refresher")?)
+            }))
+            .initial_token(Token::bearer("old").unwrap());
+            let handle = layer.token_handle();
+            // The API installs a newer token (as a login elsewhere would) and refuses the old
+            // one; on `/b` it refuses every token, installing one more first.
+            let api = tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+                let handle = handle.clone();
+                async move {
+                    let auth = authorization(req.headers());
+                    let status = match (req.uri().path(), auth.as_str()) {
+                        ("/a", "Bearer old") => {
+                            handle.set_token(Token::bearer("new").unwrap());
+                            StatusCode::UNAUTHORIZED
+                        }
+                        ("/a", _) => StatusCode::OK,
+                        (_, "Bearer new") => {
+                            handle.set_token(Token::bearer("newer").unwrap());
+                            StatusCode::UNAUTHORIZED
+                        }
+                        _ => StatusCode::UNAUTHORIZED,
+                    };
+                    Ok::<_, std::convert::Infallible>(response(status, "denied"))
+                }
+            });
+            let svc = tower::Layer::layer(&layer, api);
+            let replayed = svc
+                .clone()
+                .oneshot(Request::get("/a").body(Full::default()).unwrap())
+                .await
+                .map(|res| res.status());
+            let refused = svc
+                .oneshot(Request::get("/b").body(Full::default()).unwrap())
+                .await
+                .map(|res| res.status())
+                .map_err(|e| {
+                    e.downcast_ref::<tower_auth_refresh::error::UnauthorizedAfterRefresh>()
+                        .map(|e| e.last().body().clone())
+                });
+            (replayed.map_err(|e| e.to_string()), refused)
+        })
+    })
+    .join();
+    let (replayed, refused) = outcome.expect("no panic");
+    assert_eq!(replayed, Ok(StatusCode::OK));
+    assert_eq!(refused, Err(Some(Bytes::from_static(b"denied"))));
+}

@@ -139,12 +139,11 @@ impl<B> ReplaySource<B> {
     /// A server may answer 401 before it has read the body; the client is then still
     /// sending it (or about to drop it) when the response arrives. Either ends soon, and the
     /// replay needs one of them: the whole body captured, or the unsent rest handed over.
-    /// Without a Tokio runtime there is no timer, so there is no wait.
+    /// Without a Tokio runtime, or on one without its time driver, there is no timer, so
+    /// there is no wait.
     pub(crate) async fn settle(&self, patience: Duration) {
         let Self::Captured(slot) = self else { return };
-        if slot.settled.load(Ordering::Acquire)
-            || patience.is_zero()
-            || tokio::runtime::Handle::try_current().is_err()
+        if slot.settled.load(Ordering::Acquire) || patience.is_zero() || !crate::head::timer_here()
         {
             return;
         }
