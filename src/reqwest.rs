@@ -36,9 +36,11 @@
 //!
 //! - Bodies that reqwest keeps in memory (`String`, `Vec<u8>`, `Bytes`, `&'static str`, JSON
 //!   and form bodies, no body) up to [`RefreshLayer::max_replay_body`]: copied before the
-//!   first send, with the method, URL, headers, version and timeout (what
-//!   [`reqwest::Request::try_clone`] copies but a request's own extensions, which reqwest does
-//!   not send); the copy shares the body's bytes. A larger one is sent once, as in the tower
+//!   first send, with the method, URL, headers, version and timeout: what
+//!   [`reqwest::Request::try_clone`] copies but the extensions a request brought from an
+//!   `http::Request`, which reqwest does not send (a middleware below this one that turns the
+//!   request back into an `http::Request` sees them on the first send only). The copy shares
+//!   the body's bytes. A larger one is sent once, as in the tower
 //!   layer.
 //! - Streaming bodies (`reqwest::Body::wrap`, `wrap_stream`) not known to be larger than
 //!   [`RefreshLayer::max_replay_body`]: kept as they stream out, as the tower layer does; one
@@ -609,7 +611,9 @@ impl Copy {
 /// frees, about 790 of the 2,720 instructions per GET this middleware added to a static
 /// header (`benches/reqwest_e2e.rs`, BENCHMARKS.md).
 /// What `try_clone` copies besides, the extensions a request brought from an `http::Request`,
-/// reqwest neither sends nor shows to middleware; the replay goes out without them.
+/// reqwest 0.13 does not send (of its own extensions it reads only the timeout, copied here);
+/// a middleware below this one that turns the request back into an `http::Request` sees them
+/// on the first send only.
 fn head_of(req: &Request) -> Request {
     let mut copy = Request::new(req.method().clone(), req.url().clone());
     *copy.headers_mut() = req.headers().clone();
