@@ -310,7 +310,9 @@ impl RefreshOptions {
         self
     }
 
-    /// The clock for token lifetimes (default [`TokioClock`]).
+    /// The clock for token lifetimes (default [`TokioClock`]). A token's lifetime is placed
+    /// on the clock when the token is installed: on a layer, set the clock before
+    /// [`initial_token`](crate::RefreshLayer::initial_token).
     #[must_use]
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);

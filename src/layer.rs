@@ -104,7 +104,8 @@ impl RefreshLayer {
     }
 
     /// Starts with `token` (or a token set: see [`Token::with_refresh_token`]), so the first
-    /// requests need no refresh.
+    /// requests need no refresh. Its lifetime is placed on the layer's clock as it is now:
+    /// set [`clock`](Self::clock) first.
     #[must_use]
     pub fn initial_token(self, token: Token) -> Self {
         self.shared.cell().install(token, self.shared.options());
