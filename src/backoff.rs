@@ -141,8 +141,11 @@ pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(24 * 60 * 60);
 /// failure in a row, from `base` up to `max`, with equal jitter (between half and all of it),
 /// and a token endpoint's `Retry-After` extends it. No pause is longer than a day: a longer
 /// `Retry-After` (or configured pause) counts as a day.
-/// [`TokenHandle::refresh`](crate::TokenHandle::refresh) and installing a token bypass it; a
-/// success ends it. The first refresh after a pause makes a single attempt (no retries), so an
+/// [`TokenHandle::refresh`](crate::TokenHandle::refresh) and installing a token bypass it (a
+/// request that needs a token while a forced refresh runs waits for it); a success ends it;
+/// [`TokenHandle::invalidate`](crate::TokenHandle::invalidate) does not. A failed background
+/// refresh ([`RefreshAhead`]) pauses the next background one by the same rule, and at least
+/// 1 s doubling up to 60 s, while requests keep the still-valid token. The first refresh after a pause makes a single attempt (no retries), so an
 /// outage costs one token request per pause.
 ///
 /// Default: 30 s, doubling up to 5 min (AWS SDKs pause 5 to 10 minutes; a bearer-token client
@@ -210,16 +213,28 @@ impl Cooldown {
         self.delay_with(failures, retry_after, jitter())
     }
 
-    /// The pause before the next background refresh after `failures` failed ones: short
-    /// (the token is still valid), 1 s doubling up to 60 s. `retry_after` (from the token
-    /// endpoint) is a floor; the pause never exceeds [`MAX_PAUSE`]. It is not bounded by the
-    /// token's deadline: during it requests keep the still-valid token, even inside the
-    /// leeway; once it ends inside the leeway a foreground refresh takes over, and if it runs
-    /// past the deadline the first request after the deadline starts one.
+    /// The pause before the next background refresh after `failures` failed ones: this
+    /// cool-down's pause, and at least 1 s doubling up to 60 s (so that no cool-down, or a
+    /// short one, does not make every request in the window start one). `retry_after` (from
+    /// the token endpoint) is a floor; the pause never exceeds [`MAX_PAUSE`]. It is not
+    /// bounded by the token's deadline: during it requests keep the still-valid token, even
+    /// inside the leeway; once it ends inside the leeway a foreground refresh takes over, and
+    /// if it runs past the deadline the first request after the deadline starts one.
     pub(crate) fn background(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        self.background_with(failures, retry_after, jitter())
+    }
+
+    /// [`background`](Self::background) with the jitter `unit` in [0, 1).
+    pub(crate) fn background_with(
+        &self,
+        failures: u32,
+        retry_after: Option<Duration>,
+        unit: f64,
+    ) -> Duration {
         Duration::from_secs(1)
             .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
             .min(Duration::from_secs(60))
+            .max(self.delay_with(failures, None, unit))
             .max(retry_after.unwrap_or_default())
             .min(MAX_PAUSE)
     }
@@ -386,6 +401,30 @@ mod tests {
         assert_eq!(
             Cooldown::none().delay(5, Some(Duration::from_secs(9))),
             Duration::ZERO
+        );
+    }
+
+    /// Review item (this session): a failed background refresh pauses the next one by the
+    /// configured cool-down too. It paused 1 s doubling up to 60 s whatever the cool-down, so
+    /// an outage inside a long refresh-ahead window cost a token request a minute even with a
+    /// ten-minute cool-down.
+    #[test]
+    fn a_background_pause_is_the_cool_down_and_at_least_the_short_schedule() {
+        let long = Cooldown::new(Duration::from_secs(600), Duration::from_secs(600));
+        for failures in 1..10 {
+            let pause = long.background_with(failures, None, 0.0);
+            assert_eq!(pause, Duration::from_secs(300), "failures {failures}");
+            assert!(long.background(failures, None) >= Duration::from_secs(300));
+        }
+        // No cool-down, or a short one: the short schedule is the floor.
+        let none = Cooldown::none();
+        assert_eq!(none.background_with(1, None, 0.5), Duration::from_secs(1));
+        assert_eq!(none.background_with(3, None, 0.5), Duration::from_secs(4));
+        assert_eq!(none.background_with(9, None, 0.5), Duration::from_secs(60));
+        // Retry-After stays a floor.
+        assert_eq!(
+            none.background_with(1, Some(Duration::from_secs(90)), 0.5),
+            Duration::from_secs(90)
         );
     }
 

@@ -144,6 +144,10 @@ impl TokenHandle {
     /// `invalidate` changes nothing (no event; the current generation is returned), and
     /// requests keep failing fast without calling the refresher until
     /// [`set_token`](Self::set_token) or [`refresh`](Self::refresh).
+    ///
+    /// A refresh cool-down ([`Cooldown`](crate::Cooldown)) outlasts an invalidation: while it
+    /// runs, requests without a token fail fast as before, and the next refresh after it
+    /// makes a single attempt (dropping a token says nothing about the token endpoint).
     pub fn invalidate(&self) -> u64 {
         self.cell().invalidate()
     }

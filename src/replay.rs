@@ -209,10 +209,11 @@ pub(crate) fn waited(
     match answer {
         Ok(fresh) => Ok(Some((fresh.ticket, fresh.header))),
         Err(err @ (Unavailable::Failed(_) | Unavailable::Cooling(_))) => {
-            // A refresh inside the leeway failed: the token is still valid until it expires.
-            match shared.cell().lookup(options) {
-                Lookup::Usable { ticket, header, .. } => Ok(Some((ticket, header))),
-                _ => Err(Failure::Unavailable(err, None)),
+            // A refresh inside the leeway failed: the token is still valid until it expires
+            // (with a cool-down or without one).
+            match shared.cell().unexpired(options) {
+                Some((ticket, header)) => Ok(Some((ticket, header))),
+                None => Err(Failure::Unavailable(err, None)),
             }
         }
         Err(Unavailable::Rejected(_) | Unavailable::Ended(_)) if options.anonymous => Ok(None),

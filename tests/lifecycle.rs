@@ -223,9 +223,14 @@ fn failed_background_refresh_keeps_the_token_and_backs_off() {
     run_paused(Duration::from_secs(3600), async {
         let issuer = Issuer::new(Some(Duration::from_secs(100)));
         let seen = Seen::default();
+        // The background pause follows the cool-down (2–4 s here, jittered), at least 1 s.
         let layer = RefreshLayer::new(issuer.clone())
             .leeway(Duration::from_secs(5))
-            .refresh_ahead(Duration::from_secs(40));
+            .refresh_ahead(Duration::from_secs(40))
+            .cooldown(tower_auth_refresh::Cooldown::new(
+                Duration::from_secs(4),
+                Duration::from_secs(4),
+            ));
         let mut events = layer.token_handle().subscribe();
         let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
         svc.clone().oneshot(get("/")).await.unwrap();
@@ -259,8 +264,13 @@ fn failed_background_refresh_keeps_the_token_and_backs_off() {
             tokio::time::advance(Duration::from_millis(10)).await;
         }
         assert_eq!(issuer.calls(), 2);
-        // After the backoff, one more background attempt.
-        tokio::time::advance(Duration::from_secs(2)).await;
+        // Not before the pause ends (at least 2 s)...
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        svc.clone().oneshot(get("/")).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(issuer.calls(), 2);
+        // ...and after it, one more background attempt.
+        tokio::time::advance(Duration::from_secs(3)).await;
         svc.clone().oneshot(get("/")).await.unwrap();
         tokio::task::yield_now().await;
         assert_eq!(issuer.calls(), 3);
@@ -978,4 +988,48 @@ async fn invalidate_leaves_an_ended_session_ended() {
         assert_eq!(seen.count(), 0);
     })
     .await;
+}
+
+/// Review item (this session): with no cool-down (`Cooldown::none()`), a refresh inside the
+/// leeway that fails still lets the request go out with the token it had, valid for a few
+/// more seconds ("the token is still sent until it actually expires"). Without a cool-down
+/// to hold it, the request failed with `RefreshFailed`. Each such request may try a refresh
+/// (no pause), and past the deadline the token is never sent.
+#[test]
+fn without_a_cool_down_a_failed_refresh_in_the_leeway_still_sends_the_valid_token() {
+    run_paused(Duration::from_secs(3600), async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let refresher = refresh_fn(move |_| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Ok(Token::bearer("t1")?.with_expires_in(Duration::from_secs(100)))
+                } else {
+                    Err(RefreshError::transient(std::io::Error::other("503")))
+                }
+            }
+        });
+        let layer = RefreshLayer::new(refresher)
+            .retries(Backoff::none())
+            .cooldown(tower_auth_refresh::Cooldown::none());
+        let svc = layer.layer(service_fn(
+            |req: Request<ReplayBody<Full<Bytes>>>| async move {
+                Ok::<_, Infallible>(Response::new(authorization(req.headers())))
+            },
+        ));
+        let auth = |svc: &tower_auth_refresh::Refresh<_>| svc.clone().oneshot(get("/"));
+        assert_eq!(auth(&svc).await.unwrap().into_body(), "Bearer t1");
+        tokio::time::advance(Duration::from_secs(95)).await;
+        for _ in 0..3 {
+            assert_eq!(auth(&svc).await.unwrap().into_body(), "Bearer t1");
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            4,
+            "one refresh per request, no pause"
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(auth(&svc).await.is_err(), "expired: never sent");
+    });
 }

@@ -193,16 +193,10 @@ impl TokenCell {
             .subscribe()
     }
 
-    /// The hot path: what a request should do, without awaiting anything. Starts a
-    /// background refresh when one is due.
-    #[inline(always)]
-    pub(crate) fn lookup(self: &Arc<Self>, options: &RefreshOptions) -> Lookup {
-        self.lookup_with(options, HeaderValue::clone)
-    }
-
-    /// [`lookup`](Self::lookup), with a usable token's header handed to `use_header` while
-    /// the cell is locked for reading (a caller that puts it straight into a request moves
-    /// no copy of it around).
+    /// The hot path: what a request should do, without awaiting anything; starts a
+    /// background refresh when one is due. A usable token's header is handed to
+    /// `use_header` while the cell is locked for reading (a caller that puts it straight into
+    /// a request moves no copy of it around).
     #[inline(always)]
     pub(crate) fn lookup_with<T>(
         self: &Arc<Self>,
@@ -217,6 +211,14 @@ impl TokenCell {
             self.refresh_ahead(options);
         }
         found
+    }
+
+    /// The current token while it has not expired and no server refused it (inside the
+    /// leeway too).
+    pub(crate) fn unexpired(&self, options: &RefreshOptions) -> Option<(Ticket, HeaderValue)> {
+        self.read()
+            .unexpired(Clocks(options))
+            .map(|(ticket, header)| (ticket, header.clone()))
     }
 
     /// The current ticket, for a caller about to force a refresh.

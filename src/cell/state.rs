@@ -391,9 +391,10 @@ impl<J: Clone> State<J> {
         let held = match &self.session {
             Session::Ended { cause: err, .. } => return Lookup::Ended(err.clone()),
             Session::Empty { .. } => {
+                // A refresh running during a cool-down (a forced one) is joined, not failed.
                 return match cooling_at(&now) {
-                    Some(c) => Lookup::Cooling(c),
-                    None => Lookup::Stale {
+                    Some(c) if self.flight.is_none() => Lookup::Cooling(c),
+                    _ => Lookup::Stale {
                         ticket,
                         expired: false,
                     },
@@ -423,8 +424,8 @@ impl<J: Clone> State<J> {
         let cooling = self.cooling_at(mono);
         if held.expired_now(mono, &now) {
             return match cooling {
-                Some(c) => Lookup::Cooling(c),
-                None => Lookup::Stale {
+                Some(c) if self.flight.is_none() => Lookup::Cooling(c),
+                _ => Lookup::Stale {
                     ticket,
                     expired: true,
                 },
@@ -454,6 +455,18 @@ impl<J: Clone> State<J> {
             header: held.token.header_value(),
             ahead,
         }
+    }
+
+    /// The current token while it has not expired (inside the leeway too) and no server
+    /// refused it: what a request sends after a refresh inside the leeway failed.
+    pub(crate) fn unexpired(&self, now: impl Reading) -> Option<(Ticket, &HeaderValue)> {
+        let Session::Active(held) = &self.session else {
+            return None;
+        };
+        if self.rejected == Some(self.generation) || held.expired_now(now.mono(), &now) {
+            return None;
+        }
+        Some((self.ticket(), held.token.header_value()))
     }
 
     /// What a waiter for a token newer than `ticket` gets without a refresh, if anything.
@@ -795,9 +808,9 @@ impl<J: Clone> State<J> {
             Session::Empty { stale } | Session::Ended { stale, .. } => stale,
         };
         self.session = Session::Empty { stale };
+        // The cool-down and the failures in a row stay: dropping a token says nothing about
+        // the token endpoint (only a new token, a success or a forced refresh ends a pause).
         self.last_failure = None;
-        self.cooling = None;
-        self.failures = 0;
         (self.generation, true)
     }
 

@@ -524,12 +524,13 @@ fn a_failed_background_refresh_joined_inside_the_leeway_keeps_the_valid_token() 
         Some(Begin::Join(1))
     ));
     // It fails transiently: one event, and its waiters (who look again) and later requests
-    // keep the token, still valid for 20 s, as after a failed foreground refresh.
+    // keep the token, still valid for 20 s, as after a failed foreground refresh. (No
+    // cool-down: the background pause is its shortest, 1 s.)
     let (answer, events) = finish(
         &mut st,
         Err(RefreshError::transient("503")),
         leeway,
-        &Cooldown::default(),
+        &no_cooldown(),
     );
     assert!(matches!(answer, Err(Unavailable::Failed(_))));
     assert!(matches!(
@@ -623,5 +624,86 @@ fn invalidate_leaves_an_ended_session_ended() {
     assert!(matches!(
         st.begin(st.ticket(), Need::BeforeSend, t.mono),
         Begin::Answer(Err(Unavailable::Ended(_)))
+    ));
+}
+
+/// Review item (this session): a request that needs a token while a forced refresh runs
+/// during a cool-down joins that refresh; it failed fast with the cool-down's error.
+#[test]
+fn a_forced_refresh_during_a_cool_down_is_joined_by_requests_that_need_a_token() {
+    let cooldown = Cooldown::new(Duration::from_secs(200), Duration::from_secs(200));
+    for installed in [None, Some(10)] {
+        let mut st = S::new();
+        let t = now();
+        if let Some(life) = installed {
+            st.install(token("a", Some(life)), t);
+        }
+        let later = later(t, Duration::from_secs(20));
+        // A refresh fails: the cool-down runs, and a request fails fast.
+        let ticket = st.ticket();
+        assert!(matches!(
+            st.begin(ticket, Need::BeforeSend, later.mono),
+            Begin::Start
+        ));
+        st.started(1, false, 1, false);
+        let _failed = finish(
+            &mut st,
+            Err(RefreshError::transient("503")),
+            later,
+            &cooldown,
+        );
+        assert!(matches!(st.lookup(later, POLICY), Lookup::Cooling(_)));
+        // A forced refresh starts: requests that need a token wait for it.
+        assert!(matches!(
+            st.begin(st.ticket(), Need::Forced, later.mono),
+            Begin::Start
+        ));
+        st.started(2, false, 2, false);
+        let Lookup::Stale { ticket, .. } = st.lookup(later, POLICY) else {
+            panic!("a request joins the forced refresh ({installed:?})");
+        };
+        assert!(matches!(
+            st.begin_shared(ticket, Need::BeforeSend),
+            Some(Begin::Join(2))
+        ));
+        let (answer, _) = finish(&mut st, Ok(token("b", None)), later, &cooldown);
+        assert_eq!(answer.unwrap().header, "Bearer b");
+    }
+}
+
+/// Review item (this session): dropping the token keeps the cool-down and the failures in a
+/// row; it ended them, so an application that invalidated after each error while the token
+/// endpoint was down got the whole retry budget again each time.
+#[test]
+fn invalidating_keeps_the_cool_down_and_the_failures_in_a_row() {
+    let cooldown = Cooldown::new(Duration::from_secs(30), Duration::from_secs(30));
+    let mut st = S::new();
+    let t = now();
+    st.install(token("a", None), t);
+    let ticket = st.ticket();
+    assert!(matches!(
+        st.begin(ticket, Need::Refused, t.mono),
+        Begin::Start
+    ));
+    st.started(1, false, 1, false);
+    let (answer, _) = finish(&mut st, Err(RefreshError::transient("503")), t, &cooldown);
+    assert!(matches!(answer, Err(Unavailable::Failed(_))));
+    assert_eq!(st.failures, 1);
+    let (_, dropped) = st.invalidate();
+    assert!(dropped);
+    assert_eq!(st.failures, 1);
+    let Lookup::Cooling(c) = st.lookup(t, POLICY) else {
+        panic!("still cooling down after an invalidation");
+    };
+    assert!(c.left > Duration::ZERO);
+    assert!(matches!(
+        st.begin(st.ticket(), Need::BeforeSend, t.mono),
+        Begin::Answer(Err(Unavailable::Cooling(_)))
+    ));
+    // The pause over, the next refresh may start.
+    let after = later(t, Duration::from_secs(31));
+    assert!(matches!(
+        st.begin(st.ticket(), Need::BeforeSend, after.mono),
+        Begin::Start
     ));
 }
