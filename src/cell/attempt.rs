@@ -56,11 +56,6 @@ pub(crate) fn has_runtime() -> bool {
     tokio::runtime::Handle::try_current().is_ok()
 }
 
-/// Whether the current runtime has its time driver: one built without `enable_time` panics
-/// at its first timer (the panic is caught here, once per refresh, and printed by the hook).
-fn has_timer() -> bool {
-    std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok()
-}
 
 /// A refresh on a Tokio runtime without its time driver: it cannot be bounded, so it is not
 /// started.
@@ -88,7 +83,7 @@ pub(crate) async fn attempt_all(
     settings: &FlightSettings,
     single: bool,
 ) -> Result<Token, RefreshError> {
-    if has_runtime() && !has_timer() {
+    if has_runtime() && !crate::head::timer_here() {
         return Err(RefreshError::transient(NoTimer));
     }
     let started = settings.clock.now();
