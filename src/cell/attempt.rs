@@ -56,7 +56,6 @@ pub(crate) fn has_runtime() -> bool {
     tokio::runtime::Handle::try_current().is_ok()
 }
 
-
 /// A refresh on a Tokio runtime without its time driver: it cannot be bounded, so it is not
 /// started.
 #[derive(Debug, Clone, Copy)]

@@ -48,8 +48,10 @@
 //!   refresh-token grant, a later refresh fails with a terminal
 //!   [`ErrorKind::NoRefreshToken`] until a new login sets one; with the client-credentials
 //!   grant, which uses no refresh token, a later refresh simply gets a new access token.
-//!   A refresh in flight when a refresh token is set (or forgotten) is not used: it fails
-//!   with a transient [`ErrorKind::Superseded`], and the retry presents the new one.
+//!   The answer to a token request in flight when a refresh token is set (or forgotten) is
+//!   not used: the request is made once more, at once, with the new one (or, after a logout,
+//!   the refresh fails with [`ErrorKind::NoRefreshToken`]); a second replacement during that
+//!   request fails with a transient [`ErrorKind::Superseded`].
 //!
 //! # The client for token requests
 //!
@@ -647,8 +649,18 @@ where
 {
     type Future = BoxFuture<Result<Token, RefreshError>>;
 
+    /// A token request answered for a session that a new refresh token replaced while it
+    /// was in flight (a login, a logout) is made once more at once, with the refresh token
+    /// there now: the caller gets the new session's answer, not a transient failure (which
+    /// a single-attempt refresh after a cool-down would have counted as another failure).
     fn refresh(&self, ctx: RefreshContext) -> Self::Future {
-        Box::pin(refresh(Arc::clone(&self.inner), ctx))
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            match refresh(Arc::clone(&inner), ctx.clone()).await {
+                Err(err) if is_superseded(&err) => refresh(inner, ctx).await,
+                answer => answer,
+            }
+        })
     }
 
     /// Forgets the refresh token, so that no later refresh can log the old user back in.
@@ -662,6 +674,13 @@ where
         self.inner.set(None);
         tracing::debug!("oauth2: logout: the refresh token is forgotten");
     }
+}
+
+/// Whether `err` is a [`ErrorKind::Superseded`] answer.
+fn is_superseded(err: &RefreshError) -> bool {
+    std::error::Error::source(err)
+        .and_then(|cause| cause.downcast_ref::<OAuth2Error>())
+        .is_some_and(|cause| cause.kind() == ErrorKind::Superseded)
 }
 
 async fn refresh<C, ResBody>(
