@@ -17,6 +17,10 @@
 //! default 1). With `REQWEST_ITERS=<n>` the binary sends `n` requests of one line
 //! (`REQWEST_LINE` = `static_header` | `refresh`) and case (`REQWEST_CASE` = `get` |
 //! `post_1k`) one after the other on a current-thread runtime, for callgrind.
+//!
+//! `REQWEST_AA=1` is the calibration run: the `refresh` line is a second static-header
+//! middleware on its own client, so the ratio shows what the bench reads for two identical lines
+//! (its bias and spread) on this machine and load.
 
 mod common;
 
@@ -184,12 +188,16 @@ fn main() {
         let payload = Bytes::from(vec![b'x'; 1024]);
         let (calls, layer) = common::valid_token_layer(SECRET);
         let header = HeaderValue::from_str(&format!("Bearer {SECRET}")).unwrap();
-        let lines = [
-            ("static_header", client(StaticHeader(header))),
-            ("refresh", client(layer.reqwest_middleware())),
-        ];
+        let calibration = std::env::var("REQWEST_AA").is_ok_and(|v| v == "1");
+        let second = if calibration {
+            client(StaticHeader(header.clone()))
+        } else {
+            client(layer.reqwest_middleware())
+        };
+        let lines = [("static_header", client(StaticHeader(header))), ("refresh", second)];
         println!(
-            "P2 reqwest: hyper server + reqwest_middleware client on loopback, {IN_FLIGHT} in flight, {rounds} rounds x {secs} s per line"
+            "P2 reqwest: hyper server + reqwest_middleware client on loopback, {IN_FLIGHT} in flight, {rounds} rounds x {secs} s per line{}",
+            if calibration { " (REQWEST_AA=1: the refresh line is a second static header)" } else { "" }
         );
         for case in [Case::Get, Case::Post1k] {
             for (_, c) in &lines {
