@@ -87,7 +87,9 @@
 //! The runtime needs its time driver (`enable_time`, or `enable_all`; `#[tokio::main]` and
 //! `#[tokio::test]` have it): the refresh timeout, the backoff and the bounded waits for a
 //! replay's body use Tokio timers. Without it a refresh is not started (it could not be
-//! bounded): it fails with an error that names `enable_time`.
+//! bounded): it fails with an error that names `enable_time`. A request polled on such a
+//! runtime for a refresh running on another one, which has timers, waits for that refresh
+//! as a request polled outside any runtime does (the refresh's own timeout bounds it there).
 //!
 //! - Each refresher call is bounded by [`RefreshOptions::refresh_timeout`] (30 s): a refresher
 //!   that never returns fails as a transient error instead of wedging the layer.

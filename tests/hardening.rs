@@ -1005,3 +1005,57 @@ fn a_runtime_without_timers_replays_and_refuses_without_a_panic() {
     assert_eq!(replayed, Ok(StatusCode::OK));
     assert_eq!(refused, Err(Some(Bytes::from_static(b"denied"))));
 }
+
+/// Review item (tenth session): a request polled on a runtime without its time driver, for a
+/// layer whose refresh runs on another runtime (with timers), waits for that refresh. Its own
+/// bound for the wait was a Tokio timer, and the caller's task panicked at it.
+#[test]
+fn a_waiter_on_a_runtime_without_timers_joins_a_refresh_running_elsewhere() {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The layer, and so its refresh task, belongs to `main`, which keeps being driven.
+    let layer = main.block_on({
+        let calls = calls.clone();
+        async move {
+            RefreshLayer::new(refresh_fn(move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, RefreshError>(Token::bearer("fresh")?)
+                }
+            }))
+        }
+    });
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let no_timer = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let seen = no_timer.block_on(async move {
+            let api = tower::service_fn(|req: Request<ReplayBody<Full<Bytes>>>| async move {
+                Ok::<_, std::convert::Infallible>(response(
+                    StatusCode::OK,
+                    authorization(req.headers()),
+                ))
+            });
+            let res = tower::Layer::layer(&layer, api)
+                .oneshot(Request::get("/").body(Full::default()).unwrap())
+                .await
+                .map_err(|e| e.to_string())?;
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, String>(String::from_utf8(body.to_vec()).unwrap())
+        });
+        let _ = done.send(seen);
+    });
+    // A panic drops the sender (a disconnect); a hang runs into the bound.
+    let seen = outcome
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request on the runtime without timers panicked or hung");
+    assert_eq!(seen, Ok("Bearer fresh".to_owned()));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -88,6 +88,12 @@ impl TokenCell {
             // request waits, and a timer each costs the runtime's timer wheel two updates).
             return FreshWait::Joined(waiting);
         }
+        if !crate::head::timer_here() {
+            // A runtime without its time driver cannot start the waiter's own timer (Tokio
+            // panics at it): it waits as a waiter outside any runtime does, on the refresh's
+            // own bound, kept by the runtime that has the task.
+            return FreshWait::Joined(waiting);
+        }
         // A waiter's own bound, beyond the refresh's: a refresh whose task sits on a runtime
         // that nobody drives any more delays its waiters but never wedges them.
         let bound = options
