@@ -147,7 +147,9 @@ impl TokenHandle {
     ///
     /// A refresh cool-down ([`Cooldown`](crate::Cooldown)) outlasts an invalidation: while it
     /// runs, requests without a token fail fast as before, and the next refresh after it
-    /// makes a single attempt (dropping a token says nothing about the token endpoint).
+    /// makes a single attempt (dropping a token says nothing about the token endpoint). So
+    /// does the second call after an invalidation during a refresh, when the first call
+    /// failed or failures came before it: invalidating never buys the retry budget again.
     pub fn invalidate(&self) -> u64 {
         self.cell().invalidate()
     }

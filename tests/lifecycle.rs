@@ -1033,3 +1033,65 @@ fn without_a_cool_down_a_failed_refresh_in_the_leeway_still_sends_the_valid_toke
         assert!(auth(&svc).await.is_err(), "expired: never sent");
     });
 }
+
+/// Review item (tenth session): an invalidation while a refresh runs during an outage makes
+/// that flight ask again; the second call used the whole retry budget again (4 calls instead
+/// of 1), although `invalidate` keeps the failures in a row and the first call had failed.
+#[tokio::test]
+async fn invalidating_during_a_refresh_in_an_outage_does_not_buy_the_retry_budget_again() {
+    guard(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let hold_at = Arc::new(AtomicUsize::new(usize::MAX));
+        let gate = Arc::new(Semaphore::new(0));
+        let refresher = {
+            let (calls, hold_at, gate) = (calls.clone(), hold_at.clone(), gate.clone());
+            refresh_fn(move |_| {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                let (hold, gate) = (n == hold_at.load(Ordering::SeqCst), gate.clone());
+                async move {
+                    if hold {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    Err::<Token, _>(RefreshError::transient("503"))
+                }
+            })
+        };
+        let layer = RefreshLayer::new(refresher)
+            .retries(
+                Backoff::default()
+                    .max_attempts(4)
+                    .base_delay(Duration::from_millis(1))
+                    .max_delay(Duration::from_millis(2)),
+            )
+            .cooldown(tower_auth_refresh::Cooldown::new(
+                Duration::from_millis(200),
+                Duration::from_millis(200),
+            ));
+        let handle = layer.token_handle();
+        let svc = layer.layer(service_fn(|_req: Request<ReplayBody<Body>>| async move {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+        // The outage: the first refresh uses its retry budget (4 calls), a cool-down starts.
+        assert!(svc.clone().oneshot(get("/")).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // After the cool-down: a single attempt (call 5), held while the app invalidates.
+        hold_at.store(4, Ordering::SeqCst);
+        let request = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.oneshot(get("/")).await.is_err() }
+        });
+        while calls.load(Ordering::SeqCst) < 5 {
+            tokio::task::yield_now().await;
+        }
+        handle.invalidate();
+        gate.add_permits(100);
+        assert!(request.await.unwrap());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            6,
+            "the refresh after the invalidation makes a single attempt"
+        );
+    })
+    .await;
+}

@@ -2468,3 +2468,176 @@ async fn oauth2_error_find_walks_every_layer_error() {
     })
     .await;
 }
+
+/// A refresher logged in through the layer's token set (`handle.set_token(access
+/// .with_refresh_token(rt1))`, the documented re-login): it has no refresh token of its own.
+fn handle_login_refresher(s: &Servers, persisted: &Persisted) -> OAuth2Refresher<TokenClient> {
+    let p = persisted.clone();
+    OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+        .client_id("app")
+        .client_secret("app-secret", ClientAuth::Basic)
+        .on_rotation(move |new: RefreshToken| {
+            let p = p.clone();
+            async move {
+                p.lock().unwrap().push(new.secret().to_owned());
+                Ok::<_, Infallible>(())
+            }
+        })
+        .build()
+        .unwrap()
+}
+
+/// A logout while a refresh presenting the token set's refresh token is in flight: the
+/// question is not asked again with the logged-out refresh token (it was, and its answer
+/// was adopted and persisted), and the refresh fails with `NoRefreshToken`.
+async fn logout_during_refresh(config: TokenConfig, first: Option<Scripted>) {
+    let s = Servers::start(config).await;
+    let (_, rt1) = s.token.login();
+    let persisted = Persisted::default();
+    let refresher = handle_login_refresher(&s, &persisted);
+    if let Some(first) = first {
+        s.token.script(first);
+    }
+    s.token.hold_next(1);
+    let pending = tokio::spawn({
+        let (r, rt1) = (refresher.clone(), rt1.clone());
+        async move { r.refresh(stale_ctx(&rt1)).await }
+    });
+    s.token.held(1).await;
+    TokenRefresher::logout(&refresher); // what TokenHandle::clear calls
+    s.token.release();
+    let result = pending.await.unwrap();
+    let presented: Vec<_> = s
+        .token
+        .seen()
+        .iter()
+        .map(|x| x.field("refresh_token").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        s.token.requests(),
+        1,
+        "after the logout the refresher presented {presented:?}; now holds {:?}, persisted {:?}, result ok={}",
+        refresher.refresh_token().map(|t| t.secret().to_owned()),
+        persisted.lock().unwrap(),
+        result.is_ok()
+    );
+    assert!(refresher.refresh_token().is_none());
+    assert!(persisted.lock().unwrap().is_empty());
+    let err = result.expect_err("no session after the logout");
+    assert!(err.is_terminal());
+    assert_eq!(oauth2_cause(&err).kind(), ErrorKind::NoRefreshToken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_during_a_refresh_from_the_token_set_is_not_undone_by_the_next_question() {
+    guard(logout_during_refresh(
+        TokenConfig::default(),
+        Some(Scripted::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("application/json"),
+            r#"{"error":"temporarily_unavailable"}"#,
+        )),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_during_a_refresh_from_the_token_set_is_not_undone_with_a_non_rotating_server() {
+    guard(logout_during_refresh(
+        TokenConfig {
+            rotate: false,
+            ..TokenConfig::default()
+        },
+        None,
+    ))
+    .await;
+}
+
+/// A new login's refresh token (`set_refresh_token`) set while a refresh presenting the
+/// token set's refresh token is in flight: the question is asked again with the new one (it
+/// was asked with the old session's, whose answer then replaced the new login's token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_during_a_refresh_from_the_token_set_asks_again_with_the_new_token() {
+    guard(async {
+        let s = Servers::start(TokenConfig {
+            rotate: false,
+            ..TokenConfig::default()
+        })
+        .await;
+        let (_, rt1) = s.token.login();
+        let (_, after_login) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = handle_login_refresher(&s, &persisted);
+        let token = replaced_during_refresh(&s, &refresher, &rt1, &after_login)
+            .await
+            .unwrap();
+        let presented: Vec<_> = s
+            .token
+            .seen()
+            .iter()
+            .map(|x| x.field("refresh_token").map(str::to_owned))
+            .collect();
+        assert_eq!(
+            presented[1].as_deref(),
+            Some(after_login.as_str()),
+            "presented {presented:?}"
+        );
+        assert_eq!(refresher.refresh_token().unwrap().secret(), after_login);
+        assert!(s.token.issued_in_session_of(token.secret(), &after_login));
+    })
+    .await;
+}
+
+/// The same through the layer: `handle.clear()` (logout) while the first refresh after a
+/// login through the handle runs; the logged-out refresh token is not presented again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_clear_during_a_refresh_never_presents_the_logged_out_refresh_token() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt1) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = handle_login_refresher(&s, &persisted);
+        let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
+            .retries(Backoff::none())
+            .initial_token(
+                Token::bearer("stale")
+                    .unwrap()
+                    .with_refresh_token(rt1.clone()),
+            );
+        let handle = layer.token_handle();
+        s.token.script(Scripted::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("application/json"),
+            r#"{"error":"temporarily_unavailable"}"#,
+        ));
+        s.token.hold_next(1);
+        let forced = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                handle
+                    .refresh()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        });
+        s.token.held(1).await;
+        handle.clear();
+        s.token.release();
+        // The question asked again would be inside this same refresher call.
+        let _ = forced.await.unwrap();
+        assert_eq!(
+            s.token.requests(),
+            1,
+            "after handle.clear(): presented {:?}; refresher holds {:?}; hook persisted {:?}",
+            s.token
+                .seen()
+                .iter()
+                .map(|x| x.field("refresh_token").map(str::to_owned))
+                .collect::<Vec<_>>(),
+            refresher.refresh_token().map(|t| t.secret().to_owned()),
+            persisted.lock().unwrap()
+        );
+    })
+    .await;
+}

@@ -215,11 +215,17 @@ impl TokenCell {
                     attempt_all(&*cell.refresher, ctx, &settings, single).await
                 };
                 let error = result.as_ref().err().map(ToString::to_string);
+                // The refresher was called and failed: the token endpoint is failing, whatever
+                // happened to the token meanwhile.
+                let failed = !superseded && result.is_err();
                 let reading = super::state::Now {
                     mono: settings.clock.now(),
                     wall: settings.clock.wall(),
                 };
-                match cell.write().finish(id, result, reading, &settings.cooldown) {
+                // The write lock ends with this statement (a guard in the `match` would be
+                // held through its arms).
+                let finished = cell.write().finish(id, result, reading, &settings.cooldown);
+                match finished {
                     Finished::Done(answer, events) => break (answer, events, error),
                     Finished::Again {
                         generation: now_at,
@@ -233,8 +239,10 @@ impl TokenCell {
                         );
                         generation = now_at;
                         ctx = RefreshContext::new(stale, reason);
-                        // The invalidation reset the failure count: retries allowed again.
-                        single = false;
+                        // Retries only while the token endpoint is not known to be failing:
+                        // an invalidation keeps the failures in a row, and this round's own
+                        // failure counts too (a single attempt, as after any failure).
+                        single = failed || cell.read().failures > 0;
                     }
                 }
             };
