@@ -369,8 +369,10 @@ impl RefreshOptions {
 
     /// Attaches the token only to requests for these origins (`scheme://host[:port]`); other
     /// requests pass through without a token and never trigger a refresh. Default: the origin
-    /// of the first request with an absolute URI that may get the token (one refused as plain
-    /// `http://` does not fix the origin). Requests with a relative URI (an inner
+    /// of the first request with an absolute URI (a first request refused as plain `http://`
+    /// fixes its host's `https://` origin, the default port becoming 443: a later secure
+    /// request to that host gets the token, another host never does).
+    /// Requests with a relative URI (an inner
     /// service that adds the origin itself, such as a gRPC channel) get the token by default
     /// and with [`any_origin`](Self::any_origin), never with an allow-list. An absolute URI
     /// whose origin cannot be told (a scheme other than `http`, `https`, `ws` and `wss`

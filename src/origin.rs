@@ -64,6 +64,30 @@ impl Origin {
         })
     }
 
+    /// The same host over TLS (`http` → `https`, `ws` → `wss`; the default port becomes 443,
+    /// another port stays): the origin a request refused as plain HTTP was meant for. `None`
+    /// for another scheme.
+    pub(crate) fn upgraded(&self) -> Option<Self> {
+        let scheme = match self.scheme.as_str() {
+            "http" => Scheme::HTTPS,
+            "ws" => Scheme::try_from("wss").ok()?,
+            _ => return None,
+        };
+        let port = if self.port == 80 { 443 } else { self.port };
+        let written = if port == 443 {
+            self.host.as_str().into()
+        } else {
+            format!("{}:{port}", self.host).into()
+        };
+        Some(Self {
+            scheme,
+            host: self.host.clone(),
+            port,
+            secure: true,
+            written,
+        })
+    }
+
     /// Whether `scheme://authority` is this origin; allocates nothing (the request path).
     pub(crate) fn matches(&self, scheme: &Scheme, authority: &Authority) -> bool {
         self.scheme == *scheme
@@ -125,8 +149,8 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 /// Where the token may go.
 #[derive(Debug, Clone)]
 pub(crate) enum Origins {
-    /// The origin of the first request with an absolute URI the token may go to (one
-    /// refused as plain HTTP does not count), fixed from then on.
+    /// The origin of the first request with an absolute URI, fixed from then on (for one
+    /// refused as plain HTTP, its host over TLS: [`Origin::upgraded`]).
     FirstSeen,
     /// These origins only.
     List(Arc<[Origin]>),
@@ -152,6 +176,34 @@ impl InvalidOrigin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_origin_upgrades_to_its_host_over_tls() {
+        let up = |s: &str| Origin::of_uri(&s.parse().unwrap()).unwrap().upgraded();
+        let origin = |s: &str| Origin::parse(s).unwrap();
+        assert_eq!(
+            up("http://Api.Example/x"),
+            Some(origin("https://api.example"))
+        );
+        assert_eq!(
+            up("http://api.example:80/"),
+            Some(origin("https://api.example:443"))
+        );
+        assert_eq!(
+            up("http://api.example:8080/"),
+            Some(origin("https://api.example:8080"))
+        );
+        assert_eq!(up("ws://[::1]:9000/"), Some(origin("wss://[::1]:9000")));
+        assert_eq!(up("foo://api.example:99/"), None);
+        let secure = up("http://api.example/").unwrap();
+        assert!(secure.secure());
+        for (scheme, authority) in [("https", "api.example"), ("https", "API.example:443")] {
+            let (scheme, authority) = (scheme.parse().unwrap(), authority.parse().unwrap());
+            assert!(secure.matches(&scheme, &authority), "{authority}");
+        }
+        let (http, same) = ("http".parse().unwrap(), "api.example".parse().unwrap());
+        assert!(!secure.matches(&http, &same));
+    }
 
     #[test]
     fn allowed_origins_must_be_exactly_origins() {

@@ -174,10 +174,15 @@ fn destination_at(
             Some(origin) if origin.matches(scheme, authority) => origin.secure(),
             Some(_) => return Destination::Untouched,
             None => match Origin::of(scheme, authority) {
-                // Refused as plain HTTP: the token never goes there, so it does not become
-                // the first-seen origin (a later secure request to the same host still gets
-                // the token).
+                // Refused as plain HTTP: the token never goes there. The host it was meant
+                // for becomes the first-seen origin over TLS: a later `https` request to it
+                // gets the token, a request to another host never does.
                 Some(first) if !first.secure() && !options.allow_insecure_http => {
+                    if bind {
+                        if let Some(secure) = first.upgraded() {
+                            origin.get_or_init(|| secure);
+                        }
+                    }
                     return Destination::Insecure;
                 }
                 Some(first) if bind => {

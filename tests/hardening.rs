@@ -944,6 +944,40 @@ async fn a_request_refused_as_plain_http_does_not_fix_the_origin() {
     }
 }
 
+/// Review item (tenth session): after a first request refused as plain HTTP, a secure request
+/// to **another** host does not become the first-seen origin: the token was meant for the
+/// refused request's host. It did (nothing was bound), and the token went to that other host.
+#[tokio::test]
+async fn after_a_request_refused_as_plain_http_another_host_never_gets_the_token() {
+    let seen = Auths::default();
+    let layer = RefreshLayer::new(refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer("r")?)
+    }))
+    .initial_token(Token::bearer("tok-secret").unwrap());
+    let err = auth_seen_for(&layer, &seen, "http://api.example:8080/health")
+        .await
+        .unwrap_err();
+    assert!(
+        err.is::<tower_auth_refresh::error::InsecureTransport>(),
+        "{err}"
+    );
+    // Another host, and the same host on the default https port (another origin than
+    // `https://api.example:8080`): untouched.
+    for other in ["https://third-party.example/a", "https://api.example/a"] {
+        assert_eq!(
+            auth_seen_for(&layer, &seen, other).await.unwrap(),
+            "-",
+            "{other}"
+        );
+    }
+    assert_eq!(
+        auth_seen_for(&layer, &seen, "https://API.example:8080/b")
+            .await
+            .unwrap(),
+        "Bearer tok-secret"
+    );
+}
+
 /// Review item (this session): on a Tokio runtime without its time driver, the bounded reads
 /// of a refusal's body (drained before a replay; its first bytes kept in the error after a
 /// second refusal) read what has arrived instead of starting a timer. They started one, and
