@@ -1095,3 +1095,188 @@ async fn invalidating_during_a_refresh_in_an_outage_does_not_buy_the_retry_budge
     })
     .await;
 }
+
+/// The other half of the above: the first refresh of an outage (no failures before it, the
+/// whole retry budget) is invalidated while it runs; the call after it makes a single attempt
+/// (5 calls), not the whole budget again (8).
+#[tokio::test]
+async fn invalidating_the_first_refresh_of_an_outage_does_not_buy_the_retry_budget_again() {
+    guard(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let refresher = {
+            let (calls, gate) = (calls.clone(), gate.clone());
+            refresh_fn(move |_| {
+                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                let gate = gate.clone();
+                async move {
+                    if first {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    Err::<Token, _>(RefreshError::transient("503"))
+                }
+            })
+        };
+        let layer = RefreshLayer::new(refresher).retries(
+            Backoff::default()
+                .max_attempts(4)
+                .base_delay(Duration::from_millis(1))
+                .max_delay(Duration::from_millis(2)),
+        );
+        let handle = layer.token_handle();
+        let svc = layer.layer(service_fn(|_req: Request<ReplayBody<Body>>| async move {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+        let request = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.oneshot(get("/")).await.is_err() }
+        });
+        while calls.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+        handle.invalidate();
+        gate.add_permits(1);
+        assert!(request.await.unwrap());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "the whole budget once, then a single attempt"
+        );
+    })
+    .await;
+}
+
+/// Call `n` (from 0) waits on `gate` if `n == hold`, then answers `script[n]`: `None` a token
+/// (100 s), `Some(true)` a terminal error, `Some(false)` a transient one; past the script, a
+/// token.
+fn scripted(
+    calls: Arc<AtomicUsize>,
+    hold: usize,
+    gate: Arc<Semaphore>,
+    script: Vec<Option<bool>>,
+) -> impl TokenRefresher {
+    refresh_fn(move |_| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        let gate = gate.clone();
+        let answer = script.get(n).copied().unwrap_or(None);
+        async move {
+            if n == hold {
+                gate.acquire().await.unwrap().forget();
+            }
+            match answer {
+                None => {
+                    Ok(Token::bearer(format!("t{n}"))?.with_expires_in(Duration::from_secs(100)))
+                }
+                Some(true) => Err(RefreshError::terminal("invalid_grant")),
+                Some(false) => Err(RefreshError::transient("503")),
+            }
+        }
+    })
+}
+
+/// A failed background refresh (its one attempt) does not make the foreground call asked
+/// again after an invalidation a single attempt: that call retries past a second 503, as a
+/// foreground refresh after a background failure does.
+#[test]
+fn a_failed_background_refresh_then_an_invalidation_keeps_the_retry_budget() {
+    run_paused(Duration::from_secs(3600), async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        // 0: the first token; 1: the background refresh, held, 503; 2: 503; 3: a token.
+        let refresher = scripted(
+            calls.clone(),
+            1,
+            gate.clone(),
+            vec![None, Some(false), Some(false), None],
+        );
+        let layer = RefreshLayer::new(refresher)
+            .leeway(Duration::from_secs(5))
+            .refresh_ahead(Duration::from_secs(20));
+        let handle = layer.token_handle();
+        let svc = layer.layer(service_fn(|_req: Request<ReplayBody<Body>>| async move {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+        svc.clone().oneshot(get("/")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(85)).await;
+        svc.clone().oneshot(get("/")).await.unwrap();
+        support::yield_until(
+            "the background refresh started",
+            support::YIELD_BOUND,
+            || calls.load(Ordering::SeqCst) == 2,
+        )
+        .await;
+        handle.invalidate();
+        let request = tokio::spawn(svc.clone().oneshot(get("/")));
+        tokio::task::yield_now().await;
+        gate.add_permits(1);
+        let res = request.await.unwrap();
+        assert!(
+            res.is_ok(),
+            "failed after {} calls: {:?}",
+            calls.load(Ordering::SeqCst),
+            res.err().map(|e| e.to_string())
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    });
+}
+
+/// A terminal answer for the old session says nothing about the token endpoint: after a
+/// login (`set_token`) a forced refresh joins the flight and asks again with the whole retry
+/// budget, past a 503.
+#[tokio::test]
+async fn a_terminal_answer_for_the_old_session_does_not_make_the_login_round_single() {
+    guard(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        // 0: held, then invalid_grant (the old session); 1: 503; 2: a token.
+        let refresher = scripted(
+            calls.clone(),
+            0,
+            gate.clone(),
+            vec![Some(true), Some(false), None],
+        );
+        let layer = RefreshLayer::new(refresher)
+            .retries(
+                Backoff::default()
+                    .base_delay(Duration::from_millis(1))
+                    .max_delay(Duration::from_millis(2)),
+            )
+            .initial_token(Token::bearer("old").unwrap());
+        let handle = layer.token_handle();
+        let first = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                handle
+                    .refresh()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        });
+        while calls.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+        handle.set_token(Token::bearer("login").unwrap());
+        let forced = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                handle
+                    .refresh()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        });
+        tokio::task::yield_now().await;
+        gate.add_permits(1);
+        let res = forced.await.unwrap();
+        let _ = first.await;
+        assert!(
+            res.is_ok(),
+            "after {} calls: {res:?}",
+            calls.load(Ordering::SeqCst)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    })
+    .await;
+}

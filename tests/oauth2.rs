@@ -2641,3 +2641,93 @@ async fn a_handle_clear_during_a_refresh_never_presents_the_logged_out_refresh_t
     })
     .await;
 }
+
+/// A login through the handle (a token set with rt1) whose first refresh is in flight when
+/// the application also calls `set_refresh_token(rt1)`, the same token: the same session.
+/// The rotating server's answer stands and its rotated token is adopted; it was discarded as
+/// superseded and the question asked again presented the rotated-away rt1 (reuse detected,
+/// the family revoked, the session ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_refresh_token_set_twice_during_a_login_refresh_is_one_session() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt1) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = handle_login_refresher(&s, &persisted);
+        let result = replaced_during_refresh(&s, &refresher, &rt1, &rt1).await;
+        let presented: Vec<_> = s
+            .token
+            .seen()
+            .iter()
+            .map(|x| x.field("refresh_token").map(str::to_owned))
+            .collect();
+        assert!(
+            result.is_ok(),
+            "presented {:?} (rt1 = {rt1}); result {:?}; reuse detected {}; family revoked {}",
+            presented,
+            result.as_ref().err().map(|e| e.to_string()),
+            s.token.reuse_detected(),
+            s.token.family_revoked(&rt1)
+        );
+        assert_eq!(presented, [Some(rt1.clone())], "one token request");
+        let rotated = refresher.refresh_token().unwrap().secret().to_owned();
+        assert_ne!(rotated, rt1);
+        assert_eq!(result.unwrap().refresh_token(), Some(rotated.as_str()));
+        assert_eq!(*persisted.lock().unwrap(), [rotated]);
+    })
+    .await;
+}
+
+/// A logout and then a new login through the handle, both during the first refresh after a
+/// login through the handle: the old refresh token is retired, the new session works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_then_a_login_during_a_refresh_leaves_the_new_session_healthy() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt1) = s.token.login();
+        let (a2, rt2) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = handle_login_refresher(&s, &persisted);
+        let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
+            .retries(Backoff::none())
+            .initial_token(
+                Token::bearer("stale")
+                    .unwrap()
+                    .with_refresh_token(rt1.clone()),
+            );
+        let handle = layer.token_handle();
+        s.token.hold_next(1);
+        let forced = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                handle
+                    .refresh()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        });
+        s.token.held(1).await;
+        handle.clear();
+        handle.set_token(Token::bearer(a2).unwrap().with_refresh_token(rt2.clone()));
+        s.token.release();
+        let first = forced.await.unwrap();
+        let again = handle
+            .refresh()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let presented: Vec<_> = s
+            .token
+            .seen()
+            .iter()
+            .map(|x| x.field("refresh_token").map(str::to_owned))
+            .collect();
+        assert!(
+            again.is_ok(),
+            "first {first:?}; again {again:?}; presented {presented:?}"
+        );
+        assert_eq!(presented.last().unwrap().as_deref(), Some(rt2.as_str()));
+    })
+    .await;
+}

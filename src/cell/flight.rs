@@ -203,6 +203,9 @@ impl TokenCell {
         let work = async move {
             let started = settings.clock.now();
             let (mut generation, mut ctx, mut single) = (generation, ctx, single);
+            // Whether this flight saw the token endpoint fail (see `failed` below), and
+            // whether its current round is a background one.
+            let (mut failing, mut in_background) = (false, background);
             let (answer, events, error) = loop {
                 // A token installed (or a logout) between the decision and the start is the
                 // answer: do not refresh it away (`finish` discards the outcome of a
@@ -215,9 +218,13 @@ impl TokenCell {
                     attempt_all(&*cell.refresher, ctx, &settings, single).await
                 };
                 let error = result.as_ref().err().map(ToString::to_string);
-                // The refresher was called and failed: the token endpoint is failing, whatever
-                // happened to the token meanwhile.
-                let failed = !superseded && result.is_err();
+                // The refresher was called in the foreground and failed transiently: the token
+                // endpoint is failing, whatever happened to the token meanwhile. (A terminal
+                // answer is about the credentials, not the endpoint; a background round's one
+                // attempt does not count as a failure in a row either.)
+                failing |= !superseded
+                    && !in_background
+                    && result.as_ref().is_err_and(|e| !e.is_terminal());
                 let reading = super::state::Now {
                     mono: settings.clock.now(),
                     wall: settings.clock.wall(),
@@ -240,9 +247,10 @@ impl TokenCell {
                         generation = now_at;
                         ctx = RefreshContext::new(stale, reason);
                         // Retries only while the token endpoint is not known to be failing:
-                        // an invalidation keeps the failures in a row, and this round's own
-                        // failure counts too (a single attempt, as after any failure).
-                        single = failed || cell.read().failures > 0;
+                        // an invalidation keeps the failures in a row, and this flight's own
+                        // failures count too (a single attempt, as after any failure).
+                        in_background = false;
+                        single = failing || cell.read().failures > 0;
                     }
                 }
             };

@@ -331,6 +331,9 @@ pub(super) struct Slot {
     /// A rotated refresh token the [`on_rotation`](OAuth2RefresherBuilder::on_rotation) hook
     /// failed to persist; the hook gets it again until it succeeds (or the token changes).
     pub(super) unpersisted: Option<RefreshToken>,
+    /// The refresh token the last refresh presented (refreshes take turns): setting this
+    /// very token from outside during that refresh is the same session, not a new one.
+    pub(super) presenting: Option<RefreshToken>,
 }
 
 /// The refresh token a refresh-token grant request presented.
@@ -549,7 +552,7 @@ impl<C> Inner<C> {
     /// refresher saw it spent, else its own. Also returns the slot's generation, and whether
     /// the token came from the token set and differs from the refresher's own.
     fn choose(&self, offered: Option<&str>) -> (Option<RefreshToken>, u64, bool) {
-        let slot = self.slot();
+        let mut slot = self.slot();
         let own = slot.token.clone();
         match offered {
             Some(s)
@@ -557,9 +560,14 @@ impl<C> Inner<C> {
                     && !slot.is_spent(s)
                     && own.as_ref().is_none_or(|o| o.secret() != s) =>
             {
-                (Some(RefreshToken::new(s)), slot.generation, true)
+                let token = RefreshToken::new(s);
+                slot.presenting = Some(token.clone());
+                (Some(token), slot.generation, true)
             }
-            _ => (own, slot.generation, false),
+            _ => {
+                slot.presenting = own.clone();
+                (own, slot.generation, false)
+            }
         }
     }
 
@@ -576,8 +584,17 @@ impl<C> Inner<C> {
                 slot.spend(old);
             }
         }
+        // The very token a refresh presents (a login that set it through the handle, then
+        // here): the same session, whose answer that refresh may keep. Otherwise a refresh in
+        // flight belongs to a replaced session.
+        let same_session = match (&token, &slot.presenting) {
+            (Some(new), Some(presenting)) => new.secret() == presenting.secret(),
+            _ => false,
+        };
         slot.token = token;
-        slot.generation += 1;
+        if !same_session {
+            slot.generation += 1;
+        }
         // A token set from outside is the application's own to persist.
         slot.unpersisted = None;
     }
