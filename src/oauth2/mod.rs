@@ -51,7 +51,8 @@
 //!   The answer to a token request in flight when a refresh token is set (or forgotten) is
 //!   not used: the request is made once more, at once, with the new one (or, after a logout,
 //!   the refresh fails with [`ErrorKind::NoRefreshToken`]); a second replacement during that
-//!   request fails with a transient [`ErrorKind::Superseded`].
+//!   request fails with a transient [`ErrorKind::Superseded`]. Setting the very refresh
+//!   token the request presents is the same session: its answer stands.
 //!
 //! # The client for token requests
 //!
