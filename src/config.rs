@@ -371,7 +371,8 @@ impl RefreshOptions {
     /// requests pass through without a token and never trigger a refresh. Default: the origin
     /// of the first request with an absolute URI (a first request refused as plain `http://`
     /// fixes its host's `https://` origin, the default port becoming 443: a later secure
-    /// request to that host gets the token, another host never does).
+    /// request to that host gets the token, another host never does; a clone that allows
+    /// plain HTTP still sends it to the refused origin).
     /// Requests with a relative URI (an inner
     /// service that adds the origin itself, such as a gRPC channel) get the token by default
     /// and with [`any_origin`](Self::any_origin), never with an allow-list. An absolute URI

@@ -17,6 +17,9 @@ pub(crate) struct Origin {
     /// The authority as written where the origin came from: a request's authority with the
     /// same text matches without parsing its host and port again (the common case).
     written: Box<str>,
+    /// For an origin bound in place of a request refused as plain HTTP ([`Origin::upgraded`]):
+    /// that request's origin, which a layer clone allowing plain HTTP still sends to.
+    plain: Option<Box<Origin>>,
 }
 
 impl PartialEq for Origin {
@@ -61,6 +64,7 @@ impl Origin {
                 .rsplit_once('@')
                 .map_or(authority.as_str(), |(_, host)| host)
                 .into(),
+            plain: None,
         })
     }
 
@@ -85,7 +89,23 @@ impl Origin {
             port,
             secure: true,
             written,
+            plain: Some(Box::new(self.clone())),
         })
+    }
+
+    /// The origin to bind for a first request refused as plain HTTP: its host over TLS, or,
+    /// for a scheme without a TLS form (`h2c://host:port`), that origin itself (not secure:
+    /// the token goes there only through a clone that allows plain HTTP). Either way the
+    /// refused request's host, never another.
+    pub(crate) fn bound_for_refused(self) -> Self {
+        self.upgraded().unwrap_or(self)
+    }
+
+    /// Whether `scheme://authority` is the plain origin this one was bound in place of.
+    pub(crate) fn matches_plain(&self, scheme: &Scheme, authority: &Authority) -> bool {
+        self.plain
+            .as_ref()
+            .is_some_and(|plain| plain.matches(scheme, authority))
     }
 
     /// Whether `scheme://authority` is this origin; allocates nothing (the request path).

@@ -172,16 +172,18 @@ fn destination_at(
         },
         Origins::FirstSeen => match origin.get() {
             Some(origin) if origin.matches(scheme, authority) => origin.secure(),
+            // Bound by a clone that refused this very plain-HTTP origin: a clone that
+            // allows plain HTTP sends the token there, as if it had bound it first.
+            Some(origin) if origin.matches_plain(scheme, authority) => false,
             Some(_) => return Destination::Untouched,
             None => match Origin::of(scheme, authority) {
                 // Refused as plain HTTP: the token never goes there. The host it was meant
-                // for becomes the first-seen origin over TLS: a later `https` request to it
-                // gets the token, a request to another host never does.
+                // for becomes the first-seen origin (over TLS where the scheme has a TLS
+                // form): a later `https` request to it gets the token, a request to another
+                // host never does.
                 Some(first) if !first.secure() && !options.allow_insecure_http => {
                     if bind {
-                        if let Some(secure) = first.upgraded() {
-                            origin.get_or_init(|| secure);
-                        }
+                        origin.get_or_init(|| first.bound_for_refused());
                     }
                     return Destination::Insecure;
                 }

@@ -933,15 +933,21 @@ async fn a_request_refused_as_plain_http_does_not_fix_the_origin() {
             .unwrap(),
         "Bearer tok-secret"
     );
-    // The https origin is the bound one now: another host, and plain http to the same host
-    // (another origin), go out untouched.
-    for other in ["https://other.example/a", "http://api.example/b"] {
-        assert_eq!(
-            auth_seen_for(&layer, &seen, other).await.unwrap(),
-            "-",
-            "{other}"
-        );
-    }
+    // The https origin is the bound one now: another host goes out untouched, and plain
+    // http to the same host is refused again, as the first time.
+    assert_eq!(
+        auth_seen_for(&layer, &seen, "https://other.example/a")
+            .await
+            .unwrap(),
+        "-"
+    );
+    let again = auth_seen_for(&layer, &seen, "http://api.example/b")
+        .await
+        .unwrap_err();
+    assert!(
+        again.is::<tower_auth_refresh::error::InsecureTransport>(),
+        "{again}"
+    );
 }
 
 /// Review item (tenth session): after a first request refused as plain HTTP, a secure request
@@ -1092,4 +1098,61 @@ fn a_waiter_on_a_runtime_without_timers_joins_a_refresh_running_elsewhere() {
         .expect("the request on the runtime without timers panicked or hung");
     assert_eq!(seen, Ok("Bearer fresh".to_owned()));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Review item (tenth session): a first request with a non-TLS scheme other than http/ws (an
+/// explicit port makes `h2c://host:port` judgeable) is refused as insecure and binds its own
+/// origin: the next secure request to another host does not become the first-seen origin
+/// (it did, and got the token).
+#[tokio::test]
+async fn a_refused_request_of_another_plain_scheme_keeps_the_token_from_other_hosts() {
+    let seen = Auths::default();
+    let layer = RefreshLayer::new(refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer("r")?)
+    }))
+    .initial_token(Token::bearer("tok-secret").unwrap());
+    let err = auth_seen_for(&layer, &seen, "h2c://api.example:8080/health")
+        .await
+        .unwrap_err();
+    assert!(
+        err.is::<tower_auth_refresh::error::InsecureTransport>(),
+        "{err}"
+    );
+    assert_eq!(
+        auth_seen_for(&layer, &seen, "https://third-party.example/a")
+            .await
+            .unwrap(),
+        "-"
+    );
+}
+
+/// Review item (tenth session): clones share the cell (and the first-seen origin), not the
+/// options. A strict clone's refused `http://internal.example` binds
+/// `https://internal.example` in its place; the clone that allows plain HTTP still sends the
+/// token to `http://internal.example` (it went out untouched), and the strict one refuses it
+/// again.
+#[tokio::test]
+async fn a_strict_clones_refusal_does_not_starve_the_clone_that_allows_http() {
+    let seen = Auths::default();
+    let strict = RefreshLayer::new(refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer("r")?)
+    }))
+    .initial_token(Token::bearer("tok-secret").unwrap());
+    let lax = strict.clone().allow_insecure_http(true);
+    let _ = auth_seen_for(&strict, &seen, "http://internal.example/a")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        auth_seen_for(&lax, &seen, "http://internal.example/b")
+            .await
+            .unwrap(),
+        "Bearer tok-secret"
+    );
+    let again = auth_seen_for(&strict, &seen, "http://internal.example/c")
+        .await
+        .unwrap_err();
+    assert!(
+        again.is::<tower_auth_refresh::error::InsecureTransport>(),
+        "{again}"
+    );
 }

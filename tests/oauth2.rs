@@ -2731,3 +2731,66 @@ async fn a_logout_then_a_login_during_a_refresh_leaves_the_new_session_healthy()
     })
     .await;
 }
+
+/// The login's `set_refresh_token(rt1)` lands after the rotating server's answer was stored
+/// but before the refresh returned (its `on_rotation` hook is still writing): the rotated
+/// token stays the refresher's own and is carried by the token set. (`set` replaced it with
+/// the rotated-away rt1, and the next refresh presented rt1: reuse detected.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_refresh_token_set_during_the_rotation_hook_keeps_the_rotation() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt1) = s.token.login();
+        let persisted = Persisted::default();
+        let entered = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let refresher = {
+            let (p, e, r) = (persisted.clone(), entered.clone(), release.clone());
+            OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+                .client_id("app")
+                .client_secret("app-secret", ClientAuth::Basic)
+                .on_rotation(move |new: RefreshToken| {
+                    let (p, e, r) = (p.clone(), e.clone(), r.clone());
+                    async move {
+                        if p.lock().unwrap().is_empty() {
+                            e.notify_one();
+                            r.notified().await;
+                        }
+                        p.lock().unwrap().push(new.secret().to_owned());
+                        Ok::<_, Infallible>(())
+                    }
+                })
+                .build()
+                .unwrap()
+        };
+        let pending = tokio::spawn({
+            let (refresher, rt1) = (refresher.clone(), rt1.clone());
+            async move { refresher.refresh(stale_ctx(&rt1)).await }
+        });
+        entered.notified().await;
+        refresher.set_refresh_token(RefreshToken::new(rt1.clone()));
+        release.notify_one();
+        let first = pending.await.unwrap().expect("first refresh");
+        let rotated = persisted.lock().unwrap()[0].clone();
+        let own = refresher.refresh_token().unwrap().secret().to_owned();
+        let carried = first.refresh_token().map(str::to_owned);
+        let again = refresher
+            .refresh(stale_ctx(carried.as_deref().unwrap_or_default()))
+            .await;
+        let presented: Vec<_> = s
+            .token
+            .seen()
+            .iter()
+            .map(|x| x.field("refresh_token").map(str::to_owned))
+            .collect();
+        assert!(
+            own == rotated && again.is_ok(),
+            "rt1 {rt1}, rotated+persisted {rotated}; refresher's own now {own}; token set \
+             carries {carried:?}; presented {presented:?}; second refresh {:?}; reuse \
+             detected {}",
+            again.as_ref().err().map(|e| e.to_string()),
+            s.token.reuse_detected()
+        );
+    })
+    .await;
+}

@@ -575,6 +575,17 @@ impl<C> Inner<C> {
     /// Sets (or, with `None`, forgets) the refresh token from outside a refresh.
     fn set(&self, token: Option<RefreshToken>) {
         let mut slot = self.slot();
+        if let (Some(new), Some(presenting), Some(_)) = (&token, &slot.presenting, &slot.token) {
+            if new.secret() == presenting.secret() && slot.is_spent(new.secret()) {
+                // The very token the last refresh presented, which that refresh already
+                // rotated away (its hook may still be persisting the new one): the session
+                // has moved on to the refresher's own token, which stays.
+                tracing::debug!(
+                    "oauth2: a refresh token already rotated away was set; kept the rotated one"
+                );
+                return;
+            }
+        }
         if let Some(old) = slot.token.take() {
             if token
                 .as_ref()
