@@ -508,6 +508,10 @@ impl<C> OAuth2Refresher<C> {
     /// is never presented again, even if the layer's token set still carries it. Installing a token set with
     /// [`Token::with_refresh_token`] through the handle does both steps at once.
     ///
+    /// Setting the very token this refresher's last refresh presented is the same session:
+    /// a refresh in flight keeps its answer, and if it already rotated that token away, the
+    /// rotated one stays (presenting the spent one would look like reuse to the server).
+    ///
     /// # Example
     ///
     /// ```
