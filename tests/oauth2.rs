@@ -2794,3 +2794,49 @@ async fn the_same_refresh_token_set_during_the_rotation_hook_keeps_the_rotation(
     })
     .await;
 }
+
+/// Account switching with a server that does not rotate refresh tokens: the last refresh
+/// presented A's token (kept); the application switches to B, then back to A with A's
+/// still valid token. The switch back replaces B's session (it was ignored: A's token
+/// looked like one the last refresh had rotated away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_back_to_a_refresh_token_that_was_not_rotated_replaces_the_other_session() {
+    guard(async {
+        let s = Servers::start(TokenConfig {
+            rotate: false,
+            ..TokenConfig::default()
+        })
+        .await;
+        let (_, rt_a) = s.token.login();
+        let (_, rt_b) = s.token.login();
+        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+            .client_id("app")
+            .client_secret("app-secret", ClientAuth::Basic)
+            .refresh_token(rt_a.clone())
+            .build()
+            .unwrap();
+        // A's session refreshes once (the server keeps rt_a).
+        refresher
+            .refresh(stale_ctx(&rt_a))
+            .await
+            .expect("A refresh");
+        // Switch to user B, then back to user A.
+        refresher.set_refresh_token(RefreshToken::new(rt_b.clone()));
+        refresher.set_refresh_token(RefreshToken::new(rt_a.clone()));
+        let own = refresher.refresh_token().unwrap().secret().to_owned();
+        let _ = refresher.refresh(stale_ctx(&rt_a)).await;
+        let presented: Vec<_> = s
+            .token
+            .seen()
+            .iter()
+            .map(|x| x.field("refresh_token").map(str::to_owned))
+            .collect();
+        assert!(
+            own == rt_a,
+            "A={rt_a} B={rt_b}: after switching back to A the refresher holds {own}; \
+             presented {presented:?}"
+        );
+        assert_eq!(presented.last().unwrap().as_deref(), Some(rt_a.as_str()));
+    })
+    .await;
+}

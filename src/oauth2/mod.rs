@@ -335,6 +335,10 @@ pub(super) struct Slot {
     /// The refresh token the last refresh presented (refreshes take turns): setting this
     /// very token from outside during that refresh is the same session, not a new one.
     pub(super) presenting: Option<RefreshToken>,
+    /// The last rotation this refresher stored, `(presented, rotated)`, until a token is
+    /// set from outside: setting the rotated-away token again while the rotated one is held
+    /// keeps the rotated one.
+    pub(super) rotated: Option<(RefreshToken, RefreshToken)>,
 }
 
 /// The refresh token a refresh-token grant request presented.
@@ -579,11 +583,11 @@ impl<C> Inner<C> {
     /// Sets (or, with `None`, forgets) the refresh token from outside a refresh.
     fn set(&self, token: Option<RefreshToken>) {
         let mut slot = self.slot();
-        if let (Some(new), Some(presenting), Some(_)) = (&token, &slot.presenting, &slot.token) {
-            if new.secret() == presenting.secret() && slot.is_spent(new.secret()) {
-                // The very token the last refresh presented, which that refresh already
-                // rotated away (its hook may still be persisting the new one): the session
-                // has moved on to the refresher's own token, which stays.
+        if let (Some(new), Some((from, to)), Some(own)) = (&token, &slot.rotated, &slot.token) {
+            if new.secret() == from.secret() && own.secret() == to.secret() {
+                // The token this refresher's last refresh rotated away, while the token it
+                // rotated into is held (its hook may still be persisting it): the same
+                // session, moved on; the rotated token stays.
                 tracing::debug!(
                     "oauth2: a refresh token already rotated away was set; kept the rotated one"
                 );
@@ -610,7 +614,10 @@ impl<C> Inner<C> {
         slot.token = token;
         if !same_session {
             slot.generation += 1;
+            // Another session: what the last refresh presented or rotated is not its own.
+            slot.presenting = None;
         }
+        slot.rotated = None;
         // A token set from outside is the application's own to persist.
         slot.unpersisted = None;
     }
@@ -640,15 +647,17 @@ impl<C> Inner<C> {
         spent: Option<RefreshToken>,
     ) -> bool {
         let mut slot = self.slot();
+        let stored = slot.generation == generation;
         if let Some(spent) = spent {
+            if stored {
+                slot.rotated = Some((spent.clone(), current.clone()));
+            }
             slot.spend(spent);
         }
-        if slot.generation == generation {
+        if stored {
             slot.token = Some(current);
-            true
-        } else {
-            false
         }
+        stored
     }
 
     /// The refresher's own refresh token if the hook failed to persist it and nothing was set
