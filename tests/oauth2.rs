@@ -2840,3 +2840,175 @@ async fn switching_back_to_a_refresh_token_that_was_not_rotated_replaces_the_oth
     })
     .await;
 }
+
+/// A handle-login refresher (no own token) whose token requests time out after 300 ms.
+fn timing_out_refresher(s: &Servers, persisted: &Persisted) -> OAuth2Refresher<TokenClient> {
+    let p = persisted.clone();
+    OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
+        .client_id("app")
+        .client_secret("app-secret", ClientAuth::Basic)
+        .timeout(Duration::from_millis(300))
+        .on_rotation(move |new: RefreshToken| {
+            let p = p.clone();
+            async move {
+                p.lock().unwrap().push(new.secret().to_owned());
+                Ok::<_, Infallible>(())
+            }
+        })
+        .build()
+        .unwrap()
+}
+
+fn presented_tokens(s: &Servers) -> Vec<Option<String>> {
+    s.token
+        .seen()
+        .iter()
+        .map(|x| x.field("refresh_token").map(str::to_owned))
+        .collect()
+}
+
+/// `handle.clear()` while the first refresh after a login through the handle is in flight,
+/// and that token request then times out (no answer at all). The layer's retry, with the
+/// same token set, does not present the logged-out refresh token again (it did, and the
+/// refresher adopted the answer and the hook persisted it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_during_a_token_request_that_times_out_is_not_undone_by_the_retry() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt1) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = timing_out_refresher(&s, &persisted);
+        let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
+            .retries(fast_retry())
+            .initial_token(
+                Token::bearer("stale")
+                    .unwrap()
+                    .with_refresh_token(rt1.clone()),
+            );
+        let handle = layer.token_handle();
+        // The first answer (a 503, not a grant) is held past the refresher's timeout.
+        s.token.script(Scripted::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("application/json"),
+            r#"{"error":"temporarily_unavailable"}"#,
+        ));
+        s.token.hold_next(1);
+        let forced = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                handle
+                    .refresh()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        });
+        s.token.held(1).await;
+        handle.clear(); // logout
+        let first = forced.await.unwrap();
+        s.token.release();
+        assert_eq!(
+            s.token.requests(),
+            1,
+            "after the logout: presented {:?}; refresher holds {:?}; hook persisted {:?}; \
+             result {first:?}",
+            presented_tokens(&s),
+            refresher.refresh_token().map(|t| t.secret().to_owned()),
+            persisted.lock().unwrap()
+        );
+        assert!(refresher.refresh_token().is_none());
+        assert!(persisted.lock().unwrap().is_empty());
+    })
+    .await;
+}
+
+/// The same with a new login (`set_refresh_token(rt2)`) instead of a logout: the layer's
+/// retry presents rt2 (it presented the old session's rt1, whose answer replaced rt2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_during_a_token_request_that_times_out_is_not_overwritten_by_the_retry() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt1) = s.token.login();
+        let (_, rt2) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = timing_out_refresher(&s, &persisted);
+        let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
+            .retries(fast_retry())
+            .initial_token(
+                Token::bearer("stale")
+                    .unwrap()
+                    .with_refresh_token(rt1.clone()),
+            );
+        let handle = layer.token_handle();
+        s.token.script(Scripted::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("application/json"),
+            r#"{"error":"temporarily_unavailable"}"#,
+        ));
+        s.token.hold_next(1);
+        let forced = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                handle
+                    .refresh()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        });
+        s.token.held(1).await;
+        refresher.set_refresh_token(RefreshToken::new(rt2.clone())); // new login
+        let first = forced.await.unwrap();
+        s.token.release();
+        let own = refresher.refresh_token().map(|t| t.secret().to_owned());
+        assert!(
+            own.as_deref()
+                .is_some_and(|o| s.token.current_of(&rt2).as_deref() == Some(o)),
+            "new login rt2={rt2} (old rt1={rt1}): presented {:?}; refresher holds {own:?}; \
+             hook persisted {:?}; result {first:?}",
+            presented_tokens(&s),
+            persisted.lock().unwrap()
+        );
+    })
+    .await;
+}
+
+/// Switching to B and back to A while a refresh presenting A is in flight, against a
+/// rotating server: A's rotation is kept (the same session), and A is never presented again
+/// (it was: the rotation was discarded, reuse detected, A's session revoked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_away_and_back_during_a_rotating_refresh_never_presents_the_spent_token() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt_a) = s.token.login();
+        let (_, rt_b) = s.token.login();
+        let persisted = Persisted::default();
+        let refresher = refresher(&s, &rt_a, &persisted);
+        s.token.hold_next(1);
+        let pending = tokio::spawn({
+            let (r, rt_a) = (refresher.clone(), rt_a.clone());
+            async move { r.refresh(stale_ctx(&rt_a)).await }
+        });
+        s.token.held(1).await; // the server has rotated rt_a already
+        refresher.set_refresh_token(RefreshToken::new(rt_b.clone()));
+        refresher.set_refresh_token(RefreshToken::new(rt_a.clone()));
+        s.token.release();
+        let result = pending.await.unwrap();
+        let seen = presented_tokens(&s);
+        assert!(
+            s.token.reuse_detected() == 0
+                && seen
+                    .iter()
+                    .filter(|p| p.as_deref() == Some(rt_a.as_str()))
+                    .count()
+                    == 1,
+            "A={rt_a} B={rt_b}: presented {seen:?}; reuse detected {}; A's family revoked {}; \
+             result {:?}; refresher holds {:?}",
+            s.token.reuse_detected(),
+            s.token.family_revoked(&rt_a),
+            result.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+            refresher.refresh_token().map(|t| t.secret().to_owned())
+        );
+    })
+    .await;
+}

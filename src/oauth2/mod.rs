@@ -611,12 +611,21 @@ impl<C> Inner<C> {
             (Some(new), Some(presenting)) => new.secret() == presenting.secret(),
             _ => false,
         };
-        slot.token = token;
         if !same_session {
             slot.generation += 1;
-            // Another session: what the last refresh presented or rotated is not its own.
-            slot.presenting = None;
+            // Another session: the token the last refresh presented (the layer's token set's,
+            // perhaps, not the refresher's own) belongs to the old one, whatever becomes of
+            // that refresh: an answer that never came, a retry with the same token set.
+            if let Some(old) = slot.presenting.take() {
+                if token
+                    .as_ref()
+                    .is_none_or(|new| new.secret() != old.secret())
+                {
+                    slot.spend(old);
+                }
+            }
         }
+        slot.token = token;
         slot.rotated = None;
         // A token set from outside is the application's own to persist.
         slot.unpersisted = None;
@@ -638,8 +647,9 @@ impl<C> Inner<C> {
 
     /// Stores `current` (a rotated token, or the token set's token that the server accepted)
     /// unless the token was set from outside since `generation` was read (a new login or a
-    /// logout wins over a refresh that was in flight); remembers `spent`, the token that was
-    /// rotated away, in any case. Returns whether it stored `current`.
+    /// logout wins over a refresh that was in flight) to another token than `spent`;
+    /// remembers `spent`, the token that was rotated away, in any case. Returns whether it
+    /// stored `current`.
     pub(super) fn store(
         &self,
         generation: u64,
@@ -647,7 +657,15 @@ impl<C> Inner<C> {
         spent: Option<RefreshToken>,
     ) -> bool {
         let mut slot = self.slot();
-        let stored = slot.generation == generation;
+        // Also when the token set from outside since is the very one this answer rotated
+        // away (an account switch and back during the request): the same session, which
+        // moves on to `current` (the spent token must never be presented again).
+        let same_session = spent.as_ref().is_some_and(|spent| {
+            slot.token
+                .as_ref()
+                .is_some_and(|own| own.secret() == spent.secret())
+        });
+        let stored = slot.generation == generation || same_session;
         if let Some(spent) = spent {
             if stored {
                 slot.rotated = Some((spent.clone(), current.clone()));
