@@ -458,6 +458,10 @@ impl<C> OAuth2RefresherBuilder<C> {
     /// set installed through the handle) is the application's to persist: the hook is not
     /// called for it, nor again for the token it replaced.
     ///
+    /// A call already running when the application logs out or sets another refresh token
+    /// is not taken back: it finishes persisting the old session's rotated token. Persist
+    /// the logout or the new token after it (for example, under the same lock as the hook).
+    ///
     /// # Example
     ///
     /// ```
