@@ -631,20 +631,6 @@ impl<C> Inner<C> {
         slot.unpersisted = None;
     }
 
-    /// Remembers `token`, a token set's refresh token presented by a refresh that a token set
-    /// from outside (a login, a logout) replaced, as spent: it belongs to the old session.
-    /// Unless it is the refresher's own token now (set again from outside).
-    fn retire(&self, token: &RefreshToken) {
-        let mut slot = self.slot();
-        if slot
-            .token
-            .as_ref()
-            .is_none_or(|own| own.secret() != token.secret())
-        {
-            slot.spend(token.clone());
-        }
-    }
-
     /// Stores `current` (a rotated token, or the token set's token that the server accepted)
     /// unless the token was set from outside since `generation` was read (a new login or a
     /// logout wins over a refresh that was in flight) to another token than `spent`;
@@ -834,12 +820,9 @@ where
     // login, a logout) is not used, whatever it says: neither its access token nor a refusal
     // (an `invalid_grant` for the old refresh token must not end the new session). The retry
     // presents the new refresh token. (Its rotation, if any, was recorded by `success`.)
-    if let Some(p) = presented.filter(|p| inner.current().1 != p.generation) {
-        if p.from_set {
-            // The token set's refresh token belongs to the session that was replaced: the
-            // question asked again (and any retry with this context) must not offer it.
-            inner.retire(p.token);
-        }
+    // (`set` retired the refresh token presented here: the question asked again, and any
+    // retry with this context, cannot offer it.)
+    if presented.is_some_and(|p| inner.current().1 != p.generation) {
         return Err(response::superseded(status));
     }
     answer
