@@ -707,6 +707,23 @@ async fn auth_seen_for(layer: &RefreshLayer, seen: &Auths, uri: &str) -> Result<
     Ok(seen[before].1.clone())
 }
 
+/// A layer holding the valid token `tok-secret` (its refresher answers `r`, never needed).
+fn holding_tok_secret() -> RefreshLayer {
+    RefreshLayer::new(refresh_fn(|_| async {
+        Ok::<_, RefreshError>(Token::bearer("r")?)
+    }))
+    .initial_token(Token::bearer("tok-secret").unwrap())
+}
+
+/// Sends `uri` through `layer` and expects it refused as plain HTTP (`InsecureTransport`).
+async fn refused_as_insecure(layer: &RefreshLayer, seen: &Auths, uri: &str) {
+    let err = auth_seen_for(layer, seen, uri).await.unwrap_err();
+    assert!(
+        err.is::<tower_auth_refresh::error::InsecureTransport>(),
+        "{uri}: {err}"
+    );
+}
+
 /// Review item 1 (security): an absolute URI whose scheme the layer cannot tell an origin of
 /// (`foo://host`, no port) is not a relative URI. With the default first-seen origin it never
 /// gets the token, whether it comes before or after the first origin was fixed (a connector
@@ -915,17 +932,8 @@ async fn a_body_that_can_never_be_replayed_is_not_kept() {
 #[tokio::test]
 async fn a_request_refused_as_plain_http_does_not_fix_the_origin() {
     let seen = Auths::default();
-    let layer = RefreshLayer::new(refresh_fn(|_| async {
-        Ok::<_, RefreshError>(Token::bearer("r")?)
-    }))
-    .initial_token(Token::bearer("tok-secret").unwrap());
-    let err = auth_seen_for(&layer, &seen, "http://api.example/health")
-        .await
-        .unwrap_err();
-    assert!(
-        err.is::<tower_auth_refresh::error::InsecureTransport>(),
-        "{err}"
-    );
+    let layer = holding_tok_secret();
+    refused_as_insecure(&layer, &seen, "http://api.example/health").await;
     assert!(seen.lock().unwrap().is_empty(), "nothing was sent");
     assert_eq!(
         auth_seen_for(&layer, &seen, "https://api.example/a")
@@ -941,13 +949,7 @@ async fn a_request_refused_as_plain_http_does_not_fix_the_origin() {
             .unwrap(),
         "-"
     );
-    let again = auth_seen_for(&layer, &seen, "http://api.example/b")
-        .await
-        .unwrap_err();
-    assert!(
-        again.is::<tower_auth_refresh::error::InsecureTransport>(),
-        "{again}"
-    );
+    refused_as_insecure(&layer, &seen, "http://api.example/b").await;
 }
 
 /// Review item (tenth session): after a first request refused as plain HTTP, a secure request
@@ -956,17 +958,8 @@ async fn a_request_refused_as_plain_http_does_not_fix_the_origin() {
 #[tokio::test]
 async fn after_a_request_refused_as_plain_http_another_host_never_gets_the_token() {
     let seen = Auths::default();
-    let layer = RefreshLayer::new(refresh_fn(|_| async {
-        Ok::<_, RefreshError>(Token::bearer("r")?)
-    }))
-    .initial_token(Token::bearer("tok-secret").unwrap());
-    let err = auth_seen_for(&layer, &seen, "http://api.example:8080/health")
-        .await
-        .unwrap_err();
-    assert!(
-        err.is::<tower_auth_refresh::error::InsecureTransport>(),
-        "{err}"
-    );
+    let layer = holding_tok_secret();
+    refused_as_insecure(&layer, &seen, "http://api.example:8080/health").await;
     // Another host, and the same host on the default https port (another origin than
     // `https://api.example:8080`): untouched.
     for other in ["https://third-party.example/a", "https://api.example/a"] {
@@ -1107,17 +1100,8 @@ fn a_waiter_on_a_runtime_without_timers_joins_a_refresh_running_elsewhere() {
 #[tokio::test]
 async fn a_refused_request_of_another_plain_scheme_keeps_the_token_from_other_hosts() {
     let seen = Auths::default();
-    let layer = RefreshLayer::new(refresh_fn(|_| async {
-        Ok::<_, RefreshError>(Token::bearer("r")?)
-    }))
-    .initial_token(Token::bearer("tok-secret").unwrap());
-    let err = auth_seen_for(&layer, &seen, "h2c://api.example:8080/health")
-        .await
-        .unwrap_err();
-    assert!(
-        err.is::<tower_auth_refresh::error::InsecureTransport>(),
-        "{err}"
-    );
+    let layer = holding_tok_secret();
+    refused_as_insecure(&layer, &seen, "h2c://api.example:8080/health").await;
     assert_eq!(
         auth_seen_for(&layer, &seen, "https://third-party.example/a")
             .await
@@ -1134,25 +1118,14 @@ async fn a_refused_request_of_another_plain_scheme_keeps_the_token_from_other_ho
 #[tokio::test]
 async fn a_strict_clones_refusal_does_not_starve_the_clone_that_allows_http() {
     let seen = Auths::default();
-    let strict = RefreshLayer::new(refresh_fn(|_| async {
-        Ok::<_, RefreshError>(Token::bearer("r")?)
-    }))
-    .initial_token(Token::bearer("tok-secret").unwrap());
+    let strict = holding_tok_secret();
     let lax = strict.clone().allow_insecure_http(true);
-    let _ = auth_seen_for(&strict, &seen, "http://internal.example/a")
-        .await
-        .unwrap_err();
+    refused_as_insecure(&strict, &seen, "http://internal.example/a").await;
     assert_eq!(
         auth_seen_for(&lax, &seen, "http://internal.example/b")
             .await
             .unwrap(),
         "Bearer tok-secret"
     );
-    let again = auth_seen_for(&strict, &seen, "http://internal.example/c")
-        .await
-        .unwrap_err();
-    assert!(
-        again.is::<tower_auth_refresh::error::InsecureTransport>(),
-        "{again}"
-    );
+    refused_as_insecure(&strict, &seen, "http://internal.example/c").await;
 }

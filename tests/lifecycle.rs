@@ -1041,42 +1041,22 @@ fn without_a_cool_down_a_failed_refresh_in_the_leeway_still_sends_the_valid_toke
 async fn invalidating_during_a_refresh_in_an_outage_does_not_buy_the_retry_budget_again() {
     guard(async {
         let calls = Arc::new(AtomicUsize::new(0));
-        let hold_at = Arc::new(AtomicUsize::new(usize::MAX));
         let gate = Arc::new(Semaphore::new(0));
-        let refresher = {
-            let (calls, hold_at, gate) = (calls.clone(), hold_at.clone(), gate.clone());
-            refresh_fn(move |_| {
-                let n = calls.fetch_add(1, Ordering::SeqCst);
-                let (hold, gate) = (n == hold_at.load(Ordering::SeqCst), gate.clone());
-                async move {
-                    if hold {
-                        gate.acquire().await.unwrap().forget();
-                    }
-                    Err::<Token, _>(RefreshError::transient("503"))
-                }
-            })
-        };
+        // Every call a 503; call 4 (the one after the cool-down) held.
+        let refresher = scripted(calls.clone(), 4, gate.clone(), vec![Some(false); 16]);
         let layer = RefreshLayer::new(refresher)
-            .retries(
-                Backoff::default()
-                    .max_attempts(4)
-                    .base_delay(Duration::from_millis(1))
-                    .max_delay(Duration::from_millis(2)),
-            )
+            .retries(quick_retries())
             .cooldown(tower_auth_refresh::Cooldown::new(
                 Duration::from_millis(200),
                 Duration::from_millis(200),
             ));
         let handle = layer.token_handle();
-        let svc = layer.layer(service_fn(|_req: Request<ReplayBody<Body>>| async move {
-            Ok::<_, Infallible>(Response::new(String::new()))
-        }));
+        let svc = layer.layer(ok_api());
         // The outage: the first refresh uses its retry budget (4 calls), a cool-down starts.
         assert!(svc.clone().oneshot(get("/")).await.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         tokio::time::sleep(Duration::from_millis(250)).await;
         // After the cool-down: a single attempt (call 5), held while the app invalidates.
-        hold_at.store(4, Ordering::SeqCst);
         let request = tokio::spawn({
             let svc = svc.clone();
             async move { svc.oneshot(get("/")).await.is_err() }
@@ -1104,29 +1084,11 @@ async fn invalidating_the_first_refresh_of_an_outage_does_not_buy_the_retry_budg
     guard(async {
         let calls = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(0));
-        let refresher = {
-            let (calls, gate) = (calls.clone(), gate.clone());
-            refresh_fn(move |_| {
-                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-                let gate = gate.clone();
-                async move {
-                    if first {
-                        gate.acquire().await.unwrap().forget();
-                    }
-                    Err::<Token, _>(RefreshError::transient("503"))
-                }
-            })
-        };
-        let layer = RefreshLayer::new(refresher).retries(
-            Backoff::default()
-                .max_attempts(4)
-                .base_delay(Duration::from_millis(1))
-                .max_delay(Duration::from_millis(2)),
-        );
+        // Every call a 503; the first held.
+        let refresher = scripted(calls.clone(), 0, gate.clone(), vec![Some(false); 16]);
+        let layer = RefreshLayer::new(refresher).retries(quick_retries());
         let handle = layer.token_handle();
-        let svc = layer.layer(service_fn(|_req: Request<ReplayBody<Body>>| async move {
-            Ok::<_, Infallible>(Response::new(String::new()))
-        }));
+        let svc = layer.layer(ok_api());
         let request = tokio::spawn({
             let svc = svc.clone();
             async move { svc.oneshot(get("/")).await.is_err() }
@@ -1144,6 +1106,21 @@ async fn invalidating_the_first_refresh_of_an_outage_does_not_buy_the_retry_budg
         );
     })
     .await;
+}
+
+/// Backoff of four attempts, 1–2 ms apart.
+fn quick_retries() -> Backoff {
+    Backoff::default()
+        .max_attempts(4)
+        .base_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(2))
+}
+
+/// An API that answers 200 to every request.
+fn ok_api() -> impl InMemoryApi<String> {
+    service_fn(|_req: Request<ReplayBody<Body>>| async move {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    })
 }
 
 /// Call `n` (from 0) waits on `gate` if `n == hold`, then answers `script[n]`: `None` a token
@@ -1193,9 +1170,7 @@ fn a_failed_background_refresh_then_an_invalidation_keeps_the_retry_budget() {
             .leeway(Duration::from_secs(5))
             .refresh_ahead(Duration::from_secs(20));
         let handle = layer.token_handle();
-        let svc = layer.layer(service_fn(|_req: Request<ReplayBody<Body>>| async move {
-            Ok::<_, Infallible>(Response::new(String::new()))
-        }));
+        let svc = layer.layer(ok_api());
         svc.clone().oneshot(get("/")).await.unwrap();
         tokio::time::advance(Duration::from_secs(85)).await;
         svc.clone().oneshot(get("/")).await.unwrap();
@@ -1236,37 +1211,15 @@ async fn a_terminal_answer_for_the_old_session_does_not_make_the_login_round_sin
             vec![Some(true), Some(false), None],
         );
         let layer = RefreshLayer::new(refresher)
-            .retries(
-                Backoff::default()
-                    .base_delay(Duration::from_millis(1))
-                    .max_delay(Duration::from_millis(2)),
-            )
+            .retries(quick_retries())
             .initial_token(Token::bearer("old").unwrap());
         let handle = layer.token_handle();
-        let first = tokio::spawn({
-            let handle = handle.clone();
-            async move {
-                handle
-                    .refresh()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        });
+        let first = support::forced_refresh(&handle);
         while calls.load(Ordering::SeqCst) < 1 {
             tokio::task::yield_now().await;
         }
         handle.set_token(Token::bearer("login").unwrap());
-        let forced = tokio::spawn({
-            let handle = handle.clone();
-            async move {
-                handle
-                    .refresh()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        });
+        let forced = support::forced_refresh(&handle);
         tokio::task::yield_now().await;
         gate.add_permits(1);
         let res = forced.await.unwrap();

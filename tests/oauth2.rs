@@ -72,12 +72,31 @@ fn fast_retry() -> Backoff {
 }
 
 /// A confidential client (`client_secret_basic`, "app" / "app-secret") of the token endpoint
-/// of `s`, presenting `refresh`.
-fn app(s: &Servers, refresh: &str) -> OAuth2RefresherBuilder<TokenClient> {
+/// of `s`, without a refresh token of its own.
+fn app_client(s: &Servers) -> OAuth2RefresherBuilder<TokenClient> {
     OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
         .client_id("app")
         .client_secret("app-secret", ClientAuth::Basic)
-        .refresh_token(refresh)
+}
+
+/// [`app_client`], presenting `refresh`.
+fn app(s: &Servers, refresh: &str) -> OAuth2RefresherBuilder<TokenClient> {
+    app_client(s).refresh_token(refresh)
+}
+
+/// `builder` with a rotation hook that appends to `persisted`.
+fn persisting(
+    builder: OAuth2RefresherBuilder<TokenClient>,
+    persisted: &Persisted,
+) -> OAuth2RefresherBuilder<TokenClient> {
+    let persisted = persisted.clone();
+    builder.on_rotation(move |new: RefreshToken| {
+        let persisted = persisted.clone();
+        async move {
+            persisted.lock().unwrap().push(new.secret().to_owned());
+            Ok::<_, Infallible>(())
+        }
+    })
 }
 
 /// [`app`], with a rotation hook that appends to `persisted`.
@@ -86,14 +105,7 @@ fn app_persisting(
     refresh: &str,
     persisted: &Persisted,
 ) -> OAuth2RefresherBuilder<TokenClient> {
-    let persisted = persisted.clone();
-    app(s, refresh).on_rotation(move |new: RefreshToken| {
-        let persisted = persisted.clone();
-        async move {
-            persisted.lock().unwrap().push(new.secret().to_owned());
-            Ok::<_, Infallible>(())
-        }
-    })
+    persisting(app(s, refresh), persisted)
 }
 
 /// A confidential client (`client_secret_basic`) whose rotation hook appends to `persisted`.
@@ -2472,19 +2484,56 @@ async fn oauth2_error_find_walks_every_layer_error() {
 /// A refresher logged in through the layer's token set (`handle.set_token(access
 /// .with_refresh_token(rt1))`, the documented re-login): it has no refresh token of its own.
 fn handle_login_refresher(s: &Servers, persisted: &Persisted) -> OAuth2Refresher<TokenClient> {
-    let p = persisted.clone();
-    OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
-        .client_id("app")
-        .client_secret("app-secret", ClientAuth::Basic)
-        .on_rotation(move |new: RefreshToken| {
-            let p = p.clone();
-            async move {
-                p.lock().unwrap().push(new.secret().to_owned());
-                Ok::<_, Infallible>(())
-            }
-        })
+    persisting(app_client(s), persisted).build().unwrap()
+}
+
+/// A handle-login refresher (no own token) whose token requests time out after 300 ms.
+fn timing_out_refresher(s: &Servers, persisted: &Persisted) -> OAuth2Refresher<TokenClient> {
+    persisting(app_client(s), persisted)
+        .timeout(Duration::from_millis(300))
         .build()
         .unwrap()
+}
+
+/// The refresh tokens the token endpoint saw presented, in order.
+fn presented_tokens(s: &Servers) -> Vec<Option<String>> {
+    s.token
+        .seen()
+        .iter()
+        .map(|x| x.field("refresh_token").map(str::to_owned))
+        .collect()
+}
+
+/// A 503 (`temporarily_unavailable`) from the token endpoint.
+fn unavailable() -> Scripted {
+    Scripted::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Some("application/json"),
+        r#"{"error":"temporarily_unavailable"}"#,
+    )
+}
+
+/// A layer over `refresher` whose token set carries `rt1` (a login through the handle), and
+/// a forced refresh whose token request the server holds (answering it with `first`, if
+/// given, once released): the handle and the refresh's task.
+async fn held_refresh_after_a_handle_login(
+    s: &Servers,
+    refresher: &OAuth2Refresher<TokenClient>,
+    rt1: &str,
+    retries: Backoff,
+    first: Option<Scripted>,
+) -> (TokenHandle, tokio::task::JoinHandle<Result<(), String>>) {
+    let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
+        .retries(retries)
+        .initial_token(Token::bearer("stale").unwrap().with_refresh_token(rt1));
+    let handle = layer.token_handle();
+    if let Some(first) = first {
+        s.token.script(first);
+    }
+    s.token.hold_next(1);
+    let forced = support::forced_refresh(&handle);
+    s.token.held(1).await;
+    (handle, forced)
 }
 
 /// A logout while a refresh presenting the token set's refresh token is in flight: the
@@ -2507,12 +2556,7 @@ async fn logout_during_refresh(config: TokenConfig, first: Option<Scripted>) {
     TokenRefresher::logout(&refresher); // what TokenHandle::clear calls
     s.token.release();
     let result = pending.await.unwrap();
-    let presented: Vec<_> = s
-        .token
-        .seen()
-        .iter()
-        .map(|x| x.field("refresh_token").map(str::to_owned))
-        .collect();
+    let presented = presented_tokens(&s);
     assert_eq!(
         s.token.requests(),
         1,
@@ -2532,11 +2576,7 @@ async fn logout_during_refresh(config: TokenConfig, first: Option<Scripted>) {
 async fn a_logout_during_a_refresh_from_the_token_set_is_not_undone_by_the_next_question() {
     guard(logout_during_refresh(
         TokenConfig::default(),
-        Some(Scripted::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("application/json"),
-            r#"{"error":"temporarily_unavailable"}"#,
-        )),
+        Some(unavailable()),
     ))
     .await;
 }
@@ -2571,12 +2611,7 @@ async fn a_login_during_a_refresh_from_the_token_set_asks_again_with_the_new_tok
         let token = replaced_during_refresh(&s, &refresher, &rt1, &after_login)
             .await
             .unwrap();
-        let presented: Vec<_> = s
-            .token
-            .seen()
-            .iter()
-            .map(|x| x.field("refresh_token").map(str::to_owned))
-            .collect();
+        let presented = presented_tokens(&s);
         assert_eq!(
             presented[1].as_deref(),
             Some(after_login.as_str()),
@@ -2597,31 +2632,14 @@ async fn a_handle_clear_during_a_refresh_never_presents_the_logged_out_refresh_t
         let (_, rt1) = s.token.login();
         let persisted = Persisted::default();
         let refresher = handle_login_refresher(&s, &persisted);
-        let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
-            .retries(Backoff::none())
-            .initial_token(
-                Token::bearer("stale")
-                    .unwrap()
-                    .with_refresh_token(rt1.clone()),
-            );
-        let handle = layer.token_handle();
-        s.token.script(Scripted::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("application/json"),
-            r#"{"error":"temporarily_unavailable"}"#,
-        ));
-        s.token.hold_next(1);
-        let forced = tokio::spawn({
-            let handle = handle.clone();
-            async move {
-                handle
-                    .refresh()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        });
-        s.token.held(1).await;
+        let (handle, forced) = held_refresh_after_a_handle_login(
+            &s,
+            &refresher,
+            &rt1,
+            Backoff::none(),
+            Some(unavailable()),
+        )
+        .await;
         handle.clear();
         s.token.release();
         // The question asked again would be inside this same refresher call.
@@ -2630,11 +2648,7 @@ async fn a_handle_clear_during_a_refresh_never_presents_the_logged_out_refresh_t
             s.token.requests(),
             1,
             "after handle.clear(): presented {:?}; refresher holds {:?}; hook persisted {:?}",
-            s.token
-                .seen()
-                .iter()
-                .map(|x| x.field("refresh_token").map(str::to_owned))
-                .collect::<Vec<_>>(),
+            presented_tokens(&s),
             refresher.refresh_token().map(|t| t.secret().to_owned()),
             persisted.lock().unwrap()
         );
@@ -2655,12 +2669,7 @@ async fn the_same_refresh_token_set_twice_during_a_login_refresh_is_one_session(
         let persisted = Persisted::default();
         let refresher = handle_login_refresher(&s, &persisted);
         let result = replaced_during_refresh(&s, &refresher, &rt1, &rt1).await;
-        let presented: Vec<_> = s
-            .token
-            .seen()
-            .iter()
-            .map(|x| x.field("refresh_token").map(str::to_owned))
-            .collect();
+        let presented = presented_tokens(&s);
         assert!(
             result.is_ok(),
             "presented {:?} (rt1 = {rt1}); result {:?}; reuse detected {}; family revoked {}",
@@ -2688,26 +2697,8 @@ async fn a_logout_then_a_login_during_a_refresh_leaves_the_new_session_healthy()
         let (a2, rt2) = s.token.login();
         let persisted = Persisted::default();
         let refresher = handle_login_refresher(&s, &persisted);
-        let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
-            .retries(Backoff::none())
-            .initial_token(
-                Token::bearer("stale")
-                    .unwrap()
-                    .with_refresh_token(rt1.clone()),
-            );
-        let handle = layer.token_handle();
-        s.token.hold_next(1);
-        let forced = tokio::spawn({
-            let handle = handle.clone();
-            async move {
-                handle
-                    .refresh()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        });
-        s.token.held(1).await;
+        let (handle, forced) =
+            held_refresh_after_a_handle_login(&s, &refresher, &rt1, Backoff::none(), None).await;
         handle.clear();
         handle.set_token(Token::bearer(a2).unwrap().with_refresh_token(rt2.clone()));
         s.token.release();
@@ -2717,12 +2708,7 @@ async fn a_logout_then_a_login_during_a_refresh_leaves_the_new_session_healthy()
             .await
             .map(|_| ())
             .map_err(|e| e.to_string());
-        let presented: Vec<_> = s
-            .token
-            .seen()
-            .iter()
-            .map(|x| x.field("refresh_token").map(str::to_owned))
-            .collect();
+        let presented = presented_tokens(&s);
         assert!(
             again.is_ok(),
             "first {first:?}; again {again:?}; presented {presented:?}"
@@ -2746,9 +2732,7 @@ async fn the_same_refresh_token_set_during_the_rotation_hook_keeps_the_rotation(
         let release = Arc::new(tokio::sync::Notify::new());
         let refresher = {
             let (p, e, r) = (persisted.clone(), entered.clone(), release.clone());
-            OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
-                .client_id("app")
-                .client_secret("app-secret", ClientAuth::Basic)
+            app_client(&s)
                 .on_rotation(move |new: RefreshToken| {
                     let (p, e, r) = (p.clone(), e.clone(), r.clone());
                     async move {
@@ -2777,12 +2761,7 @@ async fn the_same_refresh_token_set_during_the_rotation_hook_keeps_the_rotation(
         let again = refresher
             .refresh(stale_ctx(carried.as_deref().unwrap_or_default()))
             .await;
-        let presented: Vec<_> = s
-            .token
-            .seen()
-            .iter()
-            .map(|x| x.field("refresh_token").map(str::to_owned))
-            .collect();
+        let presented = presented_tokens(&s);
         assert!(
             own == rotated && again.is_ok(),
             "rt1 {rt1}, rotated+persisted {rotated}; refresher's own now {own}; token set \
@@ -2809,12 +2788,7 @@ async fn switching_back_to_a_refresh_token_that_was_not_rotated_replaces_the_oth
         .await;
         let (_, rt_a) = s.token.login();
         let (_, rt_b) = s.token.login();
-        let refresher = OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
-            .client_id("app")
-            .client_secret("app-secret", ClientAuth::Basic)
-            .refresh_token(rt_a.clone())
-            .build()
-            .unwrap();
+        let refresher = app(&s, &rt_a).build().unwrap();
         // A's session refreshes once (the server keeps rt_a).
         refresher
             .refresh(stale_ctx(&rt_a))
@@ -2825,12 +2799,7 @@ async fn switching_back_to_a_refresh_token_that_was_not_rotated_replaces_the_oth
         refresher.set_refresh_token(RefreshToken::new(rt_a.clone()));
         let own = refresher.refresh_token().unwrap().secret().to_owned();
         let _ = refresher.refresh(stale_ctx(&rt_a)).await;
-        let presented: Vec<_> = s
-            .token
-            .seen()
-            .iter()
-            .map(|x| x.field("refresh_token").map(str::to_owned))
-            .collect();
+        let presented = presented_tokens(&s);
         assert!(
             own == rt_a,
             "A={rt_a} B={rt_b}: after switching back to A the refresher holds {own}; \
@@ -2839,32 +2808,6 @@ async fn switching_back_to_a_refresh_token_that_was_not_rotated_replaces_the_oth
         assert_eq!(presented.last().unwrap().as_deref(), Some(rt_a.as_str()));
     })
     .await;
-}
-
-/// A handle-login refresher (no own token) whose token requests time out after 300 ms.
-fn timing_out_refresher(s: &Servers, persisted: &Persisted) -> OAuth2Refresher<TokenClient> {
-    let p = persisted.clone();
-    OAuth2Refresher::builder(s.token_url().parse().unwrap(), token_client())
-        .client_id("app")
-        .client_secret("app-secret", ClientAuth::Basic)
-        .timeout(Duration::from_millis(300))
-        .on_rotation(move |new: RefreshToken| {
-            let p = p.clone();
-            async move {
-                p.lock().unwrap().push(new.secret().to_owned());
-                Ok::<_, Infallible>(())
-            }
-        })
-        .build()
-        .unwrap()
-}
-
-fn presented_tokens(s: &Servers) -> Vec<Option<String>> {
-    s.token
-        .seen()
-        .iter()
-        .map(|x| x.field("refresh_token").map(str::to_owned))
-        .collect()
 }
 
 /// `handle.clear()` while the first refresh after a login through the handle is in flight,
@@ -2878,32 +2821,15 @@ async fn a_logout_during_a_token_request_that_times_out_is_not_undone_by_the_ret
         let (_, rt1) = s.token.login();
         let persisted = Persisted::default();
         let refresher = timing_out_refresher(&s, &persisted);
-        let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
-            .retries(fast_retry())
-            .initial_token(
-                Token::bearer("stale")
-                    .unwrap()
-                    .with_refresh_token(rt1.clone()),
-            );
-        let handle = layer.token_handle();
         // The first answer (a 503, not a grant) is held past the refresher's timeout.
-        s.token.script(Scripted::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("application/json"),
-            r#"{"error":"temporarily_unavailable"}"#,
-        ));
-        s.token.hold_next(1);
-        let forced = tokio::spawn({
-            let handle = handle.clone();
-            async move {
-                handle
-                    .refresh()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        });
-        s.token.held(1).await;
+        let (handle, forced) = held_refresh_after_a_handle_login(
+            &s,
+            &refresher,
+            &rt1,
+            fast_retry(),
+            Some(unavailable()),
+        )
+        .await;
         handle.clear(); // logout
         let first = forced.await.unwrap();
         s.token.release();
@@ -2932,31 +2858,14 @@ async fn a_login_during_a_token_request_that_times_out_is_not_overwritten_by_the
         let (_, rt2) = s.token.login();
         let persisted = Persisted::default();
         let refresher = timing_out_refresher(&s, &persisted);
-        let layer = tower_auth_refresh::RefreshLayer::new(refresher.clone())
-            .retries(fast_retry())
-            .initial_token(
-                Token::bearer("stale")
-                    .unwrap()
-                    .with_refresh_token(rt1.clone()),
-            );
-        let handle = layer.token_handle();
-        s.token.script(Scripted::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("application/json"),
-            r#"{"error":"temporarily_unavailable"}"#,
-        ));
-        s.token.hold_next(1);
-        let forced = tokio::spawn({
-            let handle = handle.clone();
-            async move {
-                handle
-                    .refresh()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        });
-        s.token.held(1).await;
+        let (_handle, forced) = held_refresh_after_a_handle_login(
+            &s,
+            &refresher,
+            &rt1,
+            fast_retry(),
+            Some(unavailable()),
+        )
+        .await;
         refresher.set_refresh_token(RefreshToken::new(rt2.clone())); // new login
         let first = forced.await.unwrap();
         s.token.release();

@@ -40,6 +40,20 @@ pub(crate) async fn guard<T>(fut: impl Future<Output = T>) -> T {
         .expect("test did not finish within 60 s")
 }
 
+/// A forced refresh (`TokenHandle::refresh`) on a task of its own, its outcome as text.
+pub(crate) fn forced_refresh(
+    handle: &tower_auth_refresh::TokenHandle,
+) -> JoinHandle<Result<(), String>> {
+    let handle = handle.clone();
+    tokio::spawn(async move {
+        handle
+            .refresh()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Requests and responses.
 
