@@ -12,7 +12,7 @@
 //! Environment: `STAMPEDE_ROUNDS` (default 7), `STAMPEDE_REQUESTS` (default 10000);
 //! `STAMPEDE_ONLY=fresh|stale|mutex` runs one round of one kind (`mutex`: the mutex +
 //! wait-for-unlock design's stampede) on a current-thread runtime (for callgrind);
-//! `STAMPEDE_PROFILE=stale|mutex` runs `STAMPEDE_ROUNDS` stampedes of one kind on the
+//! `STAMPEDE_PROFILE=stale|mutex|mutex_layer` runs `STAMPEDE_ROUNDS` stampedes of one kind on the
 //! multi-threaded runtime and prints each one's time after the refresh returned (for `perf`).
 
 mod common;
@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::header::AUTHORIZATION;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, ServiceExt, service_fn};
 use tower_auth_refresh::{RefreshError, RefreshLayer, ReplayBody, Token, refresh_fn};
 
@@ -172,6 +172,120 @@ async fn round_mutex_wait(n: usize, initial: &'static str) -> Round {
     }
 }
 
+/// The mutex + wait-for-unlock design as a tower layer, as `benches/hot_path.rs` ports it
+/// (`MutexWait`): it gets each request built, as this crate's layer does. The token behind a
+/// `tokio::sync::RwLock`, read on every request; a 401 takes the write lock (requests arriving
+/// meanwhile wait for the unlock), refreshes unless another request already did, and replays
+/// the request once from the clone taken before it was sent.
+#[derive(Clone)]
+struct MutexWait<S> {
+    inner: S,
+    token: Arc<tokio::sync::RwLock<HeaderValue>>,
+    calls: Arc<AtomicUsize>,
+    refreshed_at: Arc<Mutex<Option<Instant>>>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S> tower::Service<Request<String>> for MutexWait<S>
+where
+    S: tower::Service<Request<String>, Response = Response<String>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<String>, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<String>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let this = self.clone();
+        Box::pin(async move {
+            let used = this.token.read().await.clone();
+            req.headers_mut().insert(AUTHORIZATION, used.clone());
+            let mut copy = req.clone();
+            let res = inner.call(req).await?;
+            if res.status() != StatusCode::UNAUTHORIZED {
+                return Ok(res);
+            }
+            let fresh = {
+                let mut current = this.token.write().await;
+                if *current == used {
+                    this.calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(REFRESH_TIME).await;
+                    *this.refreshed_at.lock().unwrap() = Some(Instant::now());
+                    *current = HeaderValue::from_static("Bearer fresh");
+                }
+                current.clone()
+            };
+            copy.headers_mut().insert(AUTHORIZATION, fresh);
+            std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+            inner.call(copy).await
+        })
+    }
+}
+
+/// The same round through [`MutexWait`], a layer over the same inner service.
+async fn round_mutex_layer(n: usize, initial: &'static str) -> Round {
+    let sends = Arc::new(AtomicUsize::new(0));
+    let seen = sends.clone();
+    let inner = service_fn(move |req: Request<String>| {
+        seen.fetch_add(1, Ordering::Relaxed);
+        let ok = req
+            .headers()
+            .get(AUTHORIZATION)
+            .is_some_and(|v| v == "Bearer fresh");
+        let mut res = Response::new(String::new());
+        *res.status_mut() = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        std::future::ready(Ok::<_, Infallible>(res))
+    });
+    let svc = MutexWait {
+        inner,
+        token: Arc::new(tokio::sync::RwLock::new(
+            HeaderValue::try_from(format!("Bearer {initial}")).unwrap(),
+        )),
+        calls: Arc::new(AtomicUsize::new(0)),
+        refreshed_at: Arc::new(Mutex::new(None)),
+    };
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let req = Request::get(format!("/items/{i}"))
+                    .body(String::new())
+                    .unwrap();
+                svc.oneshot(req).await.map(|r| r.status())
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), StatusCode::OK);
+    }
+    let wall = start.elapsed();
+    let refreshed = svc.refreshed_at.lock().unwrap().map(|at| at - start);
+    Round {
+        wall,
+        calls: svc.calls.load(Ordering::SeqCst),
+        refreshed,
+        sends: sends.load(Ordering::SeqCst),
+    }
+}
+
 fn main() {
     let rounds: usize = common::env_or("STAMPEDE_ROUNDS", 7);
     let n: usize = common::env_or("STAMPEDE_REQUESTS", 10_000);
@@ -207,6 +321,8 @@ fn main() {
             for _ in 0..rounds {
                 let r = if kind == "mutex" {
                     round_mutex_wait(n, "stale").await
+                } else if kind == "mutex_layer" {
+                    round_mutex_layer(n, "stale").await
                 } else {
                     round(n, "stale").await
                 };
@@ -233,6 +349,8 @@ fn main() {
         let mut peer = Vec::new();
         let mut peer_sends = Vec::new();
         let mut ratios = Vec::new();
+        // The same design as a tower layer (it gets each request built, as this crate does).
+        let (mut layer_peer, mut layer_ratios) = (Vec::new(), Vec::new());
         println!("P3 stampede: {n} concurrent requests, refresher takes {REFRESH_TIME:?}, {rounds} rounds");
         for r in 0..rounds {
             let fresh = round(n, "fresh").await;
@@ -242,22 +360,33 @@ fn main() {
             assert_eq!(calls, 1, "exactly one refresh");
             let mutex = round_mutex_wait(n, "stale").await;
             assert_eq!(mutex.calls, 1);
+            let as_layer = round_mutex_layer(n, "stale").await;
+            assert_eq!(as_layer.calls, 1);
+            assert!(
+                as_layer.sends <= n + n / 50,
+                "the layer port sends each request once (the refused ones twice)"
+            );
             let (b, s) = (fresh.wall, stale.wall);
             let bound = REFRESH_TIME + b.mul_f64(1.5);
             let refreshed = stale.refreshed.unwrap_or_default();
             let per_request = stale.sends as f64 / n as f64;
             let ratio = s.as_secs_f64() / mutex.wall.as_secs_f64();
+            let layer_ratio = s.as_secs_f64() / as_layer.wall.as_secs_f64();
             println!(
-                "  round {r}: no refresh {:.1} ms | stampede {:.1} ms, {calls} refresh, {per_request:.3} sends per request (refresher returned at {:.1} ms, last response {:.1} ms later) | bound 50 ms + 1.5x = {:.1} ms | mutex + wait {:.1} ms, refreshed at {:.1} ms ({ratio:.2}x)",
+                "  round {r}: no refresh {:.1} ms | stampede {:.1} ms, {calls} refresh, {per_request:.3} sends per request (refresher returned at {:.1} ms, last response {:.1} ms later) | bound 50 ms + 1.5x = {:.1} ms | mutex + wait {:.1} ms, refreshed at {:.1} ms ({ratio:.2}x) | as a layer {:.1} ms, refreshed at {:.1} ms ({layer_ratio:.2}x)",
                 ms(b),
                 ms(s),
                 ms(refreshed),
                 ms(s.saturating_sub(refreshed)),
                 ms(bound),
                 ms(mutex.wall),
-                ms(mutex.refreshed.unwrap_or_default())
+                ms(mutex.refreshed.unwrap_or_default()),
+                ms(as_layer.wall),
+                ms(as_layer.refreshed.unwrap_or_default())
             );
             ratios.push(ratio);
+            layer_ratios.push(layer_ratio);
+            layer_peer.push(as_layer.wall);
             peer.push(mutex.wall);
             peer_sends.push(format!("{:.3}", mutex.sends as f64 / n as f64));
             sends.push(per_request);
@@ -278,6 +407,14 @@ fn main() {
             ms(p),
             s.as_secs_f64() / p.as_secs_f64(),
             common::median(&mut ratios)
+        );
+        let lp = common::median(&mut layer_peer);
+        println!(
+            "P3 this crate vs mutex + wait-for-unlock as a layer: {:.1} ms vs {:.1} ms ({:.2}x; median of the rounds' ratios {:.2}x)",
+            ms(s),
+            ms(lp),
+            s.as_secs_f64() / lp.as_secs_f64(),
+            common::median(&mut layer_ratios)
         );
         let bound = REFRESH_TIME + b.mul_f64(1.5);
         println!(
