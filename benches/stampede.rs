@@ -12,8 +12,10 @@
 //! Environment: `STAMPEDE_ROUNDS` (default 7), `STAMPEDE_REQUESTS` (default 10000);
 //! `STAMPEDE_ONLY=fresh|stale|mutex` runs one round of one kind (`mutex`: the mutex +
 //! wait-for-unlock design's stampede) on a current-thread runtime (for callgrind);
-//! `STAMPEDE_PROFILE=stale|mutex|mutex_layer` runs `STAMPEDE_ROUNDS` stampedes of one kind on the
-//! multi-threaded runtime and prints each one's time after the refresh returned (for `perf`).
+//! `STAMPEDE_PROFILE=stale|mutex|mutex_layer` runs `STAMPEDE_ROUNDS` stampedes of one kind
+//! on the multi-threaded runtime and prints each one's time after the refresh returned (for
+//! `perf`). Every round runs the mutex design twice: as client code that builds its request
+//! after the unlock, and as a tower layer (`MutexWait`) that gets it built, as this crate does.
 
 mod common;
 
