@@ -6,16 +6,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::AUTHORIZATION;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
-use crate::cell::{FreshWait, Ticket};
+use crate::cell::FreshWait;
 use crate::head::{RequestCopy, ResponseHead};
-use crate::replay::{self, Admit, Recovery, Sent, Verdict};
+use crate::replay::{self, Admit, Granted, Recovery, Sent, Verdict};
 use crate::shared::Shared;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -171,7 +171,9 @@ pub(crate) struct Parked<S, B> {
     /// The service it is sent through once the wait is over: an unready clone (the readied
     /// one was given up, see `dispatch`).
     svc: S,
-    body: ReplayBody<B>,
+    /// The caller's body (taken by the send): whether it is kept for a replay is decided
+    /// once the token it goes out with is known.
+    body: Option<B>,
     phase: Phase,
 }
 
@@ -195,7 +197,7 @@ enum Phase {
     },
     Waiting(FreshWait),
     /// Over: the token to send with (`None`: anonymous, sent without one).
-    Over(Option<(Ticket, HeaderValue)>),
+    Over(Option<Granted>),
     /// The request went out (its kit stays here, see `State::Resent`), to this URI when the
     /// kit keeps no head (for the redirect check; kept here rather than boxed in the kit).
     Sent(Option<http::Uri>),
@@ -307,14 +309,14 @@ where
         kit: Kit<S, B>,
         parts: http::request::Parts,
         svc: S,
-        body: ReplayBody<B>,
+        body: B,
         expired: bool,
     ) -> Self {
         let parked = Parked {
             kit,
             parts: Some(parts),
             svc,
-            body,
+            body: Some(body),
             phase: Phase::Start { expired },
         };
         Self {
@@ -437,7 +439,9 @@ where
 
 /// The wait for a token is over and `parked.svc` is ready: sends the request with the token
 /// (`None`: anonymous, untouched). The response is judged as any other (`Sent`): a refusal
-/// now is final ([`Verdict::RefusedAfterRefresh`]) unless a proof asks for a new one.
+/// of a token from the refresh is final ([`Verdict::RefusedAfterRefresh`]) unless a proof
+/// asks for a new one; a refusal of the token the layer held (its refresh failed inside the
+/// leeway) is recovered from as any first refusal.
 fn send_after_wait<S, B, ResBody>(
     mut parked: Box<Parked<S, B>>,
 ) -> ResponseFuture<S, B, S::Future, Response<ResBody>>
@@ -452,7 +456,10 @@ where
     let Phase::Over(token) = std::mem::replace(&mut parked.phase, Phase::Sent(None)) else {
         unreachable!("the wait is over before the send");
     };
-    let body = std::mem::take(&mut parked.body);
+    let body = parked
+        .body
+        .take()
+        .expect("the body is kept for the first send");
     let Parked {
         kit,
         svc,
@@ -461,16 +468,33 @@ where
         ..
     } = &mut *parked;
     let mut parts = parts.take().expect("the head is kept for the first send");
-    let Some((ticket, header)) = token else {
+    let Some(Granted {
+        ticket,
+        header,
+        refreshed,
+    }) = token
+    else {
         // Anonymous: no token can be had; send it as it is.
-        return ResponseFuture::passthrough(svc.call(Request::from_parts(parts, body)));
+        let req = Request::from_parts(parts, ReplayBody::passthrough(body));
+        return ResponseFuture::passthrough(svc.call(req));
     };
-    // After a wait a refusal is final (no second refresh): only a refused proof (a nonce
-    // challenge) replays, so only a layer with a proof keeps the head and the header.
-    if kit.shared.options().proof.is_some() {
-        if kit.body.is_some() {
+    let options = kit.shared.options();
+    // With a token from the refresh it waited for, a refusal is final (no second refresh):
+    // only a refused proof (a nonce challenge) replays, so only a layer with a proof keeps
+    // the body, the head and the header. The token the layer held, sent because its refresh
+    // failed, was never refused: its refusal is a first one, replayed as any other's.
+    let replays = !kit.sent.no_replay && (!refreshed || options.proof.is_some());
+    let body = if replays {
+        let (body, source) = ReplayBody::new(body, options.max_replay_body);
+        if source.is_some() {
             kit.head = Some(RequestCopy::of(&parts));
         }
+        kit.body = source;
+        body
+    } else {
+        ReplayBody::passthrough(body)
+    };
+    if options.proof.is_some() {
         kit.header = Some(Box::new(header.clone()));
     }
     if kit.head.is_none() {
@@ -483,6 +507,8 @@ where
         return ResponseFuture::failed(f.into_box());
     }
     kit.sent.ticket = ticket;
+    // The token the layer held, sent after its refresh failed: its refusal is a first one.
+    kit.sent.waited = refreshed;
     let fut = svc.call(Request::from_parts(parts, body));
     ResponseFuture {
         state: State::Resent {
@@ -746,14 +772,9 @@ where
             ResponseFuture::sent(fut, kit)
         }
         Admit::Wait { ticket, expired } => {
+            // Whether the body is kept for a replay is decided at the send, by the token it
+            // goes out with (`send_after_wait`).
             let sent = Sent::new(ticket, true, &parts.extensions);
-            // After a wait a refusal is final (no second refresh): only a refused proof (a
-            // nonce challenge) replays, so only a layer with a proof keeps the body.
-            let (body, source) = if sent.no_replay || shared.options().proof.is_none() {
-                (ReplayBody::passthrough(body), None)
-            } else {
-                ReplayBody::new(body, shared.options().max_replay_body)
-            };
             // Give up the readied service while waiting: it may hold a permit the token
             // request needs (a concurrency limit below the layer). A clone is readied later.
             let svc = inner.clone();
@@ -763,7 +784,7 @@ where
                 shared: shared.clone(),
                 uri: None,
                 head: None,
-                body: source,
+                body: None,
                 sent,
                 header: None,
             };

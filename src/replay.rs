@@ -169,6 +169,18 @@ fn has_authorization(headers: &HeaderMap) -> bool {
     headers.keys().any(|name| name == AUTHORIZATION)
 }
 
+/// The token a request that waited is sent with.
+#[derive(Debug)]
+pub(crate) struct Granted {
+    pub(crate) ticket: Ticket,
+    pub(crate) header: HeaderValue,
+    /// A refresh the request waited for produced it: a refusal of it is final (no second
+    /// refresh). `false`: the refresh failed inside the leeway and this is the token the
+    /// layer held, still valid; the server never refused it, so a refusal now is a first
+    /// refusal, recorded and recovered from as any other.
+    pub(crate) refreshed: bool,
+}
+
 /// Step 2: waits for a token newer than `ticket` before the first send. `Ok(None)`: send the
 /// request untouched (anonymous mode, no token can be had).
 #[cfg(feature = "reqwest")]
@@ -176,7 +188,7 @@ pub(crate) async fn wait_for_token(
     shared: &Shared,
     ticket: Ticket,
     expired: bool,
-) -> Result<Option<(Ticket, HeaderValue)>, Failure> {
+) -> Result<Option<Granted>, Failure> {
     let answer = start_wait(shared, ticket, expired).await;
     waited(shared, answer)
 }
@@ -201,18 +213,23 @@ pub(crate) fn start_wait(shared: &Shared, ticket: Ticket, expired: bool) -> Fres
 /// …and what its answer means for the request.
 // `Failure` is large only for its rare refresh variants.
 #[allow(clippy::result_large_err)]
-pub(crate) fn waited(
-    shared: &Shared,
-    answer: Answer,
-) -> Result<Option<(Ticket, HeaderValue)>, Failure> {
+pub(crate) fn waited(shared: &Shared, answer: Answer) -> Result<Option<Granted>, Failure> {
     let options = shared.options();
     match answer {
-        Ok(fresh) => Ok(Some((fresh.ticket, fresh.header))),
+        Ok(fresh) => Ok(Some(Granted {
+            ticket: fresh.ticket,
+            header: fresh.header,
+            refreshed: true,
+        })),
         Err(err @ (Unavailable::Failed(_) | Unavailable::Cooling(_))) => {
             // A refresh inside the leeway failed: the token is still valid until it expires
             // (with a cool-down or without one).
             match shared.cell().unexpired(options) {
-                Some((ticket, header)) => Ok(Some((ticket, header))),
+                Some((ticket, header)) => Ok(Some(Granted {
+                    ticket,
+                    header,
+                    refreshed: false,
+                })),
                 None => Err(Failure::Unavailable(err, None)),
             }
         }
@@ -265,7 +282,7 @@ pub(crate) fn no_uri() -> &'static Uri {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Sent {
     pub(crate) ticket: Ticket,
-    /// It waited for a refresh before this send.
+    /// It carries a token a refresh it waited for produced (a refusal is then final).
     pub(crate) waited: bool,
     /// It carries [`NoReplay`].
     pub(crate) no_replay: bool,

@@ -269,9 +269,13 @@ impl RefreshMiddleware {
                                 .await
                                 .map_err(|f| f.into_reqwest())?;
                             match waited {
-                                Some((ticket, header)) => {
-                                    (uri, Sent::new(ticket, true, extensions), header)
-                                }
+                                // The token the layer held, sent after its refresh failed:
+                                // its refusal is a first one (`Granted::refreshed`).
+                                Some(granted) => (
+                                    uri,
+                                    Sent::new(granted.ticket, granted.refreshed, extensions),
+                                    granted.header,
+                                ),
                                 // Anonymous: no token can be had; send it as it is.
                                 None => return next.run(req, extensions).await,
                             }
@@ -280,6 +284,8 @@ impl RefreshMiddleware {
                     let method = req.method().clone();
                     // After a wait a refusal is final (no second refresh): only a refused proof (a
                     // nonce challenge) replays, so only a layer with a proof keeps a copy then.
+                    // A request sent with the held token after a failed refresh did not get a
+                    // token from a refresh (`waited` is false): it keeps one as any other.
                     let replays = if sent.waited {
                         shared.options().proof.is_some()
                     } else {

@@ -1233,3 +1233,112 @@ async fn a_terminal_answer_for_the_old_session_does_not_make_the_login_round_sin
     })
     .await;
 }
+
+/// Review item (eleventh session): inside the leeway, with the token endpoint down, a request
+/// waits for a refresh that fails and goes out with the token the layer holds, still valid.
+/// When the server refuses that token, the refusal is a first refusal of it: recorded, so no
+/// later request sends it again, and answered as any refusal during the cool-down (the 401
+/// itself). It was taken for a refusal right after a refresh: the request failed with
+/// `UnauthorizedAfterRefresh` (no refresh had succeeded), nothing was recorded, and the next
+/// request sent the refused token again.
+#[tokio::test]
+async fn a_held_token_refused_after_a_failed_leeway_refresh_is_never_sent_again() {
+    guard(async {
+        const HELD: &str = "held-leeway-4d1f9c";
+        let seen = Seen::default();
+        let addr = recording_server(seen.clone(), |_| {
+            Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .header(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)
+                .body(Full::default())
+                .unwrap()
+        })
+        .await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = ServiceBuilder::new()
+            .layer(support::in_leeway_with_the_endpoint_down(HELD, &calls))
+            .service(http_client::<ReplayBody<Body>>());
+        let url = format!("http://{addr}/r");
+
+        let first = svc.clone().oneshot(get(url.as_str())).await;
+        assert_eq!(
+            first.expect("the refusal itself, not an error").status(),
+            StatusCode::UNAUTHORIZED
+        );
+        let second = svc.clone().oneshot(get(url.as_str())).await;
+        let err = second.expect_err("the refused token is not sent again");
+        let failed = err
+            .downcast_ref::<tower_auth_refresh::error::RefreshFailed>()
+            .expect("the cool-down of the failed refresh");
+        assert!(failed.next_attempt_in().is_some(), "{err}");
+        assert_eq!(seen.all(), [format!("Bearer {HELD}")], "one send in all");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh attempt");
+    })
+    .await;
+}
+
+/// The same without a cool-down, and the token endpoint back by the time the server refuses
+/// the held token: the refusal starts a refresh as any first refusal does, and the request
+/// (a POST) is replayed once with the new token, its body byte for byte. (The explorer of
+/// `tests/interleavings.rs` checks this too: a replayable request gets no 401 back outside a
+/// cool-down.)
+#[tokio::test]
+async fn a_held_token_refused_after_a_failed_leeway_refresh_is_replayed_once_refreshed() {
+    guard(async {
+        const HELD: &str = "held-leeway-5e0a31";
+        const FRESH: &str = "fresh-leeway-b7c2d4";
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let addr = serve({
+            let seen = seen.clone();
+            move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let auth = authorization(req.headers());
+                    let body = http_body_util::BodyExt::collect(req.into_body())
+                        .await
+                        .unwrap()
+                        .to_bytes();
+                    let ok = auth == format!("Bearer {FRESH}");
+                    seen.lock().unwrap().push((auth, body));
+                    let status = if ok {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::UNAUTHORIZED
+                    };
+                    Response::builder()
+                        .status(status)
+                        .body(Full::default())
+                        .unwrap()
+                }
+            }
+        })
+        .await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = support::in_leeway_then(HELD, &calls, Some(FRESH))
+            .cooldown(tower_auth_refresh::Cooldown::none());
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Body>>());
+        let payload = Bytes::from_static(b"{\"order\":42}");
+        let req = Request::post(format!("http://{addr}/orders"))
+            .body(Full::new(payload.clone()))
+            .unwrap();
+
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                (format!("Bearer {HELD}"), payload.clone()),
+                (format!("Bearer {FRESH}"), payload),
+            ],
+            "sent with the held token, then replayed once with the new one"
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "the failed refresh, then the one after the refusal"
+        );
+    })
+    .await;
+}

@@ -766,3 +766,112 @@ async fn the_replay_is_the_request_as_reqwest_sent_it() {
     })
     .await;
 }
+
+/// Review item (eleventh session), as in the tower layer
+/// (`tests/lifecycle.rs::a_held_token_refused_after_a_failed_leeway_refresh_is_never_sent_again`):
+/// the token the layer holds, sent after a failed refresh inside the leeway and refused, is a
+/// first refusal of it: recorded (never sent again) and answered with the 401 during the
+/// cool-down. It failed with `UnauthorizedAfterRefresh`, and the next request sent it again.
+#[tokio::test]
+async fn a_held_token_refused_after_a_failed_leeway_refresh_is_never_sent_again() {
+    guard(async {
+        const HELD: &str = "held-leeway-rq-8b2e07";
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let addr = serve({
+            let seen = seen.clone();
+            move |req: Request<Incoming>| {
+                seen.lock().unwrap().push(authorization(req.headers()));
+                std::future::ready(
+                    Response::builder()
+                        .status(StatusCode::UNAUTHORIZED)
+                        .header(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+            }
+        })
+        .await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = support::in_leeway_with_the_endpoint_down(HELD, &calls);
+        let client = reqwest_client(layer.reqwest_middleware());
+        let url = format!("http://{addr}/r");
+
+        let first = client.get(&url).send().await;
+        assert_eq!(
+            first.expect("the refusal itself, not an error").status(),
+            StatusCode::UNAUTHORIZED
+        );
+        let err = client
+            .get(&url)
+            .send()
+            .await
+            .expect_err("the refused token is not sent again");
+        let failed = layer_error::<tower_auth_refresh::error::RefreshFailed>(&err)
+            .expect("the cool-down of the failed refresh");
+        assert!(failed.next_attempt_in().is_some(), "{err}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [format!("Bearer {HELD}")],
+            "one send in all"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh attempt");
+    })
+    .await;
+}
+
+/// As in the tower layer
+/// (`tests/lifecycle.rs::a_held_token_refused_after_a_failed_leeway_refresh_is_replayed_once_refreshed`):
+/// without a cool-down and with the token endpoint back, the refused held token is refreshed
+/// and the POST replayed once with the new token, its body byte for byte.
+#[tokio::test]
+async fn a_held_token_refused_after_a_failed_leeway_refresh_is_replayed_once_refreshed() {
+    guard(async {
+        const HELD: &str = "held-leeway-rq-1f6b90";
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let addr = serve({
+            let seen = seen.clone();
+            move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let auth = authorization(req.headers());
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let ok = auth == format!("Bearer {FRESH}");
+                    seen.lock().unwrap().push((auth, body));
+                    let status = if ok {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::UNAUTHORIZED
+                    };
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap()
+                }
+            }
+        })
+        .await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = support::in_leeway_then(HELD, &calls, Some(FRESH))
+            .cooldown(tower_auth_refresh::Cooldown::none());
+        let client = reqwest_client(layer.reqwest_middleware());
+        let payload = Bytes::from_static(b"{\"order\":42}");
+
+        let res = client
+            .post(format!("http://{addr}/orders"))
+            .body(payload.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                (format!("Bearer {HELD}"), payload.clone()),
+                (format!("Bearer {FRESH}"), payload),
+            ],
+            "sent with the held token, then replayed once with the new one"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}

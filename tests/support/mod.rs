@@ -30,7 +30,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tower::Service;
-use tower_auth_refresh::{BoxError, RefreshError, ReplayBody, Token, TokenRefresher, refresh_fn};
+use tower_auth_refresh::{
+    Backoff, BoxError, Clock, RefreshError, RefreshLayer, ReplayBody, Token, TokenRefresher,
+    refresh_fn,
+};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Bounds a test body: a hang fails instead of blocking the suite.
@@ -497,4 +500,65 @@ pub(crate) fn connection_budget(wanted: usize) -> usize {
         );
     }
     budget.clamp(16, wanted)
+}
+
+/// A clock ahead of Tokio's (and of the wall clock) by an offset the test moves: a token's
+/// lifetime passes without waiting, while every timer and socket runs in real time.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AheadClock(Arc<Mutex<Duration>>);
+
+impl AheadClock {
+    pub(crate) fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for AheadClock {
+    fn now(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + *self.0.lock().unwrap()
+    }
+
+    fn wall(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now() + *self.0.lock().unwrap()
+    }
+}
+
+/// A layer whose token (`secret`, 100 s lifetime, so a leeway of 10 s) is inside its leeway,
+/// and whose token endpoint is down: every refresh fails transiently, one attempt each (the
+/// default cool-down follows). `calls` counts the refresher's calls.
+pub(crate) fn in_leeway_with_the_endpoint_down(
+    secret: &'static str,
+    calls: &Arc<AtomicUsize>,
+) -> RefreshLayer {
+    in_leeway_then(secret, calls, None)
+}
+
+/// [`in_leeway_with_the_endpoint_down`], except that the refresher's second and later calls
+/// return `then`, if given (the endpoint is back).
+pub(crate) fn in_leeway_then(
+    secret: &'static str,
+    calls: &Arc<AtomicUsize>,
+    then: Option<&'static str>,
+) -> RefreshLayer {
+    let clock = AheadClock::default();
+    let calls = calls.clone();
+    let layer = RefreshLayer::new(refresh_fn(move |_stale: Option<Token>| {
+        let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            match then {
+                Some(fresh) if !first => Ok(Token::bearer(fresh)?),
+                _ => Err(RefreshError::transient("token endpoint down")),
+            }
+        }
+    }))
+    .clock(clock.clone())
+    .retries(Backoff::none())
+    .initial_token(
+        Token::bearer(secret)
+            .unwrap()
+            .with_expires_in(Duration::from_secs(100)),
+    );
+    // 95 s into its 100 s: inside the leeway, not expired.
+    clock.advance(Duration::from_secs(95));
+    layer
 }
