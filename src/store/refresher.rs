@@ -19,9 +19,36 @@ use crate::token::Token;
 /// It wraps your refresher and runs the store protocol described in the [module
 /// documentation](super) on every refresh the layer asks for: adopt a newer stored token,
 /// else take the lease, refresh with the **stored** refresh token (handed to your refresher as
-/// `ctx.stale().refresh_token()`), compare-and-set the new set, release. Your refresher is
+/// `ctx.stale().refresh_token()`; a new login's own, see [below](#logouts-and-new-logins)),
+/// compare-and-set the new set, release. Your refresher is
 /// called only by the lease holder, so with rotating refresh tokens exactly one process spends
 /// each refresh token.
+///
+/// # Logouts and new logins
+///
+/// The stored session is the one this process follows, unless the layer hands it another:
+///
+/// - After [`TokenHandle::clear`](crate::TokenHandle::clear) (which calls
+///   [`logout`](TokenRefresher::logout), passed on to your refresher), a refresh without a
+///   token (a forced one) never adopts or refreshes the stored session: your refresher is
+///   called without a token, and what it returns, if anything, is stored as a new login.
+/// - A token installed with [`TokenHandle::set_token`](crate::TokenHandle::set_token) (or
+///   `initial_token`) whose refresh token the store does not know (neither the stored one,
+///   nor one of the last [`SUPERSEDED_KEPT`](super::SUPERSEDED_KEPT) it replaced, nor one this
+///   process got through the store) is a new login: its refresh token is presented, the
+///   stored set is never adopted over it, and the result is stored for every process. A token
+///   without a refresh token counts as a new login only when installed after a logout.
+/// - A token the store knows follows the store: a newer stored set is adopted, the stored
+///   refresh token is presented.
+///
+/// # A refused refresh token
+///
+/// When the token endpoint refuses the stored session's refresh token (a terminal error) and
+/// no process stored anything newer, the lease holder writes that to the store (a digest of
+/// the refused token, never the token) before it gives the lease back. Every other process,
+/// waiting for the lease or refreshing later, then fails with the same kind of terminal
+/// error without a token call: one token call ends the session for all. A new login stored
+/// later replaces that record.
 ///
 /// Your refresher should attach the refresh token it got back to the token it returns
 /// ([`Token::with_refresh_token`]); if it returns none, the stored one is kept. The token
@@ -42,7 +69,8 @@ use crate::token::Token;
 ///   this process remembers that its set is newer than the stored record. As long as that
 ///   record is still the stored one (nobody wrote since), the next refresh of this process
 ///   presents its own new refresh token, not the stored spent one, and writes the result
-///   back. Until then, another process that refreshes from the stored record presents the
+///   back; with a keyed refresher, also after the keyed layer evicted the key's cell (the
+///   rebuilt cell refreshes without a token), but not after a logout. Until then, another process that refreshes from the stored record presents the
 ///   spent refresh token: with a server that detects reuse, that ends its session (and may
 ///   revoke the whole token family). This memory does not survive a restart of the process.
 /// - **The write loses its lease** (the store restarted or was flushed during the token call,
