@@ -663,6 +663,32 @@ mod tests {
         }
     }
 
+    /// A record written before the digests existed reads as before; a malformed digest is a
+    /// corrupt record, never a panic; an ended record round-trips without its refresh token.
+    #[test]
+    fn digests_are_optional_and_checked() {
+        let old =
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","refresh_token":"r"}"#;
+        let rec = Record::decode(old).unwrap();
+        assert!(!rec.is_ended() && rec.knows("r") && !rec.knows("x"));
+        let written = String::from_utf8(rec.encode()).unwrap();
+        assert!(
+            !written.contains("superseded") && !written.contains("refused"),
+            "nothing new written for a session without a history"
+        );
+        for bad in [
+            &br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","refused":"nothex"}"#
+                [..],
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","refused":7}"#,
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","superseded":["AB"]}"#,
+        ] {
+            assert!(Record::decode(bad).unwrap_err().is_corrupt());
+        }
+        let ended = Record::decode(&rec.ended(3, "r").encode()).unwrap();
+        assert!(ended.is_ended() && ended.knows("r") && !ended.has_refresh_token());
+        assert!(!String::from_utf8(ended.encode()).unwrap().contains("\"r\""));
+    }
+
     #[test]
     fn fences_differ() {
         let a = fence();
