@@ -572,3 +572,276 @@ async fn a_failed_write_after_rotation_is_recovered_with_the_processs_own_refres
     assert!(stored.same_access_token(&adopted));
     assert_eq!(servers.token.grants(), 3, "adopted, no token call");
 }
+
+// Sessions: a refused refresh token, a logout and a new login through the store.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use tower_auth_refresh::RefreshError;
+
+/// A token endpoint stand-in: records every refresh token presented, answers after `delay`
+/// (refuses with `invalid_grant` if `refuse`), and (like `OAuth2Refresher`) forgets its
+/// refresh token at logout, after which it refuses a refresh that offers none.
+#[derive(Clone)]
+struct Endpoint {
+    presented: Arc<Mutex<Vec<Option<String>>>>,
+    logged_out: Arc<AtomicBool>,
+    delay: Duration,
+    refuse: bool,
+    n: Arc<AtomicUsize>,
+}
+
+impl Endpoint {
+    fn new(delay: Duration, refuse: bool) -> Self {
+        Self {
+            presented: Arc::default(),
+            logged_out: Arc::default(),
+            delay,
+            refuse,
+            n: Arc::default(),
+        }
+    }
+    fn presented(&self) -> Vec<Option<String>> {
+        self.presented.lock().unwrap().clone()
+    }
+}
+
+impl TokenRefresher for Endpoint {
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Token, RefreshError>> + Send + 'static>,
+    >;
+
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let rt = ctx
+                .stale()
+                .and_then(Token::refresh_token)
+                .map(str::to_owned);
+            if rt.is_none() && this.logged_out.load(Ordering::SeqCst) {
+                return Err(RefreshError::terminal("logged out: no refresh token"));
+            }
+            this.presented.lock().unwrap().push(rt);
+            tokio::time::sleep(this.delay).await;
+            if this.refuse {
+                return Err(RefreshError::terminal("invalid_grant"));
+            }
+            let n = this.n.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Token::bearer(format!("fresh-access-{n}"))?
+                .with_expires_in(Duration::from_secs(3600))
+                .with_refresh_token(format!("fresh-refresh-{n}")))
+        })
+    }
+
+    fn logout(&self) {
+        self.logged_out.store(true, Ordering::SeqCst);
+    }
+}
+
+fn valid_set(access: &str, refresh: &str) -> Token {
+    Token::bearer(access)
+        .unwrap()
+        .with_expires_in(Duration::from_secs(3600))
+        .with_refresh_token(refresh)
+}
+
+/// Two processes (two `FileStore`s on one file: two OS locks) hit the same expiry. The lease
+/// holder's token call is refused with `invalid_grant` (terminal) and it records that in the
+/// store; the other process, waiting for the lease, ends its session with a terminal error
+/// too, without presenting the refused refresh token a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_refresh_token_is_presented_once_across_processes() {
+    let dir = TempDir::new("review-terminal");
+    let path = dir.path().join("token.json");
+    let stale = expired_set("old-access", "old-refresh");
+    seed(&FileStore::new(&path), &stale).await;
+
+    let endpoint = Endpoint::new(Duration::from_millis(300), true);
+    let a = StoreRefresher::new(endpoint.clone(), FileStore::new(&path));
+    let b = StoreRefresher::new(endpoint.clone(), FileStore::new(&path));
+    let ctx = || RefreshContext::new(Some(stale.clone()), RefreshReason::Expired);
+    let (ra, rb) = within("both refreshes", async {
+        tokio::join!(a.refresh(ctx()), async {
+            // B arrives while A holds the lease.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            b.refresh(ctx()).await
+        })
+    })
+    .await;
+    assert!(ra.unwrap_err().is_terminal());
+    assert!(rb.unwrap_err().is_terminal());
+    assert_eq!(
+        endpoint.presented(),
+        vec![Some("old-refresh".to_owned())],
+        "the refused refresh token was presented by every process in turn"
+    );
+}
+
+/// `TokenHandle::clear` is a logout: `TokenRefresher::logout` is documented as what keeps "a
+/// later forced refresh" from "silently log[ging] the old user back in". Through a
+/// `StoreRefresher`, a forced refresh after the logout asks the wrapped refresher (which
+/// forgot the session) without a token, and never adopts the stored old session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_refresh_after_logout_does_not_bring_the_old_session_back() {
+    let dir = TempDir::new("review-logout");
+    let path = dir.path().join("token.json");
+    let old = valid_set("old-user-access", "old-user-refresh");
+    seed(&FileStore::new(&path), &old).await;
+
+    let endpoint = Endpoint::new(Duration::ZERO, false);
+    let layer = RefreshLayer::new(StoreRefresher::new(endpoint.clone(), FileStore::new(&path)))
+        .initial_token(old.clone());
+    let handle = layer.token_handle();
+    handle.clear();
+    assert!(handle.token().is_none(), "logged out");
+    let forced = within("the forced refresh", handle.refresh()).await;
+    let back = handle.token().map(|t| t.secret().to_owned());
+    assert!(
+        forced.is_err() && back.is_none(),
+        "after a logout, a forced refresh brought the old user's session back: {back:?}"
+    );
+}
+
+/// A new login installed with `TokenHandle::set_token` (the README's way: "installs the
+/// whole session"), after the previous session ended: its first refresh presents the new
+/// login's refresh token, not the *stored* one of the previous session, and stores the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_login_is_refreshed_with_its_own_refresh_token() {
+    let dir = TempDir::new("review-relogin");
+    let path = dir.path().join("token.json");
+    // The previous session, its access token expired, its refresh token revoked.
+    seed(
+        &FileStore::new(&path),
+        &expired_set("old-user-access", "old-user-refresh"),
+    )
+    .await;
+
+    let endpoint = Endpoint::new(Duration::ZERO, false);
+    let layer = RefreshLayer::new(StoreRefresher::new(endpoint.clone(), FileStore::new(&path)));
+    let handle = layer.token_handle();
+    // The user logs in again.
+    handle.set_token(valid_set("new-user-access", "new-user-refresh"));
+    within("the refresh", handle.refresh()).await.unwrap();
+    assert_eq!(
+        endpoint.presented(),
+        vec![Some("new-user-refresh".to_owned())],
+        "the new login's refresh token was never presented"
+    );
+    let stored = FileStore::new(&path).load().await.unwrap().unwrap();
+    assert!(stored.same_access_token(&handle.token().unwrap()), "stored");
+}
+
+/// The same, when the previous user's stored access token is still valid (a logout, then
+/// another user logs in with `set_token`): the new user's first forced refresh presents the
+/// new user's refresh token and never adopts the previous user's access token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_login_never_switches_to_the_previous_users_stored_token() {
+    let dir = TempDir::new("review-switch");
+    let path = dir.path().join("token.json");
+    let old = valid_set("old-user-access", "old-user-refresh");
+    seed(&FileStore::new(&path), &old).await;
+
+    let endpoint = Endpoint::new(Duration::ZERO, false);
+    let layer = RefreshLayer::new(StoreRefresher::new(endpoint.clone(), FileStore::new(&path)))
+        .initial_token(old);
+    let handle = layer.token_handle();
+    handle.clear(); // user A logs out
+    handle.set_token(valid_set("new-user-access", "new-user-refresh")); // user B logs in
+    within("the refresh", handle.refresh()).await.unwrap();
+    let now = handle.token().map(|t| t.secret().to_owned());
+    assert_ne!(
+        now.as_deref(),
+        Some("old-user-access"),
+        "user B's session was switched to user A's stored access token"
+    );
+    assert_eq!(
+        endpoint.presented(),
+        vec![Some("new-user-refresh".to_owned())]
+    );
+}
+
+/// A key and the refresh token presented for it.
+type Presented = (u32, Option<String>);
+
+/// A keyed refresher presenting refresh tokens by key, rotating them on every call.
+#[derive(Clone, Default)]
+struct Tenants {
+    presented: Arc<Mutex<Vec<Presented>>>,
+    n: Arc<AtomicUsize>,
+}
+
+impl tower_auth_refresh::keyed::KeyedRefresher<u32> for Tenants {
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Token, RefreshError>> + Send + 'static>,
+    >;
+    fn refresh(&self, key: &u32, ctx: RefreshContext) -> Self::Future {
+        let rt = ctx
+            .stale()
+            .and_then(Token::refresh_token)
+            .map(str::to_owned);
+        self.presented.lock().unwrap().push((*key, rt));
+        let n = self.n.fetch_add(1, Ordering::SeqCst) + 1;
+        Box::pin(async move {
+            Ok(Token::bearer(format!("access-{n}"))?
+                .with_expires_in(Duration::from_secs(3600))
+                .with_refresh_token(format!("rotated-{n}")))
+        })
+    }
+}
+
+/// When the write of a rotated set fails, the next refresh of this process presents its own
+/// new refresh token, not the stored spent one, even after the keyed layer evicted the key's
+/// cell (capacity, idle timeout; `KeyedTokenHandle::remove` does the same) and the rebuilt
+/// cell refreshes with no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstored_rotated_set_survives_the_eviction_of_its_keys_cell() {
+    use tower_auth_refresh::keyed::KeyedRefreshLayer;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let dir = TempDir::new("review-evict");
+    let stores: Vec<Flaky<FileStore>> = (0..2u32)
+        .map(|k| {
+            let sub = dir.path().join(format!("k{k}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            Flaky::new(FileStore::new(sub.join("token.json")), &sub)
+        })
+        .collect();
+    seed(&stores[0], &expired_set("access-0", "refresh-0")).await;
+    seed(&stores[1], &expired_set("b-access-0", "b-refresh-0")).await;
+
+    let tenants = Tenants::default();
+    let by_key = stores.clone();
+    let shared =
+        KeyedStoreRefresher::new(tenants.clone(), move |k: &u32| by_key[*k as usize].clone());
+    let layer = KeyedRefreshLayer::new(shared).capacity(1);
+    let handle = layer.token_handle();
+
+    // Key 0 refreshes: refresh-0 is rotated into rotated-1, whose write fails.
+    stores[0].fail_next_writes(1);
+    within("key 0's refresh", handle.key(&0).refresh())
+        .await
+        .unwrap();
+    assert_eq!(stores[0].failed_writes(), 1);
+    // Key 1 is used: with capacity 1, key 0's cell is evicted.
+    within("key 1's refresh", handle.key(&1).refresh())
+        .await
+        .unwrap();
+    // Key 0 again: its next refresh must present rotated-1, not the spent refresh-0.
+    within("key 0's next refresh", handle.key(&0).refresh())
+        .await
+        .unwrap();
+    let key0: Vec<_> = tenants
+        .presented
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k == 0)
+        .map(|(_, rt)| rt.clone())
+        .collect();
+    assert_eq!(
+        key0,
+        vec![Some("refresh-0".to_owned()), Some("rotated-1".to_owned())],
+        "after the eviction, the spent stored refresh token was presented again"
+    );
+}

@@ -1,12 +1,15 @@
 //! The store protocol for the keyed layer: one record per key.
 
+use std::any::Any;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::refresher::Unstored;
+use super::refresher::{Lineage, Unstored};
 use super::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreRefresher, TokenStore};
 use crate::keyed::{Bound, KeyedRefresher};
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
@@ -45,6 +48,50 @@ pub struct KeyedStoreRefresher<R, F> {
     min_remaining: Duration,
     /// The token sets whose write failed, of every key (see [`StoreRefresher`]).
     unstored: Arc<Unstored>,
+    /// The refresh tokens of every key's stored session this process handed out.
+    lineage: Arc<Lineage>,
+    /// The keys logged out while no token was installed for them since.
+    logged_out: Arc<LoggedOut>,
+}
+
+/// The keys logged out ([`KeyedRefresher::logout`]) and not handed a token since, each with
+/// the flag its [`StoreRefresher`] clears when it is; at most [`LOGGED_OUT_KEPT`], the oldest
+/// forgotten first (the keyed layer keeps such a key logged out by itself, without calling
+/// the refresher, unless it is removed or refreshed by force).
+#[derive(Default)]
+struct LoggedOut(Mutex<VecDeque<LoggedOutKey>>);
+
+/// A logged-out key (of the keyed layer's key type) and its logout flag.
+type LoggedOutKey = (Box<dyn Any + Send + Sync>, Arc<AtomicBool>);
+
+/// How many logged-out keys [`LoggedOut`] remembers.
+const LOGGED_OUT_KEPT: usize = 10_000;
+
+impl LoggedOut {
+    /// The logout flag of `key`: set if it is logged out.
+    fn flag<K: PartialEq + Send + Sync + 'static>(&self, key: &K) -> Arc<AtomicBool> {
+        let mut keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.retain(|(_, flag)| flag.load(Ordering::SeqCst));
+        keys.iter()
+            .find(|(k, _)| k.downcast_ref::<K>() == Some(key))
+            .map(|(_, flag)| flag.clone())
+            .unwrap_or_default()
+    }
+
+    fn log_out<K: Clone + PartialEq + Send + Sync + 'static>(&self, key: &K) {
+        let mut keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, flag)) = keys
+            .iter()
+            .find(|(k, _)| k.downcast_ref::<K>() == Some(key))
+        {
+            flag.store(true, Ordering::SeqCst);
+            return;
+        }
+        if keys.len() >= LOGGED_OUT_KEPT {
+            keys.pop_front();
+        }
+        keys.push_back((Box::new(key.clone()), Arc::new(AtomicBool::new(true))));
+    }
 }
 
 impl<R, F> fmt::Debug for KeyedStoreRefresher<R, F> {
@@ -67,6 +114,8 @@ impl<R, F> KeyedStoreRefresher<R, F> {
             lease_wait: None,
             min_remaining: DEFAULT_MIN_REMAINING,
             unstored: Arc::default(),
+            lineage: Arc::default(),
+            logged_out: Arc::default(),
         }
     }
 
@@ -94,7 +143,7 @@ impl<R, F> KeyedStoreRefresher<R, F> {
 
 impl<K, R, F, S> KeyedRefresher<K> for KeyedStoreRefresher<R, F>
 where
-    K: Clone + Send + Sync + 'static,
+    K: Clone + PartialEq + Send + Sync + 'static,
     R: KeyedRefresher<K>,
     F: Fn(&K) -> S + Send + Sync + 'static,
     S: TokenStore,
@@ -106,10 +155,15 @@ where
             key: key.clone(),
             refresher: self.refresher.clone(),
         };
-        let mut shared =
-            StoreRefresher::with_unstored(bound, (self.store_for)(key), self.unstored.clone())
-                .lease_ttl(self.lease_ttl)
-                .min_remaining(self.min_remaining);
+        let mut shared = StoreRefresher::with_memory(
+            bound,
+            (self.store_for)(key),
+            self.unstored.clone(),
+            self.lineage.clone(),
+            self.logged_out.flag(key),
+        )
+        .lease_ttl(self.lease_ttl)
+        .min_remaining(self.min_remaining);
         if let Some(wait) = self.lease_wait {
             shared = shared.lease_wait(wait);
         }
@@ -118,8 +172,10 @@ where
 
     /// Passed on to the wrapped refresher, as [`StoreRefresher`] does: a refresher that
     /// forgets a key's refresh token at logout then refuses to present it again, even when
-    /// the store hands it back.
+    /// the store hands it back. And, as [`StoreRefresher`] does, the key's stored session is
+    /// neither adopted nor refreshed until the key is handed a token again.
     fn logout(&self, key: &K) {
+        self.logged_out.log_out(key);
         self.refresher.logout(key);
     }
 }

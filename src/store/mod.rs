@@ -16,13 +16,23 @@
 //!    refresh token, writes the new set with a compare-and-set on the version, and releases.
 //! 3. A terminal failure (`invalid_grant`) is checked against the store first: if another
 //!    process rotated meanwhile, its set is adopted instead of ending the session. A write that
-//!    lost a race adopts the winner's set the same way.
+//!    lost a race adopts the winner's set the same way. Otherwise the refusal is written to
+//!    the store (a digest of the refused refresh token, never the token): every other process
+//!    ends its session with a terminal error without a token call, until a new login is stored.
+//! 5. A token handed to the layer from outside (`set_token`, `initial_token`) whose refresh
+//!    token the store does not know (not the stored one, nor one of the last
+//!    [`SUPERSEDED_KEPT`] it replaced, nor one this process got from the store) is a new
+//!    login: it is refreshed with its own refresh token, never replaced by the stored set, and
+//!    its result is stored for everyone. After a logout (`TokenHandle::clear`), the stored
+//!    session is neither adopted nor refreshed until a token is installed again.
 //! 4. A lease holder that dies mid-refresh loses the lease (the file store's OS lock is
 //!    released at once, the Redis lease expires after its TTL) and another process takes over.
 //!
 //! The store is never touched on the hot path: requests with a valid token never see it. At
 //! start (the first refresh, with no token) a valid stored set is adopted, so a restarted
-//! process sends its first request with the stored access token.
+//! process sends its first request with the stored access token: start processes that share
+//! a store without a token of their own (a token older than the store's last
+//! [`SUPERSEDED_KEPT`] rotations would be taken for a new login).
 //!
 //! Stores: [`MemoryStore`] (one process, tests), [`FileStore`] (one host: one file replaced
 //! atomically, an OS advisory lock as the lease, mode 0600) and, with the `redis` feature,
@@ -84,6 +94,12 @@ pub use refresher::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreRefresher};
 /// The shared record of one principal: an access token, its wall-clock expiry, the refresh
 /// token if any, and the version the store gave it.
 ///
+/// It also carries digests (never the tokens) of the refresh tokens its session went through
+/// before (the last [`SUPERSEDED_KEPT`]), so that a process handed an older token of the same
+/// session follows the store instead of taking it for a new login, and, once the token
+/// endpoint refused the session's refresh token, a digest of that token: the session ended,
+/// and no process presents it again ([`is_ended`](Self::is_ended)).
+///
 /// Holds secrets: its `Debug` redacts them. [`encode`](Self::encode) and
 /// [`decode`](Self::decode) give the JSON form the built-in stores keep, for stores of your own.
 #[derive(Clone, PartialEq, Eq)]
@@ -93,6 +109,28 @@ pub struct Record {
     access_token: String,
     expires_at: Option<SystemTime>,
     refresh_token: Option<String>,
+    /// Digests of the refresh tokens this record's session superseded, newest first.
+    superseded: Vec<String>,
+    /// The digest of the refresh token the token endpoint refused: the session ended.
+    refused: Option<String>,
+}
+
+/// How many digests of superseded refresh tokens a record keeps.
+pub const SUPERSEDED_KEPT: usize = 32;
+
+/// The digest a record keeps of a refresh token: 128 bits of SHA-256, as 32 hex digits.
+pub(crate) fn digest(refresh_token: &str) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"tower-auth-refresh refresh token\0");
+    hasher.update(refresh_token.as_bytes());
+    let sum = hasher.finalize();
+    sum[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// True for a digest as [`digest`] writes it.
+fn is_digest(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The stored JSON form; `format` lets a later release change it.
@@ -108,6 +146,12 @@ struct Wire {
     expires_at_ms: Option<u64>,
     #[serde(default)]
     refresh_token: Option<String>,
+    /// Digests of superseded refresh tokens (absent in records written before it existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    superseded: Vec<String>,
+    /// The digest of a refused refresh token (absent unless the session ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refused: Option<String>,
 }
 
 const FORMAT: u32 = 1;
@@ -128,7 +172,73 @@ impl Record {
             access_token: token.secret().to_owned(),
             expires_at,
             refresh_token: token.refresh_token().map(str::to_owned),
+            superseded: Vec::new(),
+            refused: None,
         }
+    }
+
+    /// This record as the successor of `previous`, refreshed by presenting `presented`: it
+    /// supersedes the refresh tokens `presented`, `previous` and its predecessors carried.
+    pub(crate) fn superseding(
+        mut self,
+        previous: Option<&Record>,
+        presented: Option<&str>,
+    ) -> Self {
+        let mut superseded = Vec::new();
+        let mut add = |d: String| {
+            if !superseded.contains(&d) {
+                superseded.push(d);
+            }
+        };
+        if let Some(presented) = presented {
+            add(digest(presented));
+        }
+        if let Some(previous) = previous {
+            if let Some(rt) = &previous.refresh_token {
+                add(digest(rt));
+            }
+            if let Some(refused) = &previous.refused {
+                add(refused.clone());
+            }
+            previous.superseded.iter().cloned().for_each(&mut add);
+        }
+        let own = self.refresh_token.as_deref().map(digest);
+        superseded.retain(|d| Some(d) != own.as_ref());
+        superseded.truncate(SUPERSEDED_KEPT);
+        self.superseded = superseded;
+        self
+    }
+
+    /// The successor of this record, as `version`, saying that the token endpoint refused
+    /// `refused` (this record's refresh token, or the one presented in its stead): the session
+    /// ended. It keeps the access token (a record always has one) but no refresh token.
+    pub(crate) fn ended(&self, version: u64, refused: &str) -> Self {
+        let mut next = Self {
+            version,
+            refresh_token: None,
+            superseded: Vec::new(),
+            refused: None,
+            ..self.clone()
+        }
+        .superseding(Some(self), Some(refused));
+        next.refused = Some(digest(refused));
+        next
+    }
+
+    /// True if this record's session went through `refresh_token` (its own refresh token,
+    /// one it superseded, or the one that was refused).
+    pub(crate) fn knows(&self, refresh_token: &str) -> bool {
+        if self.refresh_token.as_deref() == Some(refresh_token) {
+            return true;
+        }
+        let d = digest(refresh_token);
+        self.refused.as_ref() == Some(&d) || self.superseded.contains(&d)
+    }
+
+    /// True if the token endpoint refused this record's session (`invalid_grant`): every
+    /// process then ends its session without a token call, until a new login is stored.
+    pub fn is_ended(&self) -> bool {
+        self.refused.is_some()
     }
 
     /// The version the store gave this record; 0 is never a stored version (it stands for
@@ -192,6 +302,8 @@ impl Record {
                     .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             }),
             refresh_token: self.refresh_token.clone(),
+            superseded: self.superseded.clone(),
+            refused: self.refused.clone(),
         };
         serde_json::to_vec(&wire).expect("a record always serializes")
     }
@@ -202,7 +314,9 @@ impl Record {
     ///
     /// A [`StoreError`] for which [`is_corrupt`](StoreError::is_corrupt) holds if `bytes` is
     /// not a whole record (truncated, not JSON, missing or mistyped fields, version 0 or
-    /// `u64::MAX`, an unknown format, an unusable token). The message gives the position, never the content.
+    /// `u64::MAX`, an unknown format, an unusable token, a digest that is not 32 lowercase hex
+    /// digits or more than [`SUPERSEDED_KEPT`] of them). A record written before digests
+    /// existed (without them) is read as it was. The message gives the position, never the content.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let wire: Wire = serde_json::from_slice(bytes).map_err(|e| {
             // serde_json's messages can quote the offending value, a secret perhaps: keep
@@ -229,6 +343,17 @@ impl Record {
                 "the stored record has the last possible version (u64::MAX)",
             ));
         }
+        if wire.superseded.len() > SUPERSEDED_KEPT
+            || !wire
+                .superseded
+                .iter()
+                .chain(wire.refused.as_ref())
+                .all(|d| is_digest(d))
+        {
+            return Err(StoreError::corrupt(
+                "the stored record has a malformed refresh token digest",
+            ));
+        }
         let record = Self {
             version: wire.version,
             scheme: wire.scheme,
@@ -237,6 +362,8 @@ impl Record {
                 .expires_at_ms
                 .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms))),
             refresh_token: wire.refresh_token.filter(|r| !r.is_empty()),
+            superseded: wire.superseded,
+            refused: wire.refused,
         };
         // A record whose token cannot be sent is corrupt too.
         record.to_token()?;
@@ -255,6 +382,8 @@ impl fmt::Debug for Record {
                 "refresh_token",
                 &self.refresh_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("superseded", &self.superseded.len())
+            .field("ended", &self.is_ended())
             .finish()
     }
 }
@@ -532,6 +661,32 @@ mod tests {
                 "{shown}"
             );
         }
+    }
+
+    /// A record written before the digests existed reads as before; a malformed digest is a
+    /// corrupt record, never a panic; an ended record round-trips without its refresh token.
+    #[test]
+    fn digests_are_optional_and_checked() {
+        let old =
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","refresh_token":"r"}"#;
+        let rec = Record::decode(old).unwrap();
+        assert!(!rec.is_ended() && rec.knows("r") && !rec.knows("x"));
+        let written = String::from_utf8(rec.encode()).unwrap();
+        assert!(
+            !written.contains("superseded") && !written.contains("refused"),
+            "nothing new written for a session without a history"
+        );
+        for bad in [
+            &br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","refused":"nothex"}"#
+                [..],
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","refused":7}"#,
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","superseded":["AB"]}"#,
+        ] {
+            assert!(Record::decode(bad).unwrap_err().is_corrupt());
+        }
+        let ended = Record::decode(&rec.ended(3, "r").encode()).unwrap();
+        assert!(ended.is_ended() && ended.knows("r") && !ended.has_refresh_token());
+        assert!(!String::from_utf8(ended.encode()).unwrap().contains("\"r\""));
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! The store protocol as a refresher decorator.
 
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{CasOutcome, Lease, Record, StoreError, TokenStore};
+use super::{CasOutcome, Lease, Record, StoreError, TokenStore, digest};
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
 use crate::token::Token;
 
@@ -17,9 +19,36 @@ use crate::token::Token;
 /// It wraps your refresher and runs the store protocol described in the [module
 /// documentation](super) on every refresh the layer asks for: adopt a newer stored token,
 /// else take the lease, refresh with the **stored** refresh token (handed to your refresher as
-/// `ctx.stale().refresh_token()`), compare-and-set the new set, release. Your refresher is
+/// `ctx.stale().refresh_token()`; a new login's own, see [below](#logouts-and-new-logins)),
+/// compare-and-set the new set, release. Your refresher is
 /// called only by the lease holder, so with rotating refresh tokens exactly one process spends
 /// each refresh token.
+///
+/// # Logouts and new logins
+///
+/// The stored session is the one this process follows, unless the layer hands it another:
+///
+/// - After [`TokenHandle::clear`](crate::TokenHandle::clear) (which calls
+///   [`logout`](TokenRefresher::logout), passed on to your refresher), a refresh without a
+///   token (a forced one) never adopts or refreshes the stored session: your refresher is
+///   called without a token, and what it returns, if anything, is stored as a new login.
+/// - A token installed with [`TokenHandle::set_token`](crate::TokenHandle::set_token) (or
+///   `initial_token`) whose refresh token the store does not know (neither the stored one,
+///   nor one of the last [`SUPERSEDED_KEPT`](super::SUPERSEDED_KEPT) it replaced, nor one this
+///   process got through the store) is a new login: its refresh token is presented, the
+///   stored set is never adopted over it, and the result is stored for every process. A token
+///   without a refresh token counts as a new login only when installed after a logout.
+/// - A token the store knows follows the store: a newer stored set is adopted, the stored
+///   refresh token is presented.
+///
+/// # A refused refresh token
+///
+/// When the token endpoint refuses the stored session's refresh token (a terminal error) and
+/// no process stored anything newer, the lease holder writes that to the store (a digest of
+/// the refused token, never the token) before it gives the lease back. Every other process,
+/// waiting for the lease or refreshing later, then fails with the same kind of terminal
+/// error without a token call: one token call ends the session for all. A new login stored
+/// later replaces that record.
 ///
 /// Your refresher should attach the refresh token it got back to the token it returns
 /// ([`Token::with_refresh_token`]); if it returns none, the stored one is kept. The token
@@ -40,7 +69,8 @@ use crate::token::Token;
 ///   this process remembers that its set is newer than the stored record. As long as that
 ///   record is still the stored one (nobody wrote since), the next refresh of this process
 ///   presents its own new refresh token, not the stored spent one, and writes the result
-///   back. Until then, another process that refreshes from the stored record presents the
+///   back; with a keyed refresher, also after the keyed layer evicted the key's cell (the
+///   rebuilt cell refreshes without a token), but not after a logout. Until then, another process that refreshes from the stored record presents the
 ///   spent refresh token: with a server that detects reuse, that ends its session (and may
 ///   revoke the whole token family). This memory does not survive a restart of the process.
 /// - **The write loses its lease** (the store restarted or was flushed during the token call,
@@ -101,6 +131,45 @@ struct Inner<R, S> {
     lease_wait: Option<Duration>,
     min_remaining: Duration,
     unstored: Arc<Unstored>,
+    lineage: Arc<Lineage>,
+    /// Set by [`TokenRefresher::logout`], cleared when a refresh is handed a token again.
+    logged_out: Arc<AtomicBool>,
+}
+
+/// Digests of the refresh tokens this process handed to its layer from the store protocol
+/// (adopted or refreshed): a stale token that carries one of them, or one the stored record
+/// knows ([`Record::knows`]), belongs to the stored session and follows it; any other is a
+/// login from outside (`TokenHandle::set_token`, `initial_token`). Shared by a keyed
+/// refresher's keys (refresh tokens are never shared among principals). At most
+/// [`LINEAGE_KEPT`], the oldest forgotten first.
+#[derive(Default)]
+pub(super) struct Lineage(Mutex<(HashSet<String>, VecDeque<String>)>);
+
+/// How many refresh tokens [`Lineage`] remembers: a few per principal of a full keyed layer.
+const LINEAGE_KEPT: usize = 4 * UNSTORED_KEPT;
+
+impl Lineage {
+    fn learn(&self, token: &Token) {
+        let Some(rt) = token.refresh_token() else {
+            return;
+        };
+        let d = digest(rt);
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (set, order) = &mut *kept;
+        if set.insert(d.clone()) {
+            order.push_back(d);
+            if order.len() > LINEAGE_KEPT {
+                if let Some(old) = order.pop_front() {
+                    set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn knows(&self, refresh_token: &str) -> bool {
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.0.contains(&digest(refresh_token))
+    }
 }
 
 /// Token sets this process got from the token endpoint but could not store (the write
@@ -132,14 +201,24 @@ impl Unstored {
     }
 
     /// This process's own newer set, if `record` is still the record it was refreshed from
-    /// and the layer still holds that set (`stale` carries its refresh token). A set whose
-    /// record was replaced meanwhile (another process wrote) is forgotten.
+    /// and the layer still holds that set (`stale` carries its refresh token) or holds no
+    /// refresh token at all (a keyed layer rebuilt the key's cell after an eviction or
+    /// `remove`; records are per principal, so the set refreshed from `record` is this
+    /// principal's). A set whose record was replaced meanwhile (another process wrote) is
+    /// forgotten. Not asked after a logout: a logged-out session is never resumed.
     fn find(&self, record: Option<&Record>, stale: Option<&Token>) -> Option<Token> {
-        let held = stale.and_then(Token::refresh_token)?;
         let mut pending = self.pending();
-        let at = pending
-            .iter()
-            .position(|p| p.newest.refresh_token() == Some(held))?;
+        let at = match stale.and_then(Token::refresh_token) {
+            Some(held) => pending
+                .iter()
+                .position(|p| p.newest.refresh_token() == Some(held))?,
+            None => {
+                let record = record?;
+                pending
+                    .iter()
+                    .position(|p| p.from.as_ref() == Some(record))?
+            }
+        };
         if pending[at].from.as_ref() == record {
             return Some(pending[at].newest.clone());
         }
@@ -224,12 +303,25 @@ fn min_call_time(ttl: Duration) -> Duration {
 impl<R, S> StoreRefresher<R, S> {
     /// Wraps `refresher` so that every process using `store` shares its token set.
     pub fn new(refresher: R, store: S) -> Self {
-        Self::with_unstored(refresher, store, Arc::default())
+        Self::with_memory(
+            refresher,
+            store,
+            Arc::default(),
+            Arc::default(),
+            Arc::default(),
+        )
     }
 
-    /// [`new`](Self::new), remembering unstored token sets in `unstored` (shared by the
-    /// keyed refresher among its keys).
-    pub(super) fn with_unstored(refresher: R, store: S, unstored: Arc<Unstored>) -> Self {
+    /// [`new`](Self::new), remembering unstored token sets in `unstored` and the session's
+    /// refresh tokens in `lineage` (both shared by the keyed refresher among its keys), and
+    /// a logout in `logged_out` (the key's).
+    pub(super) fn with_memory(
+        refresher: R,
+        store: S,
+        unstored: Arc<Unstored>,
+        lineage: Arc<Lineage>,
+        logged_out: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 refresher,
@@ -238,6 +330,8 @@ impl<R, S> StoreRefresher<R, S> {
                 lease_wait: None,
                 min_remaining: DEFAULT_MIN_REMAINING,
                 unstored,
+                lineage,
+                logged_out,
             }),
         }
     }
@@ -330,13 +424,35 @@ where
         Box::pin(async move { this.run(ctx).await })
     }
 
+    /// Passed on to the wrapped refresher; and until a refresh is handed a token again (one
+    /// installed with `set_token`), the stored session is neither adopted nor refreshed: a
+    /// refresh without a token calls the wrapped refresher without one.
     fn logout(&self) {
+        self.inner.logged_out.store(true, Ordering::SeqCst);
         self.inner.refresher.logout();
     }
 }
 
 fn store_failure(err: StoreError) -> RefreshError {
     RefreshError::transient(err)
+}
+
+/// True if `record` went through `stale`'s refresh token: a login from outside that another
+/// process refreshed (or stored) meanwhile, so it is now the stored session's to follow (two
+/// processes started with the same token share one refresh).
+fn stored_from(stale: Option<&Token>, record: Option<&Record>) -> bool {
+    stale
+        .and_then(Token::refresh_token)
+        .is_some_and(|rt| record.is_some_and(|r| r.knows(rt)))
+}
+
+/// The terminal error of a refresh whose stored session ended: another process (or this
+/// one) presented its refresh token and the token endpoint refused it.
+fn session_ended() -> RefreshError {
+    RefreshError::terminal(
+        "token store: the token endpoint refused the shared session's refresh token \
+         (recorded in the store by the process that presented it); log in again",
+    )
 }
 
 impl<R, S> StoreRefresher<R, S>
@@ -355,6 +471,9 @@ where
         written_after: u64,
     ) -> Option<Token> {
         let record = record?;
+        if record.is_ended() {
+            return None;
+        }
         if self.inner.unstored.find(Some(record), stale).is_some() {
             // Older than this process's own set, whose write failed: its refresh token is
             // spent.
@@ -374,16 +493,49 @@ where
         record.to_token().ok()
     }
 
+    /// True if `stale` is a login from outside the stored session, so that this refresh
+    /// starts from it and never adopts the stored record over it: a token handed to the
+    /// layer after a logout, or a refresh token neither this process got from the store nor
+    /// the stored record knows ([`Record::knows`]). `None` after a logout while no token was
+    /// installed since: a refresh without a token then calls the wrapped refresher without
+    /// one. A refresh handed a token ends the logout.
+    fn is_login(&self, stale: Option<&Token>, record: Option<&Record>) -> bool {
+        let Some(stale) = stale else {
+            return self.inner.logged_out.load(Ordering::SeqCst);
+        };
+        let after_logout = self.inner.logged_out.swap(false, Ordering::SeqCst);
+        let Some(rt) = stale.refresh_token() else {
+            // No refresh token to tell a session by: a token installed after a logout is a
+            // new login, any other follows the store.
+            return after_logout;
+        };
+        !(self.inner.lineage.knows(rt) || record.is_some_and(|r| r.knows(rt)))
+    }
+
+    /// `token`, handed to the layer: its refresh token is now of the stored session.
+    fn hand_over(&self, token: Token) -> Token {
+        self.inner.lineage.learn(&token);
+        token
+    }
+
     async fn run(&self, ctx: RefreshContext) -> Result<Token, RefreshError> {
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
-        if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), u64::MAX) {
-            tracing::debug!(
-                version = record.as_ref().map_or(0, Record::version),
-                "token store: adopted a newer stored token"
-            );
-            return Ok(token);
+        let mut login = self.is_login(stale.as_ref(), record.as_ref());
+        if login {
+            tracing::debug!("token store: refreshing a login from outside the stored session");
+        } else {
+            if record.as_ref().is_some_and(Record::is_ended) {
+                return Err(session_ended());
+            }
+            if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), u64::MAX) {
+                tracing::debug!(
+                    version = record.as_ref().map_or(0, Record::version),
+                    "token store: adopted a newer stored token"
+                );
+                return Ok(self.hand_over(token));
+            }
         }
         let first_seen = record.as_ref().map_or(0, Record::version);
         let mut seen = first_seen;
@@ -415,12 +567,19 @@ where
                 .await
                 .map_err(store_failure)?;
             let record = store.load().await.map_err(store_failure)?;
-            if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
-                tracing::debug!(
-                    version = record.as_ref().map_or(0, Record::version),
-                    "token store: adopted the token stored by the lease holder"
-                );
-                return Ok(token);
+            login = login && !stored_from(stale.as_ref(), record.as_ref());
+            if !login {
+                if record.as_ref().is_some_and(Record::is_ended) {
+                    tracing::debug!("token store: the lease holder's refresh token was refused");
+                    return Err(session_ended());
+                }
+                if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
+                    tracing::debug!(
+                        version = record.as_ref().map_or(0, Record::version),
+                        "token store: adopted the token stored by the lease holder"
+                    );
+                    return Ok(self.hand_over(token));
+                }
             }
             seen = seen.max(record.as_ref().map_or(0, Record::version));
         };
@@ -430,25 +589,36 @@ where
             inner: self.inner.clone(),
             lease: Some(lease),
         };
-        let result = self.under_lease(held.lease(), asked, ctx, first_seen).await;
+        let result = self
+            .under_lease(held.lease(), asked, ctx, first_seen, login)
+            .await;
         held.release().await;
-        result
+        result.map(|token| self.hand_over(token))
     }
 
-    /// The protocol under the lease, asked for at `asked`.
+    /// The protocol under the lease, asked for at `asked`; `login`: refresh from the stale
+    /// token (a login from outside the stored session, see [`is_login`](Self::is_login)),
+    /// never from or into the stored record.
     async fn under_lease(
         &self,
         lease: &Lease,
         asked: Instant,
         ctx: RefreshContext,
         first_seen: u64,
+        login: bool,
     ) -> Result<Token, RefreshError> {
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
-        if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
-            tracing::debug!("token store: adopted a token stored before the lease was taken");
-            return Ok(token);
+        let login = login && !stored_from(stale.as_ref(), record.as_ref());
+        if !login {
+            if record.as_ref().is_some_and(Record::is_ended) {
+                return Err(session_ended());
+            }
+            if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
+                tracing::debug!("token store: adopted a token stored before the lease was taken");
+                return Ok(token);
+            }
         }
         let base = record.as_ref().map_or(0, Record::version);
         // Checked before the token call: a result that cannot be stored must not spend the
@@ -462,9 +632,15 @@ where
 
         // The token set to refresh from: the stored one (its refresh token is the current one
         // for every process), else this process's own; and this process's own when the stored
-        // refresh token is one it spent in a refresh whose write failed.
-        let mine = self.inner.unstored.find(record.as_ref(), stale.as_ref());
+        // refresh token is one it spent in a refresh whose write failed. A login from outside
+        // refreshes from itself.
+        let mine = if login {
+            None
+        } else {
+            self.inner.unstored.find(record.as_ref(), stale.as_ref())
+        };
         let from = match (mine, &record) {
+            _ if login => stale.clone(),
             (Some(mine), _) => {
                 tracing::info!(
                     version = base,
@@ -526,6 +702,12 @@ where
                             );
                             return Ok(token);
                         }
+                    } else if !login && Some(&now) == record.as_ref() {
+                        // Nothing newer: the stored session's refresh token was refused. Say
+                        // so in the store, so that no other process presents it again.
+                        if let Some(refused) = previous_refresh.as_deref() {
+                            self.record_refusal(lease, &now, next, refused).await;
+                        }
                     }
                 }
                 return Err(err);
@@ -537,7 +719,10 @@ where
             (None, Some(previous)) => token.with_refresh_token(previous),
             _ => token,
         };
-        let new_record = Record::from_token(next, &token, SystemTime::now());
+        let new_record = Record::from_token(next, &token, SystemTime::now()).superseding(
+            record.as_ref(),
+            from.as_ref().and_then(Token::refresh_token),
+        );
         let token = match new_record.expires_at() {
             Some(at) => token.with_expires_at(at),
             None => token,
@@ -572,6 +757,11 @@ where
                 }
                 // Another process wrote meanwhile (our lease expired or was not exclusive):
                 // everyone else follows the stored set, so follow it too.
+                // (Unless that process's refresh token was refused: this set is the live one.)
+                Rewrite::Newer(now) if now.is_ended() => {
+                    tracing::warn!(outcome = ?lost, "token store: the new token was not stored");
+                    unstored(token)
+                }
                 Rewrite::Newer(now) => match now.to_token() {
                     Ok(winner) => {
                         tracing::info!(
@@ -592,6 +782,42 @@ where
             Err(err) => {
                 tracing::warn!(error = %err, "token store: the new token was not stored");
                 unstored(token)
+            }
+        }
+    }
+}
+
+impl<R, S> StoreRefresher<R, S>
+where
+    R: TokenRefresher,
+    S: TokenStore,
+{
+    /// Writes under `lease` that the token endpoint refused `refused`, presented for the
+    /// stored `record` (the successor version `next`), so that the other processes end their
+    /// session without presenting it again. Best effort: if the write fails, they present it
+    /// once more each, as before.
+    async fn record_refusal(&self, lease: &Lease, record: &Record, next: u64, refused: &str) {
+        let ended = record.ended(next, refused);
+        match self
+            .inner
+            .store
+            .compare_and_set(lease, record.version(), &ended)
+            .await
+        {
+            Ok(CasOutcome::Written) => {
+                tracing::info!(
+                    version = next,
+                    "token store: the refresh token was refused; recorded that the session ended"
+                );
+            }
+            Ok(outcome) => {
+                tracing::debug!(
+                    ?outcome,
+                    "token store: could not record the refused refresh token"
+                );
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "token store: could not record the refused refresh token");
             }
         }
     }
