@@ -64,6 +64,19 @@ async fn lease_holder_killed_mid_refresh_file_store() {
     .await;
 }
 
+/// Real processes: an `invalid_grant` for the stored refresh token costs one token call in
+/// all, not one per process (review, eleventh session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_session_ends_once_for_every_process_file_store() {
+    let dir = TempDir::new("refused");
+    let path = dir.path().join("token.json");
+    a_refused_session_ends_once_for_every_process(
+        StoreSpec::File(path.clone()),
+        FileStore::new(&path),
+    )
+    .await;
+}
+
 fn ctx(stale: &Token) -> RefreshContext {
     RefreshContext::new(Some(stale.clone()), RefreshReason::Expired)
 }

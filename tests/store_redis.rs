@@ -44,6 +44,21 @@ async fn four_processes_one_refresh_per_expiry_and_restart_redis_store() {
     stampede_rounds_and_restart(spec, store, 20).await;
 }
 
+/// Real processes: an `invalid_grant` for the stored refresh token costs one token call in
+/// all, not one per process (review, eleventh session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_session_ends_once_for_every_process_redis_store() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let spec = StoreSpec::Redis {
+        url: redis.url(),
+        prefix: "refused".into(),
+    };
+    let store = RedisStore::open(&redis.url(), "refused").unwrap();
+    a_refused_session_ends_once_for_every_process(spec, store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_holder_killed_mid_refresh_redis_store() {
     let Some(redis) = RedisServer::start_or_skip() else {

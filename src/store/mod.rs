@@ -19,14 +19,14 @@
 //!    lost a race adopts the winner's set the same way. Otherwise the refusal is written to
 //!    the store (a digest of the refused refresh token, never the token): every other process
 //!    ends its session with a terminal error without a token call, until a new login is stored.
+//! 4. A lease holder that dies mid-refresh loses the lease (the file store's OS lock is
+//!    released at once, the Redis lease expires after its TTL) and another process takes over.
 //! 5. A token handed to the layer from outside (`set_token`, `initial_token`) whose refresh
 //!    token the store does not know (not the stored one, nor one of the last
 //!    [`SUPERSEDED_KEPT`] it replaced, nor one this process got from the store) is a new
 //!    login: it is refreshed with its own refresh token, never replaced by the stored set, and
 //!    its result is stored for everyone. After a logout (`TokenHandle::clear`), the stored
 //!    session is neither adopted nor refreshed until a token is installed again.
-//! 4. A lease holder that dies mid-refresh loses the lease (the file store's OS lock is
-//!    released at once, the Redis lease expires after its TTL) and another process takes over.
 //!
 //! The store is never touched on the hot path: requests with a valid token never see it. At
 //! start (the first refresh, with no token) a valid stored set is adopted, so a restarted

@@ -780,6 +780,65 @@ pub(crate) async fn holder_killed_mid_refresh<S: TokenStore>(
     next.quit().await;
 }
 
+/// Three processes need a token at once and the stored refresh token is refused
+/// (`invalid_grant`): one token call ends the session for all of them (the lease holder
+/// records the refusal in the store; the others fail with a terminal error without
+/// presenting the refused token again), and so does a process started afterwards.
+pub(crate) async fn a_refused_session_ends_once_for_every_process<S: TokenStore>(
+    spec: StoreSpec,
+    store: S,
+) {
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access, _) = servers.token.login();
+    // A refresh token the server does not know: refused with `invalid_grant`.
+    seed(&store, &expired_set(&access, "refresh-never-issued-0b9e")).await;
+    let (api, tok) = (servers.api_url(), servers.token_url());
+    let ttl = Duration::from_secs(10);
+
+    // The lease holder's answer is held until every process has asked for a token.
+    servers.token.hold_next(1);
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|_| Worker::spawn(&spec, &api, &tok, ttl))
+        .collect();
+    for w in workers.iter_mut() {
+        w.start(2).await;
+    }
+    within("the holder's token call", servers.token.held(1)).await;
+    // The others reach the lease wait meanwhile (if one is later, it finds the refusal in
+    // the store instead: the count below holds either way).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    servers.token.release();
+    let mut rounds = Vec::new();
+    for w in workers.iter_mut() {
+        rounds.push(w.finish().await);
+    }
+    assert!(
+        rounds.iter().all(|r| r.ok == 0 && r.failed == 2),
+        "every request fails (the session ended): {rounds:?}"
+    );
+    assert_eq!(
+        servers.token.requests(),
+        1,
+        "the refused refresh token is presented once, by one process"
+    );
+    let stored = store.load().await.unwrap().unwrap();
+    assert!(stored.is_ended(), "the refusal is in the store");
+
+    let mut later = Worker::spawn(&spec, &api, &tok, ttl);
+    later.start(1).await;
+    let got = later.finish().await;
+    assert_eq!((got.ok, got.failed, got.grants), (0, 1, 0), "{got:?}");
+    assert_eq!(
+        servers.token.requests(),
+        1,
+        "a later process makes no token call"
+    );
+    later.quit().await;
+    for w in workers {
+        w.quit().await;
+    }
+}
+
 /// A store whose lease is partitioned away: every process believes it holds it. Writes still
 /// go through the real store's compare-and-set (the version check), so a lost write is seen.
 pub(crate) struct Partitioned<S>(pub(crate) S);
