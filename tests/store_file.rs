@@ -858,3 +858,55 @@ async fn an_unstored_rotated_set_survives_the_eviction_of_its_keys_cell() {
         "after the eviction, the spent stored refresh token was presented again"
     );
 }
+
+/// A process whose OAuth 2.0 client is misconfigured (a wrong client secret: the token
+/// endpoint answers `invalid_client`, a terminal error) ends its own session only: the stored
+/// session is not marked as ended, and a process configured right refreshes from it. (Only an
+/// `invalid_grant` from the built-in refresher says the refresh token itself was refused.)
+#[cfg(feature = "oauth2")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_process_does_not_end_the_stored_session_for_the_others() {
+    use tower_auth_refresh::oauth2::{ClientAuth, OAuth2Error, OAuth2Refresher};
+
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access, refresh) = servers.token.login();
+    let dir = TempDir::new("misconfigured");
+    let path = dir.path().join("token.json");
+    let stale = expired_set(&access, &refresh);
+    seed(&FileStore::new(&path), &stale).await;
+
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> = support::http_client();
+    let wrong = OAuth2Refresher::builder(servers.token_url().parse().unwrap(), client)
+        .client_id("app")
+        .client_secret("not-the-app-secret", ClientAuth::Basic)
+        .build()
+        .unwrap();
+    let misconfigured = StoreRefresher::new(wrong, FileStore::new(&path));
+    let err = within(
+        "the misconfigured refresh",
+        misconfigured.refresh(ctx(&stale)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_terminal(), "{err}");
+    assert_eq!(
+        OAuth2Error::find(&err).and_then(OAuth2Error::error_code),
+        Some("invalid_client")
+    );
+    let stored = FileStore::new(&path).load().await.unwrap().unwrap();
+    assert!(
+        !stored.is_ended(),
+        "one process's client secret does not end the session of the others"
+    );
+
+    let calls = GrantCalls::default();
+    let right = StoreRefresher::new(
+        grant_refresher(servers.token_url(), calls.clone()),
+        FileStore::new(&path),
+    );
+    let token = within("a process configured right", right.refresh(ctx(&stale)))
+        .await
+        .expect("the stored session goes on");
+    assert_ne!(token.secret(), access);
+    assert_eq!((calls.get(), servers.token.grants()), (1, 1));
+}

@@ -43,8 +43,10 @@ use crate::token::Token;
 ///
 /// # A refused refresh token
 ///
-/// When the token endpoint refuses the stored session's refresh token (a terminal error) and
-/// no process stored anything newer, the lease holder writes that to the store (a digest of
+/// When the token endpoint refuses the stored session's refresh token (a terminal error of
+/// your refresher; of the built-in OAuth 2.0 refresher, an `invalid_grant` answer: a wrong
+/// client secret in one process does not end the others' session) and no process stored
+/// anything newer, the lease holder writes that to the store (a digest of
 /// the refused token, never the token) before it gives the lease back. Every other process,
 /// waiting for the lease or refreshing later, then fails with the same kind of terminal
 /// error without a token call: one token call ends the session for all. A new login stored
@@ -446,6 +448,21 @@ fn stored_from(stale: Option<&Token>, record: Option<&Record>) -> bool {
         .is_some_and(|rt| record.is_some_and(|r| r.knows(rt)))
 }
 
+/// Whether a terminal error says that the token endpoint refused the refresh token itself,
+/// which ends the session for every process: any terminal error of a refresher of your own
+/// (terminal means the session ends), but from the built-in OAuth 2.0 refresher only an
+/// `invalid_grant` answer. Its other terminal errors (a wrong client secret, token URL or
+/// DPoP setting) are this process's configuration, and must not end the session of the
+/// processes that are configured right.
+fn refuses_the_refresh_token(err: &RefreshError) -> bool {
+    #[cfg(feature = "oauth2")]
+    if let Some(e) = crate::oauth2::OAuth2Error::find(err) {
+        return e.error_code() == Some("invalid_grant");
+    }
+    let _ = err;
+    true
+}
+
 /// The terminal error of a refresh whose stored session ended: another process (or this
 /// one) presented its refresh token and the token endpoint refused it.
 fn session_ended() -> RefreshError {
@@ -702,7 +719,10 @@ where
                             );
                             return Ok(token);
                         }
-                    } else if !login && Some(&now) == record.as_ref() {
+                    } else if !login
+                        && Some(&now) == record.as_ref()
+                        && refuses_the_refresh_token(&err)
+                    {
                         // Nothing newer: the stored session's refresh token was refused. Say
                         // so in the store, so that no other process presents it again.
                         if let Some(refused) = previous_refresh.as_deref() {
