@@ -910,3 +910,69 @@ async fn a_misconfigured_process_does_not_end_the_stored_session_for_the_others(
     assert_ne!(token.secret(), access);
     assert_eq!((calls.get(), servers.token.grants()), (1, 1));
 }
+
+/// A login from outside (user B's token set, unknown to the store) whose write loses to
+/// another process that refreshed the stored session (user A's) meanwhile keeps B's set:
+/// the process does not switch to A's session, and its next refresh presents B's own
+/// refresh token and stores B's session for everyone. (It adopted A's set: the process that
+/// had just logged B in went on as A.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_loses_its_write_to_the_old_session_keeps_its_own_set() {
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access_a, refresh_a) = servers.token.login();
+    let (access_b, refresh_b) = servers.token.login();
+    let dir = TempDir::new("login-race");
+    let file = FileStore::new(dir.path().join("token.json"));
+    seed(&file, &expired_set(&access_a, &refresh_a)).await;
+
+    let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let login = StoreRefresher::new(
+        gated(
+            servers.token_url(),
+            GrantCalls::default(),
+            reached.clone(),
+            gate.clone(),
+        ),
+        Partitioned(FileStore::new(file.path())),
+    );
+    let other = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        Partitioned(FileStore::new(file.path())),
+    );
+
+    // B's refresh is under way when the other process refreshes A's session and stores it.
+    let pending = tokio::spawn(login.refresh(ctx(&expired_set(&access_b, &refresh_b))));
+    within("the login at its gate", reached.notified()).await;
+    within(
+        "the other process",
+        other.refresh(ctx(&expired_set(&access_a, &refresh_a))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(file.load().await.unwrap().unwrap().version(), 2);
+    gate.notify_one();
+    let kept = within("the login", pending).await.unwrap().unwrap();
+    let b_now = servers.token.current_of(&refresh_b).unwrap();
+    assert_eq!(kept.refresh_token(), Some(b_now.as_str()), "still user B");
+    assert!(servers.token.issued_in_session_of(kept.secret(), &b_now));
+
+    // The next refresh presents B's own refresh token and stores B's session.
+    let again = within("the login's next refresh", login.refresh(ctx(&kept)));
+    let task = tokio::spawn(again);
+    within("the login at its gate again", reached.notified()).await;
+    gate.notify_one();
+    let next = within("the login's next refresh", task)
+        .await
+        .unwrap()
+        .unwrap();
+    let b_next = servers.token.current_of(&refresh_b).unwrap();
+    assert_ne!(b_next, b_now, "B's refresh token rotated");
+    assert_eq!(next.refresh_token(), Some(b_next.as_str()));
+    let stored = file.load().await.unwrap().unwrap();
+    assert_eq!(stored.version(), 3);
+    assert!(
+        stored.to_token().unwrap().same_secret(&next),
+        "B's session is the stored one"
+    );
+    assert_eq!(servers.token.reuse_detected(), 0);
+}

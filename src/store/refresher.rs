@@ -782,6 +782,19 @@ where
                     tracing::warn!(outcome = ?lost, "token store: the new token was not stored");
                     unstored(token)
                 }
+                // A login from outside never gives way to the session it replaces (another
+                // process refreshed that one meanwhile): it is kept, and remembered as newer
+                // than the record that beat it, so that the next refresh presents its own
+                // refresh token and stores the result.
+                Rewrite::Newer(now) if login && !stored_from(stale.as_ref(), Some(&now)) => {
+                    tracing::warn!(
+                        version = now.version(),
+                        outcome = ?lost,
+                        "token store: a login lost its write to a refresh of the session it replaces; kept"
+                    );
+                    self.inner.unstored.remember(Some(now), token.clone());
+                    Ok(token)
+                }
                 Rewrite::Newer(now) => match now.to_token() {
                     Ok(winner) => {
                         tracing::info!(
