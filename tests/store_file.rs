@@ -976,3 +976,267 @@ async fn a_login_that_loses_its_write_to_the_old_session_keeps_its_own_set() {
     );
     assert_eq!(servers.token.reuse_detected(), 0);
 }
+
+// The store's logouts and logins, second review (eleventh session): each failed before.
+
+/// A login that lost its write keeps its own set even when the old session is refreshed
+/// once more by the other process before the login's next refresh (its entry keyed on the
+/// record that beat it was dropped, and the set it had learned as the store's was replaced:
+/// user B's process adopted user A's session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_lost_its_write_stays_itself_through_more_refreshes_of_the_old_session() {
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access_a, refresh_a) = servers.token.login();
+    let (access_b, refresh_b) = servers.token.login();
+    let dir = TempDir::new("login-race-2");
+    let file = FileStore::new(dir.path().join("token.json"));
+    seed(&file, &expired_set(&access_a, &refresh_a)).await;
+
+    let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let login = StoreRefresher::new(
+        gated(
+            servers.token_url(),
+            GrantCalls::default(),
+            reached.clone(),
+            gate.clone(),
+        ),
+        Partitioned(FileStore::new(file.path())),
+    );
+    let other = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        Partitioned(FileStore::new(file.path())),
+    );
+    let pending = tokio::spawn(login.refresh(ctx(&expired_set(&access_b, &refresh_b))));
+    within("the login at its gate", reached.notified()).await;
+    let a1 = within(
+        "the other process",
+        other.refresh(ctx(&expired_set(&access_a, &refresh_a))),
+    )
+    .await
+    .unwrap();
+    gate.notify_one();
+    let kept = within("the login", pending).await.unwrap().unwrap();
+    within("the other process again", other.refresh(ctx(&a1)))
+        .await
+        .unwrap();
+    assert_eq!(file.load().await.unwrap().unwrap().version(), 3);
+
+    let task = tokio::spawn(login.refresh(ctx(&kept)));
+    within("the login at its gate again", reached.notified()).await;
+    gate.notify_one();
+    let next = within("the login's next refresh", task)
+        .await
+        .unwrap()
+        .unwrap();
+    let b_now = servers.token.current_of(&refresh_b).unwrap();
+    assert_eq!(next.refresh_token(), Some(b_now.as_str()), "still user B");
+    assert!(servers.token.issued_in_session_of(next.secret(), &b_now));
+    let stored = file.load().await.unwrap().unwrap();
+    assert!(
+        stored.to_token().unwrap().same_secret(&next),
+        "B's session stored"
+    );
+    assert_eq!(servers.token.reuse_detected(), 0);
+}
+
+/// A logout is over only once a login after it succeeded: a login (an access token alone,
+/// installed after the logout) whose first refresh fails transiently is still a login at
+/// the next one (the logout was taken as over when the first refresh started, and the retry
+/// adopted the previous user's stored token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_after_logout_stays_a_login_through_a_transient_failure() {
+    let dir = TempDir::new("logout-transient");
+    let path = dir.path().join("token.json");
+    let old = valid_set("old-user-access", "old-user-refresh");
+    seed(&FileStore::new(&path), &old).await;
+    let endpoint = Endpoint::new(Duration::ZERO, false);
+    let shared = StoreRefresher::new(endpoint.clone(), FileStore::new(&path))
+        .lease_wait(Duration::from_millis(200));
+    let layer = RefreshLayer::new(shared)
+        .initial_token(old)
+        .retries(Backoff::none())
+        .cooldown(tower_auth_refresh::Cooldown::none());
+    let handle = layer.token_handle();
+    handle.clear();
+    handle.set_token(Token::bearer("new-user-access").unwrap());
+
+    // Another process holds the lease for a moment: the first refresh fails transiently.
+    let lease = free_lease(&FileStore::new(&path)).await;
+    let first = within("the first refresh", handle.refresh()).await;
+    assert!(first.is_err(), "the lease was held");
+    FileStore::new(&path).release(lease).await.unwrap();
+
+    let _ = within("the second refresh", handle.refresh()).await;
+    let now = handle.token().map(|t| t.secret().to_owned());
+    assert_ne!(
+        now.as_deref(),
+        Some("old-user-access"),
+        "user B's session was switched to user A's stored token"
+    );
+}
+
+/// A store whose next `load` is slow once armed (a loaded disk, a slow round trip).
+#[derive(Clone)]
+struct SlowLoad<S> {
+    inner: S,
+    armed: Arc<AtomicBool>,
+}
+
+impl<S: TokenStore> TokenStore for SlowLoad<S> {
+    async fn load(&self) -> Result<Option<Record>, tower_auth_refresh::store::StoreError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        self.inner.load().await
+    }
+
+    async fn try_lease(
+        &self,
+        ttl: Duration,
+    ) -> Result<Option<tower_auth_refresh::store::Lease>, tower_auth_refresh::store::StoreError>
+    {
+        self.inner.try_lease(ttl).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        lease: &tower_auth_refresh::store::Lease,
+        expected: u64,
+        record: &Record,
+    ) -> Result<CasOutcome, tower_auth_refresh::store::StoreError> {
+        self.inner.compare_and_set(lease, expected, record).await
+    }
+
+    async fn release(
+        &self,
+        lease: tower_auth_refresh::store::Lease,
+    ) -> Result<(), tower_auth_refresh::store::StoreError> {
+        self.inner.release(lease).await
+    }
+
+    async fn wait_change(
+        &self,
+        seen: u64,
+        max: Duration,
+    ) -> Result<(), tower_auth_refresh::store::StoreError> {
+        self.inner.wait_change(seen, max).await
+    }
+}
+
+/// A refresh already running when the user logs out does not end that logout: a forced
+/// refresh afterwards does not bring the old session back (the refresh in flight took the
+/// logout as over when it read the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_in_flight_at_logout_does_not_end_the_logout() {
+    let dir = TempDir::new("logout-in-flight");
+    let path = dir.path().join("token.json");
+    let old = valid_set("old-user-access", "old-user-refresh");
+    seed(&FileStore::new(&path), &old).await;
+    let endpoint = Endpoint::new(Duration::ZERO, false);
+    let armed = Arc::new(AtomicBool::new(false));
+    let store = SlowLoad {
+        inner: FileStore::new(&path),
+        armed: armed.clone(),
+    };
+    let layer = RefreshLayer::new(StoreRefresher::new(endpoint.clone(), store))
+        .initial_token(old)
+        .retries(Backoff::none());
+    let handle = layer.token_handle();
+
+    armed.store(true, Ordering::SeqCst);
+    let in_flight = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.refresh().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    handle.clear();
+    let _ = within("the refresh in flight", in_flight).await;
+
+    let forced = within("a forced refresh after the logout", handle.refresh()).await;
+    let back = handle.token().map(|t| t.secret().to_owned());
+    assert!(
+        forced.is_err() && back.is_none(),
+        "after a logout, a forced refresh brought the old session back: {back:?} (presented {:?})",
+        endpoint.presented()
+    );
+}
+
+/// Rotates refresh tokens and refuses a spent one with `invalid_grant`, without revoking the
+/// family (RFC 6749 without reuse detection).
+#[derive(Clone, Default)]
+struct Rotating {
+    valid: Arc<Mutex<std::collections::HashSet<String>>>,
+    n: Arc<AtomicUsize>,
+    presented: Arc<Mutex<Vec<String>>>,
+}
+
+impl TokenRefresher for Rotating {
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Token, RefreshError>> + Send + 'static>,
+    >;
+
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let this = self.clone();
+        let rt = ctx
+            .stale()
+            .and_then(Token::refresh_token)
+            .map(str::to_owned);
+        Box::pin(async move {
+            let rt = rt.ok_or_else(|| RefreshError::terminal("no refresh token"))?;
+            this.presented.lock().unwrap().push(rt.clone());
+            if !this.valid.lock().unwrap().remove(&rt) {
+                return Err(RefreshError::terminal("invalid_grant"));
+            }
+            let n = this.n.fetch_add(1, Ordering::SeqCst) + 1;
+            let next = format!("rt{n}");
+            this.valid.lock().unwrap().insert(next.clone());
+            Ok(Token::bearer(format!("at{n}"))?
+                .with_expires_in(Duration::from_secs(3600))
+                .with_refresh_token(next))
+        })
+    }
+}
+
+/// A rotated set whose write failed is the session's live one: another process presenting
+/// the spent stored refresh token and being refused does not end it. (The refusal recorded
+/// in the store ended it for this process too, without a token call, though its refresh
+/// token was valid.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_unstored_set_outlives_another_processs_refusal_of_the_spent_token() {
+    let dir = TempDir::new("ended-unstored");
+    let path = dir.path().join("token.json");
+    let initial = expired_set("at0", "rt0");
+    let file = FileStore::new(&path);
+    seed(&file, &initial).await;
+    let endpoint = Rotating::default();
+    endpoint.valid.lock().unwrap().insert("rt0".into());
+
+    let flaky = Flaky::new(FileStore::new(&path), dir.path());
+    let a = StoreRefresher::new(endpoint.clone(), flaky.clone());
+    flaky.fail_next_writes(1);
+    let a1 = within("A's refresh", a.refresh(ctx(&initial)))
+        .await
+        .unwrap();
+    assert_eq!(a1.refresh_token(), Some("rt1"));
+    assert_eq!(flaky.failed_writes(), 1);
+
+    let b = StoreRefresher::new(endpoint.clone(), FileStore::new(&path));
+    let err = within("B's refresh", b.refresh(ctx(&initial)))
+        .await
+        .unwrap_err();
+    assert!(err.is_terminal());
+    assert!(file.load().await.unwrap().unwrap().is_ended());
+
+    let next = within("A's next refresh", a.refresh(ctx(&a1)))
+        .await
+        .expect("A's set is live");
+    assert_eq!(next.refresh_token(), Some("rt2"));
+    assert_eq!(
+        *endpoint.presented.lock().unwrap(),
+        ["rt0", "rt0", "rt1"],
+        "A presents its own rt1"
+    );
+    let stored = file.load().await.unwrap().unwrap();
+    assert!(!stored.is_ended(), "A's session is the stored one again");
+    assert!(stored.to_token().unwrap().same_secret(&next));
+}

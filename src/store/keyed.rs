@@ -5,11 +5,10 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::refresher::{Lineage, Unstored};
+use super::refresher::{Lineage, Logout, Unstored};
 use super::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreRefresher, TokenStore};
 use crate::keyed::{Bound, KeyedRefresher};
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
@@ -54,43 +53,54 @@ pub struct KeyedStoreRefresher<R, F> {
     logged_out: Arc<LoggedOut>,
 }
 
-/// The keys logged out ([`KeyedRefresher::logout`]) and not handed a token since, each with
-/// the flag its [`StoreRefresher`] clears when it is; at most [`LOGGED_OUT_KEPT`], the oldest
-/// forgotten first (the keyed layer keeps such a key logged out by itself, without calling
-/// the refresher, unless it is removed or refreshed by force).
+/// The keys logged out ([`KeyedRefresher::logout`]) that no login ended since, each with the
+/// logouts its [`StoreRefresher`] reads; at most [`LOGGED_OUT_KEPT`], the oldest forgotten
+/// first (logged), as the keyed layer remembers at most so many ended sessions of evicted
+/// keys. The keyed layer keeps a logged-out key logged out by itself, without calling the
+/// refresher; this memory matters for a forced refresh and a removed key.
 #[derive(Default)]
 struct LoggedOut(Mutex<VecDeque<LoggedOutKey>>);
 
-/// A logged-out key (of the keyed layer's key type) and its logout flag.
-type LoggedOutKey = (Box<dyn Any + Send + Sync>, Arc<AtomicBool>);
+/// A logged-out key (of the keyed layer's key type) and its logouts.
+type LoggedOutKey = (Box<dyn Any + Send + Sync>, Arc<Logout>);
 
 /// How many logged-out keys [`LoggedOut`] remembers.
 const LOGGED_OUT_KEPT: usize = 10_000;
 
 impl LoggedOut {
-    /// The logout flag of `key`: set if it is logged out.
-    fn flag<K: PartialEq + Send + Sync + 'static>(&self, key: &K) -> Arc<AtomicBool> {
+    /// The logouts of `key` (none if it is not logged out).
+    fn of<K: PartialEq + Send + Sync + 'static>(&self, key: &K) -> Arc<Logout> {
         let mut keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        keys.retain(|(_, flag)| flag.load(Ordering::SeqCst));
+        keys.retain(|(_, logout)| logout.logged_out());
         keys.iter()
             .find(|(k, _)| k.downcast_ref::<K>() == Some(key))
-            .map(|(_, flag)| flag.clone())
+            .map(|(_, logout)| logout.clone())
             .unwrap_or_default()
     }
 
     fn log_out<K: Clone + PartialEq + Send + Sync + 'static>(&self, key: &K) {
         let mut keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, flag)) = keys
+        if let Some((_, logout)) = keys
             .iter()
             .find(|(k, _)| k.downcast_ref::<K>() == Some(key))
         {
-            flag.store(true, Ordering::SeqCst);
+            logout.log_out();
             return;
         }
         if keys.len() >= LOGGED_OUT_KEPT {
-            keys.pop_front();
+            // Keys whose logout a login ended first; then the oldest logout.
+            keys.retain(|(_, logout)| logout.logged_out());
+            if keys.len() >= LOGGED_OUT_KEPT {
+                keys.pop_front();
+                tracing::warn!(
+                    kept = LOGGED_OUT_KEPT,
+                    "token store: forgot the oldest logout of a key (a forced refresh of it may adopt its stored session)"
+                );
+            }
         }
-        keys.push_back((Box::new(key.clone()), Arc::new(AtomicBool::new(true))));
+        let logout = Arc::new(Logout::default());
+        logout.log_out();
+        keys.push_back((Box::new(key.clone()), logout));
     }
 }
 
@@ -160,7 +170,7 @@ where
             (self.store_for)(key),
             self.unstored.clone(),
             self.lineage.clone(),
-            self.logged_out.flag(key),
+            self.logged_out.of(key),
         )
         .lease_ttl(self.lease_ttl)
         .min_remaining(self.min_remaining);

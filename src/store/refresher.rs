@@ -4,7 +4,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -29,9 +29,12 @@ use crate::token::Token;
 /// The stored session is the one this process follows, unless the layer hands it another:
 ///
 /// - After [`TokenHandle::clear`](crate::TokenHandle::clear) (which calls
-///   [`logout`](TokenRefresher::logout), passed on to your refresher), a refresh without a
-///   token (a forced one) never adopts or refreshes the stored session: your refresher is
-///   called without a token, and what it returns, if anything, is stored as a new login.
+///   [`logout`](TokenRefresher::logout), passed on to your refresher), every refresh is a
+///   login until one succeeds: a refresh without a token (a forced one) never adopts or
+///   refreshes the stored session (your refresher is called without a token, and what it
+///   returns, if anything, is stored as a new login), and a token installed since is
+///   refreshed from itself. A refresh that fails, or one that was already running at the
+///   logout, does not end the logout.
 /// - A token installed with [`TokenHandle::set_token`](crate::TokenHandle::set_token) (or
 ///   `initial_token`) whose refresh token the store does not know (neither the stored one,
 ///   nor one of the last [`SUPERSEDED_KEPT`](super::SUPERSEDED_KEPT) it replaced, nor one this
@@ -39,7 +42,8 @@ use crate::token::Token;
 ///   stored set is never adopted over it, and the result is stored for every process. A token
 ///   without a refresh token counts as a new login only when installed after a logout.
 /// - A token the store knows follows the store: a newer stored set is adopted, the stored
-///   refresh token is presented.
+///   refresh token is presented. A login's set becomes one the store knows once it is
+///   stored: a login whose write lost to another process stays a login until it is.
 ///
 /// # A refused refresh token
 ///
@@ -72,9 +76,12 @@ use crate::token::Token;
 ///   record is still the stored one (nobody wrote since), the next refresh of this process
 ///   presents its own new refresh token, not the stored spent one, and writes the result
 ///   back; with a keyed refresher, also after the keyed layer evicted the key's cell (the
-///   rebuilt cell refreshes without a token), but not after a logout. Until then, another process that refreshes from the stored record presents the
-///   spent refresh token: with a server that detects reuse, that ends its session (and may
-///   revoke the whole token family). This memory does not survive a restart of the process.
+///   rebuilt cell refreshes without a token), but not after a logout. Until then, another
+///   process that refreshes from the stored record presents the spent refresh token: with a
+///   server that detects reuse, that ends its session (and may revoke the whole token
+///   family); with one that does not, that process records the refusal, and this process's
+///   set stays the live one (its next refresh stores it over the refusal). This memory does
+///   not survive a restart of the process.
 /// - **The write loses its lease** (the store restarted or was flushed during the token call,
 ///   or a slow write landed after the lease's TTL) and nobody stored anything newer: the new
 ///   set is written under a lease taken again (a few tries, at most 250 ms apart), so the
@@ -134,8 +141,45 @@ struct Inner<R, S> {
     min_remaining: Duration,
     unstored: Arc<Unstored>,
     lineage: Arc<Lineage>,
-    /// Set by [`TokenRefresher::logout`], cleared when a refresh is handed a token again.
-    logged_out: Arc<AtomicBool>,
+    /// The logouts ([`TokenRefresher::logout`]), and the last one a login ended.
+    logout: Arc<Logout>,
+}
+
+/// The logouts of a session (of one key, for a keyed refresher), counted: a refresh reads the
+/// count when the layer asks for it, and it is logged out if a logout came that no login
+/// ended since. A login ends the logouts up to the count its refresh read, once that refresh
+/// succeeded: a refresh that fails (transiently, say) ends nothing, and a logout that comes
+/// while a refresh runs is never ended by that refresh.
+#[derive(Debug, Default)]
+pub(super) struct Logout {
+    logouts: AtomicU64,
+    ended: AtomicU64,
+}
+
+impl Logout {
+    pub(super) fn log_out(&self) {
+        self.logouts.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The logouts so far: what a refresh starting now has seen.
+    fn seen(&self) -> u64 {
+        self.logouts.load(Ordering::SeqCst)
+    }
+
+    /// Whether a logout that a refresh which saw `seen` logouts knows of is still in force.
+    fn in_force(&self, seen: u64) -> bool {
+        seen > self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Whether the last logout is still in force.
+    pub(super) fn logged_out(&self) -> bool {
+        self.in_force(self.seen())
+    }
+
+    /// A login after `seen` logouts succeeded: they are over.
+    fn end(&self, seen: u64) {
+        self.ended.fetch_max(seen, Ordering::SeqCst);
+    }
 }
 
 /// Digests of the refresh tokens this process handed to its layer from the store protocol
@@ -206,8 +250,10 @@ impl Unstored {
     /// and the layer still holds that set (`stale` carries its refresh token) or holds no
     /// refresh token at all (a keyed layer rebuilt the key's cell after an eviction or
     /// `remove`; records are per principal, so the set refreshed from `record` is this
-    /// principal's). A set whose record was replaced meanwhile (another process wrote) is
-    /// forgotten. Not asked after a logout: a logged-out session is never resumed.
+    /// principal's). Also when `record` only says that another process presented the spent
+    /// refresh token of the record it was refreshed from and was refused: this set is the
+    /// session's live one. A set whose record was replaced otherwise (another process wrote)
+    /// is forgotten. Not asked after a logout: a logged-out session is never resumed.
     fn find(&self, record: Option<&Record>, stale: Option<&Token>) -> Option<Token> {
         let mut pending = self.pending();
         let at = match stale.and_then(Token::refresh_token) {
@@ -221,7 +267,7 @@ impl Unstored {
                     .position(|p| p.from.as_ref() == Some(record))?
             }
         };
-        if pending[at].from.as_ref() == record {
+        if pending[at].from.as_ref() == record || refused_after(record, pending[at].from.as_ref()) {
             return Some(pending[at].newest.clone());
         }
         pending.remove(at);
@@ -247,6 +293,18 @@ impl Unstored {
     fn forget(&self, from: Option<&Record>) {
         self.pending().retain(|p| p.from.as_ref() != from);
     }
+}
+
+/// True if `record` is the refusal recorded right after `from` of `from`'s own refresh token:
+/// another process presented it (spent by this process, whose write of the successor failed)
+/// and the token endpoint refused it.
+fn refused_after(record: Option<&Record>, from: Option<&Record>) -> bool {
+    let (Some(record), Some(from)) = (record, from) else {
+        return false;
+    };
+    record.is_ended()
+        && from.version().checked_add(1) == Some(record.version())
+        && from.refresh_token.as_deref().map(digest) == record.refused
 }
 
 impl<R, S> Clone for StoreRefresher<R, S> {
@@ -316,13 +374,13 @@ impl<R, S> StoreRefresher<R, S> {
 
     /// [`new`](Self::new), remembering unstored token sets in `unstored` and the session's
     /// refresh tokens in `lineage` (both shared by the keyed refresher among its keys), and
-    /// a logout in `logged_out` (the key's).
+    /// the logouts in `logout` (the key's).
     pub(super) fn with_memory(
         refresher: R,
         store: S,
         unstored: Arc<Unstored>,
         lineage: Arc<Lineage>,
-        logged_out: Arc<AtomicBool>,
+        logout: Arc<Logout>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -333,7 +391,7 @@ impl<R, S> StoreRefresher<R, S> {
                 min_remaining: DEFAULT_MIN_REMAINING,
                 unstored,
                 lineage,
-                logged_out,
+                logout,
             }),
         }
     }
@@ -423,14 +481,25 @@ where
 
     fn refresh(&self, ctx: RefreshContext) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { this.run(ctx).await })
+        // Read when the layer asks: a logout that comes while this refresh reads the store
+        // is not this refresh's to end.
+        let seen = self.inner.logout.seen();
+        Box::pin(async move {
+            let result = this.run(ctx, seen).await;
+            if result.is_ok() {
+                // A refresh after a logout that succeeded is a login: the logouts it saw are
+                // over (a failed one ends nothing).
+                this.inner.logout.end(seen);
+            }
+            result
+        })
     }
 
-    /// Passed on to the wrapped refresher; and until a refresh is handed a token again (one
-    /// installed with `set_token`), the stored session is neither adopted nor refreshed: a
-    /// refresh without a token calls the wrapped refresher without one.
+    /// Passed on to the wrapped refresher; and until a refresh after it succeeds with a
+    /// token installed since (`set_token`), or with one your refresher got without a token,
+    /// the stored session is neither adopted nor refreshed.
     fn logout(&self) {
-        self.inner.logged_out.store(true, Ordering::SeqCst);
+        self.inner.logout.log_out();
         self.inner.refresher.logout();
     }
 }
@@ -511,22 +580,25 @@ where
     }
 
     /// True if `stale` is a login from outside the stored session, so that this refresh
-    /// starts from it and never adopts the stored record over it: a token handed to the
-    /// layer after a logout, or a refresh token neither this process got from the store nor
-    /// the stored record knows ([`Record::knows`]). `None` after a logout while no token was
-    /// installed since: a refresh without a token then calls the wrapped refresher without
-    /// one. A refresh handed a token ends the logout.
-    fn is_login(&self, stale: Option<&Token>, record: Option<&Record>) -> bool {
-        let Some(stale) = stale else {
-            return self.inner.logged_out.load(Ordering::SeqCst);
-        };
-        let after_logout = self.inner.logged_out.swap(false, Ordering::SeqCst);
-        let Some(rt) = stale.refresh_token() else {
-            // No refresh token to tell a session by: a token installed after a logout is a
-            // new login, any other follows the store.
-            return after_logout;
-        };
-        !(self.inner.lineage.knows(rt) || record.is_some_and(|r| r.knows(rt)))
+    /// starts from it and never adopts the stored record over it: anything after a logout
+    /// that no login ended (a refresh without a token then calls the wrapped refresher
+    /// without one), or a refresh token neither this process got from the store nor the
+    /// stored record knows ([`Record::knows`]). `seen`: the logouts when the layer asked.
+    fn is_login(&self, stale: Option<&Token>, record: Option<&Record>, seen: u64) -> bool {
+        if self.inner.logout.in_force(seen) {
+            return true;
+        }
+        match stale.and_then(Token::refresh_token) {
+            // No refresh token to tell a session by: it follows the store.
+            None => false,
+            Some(rt) => !(self.inner.lineage.knows(rt) || record.is_some_and(|r| r.knows(rt))),
+        }
+    }
+
+    /// True if the stored session ended (its refresh token was refused) and this process
+    /// holds no newer set of it (one whose write failed, refreshed from the refused one).
+    fn ended(&self, record: Option<&Record>, stale: Option<&Token>) -> bool {
+        record.is_some_and(Record::is_ended) && self.inner.unstored.find(record, stale).is_none()
     }
 
     /// `token`, handed to the layer: its refresh token is now of the stored session.
@@ -535,15 +607,15 @@ where
         token
     }
 
-    async fn run(&self, ctx: RefreshContext) -> Result<Token, RefreshError> {
+    async fn run(&self, ctx: RefreshContext, seen: u64) -> Result<Token, RefreshError> {
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
-        let mut login = self.is_login(stale.as_ref(), record.as_ref());
+        let mut login = self.is_login(stale.as_ref(), record.as_ref(), seen);
         if login {
             tracing::debug!("token store: refreshing a login from outside the stored session");
         } else {
-            if record.as_ref().is_some_and(Record::is_ended) {
+            if self.ended(record.as_ref(), stale.as_ref()) {
                 return Err(session_ended());
             }
             if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), u64::MAX) {
@@ -586,7 +658,7 @@ where
             let record = store.load().await.map_err(store_failure)?;
             login = login && !stored_from(stale.as_ref(), record.as_ref());
             if !login {
-                if record.as_ref().is_some_and(Record::is_ended) {
+                if self.ended(record.as_ref(), stale.as_ref()) {
                     tracing::debug!("token store: the lease holder's refresh token was refused");
                     return Err(session_ended());
                 }
@@ -610,7 +682,13 @@ where
             .under_lease(held.lease(), asked, ctx, first_seen, login)
             .await;
         held.release().await;
-        result.map(|token| self.hand_over(token))
+        result.map(|(token, of_the_store)| {
+            if of_the_store {
+                self.hand_over(token)
+            } else {
+                token
+            }
+        })
     }
 
     /// The protocol under the lease, asked for at `asked`; `login`: refresh from the stale
@@ -623,18 +701,18 @@ where
         ctx: RefreshContext,
         first_seen: u64,
         login: bool,
-    ) -> Result<Token, RefreshError> {
+    ) -> Result<(Token, bool), RefreshError> {
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
         let login = login && !stored_from(stale.as_ref(), record.as_ref());
         if !login {
-            if record.as_ref().is_some_and(Record::is_ended) {
+            if self.ended(record.as_ref(), stale.as_ref()) {
                 return Err(session_ended());
             }
             if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
                 tracing::debug!("token store: adopted a token stored before the lease was taken");
-                return Ok(token);
+                return Ok((token, true));
             }
         }
         let base = record.as_ref().map_or(0, Record::version);
@@ -717,7 +795,7 @@ where
                                 version = now.version(),
                                 "token store: refresh rejected, but another process had rotated; adopted its token"
                             );
-                            return Ok(token);
+                            return Ok((token, true));
                         }
                     } else if !login
                         && Some(&now) == record.as_ref()
@@ -751,17 +829,19 @@ where
         // is not the stored one (rotated): the stored one is spent.
         let left_behind = token.refresh_token().is_some()
             && token.refresh_token() != record.as_ref().and_then(|r| r.refresh_token.as_deref());
+        // A login's set is of the stored session only once stored: until then, the next
+        // refresh takes it for a login again, and writes it over whatever is stored.
         let unstored = |token: Token| {
             if left_behind {
                 self.inner.unstored.remember(record.clone(), token.clone());
             }
-            Ok(token)
+            Ok((token, !login))
         };
         match store.compare_and_set(lease, base, &new_record).await {
             Ok(CasOutcome::Written) => {
                 tracing::debug!(version = next, "token store: stored the new token");
                 self.inner.unstored.forget(record.as_ref());
-                Ok(token)
+                Ok((token, true))
             }
             Ok(lost) => match self.store_again(lease, record.as_ref(), &new_record).await {
                 // Nobody stored anything newer (the lease vanished with a restarted or
@@ -773,7 +853,7 @@ where
                         "token store: the first write of the new token failed; stored it after all"
                     );
                     self.inner.unstored.forget(record.as_ref());
-                    Ok(token)
+                    Ok((token, true))
                 }
                 // Another process wrote meanwhile (our lease expired or was not exclusive):
                 // everyone else follows the stored set, so follow it too.
@@ -783,9 +863,10 @@ where
                     unstored(token)
                 }
                 // A login from outside never gives way to the session it replaces (another
-                // process refreshed that one meanwhile): it is kept, and remembered as newer
-                // than the record that beat it, so that the next refresh presents its own
-                // refresh token and stores the result.
+                // process refreshed that one meanwhile): it is kept and not taken for the
+                // stored session's (not learned), so that the next refresh takes it for a
+                // login again, presents its own refresh token and stores the result, however
+                // often the record changes meanwhile.
                 Rewrite::Newer(now) if login && !stored_from(stale.as_ref(), Some(&now)) => {
                     tracing::warn!(
                         version = now.version(),
@@ -793,7 +874,7 @@ where
                         "token store: a login lost its write to a refresh of the session it replaces; kept"
                     );
                     self.inner.unstored.remember(Some(now), token.clone());
-                    Ok(token)
+                    Ok((token, false))
                 }
                 Rewrite::Newer(now) => match now.to_token() {
                     Ok(winner) => {
@@ -803,9 +884,9 @@ where
                             "token store: lost the write to another process; adopted its token"
                         );
                         self.inner.unstored.forget(record.as_ref());
-                        Ok(winner)
+                        Ok((winner, true))
                     }
-                    Err(_) => Ok(token),
+                    Err(_) => Ok((token, !login)),
                 },
                 Rewrite::NotStored => {
                     tracing::warn!(outcome = ?lost, "token store: the new token was not stored");
