@@ -1342,3 +1342,44 @@ async fn a_held_token_refused_after_a_failed_leeway_refresh_is_replayed_once_ref
     })
     .await;
 }
+
+/// Third review (eleventh session): a logout while a refresh waits out its backoff after a
+/// transient failure ends that refresh's retries: the refresher is not asked again, after the
+/// logout, to refresh the session that ended (its answer would be discarded anyway; a shared
+/// token store took that retry for a login and ended the logout).
+#[tokio::test]
+async fn a_logout_during_the_backoff_stops_the_retries() {
+    guard(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let layer = RefreshLayer::new(refresh_fn(move |_stale| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            // `Retry-After` is the backoff's floor: the retry waits at least 300 ms.
+            async {
+                Err::<Token, _>(
+                    RefreshError::transient("a blip").with_retry_after(Duration::from_millis(300)),
+                )
+            }
+        }))
+        .initial_token(Token::bearer("old-session").unwrap());
+        let handle = layer.token_handle();
+        let forced = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.refresh().await }
+        });
+        // The first attempt fails at once; the retry would come 300 ms later.
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        handle.clear();
+        let _ = forced.await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no retry for the session that ended"
+        );
+        assert!(handle.token().is_none());
+    })
+    .await;
+}

@@ -1240,3 +1240,185 @@ async fn a_live_unstored_set_outlives_another_processs_refusal_of_the_spent_toke
     assert!(!stored.is_ended(), "A's session is the stored one again");
     assert!(stored.to_token().unwrap().same_secret(&next));
 }
+
+/// A token endpoint stand-in whose first call fails transiently after `delay` (a blip);
+/// later calls rotate. Records the refresh tokens presented; like `OAuth2Refresher`, it
+/// forgets its refresh token at logout and then refuses a refresh that offers none.
+#[derive(Clone, Default)]
+struct BlipOnce {
+    calls: Arc<AtomicUsize>,
+    presented: Arc<Mutex<Vec<Option<String>>>>,
+    logged_out: Arc<AtomicBool>,
+}
+
+impl TokenRefresher for BlipOnce {
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Token, RefreshError>> + Send + 'static>,
+    >;
+
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let rt = ctx
+                .stale()
+                .and_then(Token::refresh_token)
+                .map(str::to_owned);
+            if rt.is_none() && this.logged_out.load(Ordering::SeqCst) {
+                return Err(RefreshError::terminal("logged out: no refresh token"));
+            }
+            this.presented.lock().unwrap().push(rt);
+            let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == 1 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                return Err(RefreshError::transient("a blip"));
+            }
+            Ok(Token::bearer(format!("fresh-access-{n}"))?
+                .with_expires_in(Duration::from_secs(3600))
+                .with_refresh_token(format!("fresh-refresh-{n}")))
+        })
+    }
+
+    fn logout(&self) {
+        self.logged_out.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A logout while a refresh fails transiently (third review, eleventh session): the layer
+/// retried by calling the refresher again with the same stale token; the retry, called after the logout, reads the
+/// new logout count, follows the stored session (its stale token is the store's), succeeds,
+/// and ends the logout, although it belongs to the flight that was running at the logout.
+/// A forced refresh then adopts the old user's stored session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_refresh_in_flight_at_logout_does_not_end_the_logout() {
+    let dir = TempDir::new("logout-retry");
+    let path = dir.path().join("token.json");
+    let old = valid_set("old-user-access", "old-user-refresh");
+    seed(&FileStore::new(&path), &old).await;
+    let endpoint = BlipOnce::default();
+    let layer = RefreshLayer::new(StoreRefresher::new(endpoint.clone(), FileStore::new(&path)))
+        .initial_token(old)
+        .retries(
+            Backoff::default()
+                .base_delay(Duration::from_millis(10))
+                .max_delay(Duration::from_millis(10)),
+        );
+    let handle = layer.token_handle();
+
+    let in_flight = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.refresh().await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    handle.clear();
+    let _ = within("the refresh in flight", in_flight).await;
+    // Let the flight's retry run to its end (its answer is discarded by the layer).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        handle.token().is_none(),
+        "the layer discarded the flight's answer"
+    );
+
+    let forced = within("a forced refresh after the logout", handle.refresh()).await;
+    let back = handle.token().map(|t| t.secret().to_owned());
+    assert!(
+        forced.is_err() && back.is_none(),
+        "after a logout, a forced refresh brought the old session back: {back:?} (presented {:?}, stored {:?})",
+        endpoint.presented.lock().unwrap(),
+        FileStore::new(&path)
+            .load()
+            .await
+            .unwrap()
+            .map(|r| r.version()),
+    );
+}
+
+/// A refresher that presents its stale token's refresh token, waits at a gate if given one,
+/// then refuses it (`refuse`) or rotates to `<prefix>-access-n` / `<prefix>-refresh-n`.
+#[derive(Clone)]
+struct Gated {
+    prefix: &'static str,
+    refuse: bool,
+    gate: Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>,
+    n: Arc<AtomicUsize>,
+    presented: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl Gated {
+    fn new(prefix: &'static str, refuse: bool) -> Self {
+        Self {
+            prefix,
+            refuse,
+            gate: None,
+            n: Arc::default(),
+            presented: Arc::default(),
+        }
+    }
+}
+
+impl TokenRefresher for Gated {
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Token, RefreshError>> + Send + 'static>,
+    >;
+
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let rt = ctx
+                .stale()
+                .and_then(Token::refresh_token)
+                .map(str::to_owned);
+            this.presented.lock().unwrap().push(rt);
+            if let Some((reached, gate)) = &this.gate {
+                reached.notify_one();
+                gate.notified().await;
+            }
+            if this.refuse {
+                return Err(RefreshError::terminal("invalid_grant"));
+            }
+            let n = this.n.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Token::bearer(format!("{}-access-{n}", this.prefix))?
+                .with_expires_in(Duration::from_secs(3600))
+                .with_refresh_token(format!("{}-refresh-{n}", this.prefix)))
+        })
+    }
+}
+
+/// A login (user B, from outside the stored session) whose own refresh token is refused
+/// (third review, eleventh session),
+/// while another process refreshed user A's stored session during the token call (the lease
+/// was not exclusive: a restarted or partitioned store): the refused login is handed user
+/// A's token (the terminal branch adopts a newer stored record without asking whether this
+/// refresh was a login).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_never_handed_the_previous_users_session() {
+    let dir = TempDir::new("refused-login");
+    let path = dir.path().join("token.json");
+    let file = FileStore::new(&path);
+    seed(&file, &expired_set("a-access-0", "a-refresh-0")).await;
+
+    let (reached, gate) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let mut refused = Gated::new("b", true);
+    refused.gate = Some((reached.clone(), gate.clone()));
+    let login = StoreRefresher::new(refused, Partitioned(FileStore::new(&path)));
+    let other = StoreRefresher::new(Gated::new("a", false), Partitioned(FileStore::new(&path)));
+
+    let pending = tokio::spawn(login.refresh(ctx(&expired_set("b-access-0", "b-refresh-0"))));
+    within("the login at its gate", reached.notified()).await;
+    let a1 = within(
+        "the other process",
+        other.refresh(ctx(&expired_set("a-access-0", "a-refresh-0"))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a1.secret(), "a-access-1");
+    gate.notify_one();
+    let outcome = within("the refused login", pending).await.unwrap();
+    assert!(
+        outcome.is_err(),
+        "user B's refused login was handed user A's session: {:?}",
+        outcome.map(|t| t.secret().to_owned())
+    );
+}

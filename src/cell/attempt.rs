@@ -75,12 +75,16 @@ impl std::error::Error for NoTimer {}
 /// Calls the refresher until it succeeds, fails terminally, or the backoff gives up. Each
 /// attempt is cut off at the refresh timeout and at the backoff's total bound, whichever
 /// comes first (with a runtime; without one there is no timer). `single`: one attempt only
-/// (background refreshes, and the first refresh after a failed one).
+/// (background refreshes, and the first refresh after a failed one). `superseded`: whether
+/// the handle installed or cleared a token since the round started; a retry is not made
+/// then: its answer would be discarded, and the refresher would be asked, after a logout,
+/// to refresh the session that ended.
 pub(crate) async fn attempt_all(
     refresher: &dyn ErasedRefresher,
     ctx: RefreshContext,
     settings: &FlightSettings,
     single: bool,
+    superseded: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Token, RefreshError> {
     if has_runtime() && !crate::head::timer_here() {
         return Err(RefreshError::transient(NoTimer));
@@ -107,6 +111,13 @@ pub(crate) async fn attempt_all(
         };
         tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, error = %err, "transient token refresh failure; retrying");
         tokio::time::sleep(delay).await;
+        if superseded() {
+            tracing::debug!(
+                attempt,
+                "the token changed during the backoff; not retrying"
+            );
+            return Err(err);
+        }
     }
 }
 

@@ -215,7 +215,15 @@ impl TokenCell {
                     Err(RefreshError::transient("superseded before it started"))
                 } else {
                     tracing::debug!(generation, "token refresh started");
-                    attempt_all(&*cell.refresher, ctx, &settings, single).await
+                    // The handle installed or cleared a token since this round started: its
+                    // answer is discarded, so its retries are not made. (After an invalidation
+                    // they are: a token they get is the next round's stale one.)
+                    let handed_since = |at: u64| {
+                        let cell = Arc::clone(&cell);
+                        move || cell.read().handed > at
+                    };
+                    let superseded = handed_since(generation);
+                    attempt_all(&*cell.refresher, ctx, &settings, single, &superseded).await
                 };
                 let error = result.as_ref().err().map(ToString::to_string);
                 // The refresher was called in the foreground and failed transiently: the token

@@ -789,7 +789,9 @@ where
                 // Rotation race: another process may have rotated the refresh token we
                 // presented. Check the store before ending the session.
                 if let Ok(Some(now)) = store.load().await {
-                    if now.version() > base {
+                    // Not for a login from outside: the newer record is the session it
+                    // replaces (unless it went through the login's own refresh token).
+                    if now.version() > base && (!login || stored_from(stale.as_ref(), Some(&now))) {
                         if let Some(token) = self.adoptable(Some(&now), from.as_ref(), base) {
                             tracing::info!(
                                 version = now.version(),
