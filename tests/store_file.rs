@@ -1320,15 +1320,15 @@ async fn a_retry_of_a_refresh_in_flight_at_logout_does_not_end_the_logout() {
 
     let forced = within("a forced refresh after the logout", handle.refresh()).await;
     let back = handle.token().map(|t| t.secret().to_owned());
+    let stored = FileStore::new(&path)
+        .load()
+        .await
+        .unwrap()
+        .map(|r| r.version());
+    let presented = endpoint.presented.lock().unwrap().clone();
     assert!(
         forced.is_err() && back.is_none(),
-        "after a logout, a forced refresh brought the old session back: {back:?} (presented {:?}, stored {:?})",
-        endpoint.presented.lock().unwrap(),
-        FileStore::new(&path)
-            .load()
-            .await
-            .unwrap()
-            .map(|r| r.version()),
+        "after a logout, a forced refresh brought the old session back: {back:?} (presented {presented:?}, stored {stored:?})",
     );
 }
 
