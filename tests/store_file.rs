@@ -1422,3 +1422,179 @@ async fn a_refused_login_is_never_handed_the_previous_users_session() {
         outcome.map(|t| t.secret().to_owned())
     );
 }
+
+/// Fourth review (eleventh session). Process A rotates key 0's rt0 into rt1 and fails to
+/// store it; process B presents the
+/// spent rt0, is refused and records the refusal; A's keyed layer evicts key 0's cell. The
+/// rebuilt cell refreshes with no token: it must find A's live unstored set (rt1) as each
+/// of the two fixes promises alone, not end the session (it ended it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstored_set_survives_eviction_and_another_processs_refusal_together() {
+    use tower_auth_refresh::keyed::KeyedRefreshLayer;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let dir = TempDir::new("review4-evict-refused");
+    let paths: Vec<_> = (0..2u32)
+        .map(|k| {
+            let sub = dir.path().join(format!("k{k}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            sub
+        })
+        .collect();
+    let stores: Vec<Flaky<FileStore>> = paths
+        .iter()
+        .map(|sub| Flaky::new(FileStore::new(sub.join("token.json")), sub))
+        .collect();
+    let initial = expired_set("at0", "rt0");
+    seed(&stores[0], &initial).await;
+    seed(&stores[1], &expired_set("b-at0", "b-rt0")).await;
+    let endpoint = Rotating::default();
+    endpoint.valid.lock().unwrap().insert("rt0".into());
+    endpoint.valid.lock().unwrap().insert("b-rt0".into());
+
+    let keyed = {
+        let endpoint = endpoint.clone();
+        move |_k: u32, stale: Option<Token>| {
+            endpoint.refresh(RefreshContext::new(stale, RefreshReason::Expired))
+        }
+    };
+    let by_key = stores.clone();
+    let shared = KeyedStoreRefresher::new(keyed, move |k: &u32| by_key[*k as usize].clone());
+    let layer = KeyedRefreshLayer::new(shared).capacity(1);
+    let handle = layer.token_handle();
+
+    // A: key 0 refreshes rt0 -> rt1; the write fails.
+    stores[0].fail_next_writes(1);
+    within("A's key 0 refresh", handle.key(&0).refresh())
+        .await
+        .unwrap();
+    assert_eq!(stores[0].failed_writes(), 1);
+
+    // B: presents the stored (spent) rt0, is refused, records the refusal.
+    let b = StoreRefresher::new(
+        endpoint.clone(),
+        FileStore::new(paths[0].join("token.json")),
+    );
+    let err = within(
+        "B's refresh",
+        b.refresh(RefreshContext::new(
+            Some(initial.clone()),
+            RefreshReason::Expired,
+        )),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_terminal());
+    assert!(
+        FileStore::new(paths[0].join("token.json"))
+            .load()
+            .await
+            .unwrap()
+            .unwrap()
+            .is_ended()
+    );
+
+    // A: key 1 is used; with capacity 1 key 0's cell is evicted.
+    within("A's key 1 refresh", handle.key(&1).refresh())
+        .await
+        .unwrap();
+
+    // A: key 0 again. Its live set rt1 must be presented.
+    let again = within("A's key 0 refresh after eviction", handle.key(&0).refresh()).await;
+    let presented = endpoint.presented.lock().unwrap().clone();
+    assert!(
+        again.is_ok(),
+        "A's live unstored set was lost: {:?}; presented {presented:?}",
+        again.err().map(|e| e.to_string())
+    );
+    assert_eq!(
+        presented.iter().filter(|rt| *rt == "rt1").count(),
+        1,
+        "{presented:?}"
+    );
+}
+
+/// `a_login_that_lost_its_write_stays_itself_through_more_refreshes_of_the_old_session`
+/// through a `KeyedStoreRefresher`, with the key's cell evicted (capacity, idle timeout,
+/// `KeyedTokenHandle::remove`) before the login's next refresh: the rebuilt cell asks with no
+/// token, and got the replaced session (user A's) instead of the login's own set (user B's;
+/// fourth review, eleventh session).
+#[cfg(feature = "oauth2")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_login_that_lost_its_write_stays_itself_after_its_cell_is_evicted() {
+    use tower_auth_refresh::keyed::KeyedRefresher;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access_a, refresh_a) = servers.token.login();
+    let (access_b, refresh_b) = servers.token.login();
+    let dir = TempDir::new("review4-login-evict");
+    let path = dir.path().join("token.json");
+    let file = FileStore::new(&path);
+    seed(&file, &expired_set(&access_a, &refresh_a)).await;
+
+    let (reached, gate) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let g = Arc::new(gated(
+        servers.token_url(),
+        GrantCalls::default(),
+        reached.clone(),
+        gate.clone(),
+    ));
+    let keyed = move |_k: u32, stale: Option<Token>| {
+        g.refresh(RefreshContext::new(stale, RefreshReason::Expired))
+    };
+    let store_path = path.clone();
+    let login = Arc::new(KeyedStoreRefresher::new(keyed, move |_k: &u32| {
+        Partitioned(FileStore::new(&store_path))
+    }));
+    let other = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        Partitioned(FileStore::new(&path)),
+    );
+    // User B logs in on key 0; its write loses to the other process refreshing user A.
+    let pending = tokio::spawn(login.refresh(
+        &0,
+        RefreshContext::new(
+            Some(expired_set(&access_b, &refresh_b)),
+            RefreshReason::Expired,
+        ),
+    ));
+    within("the login at its gate", reached.notified()).await;
+    let a1 = within(
+        "the other process",
+        other.refresh(RefreshContext::new(
+            Some(expired_set(&access_a, &refresh_a)),
+            RefreshReason::Expired,
+        )),
+    )
+    .await
+    .unwrap();
+    gate.notify_one();
+    let _kept = within("the login", pending).await.unwrap().unwrap();
+    within(
+        "the other process again",
+        other.refresh(RefreshContext::new(Some(a1), RefreshReason::Expired)),
+    )
+    .await
+    .unwrap();
+
+    // Key 0's cell is evicted; the rebuilt cell refreshes with no token.
+    gate.notify_one(); // a permit: a token call, if any, goes through at once
+    let next = within(
+        "key 0's refresh after the eviction",
+        login.refresh(&0, RefreshContext::new(None, RefreshReason::NoToken)),
+    )
+    .await
+    .unwrap();
+    let b_now = servers.token.current_of(&refresh_b).unwrap();
+    let a_now = servers.token.current_of(&refresh_a).unwrap();
+    assert!(!servers.token.issued_in_session_of(next.secret(), &a_now));
+    assert!(
+        servers.token.issued_in_session_of(next.secret(), &b_now),
+        "key 0 was switched back to user A's session (refresh token {:?}, user B's is {b_now})",
+        next.refresh_token()
+    );
+}

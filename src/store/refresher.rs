@@ -236,6 +236,9 @@ struct Pending {
     from: Option<Record>,
     /// The newest set, with its refresh token.
     newest: Token,
+    /// A login from outside that lost its write to the session it replaces: `from` is that
+    /// session's record, which may move on.
+    login: bool,
 }
 
 /// How many unstored token sets are remembered (one per principal whose write failed).
@@ -262,12 +265,17 @@ impl Unstored {
                 .position(|p| p.newest.refresh_token() == Some(held))?,
             None => {
                 let record = record?;
-                pending
-                    .iter()
-                    .position(|p| p.from.as_ref() == Some(record))?
+                pending.iter().position(|p| {
+                    p.from.as_ref() == Some(record)
+                        || refused_after(Some(record), p.from.as_ref())
+                        || replaced_since(record, p)
+                })?
             }
         };
-        if pending[at].from.as_ref() == record || refused_after(record, pending[at].from.as_ref()) {
+        if pending[at].from.as_ref() == record
+            || refused_after(record, pending[at].from.as_ref())
+            || (stale.is_none() && record.is_some_and(|r| replaced_since(r, &pending[at])))
+        {
             return Some(pending[at].newest.clone());
         }
         pending.remove(at);
@@ -276,7 +284,7 @@ impl Unstored {
 
     /// Remembers `newest`, refreshed from `from`, as not stored, in place of an earlier set
     /// refreshed from the same record.
-    fn remember(&self, from: Option<Record>, newest: Token) {
+    fn remember(&self, from: Option<Record>, newest: Token, login: bool) {
         let mut pending = self.pending();
         pending.retain(|p| p.from != from);
         if pending.len() >= UNSTORED_KEPT {
@@ -286,13 +294,27 @@ impl Unstored {
                 "token store: forgot the oldest token set that could not be stored"
             );
         }
-        pending.push_back(Pending { from, newest });
+        pending.push_back(Pending {
+            from,
+            newest,
+            login,
+        });
     }
 
     /// Forgets the set refreshed from `from`: stored, or replaced by another process's.
     fn forget(&self, from: Option<&Record>) {
         self.pending().retain(|p| p.from.as_ref() != from);
     }
+}
+
+/// True if `p` is a login that lost its write and `record` is a later record of the session it
+/// replaced (it went through that session's refresh token at the loss).
+fn replaced_since(record: &Record, p: &Pending) -> bool {
+    p.login
+        && p.from
+            .as_ref()
+            .and_then(|f| f.refresh_token.as_deref())
+            .is_some_and(|rt| record.knows(rt))
 }
 
 /// True if `record` is the refusal recorded right after `from` of `from`'s own refresh token:
@@ -835,7 +857,9 @@ where
         // refresh takes it for a login again, and writes it over whatever is stored.
         let unstored = |token: Token| {
             if left_behind {
-                self.inner.unstored.remember(record.clone(), token.clone());
+                self.inner
+                    .unstored
+                    .remember(record.clone(), token.clone(), login);
             }
             Ok((token, !login))
         };
@@ -875,7 +899,7 @@ where
                         outcome = ?lost,
                         "token store: a login lost its write to a refresh of the session it replaces; kept"
                     );
-                    self.inner.unstored.remember(Some(now), token.clone());
+                    self.inner.unstored.remember(Some(now), token.clone(), true);
                     Ok((token, false))
                 }
                 Rewrite::Newer(now) => match now.to_token() {
