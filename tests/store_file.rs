@@ -1598,3 +1598,175 @@ async fn a_keyed_login_that_lost_its_write_stays_itself_after_its_cell_is_evicte
         next.refresh_token()
     );
 }
+
+/// Fifth review (eleventh session): a keyed login that lost its write, then stored its set,
+/// then had its cell evicted: the rebuilt cell adopts the stored set. (The old entry of the
+/// lost write still matched, and the rebuilt cell presented the login's spent refresh token:
+/// reuse detected, the session recorded as ended for every process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_keyed_cell_never_presents_its_stored_logins_spent_refresh_token() {
+    use tower_auth_refresh::keyed::KeyedRefresher;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access_a, refresh_a) = servers.token.login();
+    let (access_b, refresh_b) = servers.token.login();
+    let dir = TempDir::new("login-stored-evict");
+    let path = dir.path().join("token.json");
+    seed(&FileStore::new(&path), &expired_set(&access_a, &refresh_a)).await;
+    let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let g = Arc::new(gated(
+        servers.token_url(),
+        GrantCalls::default(),
+        reached.clone(),
+        gate.clone(),
+    ));
+    let keyed = move |_k: u32, stale: Option<Token>| {
+        g.refresh(RefreshContext::new(stale, RefreshReason::Expired))
+    };
+    let store_path = path.clone();
+    let login = Arc::new(KeyedStoreRefresher::new(keyed, move |_k: &u32| {
+        Partitioned(FileStore::new(&store_path))
+    }));
+    let other = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        Partitioned(FileStore::new(&path)),
+    );
+    let pending = tokio::spawn(login.refresh(
+        &0,
+        RefreshContext::new(
+            Some(expired_set(&access_b, &refresh_b)),
+            RefreshReason::Expired,
+        ),
+    ));
+    within("the login at its gate", reached.notified()).await;
+    let a1 = within(
+        "the other process",
+        other.refresh(RefreshContext::new(
+            Some(expired_set(&access_a, &refresh_a)),
+            RefreshReason::Expired,
+        )),
+    )
+    .await
+    .unwrap();
+    gate.notify_one();
+    let kept = within("the login", pending).await.unwrap().unwrap();
+    within(
+        "the other process again",
+        other.refresh(RefreshContext::new(Some(a1), RefreshReason::Expired)),
+    )
+    .await
+    .unwrap();
+    // Key 0 refreshes its login and stores it.
+    gate.notify_one();
+    let stored = within(
+        "key 0 stores its login",
+        login.refresh(&0, RefreshContext::new(Some(kept), RefreshReason::Expired)),
+    )
+    .await
+    .unwrap();
+    // Evicted: the rebuilt cell refreshes with no token.
+    gate.notify_one();
+    let next = within(
+        "key 0 after the eviction",
+        login.refresh(&0, RefreshContext::new(None, RefreshReason::NoToken)),
+    )
+    .await;
+    assert_eq!(
+        servers.token.reuse_detected(),
+        0,
+        "the rotated refresh token was presented"
+    );
+    let next = next.expect("the stored live session goes on");
+    assert_eq!(next.secret(), stored.secret(), "the stored set is adopted");
+}
+
+/// Fifth review (eleventh session): a keyed login that lost its write, then a logout, then
+/// another user's login stored: an evicted cell resumes neither the logged-out login nor
+/// replaces the new one in the store (it resumed user B and wrote B over user C).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_keyed_cell_never_resumes_a_login_from_before_a_logout() {
+    use tower_auth_refresh::keyed::KeyedRefresher;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access_a, refresh_a) = servers.token.login();
+    let (access_b, refresh_b) = servers.token.login();
+    let (access_c, refresh_c) = servers.token.login();
+    let dir = TempDir::new("logout-evict");
+    let path = dir.path().join("token.json");
+    seed(&FileStore::new(&path), &expired_set(&access_a, &refresh_a)).await;
+    let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let g = Arc::new(gated(
+        servers.token_url(),
+        GrantCalls::default(),
+        reached.clone(),
+        gate.clone(),
+    ));
+    let keyed = move |_k: u32, stale: Option<Token>| {
+        g.refresh(RefreshContext::new(stale, RefreshReason::Expired))
+    };
+    let store_path = path.clone();
+    let login = Arc::new(KeyedStoreRefresher::new(keyed, move |_k: &u32| {
+        Partitioned(FileStore::new(&store_path))
+    }));
+    let other = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        Partitioned(FileStore::new(&path)),
+    );
+    let pending = tokio::spawn(login.refresh(
+        &0,
+        RefreshContext::new(
+            Some(expired_set(&access_b, &refresh_b)),
+            RefreshReason::Expired,
+        ),
+    ));
+    within("the login at its gate", reached.notified()).await;
+    let a1 = within(
+        "the other process",
+        other.refresh(RefreshContext::new(
+            Some(expired_set(&access_a, &refresh_a)),
+            RefreshReason::Expired,
+        )),
+    )
+    .await
+    .unwrap();
+    gate.notify_one();
+    let _kept = within("B's login", pending).await.unwrap().unwrap();
+    within(
+        "the other process again",
+        other.refresh(RefreshContext::new(Some(a1), RefreshReason::Expired)),
+    )
+    .await
+    .unwrap();
+    // Key 0 logs out, then user C logs in on it and is stored.
+    login.logout(&0);
+    gate.notify_one();
+    within(
+        "C's login",
+        login.refresh(
+            &0,
+            RefreshContext::new(
+                Some(expired_set(&access_c, &refresh_c)),
+                RefreshReason::Expired,
+            ),
+        ),
+    )
+    .await
+    .unwrap();
+    // Evicted: the rebuilt cell refreshes with no token.
+    gate.notify_one();
+    let next = within(
+        "key 0 after the eviction",
+        login.refresh(&0, RefreshContext::new(None, RefreshReason::NoToken)),
+    )
+    .await
+    .unwrap();
+    let b_now = servers.token.current_of(&refresh_b).unwrap();
+    let c_now = servers.token.current_of(&refresh_c).unwrap();
+    assert!(
+        !servers.token.issued_in_session_of(next.secret(), &b_now),
+        "key 0 was switched back to B, logged out before C's login"
+    );
+    assert!(servers.token.issued_in_session_of(next.secret(), &c_now));
+}

@@ -301,6 +301,18 @@ impl Unstored {
         });
     }
 
+    /// Forgets the logins that lost their write to a session `written` went through: a login
+    /// stored since replaces them (a later eviction must not resume one).
+    fn forget_replaced(&self, written: &Record) {
+        self.pending().retain(|p| {
+            !(p.login
+                && p.from
+                    .as_ref()
+                    .and_then(|f| f.refresh_token.as_deref())
+                    .is_some_and(|rt| written.knows(rt)))
+        });
+    }
+
     /// Forgets the set refreshed from `from`: stored, or replaced by another process's.
     fn forget(&self, from: Option<&Record>) {
         self.pending().retain(|p| p.from.as_ref() != from);
@@ -308,9 +320,13 @@ impl Unstored {
 }
 
 /// True if `p` is a login that lost its write and `record` is a later record of the session it
-/// replaced (it went through that session's refresh token at the loss).
+/// replaced (it went through that session's refresh token at the loss), not one that went
+/// through the login's own set (stored since: the stored set is newer).
 fn replaced_since(record: &Record, p: &Pending) -> bool {
     p.login
+        && p.newest
+            .refresh_token()
+            .is_some_and(|own| !record.knows(own))
         && p.from
             .as_ref()
             .and_then(|f| f.refresh_token.as_deref())
@@ -867,6 +883,9 @@ where
             Ok(CasOutcome::Written) => {
                 tracing::debug!(version = next, "token store: stored the new token");
                 self.inner.unstored.forget(record.as_ref());
+                if login {
+                    self.inner.unstored.forget_replaced(&new_record);
+                }
                 Ok((token, true))
             }
             Ok(lost) => match self.store_again(lease, record.as_ref(), &new_record).await {
@@ -879,6 +898,9 @@ where
                         "token store: the first write of the new token failed; stored it after all"
                     );
                     self.inner.unstored.forget(record.as_ref());
+                    if login {
+                        self.inner.unstored.forget_replaced(&new_record);
+                    }
                     Ok((token, true))
                 }
                 // Another process wrote meanwhile (our lease expired or was not exclusive):
