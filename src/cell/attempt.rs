@@ -114,7 +114,7 @@ pub(crate) async fn attempt_all(
         if superseded() {
             tracing::debug!(
                 attempt,
-                "the token changed during the backoff; not retrying"
+                "a token was installed or cleared during the backoff; not retrying"
             );
             return Err(err);
         }
