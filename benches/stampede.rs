@@ -43,6 +43,59 @@ struct Round {
     sends: usize,
 }
 
+/// The in-memory API every design sends to: 200 for `Bearer fresh`, 401 otherwise, at once;
+/// `sends` counts the requests it saw.
+fn api<B>(
+    sends: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<B>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<String>, Infallible>>,
+> + Clone {
+    service_fn(move |req: Request<B>| {
+        sends.fetch_add(1, Ordering::Relaxed);
+        let ok = req
+            .headers()
+            .get(AUTHORIZATION)
+            .is_some_and(|v| v == "Bearer fresh");
+        let mut res = Response::new(String::new());
+        *res.status_mut() = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        std::future::ready(Ok(res))
+    })
+}
+
+/// Spawns `n` tasks, each sending one GET through a clone of `svc`, and waits for them all
+/// (every one must get a 200): when they started, and the wall time to the last response.
+async fn send_all<S>(svc: S, n: usize) -> (Instant, Duration)
+where
+    S: tower::Service<Request<String>, Response = Response<String>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug + Send,
+{
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let req = Request::get(format!("/items/{i}"))
+                    .body(String::new())
+                    .unwrap();
+                svc.oneshot(req).await.map(|r| r.status())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let status = t.await.unwrap().expect("request failed");
+        assert_eq!(status, StatusCode::OK);
+    }
+    (start, start.elapsed())
+}
+
 /// Sends `n` concurrent requests through a fresh layer starting from `initial`.
 async fn round(n: usize, initial: &'static str) -> Round {
     let calls = Arc::new(AtomicUsize::new(0));
@@ -60,40 +113,8 @@ async fn round(n: usize, initial: &'static str) -> Round {
     }))
     .initial_token(Token::bearer(initial).unwrap());
     let sends = Arc::new(AtomicUsize::new(0));
-    let seen = sends.clone();
-    let svc = layer.layer(service_fn(move |req: Request<ReplayBody<String>>| {
-        seen.fetch_add(1, Ordering::Relaxed);
-        let ok = req
-            .headers()
-            .get(AUTHORIZATION)
-            .is_some_and(|v| v == "Bearer fresh");
-        let status = if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::UNAUTHORIZED
-        };
-        let mut res = Response::new(String::new());
-        *res.status_mut() = status;
-        std::future::ready(Ok::<_, Infallible>(res))
-    }));
-
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                let req = Request::get(format!("/items/{i}"))
-                    .body(String::new())
-                    .unwrap();
-                svc.oneshot(req).await.map(|r| r.status())
-            })
-        })
-        .collect();
-    for t in tasks {
-        let status = t.await.unwrap().expect("request failed");
-        assert_eq!(status, StatusCode::OK);
-    }
-    let wall = start.elapsed();
+    let svc = layer.layer(api::<ReplayBody<String>>(sends.clone()));
+    let (start, wall) = send_all(svc, n).await;
     let refreshed = refreshed_at.lock().unwrap().map(|at| at - start);
     Round {
         wall,
@@ -112,23 +133,7 @@ async fn round_mutex_wait(n: usize, initial: &'static str) -> Round {
     let sends = Arc::new(AtomicUsize::new(0));
     let refreshed_at = Arc::new(Mutex::new(None));
     // The same in-memory inner service as the layer's rounds, called with a built request.
-    let inner = {
-        let sends = sends.clone();
-        service_fn(move |req: Request<String>| {
-            sends.fetch_add(1, Ordering::Relaxed);
-            let ok = req
-                .headers()
-                .get(AUTHORIZATION)
-                .is_some_and(|v| v == "Bearer fresh");
-            let mut res = Response::new(String::new());
-            *res.status_mut() = if ok {
-                StatusCode::OK
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
-            std::future::ready(Ok::<_, Infallible>(res))
-        })
-    };
+    let inner = api::<String>(sends.clone());
     let start = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -240,21 +245,7 @@ where
 /// The same round through [`MutexWait`], a layer over the same inner service.
 async fn round_mutex_layer(n: usize, initial: &'static str) -> Round {
     let sends = Arc::new(AtomicUsize::new(0));
-    let seen = sends.clone();
-    let inner = service_fn(move |req: Request<String>| {
-        seen.fetch_add(1, Ordering::Relaxed);
-        let ok = req
-            .headers()
-            .get(AUTHORIZATION)
-            .is_some_and(|v| v == "Bearer fresh");
-        let mut res = Response::new(String::new());
-        *res.status_mut() = if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::UNAUTHORIZED
-        };
-        std::future::ready(Ok::<_, Infallible>(res))
-    });
+    let inner = api::<String>(sends.clone());
     let svc = MutexWait {
         inner,
         token: Arc::new(tokio::sync::RwLock::new(
@@ -263,22 +254,7 @@ async fn round_mutex_layer(n: usize, initial: &'static str) -> Round {
         calls: Arc::new(AtomicUsize::new(0)),
         refreshed_at: Arc::new(Mutex::new(None)),
     };
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                let req = Request::get(format!("/items/{i}"))
-                    .body(String::new())
-                    .unwrap();
-                svc.oneshot(req).await.map(|r| r.status())
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap().unwrap(), StatusCode::OK);
-    }
-    let wall = start.elapsed();
+    let (start, wall) = send_all(svc.clone(), n).await;
     let refreshed = svc.refreshed_at.lock().unwrap().map(|at| at - start);
     Round {
         wall,

@@ -1514,104 +1514,33 @@ async fn an_unstored_set_survives_eviction_and_another_processs_refusal_together
     );
 }
 
-/// `a_login_that_lost_its_write_stays_itself_through_more_refreshes_of_the_old_session`
-/// through a `KeyedStoreRefresher`, with the key's cell evicted (capacity, idle timeout,
-/// `KeyedTokenHandle::remove`) before the login's next refresh: the rebuilt cell asks with no
-/// token, and got the replaced session (user A's) instead of the login's own set (user B's;
-/// fourth review, eleventh session).
-#[cfg(feature = "oauth2")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_keyed_login_that_lost_its_write_stays_itself_after_its_cell_is_evicted() {
-    use tower_auth_refresh::keyed::KeyedRefresher;
-    use tower_auth_refresh::store::KeyedStoreRefresher;
-
-    let servers = Servers::start(TokenConfig::default()).await;
-    let (access_a, refresh_a) = servers.token.login();
-    let (access_b, refresh_b) = servers.token.login();
-    let dir = TempDir::new("review4-login-evict");
-    let path = dir.path().join("token.json");
-    let file = FileStore::new(&path);
-    seed(&file, &expired_set(&access_a, &refresh_a)).await;
-
-    let (reached, gate) = (
-        Arc::new(tokio::sync::Notify::new()),
-        Arc::new(tokio::sync::Notify::new()),
-    );
-    let g = Arc::new(gated(
-        servers.token_url(),
-        GrantCalls::default(),
-        reached.clone(),
-        gate.clone(),
-    ));
-    let keyed = move |_k: u32, stale: Option<Token>| {
-        g.refresh(RefreshContext::new(stale, RefreshReason::Expired))
-    };
-    let store_path = path.clone();
-    let login = Arc::new(KeyedStoreRefresher::new(keyed, move |_k: &u32| {
-        Partitioned(FileStore::new(&store_path))
-    }));
-    let other = StoreRefresher::new(
-        grant_refresher(servers.token_url(), GrantCalls::default()),
-        Partitioned(FileStore::new(&path)),
-    );
-    // User B logs in on key 0; its write loses to the other process refreshing user A.
-    let pending = tokio::spawn(login.refresh(
-        &0,
-        RefreshContext::new(
-            Some(expired_set(&access_b, &refresh_b)),
-            RefreshReason::Expired,
-        ),
-    ));
-    within("the login at its gate", reached.notified()).await;
-    let a1 = within(
-        "the other process",
-        other.refresh(RefreshContext::new(
-            Some(expired_set(&access_a, &refresh_a)),
-            RefreshReason::Expired,
-        )),
-    )
-    .await
-    .unwrap();
-    gate.notify_one();
-    let _kept = within("the login", pending).await.unwrap().unwrap();
-    within(
-        "the other process again",
-        other.refresh(RefreshContext::new(Some(a1), RefreshReason::Expired)),
-    )
-    .await
-    .unwrap();
-
-    // Key 0's cell is evicted; the rebuilt cell refreshes with no token.
-    gate.notify_one(); // a permit: a token call, if any, goes through at once
-    let next = within(
-        "key 0's refresh after the eviction",
-        login.refresh(&0, RefreshContext::new(None, RefreshReason::NoToken)),
-    )
-    .await
-    .unwrap();
-    let b_now = servers.token.current_of(&refresh_b).unwrap();
-    let a_now = servers.token.current_of(&refresh_a).unwrap();
-    assert!(!servers.token.issued_in_session_of(next.secret(), &a_now));
-    assert!(
-        servers.token.issued_in_session_of(next.secret(), &b_now),
-        "key 0 was switched back to user A's session (refresh token {:?}, user B's is {b_now})",
-        next.refresh_token()
-    );
+/// The start of the keyed eviction tests below: user B logs in on key 0 of a
+/// `KeyedStoreRefresher` (its token calls gated); its write loses to another process that
+/// refreshes user A's stored session meanwhile, and that process refreshes A once more.
+struct KeyedLoginRace {
+    servers: Servers,
+    refresh_a: String,
+    refresh_b: String,
+    /// The login's set, kept after its write lost (not stored).
+    kept: Token,
+    /// A permit lets the login's next token call through.
+    gate: Arc<Notify>,
+    _dir: TempDir,
 }
 
-/// Fifth review (eleventh session): a keyed login that lost its write, then stored its set,
-/// then had its cell evicted: the rebuilt cell adopts the stored set. (The old entry of the
-/// lost write still matched, and the rebuilt cell presented the login's spent refresh token:
-/// reuse detected, the session recorded as ended for every process.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_evicted_keyed_cell_never_presents_its_stored_logins_spent_refresh_token() {
+async fn keyed_login_lost_its_write(
+    tag: &str,
+) -> (
+    KeyedLoginRace,
+    impl tower_auth_refresh::keyed::KeyedRefresher<u32>,
+) {
     use tower_auth_refresh::keyed::KeyedRefresher;
     use tower_auth_refresh::store::KeyedStoreRefresher;
 
     let servers = Servers::start(TokenConfig::default()).await;
     let (access_a, refresh_a) = servers.token.login();
     let (access_b, refresh_b) = servers.token.login();
-    let dir = TempDir::new("login-stored-evict");
+    let dir = TempDir::new(tag);
     let path = dir.path().join("token.json");
     seed(&FileStore::new(&path), &expired_set(&access_a, &refresh_a)).await;
     let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
@@ -1632,41 +1561,94 @@ async fn an_evicted_keyed_cell_never_presents_its_stored_logins_spent_refresh_to
         grant_refresher(servers.token_url(), GrantCalls::default()),
         Partitioned(FileStore::new(&path)),
     );
-    let pending = tokio::spawn(login.refresh(
-        &0,
-        RefreshContext::new(
-            Some(expired_set(&access_b, &refresh_b)),
-            RefreshReason::Expired,
-        ),
-    ));
+    let pending = tokio::spawn({
+        let login = login.clone();
+        let stale = expired_set(&access_b, &refresh_b);
+        async move {
+            login
+                .refresh(&0, RefreshContext::new(Some(stale), RefreshReason::Expired))
+                .await
+        }
+    });
     within("the login at its gate", reached.notified()).await;
     let a1 = within(
         "the other process",
-        other.refresh(RefreshContext::new(
-            Some(expired_set(&access_a, &refresh_a)),
-            RefreshReason::Expired,
-        )),
+        other.refresh(ctx(&expired_set(&access_a, &refresh_a))),
     )
     .await
     .unwrap();
     gate.notify_one();
     let kept = within("the login", pending).await.unwrap().unwrap();
-    within(
-        "the other process again",
-        other.refresh(RefreshContext::new(Some(a1), RefreshReason::Expired)),
+    within("the other process again", other.refresh(ctx(&a1)))
+        .await
+        .unwrap();
+    let race = KeyedLoginRace {
+        servers,
+        refresh_a,
+        refresh_b,
+        kept,
+        gate,
+        _dir: dir,
+    };
+    (
+        race,
+        Arc::into_inner(login).expect("the login's task is over"),
+    )
+}
+
+/// `a_login_that_lost_its_write_stays_itself_through_more_refreshes_of_the_old_session`
+/// through a `KeyedStoreRefresher`, with the key's cell evicted (capacity, idle timeout,
+/// `KeyedTokenHandle::remove`) before the login's next refresh: the rebuilt cell asks with no
+/// token, and got the replaced session (user A's) instead of the login's own set (user B's;
+/// fourth review, eleventh session).
+#[cfg(feature = "oauth2")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_login_that_lost_its_write_stays_itself_after_its_cell_is_evicted() {
+    use tower_auth_refresh::keyed::KeyedRefresher;
+
+    let (race, login) = keyed_login_lost_its_write("review4-login-evict").await;
+    let servers = &race.servers;
+    // Key 0's cell is evicted; the rebuilt cell refreshes with no token.
+    race.gate.notify_one(); // a permit: a token call, if any, goes through at once
+    let next = within(
+        "key 0's refresh after the eviction",
+        login.refresh(&0, RefreshContext::new(None, RefreshReason::NoToken)),
     )
     .await
     .unwrap();
+    let b_now = servers.token.current_of(&race.refresh_b).unwrap();
+    let a_now = servers.token.current_of(&race.refresh_a).unwrap();
+    assert!(!servers.token.issued_in_session_of(next.secret(), &a_now));
+    assert!(
+        servers.token.issued_in_session_of(next.secret(), &b_now),
+        "key 0 was switched back to user A's session (refresh token {:?}, user B's is {b_now})",
+        next.refresh_token()
+    );
+}
+
+/// Fifth review (eleventh session): a keyed login that lost its write, then stored its set,
+/// then had its cell evicted: the rebuilt cell adopts the stored set. (The old entry of the
+/// lost write still matched, and the rebuilt cell presented the login's spent refresh token:
+/// reuse detected, the session recorded as ended for every process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_keyed_cell_never_presents_its_stored_logins_spent_refresh_token() {
+    use tower_auth_refresh::keyed::KeyedRefresher;
+
+    let (race, login) = keyed_login_lost_its_write("login-stored-evict").await;
+    let servers = &race.servers;
     // Key 0 refreshes its login and stores it.
-    gate.notify_one();
+    race.gate.notify_one();
     let stored = within(
         "key 0 stores its login",
-        login.refresh(&0, RefreshContext::new(Some(kept), RefreshReason::Expired)),
+        login.refresh(
+            &0,
+            RefreshContext::new(Some(race.kept.clone()), RefreshReason::Expired),
+        ),
     )
     .await
     .unwrap();
     // Evicted: the rebuilt cell refreshes with no token.
-    gate.notify_one();
+    race.gate.notify_one();
     let next = within(
         "key 0 after the eviction",
         login.refresh(&0, RefreshContext::new(None, RefreshReason::NoToken)),
@@ -1687,61 +1669,13 @@ async fn an_evicted_keyed_cell_never_presents_its_stored_logins_spent_refresh_to
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_keyed_cell_never_resumes_a_login_from_before_a_logout() {
     use tower_auth_refresh::keyed::KeyedRefresher;
-    use tower_auth_refresh::store::KeyedStoreRefresher;
 
-    let servers = Servers::start(TokenConfig::default()).await;
-    let (access_a, refresh_a) = servers.token.login();
-    let (access_b, refresh_b) = servers.token.login();
+    let (race, login) = keyed_login_lost_its_write("logout-evict").await;
+    let servers = &race.servers;
     let (access_c, refresh_c) = servers.token.login();
-    let dir = TempDir::new("logout-evict");
-    let path = dir.path().join("token.json");
-    seed(&FileStore::new(&path), &expired_set(&access_a, &refresh_a)).await;
-    let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let g = Arc::new(gated(
-        servers.token_url(),
-        GrantCalls::default(),
-        reached.clone(),
-        gate.clone(),
-    ));
-    let keyed = move |_k: u32, stale: Option<Token>| {
-        g.refresh(RefreshContext::new(stale, RefreshReason::Expired))
-    };
-    let store_path = path.clone();
-    let login = Arc::new(KeyedStoreRefresher::new(keyed, move |_k: &u32| {
-        Partitioned(FileStore::new(&store_path))
-    }));
-    let other = StoreRefresher::new(
-        grant_refresher(servers.token_url(), GrantCalls::default()),
-        Partitioned(FileStore::new(&path)),
-    );
-    let pending = tokio::spawn(login.refresh(
-        &0,
-        RefreshContext::new(
-            Some(expired_set(&access_b, &refresh_b)),
-            RefreshReason::Expired,
-        ),
-    ));
-    within("the login at its gate", reached.notified()).await;
-    let a1 = within(
-        "the other process",
-        other.refresh(RefreshContext::new(
-            Some(expired_set(&access_a, &refresh_a)),
-            RefreshReason::Expired,
-        )),
-    )
-    .await
-    .unwrap();
-    gate.notify_one();
-    let _kept = within("B's login", pending).await.unwrap().unwrap();
-    within(
-        "the other process again",
-        other.refresh(RefreshContext::new(Some(a1), RefreshReason::Expired)),
-    )
-    .await
-    .unwrap();
     // Key 0 logs out, then user C logs in on it and is stored.
     login.logout(&0);
-    gate.notify_one();
+    race.gate.notify_one();
     within(
         "C's login",
         login.refresh(
@@ -1755,14 +1689,14 @@ async fn an_evicted_keyed_cell_never_resumes_a_login_from_before_a_logout() {
     .await
     .unwrap();
     // Evicted: the rebuilt cell refreshes with no token.
-    gate.notify_one();
+    race.gate.notify_one();
     let next = within(
         "key 0 after the eviction",
         login.refresh(&0, RefreshContext::new(None, RefreshReason::NoToken)),
     )
     .await
     .unwrap();
-    let b_now = servers.token.current_of(&refresh_b).unwrap();
+    let b_now = servers.token.current_of(&race.refresh_b).unwrap();
     let c_now = servers.token.current_of(&refresh_c).unwrap();
     assert!(
         !servers.token.issued_in_session_of(next.secret(), &b_now),
