@@ -1704,3 +1704,72 @@ async fn an_evicted_keyed_cell_never_resumes_a_login_from_before_a_logout() {
     );
     assert!(servers.token.issued_in_session_of(next.secret(), &c_now));
 }
+
+/// A token endpoint that rotates the refresh token as soon as it gets the request and answers
+/// `delay` later: the rotation is done on the server before the client hears of it.
+#[derive(Clone)]
+struct SlowAnswer {
+    endpoint: Rotating,
+    delay: Duration,
+}
+
+impl TokenRefresher for SlowAnswer {
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Token, RefreshError>> + Send + 'static>,
+    >;
+
+    fn refresh(&self, ctx: RefreshContext) -> Self::Future {
+        let rotated = self.endpoint.refresh(ctx);
+        let delay = self.delay;
+        Box::pin(async move {
+            let answer = rotated.await;
+            tokio::time::sleep(delay).await;
+            answer
+        })
+    }
+}
+
+/// A refresh the layer's `refresh_timeout` cuts off after the token endpoint rotated the
+/// refresh token still stores the rotated set: the retry adopts it instead of presenting the
+/// spent refresh token (which the endpoint refuses, ending the session for every process).
+/// (Review, twelfth session: the set was lost with the dropped call, and the retry presented
+/// `rt0` again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_cut_off_by_its_timeout_still_stores_the_rotated_set() {
+    let dir = TempDir::new("cut-off");
+    let path = dir.path().join("token.json");
+    let initial = expired_set("at0", "rt0");
+    seed(&FileStore::new(&path), &initial).await;
+    let endpoint = Rotating::default();
+    endpoint.valid.lock().unwrap().insert("rt0".into());
+    let slow = SlowAnswer {
+        endpoint: endpoint.clone(),
+        delay: Duration::from_millis(600),
+    };
+    let layer = RefreshLayer::new(StoreRefresher::new(slow, FileStore::new(&path)))
+        .initial_token(initial)
+        .refresh_timeout(Duration::from_millis(200))
+        .retries(
+            Backoff::default()
+                .base_delay(Duration::from_millis(10))
+                .max_delay(Duration::from_millis(10))
+                .max_elapsed(Duration::from_secs(5)),
+        );
+    let handle = layer.token_handle();
+    let refreshed = within("the refresh", handle.refresh()).await;
+    let presented = endpoint.presented.lock().unwrap().clone();
+    assert_eq!(
+        presented,
+        ["rt0"],
+        "the spent refresh token was presented again"
+    );
+    assert!(refreshed.is_ok(), "the session ended: {refreshed:?}");
+    assert_eq!(
+        handle.token().map(|t| t.secret().to_owned()).as_deref(),
+        Some("at1")
+    );
+    let stored = FileStore::new(&path).load().await.unwrap().unwrap();
+    assert!(!stored.is_ended());
+    let stored = stored.to_token().unwrap();
+    assert_eq!(stored.refresh_token(), Some("rt1"));
+}

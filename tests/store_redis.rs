@@ -347,19 +347,29 @@ async fn fenced_lease_version_check_and_prefixes() {
     assert!(redis.get("tenant-c:record").is_some());
 }
 
-/// The layer's `refresh_timeout` cancels a refresh while it holds the Redis lease (a token
-/// call that hangs): the lease is given back at once, not after its TTL, so the other
-/// replicas can refresh.
+/// The layer's `refresh_timeout` runs out while a refresh holds the Redis lease in its token
+/// call: the call goes on under the lease (the endpoint may have rotated the refresh token),
+/// its answer is stored, and the lease is given back at once then, not after its TTL, so the
+/// other replicas follow the stored answer. (Review, twelfth session: the call was dropped
+/// and the lease released, and the next holder presented the possibly spent refresh token.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_refresh_gives_the_redis_lease_back() {
+async fn a_refresh_cut_off_by_the_layer_stores_its_answer_and_gives_the_redis_lease_back() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
     };
     let store = RedisStore::open(&redis.url(), "cancelled").unwrap();
-    let hanging = tower_auth_refresh::context_fn(|_ctx: RefreshContext| {
-        std::future::pending::<Result<Token, tower_auth_refresh::RefreshError>>()
-    });
-    let shared = StoreRefresher::new(hanging, store.clone())
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let answers = {
+        let gate = gate.clone();
+        tower_auth_refresh::context_fn(move |_ctx: RefreshContext| {
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                Ok(Token::bearer("after-the-cut")?.with_refresh_token("rotated"))
+            }
+        })
+    };
+    let shared = StoreRefresher::new(answers, store.clone())
         .lease_ttl(Duration::from_secs(600))
         .lease_wait(Duration::from_secs(1));
     let layer = RefreshLayer::new(shared)
@@ -372,6 +382,11 @@ async fn a_cancelled_refresh_gives_the_redis_lease_back() {
         .await
         .unwrap_err();
     assert!(err.is::<RefreshFailed>(), "{err}");
+    assert!(
+        redis.get("cancelled:lease").is_some(),
+        "the lease is held while the token call runs"
+    );
+    gate.notify_one();
     let mut released = false;
     for _ in 0..100 {
         if redis.get("cancelled:lease").is_none() {
@@ -382,8 +397,10 @@ async fn a_cancelled_refresh_gives_the_redis_lease_back() {
     }
     assert!(
         released,
-        "the lease was given back, not kept for its 600 s TTL"
+        "the lease was given back once the answer was stored, not kept for its 600 s TTL"
     );
+    let stored = store.load().await.unwrap().expect("the answer was stored");
+    assert_eq!(stored.to_token().unwrap().refresh_token(), Some("rotated"));
     assert!(
         store
             .try_lease(Duration::from_secs(1))

@@ -26,6 +26,37 @@ pub(crate) fn in_refresh() -> bool {
     IN_REFRESH.try_with(|_| ()).is_ok()
 }
 
+/// Runs `fut` to its end on a task of its own (on the current Tokio runtime; inline without
+/// one) and waits for it: a caller that stops waiting (its refresh timeout ran out) does not
+/// cut it off. For a refresher whose work, once started, must finish: a token call that
+/// rotated the refresh token, and the write of its result.
+///
+/// The task keeps the caller's span and, when the caller is a refresher, the mark that it is
+/// one ([`in_refresh`]); a panic in it is the caller's.
+pub(crate) async fn run_to_end<T, F>(fut: F) -> Result<T, RefreshError>
+where
+    F: Future<Output = Result<T, RefreshError>> + Send + 'static,
+    T: Send + 'static,
+{
+    use tracing::Instrument;
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return fut.await;
+    };
+    let fut = fut.in_current_span();
+    let task = if in_refresh() {
+        runtime.spawn(IN_REFRESH.scope((), fut))
+    } else {
+        runtime.spawn(fut)
+    };
+    match task.await {
+        Ok(result) => result,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(_) => Err(RefreshError::transient(
+            "the refresh was cancelled: its runtime shut down",
+        )),
+    }
+}
+
 /// A refresher behind a pointer: one boxed future per refresh, never per request.
 pub(crate) trait ErasedRefresher: Send + Sync + 'static {
     fn refresh(&self, ctx: RefreshContext) -> BoxFuture<Result<Token, RefreshError>>;

@@ -40,8 +40,8 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::sync::broadcast;
 
-pub(crate) use attempt::in_refresh;
 use attempt::{BoxFuture, ErasedRefresher};
+pub(crate) use attempt::{in_refresh, run_to_end};
 pub(crate) use flight::FreshWait;
 pub(crate) use state::{Answer, Lookup, Need, Ticket, Unavailable};
 use state::{Now, Policy, Session, State};

@@ -96,20 +96,23 @@ use crate::token::Token;
 ///
 /// One refresh through the store waits for another process's lease for at most
 /// [`lease_wait`](Self::lease_wait), then calls your refresher under its own lease for at
-/// most what is left of [`lease_ttl`](Self::lease_ttl) (less a safety margin). The layer's
+/// most what is left of [`lease_ttl`](Self::lease_ttl) (less a safety margin). Once your
+/// refresher is called, the call and the write of its answer run to their end on a task of
+/// their own (on the current Tokio runtime), holding the lease: the layer's
 /// [`refresh_timeout`](crate::RefreshOptions::refresh_timeout) (and the total bound of its
-/// [`Backoff`](crate::Backoff)) bounds the whole of it, so **set `refresh_timeout` above
-/// `lease_wait + lease_ttl`**: otherwise a process that got the lease late is cut off by the
-/// layer in the middle of its token call, and the token set it may have been given is lost.
-/// The defaults fit: 17 s of waiting plus at most 10.8 s under a 12 s lease is within the
-/// default 30 s `refresh_timeout`. (A write that lost its lease is tried again for up to
-/// about 1 s more, a few store calls: the rare case of a store that restarted or slowed down
-/// during the token call.) A refresh cut off anyway gives its lease back at once
-/// (best effort: a release task is spawned on the current Tokio runtime, if there is one;
-/// without one, a Redis lease is kept until its TTL runs out). A token call cut off that way
-/// may still be processed by the token endpoint, and the next holder may present the same
-/// refresh token right after: with a server that rotates refresh tokens and detects reuse
-/// without a grace period, that can end the session, so keep the limits above consistent.
+/// [`Backoff`](crate::Backoff)) bounds how long the layer waits, not the call. A token call
+/// the layer stopped waiting for still stores the set the token endpoint gave (the endpoint
+/// may have rotated the refresh token), and the layer's next attempt, or another process,
+/// adopts it instead of presenting the spent refresh token; the lease is given back when the
+/// call has answered and its answer is written, or when its time under the lease is up.
+/// **Set `refresh_timeout` above `lease_wait + lease_ttl`** all the same, so that the layer
+/// does not give up on a call that answers in time: the defaults fit (17 s of waiting plus at
+/// most 10.8 s under a 12 s lease is within the default 30 s `refresh_timeout`). (A write
+/// that lost its lease is tried again for up to about 1 s more, a few store calls: the rare
+/// case of a store that restarted or slowed down during the token call.) A refresh dropped
+/// before its token call gives its lease back at once (best effort: a release task is
+/// spawned on the current Tokio runtime, if there is one; without one, a Redis lease is kept
+/// until its TTL runs out).
 /// The file store holds its OS lock until a write already started has finished, even if the
 /// refresh is dropped meanwhile.
 ///
@@ -716,10 +719,30 @@ where
             inner: self.inner.clone(),
             lease: Some(lease),
         };
-        let result = self
-            .under_lease(held.lease(), asked, ctx, first_seen, login)
-            .await;
-        held.release().await;
+        let result = match self.under_lease(asked, ctx, first_seen, login).await {
+            Ok(Step::Call(call)) => {
+                // On a task of its own, holding the lease to its end: once the token endpoint
+                // is asked, its answer is stored (or kept as this process's unstored set) even
+                // if the layer stops waiting (its refresh timeout cut the attempt short).
+                // Dropped with the call, a rotated set would be lost, and the next refresh
+                // would present the spent refresh token.
+                let this = self.clone();
+                crate::cell::run_to_end(async move {
+                    let result = this.call_and_store(held.lease(), call).await;
+                    held.release().await;
+                    result
+                })
+                .await
+            }
+            Ok(Step::Adopt(token)) => {
+                held.release().await;
+                Ok((token, true))
+            }
+            Err(err) => {
+                held.release().await;
+                Err(err)
+            }
+        };
         result.map(|(token, of_the_store)| {
             if of_the_store {
                 self.hand_over(token)
@@ -729,17 +752,17 @@ where
         })
     }
 
-    /// The protocol under the lease, asked for at `asked`; `login`: refresh from the stale
-    /// token (a login from outside the stored session, see [`is_login`](Self::is_login)),
-    /// never from or into the stored record.
+    /// The protocol under the lease, asked for at `asked`, up to the token call: a token to
+    /// adopt, or the call to make. `login`: refresh from the stale token (a login from
+    /// outside the stored session, see [`is_login`](Self::is_login)), never from or into the
+    /// stored record.
     async fn under_lease(
         &self,
-        lease: &Lease,
         asked: Instant,
         ctx: RefreshContext,
         first_seen: u64,
         login: bool,
-    ) -> Result<(Token, bool), RefreshError> {
+    ) -> Result<Step, RefreshError> {
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
@@ -750,7 +773,7 @@ where
             }
             if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
                 tracing::debug!("token store: adopted a token stored before the lease was taken");
-                return Ok((token, true));
+                return Ok(Step::Adopt(token));
             }
         }
         let base = record.as_ref().map_or(0, Record::version);
@@ -791,9 +814,6 @@ where
             }
             (None, None) => stale.clone(),
         };
-        let previous_refresh = from
-            .as_ref()
-            .and_then(|t| t.refresh_token().map(str::to_owned));
         // The call ends a safety margin before the lease does, counted from when the lease
         // was asked for: once the lease runs out another process may present the same
         // refresh token.
@@ -810,7 +830,38 @@ where
             );
             return Err(store_failure(StoreError::too_slow(left, ttl)));
         }
-        let reason = ctx.reason().clone();
+        Ok(Step::Call(Call {
+            stale,
+            login,
+            record,
+            from,
+            next,
+            reason: ctx.reason().clone(),
+            call_ends,
+        }))
+    }
+
+    /// The token call of [`under_lease`](Self::under_lease), under `lease`, and the write of
+    /// its result: the token, and whether it is of the stored session.
+    async fn call_and_store(
+        &self,
+        lease: &Lease,
+        call: Call,
+    ) -> Result<(Token, bool), RefreshError> {
+        let Call {
+            stale,
+            login,
+            record,
+            from,
+            next,
+            reason,
+            call_ends,
+        } = call;
+        let store = &self.inner.store;
+        let base = record.as_ref().map_or(0, Record::version);
+        let previous_refresh = from
+            .as_ref()
+            .and_then(|t| t.refresh_token().map(str::to_owned));
         let call = self
             .inner
             .refresher
@@ -1086,11 +1137,12 @@ where
     }
 }
 
-/// The lease while the protocol holds it. [`release`](Self::release) gives it back; if the
-/// protocol's future is dropped first (the layer's `refresh_timeout` ran out, the request was
-/// cancelled), dropping this spawns the release on the current Tokio runtime, if there is
-/// one (best effort); without one the lease is only dropped (the file store's OS lock goes
-/// with it, a Redis lease runs out after its TTL).
+/// The lease while the protocol holds it. [`release`](Self::release) gives it back. If the
+/// protocol's future is dropped first (the layer's `refresh_timeout` ran out, a caller gave
+/// up) before the token call (which, once made, runs to its end on a task of its own, and
+/// gives the lease back there), dropping this spawns the release on the current Tokio
+/// runtime, if there is one (best effort); without one the lease is only dropped (the file
+/// store's OS lock goes with it, a Redis lease runs out after its TTL).
 struct Held<R: TokenRefresher, S: TokenStore> {
     inner: Arc<Inner<R, S>>,
     lease: Option<Lease>,
@@ -1125,6 +1177,31 @@ impl<R: TokenRefresher, S: TokenStore> Drop for Held<R, S> {
             Err(_) => drop(lease),
         }
     }
+}
+
+/// Where the protocol under the lease got to before the token call.
+enum Step {
+    /// A stored token to hand over (of the stored session).
+    Adopt(Token),
+    /// The token call to make.
+    Call(Call),
+}
+
+/// A token call decided under the lease, with what its result is stored against.
+struct Call {
+    /// The token the layer asked to refresh.
+    stale: Option<Token>,
+    /// A login from outside the stored session (see `is_login`).
+    login: bool,
+    /// The record read under the lease (the call's result is written over it).
+    record: Option<Record>,
+    /// The token set the wrapped refresher is called with.
+    from: Option<Token>,
+    /// The version its result is written as (the record's successor).
+    next: u64,
+    reason: crate::refresher::RefreshReason,
+    /// When the call must have answered: a margin before the lease runs out.
+    call_ends: Instant,
 }
 
 /// A deadline that never comes (a lease TTL too large to add to an instant).
@@ -1486,11 +1563,61 @@ mod tests {
         assert_eq!(log.calls.load(Ordering::SeqCst), 2);
     }
 
-    /// A refresh dropped while it holds the lease (the layer's `refresh_timeout` ran out, the
-    /// request was cancelled) gives the lease back at once instead of blocking every other
-    /// process until the TTL runs out.
+    /// A refresh dropped while its token call runs (the layer's `refresh_timeout` ran out, a
+    /// caller gave up) keeps the lease until the call answers, stores the answer, and then
+    /// gives the lease back at once (not after its TTL). (Review, twelfth session: the call
+    /// was dropped with it and the lease released, so the rotated set was lost while another
+    /// process could present the spent refresh token.)
     #[tokio::test]
-    async fn a_dropped_refresh_releases_its_lease() {
+    async fn a_refresh_dropped_during_its_call_stores_the_answer_then_releases_the_lease() {
+        let store = MemoryStore::new();
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let gated = {
+            let (reached, gate) = (reached.clone(), gate.clone());
+            context_fn(move |_ctx: RefreshContext| {
+                let (reached, gate) = (reached.clone(), gate.clone());
+                async move {
+                    reached.notify_one();
+                    gate.notified().await;
+                    Ok(Token::bearer("a1")?.with_refresh_token("r1"))
+                }
+            })
+        };
+        let shared = StoreRefresher::new(gated, store.clone()).lease_ttl(Duration::from_secs(600));
+        let task = tokio::spawn(shared.refresh(stale()));
+        reached.notified().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert!(
+            store
+                .try_lease(Duration::from_secs(1))
+                .await
+                .unwrap()
+                .is_none(),
+            "the lease is held while the call runs"
+        );
+        gate.notify_one();
+        let mut taken = None;
+        for _ in 0..100 {
+            taken = store.try_lease(Duration::from_secs(1)).await.unwrap();
+            if taken.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            taken.is_some(),
+            "released once stored, not after its 600 s TTL"
+        );
+        let stored = store.load().await.unwrap().unwrap().to_token().unwrap();
+        assert_eq!(stored.refresh_token(), Some("r1"));
+    }
+
+    /// A token call that never answers, its refresh dropped: the call keeps the lease until
+    /// the margin before the lease's end, and gives it back then (before the TTL runs out).
+    #[tokio::test(start_paused = true)]
+    async fn a_token_call_that_never_answers_gives_the_lease_back_before_it_runs_out() {
         let store = MemoryStore::new();
         let reached = Arc::new(tokio::sync::Notify::new());
         let hanging = {
@@ -1500,29 +1627,25 @@ mod tests {
                 std::future::pending::<Result<Token, RefreshError>>()
             })
         };
-        let shared =
-            StoreRefresher::new(hanging, store.clone()).lease_ttl(Duration::from_secs(600));
+        let shared = StoreRefresher::new(hanging, store.clone()).lease_ttl(Duration::from_secs(10));
         let task = tokio::spawn(shared.refresh(stale()));
         reached.notified().await;
-        assert!(
-            store
-                .try_lease(Duration::from_secs(1))
-                .await
-                .unwrap()
-                .is_none(),
-            "the refresh holds the lease"
-        );
         task.abort();
         assert!(task.await.unwrap_err().is_cancelled());
-        let mut taken = None;
-        for _ in 0..100 {
-            taken = store.try_lease(Duration::from_secs(1)).await.unwrap();
-            if taken.is_some() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert!(taken.is_some(), "released at once, not after its 600 s TTL");
+        // The call may run until 1 s (the margin) before the lease's 10 s end.
+        tokio::time::sleep(Duration::from_millis(8_500)).await;
+        let held = store.try_lease(Duration::from_secs(1)).await.unwrap();
+        assert!(
+            held.is_none(),
+            "the lease is held while the call may still answer"
+        );
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let taken = store.try_lease(Duration::from_secs(1)).await.unwrap();
+        assert!(
+            taken.is_some(),
+            "given back when the call's time was up, before the TTL"
+        );
+        assert!(store.load().await.unwrap().is_none(), "nothing stored");
     }
 
     /// A refresher that records every refresh token it is presented and answers `a{n}` with
