@@ -1773,3 +1773,70 @@ async fn a_refresh_cut_off_by_its_timeout_still_stores_the_rotated_set() {
     let stored = stored.to_token().unwrap();
     assert_eq!(stored.refresh_token(), Some("rt1"));
 }
+
+/// A stored session without a refresh token (a login by a refresher that gets none: client
+/// credentials, an API key) is refreshed as it is: a process that followed the session before
+/// that login never grafts its own, superseded refresh token onto it. (Review, twelfth
+/// session: it presented its spent refresh token with the new login's access token, and the
+/// refusal was recorded as the new login's, ending it for every process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_login_without_a_refresh_token_never_gets_a_spent_one_grafted_on() {
+    let dir = TempDir::new("no-graft");
+    let path = dir.path().join("token.json");
+    let initial = expired_set("at0", "rt0");
+    seed(&FileStore::new(&path), &initial).await;
+    let endpoint = Rotating::default();
+    endpoint.valid.lock().unwrap().insert("rt0".into());
+    let logins = Arc::new(AtomicUsize::new(0));
+    // Rotates a set with a refresh token; logs in again (a new short-lived access token, no
+    // refresh token) for a set without one, as a client-credentials refresher does.
+    let refresher = {
+        let (endpoint, logins) = (endpoint.clone(), logins.clone());
+        context_fn(move |ctx: RefreshContext| {
+            let rotating = ctx
+                .stale()
+                .and_then(Token::refresh_token)
+                .is_some()
+                .then(|| endpoint.refresh(ctx));
+            let n = logins.clone();
+            async move {
+                match rotating {
+                    Some(rotating) => rotating.await,
+                    None => {
+                        let n = n.fetch_add(1, Ordering::SeqCst) + 1;
+                        Ok(Token::bearer(format!("login-{n}"))?
+                            .with_expires_in(Duration::from_secs(3)))
+                    }
+                }
+            }
+        })
+    };
+    let process = || StoreRefresher::new(refresher.clone(), FileStore::new(&path));
+    let (p, z, q) = (process(), process(), process());
+    let t1 = within("P's refresh", p.refresh(ctx(&initial)))
+        .await
+        .unwrap();
+    assert_eq!(t1.refresh_token(), Some("rt1"));
+    let t2 = within("Z's refresh", z.refresh(ctx(&t1))).await.unwrap();
+    assert_eq!(t2.refresh_token(), Some("rt2"));
+    // Q logs out and logs in anew, without a refresh token.
+    q.logout();
+    let forced = RefreshContext::new(None, RefreshReason::Forced);
+    let login = within("Q's login", q.refresh(forced)).await.unwrap();
+    assert_eq!(login.secret(), "login-1");
+    assert_eq!(login.refresh_token(), None);
+
+    // P still holds rt1's set; the stored login expires within P's margin: P refreshes it.
+    let followed = within("P's refresh of the login", p.refresh(ctx(&t1))).await;
+    let presented = endpoint.presented.lock().unwrap().clone();
+    assert_eq!(
+        presented,
+        ["rt0", "rt1"],
+        "a spent refresh token was presented again"
+    );
+    let stored = FileStore::new(&path).load().await.unwrap().unwrap();
+    assert!(!stored.is_ended(), "the new login's session was ended");
+    let followed = followed.expect("P follows the new login");
+    assert_eq!(followed.secret(), "login-2");
+    assert_eq!(followed.refresh_token(), None);
+}

@@ -42,7 +42,9 @@ use crate::token::Token;
 ///   stored set is never adopted over it, and the result is stored for every process. A token
 ///   without a refresh token counts as a new login only when installed after a logout.
 /// - A token the store knows follows the store: a newer stored set is adopted, the stored
-///   refresh token is presented. A login's set becomes one the store knows once it is
+///   refresh token is presented (a stored set without one, a login by a refresher that gets
+///   none, is refreshed as it is: never with this process's own, older refresh token). A
+///   login's set becomes one the store knows once it is
 ///   stored: a login whose write lost to another process stays a login until it is.
 ///
 /// # A refused refresh token
@@ -804,14 +806,10 @@ where
                 );
                 Some(mine)
             }
-            (None, Some(record)) => {
-                let token = record.to_token().map_err(store_failure)?;
-                let own = stale.as_ref().and_then(Token::refresh_token);
-                Some(match (token.refresh_token(), own) {
-                    (None, Some(own)) => token.with_refresh_token(own),
-                    _ => token,
-                })
-            }
+            // As it is, also without a refresh token (a login by a refresher that gets none):
+            // this process's own refresh token is of an earlier set of the session (the record
+            // was written since), spent or of another login, never one to present with it.
+            (None, Some(record)) => Some(record.to_token().map_err(store_failure)?),
             (None, None) => stale.clone(),
         };
         // The call ends a safety margin before the lease does, counted from when the lease
