@@ -327,14 +327,34 @@ impl fmt::Display for StatusError {
 
 impl std::error::Error for StatusError {}
 
-/// The cause of a [`SessionEnded`](crate::error::SessionEnded) after [`TokenHandle::clear`](crate::TokenHandle::clear):
-/// a logout, not a refusal of the credentials.
+/// The cause of a [`SessionEnded`](crate::error::SessionEnded) after a logout, not a refusal
+/// of the credentials: through [`TokenHandle::clear`](crate::TokenHandle::clear), or for
+/// every process sharing a token store
+/// ([`StoreRefresher::end_session`](crate::store::StoreRefresher::end_session)).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("logged out through the token handle")]
-pub struct LoggedOut(());
+#[error("{}", if self.everywhere {
+    "logged out in the token store, for every process that shares it"
+} else {
+    "logged out through the token handle"
+})]
+pub struct LoggedOut {
+    everywhere: bool,
+}
 
 impl LoggedOut {
     pub(crate) fn new() -> Self {
-        Self(())
+        Self { everywhere: false }
+    }
+
+    /// The logout recorded in a token store, found by a refresh of any process.
+    #[cfg_attr(not(feature = "store"), allow(dead_code))]
+    pub(crate) fn everywhere() -> Self {
+        Self { everywhere: true }
+    }
+
+    /// Whether the session was logged out in a token store, for every process that shares
+    /// it, rather than through this process's token handle.
+    pub fn is_everywhere(&self) -> bool {
+        self.everywhere
     }
 }

@@ -77,6 +77,20 @@ async fn a_refused_session_ends_once_for_every_process_file_store() {
     .await;
 }
 
+/// Real processes: a logout everywhere (`StoreRefresher::end_session`) ends the session for
+/// every process, and a later one; a new login starts a new one (twelfth session: a logout
+/// was this process's only, and a restart adopted the stored session again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_everywhere_ends_the_session_for_every_process_file_store() {
+    let dir = TempDir::new("logout-everywhere");
+    let path = dir.path().join("token.json");
+    a_logout_everywhere_ends_the_session_for_every_process(
+        StoreSpec::File(path.clone()),
+        FileStore::new(&path),
+    )
+    .await;
+}
+
 fn ctx(stale: &Token) -> RefreshContext {
     RefreshContext::new(Some(stale.clone()), RefreshReason::Expired)
 }
@@ -1839,4 +1853,138 @@ async fn a_stored_login_without_a_refresh_token_never_gets_a_spent_one_grafted_o
     let followed = followed.expect("P follows the new login");
     assert_eq!(followed.secret(), "login-2");
     assert_eq!(followed.refresh_token(), None);
+}
+
+/// A logout everywhere reaches a layer of another process as a logout: its refresh fails
+/// with a terminal error whose source is `LoggedOut` (`is_everywhere`), without a token call,
+/// and its requests then fail locally with a `SessionEnded` that `is_logout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_everywhere_reaches_another_layer_as_a_logout() {
+    let dir = TempDir::new("logout-layer");
+    let path = dir.path().join("token.json");
+    let initial = expired_set("at0", "rt0");
+    seed(&FileStore::new(&path), &initial).await;
+    let endpoint = Rotating::default();
+    endpoint.valid.lock().unwrap().insert("rt0".into());
+    let elsewhere = StoreRefresher::new(endpoint.clone(), FileStore::new(&path));
+    let layer = RefreshLayer::new(StoreRefresher::new(endpoint.clone(), FileStore::new(&path)))
+        .initial_token(initial);
+    let handle = layer.token_handle();
+    within("the first refresh", handle.refresh()).await.unwrap();
+    assert_eq!(handle.token().unwrap().secret(), "at1");
+
+    within("the logout", elsewhere.end_session()).await.unwrap();
+    // Logged out already: nothing to do.
+    within("the logout again", elsewhere.end_session())
+        .await
+        .unwrap();
+    let err = within("a refresh after it", handle.refresh())
+        .await
+        .unwrap_err();
+    let logged_out =
+        std::iter::successors(Some(&*err as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .find_map(|e| e.downcast_ref::<tower_auth_refresh::error::LoggedOut>())
+        .unwrap_or_else(|| panic!("no LoggedOut in {err:?}"));
+    assert!(logged_out.is_everywhere());
+    assert_eq!(
+        *endpoint.presented.lock().unwrap(),
+        ["rt0"],
+        "no token call"
+    );
+    assert!(
+        !format!("{err} {err:?}").contains("at1") && !format!("{err:?}").contains("rt1"),
+        "no secret in the error"
+    );
+
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(
+            |_req: http::Request<ReplayBody<String>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+            },
+        ));
+    let req = http::Request::get("http://127.0.0.1/")
+        .body(String::new())
+        .unwrap();
+    let err = within("a request", svc.oneshot(req)).await.unwrap_err();
+    let ended = err
+        .downcast_ref::<tower_auth_refresh::error::SessionEnded>()
+        .unwrap_or_else(|| panic!("not SessionEnded: {err:?}"));
+    assert!(ended.is_logout());
+}
+
+/// A keyed logout everywhere (`KeyedStoreRefresher::end_session`) ends that key's stored
+/// session only: its next refresh fails as logged out without a token call, the other key's
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_logout_everywhere_ends_that_keys_session_only() {
+    use tower_auth_refresh::keyed::KeyedRefreshLayer;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let dir = TempDir::new("keyed-logout");
+    let path = |k: u32| dir.path().join(format!("k{k}.json"));
+    seed(
+        &FileStore::new(path(0)),
+        &expired_set("access-0", "refresh-0"),
+    )
+    .await;
+    seed(
+        &FileStore::new(path(1)),
+        &expired_set("b-access-0", "b-refresh-0"),
+    )
+    .await;
+    let tenants = Tenants::default();
+    let root = dir.path().to_owned();
+    let shared = KeyedStoreRefresher::new(tenants.clone(), move |k: &u32| {
+        FileStore::new(root.join(format!("k{k}.json")))
+    });
+    let layer = KeyedRefreshLayer::new(shared.clone());
+    let handle = layer.token_handle();
+    for key in [0, 1] {
+        within("a refresh", handle.key(&key).refresh())
+            .await
+            .unwrap();
+    }
+    within("key 0's logout", shared.end_session(&0))
+        .await
+        .unwrap();
+    assert!(
+        FileStore::new(path(0))
+            .load()
+            .await
+            .unwrap()
+            .unwrap()
+            .is_logged_out()
+    );
+    assert!(
+        !FileStore::new(path(1))
+            .load()
+            .await
+            .unwrap()
+            .unwrap()
+            .is_ended()
+    );
+
+    let err = within("key 0's refresh", handle.key(&0).refresh())
+        .await
+        .unwrap_err();
+    let logged_out =
+        std::iter::successors(Some(&*err as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .find_map(|e| e.downcast_ref::<tower_auth_refresh::error::LoggedOut>());
+    assert!(logged_out.is_some_and(|l| l.is_everywhere()), "{err:?}");
+    within("key 1's refresh", handle.key(&1).refresh())
+        .await
+        .unwrap();
+    let presented: Vec<u32> = tenants
+        .presented
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| *k)
+        .collect();
+    assert_eq!(presented, [0, 1, 1], "no token call for the logged-out key");
 }

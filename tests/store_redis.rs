@@ -44,6 +44,21 @@ async fn four_processes_one_refresh_per_expiry_and_restart_redis_store() {
     stampede_rounds_and_restart(spec, store, 20).await;
 }
 
+/// Real processes: a logout everywhere ends the session for every replica and a later one;
+/// a new login starts a new one (twelfth session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_everywhere_ends_the_session_for_every_process_redis_store() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let spec = StoreSpec::Redis {
+        url: redis.url(),
+        prefix: "logout".into(),
+    };
+    let store = RedisStore::open(&redis.url(), "logout").unwrap();
+    a_logout_everywhere_ends_the_session_for_every_process(spec, store).await;
+}
+
 /// Real processes: an `invalid_grant` for the stored refresh token costs one token call in
 /// all, not one per process (review, eleventh session).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -612,4 +627,65 @@ async fn half_open_connection_is_replaced_after_a_timeout() {
         .unwrap();
     let stored = Record::decode(&redis.get("halfopen:record").unwrap()).unwrap();
     assert_eq!(stored.version(), 9);
+}
+
+/// Polls `PUBSUB CHANNELS *:changed` until it counts `n` channels (at most 2 s).
+async fn subscribed_channels(redis: &RedisServer, n: usize) -> String {
+    let want = format!("*{n}\r\n");
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = redis.command(&[b"PUBSUB", b"CHANNELS", b"*:changed"]);
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+/// A store subscribes to its key's channel while it waits, and the last wait to leave
+/// unsubscribes: a keyed layer that waited on many keys keeps no subscription per key it ever
+/// waited for, and a message wakes the waits of its own key. (Review, twelfth session: every
+/// key's channel stayed subscribed for the life of the connection, in Redis and in the
+/// connection manager's resubscription list.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_on_many_keys_leave_no_subscription_behind() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let base = RedisStore::open(&redis.url(), "base").unwrap();
+    for k in 0..20 {
+        let store = base.scoped(&format!("key{k}"));
+        within(
+            "a short wait",
+            store.wait_change(0, Duration::from_millis(30)),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(subscribed_channels(&redis, 0).await, "*0\r\n");
+
+    // A long wait is subscribed, and woken by its key's write.
+    let store = base.scoped("key-long");
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_change(0, Duration::from_secs(600)).await })
+    };
+    assert_eq!(subscribed_channels(&redis, 1).await, "*1\r\n");
+    let lease = within("a lease", store.try_lease(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .expect("a free lease");
+    let written = within(
+        "a write",
+        store.compare_and_set(&lease, 0, &record_with_access(1, "acc-v1")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, CasOutcome::Written);
+    within("the waiter, woken by its key's message", waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(subscribed_channels(&redis, 0).await, "*0\r\n");
 }

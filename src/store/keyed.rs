@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::refresher::{Lineage, Logout, Unstored};
-use super::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreRefresher, TokenStore};
+use super::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreError, StoreRefresher, TokenStore};
 use crate::keyed::{Bound, KeyedRefresher};
 use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
 use crate::token::Token;
@@ -51,6 +51,24 @@ pub struct KeyedStoreRefresher<R, F> {
     lineage: Arc<Lineage>,
     /// The keys logged out while no token was installed for them since.
     logged_out: Arc<LoggedOut>,
+}
+
+/// A clone shares what the original remembers (the unstored sets, the lineage, the logged-out
+/// keys): keep one to call [`end_session`](Self::end_session) on after handing the other to
+/// the layer.
+impl<R, F: Clone> Clone for KeyedStoreRefresher<R, F> {
+    fn clone(&self) -> Self {
+        Self {
+            refresher: self.refresher.clone(),
+            store_for: self.store_for.clone(),
+            lease_ttl: self.lease_ttl,
+            lease_wait: self.lease_wait,
+            min_remaining: self.min_remaining,
+            unstored: self.unstored.clone(),
+            lineage: self.lineage.clone(),
+            logged_out: self.logged_out.clone(),
+        }
+    }
 }
 
 /// The keys logged out ([`KeyedRefresher::logout`]) that no login ended since, each with the
@@ -151,16 +169,33 @@ impl<R, F> KeyedStoreRefresher<R, F> {
     }
 }
 
-impl<K, R, F, S> KeyedRefresher<K> for KeyedStoreRefresher<R, F>
-where
-    K: Clone + PartialEq + Send + Sync + 'static,
-    R: KeyedRefresher<K>,
-    F: Fn(&K) -> S + Send + Sync + 'static,
-    S: TokenStore,
-{
-    type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
+impl<R, F> KeyedStoreRefresher<R, F> {
+    /// [`StoreRefresher::end_session`] for `key`'s stored session: logged out for every
+    /// process that shares the store. The key's [`TokenHandle::clear`](crate::TokenHandle::clear)
+    /// (through [`KeyedTokenHandle::key`](crate::keyed::KeyedTokenHandle::key)) alone logs it
+    /// out in this process only.
+    ///
+    /// # Errors
+    ///
+    /// As [`StoreRefresher::end_session`].
+    pub async fn end_session<K, S>(&self, key: &K) -> Result<(), StoreError>
+    where
+        K: Clone + PartialEq + Send + Sync + 'static,
+        R: KeyedRefresher<K>,
+        F: Fn(&K) -> S + Send + Sync + 'static,
+        S: TokenStore,
+    {
+        self.for_key(key).end_session().await
+    }
 
-    fn refresh(&self, key: &K, ctx: RefreshContext) -> Self::Future {
+    /// The store protocol of `key`, with what this refresher remembers across keys.
+    fn for_key<K, S>(&self, key: &K) -> StoreRefresher<Bound<K, R>, S>
+    where
+        K: Clone + PartialEq + Send + Sync + 'static,
+        R: KeyedRefresher<K>,
+        F: Fn(&K) -> S + Send + Sync + 'static,
+        S: TokenStore,
+    {
         let bound = Bound {
             key: key.clone(),
             refresher: self.refresher.clone(),
@@ -177,7 +212,21 @@ where
         if let Some(wait) = self.lease_wait {
             shared = shared.lease_wait(wait);
         }
-        shared.refresh(ctx)
+        shared
+    }
+}
+
+impl<K, R, F, S> KeyedRefresher<K> for KeyedStoreRefresher<R, F>
+where
+    K: Clone + PartialEq + Send + Sync + 'static,
+    R: KeyedRefresher<K>,
+    F: Fn(&K) -> S + Send + Sync + 'static,
+    S: TokenStore,
+{
+    type Future = Pin<Box<dyn Future<Output = Result<Token, RefreshError>> + Send>>;
+
+    fn refresh(&self, key: &K, ctx: RefreshContext) -> Self::Future {
+        self.for_key(key).refresh(ctx)
     }
 
     /// Passed on to the wrapped refresher, as [`StoreRefresher`] does: a refresher that

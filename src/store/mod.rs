@@ -113,6 +113,9 @@ pub struct Record {
     superseded: Vec<String>,
     /// The digest of the refresh token the token endpoint refused: the session ended.
     refused: Option<String>,
+    /// The session was logged out for every process ([`StoreRefresher::end_session`]): the
+    /// record keeps no token, only the digests of the refresh tokens it superseded.
+    logged_out: bool,
 }
 
 /// How many digests of superseded refresh tokens a record keeps.
@@ -152,6 +155,10 @@ struct Wire {
     /// The digest of a refused refresh token (absent unless the session ended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refused: Option<String>,
+    /// The session was logged out for every process (absent unless it was): the access
+    /// token is then empty, and no refresh token is kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    logged_out: bool,
 }
 
 const FORMAT: u32 = 1;
@@ -174,6 +181,7 @@ impl Record {
             refresh_token: token.refresh_token().map(str::to_owned),
             superseded: Vec::new(),
             refused: None,
+            logged_out: false,
         }
     }
 
@@ -225,6 +233,24 @@ impl Record {
         next
     }
 
+    /// The successor of this record, as `version`, saying that the session was logged out
+    /// for every process: no access token, no refresh token, no expiry; the digests of the
+    /// refresh tokens it went through are kept, so that a process still holding one of them
+    /// knows its session ended.
+    pub(crate) fn logged_out(&self, version: u64) -> Self {
+        Self {
+            version,
+            scheme: self.scheme.clone(),
+            access_token: String::new(),
+            expires_at: None,
+            refresh_token: None,
+            superseded: Vec::new(),
+            refused: None,
+            logged_out: true,
+        }
+        .superseding(Some(self), None)
+    }
+
     /// True if this record's session went through `refresh_token` (its own refresh token,
     /// one it superseded, or the one that was refused).
     pub(crate) fn knows(&self, refresh_token: &str) -> bool {
@@ -235,9 +261,22 @@ impl Record {
         self.refused.as_ref() == Some(&d) || self.superseded.contains(&d)
     }
 
-    /// True if the token endpoint refused this record's session (`invalid_grant`): every
-    /// process then ends its session without a token call, until a new login is stored.
+    /// True if this record's session ended: the token endpoint refused its refresh token
+    /// (`invalid_grant`), or it was logged out for every process
+    /// ([`is_logged_out`](Self::is_logged_out)). Every process then ends its session without
+    /// a token call, until a new login is stored.
     pub fn is_ended(&self) -> bool {
+        self.refused.is_some() || self.logged_out
+    }
+
+    /// True if this record's session was logged out for every process
+    /// ([`StoreRefresher::end_session`]): the record holds no token.
+    pub fn is_logged_out(&self) -> bool {
+        self.logged_out
+    }
+
+    /// True if the token endpoint refused this record's refresh token.
+    pub(crate) fn is_refused(&self) -> bool {
         self.refused.is_some()
     }
 
@@ -271,6 +310,9 @@ impl Record {
     /// A [`StoreError`] for which [`is_corrupt`](StoreError::is_corrupt) holds if the stored
     /// scheme or token cannot be sent in an `Authorization` header.
     pub fn to_token(&self) -> Result<Token, StoreError> {
+        if self.logged_out {
+            return Err(StoreError::logged_out());
+        }
         let mut token =
             Token::with_scheme(&self.scheme, self.access_token.as_str()).map_err(|e| {
                 StoreError::corrupt(format!("the stored access token is unusable: {e}"))
@@ -304,6 +346,7 @@ impl Record {
             refresh_token: self.refresh_token.clone(),
             superseded: self.superseded.clone(),
             refused: self.refused.clone(),
+            logged_out: self.logged_out,
         };
         serde_json::to_vec(&wire).expect("a record always serializes")
     }
@@ -364,7 +407,20 @@ impl Record {
             refresh_token: wire.refresh_token.filter(|r| !r.is_empty()),
             superseded: wire.superseded,
             refused: wire.refused,
+            logged_out: wire.logged_out,
         };
+        if record.logged_out {
+            // It keeps no token, nor the refusal of one.
+            if !record.access_token.is_empty()
+                || record.refresh_token.is_some()
+                || record.refused.is_some()
+            {
+                return Err(StoreError::corrupt(
+                    "the stored record of a logged-out session holds a token",
+                ));
+            }
+            return Ok(record);
+        }
         // A record whose token cannot be sent is corrupt too.
         record.to_token()?;
         Ok(record)
@@ -384,6 +440,7 @@ impl fmt::Debug for Record {
             )
             .field("superseded", &self.superseded.len())
             .field("ended", &self.is_ended())
+            .field("logged_out", &self.logged_out)
             .finish()
     }
 }
@@ -524,6 +581,7 @@ enum StoreErrorKind {
     Corrupt,
     Unavailable,
     LeaseTimeout,
+    LoggedOut,
 }
 
 impl StoreError {
@@ -571,6 +629,15 @@ impl StoreError {
         }
     }
 
+    /// The stored session was logged out for every process: the record holds no token.
+    pub(crate) fn logged_out() -> Self {
+        Self {
+            kind: StoreErrorKind::LoggedOut,
+            message: "the stored session was logged out; it holds no token".to_owned(),
+            source: None,
+        }
+    }
+
     /// The stored record cannot be read (truncated, not a record, an unusable token). It is
     /// never overwritten automatically: remove it to start over.
     pub fn is_corrupt(&self) -> bool {
@@ -586,6 +653,12 @@ impl StoreError {
     /// Waiting for another process's lease took too long.
     pub fn is_lease_timeout(&self) -> bool {
         self.kind == StoreErrorKind::LeaseTimeout
+    }
+
+    /// The stored session was logged out for every process ([`Record::to_token`] of a
+    /// logged-out record): it holds no token.
+    pub fn is_logged_out(&self) -> bool {
+        self.kind == StoreErrorKind::LoggedOut
     }
 }
 
@@ -660,6 +733,48 @@ mod tests {
                 !shown.contains("topsecret") && !shown.contains("top secret"),
                 "{shown}"
             );
+        }
+    }
+
+    /// A logged-out record keeps no token and reads back as one; a logged-out record that
+    /// holds a token (or a refusal) is corrupt, never a session to adopt; `to_token` of it is
+    /// a typed error; nothing of the session's secrets is written.
+    #[test]
+    fn a_logged_out_record_keeps_no_token() {
+        let token = Token::bearer("acc-secret")
+            .unwrap()
+            .with_expires_in(Duration::from_secs(60))
+            .with_refresh_token("ref-secret");
+        let rec = Record::from_token(3, &token, SystemTime::now()).superseding(None, Some("old"));
+        let out = rec.logged_out(4);
+        let written = String::from_utf8(out.encode()).unwrap();
+        assert!(
+            !written.contains("secret") && written.contains("\"logged_out\":true"),
+            "{written}"
+        );
+        let back = Record::decode(written.as_bytes()).unwrap();
+        assert!(back.is_logged_out() && back.is_ended() && !back.has_refresh_token());
+        assert_eq!(back.version(), 4);
+        assert!(
+            back.knows("ref-secret") && back.knows("old"),
+            "its history is kept"
+        );
+        assert!(back.to_token().unwrap_err().is_logged_out());
+        assert!(!format!("{back:?}").contains("secret"));
+        assert!(!rec.is_logged_out() && !written.is_empty());
+        let plain = String::from_utf8(rec.encode()).unwrap();
+        assert!(
+            !plain.contains("logged_out"),
+            "not written for a live session"
+        );
+        for bad in [
+            &br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"a","logged_out":true}"#
+                [..],
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"","refresh_token":"r","logged_out":true}"#,
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"","refused":"0123456789abcdef0123456789abcdef","logged_out":true}"#,
+            br#"{"format":1,"version":2,"scheme":"Bearer","access_token":"","logged_out":"yes"}"#,
+        ] {
+            assert!(Record::decode(bad).unwrap_err().is_corrupt());
         }
     }
 

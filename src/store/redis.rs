@@ -1,8 +1,8 @@
 //! A store in Redis, for replicas on several hosts.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -95,18 +95,82 @@ struct Inner {
     record: String,
     lease: String,
     channel: String,
-    /// `1 +` the generation of the connection this store subscribed on; 0 for none.
-    subscribed: AtomicU64,
 }
 
-/// What the stores of several prefixes share: one connection, its subscription messages.
+/// What the stores of several prefixes share: one connection, its subscriptions.
 struct Connection {
     client: Client,
     config: ConnectionManagerConfig,
     current: RwLock<Current>,
-    changed: watch::Sender<u64>,
+    channels: Arc<Channels>,
+    /// Held while a channel is subscribed or unsubscribed, so that the two never cross (an
+    /// unsubscription decided before a new waiter came must not land after its subscription).
+    subscribing: tokio::sync::Mutex<()>,
     cas: Script,
     release: Script,
+}
+
+/// The channels subscribed on the connection, each while a store waits on it: a keyed layer
+/// with many keys does not keep one subscription per key it ever waited for.
+#[derive(Default)]
+struct Channels(Mutex<HashMap<String, Channel>>);
+
+/// A channel while stores wait on it.
+struct Channel {
+    /// Bumped on every message of this channel (not of the others: a waiter wakes only for
+    /// its own key).
+    changed: watch::Sender<u64>,
+    /// Waits on it now.
+    waiters: usize,
+    /// The generation of the connection it is subscribed on, if it is.
+    subscribed: Option<u64>,
+}
+
+impl Channels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A message on `channel`: its waiters wake.
+    fn message(&self, channel: &[u8]) {
+        let Ok(channel) = std::str::from_utf8(channel) else {
+            return;
+        };
+        if let Some(c) = self.lock().get(channel) {
+            c.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+/// One wait on a channel: counted while it lives; the last one to leave unsubscribes.
+struct Watch {
+    conn: Arc<Connection>,
+    channel: String,
+    changed: watch::Receiver<u64>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let last = {
+            let mut channels = self.conn.channels.lock();
+            match channels.get_mut(&self.channel) {
+                Some(c) => {
+                    c.waiters = c.waiters.saturating_sub(1);
+                    c.waiters == 0
+                }
+                None => false,
+            }
+        };
+        if !last {
+            return;
+        }
+        // Best effort, on the current runtime: without one, the subscription stays until the
+        // next wait on the channel leaves.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (conn, channel) = (self.conn.clone(), std::mem::take(&mut self.channel));
+            drop(runtime.spawn(async move { conn.unsubscribe_if_unwatched(&channel).await }));
+        }
+    }
 }
 
 /// The connection manager in use, and how many times it was replaced before.
@@ -142,6 +206,76 @@ impl Connection {
                 generation: generation.wrapping_add(1),
                 manager,
             };
+        }
+    }
+
+    /// Starts a wait on `channel`, subscribing it on the current connection if needed.
+    async fn watch(self: &Arc<Self>, channel: &str) -> Result<Watch, StoreError> {
+        let changed = {
+            let mut channels = self.channels.lock();
+            let c = channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    changed: watch::channel(0).0,
+                    waiters: 0,
+                    subscribed: None,
+                });
+            c.waiters += 1;
+            c.changed.subscribe()
+        };
+        // Counted from here: dropped on an error below, it leaves as any wait does.
+        let watch = Watch {
+            conn: self.clone(),
+            channel: channel.to_owned(),
+            changed,
+        };
+        let Current {
+            generation,
+            mut manager,
+        } = self.current();
+        let subscribed = |channels: &Channels| {
+            channels
+                .lock()
+                .get(channel)
+                .is_some_and(|c| c.subscribed == Some(generation))
+        };
+        if subscribed(&self.channels) {
+            return Ok(watch);
+        }
+        let _turn = self.subscribing.lock().await;
+        if !subscribed(&self.channels) {
+            let result = manager.subscribe(channel).await;
+            self.settle(generation, result)
+                .map_err(|e| unavailable("SUBSCRIBE", e))?;
+            if let Some(c) = self.channels.lock().get_mut(channel) {
+                c.subscribed = Some(generation);
+            }
+        }
+        Ok(watch)
+    }
+
+    /// Unsubscribes `channel` if no store waits on it any more.
+    async fn unsubscribe_if_unwatched(&self, channel: &str) {
+        let _turn = self.subscribing.lock().await;
+        let subscribed = {
+            let mut channels = self.channels.lock();
+            match channels.get(channel) {
+                Some(c) if c.waiters == 0 => channels.remove(channel).and_then(|c| c.subscribed),
+                _ => return,
+            }
+        };
+        let Current {
+            generation,
+            mut manager,
+        } = self.current();
+        // Subscribed on a connection since replaced: it went with that connection.
+        if subscribed != Some(generation) {
+            return;
+        }
+        let result = manager.unsubscribe(channel).await;
+        if let Err(err) = self.settle(generation, result) {
+            // The connection manager forgets it at its next reconnection at the latest.
+            tracing::debug!(error = %err, "token store: redis UNSUBSCRIBE failed");
         }
     }
 
@@ -211,8 +345,8 @@ impl RedisStore {
         let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
         let client =
             Client::open(info).map_err(|e| StoreError::unavailable("invalid redis URL", e))?;
-        let (changed, _) = watch::channel(0u64);
-        let tx = changed.clone();
+        let channels = Arc::new(Channels::default());
+        let tx = channels.clone();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(2)))
@@ -221,7 +355,10 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500))
             .set_push_sender(move |info: redis::PushInfo| {
                 if matches!(info.kind, PushKind::Message) {
-                    tx.send_modify(|n| *n += 1);
+                    // A message is the channel, then its payload.
+                    if let Some(redis::Value::BulkString(channel)) = info.data.first() {
+                        tx.message(channel);
+                    }
                 }
                 Ok::<(), ()>(())
             })
@@ -235,7 +372,8 @@ impl RedisStore {
                 generation: 0,
                 manager,
             }),
-            changed,
+            channels,
+            subscribing: tokio::sync::Mutex::new(()),
             cas: Script::new(CAS),
             release: Script::new(RELEASE),
         });
@@ -249,7 +387,6 @@ impl RedisStore {
                 record: format!("{prefix}:record"),
                 lease: format!("{prefix}:lease"),
                 channel: format!("{prefix}:changed"),
-                subscribed: AtomicU64::new(0),
             }),
         }
     }
@@ -386,25 +523,15 @@ impl TokenStore for RedisStore {
     }
 
     async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
-        let mut rx = self.inner.conn.changed.subscribe();
-        // Once per connection manager: a replaced one has not heard of the subscription.
-        let Current {
-            generation,
-            mut manager,
-        } = self.conn();
-        let mark = generation.wrapping_add(1);
-        if self.inner.subscribed.load(Ordering::Acquire) != mark {
-            let result = manager.subscribe(&self.inner.channel).await;
-            self.settle(generation, result)
-                .map_err(|e| unavailable("SUBSCRIBE", e))?;
-            self.inner.subscribed.store(mark, Ordering::Release);
-        }
+        // Subscribed while it waits (on the connection in use: a replaced one has not heard
+        // of the subscription), and unsubscribed once no wait of this process is on it.
+        let mut watch = self.inner.conn.watch(&self.inner.channel).await?;
         // A version published before the subscription is seen here.
         let current = self.load().await?.map_or(0, |r| r.version());
         if current > seen {
             return Ok(());
         }
-        let _ = tokio::time::timeout(max, rx.changed()).await;
+        let _ = tokio::time::timeout(max, watch.changed.changed()).await;
         Ok(())
     }
 }

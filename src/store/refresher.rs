@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::{CasOutcome, Lease, Record, StoreError, TokenStore, digest};
-use crate::refresher::{RefreshContext, RefreshError, TokenRefresher};
+use crate::refresher::{LoggedOut, RefreshContext, RefreshError, TokenRefresher};
 use crate::token::Token;
 
 /// A [`TokenRefresher`] that shares one token set among processes through a [`TokenStore`].
@@ -345,7 +345,7 @@ fn refused_after(record: Option<&Record>, from: Option<&Record>) -> bool {
     let (Some(record), Some(from)) = (record, from) else {
         return false;
     };
-    record.is_ended()
+    record.is_refused()
         && from.version().checked_add(1) == Some(record.version())
         && from.refresh_token.as_deref().map(digest) == record.refused
 }
@@ -515,6 +515,123 @@ impl<R, S> StoreRefresher<R, S> {
     }
 }
 
+impl<R, S> StoreRefresher<R, S>
+where
+    R: TokenRefresher,
+    S: TokenStore,
+{
+    /// Logs the stored session out for every process that shares the store: the record is
+    /// replaced by one that holds no token (only digests of the refresh tokens the session went
+    /// through), so that no process adopts or refreshes it again. A process that holds a token
+    /// of the session keeps sending it until it is refused or expires; its refresh then fails
+    /// with a terminal error whose source is [`LoggedOut`](crate::error::LoggedOut) (the layer's
+    /// [`SessionEnded`](crate::error::SessionEnded) says
+    /// [`is_logout`](crate::error::SessionEnded::is_logout)), without a token call. A process
+    /// started later, without a token, finds no session to adopt. A new login (a token
+    /// installed with [`TokenHandle::set_token`](crate::TokenHandle::set_token), or got by your
+    /// refresher after [`TokenHandle::clear`](crate::TokenHandle::clear)) is stored over it and
+    /// starts a new session for all.
+    ///
+    /// [`TokenHandle::clear`](crate::TokenHandle::clear) alone logs out this process only (the
+    /// stored session stays for the others, and for a restart); call both for a logout
+    /// everywhere. This does not revoke the tokens at the authorization server (RFC 7009).
+    ///
+    /// Waits for the lease as a refresh does (at most [`lease_wait`](Self::lease_wait)); a
+    /// refresh under it finishes first, and its result is logged out too. Nothing to do
+    /// without a record, or when it is logged out already.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`]: the store is unreachable, its record is corrupt (left as it is), or
+    /// another process held the lease longer than the wait.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_auth_refresh::store::{MemoryStore, StoreRefresher};
+    /// use tower_auth_refresh::{RefreshError, RefreshLayer, Token, refresh_fn};
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let shared = StoreRefresher::new(
+    ///     refresh_fn(|_stale| async { Ok::<_, RefreshError>(Token::bearer("access")?) }),
+    ///     MemoryStore::new(),
+    /// );
+    /// let layer = RefreshLayer::new(shared.clone());
+    /// // The user logs out: this process forgets its token, every process its session.
+    /// layer.token_handle().clear();
+    /// shared.end_session().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn end_session(&self) -> Result<(), StoreError> {
+        let store = &self.inner.store;
+        let started = Instant::now();
+        let wait = self.wait_budget();
+        loop {
+            let record = store.load().await?;
+            let Some(seen) = record.filter(|r| !r.is_logged_out()) else {
+                return Ok(());
+            };
+            if let Some(lease) = store.try_lease(self.inner.lease_ttl).await? {
+                // Given back even if this future is dropped while it holds the lease.
+                let held = Held {
+                    inner: self.inner.clone(),
+                    lease: Some(lease),
+                };
+                let written = self.log_out_under(held.lease()).await;
+                held.release().await;
+                if written? {
+                    return Ok(());
+                }
+            }
+            let waited = started.elapsed();
+            if waited >= wait {
+                tracing::warn!(
+                    waited_ms = waited.as_millis() as u64,
+                    "token store: gave up waiting for the lease to log the session out"
+                );
+                return Err(StoreError::lease_timeout(waited));
+            }
+            store
+                .wait_change(seen.version(), WAIT_SLICE.min(wait - waited))
+                .await?;
+        }
+    }
+
+    /// Writes the logout of the stored record under `lease`: `false` if the record changed
+    /// under it (the lease was lost), to try again.
+    async fn log_out_under(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let store = &self.inner.store;
+        let Some(record) = store.load().await? else {
+            return Ok(true);
+        };
+        if record.is_logged_out() {
+            return Ok(true);
+        }
+        let Some(next) = record.version().checked_add(1).filter(|v| *v != u64::MAX) else {
+            return Err(StoreError::corrupt(
+                "the stored record's version has no usable successor (u64::MAX is never stored)",
+            ));
+        };
+        match store
+            .compare_and_set(lease, record.version(), &record.logged_out(next))
+            .await?
+        {
+            CasOutcome::Written => {
+                tracing::info!(
+                    version = next,
+                    "token store: logged the session out for every process"
+                );
+                Ok(true)
+            }
+            lost => {
+                tracing::debug!(outcome = ?lost, "token store: the logout lost its write; trying again");
+                Ok(false)
+            }
+        }
+    }
+}
+
 impl<R, S> TokenRefresher for StoreRefresher<R, S>
 where
     R: TokenRefresher,
@@ -540,7 +657,10 @@ where
 
     /// Passed on to the wrapped refresher; and until a refresh after it succeeds with a
     /// token installed since (`set_token`), or with one your refresher got without a token,
-    /// the stored session is neither adopted nor refreshed.
+    /// the stored session is neither adopted nor refreshed by this process. The other
+    /// processes, and this one after a restart, still follow it: to log it out for all, call
+    /// [`end_session`](Self::end_session). Clones of this refresher share this state: give
+    /// each layer that must log out on its own a refresher of its own.
     fn logout(&self) {
         self.inner.logout.log_out();
         self.inner.refresher.logout();
@@ -640,8 +760,17 @@ where
 
     /// True if the stored session ended (its refresh token was refused) and this process
     /// holds no newer set of it (one whose write failed, refreshed from the refused one).
-    fn ended(&self, record: Option<&Record>, stale: Option<&Token>) -> bool {
-        record.is_some_and(Record::is_ended) && self.inner.unstored.find(record, stale).is_none()
+    ///
+    /// The terminal error to fail with then: `None` if the session did not end. A session
+    /// logged out for every process ([`end_session`](Self::end_session)) ended whatever this
+    /// process holds.
+    fn ended(&self, record: Option<&Record>, stale: Option<&Token>) -> Option<RefreshError> {
+        let record = record?;
+        if record.is_logged_out() {
+            return Some(RefreshError::terminal(LoggedOut::everywhere()));
+        }
+        (record.is_refused() && self.inner.unstored.find(Some(record), stale).is_none())
+            .then(session_ended)
     }
 
     /// `token`, handed to the layer: its refresh token is now of the stored session.
@@ -658,8 +787,8 @@ where
         if login {
             tracing::debug!("token store: refreshing a login from outside the stored session");
         } else {
-            if self.ended(record.as_ref(), stale.as_ref()) {
-                return Err(session_ended());
+            if let Some(ended) = self.ended(record.as_ref(), stale.as_ref()) {
+                return Err(ended);
             }
             if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), u64::MAX) {
                 tracing::debug!(
@@ -701,9 +830,9 @@ where
             let record = store.load().await.map_err(store_failure)?;
             login = login && !stored_from(stale.as_ref(), record.as_ref());
             if !login {
-                if self.ended(record.as_ref(), stale.as_ref()) {
-                    tracing::debug!("token store: the lease holder's refresh token was refused");
-                    return Err(session_ended());
+                if let Some(ended) = self.ended(record.as_ref(), stale.as_ref()) {
+                    tracing::debug!("token store: the session ended while the lease was held");
+                    return Err(ended);
                 }
                 if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
                     tracing::debug!(
@@ -770,8 +899,8 @@ where
         let record = store.load().await.map_err(store_failure)?;
         let login = login && !stored_from(stale.as_ref(), record.as_ref());
         if !login {
-            if self.ended(record.as_ref(), stale.as_ref()) {
-                return Err(session_ended());
+            if let Some(ended) = self.ended(record.as_ref(), stale.as_ref()) {
+                return Err(ended);
             }
             if let Some(token) = self.adoptable(record.as_ref(), stale.as_ref(), first_seen) {
                 tracing::debug!("token store: adopted a token stored before the lease was taken");
@@ -828,7 +957,7 @@ where
             );
             return Err(store_failure(StoreError::too_slow(left, ttl)));
         }
-        Ok(Step::Call(Call {
+        Ok(Step::Call(Box::new(Call {
             stale,
             login,
             record,
@@ -836,7 +965,7 @@ where
             next,
             reason: ctx.reason().clone(),
             call_ends,
-        }))
+        })))
     }
 
     /// The token call of [`under_lease`](Self::under_lease), under `lease`, and the write of
@@ -844,7 +973,7 @@ where
     async fn call_and_store(
         &self,
         lease: &Lease,
-        call: Call,
+        call: Box<Call>,
     ) -> Result<(Token, bool), RefreshError> {
         let Call {
             stale,
@@ -854,7 +983,7 @@ where
             next,
             reason,
             call_ends,
-        } = call;
+        } = *call;
         let store = &self.inner.store;
         let base = record.as_ref().map_or(0, Record::version);
         let previous_refresh = from
@@ -951,6 +1080,15 @@ where
                         self.inner.unstored.forget_replaced(&new_record);
                     }
                     Ok((token, true))
+                }
+                // The session was logged out for every process meanwhile: so it is for this
+                // one, whatever its refresh got.
+                Rewrite::Newer(now) if now.is_logged_out() => {
+                    tracing::info!(
+                        version = now.version(),
+                        "token store: the session was logged out during the refresh; not kept"
+                    );
+                    Err(RefreshError::terminal(LoggedOut::everywhere()))
                 }
                 // Another process wrote meanwhile (our lease expired or was not exclusive):
                 // everyone else follows the stored set, so follow it too.
@@ -1181,8 +1319,8 @@ impl<R: TokenRefresher, S: TokenStore> Drop for Held<R, S> {
 enum Step {
     /// A stored token to hand over (of the stored session).
     Adopt(Token),
-    /// The token call to make.
-    Call(Call),
+    /// The token call to make (boxed: it is moved onto the call's own task).
+    Call(Box<Call>),
 }
 
 /// A token call decided under the lease, with what its result is stored against.

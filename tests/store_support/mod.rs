@@ -236,6 +236,17 @@ impl Worker {
         }
     }
 
+    /// Asks the worker to log out: its handle's `clear`, then `StoreRefresher::end_session`
+    /// (a logout for every process). The round says `ok=1` if both were done.
+    pub(crate) async fn log_out_everywhere(&mut self) -> Round {
+        self.stdin
+            .write_all(b"logout\n")
+            .await
+            .expect("worker stdin");
+        self.stdin.flush().await.unwrap();
+        self.finish().await
+    }
+
     /// Ends the worker cleanly.
     pub(crate) async fn quit(mut self) {
         let _ = self.stdin.write_all(b"quit\n").await;
@@ -283,10 +294,10 @@ pub(crate) fn run_worker() {
             .build::<_, ReplayBody<Full<Bytes>>>(CappedConnector::new(WORKER_CONNECTIONS));
         if let Ok(path) = std::env::var("STORE_FILE") {
             let shared = StoreRefresher::new(grant, FileStore::new(path)).lease_ttl(ttl);
-            let svc = tower::ServiceBuilder::new()
-                .layer(RefreshLayer::new(shared))
-                .service(client);
-            serve_commands(svc, api_url, calls).await;
+            let layer = RefreshLayer::new(shared.clone());
+            let logout = log_out(layer.token_handle(), shared);
+            let svc = tower::ServiceBuilder::new().layer(layer).service(client);
+            serve_commands(svc, api_url, calls, logout).await;
         } else {
             #[cfg(feature = "redis")]
             {
@@ -296,10 +307,10 @@ pub(crate) fn run_worker() {
                 )
                 .unwrap();
                 let shared = StoreRefresher::new(grant, store).lease_ttl(ttl);
-                let svc = tower::ServiceBuilder::new()
-                    .layer(RefreshLayer::new(shared))
-                    .service(client);
-                serve_commands(svc, api_url, calls).await;
+                let layer = RefreshLayer::new(shared.clone());
+                let logout = log_out(layer.token_handle(), shared);
+                let svc = tower::ServiceBuilder::new().layer(layer).service(client);
+                serve_commands(svc, api_url, calls, logout).await;
             }
         }
     });
@@ -415,7 +426,30 @@ impl hyper::rt::Write for CappedConnection {
     }
 }
 
-async fn serve_commands<S>(svc: S, api_url: String, calls: GrantCalls)
+/// A worker's logout: this process's (the handle's `clear`) and every process's
+/// (`end_session`); true if both were done.
+type LogOut = Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send>;
+
+fn log_out<R: TokenRefresher, S: TokenStore>(
+    handle: tower_auth_refresh::TokenHandle,
+    shared: StoreRefresher<R, S>,
+) -> LogOut {
+    Box::new(move || {
+        let (handle, shared) = (handle.clone(), shared.clone());
+        Box::pin(async move {
+            handle.clear();
+            match shared.end_session().await {
+                Ok(()) => true,
+                Err(err) => {
+                    eprintln!("worker: logout failed: {err}");
+                    false
+                }
+            }
+        })
+    })
+}
+
+async fn serve_commands<S>(svc: S, api_url: String, calls: GrantCalls, logout: LogOut)
 where
     S: Service<Request<Full<Bytes>>, Response = http::Response<hyper::body::Incoming>>
         + Clone
@@ -429,6 +463,11 @@ where
         let line = line.trim();
         if line == "quit" {
             return;
+        }
+        if line == "logout" {
+            let ok = usize::from(logout().await);
+            println!("@@ ok={ok} failed={} grants={}", 1 - ok, calls.get());
+            continue;
         }
         let Some(n) = line
             .strip_prefix("go ")
@@ -833,6 +872,89 @@ pub(crate) async fn a_refused_session_ends_once_for_every_process<S: TokenStore>
         1,
         "a later process makes no token call"
     );
+    later.quit().await;
+    for w in workers {
+        w.quit().await;
+    }
+}
+
+/// Real processes: one logs the session out for all (`end_session`). The stored record then
+/// holds no token; the other processes, their access tokens refused, fail without a token
+/// call; a process started later finds no session to adopt; and a new login stored over
+/// the logout starts a session that a new process follows.
+pub(crate) async fn a_logout_everywhere_ends_the_session_for_every_process<
+    S: TokenStore + Clone,
+>(
+    spec: StoreSpec,
+    store: S,
+) {
+    let servers = Servers::start(TokenConfig::default()).await;
+    let (access, refresh) = servers.token.login();
+    seed(&store, &expired_set(&access, &refresh)).await;
+    let (api, tok) = (servers.api_url(), servers.token_url());
+    let ttl = Duration::from_secs(10);
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|_| Worker::spawn(&spec, &api, &tok, ttl))
+        .collect();
+    let rounds = round(&mut workers, 2).await;
+    assert!(rounds.iter().all(|r| r.ok == 2), "{rounds:?}");
+    let calls = servers.token.requests();
+    assert_eq!(calls, 1, "one refresh for the three processes");
+
+    let out = workers[0].log_out_everywhere().await;
+    assert_eq!(out.ok, 1, "the logout was written");
+    let stored = store.load().await.unwrap().expect("a record");
+    assert!(stored.is_logged_out() && stored.is_ended());
+    assert!(stored.to_token().unwrap_err().is_logged_out());
+    let wire: serde_json::Value = serde_json::from_slice(&stored.encode()).unwrap();
+    assert_eq!(wire["access_token"], "", "no access token is kept");
+    assert!(wire["refresh_token"].is_null(), "no refresh token is kept");
+
+    // The access tokens the processes hold are refused from now on: they refresh.
+    servers.token.expire_access_tokens();
+    let rounds = round(&mut workers, 2).await;
+    assert!(
+        rounds.iter().all(|r| r.ok == 0 && r.failed == 2),
+        "every request fails: {rounds:?}"
+    );
+    assert_eq!(
+        servers.token.requests(),
+        calls,
+        "no token call after the logout"
+    );
+
+    let mut later = Worker::spawn(&spec, &api, &tok, ttl);
+    later.start(1).await;
+    let got = later.finish().await;
+    assert_eq!((got.ok, got.failed, got.grants), (0, 1, 0), "{got:?}");
+    assert_eq!(
+        servers.token.requests(),
+        calls,
+        "a later process adopts nothing"
+    );
+
+    // A new login, stored over the logout (another user, logged in elsewhere).
+    let (access, refresh) = servers.token.login();
+    let login = StoreRefresher::new(
+        grant_refresher(servers.token_url(), GrantCalls::default()),
+        store.clone(),
+    );
+    let stale = expired_set(&access, &refresh);
+    let ctx = RefreshContext::new(Some(stale), tower_auth_refresh::RefreshReason::Expired);
+    within("the new login", login.refresh(ctx))
+        .await
+        .expect("a new login replaces the logout");
+    assert!(!store.load().await.unwrap().unwrap().is_ended());
+    let mut next = Worker::spawn(&spec, &api, &tok, ttl);
+    next.start(2).await;
+    let got = next.finish().await;
+    assert_eq!(
+        (got.ok, got.grants),
+        (2, 0),
+        "a new process follows the new login: {got:?}"
+    );
+
+    next.quit().await;
     later.quit().await;
     for w in workers {
         w.quit().await;
