@@ -329,8 +329,8 @@ impl std::error::Error for StatusError {}
 
 /// The cause of a [`SessionEnded`](crate::error::SessionEnded) after a logout, not a refusal
 /// of the credentials: through [`TokenHandle::clear`](crate::TokenHandle::clear), or for
-/// every process sharing a token store
-/// ([`StoreRefresher::end_session`](crate::store::StoreRefresher::end_session)).
+/// every process sharing a token store (`store::StoreRefresher::end_session`, feature
+/// `store`).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("{}", if self.everywhere {
     "logged out in the token store, for every process that shares it"

@@ -1988,3 +1988,40 @@ async fn a_keyed_logout_everywhere_ends_that_keys_session_only() {
         .collect();
     assert_eq!(presented, [0, 1, 1], "no token call for the logged-out key");
 }
+
+/// A logout everywhere with no record stored (the store lost it) is recorded all the same: a
+/// process whose session went through the store ends too, instead of storing it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_everywhere_without_a_record_still_ends_the_stored_session() {
+    let dir = TempDir::new("logout-no-record");
+    let path = dir.path().join("token.json");
+    let initial = expired_set("at0", "rt0");
+    seed(&FileStore::new(&path), &initial).await;
+    let endpoint = Rotating::default();
+    endpoint.valid.lock().unwrap().insert("rt0".into());
+    let b = StoreRefresher::new(endpoint.clone(), FileStore::new(&path));
+    let t1 = within("B's refresh", b.refresh(ctx(&initial)))
+        .await
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+
+    let a = StoreRefresher::new(endpoint.clone(), FileStore::new(&path));
+    within("A's logout", a.end_session()).await.unwrap();
+    let err = within("B's refresh after it", b.refresh(ctx(&t1)))
+        .await
+        .unwrap_err();
+    assert!(err.is_terminal(), "{err:?}");
+    assert_eq!(
+        *endpoint.presented.lock().unwrap(),
+        ["rt0"],
+        "B stored its session again"
+    );
+    assert!(
+        FileStore::new(&path)
+            .load()
+            .await
+            .unwrap()
+            .unwrap()
+            .is_logged_out()
+    );
+}

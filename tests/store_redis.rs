@@ -665,13 +665,27 @@ async fn waits_on_many_keys_leave_no_subscription_behind() {
     }
     assert_eq!(subscribed_channels(&redis, 0).await, "*0\r\n");
 
-    // A long wait is subscribed, and woken by its key's write.
+    // A long wait is subscribed, not woken by another key's write, and woken by its own.
     let store = base.scoped("key-long");
     let waiter = {
         let store = store.clone();
         tokio::spawn(async move { store.wait_change(0, Duration::from_secs(600)).await })
     };
     assert_eq!(subscribed_channels(&redis, 1).await, "*1\r\n");
+    let other = base.scoped("key-other");
+    let lease = within("a lease", other.try_lease(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .expect("a free lease");
+    let written = within(
+        "a write of another key",
+        other.compare_and_set(&lease, 0, &record_with_access(1, "acc-other")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, CasOutcome::Written);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "woken by another key's write");
     let lease = within("a lease", store.try_lease(Duration::from_secs(5)))
         .await
         .unwrap()
@@ -688,4 +702,39 @@ async fn waits_on_many_keys_leave_no_subscription_behind() {
         .unwrap()
         .unwrap();
     assert_eq!(subscribed_channels(&redis, 0).await, "*0\r\n");
+}
+
+/// The connection goes half-open while waits on several keys need to subscribe: each wait
+/// ends within its own bound (as one that saw nothing; its caller looks again), instead of
+/// queueing behind the others' subscriptions on the dead connection, 2 s each. (Review,
+/// twelfth session.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_on_a_stalled_connection_end_within_their_bound() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let upstream: std::net::SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = StallingProxy::start(upstream).await;
+    let base = RedisStore::open(&proxy.url(), "stalled").unwrap();
+    within("a load", base.load()).await.unwrap();
+    proxy.stall();
+    let waits: Vec<_> = (0..5)
+        .map(|k| {
+            let store = base.scoped(&format!("stalled-{k}"));
+            tokio::spawn(async move { store.wait_change(0, Duration::from_millis(300)).await })
+        })
+        .collect();
+    // Five subscriptions one after another on the dead connection would take 10 s.
+    let all = tokio::time::timeout(Duration::from_secs(5), async {
+        for w in waits {
+            let _ = w.await.unwrap();
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "a wait outlived its bound behind the others");
 }

@@ -233,6 +233,21 @@ impl Record {
         next
     }
 
+    /// The first record of a store, saying that the session was logged out for every process
+    /// (a logout with no record stored).
+    pub(crate) fn logged_out_first() -> Self {
+        Self {
+            version: 1,
+            scheme: "Bearer".to_owned(),
+            access_token: String::new(),
+            expires_at: None,
+            refresh_token: None,
+            superseded: Vec::new(),
+            refused: None,
+            logged_out: true,
+        }
+    }
+
     /// The successor of this record, as `version`, saying that the session was logged out
     /// for every process: no access token, no refresh token, no expiry; the digests of the
     /// refresh tokens it went through are kept, so that a process still holding one of them
@@ -308,7 +323,9 @@ impl Record {
     /// # Errors
     ///
     /// A [`StoreError`] for which [`is_corrupt`](StoreError::is_corrupt) holds if the stored
-    /// scheme or token cannot be sent in an `Authorization` header.
+    /// scheme or token cannot be sent in an `Authorization` header, and one for which
+    /// [`is_logged_out`](StoreError::is_logged_out) holds if the session was logged out (the
+    /// record holds no token).
     pub fn to_token(&self) -> Result<Token, StoreError> {
         if self.logged_out {
             return Err(StoreError::logged_out());
@@ -358,8 +375,9 @@ impl Record {
     /// A [`StoreError`] for which [`is_corrupt`](StoreError::is_corrupt) holds if `bytes` is
     /// not a whole record (truncated, not JSON, missing or mistyped fields, version 0 or
     /// `u64::MAX`, an unknown format, an unusable token, a digest that is not 32 lowercase hex
-    /// digits or more than [`SUPERSEDED_KEPT`] of them). A record written before digests
-    /// existed (without them) is read as it was. The message gives the position, never the content.
+    /// digits or more than [`SUPERSEDED_KEPT`] of them, a logged-out record that holds a
+    /// token or a refusal). A record written before digests existed (without them) is read as
+    /// it was; a logged-out record's empty access token is its only valid one. The message gives the position, never the content.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let wire: Wire = serde_json::from_slice(bytes).map_err(|e| {
             // serde_json's messages can quote the offending value, a secret perhaps: keep

@@ -142,6 +142,11 @@ impl Channels {
     }
 }
 
+/// How many times the last wait to leave a channel tries to unsubscribe it, and the pause
+/// between tries (the connection manager reconnects meanwhile).
+const UNSUBSCRIBE_TRIES: usize = 3;
+const UNSUBSCRIBE_PAUSE: Duration = Duration::from_millis(500);
+
 /// One wait on a channel: counted while it lives; the last one to leave unsubscribes.
 struct Watch {
     conn: Arc<Connection>,
@@ -229,53 +234,79 @@ impl Connection {
             channel: channel.to_owned(),
             changed,
         };
-        let Current {
-            generation,
-            mut manager,
-        } = self.current();
-        let subscribed = |channels: &Channels| {
-            channels
+        let subscribed_on = |generation: u64| {
+            self.channels
                 .lock()
                 .get(channel)
                 .is_some_and(|c| c.subscribed == Some(generation))
         };
-        if subscribed(&self.channels) {
+        if subscribed_on(self.current().generation) {
             return Ok(watch);
         }
         let _turn = self.subscribing.lock().await;
-        if !subscribed(&self.channels) {
-            let result = manager.subscribe(channel).await;
-            self.settle(generation, result)
-                .map_err(|e| unavailable("SUBSCRIBE", e))?;
+        // The connection in use once it is this wait's turn: an earlier one's timeout may
+        // have replaced it meanwhile.
+        let Current {
+            generation,
+            mut manager,
+        } = self.current();
+        if subscribed_on(generation) {
+            return Ok(watch);
+        }
+        // Marked before the command goes out: if this wait is dropped before the answer
+        // (the command may still reach Redis), the last wait to leave unsubscribes anyway
+        // (`UNSUBSCRIBE` of a channel not subscribed does nothing).
+        let mark = |to: Option<u64>| {
             if let Some(c) = self.channels.lock().get_mut(channel) {
-                c.subscribed = Some(generation);
+                c.subscribed = to;
             }
+        };
+        mark(Some(generation));
+        let result = manager.subscribe(channel).await;
+        if let Err(err) = self.settle(generation, result) {
+            mark(None);
+            return Err(unavailable("SUBSCRIBE", err));
         }
         Ok(watch)
     }
 
     /// Unsubscribes `channel` if no store waits on it any more.
     async fn unsubscribe_if_unwatched(&self, channel: &str) {
-        let _turn = self.subscribing.lock().await;
-        let subscribed = {
-            let mut channels = self.channels.lock();
-            match channels.get(channel) {
-                Some(c) if c.waiters == 0 => channels.remove(channel).and_then(|c| c.subscribed),
-                _ => return,
+        let mut subscribed = None;
+        // A few tries: a failed `UNSUBSCRIBE` leaves the channel in the connection manager's
+        // list, which it subscribes again at every reconnection. The turn is held for one
+        // try at a time, not across the pause (other keys subscribe meanwhile).
+        for attempt in 0..UNSUBSCRIBE_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(UNSUBSCRIBE_PAUSE).await;
             }
-        };
-        let Current {
-            generation,
-            mut manager,
-        } = self.current();
-        // Subscribed on a connection since replaced: it went with that connection.
-        if subscribed != Some(generation) {
-            return;
-        }
-        let result = manager.unsubscribe(channel).await;
-        if let Err(err) = self.settle(generation, result) {
-            // The connection manager forgets it at its next reconnection at the latest.
-            tracing::debug!(error = %err, "token store: redis UNSUBSCRIBE failed");
+            let _turn = self.subscribing.lock().await;
+            {
+                let mut channels = self.channels.lock();
+                match channels.get(channel) {
+                    Some(c) if attempt == 0 && c.waiters == 0 => {
+                        subscribed = channels.remove(channel).and_then(|c| c.subscribed);
+                    }
+                    // A wait is on it (again): it is that wait's now.
+                    Some(_) => return,
+                    None => {}
+                }
+            }
+            let Current {
+                generation,
+                mut manager,
+            } = self.current();
+            // Never subscribed, or on a connection since replaced (it went with it).
+            if subscribed != Some(generation) {
+                return;
+            }
+            let result = manager.unsubscribe(channel).await;
+            match self.settle(generation, result) {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::debug!(error = %err, attempt, "token store: redis UNSUBSCRIBE failed");
+                }
+            }
         }
     }
 
@@ -524,8 +555,15 @@ impl TokenStore for RedisStore {
 
     async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
         // Subscribed while it waits (on the connection in use: a replaced one has not heard
-        // of the subscription), and unsubscribed once no wait of this process is on it.
-        let mut watch = self.inner.conn.watch(&self.inner.channel).await?;
+        // of the subscription), and unsubscribed once no wait of this process is on it. The
+        // subscription (its turn among other keys' included) counts against `max`: a wait
+        // that could not subscribe in time ends as one that saw nothing, and its caller
+        // looks again.
+        let Ok(watch) = tokio::time::timeout(max, self.inner.conn.watch(&self.inner.channel)).await
+        else {
+            return Ok(());
+        };
+        let mut watch = watch?;
         // A version published before the subscription is seen here.
         let current = self.load().await?.map_or(0, |r| r.version());
         if current > seen {

@@ -255,8 +255,9 @@ impl Unstored {
     }
 
     /// This process's own newer set, if `record` is still the record it was refreshed from
-    /// and the layer still holds that set (`stale` carries its refresh token) or holds no
-    /// refresh token at all (a keyed layer rebuilt the key's cell after an eviction or
+    /// and the layer still holds that set (`stale` carries its refresh token), or the one it
+    /// was refreshed from (the layer stopped waiting for that refresh), or holds no refresh
+    /// token at all (a keyed layer rebuilt the key's cell after an eviction or
     /// `remove`; records are per principal, so the set refreshed from `record` is this
     /// principal's). Also when `record` only says that another process presented the spent
     /// refresh token of the record it was refreshed from and was refused: this set is the
@@ -267,7 +268,17 @@ impl Unstored {
         let at = match stale.and_then(Token::refresh_token) {
             Some(held) => pending
                 .iter()
-                .position(|p| p.newest.refresh_token() == Some(held))?,
+                .position(|p| p.newest.refresh_token() == Some(held))
+                .or_else(|| {
+                    // The layer never got the set (its refresh was cut off, and the set was
+                    // kept when its write failed): it still holds the one it was refreshed
+                    // from.
+                    pending.iter().position(|p| {
+                        !p.login
+                            && p.from.as_ref().and_then(|f| f.refresh_token.as_deref())
+                                == Some(held)
+                    })
+                })?,
             None => {
                 let record = record?;
                 pending.iter().position(|p| {
@@ -537,8 +548,12 @@ where
     /// everywhere. This does not revoke the tokens at the authorization server (RFC 7009).
     ///
     /// Waits for the lease as a refresh does (at most [`lease_wait`](Self::lease_wait)); a
-    /// refresh under it finishes first, and its result is logged out too. Nothing to do
-    /// without a record, or when it is logged out already.
+    /// refresh under it finishes first, and its result is logged out too. Without a record
+    /// (a store that lost it, or processes that never refreshed yet) the logout is written
+    /// all the same: a process whose token went through the store then ends too, while one
+    /// that holds only a token of its own (an `initial_token` never refreshed through the
+    /// store) is a login from outside, refreshed and stored as any. Nothing to do when the
+    /// record is logged out already.
     ///
     /// # Errors
     ///
@@ -569,9 +584,10 @@ where
         let wait = self.wait_budget();
         loop {
             let record = store.load().await?;
-            let Some(seen) = record.filter(|r| !r.is_logged_out()) else {
+            if record.as_ref().is_some_and(Record::is_logged_out) {
                 return Ok(());
-            };
+            }
+            let seen = record.as_ref().map_or(0, Record::version);
             if let Some(lease) = store.try_lease(self.inner.lease_ttl).await? {
                 // Given back even if this future is dropped while it holds the lease.
                 let held = Held {
@@ -593,7 +609,7 @@ where
                 return Err(StoreError::lease_timeout(waited));
             }
             store
-                .wait_change(seen.version(), WAIT_SLICE.min(wait - waited))
+                .wait_change(seen, WAIT_SLICE.min(wait - waited))
                 .await?;
         }
     }
@@ -602,24 +618,27 @@ where
     /// under it (the lease was lost), to try again.
     async fn log_out_under(&self, lease: &Lease) -> Result<bool, StoreError> {
         let store = &self.inner.store;
-        let Some(record) = store.load().await? else {
-            return Ok(true);
+        let record = store.load().await?;
+        let logged_out = match &record {
+            Some(record) if record.is_logged_out() => return Ok(true),
+            Some(record) => {
+                let Some(next) = record.version().checked_add(1).filter(|v| *v != u64::MAX) else {
+                    return Err(StoreError::corrupt(
+                        "the stored record's version has no usable successor (u64::MAX is never stored)",
+                    ));
+                };
+                record.logged_out(next)
+            }
+            // No record (a store that lost it, or whose processes never refreshed): the logout
+            // is recorded all the same, so that a process whose token went through the store
+            // does not store its session again.
+            None => Record::logged_out_first(),
         };
-        if record.is_logged_out() {
-            return Ok(true);
-        }
-        let Some(next) = record.version().checked_add(1).filter(|v| *v != u64::MAX) else {
-            return Err(StoreError::corrupt(
-                "the stored record's version has no usable successor (u64::MAX is never stored)",
-            ));
-        };
-        match store
-            .compare_and_set(lease, record.version(), &record.logged_out(next))
-            .await?
-        {
+        let expected = record.as_ref().map_or(0, Record::version);
+        match store.compare_and_set(lease, expected, &logged_out).await? {
             CasOutcome::Written => {
                 tracing::info!(
-                    version = next,
+                    version = logged_out.version(),
                     "token store: logged the session out for every process"
                 );
                 Ok(true)
@@ -779,11 +798,11 @@ where
         token
     }
 
-    async fn run(&self, ctx: RefreshContext, seen: u64) -> Result<Token, RefreshError> {
+    async fn run(&self, ctx: RefreshContext, logouts: u64) -> Result<Token, RefreshError> {
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
-        let mut login = self.is_login(stale.as_ref(), record.as_ref(), seen);
+        let mut login = self.is_login(stale.as_ref(), record.as_ref(), logouts);
         if login {
             tracing::debug!("token store: refreshing a login from outside the stored session");
         } else {
@@ -860,6 +879,11 @@ where
                 let this = self.clone();
                 crate::cell::run_to_end(async move {
                     let result = this.call_and_store(held.lease(), call).await;
+                    if result.is_ok() {
+                        // As `refresh` does, also when nobody waits for this one any more:
+                        // a login stored here ended the logouts it saw.
+                        this.inner.logout.end(logouts);
+                    }
                     held.release().await;
                     result
                 })
@@ -1748,6 +1772,189 @@ mod tests {
         );
         let stored = store.load().await.unwrap().unwrap().to_token().unwrap();
         assert_eq!(stored.refresh_token(), Some("r1"));
+    }
+
+    /// A refresh cut off during its token call whose write then fails keeps the set as this
+    /// process's unstored one, and the layer's retry, which still holds the set it refreshed
+    /// from, presents the kept set's refresh token, not the spent one. (Review, twelfth
+    /// session: the kept set was looked up by the refresh token the layer never got.)
+    #[tokio::test]
+    async fn a_cut_off_refresh_whose_write_failed_is_resumed_by_the_retry() {
+        let store = Faulty::default();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let gated = {
+            let recording = Arc::new(recording(log.clone()));
+            let (reached, gate) = (reached.clone(), gate.clone());
+            context_fn(move |ctx: RefreshContext| {
+                let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
+                async move {
+                    reached.notify_one();
+                    gate.notified().await;
+                    recording.refresh(ctx).await
+                }
+            })
+        };
+        let shared = StoreRefresher::new(gated, store.clone());
+        let stale = RefreshContext::new(Some(expired("a0", "r0")), RefreshReason::Expired);
+        store.writes_fail.store(true, Ordering::SeqCst);
+        let task = tokio::spawn(shared.refresh(stale.clone()));
+        reached.notified().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        gate.notify_one();
+        let mut freed = false;
+        for _ in 0..100 {
+            if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
+                store.release(lease).await.unwrap();
+                freed = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(freed, "the cut-off call gave the lease back once answered");
+        assert_eq!(*log.lock().unwrap(), ["r0"]);
+
+        store.writes_fail.store(false, Ordering::SeqCst);
+        gate.notify_one();
+        let token = shared.refresh(stale).await.unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["r0", "r1"],
+            "the spent r0 was presented again"
+        );
+        assert_eq!(token.refresh_token(), Some("r2"));
+        let stored = store.load().await.unwrap().unwrap().to_token().unwrap();
+        assert_eq!(stored.refresh_token(), Some("r2"));
+    }
+
+    /// A login after a logout (a forced refresh without a token) that the layer stopped
+    /// waiting for still ends the logout once stored: the retry adopts the stored login
+    /// instead of logging in a second time (a second prompt of an interactive login).
+    #[tokio::test]
+    async fn a_cut_off_login_after_a_logout_is_adopted_not_repeated() {
+        let store = MemoryStore::new();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let logins = Arc::new(AtomicUsize::new(0));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let login = {
+            let (logins, reached, gate) = (logins.clone(), reached.clone(), gate.clone());
+            context_fn(move |_ctx: RefreshContext| {
+                let (logins, reached, gate) = (logins.clone(), reached.clone(), gate.clone());
+                async move {
+                    reached.notify_one();
+                    gate.notified().await;
+                    let n = logins.fetch_add(1, Ordering::SeqCst) + 1;
+                    Ok(Token::bearer(format!("login-{n}"))?
+                        .with_expires_in(Duration::from_secs(600))
+                        .with_refresh_token(format!("login-r{n}")))
+                }
+            })
+        };
+        let shared = StoreRefresher::new(login, store.clone());
+        shared.logout();
+        let forced = || RefreshContext::new(None, RefreshReason::Forced);
+        let task = tokio::spawn(shared.refresh(forced()));
+        reached.notified().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        gate.notify_one();
+        let mut stored = None;
+        for _ in 0..100 {
+            stored = store.load().await.unwrap().filter(|r| r.version() == 2);
+            if stored.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(stored.is_some(), "the cut-off login was stored");
+        let again = shared.refresh(forced()).await.unwrap();
+        assert_eq!(logins.load(Ordering::SeqCst), 1, "logged in a second time");
+        assert_eq!(again.secret(), "login-1");
+    }
+
+    /// A memory store whose loads after the first `quick` ones never answer (a store that
+    /// hangs under the lease).
+    struct HangingLoads {
+        inner: MemoryStore,
+        quick: usize,
+        loads: AtomicUsize,
+        reached: Arc<tokio::sync::Notify>,
+    }
+
+    impl TokenStore for HangingLoads {
+        async fn load(&self) -> Result<Option<Record>, StoreError> {
+            if self.loads.fetch_add(1, Ordering::SeqCst) >= self.quick {
+                self.reached.notify_one();
+                std::future::pending::<()>().await;
+            }
+            self.inner.load().await
+        }
+
+        async fn try_lease(&self, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+            self.inner.try_lease(ttl).await
+        }
+
+        async fn compare_and_set(
+            &self,
+            lease: &Lease,
+            expected: u64,
+            record: &Record,
+        ) -> Result<CasOutcome, StoreError> {
+            self.inner.compare_and_set(lease, expected, record).await
+        }
+
+        async fn release(&self, lease: Lease) -> Result<(), StoreError> {
+            self.inner.release(lease).await
+        }
+
+        async fn wait_change(&self, seen: u64, max: Duration) -> Result<(), StoreError> {
+            self.inner.wait_change(seen, max).await
+        }
+    }
+
+    /// A refresh dropped under the lease before its token call (the store hangs on the read
+    /// under the lease, and the layer stops waiting) gives the lease back at once, not after
+    /// its TTL; no token call is made.
+    #[tokio::test]
+    async fn a_refresh_dropped_before_its_call_gives_the_lease_back_at_once() {
+        let inner = MemoryStore::new();
+        seed(&inner, 1, &expired("a0", "r0")).await;
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let store = HangingLoads {
+            inner: inner.clone(),
+            quick: 1,
+            loads: AtomicUsize::new(0),
+            reached: reached.clone(),
+        };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let shared =
+            StoreRefresher::new(recording(log.clone()), store).lease_ttl(Duration::from_secs(600));
+        let task = tokio::spawn(shared.refresh(stale()));
+        reached.notified().await;
+        assert!(
+            inner
+                .try_lease(Duration::from_secs(1))
+                .await
+                .unwrap()
+                .is_none(),
+            "the refresh holds the lease"
+        );
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        let mut taken = None;
+        for _ in 0..100 {
+            taken = inner.try_lease(Duration::from_secs(1)).await.unwrap();
+            if taken.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(taken.is_some(), "released at once, not after its 600 s TTL");
+        assert!(log.lock().unwrap().is_empty(), "no token call");
     }
 
     /// A token call that never answers, its refresh dropped: the call keeps the lease until
