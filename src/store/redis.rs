@@ -122,8 +122,11 @@ struct Channel {
     changed: watch::Sender<u64>,
     /// Waits on it now.
     waiters: usize,
-    /// The generation of the connection it is subscribed on, if it is.
+    /// The generation of the connection it is subscribed on, once `SUBSCRIBE` was answered.
     subscribed: Option<u64>,
+    /// The generation of the connection a `SUBSCRIBE` was sent on, answered or not (a wait
+    /// dropped before the answer): the last wait to leave unsubscribes it.
+    attempted: Option<u64>,
 }
 
 impl Channels {
@@ -224,6 +227,7 @@ impl Connection {
                     changed: watch::channel(0).0,
                     waiters: 0,
                     subscribed: None,
+                    attempted: None,
                 });
             c.waiters += 1;
             c.changed.subscribe()
@@ -253,19 +257,18 @@ impl Connection {
         if subscribed_on(generation) {
             return Ok(watch);
         }
-        // Marked before the command goes out: if this wait is dropped before the answer
-        // (the command may still reach Redis), the last wait to leave unsubscribes anyway
-        // (`UNSUBSCRIBE` of a channel not subscribed does nothing).
-        let mark = |to: Option<u64>| {
-            if let Some(c) = self.channels.lock().get_mut(channel) {
-                c.subscribed = to;
-            }
-        };
-        mark(Some(generation));
+        // Marked as sent before it goes out: if this wait is dropped before the answer (the
+        // command may still reach Redis), the last wait to leave unsubscribes anyway
+        // (`UNSUBSCRIBE` of a channel not subscribed does nothing). Subscribed, for the other
+        // waits, only once answered.
+        if let Some(c) = self.channels.lock().get_mut(channel) {
+            c.attempted = Some(generation);
+        }
         let result = manager.subscribe(channel).await;
-        if let Err(err) = self.settle(generation, result) {
-            mark(None);
-            return Err(unavailable("SUBSCRIBE", err));
+        self.settle(generation, result)
+            .map_err(|e| unavailable("SUBSCRIBE", e))?;
+        if let Some(c) = self.channels.lock().get_mut(channel) {
+            c.subscribed = Some(generation);
         }
         Ok(watch)
     }
@@ -285,7 +288,9 @@ impl Connection {
                 let mut channels = self.channels.lock();
                 match channels.get(channel) {
                     Some(c) if attempt == 0 && c.waiters == 0 => {
-                        subscribed = channels.remove(channel).and_then(|c| c.subscribed);
+                        subscribed = channels
+                            .remove(channel)
+                            .and_then(|c| c.subscribed.or(c.attempted));
                     }
                     // A wait is on it (again): it is that wait's now.
                     Some(_) => return,
@@ -559,17 +564,26 @@ impl TokenStore for RedisStore {
         // subscription (its turn among other keys' included) counts against `max`: a wait
         // that could not subscribe in time ends as one that saw nothing, and its caller
         // looks again.
-        let Ok(watch) = tokio::time::timeout(max, self.inner.conn.watch(&self.inner.channel)).await
+        // One deadline for the subscription, the read and the wait.
+        // (A bound too large to add to an instant is a day: a caller looks again then.)
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(max)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400));
+        let Ok(watch) =
+            tokio::time::timeout_at(deadline, self.inner.conn.watch(&self.inner.channel)).await
         else {
             return Ok(());
         };
         let mut watch = watch?;
         // A version published before the subscription is seen here.
-        let current = self.load().await?.map_or(0, |r| r.version());
-        if current > seen {
+        let Ok(current) = tokio::time::timeout_at(deadline, self.load()).await else {
+            return Ok(());
+        };
+        if current?.map_or(0, |r| r.version()) > seen {
             return Ok(());
         }
-        let _ = tokio::time::timeout(max, watch.changed.changed()).await;
+        let _ = tokio::time::timeout_at(deadline, watch.changed.changed()).await;
         Ok(())
     }
 }

@@ -244,6 +244,9 @@ struct Pending {
     /// A login from outside that lost its write to the session it replaces: `from` is that
     /// session's record, which may move on.
     login: bool,
+    /// The refresh token presented for it: the layer still holds the set that carries it if
+    /// it stopped waiting for the refresh.
+    presented: Option<String>,
 }
 
 /// How many unstored token sets are remembered (one per principal whose write failed).
@@ -272,12 +275,10 @@ impl Unstored {
                 .or_else(|| {
                     // The layer never got the set (its refresh was cut off, and the set was
                     // kept when its write failed): it still holds the one it was refreshed
-                    // from.
-                    pending.iter().position(|p| {
-                        !p.login
-                            && p.from.as_ref().and_then(|f| f.refresh_token.as_deref())
-                                == Some(held)
-                    })
+                    // from, which carries the refresh token presented for it.
+                    pending
+                        .iter()
+                        .position(|p| !p.login && p.presented.as_deref() == Some(held))
                 })?,
             None => {
                 let record = record?;
@@ -300,7 +301,13 @@ impl Unstored {
 
     /// Remembers `newest`, refreshed from `from`, as not stored, in place of an earlier set
     /// refreshed from the same record.
-    fn remember(&self, from: Option<Record>, newest: Token, login: bool) {
+    fn remember(
+        &self,
+        from: Option<Record>,
+        newest: Token,
+        login: bool,
+        presented: Option<String>,
+    ) {
         let mut pending = self.pending();
         pending.retain(|p| p.from != from);
         if pending.len() >= UNSTORED_KEPT {
@@ -314,6 +321,7 @@ impl Unstored {
             from,
             newest,
             login,
+            presented,
         });
     }
 
@@ -879,9 +887,11 @@ where
                 let this = self.clone();
                 crate::cell::run_to_end(async move {
                     let result = this.call_and_store(held.lease(), call).await;
-                    if result.is_ok() {
+                    if matches!(result, Ok((_, true))) {
                         // As `refresh` does, also when nobody waits for this one any more:
-                        // a login stored here ended the logouts it saw.
+                        // a login stored here ended the logouts it saw. Not one that was
+                        // not stored: nobody may get it, and the next refresh must not
+                        // take the logged-out session for this process's.
                         this.inner.logout.end(logouts);
                     }
                     held.release().await;
@@ -1073,11 +1083,18 @@ where
             && token.refresh_token() != record.as_ref().and_then(|r| r.refresh_token.as_deref());
         // A login's set is of the stored session only once stored: until then, the next
         // refresh takes it for a login again, and writes it over whatever is stored.
+        let presented = from
+            .as_ref()
+            .and_then(Token::refresh_token)
+            .map(str::to_owned);
         let unstored = |token: Token| {
             if left_behind {
-                self.inner
-                    .unstored
-                    .remember(record.clone(), token.clone(), login);
+                self.inner.unstored.remember(
+                    record.clone(),
+                    token.clone(),
+                    login,
+                    presented.clone(),
+                );
             }
             Ok((token, !login))
         };
@@ -1132,7 +1149,9 @@ where
                         outcome = ?lost,
                         "token store: a login lost its write to a refresh of the session it replaces; kept"
                     );
-                    self.inner.unstored.remember(Some(now), token.clone(), true);
+                    self.inner
+                        .unstored
+                        .remember(Some(now), token.clone(), true, presented.clone());
                     Ok((token, false))
                 }
                 Rewrite::Newer(now) => match now.to_token() {
@@ -1871,9 +1890,142 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(stored.is_some(), "the cut-off login was stored");
-        let again = shared.refresh(forced()).await.unwrap();
+        // A permit for a second login, so that one fails the test instead of hanging it.
+        gate.notify_one();
+        let again = tokio::time::timeout(Duration::from_secs(10), shared.refresh(forced()))
+            .await
+            .expect("the retry ends")
+            .unwrap();
         assert_eq!(logins.load(Ordering::SeqCst), 1, "logged in a second time");
         assert_eq!(again.secret(), "login-1");
+    }
+
+    /// A cut-off login after a logout whose write failed (and that has no refresh token to
+    /// be kept by) does not end the logout: the retry logs in again, and never hands out the
+    /// logged-out session's token. (Review, twelfth session: the detached task ended the
+    /// logout for a login nobody got, and the retry adopted `a0`.)
+    #[tokio::test]
+    async fn a_cut_off_login_that_was_not_stored_keeps_the_logout() {
+        let store = Faulty::default();
+        let valid = Token::bearer("a0")
+            .unwrap()
+            .with_expires_in(Duration::from_secs(600))
+            .with_refresh_token("r0");
+        seed(&store, 1, &valid).await;
+        let logins = Arc::new(AtomicUsize::new(0));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let login = {
+            let (logins, reached, gate) = (logins.clone(), reached.clone(), gate.clone());
+            context_fn(move |_ctx: RefreshContext| {
+                let (logins, reached, gate) = (logins.clone(), reached.clone(), gate.clone());
+                async move {
+                    reached.notify_one();
+                    gate.notified().await;
+                    let n = logins.fetch_add(1, Ordering::SeqCst) + 1;
+                    Ok(Token::bearer(format!("login-{n}"))?
+                        .with_expires_in(Duration::from_secs(600)))
+                }
+            })
+        };
+        let shared = StoreRefresher::new(login, store.clone());
+        shared.logout();
+        let forced = || RefreshContext::new(None, RefreshReason::Forced);
+        store.writes_fail.store(true, Ordering::SeqCst);
+        let task = tokio::spawn(shared.refresh(forced()));
+        reached.notified().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        gate.notify_one();
+        let mut freed = false;
+        for _ in 0..100 {
+            if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
+                store.release(lease).await.unwrap();
+                freed = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(freed && logins.load(Ordering::SeqCst) == 1);
+        store.writes_fail.store(false, Ordering::SeqCst);
+        gate.notify_one();
+        let again = tokio::time::timeout(Duration::from_secs(10), shared.refresh(forced()))
+            .await
+            .expect("the retry ends")
+            .unwrap();
+        assert_ne!(
+            again.secret(),
+            "a0",
+            "the logged-out session was handed out"
+        );
+        assert_eq!(again.secret(), "login-2");
+    }
+
+    /// Two refreshes whose writes failed, the second cut off: the retry, which holds the
+    /// first one's set, presents the kept second set's refresh token, not the spent stored
+    /// one. (Review, twelfth session: the kept set was looked up by the stored record's
+    /// refresh token, `r0`, not by the one presented for it, `r1`.)
+    #[tokio::test]
+    async fn a_second_cut_off_refresh_whose_write_failed_is_resumed_by_the_retry() {
+        let store = Faulty::default();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let gated = {
+            let recording = Arc::new(recording(log.clone()));
+            let (reached, gate) = (reached.clone(), gate.clone());
+            context_fn(move |ctx: RefreshContext| {
+                let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
+                async move {
+                    reached.notify_one();
+                    gate.notified().await;
+                    recording.refresh(ctx).await
+                }
+            })
+        };
+        let shared = StoreRefresher::new(gated, store.clone());
+        store.writes_fail.store(true, Ordering::SeqCst);
+        gate.notify_one();
+        let first = shared
+            .refresh(RefreshContext::new(
+                Some(expired("a0", "r0")),
+                RefreshReason::Expired,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(first.refresh_token(), Some("r1"));
+        // The first call's notice, not waited for then.
+        reached.notified().await;
+        let held = RefreshContext::new(Some(first), RefreshReason::Expired);
+        let task = tokio::spawn(shared.refresh(held.clone()));
+        reached.notified().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        gate.notify_one();
+        let mut freed = false;
+        for _ in 0..100 {
+            if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
+                store.release(lease).await.unwrap();
+                freed = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(freed);
+        assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
+        store.writes_fail.store(false, Ordering::SeqCst);
+        gate.notify_one();
+        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(held))
+            .await
+            .expect("the retry ends")
+            .unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["r0", "r1", "r2"],
+            "a spent refresh token again"
+        );
+        assert_eq!(token.refresh_token(), Some("r3"));
     }
 
     /// A memory store whose loads after the first `quick` ones never answer (a store that
