@@ -729,8 +729,7 @@ async fn waits_on_a_stalled_connection_end_within_their_bound() {
             tokio::spawn(async move { store.wait_change(0, Duration::from_millis(300)).await })
         })
         .collect();
-    // Five subscriptions one after another on the dead connection would take 10 s; one
-    // that replaces it and four on a new one about 2.5 s.
+    // Five subscriptions one after another on the dead connection would take 10 s.
     let all = tokio::time::timeout(Duration::from_millis(1_500), async {
         for w in waits {
             let _ = w.await.unwrap();
@@ -738,4 +737,39 @@ async fn waits_on_a_stalled_connection_end_within_their_bound() {
     })
     .await;
     assert!(all.is_ok(), "a wait outlived its bound behind the others");
+}
+
+/// A wait whose key is subscribed already reads the record after subscribing: on a stalled
+/// connection that read counts against the wait's bound too (it took the 2 s response
+/// timeout, and ended in an error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_whose_read_stalls_ends_within_its_bound() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let upstream: std::net::SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = StallingProxy::start(upstream).await;
+    let store = RedisStore::open(&proxy.url(), "stalled-read").unwrap();
+    // A long wait keeps the key's channel subscribed (answered).
+    let long = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_change(0, Duration::from_secs(10)).await })
+    };
+    assert_eq!(subscribed_channels(&redis, 1).await, "*1\r\n");
+    proxy.stall();
+    let short = tokio::time::timeout(
+        Duration::from_millis(1_000),
+        store.wait_change(0, Duration::from_millis(300)),
+    )
+    .await;
+    assert!(
+        matches!(short, Ok(Ok(()))),
+        "the read outlived the wait's bound: {short:?}"
+    );
+    long.abort();
 }

@@ -290,7 +290,8 @@ impl Connection {
                     Some(c) if attempt == 0 && c.waiters == 0 => {
                         subscribed = channels
                             .remove(channel)
-                            .and_then(|c| c.subscribed.or(c.attempted));
+                            // The newest send: never older than the last answer.
+                            .and_then(|c| c.attempted.or(c.subscribed));
                     }
                     // A wait is on it (again): it is that wait's now.
                     Some(_) => return,

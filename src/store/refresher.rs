@@ -244,10 +244,15 @@ struct Pending {
     /// A login from outside that lost its write to the session it replaces: `from` is that
     /// session's record, which may move on.
     login: bool,
-    /// The refresh token presented for it: the layer still holds the set that carries it if
-    /// it stopped waiting for the refresh.
-    presented: Option<String>,
+    /// The refresh tokens presented along the way from `from` to `newest` (each refresh
+    /// from a set kept here presents that set's), oldest first, at most [`PRESENTED_KEPT`]:
+    /// a layer that stopped waiting for those refreshes still holds a set that carries one
+    /// of them, all spent.
+    presented: Vec<String>,
 }
+
+/// How many spent refresh tokens a kept set remembers (see [`Pending::presented`]).
+const PRESENTED_KEPT: usize = 8;
 
 /// How many unstored token sets are remembered (one per principal whose write failed).
 const UNSTORED_KEPT: usize = 10_000;
@@ -258,9 +263,9 @@ impl Unstored {
     }
 
     /// This process's own newer set, if `record` is still the record it was refreshed from
-    /// and the layer still holds that set (`stale` carries its refresh token), or the one it
-    /// was refreshed from (the layer stopped waiting for that refresh), or holds no refresh
-    /// token at all (a keyed layer rebuilt the key's cell after an eviction or
+    /// and the layer still holds that set (`stale` carries its refresh token), or one it was
+    /// refreshed from along the way (the layer stopped waiting for those refreshes), or holds
+    /// no refresh token at all (a keyed layer rebuilt the key's cell after an eviction or
     /// `remove`; records are per principal, so the set refreshed from `record` is this
     /// principal's). Also when `record` only says that another process presented the spent
     /// refresh token of the record it was refreshed from and was refused: this set is the
@@ -274,11 +279,11 @@ impl Unstored {
                 .position(|p| p.newest.refresh_token() == Some(held))
                 .or_else(|| {
                     // The layer never got the set (its refresh was cut off, and the set was
-                    // kept when its write failed): it still holds the one it was refreshed
-                    // from, which carries the refresh token presented for it.
+                    // kept when its write failed): it still holds one the set was refreshed
+                    // from, which carries a refresh token presented on the way.
                     pending
                         .iter()
-                        .position(|p| !p.login && p.presented.as_deref() == Some(held))
+                        .position(|p| !p.login && p.presented.iter().any(|t| t == held))
                 })?,
             None => {
                 let record = record?;
@@ -309,7 +314,22 @@ impl Unstored {
         presented: Option<String>,
     ) {
         let mut pending = self.pending();
+        // The set refreshed from the same record before: this one was refreshed from it (or
+        // from the record again), and the refresh tokens spent on the way stay known.
+        let mut spent = Vec::new();
+        if let Some(at) = pending.iter().position(|p| p.from == from) {
+            if let Some(earlier) = pending.remove(at) {
+                if !earlier.login && !login {
+                    spent = earlier.presented;
+                }
+            }
+        }
         pending.retain(|p| p.from != from);
+        spent.extend(presented.filter(|t| !spent.contains(t)));
+        if spent.len() > PRESENTED_KEPT {
+            spent.drain(..spent.len() - PRESENTED_KEPT);
+        }
+        let presented = spent;
         if pending.len() >= UNSTORED_KEPT {
             pending.pop_front();
             tracing::warn!(
@@ -1959,6 +1979,63 @@ mod tests {
             "the logged-out session was handed out"
         );
         assert_eq!(again.secret(), "login-2");
+    }
+
+    /// Two refreshes cut off in a row, with the same token held, both writes failed: the
+    /// third attempt presents the second kept set's refresh token, not the spent stored one.
+    /// (Review, twelfth session: only the last refresh token presented was remembered.)
+    #[tokio::test]
+    async fn two_cut_off_refreshes_in_a_row_are_resumed_by_the_retry() {
+        let store = Faulty::default();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let gated = {
+            let recording = Arc::new(recording(log.clone()));
+            let (reached, gate) = (reached.clone(), gate.clone());
+            context_fn(move |ctx: RefreshContext| {
+                let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
+                async move {
+                    reached.notify_one();
+                    gate.notified().await;
+                    recording.refresh(ctx).await
+                }
+            })
+        };
+        let shared = StoreRefresher::new(gated, store.clone());
+        let held = RefreshContext::new(Some(expired("a0", "r0")), RefreshReason::Expired);
+        store.writes_fail.store(true, Ordering::SeqCst);
+        for _ in 0..2 {
+            let task = tokio::spawn(shared.refresh(held.clone()));
+            reached.notified().await;
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled());
+            gate.notify_one();
+            let mut freed = false;
+            for _ in 0..100 {
+                if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
+                    store.release(lease).await.unwrap();
+                    freed = true;
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert!(freed);
+        }
+        assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
+        store.writes_fail.store(false, Ordering::SeqCst);
+        gate.notify_one();
+        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(held))
+            .await
+            .expect("the retry ends")
+            .unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["r0", "r1", "r2"],
+            "a spent refresh token again"
+        );
+        assert_eq!(token.refresh_token(), Some("r3"));
     }
 
     /// Two refreshes whose writes failed, the second cut off: the retry, which holds the
