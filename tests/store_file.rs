@@ -2025,3 +2025,72 @@ async fn a_logout_everywhere_without_a_record_still_ends_the_stored_session() {
             .is_logged_out()
     );
 }
+
+/// A keyed refresher whose keys' stores all lost their records keeps each key's unstored set
+/// apart: a key that still holds the set it refreshed from resumes its own kept set, never
+/// another key's. (Review, twelfth session: kept sets without a record replaced each other
+/// across keys, and one key's spent refresh token led to another key's kept set.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_sets_without_a_record_stay_apart_across_keys() {
+    use tower_auth_refresh::keyed::KeyedRefresher;
+    use tower_auth_refresh::store::KeyedStoreRefresher;
+
+    let dir = TempDir::new("keyed-no-record");
+    let paths: Vec<_> = (0..2u32)
+        .map(|k| {
+            let sub = dir.path().join(format!("k{k}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            sub
+        })
+        .collect();
+    let stores: Vec<Flaky<FileStore>> = paths
+        .iter()
+        .map(|sub| Flaky::new(FileStore::new(sub.join("token.json")), sub))
+        .collect();
+    seed(&stores[0], &expired_set("a0", "ra0")).await;
+    seed(&stores[1], &expired_set("b0", "rb0")).await;
+    let tenants = Tenants::default();
+    let by_key = stores.clone();
+    let shared =
+        KeyedStoreRefresher::new(tenants.clone(), move |k: &u32| by_key[*k as usize].clone());
+    // Each key refreshes through its store; then both stores lose their records.
+    let mut held = Vec::new();
+    for (key, stale) in [
+        (0u32, expired_set("a0", "ra0")),
+        (1, expired_set("b0", "rb0")),
+    ] {
+        held.push(
+            within("a refresh", shared.refresh(&key, ctx(&stale)))
+                .await
+                .unwrap(),
+        );
+    }
+    for sub in &paths {
+        std::fs::remove_file(sub.join("token.json")).unwrap();
+    }
+    // Each refreshes again, and its write fails: a kept set without a record, per key.
+    for key in [0u32, 1] {
+        stores[key as usize].fail_next_writes(1);
+        within("a refresh", shared.refresh(&key, ctx(&held[key as usize])))
+            .await
+            .unwrap();
+        assert_eq!(stores[key as usize].failed_writes(), 1);
+    }
+    // Key 0's layer never got its kept set (cut off): it refreshes with the one it held.
+    within("key 0 again", shared.refresh(&0, ctx(&held[0])))
+        .await
+        .unwrap();
+    let key0: Vec<_> = tenants
+        .presented
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k == 0)
+        .filter_map(|(_, rt)| rt.clone())
+        .collect();
+    assert_eq!(
+        key0,
+        ["ra0", "rotated-1", "rotated-3"],
+        "key 0 presented another key's refresh token, or its own spent one"
+    );
+}

@@ -244,10 +244,10 @@ struct Pending {
     /// A login from outside that lost its write to the session it replaces: `from` is that
     /// session's record, which may move on.
     login: bool,
-    /// The refresh tokens presented along the way from `from` to `newest` (each refresh
-    /// from a set kept here presents that set's), oldest first, at most [`PRESENTED_KEPT`]:
-    /// a layer that stopped waiting for those refreshes still holds a set that carries one
-    /// of them, all spent.
+    /// The refresh tokens presented on the way to `newest` (each refresh from a set kept
+    /// here presents that set's, or one spent before it), oldest first, at most
+    /// [`PRESENTED_KEPT`]: a layer that stopped waiting for those refreshes still holds a set
+    /// that carries one of them, all spent.
     presented: Vec<String>,
 }
 
@@ -304,8 +304,23 @@ impl Unstored {
         None
     }
 
-    /// Remembers `newest`, refreshed from `from`, as not stored, in place of an earlier set
-    /// refreshed from the same record.
+    /// A login's own newer set whose write failed, if `stale` carries its refresh token or
+    /// one presented on the way to it (the layer stopped waiting for that refresh): the
+    /// login goes on from it instead of presenting a spent refresh token.
+    fn find_login(&self, stale: Option<&Token>) -> Option<Token> {
+        let held = stale.and_then(Token::refresh_token)?;
+        self.pending()
+            .iter()
+            .find(|p| {
+                p.login
+                    && (p.newest.refresh_token() == Some(held)
+                        || p.presented.iter().any(|t| t == held))
+            })
+            .map(|p| p.newest.clone())
+    }
+
+    /// Remembers `newest`, refreshed from `from` by presenting `presented`, as not stored, in
+    /// place of an earlier set refreshed from the same record.
     fn remember(
         &self,
         from: Option<Record>,
@@ -314,18 +329,36 @@ impl Unstored {
         presented: Option<String>,
     ) {
         let mut pending = self.pending();
-        // The set refreshed from the same record before: this one was refreshed from it (or
-        // from the record again), and the refresh tokens spent on the way stay known.
-        let mut spent = Vec::new();
-        if let Some(at) = pending.iter().position(|p| p.from == from) {
-            if let Some(earlier) = pending.remove(at) {
-                if !earlier.login && !login {
-                    spent = earlier.presented;
-                }
+        // An earlier kept set (of the same kind) this one was refreshed from: it presented
+        // that set's refresh token, or one spent on the way to it (the layer still held an
+        // older set). Refresh tokens are per principal, so it is this principal's, whatever
+        // record each was refreshed from. The tokens spent on the way stay known, so that a
+        // layer that still holds one of them finds this set.
+        let ancestor = |p: &Pending| {
+            p.login == login
+                && presented.as_deref().is_some_and(|t| {
+                    p.newest.refresh_token() == Some(t) || p.presented.iter().any(|s| s == t)
+                })
+        };
+        let mut spent: Vec<String> = Vec::new();
+        for t in pending
+            .iter()
+            .filter(|p| ancestor(p))
+            .flat_map(|p| p.presented.iter())
+        {
+            if !spent.contains(t) {
+                spent.push(t.clone());
             }
         }
-        pending.retain(|p| p.from != from);
-        spent.extend(presented.filter(|t| !spent.contains(t)));
+        // In place of its ancestors, and of the earlier set refreshed from the same record
+        // (records are per principal); without a record, only of its ancestors (a keyed
+        // refresher's principals whose stores all lost their records have `None` alike).
+        pending.retain(|p| !ancestor(p) && (p.from != from || from.is_none()));
+        if let Some(t) = presented {
+            if !spent.contains(&t) {
+                spent.push(t);
+            }
+        }
         if spent.len() > PRESENTED_KEPT {
             spent.drain(..spent.len() - PRESENTED_KEPT);
         }
@@ -976,12 +1009,14 @@ where
         // refresh token is one it spent in a refresh whose write failed. A login from outside
         // refreshes from itself.
         let mine = if login {
-            None
+            self.inner.unstored.find_login(stale.as_ref())
         } else {
             self.inner.unstored.find(record.as_ref(), stale.as_ref())
         };
         let from = match (mine, &record) {
-            _ if login => stale.clone(),
+            // A login refreshes from itself, or from its own newer set whose write failed
+            // (the layer stopped waiting for that refresh, or holds that set).
+            (mine, _) if login => mine.or_else(|| stale.clone()),
             (Some(mine), _) => {
                 tracing::info!(
                     version = base,
@@ -2036,6 +2071,150 @@ mod tests {
             "a spent refresh token again"
         );
         assert_eq!(token.refresh_token(), Some("r3"));
+    }
+
+    /// Aborts `task` (a refresh whose call was reached), lets the call answer, and waits until
+    /// its lease is given back.
+    async fn cut_off(
+        task: tokio::task::JoinHandle<Result<Token, RefreshError>>,
+        reached: &tokio::sync::Notify,
+        gate: &tokio::sync::Notify,
+        store: &Faulty,
+    ) {
+        reached.notified().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        gate.notify_one();
+        for _ in 0..100 {
+            if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
+                store.release(lease).await.unwrap();
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the cut-off call kept the lease");
+    }
+
+    /// A recording refresher (see [`recording`]) that first tells `reached` and waits at
+    /// `gate`.
+    fn gated_recording(
+        log: Arc<Mutex<Vec<String>>>,
+        reached: Arc<tokio::sync::Notify>,
+        gate: Arc<tokio::sync::Notify>,
+    ) -> impl TokenRefresher {
+        let recording = Arc::new(recording(log));
+        context_fn(move |ctx: RefreshContext| {
+            let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
+            async move {
+                reached.notify_one();
+                gate.notified().await;
+                recording.refresh(ctx).await
+            }
+        })
+    }
+
+    /// Two cut-off refreshes with another process's refusal of the spent stored refresh
+    /// token between them (writes failing): the third attempt, the layer still holding the
+    /// stored set, presents the newest kept set's refresh token. (Review, twelfth session:
+    /// the chain split at the refusal, and `r1` was presented twice.)
+    #[tokio::test]
+    async fn cut_off_refreshes_around_a_refusal_are_resumed_by_the_retry() {
+        let store = Faulty::default();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let shared = StoreRefresher::new(
+            gated_recording(log.clone(), reached.clone(), gate.clone()),
+            store.clone(),
+        );
+        let held = RefreshContext::new(Some(expired("a0", "r0")), RefreshReason::Expired);
+        store.writes_fail.store(true, Ordering::SeqCst);
+        cut_off(
+            tokio::spawn(shared.refresh(held.clone())),
+            &reached,
+            &gate,
+            &store,
+        )
+        .await;
+        // Another process presents the spent r0, is refused, and records it.
+        let stored = store.load().await.unwrap().unwrap();
+        let inner = store.store();
+        let lease = inner
+            .try_lease(Duration::from_secs(1))
+            .await
+            .unwrap()
+            .unwrap();
+        let refused = stored.ended(2, "r0");
+        assert_eq!(
+            inner.compare_and_set(&lease, 1, &refused).await.unwrap(),
+            CasOutcome::Written
+        );
+        inner.release(lease).await.unwrap();
+        cut_off(
+            tokio::spawn(shared.refresh(held.clone())),
+            &reached,
+            &gate,
+            &store,
+        )
+        .await;
+        assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
+        store.writes_fail.store(false, Ordering::SeqCst);
+        gate.notify_one();
+        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(held))
+            .await
+            .expect("the retry ends")
+            .unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["r0", "r1", "r2"],
+            "a spent refresh token again"
+        );
+        assert_eq!(token.refresh_token(), Some("r3"));
+    }
+
+    /// A login from outside (a refresh token the store does not know) cut off with its write
+    /// failed: the retry, the layer still holding the login's own set, goes on from the kept
+    /// set instead of presenting the spent login refresh token. (Review, twelfth session.)
+    #[tokio::test]
+    async fn a_cut_off_login_whose_write_failed_is_resumed_by_the_retry() {
+        let store = Faulty::default();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let shared = StoreRefresher::new(
+            gated_recording(log.clone(), reached.clone(), gate.clone()),
+            store.clone(),
+        );
+        let login = RefreshContext::new(Some(expired("l-access", "l0")), RefreshReason::Expired);
+        store.writes_fail.store(true, Ordering::SeqCst);
+        cut_off(
+            tokio::spawn(shared.refresh(login.clone())),
+            &reached,
+            &gate,
+            &store,
+        )
+        .await;
+        assert_eq!(*log.lock().unwrap(), ["l0"]);
+        store.writes_fail.store(false, Ordering::SeqCst);
+        gate.notify_one();
+        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(login))
+            .await
+            .expect("the retry ends")
+            .unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["l0", "r1"],
+            "the spent login refresh token again"
+        );
+        assert_eq!(token.refresh_token(), Some("r2"));
+        let stored = store.load().await.unwrap().unwrap().to_token().unwrap();
+        assert_eq!(
+            stored.refresh_token(),
+            Some("r2"),
+            "the login is stored for all"
+        );
     }
 
     /// Two refreshes whose writes failed, the second cut off: the retry, which holds the
