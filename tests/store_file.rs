@@ -2093,4 +2093,22 @@ async fn kept_sets_without_a_record_stay_apart_across_keys() {
         ["ra0", "rotated-1", "rotated-3"],
         "key 0 presented another key's refresh token, or its own spent one"
     );
+    // Key 0's set was stored: key 1's kept set is still there for key 1's layer, which never
+    // got it either.
+    within("key 1 again", shared.refresh(&1, ctx(&held[1])))
+        .await
+        .unwrap();
+    let key1: Vec<_> = tenants
+        .presented
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k == 1)
+        .filter_map(|(_, rt)| rt.clone())
+        .collect();
+    assert_eq!(
+        key1,
+        ["rb0", "rotated-2", "rotated-4"],
+        "key 1 presented its own spent refresh token: its kept set went with key 0's"
+    );
 }

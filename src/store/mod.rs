@@ -217,6 +217,21 @@ impl Record {
         self
     }
 
+    /// This record also superseding `spent`: refresh tokens spent on the way to the one it
+    /// was refreshed from (a set of this process's whose write had failed), kept after the
+    /// one presented.
+    pub(crate) fn also_superseding(mut self, spent: &[String]) -> Self {
+        let own = self.refresh_token.as_deref().map(digest);
+        let at = self.superseded.len().min(1);
+        for d in spent.iter().map(|t| digest(t)) {
+            if Some(&d) != own.as_ref() && !self.superseded.contains(&d) {
+                self.superseded.insert(at, d);
+            }
+        }
+        self.superseded.truncate(SUPERSEDED_KEPT);
+        self
+    }
+
     /// The successor of this record, as `version`, saying that the token endpoint refused
     /// `refused` (this record's refresh token, or the one presented in its stead): the session
     /// ended. It keeps the access token (a record always has one) but no refresh token.

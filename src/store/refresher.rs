@@ -391,8 +391,29 @@ impl Unstored {
     }
 
     /// Forgets the set refreshed from `from`: stored, or replaced by another process's.
-    fn forget(&self, from: Option<&Record>) {
-        self.pending().retain(|p| p.from.as_ref() != from);
+    /// `presented`: the refresh token the stored refresh presented; the kept set it was
+    /// refreshed from, and the sets before it, are forgotten too. Without a record, only
+    /// those: a keyed refresher's principals whose stores lost their records all have `None`.
+    fn forget(&self, from: Option<&Record>, presented: Option<&str>) {
+        self.pending().retain(|p| {
+            let same_record = from.is_some() && p.from.as_ref() == from;
+            let of_the_chain = presented.is_some_and(|t| {
+                p.newest.refresh_token() == Some(t) || p.presented.iter().any(|s| s == t)
+            });
+            !(same_record || of_the_chain)
+        });
+    }
+
+    /// The refresh tokens spent on the way to `newest`, a kept set (none if it is not).
+    fn spent_before(&self, newest: &Token) -> Vec<String> {
+        self.pending()
+            .iter()
+            .find(|p| {
+                p.newest.refresh_token().is_some()
+                    && p.newest.refresh_token() == newest.refresh_token()
+            })
+            .map(|p| p.presented.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -1013,6 +1034,12 @@ where
         } else {
             self.inner.unstored.find(record.as_ref(), stale.as_ref())
         };
+        // The refresh tokens spent on the way to the kept set it goes on from: the record it
+        // writes supersedes them too, so that a layer still holding one follows the store.
+        let spent = mine
+            .as_ref()
+            .map(|mine| self.inner.unstored.spent_before(mine))
+            .unwrap_or_default();
         let from = match (mine, &record) {
             // A login refreshes from itself, or from its own newer set whose write failed
             // (the layer stopped waiting for that refresh, or holds that set).
@@ -1051,6 +1078,7 @@ where
             login,
             record,
             from,
+            spent,
             next,
             reason: ctx.reason().clone(),
             call_ends,
@@ -1069,6 +1097,7 @@ where
             login,
             record,
             from,
+            spent,
             next,
             reason,
             call_ends,
@@ -1124,10 +1153,12 @@ where
             (None, Some(previous)) => token.with_refresh_token(previous),
             _ => token,
         };
-        let new_record = Record::from_token(next, &token, SystemTime::now()).superseding(
-            record.as_ref(),
-            from.as_ref().and_then(Token::refresh_token),
-        );
+        let new_record = Record::from_token(next, &token, SystemTime::now())
+            .superseding(
+                record.as_ref(),
+                from.as_ref().and_then(Token::refresh_token),
+            )
+            .also_superseding(&spent);
         let token = match new_record.expires_at() {
             Some(at) => token.with_expires_at(at),
             None => token,
@@ -1156,7 +1187,9 @@ where
         match store.compare_and_set(lease, base, &new_record).await {
             Ok(CasOutcome::Written) => {
                 tracing::debug!(version = next, "token store: stored the new token");
-                self.inner.unstored.forget(record.as_ref());
+                self.inner
+                    .unstored
+                    .forget(record.as_ref(), presented.as_deref());
                 if login {
                     self.inner.unstored.forget_replaced(&new_record);
                 }
@@ -1171,7 +1204,9 @@ where
                         outcome = ?lost,
                         "token store: the first write of the new token failed; stored it after all"
                     );
-                    self.inner.unstored.forget(record.as_ref());
+                    self.inner
+                        .unstored
+                        .forget(record.as_ref(), presented.as_deref());
                     if login {
                         self.inner.unstored.forget_replaced(&new_record);
                     }
@@ -1216,7 +1251,9 @@ where
                             outcome = ?lost,
                             "token store: lost the write to another process; adopted its token"
                         );
-                        self.inner.unstored.forget(record.as_ref());
+                        self.inner
+                            .unstored
+                            .forget(record.as_ref(), presented.as_deref());
                         Ok((winner, true))
                     }
                     Err(_) => Ok((token, !login)),
@@ -1431,6 +1468,8 @@ struct Call {
     record: Option<Record>,
     /// The token set the wrapped refresher is called with.
     from: Option<Token>,
+    /// The refresh tokens spent on the way to `from`, when it is a kept set.
+    spent: Vec<String>,
     /// The version its result is written as (the record's successor).
     next: u64,
     reason: crate::refresher::RefreshReason,
@@ -2215,6 +2254,51 @@ mod tests {
             Some("r2"),
             "the login is stored for all"
         );
+    }
+
+    /// A login from outside cut off twice, the first write failed and the second stored:
+    /// the layer still holds the login's first set, and its next refresh follows the stored
+    /// session instead of presenting that set's spent refresh token as a new login.
+    /// (Review, twelfth session: the stored record did not know `l0`.)
+    #[tokio::test]
+    async fn a_login_cut_off_twice_follows_the_stored_session() {
+        let store = Faulty::default();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let shared = StoreRefresher::new(
+            gated_recording(log.clone(), reached.clone(), gate.clone()),
+            store.clone(),
+        );
+        let login = RefreshContext::new(Some(expired("l-access", "l0")), RefreshReason::Expired);
+        store.writes_fail.store(true, Ordering::SeqCst);
+        cut_off(
+            tokio::spawn(shared.refresh(login.clone())),
+            &reached,
+            &gate,
+            &store,
+        )
+        .await;
+        store.writes_fail.store(false, Ordering::SeqCst);
+        cut_off(
+            tokio::spawn(shared.refresh(login.clone())),
+            &reached,
+            &gate,
+            &store,
+        )
+        .await;
+        assert_eq!(*log.lock().unwrap(), ["l0", "r1"]);
+        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(login))
+            .await
+            .expect("the refresh ends")
+            .unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["l0", "r1"],
+            "a spent refresh token again"
+        );
+        assert_eq!(token.refresh_token(), Some("r2"), "the stored set, adopted");
     }
 
     /// Two refreshes whose writes failed, the second cut off: the retry, which holds the
