@@ -229,7 +229,10 @@ impl Lineage {
 /// own set is the newest: the next refresh starts from it and writes its result back.
 ///
 /// One entry per record refreshed from, i.e. per principal (a keyed refresher shares this
-/// among its keys), dropped once that principal's set is stored or its record replaced. At
+/// among its keys), with the refresh tokens spent on the way to it (a layer that stopped
+/// waiting for those refreshes still holds one); dropped once a set of its chain is stored,
+/// or, with a record, once a set refreshed from that record is stored or the record is
+/// replaced (entries without a record, of stores that lost theirs, stay apart per chain). At
 /// most [`UNSTORED_KEPT`] (the keyed layer's default capacity): dropping an entry early makes
 /// that principal's next refresh present the stored, spent refresh token, so the cap is far
 /// above one outage's worth for most applications, and dropping one is logged.
