@@ -161,7 +161,8 @@ impl SessionEnded {
         &self.cause
     }
 
-    /// Whether the session ended by a logout through the handle, not by a refused refresh.
+    /// Whether the session ended by a logout (through the handle, or for every process
+    /// sharing a token store: [`LoggedOut::is_everywhere`]), not by a refused refresh.
     pub fn is_logout(&self) -> bool {
         std::error::Error::source(&*self.cause).is_some_and(|s| s.is::<LoggedOut>())
     }

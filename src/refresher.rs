@@ -329,7 +329,7 @@ impl std::error::Error for StatusError {}
 
 /// The cause of a [`SessionEnded`](crate::error::SessionEnded) after a logout, not a refusal
 /// of the credentials: through [`TokenHandle::clear`](crate::TokenHandle::clear), or for
-/// every process sharing a token store (`store::StoreRefresher::end_session`, feature
+/// every process sharing a token store (`store::StoreRefresher::log_out_everywhere`, feature
 /// `store`).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("{}", if self.everywhere {

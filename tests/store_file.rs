@@ -77,7 +77,7 @@ async fn a_refused_session_ends_once_for_every_process_file_store() {
     .await;
 }
 
-/// Real processes: a logout everywhere (`StoreRefresher::end_session`) ends the session for
+/// Real processes: a logout everywhere (`StoreRefresher::log_out_everywhere`) ends the session for
 /// every process, and a later one; a new login starts a new one (twelfth session: a logout
 /// was this process's only, and a restart adopted the stored session again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1873,9 +1873,11 @@ async fn a_logout_everywhere_reaches_another_layer_as_a_logout() {
     within("the first refresh", handle.refresh()).await.unwrap();
     assert_eq!(handle.token().unwrap().secret(), "at1");
 
-    within("the logout", elsewhere.end_session()).await.unwrap();
+    within("the logout", elsewhere.log_out_everywhere())
+        .await
+        .unwrap();
     // Logged out already: nothing to do.
-    within("the logout again", elsewhere.end_session())
+    within("the logout again", elsewhere.log_out_everywhere())
         .await
         .unwrap();
     let err = within("a refresh after it", handle.refresh())
@@ -1915,7 +1917,7 @@ async fn a_logout_everywhere_reaches_another_layer_as_a_logout() {
     assert!(ended.is_logout());
 }
 
-/// A keyed logout everywhere (`KeyedStoreRefresher::end_session`) ends that key's stored
+/// A keyed logout everywhere (`KeyedStoreRefresher::log_out_everywhere`) ends that key's stored
 /// session only: its next refresh fails as logged out without a token call, the other key's
 /// goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1947,7 +1949,7 @@ async fn a_keyed_logout_everywhere_ends_that_keys_session_only() {
             .await
             .unwrap();
     }
-    within("key 0's logout", shared.end_session(&0))
+    within("key 0's logout", shared.log_out_everywhere(&0))
         .await
         .unwrap();
     assert!(
@@ -2006,7 +2008,7 @@ async fn a_logout_everywhere_without_a_record_still_ends_the_stored_session() {
     std::fs::remove_file(&path).unwrap();
 
     let a = StoreRefresher::new(endpoint.clone(), FileStore::new(&path));
-    within("A's logout", a.end_session()).await.unwrap();
+    within("A's logout", a.log_out_everywhere()).await.unwrap();
     let err = within("B's refresh after it", b.refresh(ctx(&t1)))
         .await
         .unwrap_err();

@@ -40,8 +40,10 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::sync::broadcast;
 
+pub(crate) use attempt::in_refresh;
+#[cfg(feature = "store")]
+pub(crate) use attempt::run_to_end;
 use attempt::{BoxFuture, ErasedRefresher};
-pub(crate) use attempt::{in_refresh, run_to_end};
 pub(crate) use flight::FreshWait;
 pub(crate) use state::{Answer, Lookup, Need, Ticket, Unavailable};
 use state::{Now, Policy, Session, State};

@@ -54,8 +54,9 @@ pub struct KeyedStoreRefresher<R, F> {
 }
 
 /// A clone shares what the original remembers (the unstored sets, the lineage, the logged-out
-/// keys): keep one to call [`end_session`](Self::end_session) on after handing the other to
-/// the layer.
+/// keys): keep one to call [`log_out_everywhere`](Self::log_out_everywhere) on after handing
+/// the other to the layer. Do not hand clones to two layers: a logout through one would be
+/// one of the other too.
 impl<R, F: Clone> Clone for KeyedStoreRefresher<R, F> {
     fn clone(&self) -> Self {
         Self {
@@ -170,22 +171,44 @@ impl<R, F> KeyedStoreRefresher<R, F> {
 }
 
 impl<R, F> KeyedStoreRefresher<R, F> {
-    /// [`StoreRefresher::end_session`] for `key`'s stored session: logged out for every
+    /// [`StoreRefresher::log_out_everywhere`] for `key`'s stored session: logged out for every
     /// process that shares the store. The key's [`TokenHandle::clear`](crate::TokenHandle::clear)
     /// (through [`KeyedTokenHandle::key`](crate::keyed::KeyedTokenHandle::key)) alone logs it
     /// out in this process only.
     ///
     /// # Errors
     ///
-    /// As [`StoreRefresher::end_session`].
-    pub async fn end_session<K, S>(&self, key: &K) -> Result<(), StoreError>
+    /// As [`StoreRefresher::log_out_everywhere`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_auth_refresh::keyed::KeyedRefreshLayer;
+    /// use tower_auth_refresh::store::{KeyedStoreRefresher, MemoryStore};
+    /// use tower_auth_refresh::{RefreshError, Token};
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let refresher = |tenant: String, _stale: Option<Token>| async move {
+    ///     Ok::<_, RefreshError>(Token::bearer(format!("token-for-{tenant}"))?)
+    /// };
+    /// let store = MemoryStore::new();
+    /// let shared = KeyedStoreRefresher::new(refresher, move |_tenant: &String| store.clone());
+    /// let layer = KeyedRefreshLayer::<String, _>::new(shared.clone());
+    /// // Tenant "acme" logs out: this process forgets its token, every process its session.
+    /// let tenant = "acme".to_owned();
+    /// layer.token_handle().key(&tenant).clear();
+    /// shared.log_out_everywhere(&tenant).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn log_out_everywhere<K, S>(&self, key: &K) -> Result<(), StoreError>
     where
         K: Clone + PartialEq + Send + Sync + 'static,
         R: KeyedRefresher<K>,
         F: Fn(&K) -> S + Send + Sync + 'static,
         S: TokenStore,
     {
-        self.for_key(key).end_session().await
+        self.for_key(key).log_out_everywhere().await
     }
 
     /// The store protocol of `key`, with what this refresher remembers across keys.

@@ -26,7 +26,8 @@
 //!    [`SUPERSEDED_KEPT`] it replaced, nor one this process got from the store) is a new
 //!    login: it is refreshed with its own refresh token, never replaced by the stored set, and
 //!    its result is stored for everyone. After a logout (`TokenHandle::clear`), the stored
-//!    session is neither adopted nor refreshed until a token is installed again.
+//!    session is neither adopted nor refreshed by this process until a token is installed
+//!    again; [`StoreRefresher::log_out_everywhere`] logs it out for every process.
 //!
 //! The store is never touched on the hot path: requests with a valid token never see it. At
 //! start (the first refresh, with no token) a valid stored set is adopted, so a restarted
@@ -92,7 +93,8 @@ pub use redis::RedisStore;
 pub use refresher::{DEFAULT_LEASE_TTL, DEFAULT_MIN_REMAINING, StoreRefresher};
 
 /// The shared record of one principal: an access token, its wall-clock expiry, the refresh
-/// token if any, and the version the store gave it.
+/// token if any, and the version the store gave it; or, once the session was logged out for
+/// every process ([`is_logged_out`](Self::is_logged_out)), no token at all.
 ///
 /// It also carries digests (never the tokens) of the refresh tokens its session went through
 /// before (the last [`SUPERSEDED_KEPT`]), so that a process handed an older token of the same
@@ -113,7 +115,7 @@ pub struct Record {
     superseded: Vec<String>,
     /// The digest of the refresh token the token endpoint refused: the session ended.
     refused: Option<String>,
-    /// The session was logged out for every process ([`StoreRefresher::end_session`]): the
+    /// The session was logged out for every process ([`StoreRefresher::log_out_everywhere`]): the
     /// record keeps no token, only the digests of the refresh tokens it superseded.
     logged_out: bool,
 }
@@ -234,7 +236,7 @@ impl Record {
 
     /// The successor of this record, as `version`, saying that the token endpoint refused
     /// `refused` (this record's refresh token, or the one presented in its stead): the session
-    /// ended. It keeps the access token (a record always has one) but no refresh token.
+    /// ended. It keeps the access token but no refresh token.
     pub(crate) fn ended(&self, version: u64, refused: &str) -> Self {
         let mut next = Self {
             version,
@@ -300,7 +302,7 @@ impl Record {
     }
 
     /// True if this record's session was logged out for every process
-    /// ([`StoreRefresher::end_session`]): the record holds no token.
+    /// ([`StoreRefresher::log_out_everywhere`]): the record holds no token.
     pub fn is_logged_out(&self) -> bool {
         self.logged_out
     }
@@ -583,8 +585,9 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Gives the lease up (if it is still this one).
     ///
     /// [`StoreRefresher`] also calls it from a task it spawns when a refresh is dropped while
-    /// holding the lease (cancelled by the layer's `refresh_timeout`), so that the others need
-    /// not wait for the TTL.
+    /// holding the lease before its token call (cancelled by the layer's `refresh_timeout`),
+    /// so that the others need not wait for the TTL; once the token call is made, the call's
+    /// own task gives the lease back when it is done.
     fn release(&self, lease: Lease) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Waits until the store may hold a version newer than `seen`, or the lease may have been

@@ -34,7 +34,9 @@ use crate::token::Token;
 ///   refreshes the stored session (your refresher is called without a token, and what it
 ///   returns, if anything, is stored as a new login), and a token installed since is
 ///   refreshed from itself. A refresh that fails, or one that was already running at the
-///   logout, does not end the logout.
+///   logout, does not end the logout. This logs out this process only: the other processes,
+///   and this one after a restart, follow the stored session until
+///   [`log_out_everywhere`](Self::log_out_everywhere) replaces it with a logged-out record.
 /// - A token installed with [`TokenHandle::set_token`](crate::TokenHandle::set_token) (or
 ///   `initial_token`) whose refresh token the store does not know (neither the stored one,
 ///   nor one of the last [`SUPERSEDED_KEPT`](super::SUPERSEDED_KEPT) it replaced, nor one this
@@ -630,7 +632,8 @@ where
     ///
     /// [`TokenHandle::clear`](crate::TokenHandle::clear) alone logs out this process only (the
     /// stored session stays for the others, and for a restart); call both for a logout
-    /// everywhere. This does not revoke the tokens at the authorization server (RFC 7009).
+    /// everywhere. This does not call the authorization server: no token revocation
+    /// (RFC 7009), no RP-initiated logout.
     ///
     /// Waits for the lease as a refresh does (at most [`lease_wait`](Self::lease_wait)); a
     /// refresh under it finishes first, and its result is logged out too. Without a record
@@ -659,11 +662,11 @@ where
     /// let layer = RefreshLayer::new(shared.clone());
     /// // The user logs out: this process forgets its token, every process its session.
     /// layer.token_handle().clear();
-    /// shared.end_session().await?;
+    /// shared.log_out_everywhere().await?;
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn end_session(&self) -> Result<(), StoreError> {
+    pub async fn log_out_everywhere(&self) -> Result<(), StoreError> {
         let store = &self.inner.store;
         let started = Instant::now();
         let wait = self.wait_budget();
@@ -763,7 +766,7 @@ where
     /// token installed since (`set_token`), or with one your refresher got without a token,
     /// the stored session is neither adopted nor refreshed by this process. The other
     /// processes, and this one after a restart, still follow it: to log it out for all, call
-    /// [`end_session`](Self::end_session). Clones of this refresher share this state: give
+    /// [`log_out_everywhere`](Self::log_out_everywhere). Clones of this refresher share this state: give
     /// each layer that must log out on its own a refresher of its own.
     fn logout(&self) {
         self.inner.logout.log_out();
@@ -862,11 +865,12 @@ where
         }
     }
 
-    /// True if the stored session ended (its refresh token was refused) and this process
-    /// holds no newer set of it (one whose write failed, refreshed from the refused one).
+    /// Whether the stored session ended (its refresh token was refused) while this process
+    /// holds no newer set of it (one whose write failed, refreshed from the refused one), or
+    /// was logged out for every process.
     ///
     /// The terminal error to fail with then: `None` if the session did not end. A session
-    /// logged out for every process ([`end_session`](Self::end_session)) ended whatever this
+    /// logged out for every process ([`log_out_everywhere`](Self::log_out_everywhere)) ended whatever this
     /// process holds.
     fn ended(&self, record: Option<&Record>, stale: Option<&Token>) -> Option<RefreshError> {
         let record = record?;
@@ -1227,7 +1231,7 @@ where
                 // Another process wrote meanwhile (our lease expired or was not exclusive):
                 // everyone else follows the stored set, so follow it too.
                 // (Unless that process's refresh token was refused: this set is the live one.)
-                Rewrite::Newer(now) if now.is_ended() => {
+                Rewrite::Newer(now) if now.is_refused() => {
                     tracing::warn!(outcome = ?lost, "token store: the new token was not stored");
                     unstored(token)
                 }
@@ -1901,36 +1905,17 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let reached = Arc::new(tokio::sync::Notify::new());
         let gate = Arc::new(tokio::sync::Notify::new());
-        let gated = {
-            let recording = Arc::new(recording(log.clone()));
-            let (reached, gate) = (reached.clone(), gate.clone());
-            context_fn(move |ctx: RefreshContext| {
-                let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
-                async move {
-                    reached.notify_one();
-                    gate.notified().await;
-                    recording.refresh(ctx).await
-                }
-            })
-        };
+        let gated = gated_recording(log.clone(), reached.clone(), gate.clone());
         let shared = StoreRefresher::new(gated, store.clone());
         let stale = RefreshContext::new(Some(expired("a0", "r0")), RefreshReason::Expired);
         store.writes_fail.store(true, Ordering::SeqCst);
-        let task = tokio::spawn(shared.refresh(stale.clone()));
-        reached.notified().await;
-        task.abort();
-        assert!(task.await.unwrap_err().is_cancelled());
-        gate.notify_one();
-        let mut freed = false;
-        for _ in 0..100 {
-            if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
-                store.release(lease).await.unwrap();
-                freed = true;
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert!(freed, "the cut-off call gave the lease back once answered");
+        cut_off(
+            tokio::spawn(shared.refresh(stale.clone())),
+            &reached,
+            &gate,
+            &store,
+        )
+        .await;
         assert_eq!(*log.lock().unwrap(), ["r0"]);
 
         store.writes_fail.store(false, Ordering::SeqCst);
@@ -2029,21 +2014,14 @@ mod tests {
         shared.logout();
         let forced = || RefreshContext::new(None, RefreshReason::Forced);
         store.writes_fail.store(true, Ordering::SeqCst);
-        let task = tokio::spawn(shared.refresh(forced()));
-        reached.notified().await;
-        task.abort();
-        assert!(task.await.unwrap_err().is_cancelled());
-        gate.notify_one();
-        let mut freed = false;
-        for _ in 0..100 {
-            if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
-                store.release(lease).await.unwrap();
-                freed = true;
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert!(freed && logins.load(Ordering::SeqCst) == 1);
+        cut_off(
+            tokio::spawn(shared.refresh(forced())),
+            &reached,
+            &gate,
+            &store,
+        )
+        .await;
+        assert!(logins.load(Ordering::SeqCst) == 1);
         store.writes_fail.store(false, Ordering::SeqCst);
         gate.notify_one();
         let again = tokio::time::timeout(Duration::from_secs(10), shared.refresh(forced()))
@@ -2068,37 +2046,18 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let reached = Arc::new(tokio::sync::Notify::new());
         let gate = Arc::new(tokio::sync::Notify::new());
-        let gated = {
-            let recording = Arc::new(recording(log.clone()));
-            let (reached, gate) = (reached.clone(), gate.clone());
-            context_fn(move |ctx: RefreshContext| {
-                let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
-                async move {
-                    reached.notify_one();
-                    gate.notified().await;
-                    recording.refresh(ctx).await
-                }
-            })
-        };
+        let gated = gated_recording(log.clone(), reached.clone(), gate.clone());
         let shared = StoreRefresher::new(gated, store.clone());
         let held = RefreshContext::new(Some(expired("a0", "r0")), RefreshReason::Expired);
         store.writes_fail.store(true, Ordering::SeqCst);
         for _ in 0..2 {
-            let task = tokio::spawn(shared.refresh(held.clone()));
-            reached.notified().await;
-            task.abort();
-            assert!(task.await.unwrap_err().is_cancelled());
-            gate.notify_one();
-            let mut freed = false;
-            for _ in 0..100 {
-                if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
-                    store.release(lease).await.unwrap();
-                    freed = true;
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
-            assert!(freed);
+            cut_off(
+                tokio::spawn(shared.refresh(held.clone())),
+                &reached,
+                &gate,
+                &store,
+            )
+            .await;
         }
         assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
         store.writes_fail.store(false, Ordering::SeqCst);
@@ -2121,7 +2080,7 @@ mod tests {
         task: tokio::task::JoinHandle<Result<Token, RefreshError>>,
         reached: &tokio::sync::Notify,
         gate: &tokio::sync::Notify,
-        store: &Faulty,
+        store: &impl TokenStore,
     ) {
         reached.notified().await;
         task.abort();
@@ -2315,18 +2274,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let reached = Arc::new(tokio::sync::Notify::new());
         let gate = Arc::new(tokio::sync::Notify::new());
-        let gated = {
-            let recording = Arc::new(recording(log.clone()));
-            let (reached, gate) = (reached.clone(), gate.clone());
-            context_fn(move |ctx: RefreshContext| {
-                let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
-                async move {
-                    reached.notify_one();
-                    gate.notified().await;
-                    recording.refresh(ctx).await
-                }
-            })
-        };
+        let gated = gated_recording(log.clone(), reached.clone(), gate.clone());
         let shared = StoreRefresher::new(gated, store.clone());
         store.writes_fail.store(true, Ordering::SeqCst);
         gate.notify_one();
@@ -2341,21 +2289,13 @@ mod tests {
         // The first call's notice, not waited for then.
         reached.notified().await;
         let held = RefreshContext::new(Some(first), RefreshReason::Expired);
-        let task = tokio::spawn(shared.refresh(held.clone()));
-        reached.notified().await;
-        task.abort();
-        assert!(task.await.unwrap_err().is_cancelled());
-        gate.notify_one();
-        let mut freed = false;
-        for _ in 0..100 {
-            if let Some(lease) = store.try_lease(Duration::from_secs(1)).await.unwrap() {
-                store.release(lease).await.unwrap();
-                freed = true;
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert!(freed);
+        cut_off(
+            tokio::spawn(shared.refresh(held.clone())),
+            &reached,
+            &gate,
+            &store,
+        )
+        .await;
         assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
         store.writes_fail.store(false, Ordering::SeqCst);
         gate.notify_one();

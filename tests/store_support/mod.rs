@@ -236,7 +236,7 @@ impl Worker {
         }
     }
 
-    /// Asks the worker to log out: its handle's `clear`, then `StoreRefresher::end_session`
+    /// Asks the worker to log out: its handle's `clear`, then `StoreRefresher::log_out_everywhere`
     /// (a logout for every process). The round says `ok=1` if both were done.
     pub(crate) async fn log_out_everywhere(&mut self) -> Round {
         self.stdin
@@ -427,7 +427,7 @@ impl hyper::rt::Write for CappedConnection {
 }
 
 /// A worker's logout: this process's (the handle's `clear`) and every process's
-/// (`end_session`); true if both were done.
+/// (`log_out_everywhere`); true if both were done.
 type LogOut = Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send>;
 
 fn log_out<R: TokenRefresher, S: TokenStore>(
@@ -438,7 +438,7 @@ fn log_out<R: TokenRefresher, S: TokenStore>(
         let (handle, shared) = (handle.clone(), shared.clone());
         Box::pin(async move {
             handle.clear();
-            match shared.end_session().await {
+            match shared.log_out_everywhere().await {
                 Ok(()) => true,
                 Err(err) => {
                     eprintln!("worker: logout failed: {err}");
@@ -878,7 +878,7 @@ pub(crate) async fn a_refused_session_ends_once_for_every_process<S: TokenStore>
     }
 }
 
-/// Real processes: one logs the session out for all (`end_session`). The stored record then
+/// Real processes: one logs the session out for all (`log_out_everywhere`). The stored record then
 /// holds no token; the other processes, their access tokens refused, fail without a token
 /// call; a process started later finds no session to adopt; and a new login stored over
 /// the logout starts a session that a new process follows.
