@@ -791,6 +791,23 @@ async fn a_new_login_never_switches_to_the_previous_users_stored_token() {
 /// A key and the refresh token presented for it.
 type Presented = (u32, Option<String>);
 
+/// `n` file stores under `dir` (one folder each, `k0`, `k1`, …), behind [`Flaky`]: the
+/// folders, and the stores.
+fn keyed_flaky_stores(dir: &TempDir, n: u32) -> (Vec<std::path::PathBuf>, Vec<Flaky<FileStore>>) {
+    let paths: Vec<_> = (0..n)
+        .map(|k| {
+            let sub = dir.path().join(format!("k{k}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            sub
+        })
+        .collect();
+    let stores = paths
+        .iter()
+        .map(|sub| Flaky::new(FileStore::new(sub.join("token.json")), sub))
+        .collect();
+    (paths, stores)
+}
+
 /// A keyed refresher presenting refresh tokens by key, rotating them on every call.
 #[derive(Clone, Default)]
 struct Tenants {
@@ -1448,17 +1465,7 @@ async fn an_unstored_set_survives_eviction_and_another_processs_refusal_together
     use tower_auth_refresh::store::KeyedStoreRefresher;
 
     let dir = TempDir::new("review4-evict-refused");
-    let paths: Vec<_> = (0..2u32)
-        .map(|k| {
-            let sub = dir.path().join(format!("k{k}"));
-            std::fs::create_dir_all(&sub).unwrap();
-            sub
-        })
-        .collect();
-    let stores: Vec<Flaky<FileStore>> = paths
-        .iter()
-        .map(|sub| Flaky::new(FileStore::new(sub.join("token.json")), sub))
-        .collect();
+    let (paths, stores) = keyed_flaky_stores(&dir, 2);
     let initial = expired_set("at0", "rt0");
     seed(&stores[0], &initial).await;
     seed(&stores[1], &expired_set("b-at0", "b-rt0")).await;
@@ -2038,17 +2045,7 @@ async fn kept_sets_without_a_record_stay_apart_across_keys() {
     use tower_auth_refresh::store::KeyedStoreRefresher;
 
     let dir = TempDir::new("keyed-no-record");
-    let paths: Vec<_> = (0..2u32)
-        .map(|k| {
-            let sub = dir.path().join(format!("k{k}"));
-            std::fs::create_dir_all(&sub).unwrap();
-            sub
-        })
-        .collect();
-    let stores: Vec<Flaky<FileStore>> = paths
-        .iter()
-        .map(|sub| Flaky::new(FileStore::new(sub.join("token.json")), sub))
-        .collect();
+    let (paths, stores) = keyed_flaky_stores(&dir, 2);
     seed(&stores[0], &expired_set("a0", "ra0")).await;
     seed(&stores[1], &expired_set("b0", "rb0")).await;
     let tenants = Tenants::default();

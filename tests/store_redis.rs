@@ -436,6 +436,17 @@ struct StallingProxy {
 }
 
 impl StallingProxy {
+    /// A proxy in front of `redis`.
+    async fn before(redis: &RedisServer) -> Self {
+        let upstream: std::net::SocketAddr = redis
+            .url()
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        Self::start(upstream).await
+    }
+
     async fn start(upstream: std::net::SocketAddr) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -542,13 +553,7 @@ async fn half_open_connection_is_replaced_after_a_timeout() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
     };
-    let upstream: std::net::SocketAddr = redis
-        .url()
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
-    let proxy = StallingProxy::start(upstream).await;
+    let proxy = StallingProxy::before(&redis).await;
     let set = |version: u64, access: &str| {
         let bytes = record_with_access(version, access).encode();
         assert_eq!(
@@ -713,13 +718,7 @@ async fn waits_on_a_stalled_connection_end_within_their_bound() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
     };
-    let upstream: std::net::SocketAddr = redis
-        .url()
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
-    let proxy = StallingProxy::start(upstream).await;
+    let proxy = StallingProxy::before(&redis).await;
     let base = RedisStore::open(&proxy.url(), "stalled").unwrap();
     within("a load", base.load()).await.unwrap();
     proxy.stall();
@@ -748,13 +747,7 @@ async fn a_wait_whose_read_stalls_ends_within_its_bound() {
     let Some(redis) = RedisServer::start_or_skip() else {
         return;
     };
-    let upstream: std::net::SocketAddr = redis
-        .url()
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
-    let proxy = StallingProxy::start(upstream).await;
+    let proxy = StallingProxy::before(&redis).await;
     let store = RedisStore::open(&proxy.url(), "stalled-read").unwrap();
     // A long wait keeps the key's channel subscribed (answered).
     let long = {

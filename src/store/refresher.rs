@@ -1894,43 +1894,6 @@ mod tests {
         assert_eq!(stored.refresh_token(), Some("r1"));
     }
 
-    /// A refresh cut off during its token call whose write then fails keeps the set as this
-    /// process's unstored one, and the layer's retry, which still holds the set it refreshed
-    /// from, presents the kept set's refresh token, not the spent one. (Review, twelfth
-    /// session: the kept set was looked up by the refresh token the layer never got.)
-    #[tokio::test]
-    async fn a_cut_off_refresh_whose_write_failed_is_resumed_by_the_retry() {
-        let store = Faulty::default();
-        seed(&store, 1, &expired("a0", "r0")).await;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reached = Arc::new(tokio::sync::Notify::new());
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let gated = gated_recording(log.clone(), reached.clone(), gate.clone());
-        let shared = StoreRefresher::new(gated, store.clone());
-        let stale = RefreshContext::new(Some(expired("a0", "r0")), RefreshReason::Expired);
-        store.writes_fail.store(true, Ordering::SeqCst);
-        cut_off(
-            tokio::spawn(shared.refresh(stale.clone())),
-            &reached,
-            &gate,
-            &store,
-        )
-        .await;
-        assert_eq!(*log.lock().unwrap(), ["r0"]);
-
-        store.writes_fail.store(false, Ordering::SeqCst);
-        gate.notify_one();
-        let token = shared.refresh(stale).await.unwrap();
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["r0", "r1"],
-            "the spent r0 was presented again"
-        );
-        assert_eq!(token.refresh_token(), Some("r2"));
-        let stored = store.load().await.unwrap().unwrap().to_token().unwrap();
-        assert_eq!(stored.refresh_token(), Some("r2"));
-    }
-
     /// A login after a logout (a forced refresh without a token) that the layer stopped
     /// waiting for still ends the logout once stored: the retry adopts the stored login
     /// instead of logging in a second time (a second prompt of an interactive login).
@@ -2036,44 +1999,6 @@ mod tests {
         assert_eq!(again.secret(), "login-2");
     }
 
-    /// Two refreshes cut off in a row, with the same token held, both writes failed: the
-    /// third attempt presents the second kept set's refresh token, not the spent stored one.
-    /// (Review, twelfth session: only the last refresh token presented was remembered.)
-    #[tokio::test]
-    async fn two_cut_off_refreshes_in_a_row_are_resumed_by_the_retry() {
-        let store = Faulty::default();
-        seed(&store, 1, &expired("a0", "r0")).await;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reached = Arc::new(tokio::sync::Notify::new());
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let gated = gated_recording(log.clone(), reached.clone(), gate.clone());
-        let shared = StoreRefresher::new(gated, store.clone());
-        let held = RefreshContext::new(Some(expired("a0", "r0")), RefreshReason::Expired);
-        store.writes_fail.store(true, Ordering::SeqCst);
-        for _ in 0..2 {
-            cut_off(
-                tokio::spawn(shared.refresh(held.clone())),
-                &reached,
-                &gate,
-                &store,
-            )
-            .await;
-        }
-        assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
-        store.writes_fail.store(false, Ordering::SeqCst);
-        gate.notify_one();
-        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(held))
-            .await
-            .expect("the retry ends")
-            .unwrap();
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["r0", "r1", "r2"],
-            "a spent refresh token again"
-        );
-        assert_eq!(token.refresh_token(), Some("r3"));
-    }
-
     /// Aborts `task` (a refresh whose call was reached), lets the call answer, and waits until
     /// its lease is given back.
     async fn cut_off(
@@ -2096,22 +2021,147 @@ mod tests {
         panic!("the cut-off call kept the lease");
     }
 
-    /// A recording refresher (see [`recording`]) that first tells `reached` and waits at
-    /// `gate`.
-    fn gated_recording(
+    /// For the refreshes cut off in their token call: a store refresher over a faulty store
+    /// seeded with the expired `a0`/`r0`, whose wrapped refresher records what it is
+    /// presented (see [`recording`]) once it has told `reached` and passed `gate`.
+    struct Cuts<R> {
+        store: Faulty,
         log: Arc<Mutex<Vec<String>>>,
         reached: Arc<tokio::sync::Notify>,
         gate: Arc<tokio::sync::Notify>,
-    ) -> impl TokenRefresher {
-        let recording = Arc::new(recording(log));
-        context_fn(move |ctx: RefreshContext| {
-            let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
-            async move {
-                reached.notify_one();
-                gate.notified().await;
-                recording.refresh(ctx).await
-            }
-        })
+        shared: StoreRefresher<R, Faulty>,
+    }
+
+    async fn cuts() -> Cuts<impl TokenRefresher> {
+        let store = Faulty::default();
+        seed(&store, 1, &expired("a0", "r0")).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let gated = {
+            let recording = Arc::new(recording(log.clone()));
+            let (reached, gate) = (reached.clone(), gate.clone());
+            context_fn(move |ctx: RefreshContext| {
+                let (recording, reached, gate) = (recording.clone(), reached.clone(), gate.clone());
+                async move {
+                    reached.notify_one();
+                    gate.notified().await;
+                    recording.refresh(ctx).await
+                }
+            })
+        };
+        let shared = StoreRefresher::new(gated, store.clone());
+        Cuts {
+            store,
+            log,
+            reached,
+            gate,
+            shared,
+        }
+    }
+
+    impl<R: TokenRefresher> Cuts<R> {
+        /// A refresh of `held`, cut off in its token call; the call then answers.
+        async fn cut(&self, held: &RefreshContext) {
+            let task = tokio::spawn(self.shared.refresh(held.clone()));
+            cut_off(task, &self.reached, &self.gate, &self.store).await;
+        }
+
+        /// A refresh of `held` waited for to its end (the gate opened for it).
+        async fn refresh(&self, held: &RefreshContext) -> Token {
+            self.gate.notify_one();
+            tokio::time::timeout(Duration::from_secs(10), self.shared.refresh(held.clone()))
+                .await
+                .expect("the refresh ends")
+                .unwrap()
+        }
+
+        fn writes_fail(&self, fail: bool) {
+            self.store.writes_fail.store(fail, Ordering::SeqCst);
+        }
+
+        fn presented(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+
+        async fn stored_refresh_token(&self) -> Option<String> {
+            let stored = self.store.load().await.unwrap().unwrap();
+            stored
+                .to_token()
+                .unwrap()
+                .refresh_token()
+                .map(str::to_owned)
+        }
+    }
+
+    fn held(access: &str, refresh: &str) -> RefreshContext {
+        RefreshContext::new(Some(expired(access, refresh)), RefreshReason::Expired)
+    }
+
+    /// A refresh cut off during its token call whose write then fails keeps the set as this
+    /// process's unstored one, and the layer's retry, which still holds the set it refreshed
+    /// from, presents the kept set's refresh token, not the spent one. (Review, twelfth
+    /// session: the kept set was looked up by the refresh token the layer never got.)
+    #[tokio::test]
+    async fn a_cut_off_refresh_whose_write_failed_is_resumed_by_the_retry() {
+        let c = cuts().await;
+        c.writes_fail(true);
+        c.cut(&held("a0", "r0")).await;
+        assert_eq!(c.presented(), ["r0"]);
+        c.writes_fail(false);
+        let token = c.refresh(&held("a0", "r0")).await;
+        assert_eq!(
+            c.presented(),
+            ["r0", "r1"],
+            "the spent r0 was presented again"
+        );
+        assert_eq!(token.refresh_token(), Some("r2"));
+        assert_eq!(c.stored_refresh_token().await.as_deref(), Some("r2"));
+    }
+
+    /// Two refreshes whose writes failed, the second cut off: the retry, which holds the
+    /// first one's set, presents the kept second set's refresh token, not the spent stored
+    /// one. (Review, twelfth session: the kept set was looked up by the stored record's
+    /// refresh token, `r0`, not by the one presented for it, `r1`.)
+    #[tokio::test]
+    async fn a_second_cut_off_refresh_whose_write_failed_is_resumed_by_the_retry() {
+        let c = cuts().await;
+        c.writes_fail(true);
+        let first = c.refresh(&held("a0", "r0")).await;
+        assert_eq!(first.refresh_token(), Some("r1"));
+        // The first call's notice, not waited for then.
+        c.reached.notified().await;
+        let first = RefreshContext::new(Some(first), RefreshReason::Expired);
+        c.cut(&first).await;
+        assert_eq!(c.presented(), ["r0", "r1"]);
+        c.writes_fail(false);
+        let token = c.refresh(&first).await;
+        assert_eq!(
+            c.presented(),
+            ["r0", "r1", "r2"],
+            "a spent refresh token again"
+        );
+        assert_eq!(token.refresh_token(), Some("r3"));
+    }
+
+    /// Two refreshes cut off in a row, with the same token held, both writes failed: the
+    /// third attempt presents the second kept set's refresh token, not the spent stored one.
+    /// (Review, twelfth session: only the last refresh token presented was remembered.)
+    #[tokio::test]
+    async fn two_cut_off_refreshes_in_a_row_are_resumed_by_the_retry() {
+        let c = cuts().await;
+        c.writes_fail(true);
+        c.cut(&held("a0", "r0")).await;
+        c.cut(&held("a0", "r0")).await;
+        assert_eq!(c.presented(), ["r0", "r1"]);
+        c.writes_fail(false);
+        let token = c.refresh(&held("a0", "r0")).await;
+        assert_eq!(
+            c.presented(),
+            ["r0", "r1", "r2"],
+            "a spent refresh token again"
+        );
+        assert_eq!(token.refresh_token(), Some("r3"));
     }
 
     /// Two cut-off refreshes with another process's refusal of the spent stored refresh
@@ -2120,54 +2170,24 @@ mod tests {
     /// the chain split at the refusal, and `r1` was presented twice.)
     #[tokio::test]
     async fn cut_off_refreshes_around_a_refusal_are_resumed_by_the_retry() {
-        let store = Faulty::default();
-        seed(&store, 1, &expired("a0", "r0")).await;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reached = Arc::new(tokio::sync::Notify::new());
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let shared = StoreRefresher::new(
-            gated_recording(log.clone(), reached.clone(), gate.clone()),
-            store.clone(),
-        );
-        let held = RefreshContext::new(Some(expired("a0", "r0")), RefreshReason::Expired);
-        store.writes_fail.store(true, Ordering::SeqCst);
-        cut_off(
-            tokio::spawn(shared.refresh(held.clone())),
-            &reached,
-            &gate,
-            &store,
-        )
-        .await;
+        let c = cuts().await;
+        c.writes_fail(true);
+        c.cut(&held("a0", "r0")).await;
         // Another process presents the spent r0, is refused, and records it.
-        let stored = store.load().await.unwrap().unwrap();
-        let inner = store.store();
-        let lease = inner
-            .try_lease(Duration::from_secs(1))
-            .await
-            .unwrap()
-            .unwrap();
+        let stored = c.store.load().await.unwrap().unwrap();
+        let inner = c.store.store();
+        let lease = inner.try_lease(Duration::from_secs(1)).await.unwrap();
+        let lease = lease.expect("a free lease");
         let refused = stored.ended(2, "r0");
-        assert_eq!(
-            inner.compare_and_set(&lease, 1, &refused).await.unwrap(),
-            CasOutcome::Written
-        );
+        let written = inner.compare_and_set(&lease, 1, &refused).await.unwrap();
+        assert_eq!(written, CasOutcome::Written);
         inner.release(lease).await.unwrap();
-        cut_off(
-            tokio::spawn(shared.refresh(held.clone())),
-            &reached,
-            &gate,
-            &store,
-        )
-        .await;
-        assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
-        store.writes_fail.store(false, Ordering::SeqCst);
-        gate.notify_one();
-        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(held))
-            .await
-            .expect("the retry ends")
-            .unwrap();
+        c.cut(&held("a0", "r0")).await;
+        assert_eq!(c.presented(), ["r0", "r1"]);
+        c.writes_fail(false);
+        let token = c.refresh(&held("a0", "r0")).await;
         assert_eq!(
-            *log.lock().unwrap(),
+            c.presented(),
             ["r0", "r1", "r2"],
             "a spent refresh token again"
         );
@@ -2179,43 +2199,20 @@ mod tests {
     /// set instead of presenting the spent login refresh token. (Review, twelfth session.)
     #[tokio::test]
     async fn a_cut_off_login_whose_write_failed_is_resumed_by_the_retry() {
-        let store = Faulty::default();
-        seed(&store, 1, &expired("a0", "r0")).await;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reached = Arc::new(tokio::sync::Notify::new());
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let shared = StoreRefresher::new(
-            gated_recording(log.clone(), reached.clone(), gate.clone()),
-            store.clone(),
-        );
-        let login = RefreshContext::new(Some(expired("l-access", "l0")), RefreshReason::Expired);
-        store.writes_fail.store(true, Ordering::SeqCst);
-        cut_off(
-            tokio::spawn(shared.refresh(login.clone())),
-            &reached,
-            &gate,
-            &store,
-        )
-        .await;
-        assert_eq!(*log.lock().unwrap(), ["l0"]);
-        store.writes_fail.store(false, Ordering::SeqCst);
-        gate.notify_one();
-        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(login))
-            .await
-            .expect("the retry ends")
-            .unwrap();
+        let c = cuts().await;
+        c.writes_fail(true);
+        c.cut(&held("l-access", "l0")).await;
+        assert_eq!(c.presented(), ["l0"]);
+        c.writes_fail(false);
+        let token = c.refresh(&held("l-access", "l0")).await;
         assert_eq!(
-            *log.lock().unwrap(),
+            c.presented(),
             ["l0", "r1"],
             "the spent login refresh token again"
         );
         assert_eq!(token.refresh_token(), Some("r2"));
-        let stored = store.load().await.unwrap().unwrap().to_token().unwrap();
-        assert_eq!(
-            stored.refresh_token(),
-            Some("r2"),
-            "the login is stored for all"
-        );
+        let stored = c.stored_refresh_token().await;
+        assert_eq!(stored.as_deref(), Some("r2"), "the login is stored for all");
     }
 
     /// A login from outside cut off twice, the first write failed and the second stored:
@@ -2224,91 +2221,15 @@ mod tests {
     /// (Review, twelfth session: the stored record did not know `l0`.)
     #[tokio::test]
     async fn a_login_cut_off_twice_follows_the_stored_session() {
-        let store = Faulty::default();
-        seed(&store, 1, &expired("a0", "r0")).await;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reached = Arc::new(tokio::sync::Notify::new());
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let shared = StoreRefresher::new(
-            gated_recording(log.clone(), reached.clone(), gate.clone()),
-            store.clone(),
-        );
-        let login = RefreshContext::new(Some(expired("l-access", "l0")), RefreshReason::Expired);
-        store.writes_fail.store(true, Ordering::SeqCst);
-        cut_off(
-            tokio::spawn(shared.refresh(login.clone())),
-            &reached,
-            &gate,
-            &store,
-        )
-        .await;
-        store.writes_fail.store(false, Ordering::SeqCst);
-        cut_off(
-            tokio::spawn(shared.refresh(login.clone())),
-            &reached,
-            &gate,
-            &store,
-        )
-        .await;
-        assert_eq!(*log.lock().unwrap(), ["l0", "r1"]);
-        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(login))
-            .await
-            .expect("the refresh ends")
-            .unwrap();
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["l0", "r1"],
-            "a spent refresh token again"
-        );
+        let c = cuts().await;
+        c.writes_fail(true);
+        c.cut(&held("l-access", "l0")).await;
+        c.writes_fail(false);
+        c.cut(&held("l-access", "l0")).await;
+        assert_eq!(c.presented(), ["l0", "r1"]);
+        let token = c.refresh(&held("l-access", "l0")).await;
+        assert_eq!(c.presented(), ["l0", "r1"], "a spent refresh token again");
         assert_eq!(token.refresh_token(), Some("r2"), "the stored set, adopted");
-    }
-
-    /// Two refreshes whose writes failed, the second cut off: the retry, which holds the
-    /// first one's set, presents the kept second set's refresh token, not the spent stored
-    /// one. (Review, twelfth session: the kept set was looked up by the stored record's
-    /// refresh token, `r0`, not by the one presented for it, `r1`.)
-    #[tokio::test]
-    async fn a_second_cut_off_refresh_whose_write_failed_is_resumed_by_the_retry() {
-        let store = Faulty::default();
-        seed(&store, 1, &expired("a0", "r0")).await;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reached = Arc::new(tokio::sync::Notify::new());
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let gated = gated_recording(log.clone(), reached.clone(), gate.clone());
-        let shared = StoreRefresher::new(gated, store.clone());
-        store.writes_fail.store(true, Ordering::SeqCst);
-        gate.notify_one();
-        let first = shared
-            .refresh(RefreshContext::new(
-                Some(expired("a0", "r0")),
-                RefreshReason::Expired,
-            ))
-            .await
-            .unwrap();
-        assert_eq!(first.refresh_token(), Some("r1"));
-        // The first call's notice, not waited for then.
-        reached.notified().await;
-        let held = RefreshContext::new(Some(first), RefreshReason::Expired);
-        cut_off(
-            tokio::spawn(shared.refresh(held.clone())),
-            &reached,
-            &gate,
-            &store,
-        )
-        .await;
-        assert_eq!(*log.lock().unwrap(), ["r0", "r1"]);
-        store.writes_fail.store(false, Ordering::SeqCst);
-        gate.notify_one();
-        let token = tokio::time::timeout(Duration::from_secs(10), shared.refresh(held))
-            .await
-            .expect("the retry ends")
-            .unwrap();
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["r0", "r1", "r2"],
-            "a spent refresh token again"
-        );
-        assert_eq!(token.refresh_token(), Some("r3"));
     }
 
     /// A memory store whose loads after the first `quick` ones never answer (a store that
