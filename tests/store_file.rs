@@ -815,6 +815,18 @@ struct Tenants {
     n: Arc<AtomicUsize>,
 }
 
+impl Tenants {
+    /// The refresh tokens `key`'s refreshes presented, in order.
+    fn presented_by(&self, key: u32) -> Vec<String> {
+        let presented = self.presented.lock().unwrap();
+        presented
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .filter_map(|(_, rt)| rt.clone())
+            .collect()
+    }
+}
+
 impl tower_auth_refresh::keyed::KeyedRefresher<u32> for Tenants {
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Token, RefreshError>> + Send + 'static>,
@@ -2079,14 +2091,7 @@ async fn kept_sets_without_a_record_stay_apart_across_keys() {
     within("key 0 again", shared.refresh(&0, ctx(&held[0])))
         .await
         .unwrap();
-    let key0: Vec<_> = tenants
-        .presented
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k == 0)
-        .filter_map(|(_, rt)| rt.clone())
-        .collect();
+    let key0 = tenants.presented_by(0);
     assert_eq!(
         key0,
         ["ra0", "rotated-1", "rotated-3"],
@@ -2097,14 +2102,7 @@ async fn kept_sets_without_a_record_stay_apart_across_keys() {
     within("key 1 again", shared.refresh(&1, ctx(&held[1])))
         .await
         .unwrap();
-    let key1: Vec<_> = tenants
-        .presented
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k == 1)
-        .filter_map(|(_, rt)| rt.clone())
-        .collect();
+    let key1 = tenants.presented_by(1);
     assert_eq!(
         key1,
         ["rb0", "rotated-2", "rotated-4"],

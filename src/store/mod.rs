@@ -273,12 +273,7 @@ impl Record {
         Self {
             version,
             scheme: self.scheme.clone(),
-            access_token: String::new(),
-            expires_at: None,
-            refresh_token: None,
-            superseded: Vec::new(),
-            refused: None,
-            logged_out: true,
+            ..Self::logged_out_first()
         }
         .superseding(Some(self), None)
     }
