@@ -19,7 +19,8 @@ use crate::token::Token;
 ///
 /// `store_for` gives the store of a key: a [`FileStore`](super::FileStore) with the key in
 /// the file name, or a `RedisStore` with the key in the prefix (`RedisStore::scoped` shares
-/// one connection among keys). It is called on each refresh, never on the hot path.
+/// one connection among keys). Each key needs a store of its own: keys that share one share
+/// their tokens. It is called on each refresh, never on the hot path.
 ///
 /// # Example
 ///
@@ -184,15 +185,18 @@ impl<R, F> KeyedStoreRefresher<R, F> {
     ///
     /// ```
     /// use tower_auth_refresh::keyed::KeyedRefreshLayer;
-    /// use tower_auth_refresh::store::{KeyedStoreRefresher, MemoryStore};
+    /// use tower_auth_refresh::store::{FileStore, KeyedStoreRefresher};
     /// use tower_auth_refresh::{RefreshError, Token};
     ///
     /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
     /// let refresher = |tenant: String, _stale: Option<Token>| async move {
     ///     Ok::<_, RefreshError>(Token::bearer(format!("token-for-{tenant}"))?)
     /// };
-    /// let store = MemoryStore::new();
-    /// let shared = KeyedStoreRefresher::new(refresher, move |_tenant: &String| store.clone());
+    /// // One store per key (never one shared by every key).
+    /// let dir = std::path::PathBuf::from("/var/lib/my-app/tokens");
+    /// let shared = KeyedStoreRefresher::new(refresher, move |tenant: &String| {
+    ///     FileStore::new(dir.join(format!("{tenant}.json")))
+    /// });
     /// let layer = KeyedRefreshLayer::<String, _>::new(shared.clone());
     /// // Tenant "acme" logs out: this process forgets its token, every process its session.
     /// let tenant = "acme".to_owned();

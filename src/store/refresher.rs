@@ -299,7 +299,11 @@ impl Unstored {
                 })?
             }
         };
+        // A store that lost its record (restarted empty, flushed) holds nothing newer than a
+        // set of this principal's chain (matched by the refresh token the layer holds).
+        let emptied = record.is_none() && stale.is_some_and(|s| s.refresh_token().is_some());
         if pending[at].from.as_ref() == record
+            || emptied
             || refused_after(record, pending[at].from.as_ref())
             || (stale.is_none() && record.is_some_and(|r| replaced_since(r, &pending[at])))
         {
@@ -383,16 +387,27 @@ impl Unstored {
         });
     }
 
-    /// Forgets the logins that lost their write to a session `written` went through: a login
-    /// stored since replaces them (a later eviction must not resume one).
+    /// Forgets the sets kept of a session `written` went through (its record's refresh token
+    /// is one `written` supersedes): a login stored since, or a logout for every process,
+    /// replaces them (a later refresh or eviction must not resume one, and a set of a
+    /// session logged out is not kept).
     fn forget_replaced(&self, written: &Record) {
         self.pending().retain(|p| {
-            !(p.login
-                && p.from
-                    .as_ref()
-                    .and_then(|f| f.refresh_token.as_deref())
-                    .is_some_and(|rt| written.knows(rt)))
+            !p.from
+                .as_ref()
+                .and_then(|f| f.refresh_token.as_deref())
+                .is_some_and(|rt| written.knows(rt))
         });
+    }
+
+    /// Whether `refresh_token` is of a chain of this process's kept sets (not a login's): a
+    /// token of the stored session, whose record the store may have lost since.
+    fn knows(&self, refresh_token: &str) -> bool {
+        self.pending().iter().any(|p| {
+            !p.login
+                && (p.newest.refresh_token() == Some(refresh_token)
+                    || p.presented.iter().any(|t| t == refresh_token))
+        })
     }
 
     /// Forgets the set refreshed from `from`: stored, or replaced by another process's.
@@ -729,6 +744,7 @@ where
                     version = logged_out.version(),
                     "token store: logged the session out for every process"
                 );
+                self.inner.unstored.forget_replaced(&logged_out);
                 Ok(true)
             }
             lost => {
@@ -861,7 +877,11 @@ where
         match stale.and_then(Token::refresh_token) {
             // No refresh token to tell a session by: it follows the store.
             None => false,
-            Some(rt) => !(self.inner.lineage.knows(rt) || record.is_some_and(|r| r.knows(rt))),
+            Some(rt) => {
+                !(self.inner.lineage.knows(rt)
+                    || record.is_some_and(|r| r.knows(rt))
+                    || self.inner.unstored.knows(rt))
+            }
         }
     }
 
@@ -2213,6 +2233,76 @@ mod tests {
         assert_eq!(token.refresh_token(), Some("r2"));
         let stored = c.stored_refresh_token().await;
         assert_eq!(stored.as_deref(), Some("r2"), "the login is stored for all");
+    }
+
+    /// A refresh cut off with its write failed, then the store comes back empty (restarted
+    /// without persistence, flushed): the retry, the layer still holding the set it refreshed
+    /// from, presents the kept set's refresh token, not the spent one. (Review, twelfth
+    /// session: with no record, the kept set was dropped and `r0` presented again.)
+    #[tokio::test]
+    async fn a_cut_off_refresh_whose_write_failed_survives_a_store_that_came_back_empty() {
+        let c = cuts().await;
+        c.writes_fail(true);
+        c.cut(&held("a0", "r0")).await;
+        *c.store.current.lock().unwrap() = MemoryStore::new();
+        c.writes_fail(false);
+        let token = c.refresh(&held("a0", "r0")).await;
+        assert_eq!(
+            c.presented(),
+            ["r0", "r1"],
+            "the spent r0 was presented again"
+        );
+        assert_eq!(token.refresh_token(), Some("r2"));
+        assert_eq!(c.stored_refresh_token().await.as_deref(), Some("r2"));
+    }
+
+    /// The same with a layer whose token never went through the store (`initial_token`):
+    /// its refresh token is of this process's kept chain, so it is no login, and the kept set
+    /// is resumed.
+    #[tokio::test]
+    async fn a_cut_off_initial_token_whose_write_failed_survives_an_empty_store() {
+        let c = cuts().await;
+        c.writes_fail(true);
+        c.cut(&held("a0", "r0")).await;
+        *c.store.current.lock().unwrap() = MemoryStore::new();
+        c.writes_fail(false);
+        // A fresh process's view: it never handed `r0` to its layer (no lineage), only the
+        // kept chain knows it.
+        c.shared.inner.lineage.0.lock().unwrap().0.clear();
+        let token = c.refresh(&held("a0", "r0")).await;
+        assert_eq!(
+            c.presented(),
+            ["r0", "r1"],
+            "the spent r0 was presented again"
+        );
+        assert_eq!(token.refresh_token(), Some("r2"));
+    }
+
+    /// A set kept of a session logged out for every process (`clear` then
+    /// `log_out_everywhere`) is forgotten, and so is one of a session a later login replaced:
+    /// the refresh token of a session nobody follows is not kept in memory. (Review, twelfth
+    /// session: it stayed until the 10,000 cap.)
+    #[tokio::test]
+    async fn kept_sets_of_a_logged_out_or_replaced_session_are_forgotten() {
+        for logout in [true, false] {
+            let c = cuts().await;
+            c.writes_fail(true);
+            c.refresh(&held("a0", "r0")).await;
+            c.writes_fail(false);
+            assert_eq!(c.shared.inner.unstored.pending().len(), 1, "kept");
+            if logout {
+                c.shared.logout();
+                c.shared.log_out_everywhere().await.unwrap();
+            } else {
+                // A login from outside, stored over the session.
+                c.refresh(&held("l-access", "l0")).await;
+                assert!(c.stored_refresh_token().await.is_some());
+            }
+            assert!(
+                c.shared.inner.unstored.pending().is_empty(),
+                "a set of a session nobody follows is kept (logout: {logout})"
+            );
+        }
     }
 
     /// A login from outside cut off twice, the first write failed and the second stored:
