@@ -388,15 +388,18 @@ impl Unstored {
     }
 
     /// Forgets the sets kept of a session `written` went through (its record's refresh token
-    /// is one `written` supersedes): a login stored since, or a logout for every process,
-    /// replaces them (a later refresh or eviction must not resume one, and a set of a
-    /// session logged out is not kept).
-    fn forget_replaced(&self, written: &Record) {
+    /// is one `written` supersedes): a login stored since replaces them (a later refresh or
+    /// eviction must not resume one). `logins`: the kept logins too; a logout for every
+    /// process forgets the session's own sets only (a login kept beside it is a new session,
+    /// stored over the logout).
+    fn forget_replaced(&self, written: &Record, logins: bool) {
         self.pending().retain(|p| {
-            !p.from
-                .as_ref()
-                .and_then(|f| f.refresh_token.as_deref())
-                .is_some_and(|rt| written.knows(rt))
+            (p.login && !logins)
+                || !p
+                    .from
+                    .as_ref()
+                    .and_then(|f| f.refresh_token.as_deref())
+                    .is_some_and(|rt| written.knows(rt))
         });
     }
 
@@ -744,7 +747,7 @@ where
                     version = logged_out.version(),
                     "token store: logged the session out for every process"
                 );
-                self.inner.unstored.forget_replaced(&logged_out);
+                self.inner.unstored.forget_replaced(&logged_out, false);
                 Ok(true)
             }
             lost => {
@@ -1218,7 +1221,7 @@ where
                     .unstored
                     .forget(record.as_ref(), presented.as_deref());
                 if login {
-                    self.inner.unstored.forget_replaced(&new_record);
+                    self.inner.unstored.forget_replaced(&new_record, true);
                 }
                 Ok((token, true))
             }
@@ -1235,7 +1238,7 @@ where
                         .unstored
                         .forget(record.as_ref(), presented.as_deref());
                     if login {
-                        self.inner.unstored.forget_replaced(&new_record);
+                        self.inner.unstored.forget_replaced(&new_record, true);
                     }
                     Ok((token, true))
                 }
@@ -2303,6 +2306,27 @@ mod tests {
                 "a set of a session nobody follows is kept (logout: {logout})"
             );
         }
+    }
+
+    /// A login from outside cut off with its write failed, then a logout for every process
+    /// of the session it replaces: the login is a new session, kept, and its retry goes on
+    /// from its kept set and is stored over the logout. (Review, twelfth session: the logout
+    /// forgot the kept login, and the retry presented the spent `l0`.)
+    #[tokio::test]
+    async fn a_kept_login_outlives_a_logout_of_the_session_it_replaces() {
+        let c = cuts().await;
+        c.writes_fail(true);
+        c.cut(&held("l-access", "l0")).await;
+        c.writes_fail(false);
+        c.shared.log_out_everywhere().await.unwrap();
+        let token = c.refresh(&held("l-access", "l0")).await;
+        assert_eq!(
+            c.presented(),
+            ["l0", "r1"],
+            "the spent login refresh token again"
+        );
+        assert_eq!(token.refresh_token(), Some("r2"));
+        assert_eq!(c.stored_refresh_token().await.as_deref(), Some("r2"));
     }
 
     /// A login from outside cut off twice, the first write failed and the second stored:
