@@ -303,8 +303,8 @@ impl RefreshOptions {
     /// The most one refresher call may take (default 30 s), the OAuth 2.0 refresher's
     /// persistence hook included. A call that takes longer is cut off as a transient failure,
     /// so a refresher that never returns cannot wedge the layer. (Needs a Tokio runtime with a
-    /// timer; without a runtime there is no bound.) A `store::StoreRefresher` is only stopped
-    /// being waited for: its token call, once made, runs to its end under the store's lease
+    /// timer; without a runtime there is no bound.) With a `store::StoreRefresher` the layer
+    /// only stops waiting: the token call, once made, runs to its end under the store's lease
     /// and stores its answer (see its "Time limits").
     #[must_use]
     pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
