@@ -30,7 +30,7 @@ use crate::token::Token;
 ///
 /// - After [`TokenHandle::clear`](crate::TokenHandle::clear) (which calls
 ///   [`logout`](TokenRefresher::logout), passed on to your refresher), every refresh is a
-///   login until one succeeds: a refresh without a token (a forced one) never adopts or
+///   login until one succeeds and is stored: a refresh without a token (a forced one) never adopts or
 ///   refreshes the stored session (your refresher is called without a token, and what it
 ///   returns, if anything, is stored as a new login), and a token installed since is
 ///   refreshed from itself. A refresh that fails, or one that was already running at the
@@ -771,22 +771,25 @@ where
         // is not this refresh's to end.
         let seen = self.inner.logout.seen();
         Box::pin(async move {
-            let result = this.run(ctx, seen).await;
-            if result.is_ok() {
+            let (token, stored) = this.run(ctx, seen).await?;
+            if stored {
                 // A refresh after a logout that succeeded is a login: the logouts it saw are
-                // over (a failed one ends nothing).
+                // over once it is stored (a failed one ends nothing, nor does a login whose
+                // write failed: the next refresh must not take the logged-out session for
+                // this process's).
                 this.inner.logout.end(seen);
             }
-            result
+            Ok(token)
         })
     }
 
     /// Passed on to the wrapped refresher; and until a refresh after it succeeds with a
     /// token installed since (`set_token`), or with one your refresher got without a token,
-    /// the stored session is neither adopted nor refreshed by this process. The other
-    /// processes, and this one after a restart, still follow it: to log it out for all, call
-    /// [`log_out_everywhere`](Self::log_out_everywhere). Clones of this refresher share this state: give
-    /// each layer that must log out on its own a refresher of its own.
+    /// and its result is stored, the stored session is neither adopted nor refreshed by this
+    /// process. The other processes, and this one after a restart, still follow it: to log
+    /// it out for all, call [`log_out_everywhere`](Self::log_out_everywhere). Clones of this
+    /// refresher share this state: give each layer that must log out on its own a refresher
+    /// of its own.
     fn logout(&self) {
         self.inner.logout.log_out();
         self.inner.refresher.logout();
@@ -910,7 +913,9 @@ where
         token
     }
 
-    async fn run(&self, ctx: RefreshContext, logouts: u64) -> Result<Token, RefreshError> {
+    /// The protocol: the token for the layer, and whether it is of the stored session
+    /// (stored or adopted), not a login whose write failed.
+    async fn run(&self, ctx: RefreshContext, logouts: u64) -> Result<(Token, bool), RefreshError> {
         let store = &self.inner.store;
         let stale = ctx.stale().cloned();
         let record = store.load().await.map_err(store_failure)?;
@@ -926,7 +931,7 @@ where
                     version = record.as_ref().map_or(0, Record::version),
                     "token store: adopted a newer stored token"
                 );
-                return Ok(self.hand_over(token));
+                return Ok((self.hand_over(token), true));
             }
         }
         let first_seen = record.as_ref().map_or(0, Record::version);
@@ -970,7 +975,7 @@ where
                         version = record.as_ref().map_or(0, Record::version),
                         "token store: adopted the token stored by the lease holder"
                     );
-                    return Ok(self.hand_over(token));
+                    return Ok((self.hand_over(token), true));
                 }
             }
             seen = seen.max(record.as_ref().map_or(0, Record::version));
@@ -1014,9 +1019,9 @@ where
         };
         result.map(|(token, of_the_store)| {
             if of_the_store {
-                self.hand_over(token)
+                (self.hand_over(token), true)
             } else {
-                token
+                (token, false)
             }
         })
     }
@@ -1915,6 +1920,46 @@ mod tests {
         );
         let stored = store.load().await.unwrap().unwrap().to_token().unwrap();
         assert_eq!(stored.refresh_token(), Some("r1"));
+    }
+
+    /// A login after a logout whose write failed (a refresher that gets no refresh token, so
+    /// nothing to keep) does not end the logout, also when the layer got it: the next refresh
+    /// logs in again instead of adopting the stored session this process logged out of.
+    /// (Review, twelfth session: it ended the logout, and the next refresh adopted `a0`.)
+    #[tokio::test]
+    async fn a_login_whose_write_failed_keeps_the_logout() {
+        let store = Faulty::default();
+        let valid = Token::bearer("a0")
+            .unwrap()
+            .with_expires_in(Duration::from_secs(600))
+            .with_refresh_token("r0");
+        seed(&store, 1, &valid).await;
+        let logins = Arc::new(AtomicUsize::new(0));
+        let login = {
+            let logins = logins.clone();
+            context_fn(move |_ctx: RefreshContext| {
+                let n = logins.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    Ok(Token::bearer(format!("login-{n}"))?
+                        .with_expires_at(SystemTime::now() - Duration::from_secs(1)))
+                }
+            })
+        };
+        let shared = StoreRefresher::new(login, store.clone());
+        shared.logout();
+        store.writes_fail.store(true, Ordering::SeqCst);
+        let first = shared
+            .refresh(RefreshContext::new(None, RefreshReason::Forced))
+            .await
+            .unwrap();
+        assert_eq!(first.secret(), "login-1");
+        store.writes_fail.store(false, Ordering::SeqCst);
+        let next = shared
+            .refresh(RefreshContext::new(Some(first), RefreshReason::Expired))
+            .await
+            .unwrap();
+        assert_ne!(next.secret(), "a0", "the logged-out session was adopted");
+        assert_eq!(next.secret(), "login-2");
     }
 
     /// A login after a logout (a forced refresh without a token) that the layer stopped
