@@ -187,12 +187,14 @@ impl Record {
         }
     }
 
-    /// This record as the successor of `previous`, refreshed by presenting `presented`: it
-    /// supersedes the refresh tokens `presented`, `previous` and its predecessors carried.
-    pub(crate) fn superseding(
+    /// This record as the successor of `previous`, refreshed by presenting `presented`
+    /// (newest first: the refresh token presented, then those spent on the way to it when it
+    /// was a set of this process's whose write had failed): it supersedes them, the refresh
+    /// token `previous` carried, and its predecessors'.
+    pub(crate) fn superseding<'a>(
         mut self,
         previous: Option<&Record>,
-        presented: Option<&str>,
+        presented: impl IntoIterator<Item = &'a str>,
     ) -> Self {
         let mut superseded = Vec::new();
         let mut add = |d: String| {
@@ -200,9 +202,7 @@ impl Record {
                 superseded.push(d);
             }
         };
-        if let Some(presented) = presented {
-            add(digest(presented));
-        }
+        presented.into_iter().map(digest).for_each(&mut add);
         if let Some(previous) = previous {
             if let Some(rt) = &previous.refresh_token {
                 add(digest(rt));
@@ -219,21 +219,6 @@ impl Record {
         self
     }
 
-    /// This record also superseding `spent`: refresh tokens spent on the way to the one it
-    /// was refreshed from (a set of this process's whose write had failed), kept after the
-    /// one presented.
-    pub(crate) fn also_superseding(mut self, spent: &[String]) -> Self {
-        let own = self.refresh_token.as_deref().map(digest);
-        let at = self.superseded.len().min(1);
-        for d in spent.iter().map(|t| digest(t)) {
-            if Some(&d) != own.as_ref() && !self.superseded.contains(&d) {
-                self.superseded.insert(at, d);
-            }
-        }
-        self.superseded.truncate(SUPERSEDED_KEPT);
-        self
-    }
-
     /// The successor of this record, as `version`, saying that the token endpoint refused
     /// `refused` (this record's refresh token, or the one presented in its stead): the session
     /// ended. It keeps the access token but no refresh token.
@@ -245,7 +230,7 @@ impl Record {
             refused: None,
             ..self.clone()
         }
-        .superseding(Some(self), Some(refused));
+        .superseding(Some(self), [refused]);
         next.refused = Some(digest(refused));
         next
     }
@@ -275,7 +260,7 @@ impl Record {
             scheme: self.scheme.clone(),
             ..Self::logged_out_first()
         }
-        .superseding(Some(self), None)
+        .superseding(Some(self), [])
     }
 
     /// True if this record's session went through `refresh_token` (its own refresh token,
@@ -389,7 +374,8 @@ impl Record {
     /// `u64::MAX`, an unknown format, an unusable token, a digest that is not 32 lowercase hex
     /// digits or more than [`SUPERSEDED_KEPT`] of them, a logged-out record that holds a
     /// token or a refusal). A record written before digests existed (without them) is read as
-    /// it was; a logged-out record's empty access token is its only valid one. The message gives the position, never the content.
+    /// it was; a logged-out record's empty access token is its only valid one. The message
+    /// gives the position, never the content.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let wire: Wire = serde_json::from_slice(bytes).map_err(|e| {
             // serde_json's messages can quote the offending value, a secret perhaps: keep
@@ -776,7 +762,7 @@ mod tests {
             .unwrap()
             .with_expires_in(Duration::from_secs(60))
             .with_refresh_token("ref-secret");
-        let rec = Record::from_token(3, &token, SystemTime::now()).superseding(None, Some("old"));
+        let rec = Record::from_token(3, &token, SystemTime::now()).superseding(None, ["old"]);
         let out = rec.logged_out(4);
         let written = String::from_utf8(out.encode()).unwrap();
         assert!(

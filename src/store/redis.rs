@@ -290,8 +290,8 @@ impl Connection {
                     Some(c) if attempt == 0 && c.waiters == 0 => {
                         subscribed = channels
                             .remove(channel)
-                            // The newest send: never older than the last answer.
-                            .and_then(|c| c.attempted.or(c.subscribed));
+                            // The newest send (an answered one was sent first).
+                            .and_then(|c| c.attempted);
                     }
                     // A wait is on it (again): it is that wait's now.
                     Some(_) => return,

@@ -256,6 +256,14 @@ struct Pending {
     presented: Vec<String>,
 }
 
+impl Pending {
+    /// Whether `refresh_token` is of this set's chain: its own, or one presented on the way.
+    fn carries(&self, refresh_token: &str) -> bool {
+        self.newest.refresh_token() == Some(refresh_token)
+            || self.presented.iter().any(|t| t == refresh_token)
+    }
+}
+
 /// How many spent refresh tokens a kept set remembers (see [`Pending::presented`]).
 const PRESENTED_KEPT: usize = 8;
 
@@ -286,9 +294,7 @@ impl Unstored {
                     // The layer never got the set (its refresh was cut off, and the set was
                     // kept when its write failed): it still holds one the set was refreshed
                     // from, which carries a refresh token presented on the way.
-                    pending
-                        .iter()
-                        .position(|p| !p.login && p.presented.iter().any(|t| t == held))
+                    pending.iter().position(|p| !p.login && p.carries(held))
                 })?,
             None => {
                 let record = record?;
@@ -320,11 +326,7 @@ impl Unstored {
         let held = stale.and_then(Token::refresh_token)?;
         self.pending()
             .iter()
-            .find(|p| {
-                p.login
-                    && (p.newest.refresh_token() == Some(held)
-                        || p.presented.iter().any(|t| t == held))
-            })
+            .find(|p| p.login && p.carries(held))
             .map(|p| p.newest.clone())
     }
 
@@ -343,12 +345,8 @@ impl Unstored {
         // older set). Refresh tokens are per principal, so it is this principal's, whatever
         // record each was refreshed from. The tokens spent on the way stay known, so that a
         // layer that still holds one of them finds this set.
-        let ancestor = |p: &Pending| {
-            p.login == login
-                && presented.as_deref().is_some_and(|t| {
-                    p.newest.refresh_token() == Some(t) || p.presented.iter().any(|s| s == t)
-                })
-        };
+        let ancestor =
+            |p: &Pending| p.login == login && presented.as_deref().is_some_and(|t| p.carries(t));
         let mut spent: Vec<String> = Vec::new();
         for t in pending
             .iter()
@@ -406,11 +404,9 @@ impl Unstored {
     /// Whether `refresh_token` is of a chain of this process's kept sets (not a login's): a
     /// token of the stored session, whose record the store may have lost since.
     fn knows(&self, refresh_token: &str) -> bool {
-        self.pending().iter().any(|p| {
-            !p.login
-                && (p.newest.refresh_token() == Some(refresh_token)
-                    || p.presented.iter().any(|t| t == refresh_token))
-        })
+        self.pending()
+            .iter()
+            .any(|p| !p.login && p.carries(refresh_token))
     }
 
     /// Forgets the set refreshed from `from`: stored, or replaced by another process's.
@@ -420,9 +416,7 @@ impl Unstored {
     fn forget(&self, from: Option<&Record>, presented: Option<&str>) {
         self.pending().retain(|p| {
             let same_record = from.is_some() && p.from.as_ref() == from;
-            let of_the_chain = presented.is_some_and(|t| {
-                p.newest.refresh_token() == Some(t) || p.presented.iter().any(|s| s == t)
-            });
+            let of_the_chain = presented.is_some_and(|t| p.carries(t));
             !(same_record || of_the_chain)
         });
     }
@@ -1139,9 +1133,11 @@ where
         } = *call;
         let store = &self.inner.store;
         let base = record.as_ref().map_or(0, Record::version);
-        let previous_refresh = from
+        // The refresh token presented (kept with a set whose write fails, recorded if refused).
+        let presented = from
             .as_ref()
-            .and_then(|t| t.refresh_token().map(str::to_owned));
+            .and_then(Token::refresh_token)
+            .map(str::to_owned);
         let call = self
             .inner
             .refresher
@@ -1174,7 +1170,7 @@ where
                     {
                         // Nothing newer: the stored session's refresh token was refused. Say
                         // so in the store, so that no other process presents it again.
-                        if let Some(refused) = previous_refresh.as_deref() {
+                        if let Some(refused) = presented.as_deref() {
                             self.record_refusal(lease, &now, next, refused).await;
                         }
                     }
@@ -1184,16 +1180,16 @@ where
             Err(err) => return Err(err),
         };
 
-        let token = match (token.refresh_token(), previous_refresh) {
+        let token = match (token.refresh_token(), presented.as_deref()) {
             (None, Some(previous)) => token.with_refresh_token(previous),
             _ => token,
         };
-        let new_record = Record::from_token(next, &token, SystemTime::now())
-            .superseding(
-                record.as_ref(),
-                from.as_ref().and_then(Token::refresh_token),
-            )
-            .also_superseding(&spent);
+        let chain = presented
+            .iter()
+            .chain(spent.iter().rev())
+            .map(String::as_str);
+        let new_record =
+            Record::from_token(next, &token, SystemTime::now()).superseding(record.as_ref(), chain);
         let token = match new_record.expires_at() {
             Some(at) => token.with_expires_at(at),
             None => token,
@@ -1204,10 +1200,6 @@ where
             && token.refresh_token() != record.as_ref().and_then(|r| r.refresh_token.as_deref());
         // A login's set is of the stored session only once stored: until then, the next
         // refresh takes it for a login again, and writes it over whatever is stored.
-        let presented = from
-            .as_ref()
-            .and_then(Token::refresh_token)
-            .map(str::to_owned);
         let unstored = |token: Token| {
             if left_behind {
                 self.inner.unstored.remember(

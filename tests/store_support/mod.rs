@@ -819,6 +819,20 @@ pub(crate) async fn holder_killed_mid_refresh<S: TokenStore>(
     next.quit().await;
 }
 
+/// A process started now, without a token of its own, sends one request: it fails (the
+/// stored session ended), and its refresher made no token request. The worker, still running.
+async fn a_later_process_fails_without_a_token_call(
+    spec: &StoreSpec,
+    servers: &Servers,
+    ttl: Duration,
+) -> Worker {
+    let mut later = Worker::spawn(spec, &servers.api_url(), &servers.token_url(), ttl);
+    later.start(1).await;
+    let got = later.finish().await;
+    assert_eq!((got.ok, got.failed, got.grants), (0, 1, 0), "{got:?}");
+    later
+}
+
 /// Three processes need a token at once and the stored refresh token is refused
 /// (`invalid_grant`): one token call ends the session for all of them (the lease holder
 /// records the refusal in the store; the others fail with a terminal error without
@@ -863,10 +877,7 @@ pub(crate) async fn a_refused_session_ends_once_for_every_process<S: TokenStore>
     let stored = store.load().await.unwrap().unwrap();
     assert!(stored.is_ended(), "the refusal is in the store");
 
-    let mut later = Worker::spawn(&spec, &api, &tok, ttl);
-    later.start(1).await;
-    let got = later.finish().await;
-    assert_eq!((got.ok, got.failed, got.grants), (0, 1, 0), "{got:?}");
+    let later = a_later_process_fails_without_a_token_call(&spec, &servers, ttl).await;
     assert_eq!(
         servers.token.requests(),
         1,
@@ -923,10 +934,7 @@ pub(crate) async fn a_logout_everywhere_ends_the_session_for_every_process<
         "no token call after the logout"
     );
 
-    let mut later = Worker::spawn(&spec, &api, &tok, ttl);
-    later.start(1).await;
-    let got = later.finish().await;
-    assert_eq!((got.ok, got.failed, got.grants), (0, 1, 0), "{got:?}");
+    let later = a_later_process_fails_without_a_token_call(&spec, &servers, ttl).await;
     assert_eq!(
         servers.token.requests(),
         calls,
