@@ -25,17 +25,32 @@
 //! one used twice, unless that one is idle).
 //!
 //! A cell is pinned, never evicted, while a refresh for it runs or the cool-down of a failed
-//! one may hold, or while a [`TokenHandle`] or a request holds it. A cell whose session ended (a logout, a refused refresh token) may be
-//! evicted: the key's ended session is remembered apart (at most ten times the capacity, at
-//! least 10,000 keys, the oldest forgotten first), and a cell rebuilt for it starts ended, so
-//! the key stays logged out until a token is installed for it. A walk looks at no more than 64
-//! cells, so a new key costs amortised O(1) (the leftover queue slots of removed keys are
-//! dropped on the way, each once) however many cells are pinned. If all the cells it looked
-//! at are pinned, the map grows past its capacity for now; each later new key then evicts up
-//! to two cells, until the map is back within its capacity. An evicted key is rebuilt on its
-//! next use with a fresh refresh (an ended one stays ended), a removed key with a fresh
-//! refresh in any case; a key's handle acts on the key's current cell on every call,
-//! whichever cell that is.
+//! one may hold, or while a [`TokenHandle`] or a request holds it. Otherwise what an evicted
+//! cell held is remembered apart, for the cell rebuilt for its key:
+//!
+//! - a cell whose session ended (a logout, a refused refresh token): the ended session. A
+//!   cell rebuilt for the key starts ended, so the key stays logged out until a token is
+//!   installed for it;
+//! - a cell with a token (the one in use, or one an invalidation dropped and nothing replaced
+//!   yet): that token. A cell rebuilt for the key starts without a token, and its first
+//!   refresh is handed it as the stale token ([`RefreshContext::stale`], the `Option<Token>`
+//!   of a closure refresher), as after [`TokenHandle::invalidate`]: a token set installed at
+//!   login (with [`Token::with_refresh_token`]) keeps its refresh token across evictions. A
+//!   token without a refresh token is remembered too: a refresher may need the access token
+//!   it replaces. The token is handed over once: it is taken when the cell is rebuilt (by a
+//!   request or by a handle call), so a login or a logout through the key's handle after the
+//!   eviction replaces it as it would the token of a cell never evicted.
+//!
+//! Each of the two is remembered for at most ten times the capacity keys (at least 10,000),
+//! the oldest forgotten first; a key whose remembered token was forgotten refreshes as a key
+//! never seen (handed no token), one whose ended session was forgotten too. A walk looks at
+//! no more than 64 cells, so a new key costs amortised O(1) (the leftover queue slots of
+//! removed keys are dropped on the way, each once) however many cells are pinned. If all the
+//! cells it looked at are pinned, the map grows past its capacity for now; each later new key
+//! then evicts up to two cells, until the map is back within its capacity. An evicted key is
+//! rebuilt on its next use with a refresh handed its last token (an ended one stays ended), a
+//! removed key with a fresh refresh in any case (nothing of it is remembered); a key's handle
+//! acts on the key's current cell on every call, whichever cell that is.
 //!
 //! # Example
 //!
@@ -104,8 +119,9 @@ pub trait KeyedRefresher<K>: Send + Sync + 'static {
     /// The future that resolves to the new token.
     type Future: Future<Output = Result<Token, RefreshError>> + Send + 'static;
 
-    /// Starts a refresh for `key`. The context holds its rejected or expired token, if any,
-    /// and why the refresh is needed.
+    /// Starts a refresh for `key`. The context holds its rejected or expired token, if any
+    /// (for a cell rebuilt after an eviction, the token the evicted cell held: see the
+    /// [module docs](self)), and why the refresh is needed.
     fn refresh(&self, key: &K, ctx: RefreshContext) -> Self::Future;
 
     /// Called when `key` is logged out through its handle; see
@@ -211,20 +227,77 @@ struct Cells<K> {
     high_water: u64,
     /// Keys whose cell left the map with its session ended (a logout, a refused refresh
     /// token), and why: a cell rebuilt for one starts ended, so an evicted logout stays a
-    /// logout. At most `ended_cap` ([`ended_kept`]), the oldest forgotten first.
-    ended: HashMap<K, (Ended, u64)>,
-    ended_order: VecDeque<(K, u64)>,
-    ended_cap: usize,
+    /// logout. At most `kept_cap` ([`kept_for`]), the oldest forgotten first.
+    ended: Kept<K, Ended>,
+    /// Keys whose cell left the map with a token (the one in use, or one an invalidation
+    /// dropped and nothing replaced yet), and that token: a cell rebuilt for one hands it to
+    /// its first refresh as the stale token, so a login's refresh token survives an eviction.
+    /// Handed over once (taken when the cell is rebuilt). At most `kept_cap` ([`kept_for`]),
+    /// the oldest forgotten first. Secrets: `Cells` has no `Debug`.
+    tokens: Kept<K, Token>,
+    kept_cap: usize,
 }
 
-/// How many ended sessions of evicted keys are remembered for a map of `capacity` cells: ten
-/// times as many, at least 10,000 (an entry is a key and an error, far smaller than a cell).
-fn ended_kept(capacity: usize) -> usize {
+/// How many ended sessions, and apart from them how many tokens, of evicted keys are
+/// remembered for a map of `capacity` cells: ten times as many of each, at least 10,000 (an
+/// entry is a key and an error or a token, far smaller than a cell).
+fn kept_for(capacity: usize) -> usize {
     capacity.saturating_mul(10).max(10_000)
 }
 
 /// The cause of an ended session, and the token it could not replace.
 type Ended = (Arc<crate::RefreshError>, Option<crate::Token>);
+
+/// What is kept of keys whose cell left the map, one value per key (a newer one replaces the
+/// older), the oldest forgotten first past a bound.
+struct Kept<K, V> {
+    map: HashMap<K, (V, u64)>,
+    /// Oldest first; a slot whose stamp is not its key's current one is stale (the key was
+    /// taken, or kept again since), dropped when met or by a compaction.
+    order: VecDeque<(K, u64)>,
+    stamps: u64,
+}
+
+impl<K: Clone + Eq + Hash, V> Kept<K, V> {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            stamps: 0,
+        }
+    }
+
+    /// Keeps `value` for `key`, then forgets the oldest kept keys past `cap`. Returns how
+    /// many it forgot.
+    fn keep(&mut self, key: K, value: V, cap: usize) -> usize {
+        self.stamps += 1;
+        let stamp = self.stamps;
+        self.map.insert(key.clone(), (value, stamp));
+        self.order.push_back((key, stamp));
+        let mut forgot = 0;
+        while self.map.len() > cap {
+            let Some((old, stamp)) = self.order.pop_front() else {
+                break;
+            };
+            // A slot left by an earlier entry of the same key is stale.
+            if self.map.get(&old).is_some_and(|(_, s)| *s == stamp) {
+                self.map.remove(&old);
+                forgot += 1;
+            }
+        }
+        if self.order.len() > 2 * self.map.len() + 16 {
+            let map = &self.map;
+            self.order
+                .retain(|(k, s)| map.get(k).is_some_and(|(_, live)| live == s));
+        }
+        forgot
+    }
+
+    /// Takes what is kept for `key` (its slot goes stale).
+    fn take(&mut self, key: &K) -> Option<V> {
+        self.map.remove(key).map(|(value, _)| value)
+    }
+}
 
 impl<K: Clone + Eq + Hash> Cells<K> {
     fn new() -> Self {
@@ -233,46 +306,48 @@ impl<K: Clone + Eq + Hash> Cells<K> {
             order: VecDeque::new(),
             stamps: 0,
             high_water: 0,
-            ended: HashMap::new(),
-            ended_order: VecDeque::new(),
-            ended_cap: usize::MAX,
+            ended: Kept::new(),
+            tokens: Kept::new(),
+            kept_cap: usize::MAX,
         }
     }
 
     /// Takes `key`'s cell out of the map (its queue slot goes stale), keeping its generation
-    /// in the high-water mark, and its ended session, if it ended.
-    fn take_out(&mut self, key: &K) -> bool {
-        let Some(entry) = self.map.remove(key) else {
+    /// in the high-water mark.
+    fn take_out(&mut self, key: &K) -> Option<Arc<TokenCell>> {
+        let entry = self.map.remove(key)?;
+        self.high_water = self.high_water.max(entry.cell.generation());
+        Some(entry.cell)
+    }
+
+    /// Evicts `key`'s cell: takes it out, keeping its ended session if it ended, or else its
+    /// last token if it has one, for the cell rebuilt for the key.
+    fn evict(&mut self, key: &K) -> bool {
+        let Some(cell) = self.take_out(key) else {
             return false;
         };
-        self.high_water = self.high_water.max(entry.cell.generation());
-        if let Some(ended) = entry.cell.ended() {
-            self.stamps += 1;
-            let stamp = self.stamps;
-            self.ended.insert(key.clone(), (ended, stamp));
-            self.ended_order.push_back((key.clone(), stamp));
-            while self.ended.len() > self.ended_cap {
-                let Some((old, stamp)) = self.ended_order.pop_front() else {
-                    break;
-                };
-                // A slot left by an earlier entry of the same key is stale.
-                if self.ended.get(&old).is_some_and(|(_, s)| *s == stamp) {
-                    self.ended.remove(&old);
-                    tracing::debug!("forgot the oldest ended session of an evicted key");
-                }
+        if let Some(ended) = cell.ended() {
+            if self.ended.keep(key.clone(), ended, self.kept_cap) > 0 {
+                tracing::debug!("forgot the oldest ended session of an evicted key");
             }
-            if self.ended_order.len() > 2 * self.ended.len() + 16 {
-                let ended = &self.ended;
-                self.ended_order
-                    .retain(|(k, s)| ended.get(k).is_some_and(|(_, live)| live == s));
+        } else if let Some(token) = cell.last_token() {
+            if self.tokens.keep(key.clone(), token, self.kept_cap) > 0 {
+                tracing::debug!("forgot the oldest token of an evicted key");
             }
         }
         true
     }
 
-    /// The ended session a cell rebuilt for `key` starts with, if its last cell left ended.
-    fn take_ended(&mut self, key: &K) -> Option<Ended> {
-        self.ended.remove(key).map(|(ended, _)| ended)
+    /// What a cell rebuilt for `key` starts with, taken (handed over once): the ended session
+    /// its last cell left with, or else the token it left with, if any.
+    fn take_kept(&mut self, key: &K) -> (Option<Ended>, Option<Token>) {
+        // Both are taken: a key has at most one, but none may outlive the rebuild.
+        let ended = self.ended.take(key);
+        let token = self.tokens.take(key);
+        match ended {
+            Some(ended) => (Some(ended), None),
+            None => (None, token),
+        }
     }
 
     /// Adds `key`'s cell, used and queued at `now`.
@@ -294,9 +369,9 @@ impl<K: Clone + Eq + Hash> Cells<K> {
 
     /// Forgets `key`'s cell; its queue slot goes stale.
     fn remove(&mut self, key: &K) -> bool {
-        let removed = self.take_out(key);
-        // Forgotten for good: a later cell for the key starts afresh.
-        self.ended.remove(key);
+        // Nothing of it is kept: a later cell for the key starts afresh.
+        let removed = self.take_out(key).is_some();
+        self.take_kept(key);
         self.compact();
         removed
     }
@@ -360,7 +435,7 @@ where
             entry.last_used.store(now, Ordering::Relaxed);
             return entry.cell.clone();
         }
-        cells.ended_cap = ended_kept(limits.capacity);
+        cells.kept_cap = kept_for(limits.capacity);
         // One eviction makes room; a second one shrinks a map grown past its capacity while
         // the cells a walk looked at were all pinned.
         for _ in 0..2 {
@@ -377,6 +452,7 @@ where
         }
         let events = self.events.clone();
         let tagged = key.clone();
+        let (ended, stale) = cells.take_kept(key);
         let cell = Arc::new(
             TokenCell::new(
                 Bound {
@@ -389,7 +465,8 @@ where
             )
             .with_origin(self.origin.clone())
             .starting_after(cells.high_water)
-            .starting_ended(cells.take_ended(key)),
+            .starting_stale(stale)
+            .starting_ended(ended),
         );
         cells.insert(key.clone(), cell.clone(), now);
         cell
@@ -439,14 +516,14 @@ fn evict_one<K: Clone + Eq + Hash>(
         };
         budget -= 1;
         // The map holds one reference; any other is a handle or a request in flight. An ended
-        // session is not pinned: it is kept apart when the cell goes (`take_out`).
+        // session or a token is not pinned: it is kept apart when the cell goes (`evict`).
         let pinned = Arc::strong_count(&entry.cell) > 1 || entry.cell.pinned(cooling_now);
         // No use can be recorded meanwhile: this runs under the write lock.
         let last = entry.last_used.load(Ordering::Relaxed);
         let idle = now.saturating_sub(last) >= idle_ms;
         if !pinned {
             if idle || last <= entry.queued_at {
-                cells.take_out(&slot.key);
+                cells.evict(&slot.key);
                 tracing::trace!(idle, "token cell evicted");
                 return true;
             }
@@ -462,7 +539,7 @@ fn evict_one<K: Clone + Eq + Hash>(
         return false;
     };
     // Its slot, queued again above, goes stale.
-    cells.take_out(&key);
+    cells.evict(&key);
     tracing::trace!("token cell evicted, the least recently used");
     true
 }
@@ -777,9 +854,10 @@ impl<K: Clone + Send + 'static> KeyedTokenHandle<K> {
         )
     }
 
-    /// Forgets `key`'s cell (its token, session state and cool-down): the key's next request
+    /// Forgets `key`'s cell (its token, session state and cool-down), and what was remembered
+    /// of an evicted cell of the key (its ended session or its token): the key's next request
     /// or handle call makes a new cell, as for a key never seen (a request then starts with a
-    /// fresh refresh). Returns whether the key had a cell.
+    /// fresh refresh, handed no token). Returns whether the key had a cell.
     ///
     /// A refresh running for the forgotten cell is not cancelled: it runs to completion and
     /// answers the requests that were waiting for it, and its token goes to the forgotten
@@ -912,6 +990,57 @@ mod tests {
             "queue of {} entries for 2 cells",
             cells.order.len()
         );
+    }
+
+    /// What evicted cells leave is bounded, per kind, the oldest forgotten first, and handed
+    /// over once; `remove` keeps nothing (so it makes no other key's token forgotten).
+    #[test]
+    fn what_evicted_cells_leave_is_bounded_and_handed_over_once() {
+        let mut c = cells(0);
+        c.kept_cap = 3;
+        for k in 0..10u32 {
+            let cell = Arc::new(TokenCell::new(
+                |_: Option<Token>| async { Token::bearer("t").map_err(RefreshError::from) },
+                None,
+            ));
+            cell.install(
+                Token::bearer(format!("a{k}")).unwrap(),
+                &RefreshOptions::default(),
+            );
+            if k % 2 == 1 {
+                cell.clear();
+            }
+            c.insert(k, cell, 0);
+            assert!(c.evict(&k));
+        }
+        // Tokens of keys 4, 6, 8; ended sessions of keys 5, 7, 9 (a logout keeps no token).
+        let mut tokens: Vec<_> = c.tokens.map.keys().copied().collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, [4, 6, 8]);
+        let mut ended: Vec<_> = c.ended.map.keys().copied().collect();
+        ended.sort_unstable();
+        assert_eq!(ended, [5, 7, 9]);
+        assert!(c.tokens.order.len() <= 2 * 3 + 16 && c.ended.order.len() <= 2 * 3 + 16);
+
+        let (none, token) = c.take_kept(&6);
+        assert!(none.is_none());
+        assert_eq!(token.unwrap().secret(), "a6");
+        assert!(matches!(c.take_kept(&6), (None, None)), "handed over once");
+        let (ended, none) = c.take_kept(&7);
+        assert!(ended.unwrap().1.is_none() && none.is_none());
+
+        // Removing a key with a cell keeps nothing of it, and forgets no other key.
+        let cell = Arc::new(TokenCell::new(
+            |_: Option<Token>| async { Token::bearer("t").map_err(RefreshError::from) },
+            None,
+        ));
+        cell.install(Token::bearer("a20").unwrap(), &RefreshOptions::default());
+        c.insert(20, cell, 0);
+        c.tokens.keep(21, Token::bearer("a21").unwrap(), c.kept_cap);
+        assert!(c.remove(&20));
+        let mut tokens: Vec<_> = c.tokens.map.keys().copied().collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, [4, 8, 21]);
     }
 
     /// Review A3: with every cell pinned, each new key walked the whole queue under the write

@@ -711,3 +711,244 @@ async fn a_keyed_store_refresher_passes_logout_on() {
     handle.key(&3).clear();
     assert_eq!(*tenants.logouts.lock().unwrap(), [7, 3]);
 }
+
+/// An in-memory API that echoes the `Authorization` header and counts the requests it saw.
+fn counting_echo(seen: Arc<AtomicUsize>) -> impl InMemoryApi<String> {
+    service_fn(move |req: Request<ReplayBody<Body>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok::<_, Infallible>(Response::new(authorization(
+            req.headers(),
+        ))))
+    })
+}
+
+/// A keyed refresher that refreshes a tenant only from its refresh token, as an OAuth 2
+/// refresh-token grant does: tenant `t` needs a stale token carrying `rt-{t}` (or one of its
+/// rotations, `rt-{t}-...`), and is refused terminally otherwise (`invalid_grant`: nothing to
+/// refresh from). Records the refresh token each call was handed, per tenant, in order.
+type Handed = Arc<Mutex<Vec<(u32, Option<String>)>>>;
+
+fn refresh_token_grant(
+    handed: Handed,
+) -> impl Fn(Tenant, Option<Token>) -> std::future::Ready<Result<Token, RefreshError>>
++ Send
++ Sync
++ 'static {
+    move |tenant: Tenant, stale: Option<Token>| {
+        let rt = stale
+            .as_ref()
+            .and_then(|t| t.refresh_token())
+            .map(str::to_owned);
+        handed.lock().unwrap().push((tenant.0, rt.clone()));
+        let n = tenant.0;
+        std::future::ready(match rt {
+            Some(rt) if rt == format!("rt-{n}") || rt.starts_with(&format!("rt-{n}-")) => {
+                Token::bearer(format!("t{n}-refreshed"))
+                    .map(|t| t.with_refresh_token(format!("{rt}-next")))
+                    .map_err(RefreshError::from)
+            }
+            _ => Err(RefreshError::terminal("invalid_grant: no refresh token")),
+        })
+    }
+}
+
+/// Logs `tenant` in through its key handle with a token set (the crate's login pattern); the
+/// key handle is dropped at once, so it does not pin the cell.
+fn log_in<K: Clone + Send + 'static>(
+    handle: &tower_auth_refresh::keyed::KeyedTokenHandle<K>,
+    key: &K,
+    access: &str,
+    refresh: &str,
+) {
+    handle
+        .key(key)
+        .set_token(Token::bearer(access).unwrap().with_refresh_token(refresh));
+}
+
+/// Review (eviction of an active session): a key logged in through its handle with a token
+/// set, whose cell is then evicted from a full map, lost its refresh token: the rebuilt cell
+/// started empty and the refresher was handed no stale token, so a refresh-token refresher
+/// could not refresh and the tenant was silently logged out. The rebuilt cell now hands the
+/// refresher the evicted cell's last token, once.
+#[tokio::test]
+async fn an_evicted_keys_refresh_token_survives_its_eviction() {
+    guard(async {
+        let handed = Handed::default();
+        let layer = KeyedRefreshLayer::new(refresh_token_grant(handed.clone())).capacity(1);
+        let handle = layer.token_handle();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let svc = layer.layer(counting_echo(seen.clone()));
+
+        log_in(&handle, &Tenant(1), "t1-login", "rt-1");
+        log_in(&handle, &Tenant(2), "t2-login", "rt-2");
+        assert_eq!(handle.len(), 1, "key 2's login evicted key 1's cell");
+        // Secrets never show in the Debug output of the layer, its service or the handle.
+        let debug = format!("{layer:?} {handle:?}");
+        assert!(
+            !debug.contains("rt-1") && !debug.contains("t1-login"),
+            "{debug}"
+        );
+
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
+            "Bearer t2-login"
+        );
+        // Key 1's cell is rebuilt: no token, so it refreshes, from the evicted login's
+        // refresh token.
+        let res = svc.clone().oneshot(for_tenant(1)).await;
+        let res = res.expect("key 1 refreshes from its remembered refresh token");
+        assert_eq!(res.body(), "Bearer t1-refreshed");
+        assert_eq!(*handed.lock().unwrap(), [(1, Some("rt-1".to_owned()))]);
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+
+        // Key 2 was evicted with its login, never used for a refresh: it refreshes from it.
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(2)).await.unwrap().body(),
+            "Bearer t2-refreshed"
+        );
+        // Key 1 again: its refreshed set (a rotated refresh token) was remembered in turn.
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(1)).await.unwrap().body(),
+            "Bearer t1-refreshed"
+        );
+        assert_eq!(
+            *handed.lock().unwrap(),
+            [
+                (1, Some("rt-1".to_owned())),
+                (2, Some("rt-2".to_owned())),
+                (1, Some("rt-1-next".to_owned())),
+            ]
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 4);
+
+        // Handed over once: a remove forgets the key (and what was remembered for it); the
+        // next cell of key 1 starts afresh, and is refused.
+        log_in(&handle, &Tenant(3), "t3-login", "rt-3");
+        assert!(!handle.remove(&Tenant(1)), "key 1's cell was evicted");
+        let err = svc.clone().oneshot(for_tenant(1)).await.unwrap_err();
+        assert!(err.is::<RefreshRejected>(), "{err}");
+        assert_eq!(handed.lock().unwrap().last(), Some(&(1, None)));
+        assert_eq!(seen.load(Ordering::SeqCst), 4);
+    })
+    .await;
+}
+
+/// What the handle does to a key after its cell was evicted with a token acts on the
+/// remembered token as it would on the cell's: a login replaces it, a logout drops it for good
+/// (an evicted logout stays a logout, and nothing brings the old refresh token back), an
+/// invalidation keeps it for the next refresh.
+#[tokio::test]
+async fn the_handle_acts_on_an_evicted_keys_remembered_token_as_on_its_cell() {
+    guard(async {
+        let handed = Handed::default();
+        let layer = KeyedRefreshLayer::new(refresh_token_grant(handed.clone())).capacity(1);
+        let handle = layer.token_handle();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let svc = layer.layer(counting_echo(seen.clone()));
+        // Evicts whatever cell is in the map (key 9 needs no refresh: it is logged in).
+        let evict = || log_in(&handle, &Tenant(9), "t9-login", "rt-9");
+
+        // A login after the eviction replaces the remembered token.
+        log_in(&handle, &Tenant(1), "t1-login", "rt-1");
+        evict();
+        log_in(&handle, &Tenant(1), "t1-relogin", "rt-1-relogin");
+        evict();
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(1)).await.unwrap().body(),
+            "Bearer t1-refreshed"
+        );
+        assert_eq!(
+            *handed.lock().unwrap(),
+            [(1, Some("rt-1-relogin".to_owned()))]
+        );
+
+        // A logout after the eviction: the key stays logged out, evicted again or not, and
+        // the remembered refresh token is gone for good.
+        log_in(&handle, &Tenant(2), "t2-login", "rt-2");
+        evict();
+        handle.key(&Tenant(2)).clear();
+        let err = svc.clone().oneshot(for_tenant(2)).await.unwrap_err();
+        assert!(err.is::<SessionEnded>(), "{err}");
+        evict();
+        let err = svc.clone().oneshot(for_tenant(2)).await.unwrap_err();
+        assert!(err.is::<SessionEnded>(), "{err}");
+        handle.key(&Tenant(2)).invalidate();
+        evict();
+        // A forced refresh of the logged-out key is handed nothing (a logout keeps no token).
+        let err = handle.key(&Tenant(2)).refresh().await.unwrap_err();
+        assert!(err.is::<RefreshRejected>(), "{err}");
+        assert_eq!(handed.lock().unwrap().last(), Some(&(2, None)));
+
+        // An invalidation after the eviction keeps the remembered token for the refresh.
+        log_in(&handle, &Tenant(3), "t3-login", "rt-3");
+        evict();
+        handle.key(&Tenant(3)).invalidate();
+        evict();
+        assert_eq!(
+            svc.clone().oneshot(for_tenant(3)).await.unwrap().body(),
+            "Bearer t3-refreshed"
+        );
+        assert_eq!(
+            handed.lock().unwrap().last(),
+            Some(&(3, Some("rt-3".to_owned())))
+        );
+        // Every request that reached the API carried a token; none of the refused ones did.
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+/// The tokens remembered for evicted keys are bounded (ten times the capacity, at least
+/// 10,000 keys): past that, the oldest evicted key's token is forgotten, and that key behaves
+/// as an evicted key always did (a fresh refresh, handed no token); later ones keep theirs.
+#[tokio::test]
+async fn remembered_tokens_of_evicted_keys_are_bounded_and_the_oldest_go_first() {
+    guard(async {
+        let handed = Handed::default();
+        let layer = KeyedRefreshLayer::new(refresh_token_grant(handed.clone())).capacity(1);
+        let handle = layer.token_handle();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let svc = layer.layer(counting_echo(seen.clone()));
+        // 10,000 keys remembered at most; 10,003 evicted (the last key keeps its cell).
+        let keys = 10_004u32;
+        for k in 0..keys {
+            log_in(
+                &handle,
+                &Tenant(k),
+                &format!("t{k}-login"),
+                &format!("rt-{k}"),
+            );
+        }
+        assert_eq!(handle.len(), 1);
+        // Keys 0 to 2 were forgotten: refused, as without a refresh token. (Key 0's request
+        // evicted the last key's cell, whose token is remembered in turn: key 3 is forgotten
+        // too. An ended cell's eviction forgets no token.)
+        for k in 0..3 {
+            let err = svc.clone().oneshot(for_tenant(k)).await.unwrap_err();
+            assert!(err.is::<RefreshRejected>(), "key {k}: {err}");
+        }
+        for k in [4, 5_000, keys - 2] {
+            assert_eq!(
+                *svc.clone().oneshot(for_tenant(k)).await.unwrap().body(),
+                format!("Bearer t{k}-refreshed"),
+                "key {k}"
+            );
+        }
+        let err = svc.clone().oneshot(for_tenant(3)).await.unwrap_err();
+        assert!(err.is::<RefreshRejected>(), "key 3: {err}");
+        assert_eq!(
+            *handed.lock().unwrap(),
+            [
+                (0, None),
+                (1, None),
+                (2, None),
+                (4, Some("rt-4".to_owned())),
+                (5_000, Some("rt-5000".to_owned())),
+                (keys - 2, Some(format!("rt-{}", keys - 2))),
+                (3, None),
+            ]
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    })
+    .await;
+}

@@ -2921,3 +2921,172 @@ async fn switching_away_and_back_during_a_rotating_refresh_never_presents_the_sp
     })
     .await;
 }
+
+/// A layer whose refresher calls are cut off after `timeout`, one attempt each.
+fn impatient_client(
+    refresher: OAuth2Refresher<TokenClient>,
+    timeout: Duration,
+) -> (ApiClient, TokenHandle) {
+    let layer = tower_auth_refresh::RefreshLayer::new(refresher)
+        .initial_token(Token::bearer("expired-at-start").unwrap())
+        .refresh_timeout(timeout)
+        .retries(Backoff::none());
+    let handle = layer.token_handle();
+    let http = http_client::<ReplayBody<Full<Bytes>>>();
+    (ServiceBuilder::new().layer(layer).service(http), handle)
+}
+
+/// Waits (10 s at most) until the rotation hook has persisted something.
+async fn persisted_once(persisted: &Persisted) {
+    for _ in 0..2_000 {
+        if !persisted.lock().unwrap().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the rotated refresh token was never persisted");
+}
+
+/// The layer stops waiting for a refresh (its refresh timeout ran out) while the token
+/// endpoint, which has rotated the refresh token, still holds its answer: the exchange runs
+/// on without the layer, so the rotated refresh token is kept and persisted at once, and the
+/// next refresh presents it (no reuse, which would end the session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_the_layer_stops_waiting_for_still_keeps_and_persists_its_rotation() {
+    guard(async {
+        let (s, rt0, persisted, refresher) = logged_in(TokenConfig::default()).await;
+        let (client, handle) = impatient_client(refresher.clone(), Duration::from_millis(300));
+        s.token.hold_next(1);
+        let first = get(client.clone(), s.api_url()).await;
+        assert!(
+            first.is_err(),
+            "the layer stopped waiting for the held answer"
+        );
+        s.token.held(1).await;
+        assert!(persisted.lock().unwrap().is_empty());
+
+        // The answer arrives after the layer gave up: kept and persisted without another
+        // refresh.
+        s.token.release();
+        persisted_once(&persisted).await;
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+        assert_eq!(
+            Some(refresher.refresh_token().unwrap().secret().to_owned()),
+            s.token.current_of(&rt0)
+        );
+
+        // The next refresh (forced: the failed one's cool-down holds) presents it.
+        handle.refresh().await.unwrap();
+        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
+        assert_eq!(s.token.grants(), 2);
+        assert_eq!(s.token.reuse_detected(), 0);
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+    })
+    .await;
+}
+
+/// The layer stops waiting for a refresh while its rotation hook is still writing the new
+/// refresh token: the hook runs to its end, so what it persisted is the current refresh
+/// token, not the spent one, without another refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_hook_the_layer_stops_waiting_for_runs_to_its_end() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let slow = persisted.clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let refresher = app(&s, &rt0)
+            .on_rotation(move |new: RefreshToken| {
+                let slow = slow.clone();
+                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        // A slow secret store: longer than the layer waits.
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                    }
+                    slow.lock().unwrap().push(new.secret().to_owned());
+                    Ok::<_, Infallible>(())
+                }
+            })
+            .build()
+            .unwrap();
+        let (client, handle) = impatient_client(refresher.clone(), Duration::from_millis(200));
+        let first = get(client.clone(), s.api_url()).await;
+        assert!(first.is_err(), "the layer stopped waiting for the hook");
+        assert_eq!(s.token.grants(), 1);
+        persisted_once(&persisted).await;
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+        assert_eq!(
+            Some(refresher.refresh_token().unwrap().secret().to_owned()),
+            s.token.current_of(&rt0)
+        );
+
+        handle.refresh().await.unwrap();
+        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
+        assert_eq!(s.token.grants(), 2);
+        assert_eq!(s.token.reuse_detected(), 0);
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+    })
+    .await;
+}
+
+/// A rotation hook cut off mid-write (the runtime running the refresh shut down) leaves the
+/// new refresh token marked as not persisted: the next refresh, on another runtime, persists
+/// it, although its answer rotates nothing.
+#[test]
+fn a_rotation_hook_cut_off_by_a_runtime_shutdown_runs_again_on_the_next_refresh() {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = main.block_on(Servers::start(TokenConfig::default()));
+    let (_, rt0) = s.token.login();
+    let persisted = Persisted::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (p, c, st) = (persisted.clone(), calls.clone(), started.clone());
+    let refresher = app(&s, &rt0)
+        .on_rotation(move |new: RefreshToken| {
+            let (p, st) = (p.clone(), st.clone());
+            let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    // Never finishes: its runtime goes away under it.
+                    st.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                p.lock().unwrap().push(new.secret().to_owned());
+                Ok::<_, Infallible>(())
+            }
+        })
+        .build()
+        .unwrap();
+
+    let doomed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = refresher.clone();
+    doomed.spawn(async move { first.refresh(ctx()).await });
+    doomed.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), started.notified())
+            .await
+            .expect("the hook was called")
+    });
+    doomed.shutdown_background();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(persisted.lock().unwrap().is_empty());
+    let rt1 = s.token.rotated()[0].clone();
+
+    main.block_on(guard(async {
+        let none = json!({ "access_token": "atok-none", "token_type": "Bearer" });
+        s.token.script(Scripted::json(StatusCode::OK, none));
+        let token = refresher.refresh(ctx()).await.unwrap();
+        assert_eq!(token.refresh_token(), Some(rt1.as_str()));
+        assert_eq!(s.token.seen()[1].field("refresh_token"), Some(rt1.as_str()));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(*persisted.lock().unwrap(), vec![rt1.clone()]);
+    }));
+}

@@ -33,7 +33,7 @@ pub(crate) fn in_refresh() -> bool {
 ///
 /// The task keeps the caller's span and, when the caller is a refresher, the mark that it is
 /// one ([`in_refresh`]); a panic in it is the caller's.
-#[cfg(feature = "store")]
+#[cfg(any(feature = "store", feature = "oauth2"))]
 pub(crate) async fn run_to_end<T, F>(fut: F) -> Result<T, RefreshError>
 where
     F: Future<Output = Result<T, RefreshError>> + Send + 'static,

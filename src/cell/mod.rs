@@ -41,7 +41,7 @@ use http::HeaderValue;
 use tokio::sync::broadcast;
 
 pub(crate) use attempt::in_refresh;
-#[cfg(feature = "store")]
+#[cfg(any(feature = "store", feature = "oauth2"))]
 pub(crate) use attempt::run_to_end;
 use attempt::{BoxFuture, ErasedRefresher};
 pub(crate) use flight::FreshWait;
@@ -253,6 +253,27 @@ impl TokenCell {
         if let Some((cause, stale)) = ended {
             let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
             state.session = Session::Ended { cause, stale };
+        }
+        self
+    }
+
+    /// The token a refresh of this cell would be handed now, if its session has not ended:
+    /// the token in use, or the one an invalidation dropped (not replaced yet). A secret.
+    pub(crate) fn last_token(&self) -> Option<Token> {
+        match &self.read().session {
+            Session::Active(held) => Some(held.token.clone()),
+            Session::Empty { stale } => stale.clone(),
+            Session::Ended { .. } => None,
+        }
+    }
+
+    /// A new cell without a token whose first refresh is handed `stale` (a keyed layer's
+    /// cell rebuilt for a key whose last cell left with a token: its refresh token survives
+    /// the eviction), if given; as after an invalidation, nothing else changes.
+    pub(crate) fn starting_stale(mut self, stale: Option<Token>) -> Self {
+        if let Some(stale) = stale {
+            let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+            state.session = Session::Empty { stale: Some(stale) };
         }
         self
     }

@@ -441,7 +441,9 @@ impl<C> OAuth2RefresherBuilder<C> {
 
     /// Persists a rotated refresh token. The hook is called with every new refresh token the
     /// server returns, and the new access token is handed to requests only after the hook
-    /// completes; refreshes wait for it (it has no timeout of its own).
+    /// completes; refreshes wait for it (it has no timeout of its own, and it runs to its
+    /// end even when the layer stops waiting for the refresh: a hook that never returns
+    /// holds up every later refresh of this refresher).
     ///
     /// # If the hook fails
     ///

@@ -84,7 +84,11 @@
 //!
 //! The layer runs a refresh in a task of its own, to completion, even when every request
 //! waiting for it is dropped, so the answer to a token request that went out is never lost
-//! to a cancelled caller. The refresher stores a rotated refresh token before anything else
+//! to a cancelled caller. When the layer itself stops waiting (its
+//! [`refresh_timeout`](crate::RefreshOptions::refresh_timeout) runs out, or the retries'
+//! total time), the refresher's exchange still runs to its end on a task of its own: the
+//! answer is read, a rotated refresh token kept and the rotation hook run to its end, and
+//! the next refresh waits for that before it chooses a refresh token. The refresher stores a rotated refresh token before anything else
 //! happens with the answer (before the hook, before the access token is even checked). What
 //! cannot be saved is an answer that never arrives: if the token request
 //! [times out](OAuth2RefresherBuilder::timeout) or the connection breaks after the server
@@ -713,14 +717,22 @@ where
     /// was in flight (a login, a logout) is made once more at once, with the refresh token
     /// there now: the caller gets the new session's answer, not a transient failure (which
     /// a single-attempt refresh after a cool-down would have counted as another failure).
+    ///
+    /// The exchange runs to its end on a task of its own (on the current Tokio runtime):
+    /// when the layer stops waiting for it (its refresh timeout, or no request waits any
+    /// more), an answer still on its way is read, a rotated refresh token kept, and the
+    /// rotation hook run to its end, so that the next refresh presents the new refresh
+    /// token and what the hook persisted is never left a spent one. The next refresh waits
+    /// for it to end. (The refresher's own [`timeout`](OAuth2RefresherBuilder::timeout)
+    /// still bounds each token request.)
     fn refresh(&self, ctx: RefreshContext) -> Self::Future {
         let inner = Arc::clone(&self.inner);
-        Box::pin(async move {
+        Box::pin(crate::cell::run_to_end(async move {
             match refresh(Arc::clone(&inner), ctx.clone()).await {
                 Err(err) if is_superseded(&err) => refresh(inner, ctx).await,
                 answer => answer,
             }
-        })
+        }))
     }
 
     /// Forgets the refresh token, so that no later refresh can log the old user back in.

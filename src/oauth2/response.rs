@@ -83,8 +83,10 @@ pub(crate) async fn success<C>(
         (None, _) => {}
     }
     if let (Some(new), Some(hook)) = (persist, &inner.hook) {
+        // Marked before the hook runs: a hook cut off (its future dropped) leaves it marked,
+        // and the next refresh persists it again.
+        inner.set_unpersisted(&new, true);
         if let Err(err) = hook(new.clone()).await {
-            inner.set_unpersisted(&new, true);
             tracing::warn!(
                 "oauth2: rotation hook failed; the new refresh token is kept in memory only"
             );
