@@ -466,6 +466,14 @@ impl RefreshOptions {
 
     /// Adds a proof of possession to every send that carries the token (DPoP, RFC 9449): see
     /// [`RequestProof`]. Off by default.
+    ///
+    /// With a proof, tower-http's `FollowRedirectLayer` goes *outside* the layer (see
+    /// [Layer order](crate#layer-order)). Inside, it would send every redirect hop with the
+    /// first hop's `DPoP` header (its credential filter takes out only `Authorization`,
+    /// `Cookie` and `Proxy-Authorization`): a proof for the first hop's method and URI, with a
+    /// `jti` already used, which the server refuses. Outside, each hop passes through the layer:
+    /// it gets the token, and a proof of its own, only if its origin is allowed (by default the
+    /// first origin the layer saw; see [`allowed_origins`](Self::allowed_origins)).
     #[must_use]
     pub fn proof(mut self, proof: impl RequestProof) -> Self {
         self.proof = Some(Arc::new(proof));

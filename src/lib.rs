@@ -148,6 +148,7 @@
 //!     .layer(RefreshLayer::new(refresher))
 //!     .layer(FollowRedirectLayer::new())        // inside: the token is attached once, and tower-http
 //!                                               // drops it on a cross-origin redirect
+//!                                               // (with a proof, e.g. DPoP: outside, see below)
 //!     .layer(TimeoutLayer::new(per_attempt))    // each attempt, the replay included
 //!     .service(client)
 //! ```
@@ -157,6 +158,17 @@
 //! If `FollowRedirectLayer` must sit outside this layer, every hop passes through this layer
 //! and gets the token unless its origin is not allowed: by default only the first origin the
 //! layer saw gets the token (see [`RefreshOptions::allowed_origins`]).
+//!
+//! With a proof of possession ([`RefreshLayer::proof`], such as DPoP's
+//! [`Dpop`][dpop-Dpop]), `FollowRedirectLayer` goes **outside** this layer. Inside, it sends
+//! every hop with the first hop's headers, and tower-http takes out only `Authorization`,
+//! `Cookie` and `Proxy-Authorization` (and only on a cross-origin hop): the `DPoP` proof goes
+//! again, made for the first hop's method and URI (`htm`, `htu`) with a `jti` the server has
+//! seen, and the server refuses it (a cross-origin hop gets that proof without the token).
+//! Outside, as above, each hop is a request of this layer's own: a hop to an allowed origin
+//! gets the token and a proof of its own (its method and URI, a new `jti`, the nonce of its
+//! origin), and a 401 on it is refreshed or replayed for as on any request; a hop to an origin
+//! that is not allowed gets neither the token nor a proof.
 //!
 //! # Errors
 //!

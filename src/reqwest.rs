@@ -26,6 +26,18 @@
 //!    [`UnauthorizedAfterRefresh`]; a replay answered by a redirect target is returned as it
 //!    is, as a first send's.
 //!
+//! With a proof of possession (DPoP), build the reqwest client with
+//! `redirect::Policy::none()` (or handle redirects above this middleware): reqwest follows a
+//! redirect below the middleware and re-sends a same-host hop's headers, the first hop's
+//! `DPoP` proof included (its method and URI, and a `jti` already used), which the server
+//! refuses.
+//!
+//! A request's own reqwest `timeout` bounds each of its sends (the replay gets it again),
+//! not the wait for a token before the first send nor the refresh before the replay: those
+//! are bounded by the layer's [`refresh_timeout`](RefreshLayer::refresh_timeout) and
+//! [`retries`](RefreshLayer::retries). To bound the whole call, wrap it in
+//! `tokio::time::timeout`.
+//!
 //! A redirect is told by the response's URL: a response from another URL than the one this
 //! middleware sent comes from a redirect target, and is never refreshed or replayed for.
 //! Add middleware that rewrites URLs (a base URL, an API version in the query, a signer)

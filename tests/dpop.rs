@@ -20,7 +20,9 @@ use tower_auth_refresh::dpop::{
 };
 use tower_auth_refresh::error::{RefreshFailed, RefreshRejected, UnauthorizedAfterRefresh};
 use tower_auth_refresh::oauth2::{ErrorKind, OAuth2Error, OAuth2Refresher};
-use tower_auth_refresh::{Backoff, BoxError, RefreshLayer, ReplayBody, RequestProof, Token};
+use tower_auth_refresh::{
+    Backoff, BoxError, Cooldown, RefreshEvent, RefreshLayer, ReplayBody, RequestProof, Token,
+};
 
 use dpop_support::{
     ApiStats, Issued, NonceMode, TokenStats, TokenType, Verifier, api_server, claims_of,
@@ -489,6 +491,85 @@ async fn a_token_endpoint_asking_for_a_nonce_again_is_retried_once_and_fails_tra
             Some("t-2")
         );
         assert_eq!(dpop.nonce_for(&endpoint), None);
+    })
+    .await;
+}
+
+/// Review item 2: a token endpoint's `400 invalid_dpop_proof` (a client clock off for `iat`, a
+/// stale nonce) refuses the proof, not the refresh token: a transient error, no session end,
+/// and a later refresh, with a new proof, gets a token.
+#[tokio::test]
+async fn an_invalid_dpop_proof_from_the_token_endpoint_is_transient_and_a_later_refresh_succeeds() {
+    guard(async {
+        let s = setup(NonceMode::Fixed(API_NONCE), TokenType::Dpop).await;
+        s.token_stats.refuse_proofs.store(1, Ordering::SeqCst);
+        let refresher = OAuth2Refresher::builder(s.token_url.parse().unwrap(), http_client())
+            .refresh_token("rt-1")
+            .dpop(s.dpop.clone())
+            .build()
+            .unwrap();
+        let layer = RefreshLayer::new(refresher)
+            .initial_token(expired_token())
+            .retries(Backoff::none())
+            .cooldown(Cooldown::none())
+            .proof(s.dpop.clone());
+        let handle = layer.token_handle();
+        let mut events = handle.subscribe();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+
+        let err = svc.clone().oneshot(request(&s, 1)).await.unwrap_err();
+        assert!(
+            err.is::<RefreshFailed>(),
+            "transient, not the end of the session: {err}"
+        );
+        let oauth = OAuth2Error::find(&*err).expect("the refresher's error");
+        assert_eq!(oauth.error_code(), Some("invalid_dpop_proof"));
+        assert_eq!(oauth.status(), Some(StatusCode::BAD_REQUEST));
+        assert!(!format!("{err} {err:?}").contains("rt-1"));
+        assert!(!handle.state().session_ended());
+        assert_eq!(s.token_stats.calls.load(Ordering::SeqCst), 1, "not retried");
+        assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), 0, "nothing sent");
+
+        // The next request refreshes again, with a new proof (carrying the nonce of the
+        // refusal), and gets a token.
+        let res = svc.oneshot(request(&s, 2)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(s.token_stats.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(s.token_stats.nonce_refusals.load(Ordering::SeqCst), 0);
+        assert_eq!(s.token_stats.issued.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            *s.token_stats.refused.lock().unwrap(),
+            ["iat outside the window"]
+        );
+        assert_eq!(s.api_stats.ok.load(Ordering::SeqCst), 1);
+        assert!(!handle.state().session_ended());
+
+        let mut seen = Vec::new();
+        while let Some(event) = events.try_recv() {
+            seen.push(event.unwrap());
+        }
+        assert!(
+            !seen
+                .iter()
+                .any(|e| matches!(e, RefreshEvent::SessionEnded { .. })),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter().any(|e| matches!(
+                e,
+                RefreshEvent::RefreshFailed {
+                    terminal: false,
+                    ..
+                }
+            )),
+            "{seen:?}"
+        );
+        assert!(
+            matches!(seen.last(), Some(RefreshEvent::Refreshed { .. })),
+            "{seen:?}"
+        );
     })
     .await;
 }

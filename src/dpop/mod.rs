@@ -25,11 +25,16 @@
 //!
 //! Clone one `Dpop` for the layer and the refresher: they then share the key and the nonces.
 //!
-//! Processes that share their tokens through a [token store](crate::store) must share the key
+//! Put tower-http's `FollowRedirectLayer` outside the layer, so that each redirect hop gets a
+//! proof of its own (inside, every hop would carry the first hop's proof, which the server
+//! refuses): see [Layer order](crate#layer-order).
+//!
+//! Processes that share their tokens through a [token store][mod-store] must share the key
 //! too ([`Es256Key::from_jwk`] or [`Es256Key::from_pkcs8_der`] from one secret): a stored
 //! DPoP token is bound to the key that asked for it, and so is a public client's refresh
-//! token; a replica with a key of its own would have its proofs refused, and its refresh
-//! would end the session.
+//! token; a replica with a key of its own would have its proofs refused, and its refreshes
+//! too (an `invalid_grant` ends the session; an `invalid_dpop_proof` fails each refresh
+//! transiently).
 //!
 
 #![cfg_attr(
@@ -37,6 +42,8 @@
     doc = "[builder-dpop]: crate::oauth2::OAuth2RefresherBuilder::dpop"
 )]
 #![cfg_attr(not(feature = "oauth2"), doc = "[builder-dpop]: crate#feature-flags")]
+#![cfg_attr(feature = "store", doc = "[mod-store]: crate::store")]
+#![cfg_attr(not(feature = "store"), doc = "[mod-store]: crate#feature-flags")]
 
 mod key;
 
@@ -148,6 +155,12 @@ impl Dpop {
     /// endpoint's (from the OAuth 2.0 refresher's token requests), with one, a resource
     /// server's ([`remember_nonce`](Self::remember_nonce)); the two are kept apart even on
     /// one origin (RFC 9449 §9).
+    ///
+    /// `htu` is `uri` in the normal form a server compares it in (RFC 9449 §4.3, RFC 3986
+    /// §6.2.2 and §6.2.3): scheme and host lowercase, without the scheme's default port
+    /// (`https://API.example:443/a?q` gives `https://api.example/a`), user information,
+    /// query or fragment; the path as it is sent. Nonces are kept per origin in that form
+    /// too: `https://api.example:443` and `https://api.example` share theirs.
     ///
     /// ```
     /// use http::{Method, Uri};
@@ -336,15 +349,50 @@ fn asks_for_nonce(headers: &HeaderMap) -> bool {
     })
 }
 
-/// `scheme://host[:port]`, lowercased (the key of the nonce map and the start of `htu`).
+/// `scheme://host[:port]` in normal form (RFC 3986 §6.2.2 and §6.2.3, which RFC 9449 §4.3
+/// asks servers to apply before they compare `htu`): scheme and host lowercase, the port left
+/// out when it is the scheme's default (`https://h:443` is `https://h`, as a client sends it
+/// in `Host`), the port's number otherwise. The start of `htu` and the key of the nonce map,
+/// so that one origin keeps one nonce however it is spelt.
 /// Never the user information of the authority: it is not part of the target URI the server
 /// checks `htu` against (RFC 9449 §4.3), it may hold a password, and the nonce is the host's
 /// whoever the URI names as its user.
 fn origin(uri: &Uri) -> Option<String> {
-    let scheme = uri.scheme_str()?;
-    let authority = uri.authority()?.as_str();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    Some(format!("{scheme}://{host_port}").to_ascii_lowercase())
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let authority = uri.authority()?;
+    // `host()` has no user information and keeps the brackets of an IPv6 literal.
+    let host = authority.host();
+    let written = authority.as_str();
+    let host_port = written.rsplit_once('@').map_or(written, |(_, h)| h);
+    let port = host_port
+        .get(host.len()..)
+        .and_then(|p| p.strip_prefix(':'));
+    let port = match port {
+        // None, or an empty one (`https://h:/`, RFC 3986 §6.2.3).
+        None | Some("") => None,
+        Some(text) => match text.parse::<u16>() {
+            Ok(port) if Some(port) == default_port(&scheme) => None,
+            Ok(port) => Some(port.to_string()),
+            // Not a port number (no client connects there): kept as written.
+            Err(_) => Some(text.to_owned()),
+        },
+    };
+    let mut origin = format!("{scheme}://{host}");
+    if let Some(port) = port {
+        origin.push(':');
+        origin.push_str(&port);
+    }
+    origin.make_ascii_lowercase();
+    Some(origin)
+}
+
+/// The port a scheme implies when none is written.
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "https" | "wss" => Some(443),
+        "http" | "ws" => Some(80),
+        _ => None,
+    }
 }
 
 /// RFC 9449 §8.1: `NQCHAR = %x21 / %x23-5B / %x5D-7E`.
@@ -379,6 +427,78 @@ mod tests {
         dpop.remember_nonce(&upper, &headers);
         let lower = Uri::from_static("https://api.example:1/other");
         assert_eq!(dpop.nonce_for(&lower).as_deref(), Some("m"));
+    }
+
+    /// The claims of a proof JWT.
+    fn claims(jwt: &str) -> Value {
+        let part = jwt.split('.').nth(1).unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+    }
+
+    fn htu(uri: &'static str) -> Value {
+        let dpop = Dpop::new(Es256Key::generate());
+        let proof = dpop.proof(&Method::GET, &Uri::from_static(uri), Some("t"));
+        claims(&proof.unwrap())["htu"].clone()
+    }
+
+    /// `htu` is the normal form of the target URI (RFC 9449 §4.3, RFC 3986
+    /// §6.2.2 and §6.2.3): scheme and host lowercase, no default port, no user information,
+    /// query or fragment; the path as sent.
+    #[test]
+    fn htu_is_the_normal_form_of_the_target_uri() {
+        for (uri, want) in [
+            ("https://API.example:443/a?q#f", "https://api.example/a"),
+            ("HTTPS://Api.Example:443/A/b?q=1", "https://api.example/A/b"),
+            ("https://api.example/a", "https://api.example/a"),
+            ("http://h:80/", "http://h/"),
+            ("http://H:80", "http://h/"),
+            ("https://h:0443/x", "https://h/x"),
+            ("https://h:/x", "https://h/x"),
+            ("https://u:pw@h:443/x", "https://h/x"),
+            // Another port stays, and a port is the default of its own scheme only.
+            ("https://api.example:8443/a", "https://api.example:8443/a"),
+            ("http://h:443/", "http://h:443/"),
+            ("https://h:80/", "https://h:80/"),
+            ("https://[::1]:443/x", "https://[::1]/x"),
+            ("https://[::1]:8443/x", "https://[::1]:8443/x"),
+            ("http://[::1]:80/x", "http://[::1]/x"),
+            ("https://[FE80::1]:443/x", "https://[fe80::1]/x"),
+        ] {
+            assert_eq!(htu(uri), want, "{uri}");
+        }
+    }
+
+    /// The nonce of `https://h:443` is the nonce of `https://h` (one origin), for
+    /// a resource server and for a token endpoint alike.
+    #[test]
+    fn nonces_are_keyed_by_the_normal_origin() {
+        let dpop = Dpop::new(Es256Key::generate());
+        let mut headers = HeaderMap::new();
+        headers.insert(DPOP_NONCE, HeaderValue::from_static("n-443"));
+        let explicit = Uri::from_static("https://API.example:443/a");
+        let plain = Uri::from_static("https://api.example/b");
+        assert_eq!(
+            dpop.remember_nonce(&explicit, &headers),
+            NonceOutcome::Stored
+        );
+        assert_eq!(dpop.nonce_for(&plain).as_deref(), Some("n-443"));
+        let proof = dpop.proof(&Method::GET, &plain, Some("t")).unwrap();
+        assert_eq!(claims(&proof)["nonce"], "n-443");
+        // And the other way round, for a token endpoint on plain HTTP.
+        headers.insert(DPOP_NONCE, HeaderValue::from_static("n-80"));
+        let token = Uri::from_static("http://idp.example/token");
+        let token_80 = Uri::from_static("http://idp.example:80/token");
+        dpop.remember_token_endpoint_nonce(&token, &headers);
+        assert_eq!(
+            dpop.token_endpoint_nonce_for(&token_80).as_deref(),
+            Some("n-80")
+        );
+        let proof = dpop.proof(&Method::POST, &token_80, None).unwrap();
+        assert_eq!(claims(&proof)["nonce"], "n-80");
+        // One origin, one entry; another port is another origin.
+        assert_eq!(dpop.inner.nonces.lock().unwrap().len(), 2);
+        let other = Uri::from_static("https://api.example:8443/b");
+        assert_eq!(dpop.nonce_for(&other), None);
     }
 
     #[test]

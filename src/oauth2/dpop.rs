@@ -71,12 +71,15 @@ impl DpopSettings {
         false
     }
 
-    /// With DPoP, `use_dpop_nonce` (still, after the one retry) is transient: the refresh
-    /// token is fine, so the session must not end; the layer's backoff tries again later.
+    /// With DPoP, the codes that refuse the proof rather than the grant (RFC 9449 §5, §8) are
+    /// transient: `use_dpop_nonce` (still, after the one retry) and `invalid_dpop_proof` (a
+    /// client clock off for `iat`, a stale nonce, a server that lost its replay cache). The
+    /// refresh token is fine, so the session must not end; the layer's backoff and
+    /// cool-down try again later, with a new proof.
     pub(super) fn is_transient_code(&self, code: &str) -> bool {
         #[cfg(feature = "dpop")]
         if self.dpop.is_some() {
-            return code == "use_dpop_nonce";
+            return matches!(code, "use_dpop_nonce" | "invalid_dpop_proof");
         }
         let _ = code;
         false
@@ -130,7 +133,12 @@ impl<C> OAuth2RefresherBuilder<C> {
     /// [`Dpop`](crate::dpop::Dpop) to the layer ([`RefreshLayer::proof`](crate::RefreshLayer::proof)).
     ///
     /// A `use_dpop_nonce` refusal of the retry too is a transient error (the layer's
-    /// [`Backoff`](crate::Backoff) decides when to try again); the session does not end.
+    /// [`Backoff`](crate::Backoff) decides when to try again); the session does not end. So
+    /// is an `invalid_dpop_proof` refusal (at any status): it refuses the proof (a clock off
+    /// for `iat`, a stale nonce), not the refresh token, and the next attempt (the layer's
+    /// `Backoff`, or a later refresh) sends a new proof. (A server that refuses every proof of
+    /// this key then fails each refresh transiently, spaced by the layer's
+    /// [`Cooldown`](crate::Cooldown), instead of ending the session.)
     ///
     /// A token endpoint that answers `token_type: Bearer` (or none) is refused with a
     /// terminal [`ErrorKind::DpopNotBound`], unless

@@ -39,7 +39,8 @@
 //!   URI ([`ErrorKind::Misconfigured`]). 5xx, 429, timeouts, connection errors and the codes of
 //!   [`transient_error_codes`](OAuth2RefresherBuilder::transient_error_codes) are
 //!   [transient](RefreshError::transient), and a `Retry-After` header is passed on with
-//!   [`RefreshError::with_retry_after`]. The cause is an [`OAuth2Error`], which carries the
+//!   [`RefreshError::with_retry_after`]. With DPoP (feature `dpop`), `use_dpop_nonce` and
+//!   `invalid_dpop_proof` are transient too: they refuse the proof, not the grant. The cause is an [`OAuth2Error`], which carries the
 //!   `error` code and `error_description` but never a token or the raw body: the refresh
 //!   token and client secret are blanked out of them (raw or percent-encoded) before they are
 //!   cut to length.

@@ -218,6 +218,9 @@ pub(crate) struct TokenStats {
     pub(crate) issued: AtomicUsize,
     /// Proofs refused for another reason (with the reasons).
     pub(crate) refused: Mutex<Vec<String>>,
+    /// How many of the next token requests to refuse with `400 invalid_dpop_proof` before
+    /// looking at their proof, as a server does that finds the client's clock (`iat`) off.
+    pub(crate) refuse_proofs: AtomicUsize,
 }
 
 /// A token endpoint at `/token` (refresh-token and client-credentials grants) that requires
@@ -269,6 +272,18 @@ pub(crate) async fn token_server(
                     return json(
                         StatusCode::BAD_REQUEST,
                         json!({"error": "unsupported_grant_type"}),
+                    );
+                }
+                let refuse =
+                    stats
+                        .refuse_proofs
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                if refuse.is_ok() {
+                    let reason = "iat outside the window".to_owned();
+                    stats.refused.lock().unwrap().push(reason.clone());
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": "invalid_dpop_proof", "error_description": reason}),
                     );
                 }
                 let proof =
