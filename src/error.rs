@@ -110,21 +110,41 @@ impl RefreshFailed {
 }
 
 /// The request was replayed once with a refreshed token (or sent only after waiting for a
-/// refresh) and was refused again. The layer never refreshes or replays twice for one request.
+/// refresh) and was refused again; or, with a proof of possession (DPoP), replayed once with
+/// a new proof after its proof was refused, and its proof was refused again
+/// ([`proof_refused`](Self::proof_refused)). The layer never refreshes or replays twice for
+/// one request.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("request refused with {} again after a token refresh", .last.status())]
+#[error(
+    "request refused with {} again after {}",
+    .last.status(),
+    if *.proof_refused { "a new proof of possession" } else { "a token refresh" }
+)]
 pub struct UnauthorizedAfterRefresh {
     #[source]
     first: Option<Box<ResponseHead>>,
     last: Box<ResponseHead>,
+    proof_refused: bool,
 }
 
 impl UnauthorizedAfterRefresh {
-    pub(crate) fn new(first: Option<ResponseHead>, last: ResponseHead) -> Self {
+    pub(crate) fn new(
+        first: Option<ResponseHead>,
+        last: ResponseHead,
+        proof_refused: bool,
+    ) -> Self {
         Self {
             first: first.map(Box::new),
             last: Box::new(last),
+            proof_refused,
         }
+    }
+
+    /// Whether the replay carried the same token with a new proof of possession (the server
+    /// asked for one, e.g. with a DPoP nonce) and the server refused its proof again: no
+    /// token refresh ran for this request. `false`: refused after a token refresh.
+    pub fn proof_refused(&self) -> bool {
+        self.proof_refused
     }
 
     /// The response to the first attempt, which made the layer refresh; `None` for a request

@@ -15,7 +15,7 @@ use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
 use crate::cell::FreshWait;
 use crate::head::{RequestCopy, ResponseHead};
-use crate::replay::{self, Admit, Granted, Recovery, Sent, Verdict};
+use crate::replay::{self, Admit, AfterNewProof, Granted, Recovery, Sent, Verdict};
 use crate::shared::Shared;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -560,7 +560,7 @@ where
         header: _,
     } = kit;
     if sent.waited {
-        return refused_again(&shared, None, first).await;
+        return refused_again(&shared, None, first, false).await;
     }
     let (first_parts, first_body) = first.into_parts();
     let first_head = ResponseHead::from_parts(&first_parts);
@@ -583,7 +583,7 @@ where
             if second.challenged
                 || replay::refused_again(&shared, ticket, second.res.status(), second.res.headers())
             {
-                return refused_again(&shared, Some(first_head), second.res).await;
+                return refused_again(&shared, Some(first_head), second.res, false).await;
             }
             Ok(second.res)
         }
@@ -591,6 +591,9 @@ where
 }
 
 /// The proof was refused (a nonce challenge): replay once with the same token and a new proof.
+/// A refusal of the token then (a server that checks the proof first) is a first refusal
+/// when no refresh preceded it: refreshed for later requests and returned as it is (see
+/// [`replay::after_new_proof`]); the request is never sent a third time.
 async fn new_proof_replay<S, B, ResBody>(
     kit: Kit<S, B>,
     first: Response<ResBody>,
@@ -607,6 +610,7 @@ where
         head,
         body,
         header,
+        sent,
         ..
     } = kit;
     let wait = shared.options().replay_body_wait;
@@ -627,17 +631,25 @@ where
     if second.redirected {
         return Ok(second.res);
     }
-    let refused = shared
-        .options()
-        .triggers(second.res.status(), second.res.headers());
-    if second.challenged || refused {
-        tracing::warn!(
-            status = second.res.status().as_u16(),
-            "request refused again after a new proof"
-        );
-        return refused_again(&shared, Some(first_head), second.res).await;
+    let res = second.res;
+    match replay::after_new_proof(
+        &shared,
+        sent,
+        second.challenged,
+        res.status(),
+        res.headers(),
+    ) {
+        AfterNewProof::Final => Ok(res),
+        AfterNewProof::ProofRefusedAgain => {
+            refused_again(&shared, Some(first_head), res, true).await
+        }
+        AfterNewProof::RefusedAgain => refused_again(&shared, Some(first_head), res, false).await,
+        AfterNewProof::TokenRefused => {
+            let refused = ResponseHead::new(res.status(), res.version(), res.headers().clone());
+            replay::refresh_for_later(&shared, sent, &refused).await;
+            Ok(res)
+        }
     }
-    Ok(second.res)
 }
 
 /// The response to a replay, and whether it asked for a new proof again.
@@ -683,12 +695,13 @@ where
     })
 }
 
-/// A refusal after a refresh: the response itself, or the typed error (with the first bytes
-/// of the refusal's body).
+/// A refusal after a refresh (or, `proof_refused`, of a new proof): the response itself, or
+/// the typed error (with the first bytes of the refusal's body).
 async fn refused_again<ResBody>(
     shared: &Shared,
     first: Option<ResponseHead>,
     last: Response<ResBody>,
+    proof_refused: bool,
 ) -> Result<Response<ResBody>, BoxError>
 where
     ResBody: Body,
@@ -698,7 +711,7 @@ where
     }
     let (parts, body) = last.into_parts();
     let head = ResponseHead::from_parts(&parts).with_body(crate::head::body_prefix(body).await);
-    Err(replay::twice(first, head).into_box())
+    Err(replay::twice(first, head, proof_refused).into_box())
 }
 
 /// Sends `req` through `inner` (already ready) as the protocol decides; `replayer` says how

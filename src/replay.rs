@@ -11,8 +11,11 @@
 //! 3. [`judge`]: after a response, is it final, ours to recover, or a refusal after a wait?
 //! 4. [`recover`]: the refresh (a token newer than the refused one) joined with the body's
 //!    settling, then a replay or the first response back to the caller.
-//! 5. [`judge_replay`]: the replay's response is final; a second refusal is
-//!    [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh).
+//! 5. [`refused_again`]: the replay's response is final; a second refusal is
+//!    [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh). After a new proof
+//!    (the same token), [`after_new_proof`] tells a refusal of the token, which no refresh
+//!    preceded, from a second one: the former is refreshed for ([`refresh_for_later`]) and
+//!    returned as it is, as a first refusal that cannot be replayed.
 
 use std::future::Future;
 
@@ -450,7 +453,107 @@ pub(crate) fn refused_again(
     refused
 }
 
-/// The error for a request refused again.
-pub(crate) fn twice(first: Option<ResponseHead>, last: ResponseHead) -> Failure {
-    Failure::Twice(UnauthorizedAfterRefresh::new(first, last))
+/// What the response to the replay after a new proof ([`Verdict::NewProof`]: the same token,
+/// a new proof) means for the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterNewProof {
+    /// The caller gets it as it is.
+    Final,
+    /// Its proof challenged again after its one replay (no refresh ran)
+    /// ([`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh) with
+    /// `proof_refused`, or the response with `unauthorized_as_response`).
+    ProofRefusedAgain,
+    /// Refused again after its one replay: its token, which a refresh the request waited for
+    /// produced, refused
+    /// ([`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh), or the response
+    /// with `unauthorized_as_response`).
+    RefusedAgain,
+    /// Its token refused, now that the proof passed (a server may check the proof first), and
+    /// no refresh ran for this request: a first refusal of the token, which cannot be
+    /// replayed (the nonce replay was its one replay). [`refresh_for_later`], then the caller
+    /// gets it as it is, as [`recover`] does for a refusal it cannot replay.
+    TokenRefused,
+}
+
+/// Step 5 after a new proof: is the replay (the same token, a new proof) refused, and for
+/// what? `challenged`: it asked for a new proof again ([`observe`]).
+pub(crate) fn after_new_proof(
+    shared: &Shared,
+    sent: Sent,
+    challenged: bool,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> AfterNewProof {
+    if challenged {
+        tracing::warn!(
+            status = status.as_u16(),
+            "the proof was refused again on the replay with a new proof"
+        );
+        return AfterNewProof::ProofRefusedAgain;
+    }
+    if !shared.options().triggers(status, headers) {
+        return AfterNewProof::Final;
+    }
+    if sent.waited {
+        tracing::warn!(
+            generation = sent.ticket.generation,
+            status = status.as_u16(),
+            "request refused again after a token refresh (and a new proof)"
+        );
+        return AfterNewProof::RefusedAgain;
+    }
+    tracing::debug!(
+        generation = sent.ticket.generation,
+        status = status.as_u16(),
+        "token refused on the replay with a new proof; refreshing for later requests"
+    );
+    AfterNewProof::TokenRefused
+}
+
+/// Records the refusal of `sent`'s token and gets a newer one for later requests, through the
+/// cell (one refresh however many requests ask), as [`recover`] does for a refusal it cannot
+/// replay: the refresh is awaited, and its outcome (a new token, a cool-down, a failure, an
+/// ended session) is for later requests to see; the caller of this one gets `refused` as it
+/// is (never an error that would claim a refresh preceded the refusal).
+pub(crate) async fn refresh_for_later(shared: &Shared, sent: Sent, refused: &ResponseHead) {
+    let fresh = shared
+        .cell()
+        .fresher_than(
+            sent.ticket,
+            Need::Refused,
+            RefreshReason::Unauthorized(refused.clone()),
+            shared.options(),
+        )
+        .await;
+    match fresh {
+        Ok(fresh) => tracing::debug!(
+            stale_generation = sent.ticket.generation,
+            generation = fresh.ticket.generation,
+            "refreshed for later requests; refusal returned"
+        ),
+        Err(Unavailable::Cooling(_)) => tracing::debug!(
+            generation = sent.ticket.generation,
+            "refused during a refresh cool-down; returned as it is"
+        ),
+        Err(Unavailable::Failed(_)) => tracing::debug!(
+            generation = sent.ticket.generation,
+            "refresh for later requests failed; refusal returned"
+        ),
+        // Later requests fail with `SessionEnded` (or go out untouched, anonymous); this one's
+        // refusal is its answer.
+        Err(Unavailable::Rejected(_) | Unavailable::Ended(_)) => tracing::debug!(
+            generation = sent.ticket.generation,
+            "session ended while refreshing for later requests; refusal returned"
+        ),
+    }
+}
+
+/// The error for a request refused again (`proof_refused`: its proof, on a replay with a new
+/// one, without a refresh).
+pub(crate) fn twice(
+    first: Option<ResponseHead>,
+    last: ResponseHead,
+    proof_refused: bool,
+) -> Failure {
+    Failure::Twice(UnauthorizedAfterRefresh::new(first, last, proof_refused))
 }

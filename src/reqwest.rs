@@ -25,6 +25,11 @@
 //!    refresh in flight, or a new refresh) and is replayed **once**. A second refusal is
 //!    [`UnauthorizedAfterRefresh`]; a replay answered by a redirect target is returned as it
 //!    is, as a first send's.
+//! 5. With a proof of possession, a refused proof (a DPoP nonce challenge) is answered by one
+//!    replay with the same token and a new proof, no refresh. If that replay's token is
+//!    refused (a server may check the proof before the token) and no refresh preceded it,
+//!    that is the token's first refusal: the middleware refreshes for later requests and
+//!    returns the 401 as it is (the request is not sent a third time).
 //!
 //! With a proof of possession (DPoP), build the reqwest client with
 //! `redirect::Policy::none()` (or handle redirects above this middleware): reqwest follows a
@@ -146,7 +151,7 @@ use crate::body::{ReplayBody, ReplaySource};
 use crate::handle::TokenHandle;
 use crate::head::ResponseHead;
 use crate::layer::RefreshLayer;
-use crate::replay::{self, Admit, Recovery, Sent, Verdict};
+use crate::replay::{self, Admit, AfterNewProof, Recovery, Sent, Verdict};
 use crate::shared::Shared;
 
 /// A [`reqwest_middleware::Middleware`] that attaches the token of a [`RefreshLayer`],
@@ -426,7 +431,7 @@ impl Refused {
         let wait = shared.options().replay_body_wait;
         match verdict {
             Verdict::Final => return Ok(first),
-            Verdict::RefusedAfterRefresh => return refused_again(shared, None, first).await,
+            Verdict::RefusedAfterRefresh => return refused_again(shared, None, first, false).await,
             Verdict::NewProof => {
                 // The proof was refused (a nonce challenge): the same token, a new proof, once.
                 let again = match (copy, token) {
@@ -441,17 +446,35 @@ impl Refused {
                 again.headers_mut().insert(AUTHORIZATION, token);
                 replay::prove(shared, &method, target(&uri), again.headers_mut())
                     .map_err(|f| f.into_reqwest())?;
-                let sent = again.url().clone();
+                let sent_url = again.url().clone();
                 let second = next.run(again, extensions).await?;
-                if redirected(&sent, &second) {
+                if redirected(&sent_url, &second) {
                     return Ok(second);
                 }
                 let challenged =
                     replay::observe(shared, target(&uri), second.status(), second.headers());
-                if challenged || shared.options().triggers(second.status(), second.headers()) {
-                    return refused_again(shared, Some(first_head), second).await;
-                }
-                return Ok(second);
+                // As in the tower layer: a refusal of the token, no refresh before it, is
+                // refreshed for later requests and returned; never a third send.
+                return match replay::after_new_proof(
+                    shared,
+                    sent,
+                    challenged,
+                    second.status(),
+                    second.headers(),
+                ) {
+                    AfterNewProof::Final => Ok(second),
+                    AfterNewProof::ProofRefusedAgain => {
+                        refused_again(shared, Some(first_head), second, true).await
+                    }
+                    AfterNewProof::RefusedAgain => {
+                        refused_again(shared, Some(first_head), second, false).await
+                    }
+                    AfterNewProof::TokenRefused => {
+                        let refused = ResponseHead::from_reqwest_ref(&second);
+                        replay::refresh_for_later(shared, sent, &refused).await;
+                        Ok(second)
+                    }
+                };
             }
             Verdict::Recover => {}
         }
@@ -484,7 +507,7 @@ impl Refused {
                 if challenged
                     || replay::refused_again(shared, ticket, second.status(), second.headers())
                 {
-                    return refused_again(shared, Some(first_head), second).await;
+                    return refused_again(shared, Some(first_head), second, false).await;
                 }
                 Ok(second)
             }
@@ -498,13 +521,14 @@ async fn refused_again(
     shared: &Shared,
     first: Option<ResponseHead>,
     last: Response,
+    proof_refused: bool,
 ) -> reqwest_middleware::Result<Response> {
     if shared.options().unauthorized_as_response {
         return Ok(last);
     }
     let head = ResponseHead::from_reqwest_ref(&last);
     let body = crate::head::body_prefix(http::Response::from(last).into_body()).await;
-    Err(replay::twice(first, head.with_body(body)).into_reqwest())
+    Err(replay::twice(first, head.with_body(body), proof_refused).into_reqwest())
 }
 
 impl RefreshLayer {

@@ -6,7 +6,7 @@ mod dpop_support;
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -21,12 +21,13 @@ use tower_auth_refresh::dpop::{
 use tower_auth_refresh::error::{RefreshFailed, RefreshRejected, UnauthorizedAfterRefresh};
 use tower_auth_refresh::oauth2::{ErrorKind, OAuth2Error, OAuth2Refresher};
 use tower_auth_refresh::{
-    Backoff, BoxError, Cooldown, RefreshEvent, RefreshLayer, ReplayBody, RequestProof, Token,
+    Backoff, BoxError, Cooldown, RefreshContext, RefreshError, RefreshEvent, RefreshLayer,
+    RefreshReason, ReplayBody, RequestProof, Token, TokenRefresher, context_fn,
 };
 
 use dpop_support::{
-    ApiStats, Issued, NonceMode, TokenStats, TokenType, Verifier, api_server, claims_of,
-    token_server,
+    ApiOptions, ApiStats, Issued, NonceMode, TokenStats, TokenType, Verifier, api_server_with,
+    claims_of, token_server,
 };
 use support::{Server, capture_logs, connection_budget, guard, http_client};
 
@@ -44,6 +45,11 @@ struct Setup {
 }
 
 async fn setup(mode: NonceMode, token_type: TokenType) -> Setup {
+    setup_with(mode, token_type, ApiOptions::default()).await
+}
+
+/// [`setup`] with a resource server whose order of checks `api` sets.
+async fn setup_with(mode: NonceMode, token_type: TokenType, api: ApiOptions) -> Setup {
     let verifier = Arc::new(Verifier::default());
     let issued = Arc::new(Issued::default());
     let (api_stats, token_stats) = (Arc::default(), Arc::default());
@@ -55,7 +61,7 @@ async fn setup(mode: NonceMode, token_type: TokenType) -> Setup {
         token_type,
     )
     .await;
-    let api = api_server(verifier, issued.clone(), Arc::clone(&api_stats), mode).await;
+    let api = api_server_with(verifier, issued.clone(), Arc::clone(&api_stats), mode, api).await;
     Setup {
         token_url: token.url("/token"),
         api,
@@ -368,7 +374,15 @@ async fn a_nonce_challenge_on_the_replay_is_a_typed_error_not_a_loop() {
         s.issued.insert("at-0", Some(s.dpop.thumbprint()), false);
         let svc = client(&s, Token::with_scheme("DPoP", "at-0").unwrap(), false);
         let err = svc.oneshot(request(&s, 1)).await.unwrap_err();
-        assert!(err.is::<UnauthorizedAfterRefresh>(), "{err}");
+        let twice = err
+            .downcast_ref::<UnauthorizedAfterRefresh>()
+            .unwrap_or_else(|| panic!("{err}"));
+        // No refresh ran: the error says what did.
+        assert!(twice.proof_refused());
+        assert_eq!(
+            err.to_string(),
+            "request refused with 401 Unauthorized again after a new proof of possession"
+        );
         assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), 2);
         assert_eq!(s.api_stats.nonce_challenges.load(Ordering::SeqCst), 2);
         assert_eq!(s.token_stats.calls.load(Ordering::SeqCst), 0, "no refresh");
@@ -889,6 +903,245 @@ async fn through_reqwest_a_post_under_idempotent_replays_gets_its_nonce_replay()
         assert_eq!((sends[0].1, sends[1].1), (401, 200));
         assert_ne!(sends[0].0, sends[1].0, "a new proof (jti) for the replay");
         assert_eq!(s.token_stats.calls.load(Ordering::SeqCst), 0, "no refresh");
+    })
+    .await;
+}
+
+/// A server that checks the proof (its nonce) before the token, as RFC 9449 allows, and a
+/// token the layer holds as valid (no expiry) that the server revoked (it never issued
+/// `at-0`); no nonce known yet.
+async fn proof_first_setup() -> Setup {
+    let api = ApiOptions { proof_first: true };
+    setup_with(NonceMode::Fixed(API_NONCE), TokenType::Dpop, api).await
+}
+
+/// The layer holding the revoked `at-0`, refreshing through the OAuth 2.0 refresher with
+/// DPoP, wrapped to count its calls and to check each is for a refused token.
+fn counted_layer(s: &Setup) -> (RefreshLayer, Arc<AtomicUsize>) {
+    let refresher = OAuth2Refresher::builder(s.token_url.parse().unwrap(), http_client())
+        .refresh_token("rt-1")
+        .dpop(s.dpop.clone())
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = {
+        let calls = calls.clone();
+        context_fn(move |ctx: RefreshContext| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            assert!(
+                matches!(ctx.reason(), RefreshReason::Unauthorized(_)),
+                "a refresh for the refused token: {:?}",
+                ctx.reason()
+            );
+            refresher.refresh(ctx)
+        })
+    };
+    let layer = RefreshLayer::new(counted)
+        .initial_token(Token::with_scheme("DPoP", "at-0").unwrap())
+        .proof(s.dpop.clone());
+    (layer, calls)
+}
+
+/// The statuses the API server answered request `id` with, in order.
+fn statuses_of(s: &Setup, id: &str) -> Vec<u16> {
+    let by_request = s.api_stats.by_request.lock().unwrap();
+    by_request
+        .get(id)
+        .map(|sends| sends.iter().map(|(_, status)| *status).collect())
+        .unwrap_or_default()
+}
+
+/// The `WWW-Authenticate` of a response, as text.
+fn challenge_of(headers: &HeaderMap) -> &str {
+    headers
+        .get(http::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// Review: the first send is challenged for the nonce (`NewProof`), and the replay (same
+/// token, new proof with the nonce) is refused for its token. No refresh ran, so this is no
+/// `UnauthorizedAfterRefresh`: the refusal is recorded and refreshed for (once) as a first
+/// refusal that cannot be replayed, the caller gets the 401 as it is, the request is never
+/// sent a third time, and the next request goes out once with the new token and the nonce.
+#[tokio::test]
+async fn a_token_refused_on_the_nonce_replay_is_refreshed_for_later_and_the_401_returned() {
+    guard(async {
+        let s = proof_first_setup().await;
+        let (layer, calls) = counted_layer(&s);
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let res = match svc.clone().oneshot(request(&s, 1)).await {
+            Ok(res) => res,
+            Err(err) => panic!("the caller gets the 401 response, not an error: {err}"),
+        };
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert!(challenge_of(res.headers()).contains("invalid_token"));
+        assert_eq!(
+            statuses_of(&s, "1"),
+            [401, 401],
+            "the first send and one nonce replay, never a third"
+        );
+        assert_eq!(s.api_stats.nonce_challenges.load(Ordering::SeqCst), 1);
+        assert_eq!(s.api_stats.token_refusals.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one refresh, for later requests"
+        );
+        assert_eq!(s.token_stats.issued.load(Ordering::SeqCst), 1);
+
+        // The nonce is known and the token fresh: one send.
+        let res = svc.oneshot(request(&s, 2)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(statuses_of(&s, "2"), [200]);
+        assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(s.api_stats.refused.lock().unwrap().is_empty());
+    })
+    .await;
+}
+
+/// The same, twenty requests at once: one refresher call for all of them (it goes through the
+/// token cell), each request sent at most twice, none failing; a request refused on its nonce
+/// replay gets its 401, one refused on its first send (the nonce known by then) is replayed
+/// with the new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_requests_refused_on_their_nonce_replays_cause_one_refresh() {
+    guard(async {
+        const N: usize = 20;
+        let s = proof_first_setup().await;
+        let (layer, calls) = counted_layer(&s);
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let start = Arc::new(tokio::sync::Barrier::new(N));
+        let mut tasks = Vec::new();
+        for id in 0..N {
+            let (svc, req, start) = (svc.clone(), request(&s, id), start.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                svc.oneshot(req).await.map(|res| res.status())
+            }));
+        }
+        let mut refused = 0;
+        for (id, task) in tasks.into_iter().enumerate() {
+            match task.await.unwrap() {
+                Ok(StatusCode::OK) => {}
+                Ok(StatusCode::UNAUTHORIZED) => refused += 1,
+                Ok(status) => panic!("request {id}: {status}"),
+                Err(err) => panic!("request {id} failed: {err}"),
+            }
+        }
+        // The first send of all could not carry the nonce: at least that request was refused
+        // on its nonce replay.
+        assert!(refused >= 1);
+        println!("{N} requests: {refused} refused on their nonce replays");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresher call");
+        assert_eq!(s.token_stats.issued.load(Ordering::SeqCst), 1);
+        let mut total = 0;
+        for id in 0..N {
+            let statuses = statuses_of(&s, &id.to_string());
+            assert!(
+                (1..=2).contains(&statuses.len()),
+                "request {id} sent {} times: {statuses:?}",
+                statuses.len()
+            );
+            total += statuses.len();
+        }
+        assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), total);
+        assert!(s.api_stats.refused.lock().unwrap().is_empty());
+
+        let res = svc.oneshot(request(&s, N)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(statuses_of(&s, &N.to_string()), [200]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// Unchanged: a request that waited for a refresh and whose nonce replay is refused for its
+/// token was refused after a refresh, which did run: `UnauthorizedAfterRefresh`, two sends,
+/// no second refresh.
+#[tokio::test]
+async fn a_refreshed_token_refused_on_the_nonce_replay_is_unauthorized_after_refresh() {
+    guard(async {
+        let s = proof_first_setup().await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let refresher = {
+            let calls = calls.clone();
+            // A token the server never issued.
+            tower_auth_refresh::refresh_fn(move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, RefreshError>(Token::with_scheme("DPoP", "at-unknown")?) }
+            })
+        };
+        let layer = RefreshLayer::new(refresher).proof(s.dpop.clone());
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(http_client::<ReplayBody<Full<Bytes>>>());
+        let err = svc.oneshot(request(&s, 1)).await.unwrap_err();
+        let twice = err
+            .downcast_ref::<UnauthorizedAfterRefresh>()
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(challenge_of(twice.last().headers()).contains("invalid_token"));
+        assert!(!twice.proof_refused());
+        assert!(
+            err.to_string().ends_with("again after a token refresh"),
+            "{err}"
+        );
+        assert_eq!(statuses_of(&s, "1"), [401, 401]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// The reqwest middleware as the tower layer: a token refused on the nonce replay is refreshed
+/// for later requests (once) and its 401 returned, with no third send.
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn through_reqwest_a_token_refused_on_the_nonce_replay_is_refreshed_and_the_401_returned() {
+    guard(async {
+        let s = proof_first_setup().await;
+        let (layer, calls) = counted_layer(&s);
+        // No redirects below the middleware with a proof (the module documentation).
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let client = reqwest_middleware::ClientBuilder::new(http)
+            .with(layer.reqwest_middleware())
+            .build();
+        let send = |id: &'static str| {
+            client
+                .get(s.api.url(&format!("/api/orders/{id}?page=2")))
+                .header("x-request", id)
+                .send()
+        };
+        let res = match send("1").await {
+            Ok(res) => res,
+            Err(err) => panic!("the caller gets the 401 response, not an error: {err}"),
+        };
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert!(challenge_of(res.headers()).contains("invalid_token"));
+        assert_eq!(
+            statuses_of(&s, "1"),
+            [401, 401],
+            "the first send and one nonce replay, never a third"
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one refresh, for later requests"
+        );
+
+        let res = send("2").await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(statuses_of(&s, "2"), [200]);
+        assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     })
     .await;
 }

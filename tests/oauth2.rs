@@ -3090,3 +3090,50 @@ fn a_rotation_hook_cut_off_by_a_runtime_shutdown_runs_again_on_the_next_refresh(
         assert_eq!(*persisted.lock().unwrap(), vec![rt1.clone()]);
     }));
 }
+
+/// Refreshes the layer stops waiting for while an earlier exchange still runs (its rotation
+/// hook is slow) send nothing: they never queue up behind it to run later, each rotating the
+/// refresh token again for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_given_up_while_an_earlier_one_runs_send_nothing_later() {
+    guard(async {
+        let s = Servers::start(TokenConfig::default()).await;
+        let (_, rt0) = s.token.login();
+        let persisted = Persisted::default();
+        let slow = persisted.clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let hook_calls = calls.clone();
+        let refresher = app(&s, &rt0)
+            .on_rotation(move |new: RefreshToken| {
+                let slow = slow.clone();
+                let first = hook_calls.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        tokio::time::sleep(Duration::from_millis(1_500)).await;
+                    }
+                    slow.lock().unwrap().push(new.secret().to_owned());
+                    Ok::<_, Infallible>(())
+                }
+            })
+            .build()
+            .unwrap();
+        let (client, handle) = impatient_client(refresher, Duration::from_millis(150));
+        assert!(get(client.clone(), s.api_url()).await.is_err());
+        // Forced refreshes while the first exchange's hook writes: each is given up.
+        for _ in 0..5 {
+            assert!(handle.refresh().await.is_err());
+        }
+        persisted_once(&persisted).await;
+        // Long enough for queued exchanges, had there been any, to run.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(s.token.grants(), 1, "only the first exchange was sent");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        handle.refresh().await.unwrap();
+        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
+        assert_eq!(s.token.grants(), 2);
+        assert_eq!(s.token.reuse_detected(), 0);
+        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+    })
+    .await;
+}

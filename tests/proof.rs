@@ -124,7 +124,15 @@ async fn a_proof_refused_again_is_a_typed_error_not_a_loop() {
         let (seen, calls) = (Seen::default(), Arc::new(AtomicUsize::new(0)));
         let svc = layer(&calls, Numbered::default()).layer(api(seen.clone(), u64::MAX));
         let err = svc.oneshot(post()).await.unwrap_err();
-        assert!(err.is::<UnauthorizedAfterRefresh>(), "{err}");
+        let twice = err
+            .downcast_ref::<UnauthorizedAfterRefresh>()
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(twice.proof_refused(), "no refresh ran");
+        assert!(
+            err.to_string()
+                .ends_with("again after a new proof of possession"),
+            "{err}"
+        );
         assert_eq!(seen.lock().unwrap().len(), 2);
         assert_eq!(calls.load(Ordering::SeqCst), 0);
     })

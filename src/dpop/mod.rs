@@ -6,7 +6,11 @@
 //! it adds a `DPoP` proof header to every send that carries the token (first send and replay),
 //! with `ath`, the hash of the access token; a `401` with `WWW-Authenticate: DPoP
 //! error="use_dpop_nonce"` is answered by one replay with the same token and a proof carrying
-//! the new nonce, never by a refresh. Given to the OAuth 2.0 refresher
+//! the new nonce, never by a refresh. That replay is the request's one replay: if its proof
+//! is refused again, the request fails
+//! ([`UnauthorizedAfterRefresh::proof_refused`](crate::error::UnauthorizedAfterRefresh::proof_refused));
+//! if its token is refused (a server that checks the proof before the token), the layer
+//! refreshes for later requests and returns that 401 as it is. Given to the OAuth 2.0 refresher
 //! ([`OAuth2RefresherBuilder::dpop`][builder-dpop], feature `oauth2`), it proves
 //! each token request too and asks for DPoP-bound tokens (`token_type: DPoP`), sent as
 //! `Authorization: DPoP <token>`.

@@ -594,7 +594,7 @@ impl<C> OAuth2RefresherBuilder<C> {
                     token: refresh_token,
                     ..super::Slot::default()
                 }),
-                serial: async_lock::Mutex::new(()),
+                serial: Arc::new(async_lock::Mutex::new(())),
             }),
         })
     }

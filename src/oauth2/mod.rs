@@ -320,8 +320,9 @@ pub(super) struct Inner<C> {
     /// The current refresh token.
     pub(super) refresh_token: Mutex<Slot>,
     /// Held for a whole refresh, so that refreshes through clones never present the same
-    /// refresh token twice.
-    pub(super) serial: async_lock::Mutex<()>,
+    /// refresh token twice. Taken before the exchange goes to a task of its own (see
+    /// `TokenRefresher::refresh`).
+    pub(super) serial: Arc<async_lock::Mutex<()>>,
 }
 
 /// The refresher's own refresh token, and a count of the times it was set from outside (a
@@ -724,16 +725,24 @@ where
     /// more), an answer still on its way is read, a rotated refresh token kept, and the
     /// rotation hook run to its end, so that the next refresh presents the new refresh
     /// token and what the hook persisted is never left a spent one. The next refresh waits
-    /// for it to end. (The refresher's own [`timeout`](OAuth2RefresherBuilder::timeout)
-    /// still bounds each token request.)
+    /// for it to end. A refresh the layer stops waiting for while it still waits for an
+    /// earlier one to end sends nothing. (The refresher's own
+    /// [`timeout`](OAuth2RefresherBuilder::timeout) still bounds each token request.)
     fn refresh(&self, ctx: RefreshContext) -> Self::Future {
         let inner = Arc::clone(&self.inner);
-        Box::pin(crate::cell::run_to_end(async move {
-            match refresh(Arc::clone(&inner), ctx.clone()).await {
-                Err(err) if is_superseded(&err) => refresh(inner, ctx).await,
-                answer => answer,
-            }
-        }))
+        Box::pin(async move {
+            // Waited for here, where giving up costs nothing: only an exchange that holds it
+            // runs on without its caller.
+            let serial = inner.serial.lock_arc().await;
+            crate::cell::run_to_end(async move {
+                let _serial = serial;
+                match refresh(Arc::clone(&inner), ctx.clone()).await {
+                    Err(err) if is_superseded(&err) => refresh(inner, ctx).await,
+                    answer => answer,
+                }
+            })
+            .await
+        })
     }
 
     /// Forgets the refresh token, so that no later refresh can log the old user back in.
@@ -768,7 +777,7 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    let _serial = inner.serial.lock().await;
+    // The caller holds `inner.serial` (see `TokenRefresher::refresh`).
     // Chosen under the lock: a refresh that waited for another one sees its rotation.
     let chosen = match inner.grant {
         Grant::RefreshToken => {

@@ -3,7 +3,8 @@
 //! `iat` within a window, `jti` never seen before, the server's `nonce`, and the binding of the
 //! access token to the key's thumbprint. The token server requires a nonce (its first answer
 //! is `400 use_dpop_nonce`); so does the resource server (`401` with `WWW-Authenticate: DPoP
-//! error="use_dpop_nonce"`).
+//! error="use_dpop_nonce"`). The resource server checks the token before the proof unless told
+//! to check the proof first ([`ApiOptions::proof_first`]).
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -362,6 +363,16 @@ pub(crate) struct ApiStats {
     pub(crate) proofs_seen: Mutex<Vec<String>>,
 }
 
+/// How the resource server orders its checks, beyond its [`NonceMode`]. The default is the
+/// order every existing test runs with: the token first.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ApiOptions {
+    /// Check a DPoP-scheme request's proof (its nonce included) before the token, as RFC 9449
+    /// allows: a revoked or expired token sent without the nonce is answered with a
+    /// `use_dpop_nonce` challenge first, and `invalid_token` only once the proof is right.
+    pub(crate) proof_first: bool,
+}
+
 /// A resource server at `/api/...` that accepts the issued, unexpired tokens, with a proof
 /// by the key they are bound to (or, for a Bearer token, no proof at all).
 pub(crate) async fn api_server(
@@ -369,6 +380,17 @@ pub(crate) async fn api_server(
     issued: Arc<Issued>,
     stats: Arc<ApiStats>,
     mode: NonceMode,
+) -> Server {
+    api_server_with(verifier, issued, stats, mode, ApiOptions::default()).await
+}
+
+/// [`api_server`] with the order of its checks set by `options`.
+pub(crate) async fn api_server_with(
+    verifier: Arc<Verifier>,
+    issued: Arc<Issued>,
+    stats: Arc<ApiStats>,
+    mode: NonceMode,
+    options: ApiOptions,
 ) -> Server {
     let addr = Arc::new(Mutex::new(String::new()));
     let rotation = Arc::new(AtomicUsize::new(0));
@@ -444,6 +466,28 @@ pub(crate) async fn api_server(
                 let Some((scheme, token)) = auth else {
                     return answer(StatusCode::UNAUTHORIZED, Some("invalid_token"));
                 };
+                // The proof first (`ApiOptions::proof_first`): verified once, here, for
+                // whatever token it came with; the token is looked at only after it passed.
+                let mut checked = None;
+                if options.proof_first && scheme == "DPoP" {
+                    match verifier.verify(
+                        &parts.headers,
+                        &parts.method,
+                        &htu,
+                        Some(&token),
+                        Some(&want),
+                    ) {
+                        Ok(proof) => checked = Some(proof),
+                        Err(reason) if reason == "use_dpop_nonce" => {
+                            stats.nonce_challenges.fetch_add(1, Ordering::SeqCst);
+                            return answer(StatusCode::UNAUTHORIZED, Some("use_dpop_nonce"));
+                        }
+                        Err(reason) => {
+                            stats.refused.lock().unwrap().push(reason);
+                            return answer(StatusCode::UNAUTHORIZED, Some("invalid_dpop_proof"));
+                        }
+                    }
+                }
                 let known = issued.get(&token);
                 let Some((bound, expired)) = known else {
                     stats.token_refusals.fetch_add(1, Ordering::SeqCst);
@@ -466,18 +510,22 @@ pub(crate) async fn api_server(
                         .push(format!("scheme {scheme}"));
                     return answer(StatusCode::UNAUTHORIZED, Some("invalid_token"));
                 }
-                // The token first: an expired token is refused whatever the proof says.
+                // The token first (unless the proof was checked already): an expired token is
+                // refused whatever the proof says.
                 if expired {
                     stats.token_refusals.fetch_add(1, Ordering::SeqCst);
                     return answer(StatusCode::UNAUTHORIZED, Some("invalid_token"));
                 }
-                let result = verifier.verify(
-                    &parts.headers,
-                    &parts.method,
-                    &htu,
-                    Some(&token),
-                    Some(&want),
-                );
+                let result = match checked {
+                    Some(proof) => Ok(proof),
+                    None => verifier.verify(
+                        &parts.headers,
+                        &parts.method,
+                        &htu,
+                        Some(&token),
+                        Some(&want),
+                    ),
+                };
                 match result {
                     Ok(proof) if proof.jkt == jkt => {
                         stats.nonces_seen.lock().unwrap().push(proof.nonce.clone());
