@@ -31,26 +31,37 @@
 //! - a cell whose session ended (a logout, a refused refresh token): the ended session. A
 //!   cell rebuilt for the key starts ended, so the key stays logged out until a token is
 //!   installed for it;
-//! - a cell with a token (the one in use, or one an invalidation dropped and nothing replaced
-//!   yet): that token. A cell rebuilt for the key starts without a token, and its first
-//!   refresh is handed it as the stale token ([`RefreshContext::stale`], the `Option<Token>`
-//!   of a closure refresher), as after [`TokenHandle::invalidate`]: a token set installed at
-//!   login (with [`Token::with_refresh_token`]) keeps its refresh token across evictions. A
-//!   token without a refresh token is remembered too: a refresher may need the access token
-//!   it replaces. The token is handed over once: it is taken when the cell is rebuilt (by a
-//!   request or by a handle call), so a login or a logout through the key's handle after the
-//!   eviction replaces it as it would the token of a cell never evicted.
+//! - a cell with a token that carries a refresh token (the one in use, or one an invalidation
+//!   dropped and nothing replaced yet): that token. A cell rebuilt for the key starts without
+//!   a token, and its first refresh is handed it as the stale token
+//!   ([`RefreshContext::stale`], the `Option<Token>` of a closure refresher), as after
+//!   [`TokenHandle::invalidate`]: a token set installed at login (with
+//!   [`Token::with_refresh_token`]) keeps its refresh token across evictions. The token is
+//!   handed over once: it is taken when the cell is rebuilt (by a request or by a handle
+//!   call), so a login or a logout through the key's handle after the eviction replaces it as
+//!   it would the token of a cell never evicted. A token without a refresh token is not kept
+//!   (nothing refreshes from it: the rebuilt cell's refresh is handed no token, as a key's
+//!   first one is), nor is any token when the refresher keeps the sessions itself
+//!   ([`KeyedRefresher::keeps_sessions`]: a token store, whose rebuilt cell takes the stored
+//!   session over).
 //!
-//! Each of the two is remembered for at most ten times the capacity keys (at least 10,000),
-//! the oldest forgotten first; a key whose remembered token was forgotten refreshes as a key
-//! never seen (handed no token), one whose ended session was forgotten too. A walk looks at
-//! no more than 64 cells, so a new key costs amortised O(1) (the leftover queue slots of
-//! removed keys are dropped on the way, each once) however many cells are pinned. If all the
-//! cells it looked at are pinned, the map grows past its capacity for now; each later new key
-//! then evicts up to two cells, until the map is back within its capacity. An evicted key is
-//! rebuilt on its next use with a refresh handed its last token (an ended one stays ended), a
-//! removed key with a fresh refresh in any case (nothing of it is remembered); a key's handle
-//! acts on the key's current cell on every call, whichever cell that is.
+//! The ended sessions are remembered for at most ten times the capacity keys (at least
+//! 10,000); the tokens for at most as many keys as the capacity (at least 1,000), so that the
+//! token sets kept for evicted keys are at most about as many as those the cells hold; each
+//! the oldest forgotten first. A key whose remembered token was forgotten refreshes as a key never
+//! seen (handed no token), one whose ended session was forgotten too. A kept token is a secret
+//! held in memory after its cell was evicted, also by the idle timeout: it goes when it is
+//! handed over, replaced or forgotten, or when the key is removed
+//! ([`KeyedTokenHandle::remove`]).
+//!
+//! A walk looks at no more than 64 cells, so a new key costs amortised O(1) (the leftover
+//! queue slots of removed keys are dropped on the way, each once) however many cells are
+//! pinned. If all the cells it looked at are pinned, the map grows past its capacity for now;
+//! each later new key then evicts up to two cells, until the map is back within its capacity.
+//! An evicted key is rebuilt on its next use with a refresh handed its last token, if kept (an
+//! ended one stays ended), a removed key with a fresh refresh in any case (nothing of it is
+//! remembered); a key's handle acts on the key's current cell on every call, whichever cell
+//! that is.
 //!
 //! # Example
 //!
@@ -128,6 +139,21 @@ pub trait KeyedRefresher<K>: Send + Sync + 'static {
     /// [`TokenRefresher::logout`]. The default does nothing.
     fn logout(&self, key: &K) {
         let _ = key;
+    }
+
+    /// Whether this refresher keeps every key's session itself, as a token store does
+    /// (`KeyedStoreRefresher`, with the `store` feature, returns true). The default, false:
+    /// the layer keeps the last token (one with a refresh token) of an evicted key's cell and
+    /// hands it to the first refresh of the cell rebuilt for the key (see the
+    /// [module docs](self)).
+    ///
+    /// A refresher that returns true: the layer then keeps no token of an evicted key; its
+    /// rebuilt cell's refresh is handed none, and takes the stored session over (the store is
+    /// the session's truth: a token kept since the eviction may carry a refresh token other
+    /// processes rotated away meanwhile). An ended session is remembered in either case.
+    /// Read at each eviction; return the same answer every time.
+    fn keeps_sessions(&self) -> bool {
+        false
     }
 }
 
@@ -227,22 +253,34 @@ struct Cells<K> {
     high_water: u64,
     /// Keys whose cell left the map with its session ended (a logout, a refused refresh
     /// token), and why: a cell rebuilt for one starts ended, so an evicted logout stays a
-    /// logout. At most `kept_cap` ([`kept_for`]), the oldest forgotten first.
+    /// logout. At most `ended_cap` ([`ended_kept_for`]), the oldest forgotten first.
     ended: Kept<K, Ended>,
-    /// Keys whose cell left the map with a token (the one in use, or one an invalidation
-    /// dropped and nothing replaced yet), and that token: a cell rebuilt for one hands it to
-    /// its first refresh as the stale token, so a login's refresh token survives an eviction.
-    /// Handed over once (taken when the cell is rebuilt). At most `kept_cap` ([`kept_for`]),
-    /// the oldest forgotten first. Secrets: `Cells` has no `Debug`.
+    ended_cap: usize,
+    /// Keys whose cell left the map with a token carrying a refresh token (the one in use, or
+    /// one an invalidation dropped and nothing replaced yet), and that token: a cell rebuilt
+    /// for one hands it to its first refresh as the stale token, so a login's refresh token
+    /// survives an eviction. Handed over once (taken when the cell is rebuilt). At most
+    /// `tokens_cap` ([`tokens_kept_for`]), the oldest forgotten first; none if `keep_tokens`
+    /// is false (the refresher keeps the sessions itself: [`KeyedRefresher::keeps_sessions`]).
+    /// Secrets: `Cells` has no `Debug`.
     tokens: Kept<K, Token>,
-    kept_cap: usize,
+    tokens_cap: usize,
+    keep_tokens: bool,
 }
 
-/// How many ended sessions, and apart from them how many tokens, of evicted keys are
-/// remembered for a map of `capacity` cells: ten times as many of each, at least 10,000 (an
-/// entry is a key and an error or a token, far smaller than a cell).
-fn kept_for(capacity: usize) -> usize {
+/// How many ended sessions of evicted keys are remembered for a map of `capacity` cells: ten
+/// times as many, at least 10,000 (an entry is a key, an error and at most a token).
+fn ended_kept_for(capacity: usize) -> usize {
     capacity.saturating_mul(10).max(10_000)
+}
+
+/// How many tokens of evicted keys are remembered for a map of `capacity` cells: as many, at
+/// least 1,000. An entry is a key and a whole token set (the access token, often a JWT of a
+/// kilobyte or two, held twice: as a secret and as a header value; and the refresh token), as
+/// large as what a cell holds: the kept tokens add at most about as much secret-holding memory
+/// as a full map's cells, and never more than 1,000 sets below a capacity of 1,000.
+fn tokens_kept_for(capacity: usize) -> usize {
+    capacity.max(1_000)
 }
 
 /// The cause of an ended session, and the token it could not replace.
@@ -307,8 +345,10 @@ impl<K: Clone + Eq + Hash> Cells<K> {
             stamps: 0,
             high_water: 0,
             ended: Kept::new(),
+            ended_cap: usize::MAX,
             tokens: Kept::new(),
-            kept_cap: usize::MAX,
+            tokens_cap: usize::MAX,
+            keep_tokens: true,
         }
     }
 
@@ -321,18 +361,23 @@ impl<K: Clone + Eq + Hash> Cells<K> {
     }
 
     /// Evicts `key`'s cell: takes it out, keeping its ended session if it ended, or else its
-    /// last token if it has one, for the cell rebuilt for the key.
+    /// last token if it carries a refresh token (and tokens are kept), for the cell rebuilt
+    /// for the key.
     fn evict(&mut self, key: &K) -> bool {
         let Some(cell) = self.take_out(key) else {
             return false;
         };
         if let Some(ended) = cell.ended() {
-            if self.ended.keep(key.clone(), ended, self.kept_cap) > 0 {
+            if self.ended.keep(key.clone(), ended, self.ended_cap) > 0 {
                 tracing::debug!("forgot the oldest ended session of an evicted key");
             }
-        } else if let Some(token) = cell.last_token() {
-            if self.tokens.keep(key.clone(), token, self.kept_cap) > 0 {
-                tracing::debug!("forgot the oldest token of an evicted key");
+        } else if self.keep_tokens {
+            // A token without a refresh token is not needed to refresh: not kept.
+            let token = cell.last_token().filter(|t| t.refresh_token().is_some());
+            if let Some(token) = token {
+                if self.tokens.keep(key.clone(), token, self.tokens_cap) > 0 {
+                    tracing::debug!("forgot the oldest token of an evicted key");
+                }
             }
         }
         true
@@ -435,7 +480,9 @@ where
             entry.last_used.store(now, Ordering::Relaxed);
             return entry.cell.clone();
         }
-        cells.kept_cap = kept_for(limits.capacity);
+        cells.ended_cap = ended_kept_for(limits.capacity);
+        cells.tokens_cap = tokens_kept_for(limits.capacity);
+        cells.keep_tokens = !self.refresher.keeps_sessions();
         // One eviction makes room; a second one shrinks a map grown past its capacity while
         // the cells a walk looked at were all pinned.
         for _ in 0..2 {
@@ -665,7 +712,9 @@ where
 
     /// A cell unused for this long loses its second chance: the eviction walk evicts it when it
     /// meets it, even if it was used since it was queued. (The walk does not look for idle
-    /// cells: one not used since it was queued, met first, goes first.)
+    /// cells: one not used since it was queued, met first, goes first.) An evicted cell's
+    /// token set with a refresh token is kept after it, unless the refresher keeps the
+    /// sessions itself (see the module docs): [`KeyedTokenHandle::remove`] drops it.
     #[must_use]
     pub fn idle_timeout(self, idle: Duration) -> Self {
         self.limits(|l| l.idle_ms = idle.as_millis().min(u128::from(u64::MAX)) as u64)
@@ -993,20 +1042,37 @@ mod tests {
     }
 
     /// What evicted cells leave is bounded, per kind, the oldest forgotten first, and handed
-    /// over once; `remove` keeps nothing (so it makes no other key's token forgotten).
+    /// over once; a token without a refresh token is not kept; `remove` keeps nothing (so it
+    /// makes no other key's token forgotten).
     #[test]
     fn what_evicted_cells_leave_is_bounded_and_handed_over_once() {
+        // Tokens: as many as the capacity, at least 1,000; ended sessions: ten times as many,
+        // at least 10,000.
+        assert_eq!(tokens_kept_for(1), 1_000);
+        assert_eq!(tokens_kept_for(10_000), 10_000);
+        assert_eq!(tokens_kept_for(usize::MAX), usize::MAX);
+        assert_eq!(ended_kept_for(1), 10_000);
+        assert_eq!(ended_kept_for(10_000), 100_000);
+        assert_eq!(ended_kept_for(usize::MAX), usize::MAX);
+
         let mut c = cells(0);
-        c.kept_cap = 3;
-        for k in 0..10u32 {
+        c.tokens_cap = 3;
+        c.ended_cap = 3;
+        let cell_with = |access: String, refresh: Option<String>| {
             let cell = Arc::new(TokenCell::new(
                 |_: Option<Token>| async { Token::bearer("t").map_err(RefreshError::from) },
                 None,
             ));
-            cell.install(
-                Token::bearer(format!("a{k}")).unwrap(),
-                &RefreshOptions::default(),
-            );
+            let token = Token::bearer(access).unwrap();
+            let token = match refresh {
+                Some(rt) => token.with_refresh_token(rt),
+                None => token,
+            };
+            cell.install(token, &RefreshOptions::default());
+            cell
+        };
+        for k in 0..10u32 {
+            let cell = cell_with(format!("a{k}"), Some(format!("r{k}")));
             if k % 2 == 1 {
                 cell.clear();
             }
@@ -1022,25 +1088,41 @@ mod tests {
         assert_eq!(ended, [5, 7, 9]);
         assert!(c.tokens.order.len() <= 2 * 3 + 16 && c.ended.order.len() <= 2 * 3 + 16);
 
+        // A token without a refresh token is not kept, and pushes no other out.
+        c.insert(10, cell_with("a10".to_owned(), None), 0);
+        assert!(c.evict(&10));
+        assert!(matches!(c.take_kept(&10), (None, None)));
+        let mut tokens: Vec<_> = c.tokens.map.keys().copied().collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, [4, 6, 8]);
+
         let (none, token) = c.take_kept(&6);
         assert!(none.is_none());
-        assert_eq!(token.unwrap().secret(), "a6");
+        let token = token.unwrap();
+        assert_eq!((token.secret(), token.refresh_token()), ("a6", Some("r6")));
         assert!(matches!(c.take_kept(&6), (None, None)), "handed over once");
         let (ended, none) = c.take_kept(&7);
         assert!(ended.unwrap().1.is_none() && none.is_none());
 
         // Removing a key with a cell keeps nothing of it, and forgets no other key.
-        let cell = Arc::new(TokenCell::new(
-            |_: Option<Token>| async { Token::bearer("t").map_err(RefreshError::from) },
-            None,
-        ));
-        cell.install(Token::bearer("a20").unwrap(), &RefreshOptions::default());
-        c.insert(20, cell, 0);
-        c.tokens.keep(21, Token::bearer("a21").unwrap(), c.kept_cap);
+        c.insert(20, cell_with("a20".to_owned(), Some("r20".to_owned())), 0);
+        let kept = Token::bearer("a21").unwrap().with_refresh_token("r21");
+        c.tokens.keep(21, kept, c.tokens_cap);
         assert!(c.remove(&20));
         let mut tokens: Vec<_> = c.tokens.map.keys().copied().collect();
         tokens.sort_unstable();
         assert_eq!(tokens, [4, 8, 21]);
+
+        // A refresher that keeps the sessions itself: no token is kept; an ended session is.
+        c.keep_tokens = false;
+        c.insert(30, cell_with("a30".to_owned(), Some("r30".to_owned())), 0);
+        assert!(c.evict(&30));
+        assert!(matches!(c.take_kept(&30), (None, None)));
+        let cell = cell_with("a31".to_owned(), Some("r31".to_owned()));
+        cell.clear();
+        c.insert(31, cell, 0);
+        assert!(c.evict(&31));
+        assert!(matches!(c.take_kept(&31), (Some(_), None)));
     }
 
     /// Review A3: with every cell pinned, each new key walked the whole queue under the write

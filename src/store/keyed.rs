@@ -22,6 +22,15 @@ use crate::token::Token;
 /// one connection among keys). Each key needs a store of its own: keys that share one share
 /// their tokens. It is called on each refresh, never on the hot path.
 ///
+/// The store keeps each key's session ([`KeyedRefresher::keeps_sessions`]): when the keyed
+/// layer evicts a key's cell, it keeps no token of it, and the cell rebuilt for the key takes
+/// the stored session over (an evicted logout stays a logout). A login installed through the
+/// key's handle ([`TokenHandle::set_token`](crate::TokenHandle::set_token)) reaches the store
+/// at its first refresh: a cell evicted before then takes the login with it (the rebuilt
+/// cell's refresh is handed no token, as a restarted process's first refresh is). A forced
+/// refresh ([`TokenHandle::refresh`](crate::TokenHandle::refresh)) right after the login
+/// stores it at once.
+///
 /// # Example
 ///
 /// ```
@@ -263,5 +272,14 @@ where
     fn logout(&self, key: &K) {
         self.logged_out.log_out(key);
         self.refresher.logout(key);
+    }
+
+    /// True: the store keeps each key's session, so the keyed layer keeps no token of an
+    /// evicted key's cell, and the rebuilt cell's refresh takes the stored session over. (A
+    /// token kept since the eviction may carry a refresh token other processes rotated away
+    /// meanwhile, which this refresher, once it no longer recognises it, would take for a new
+    /// login and present again.)
+    fn keeps_sessions(&self) -> bool {
+        true
     }
 }
