@@ -441,9 +441,10 @@ impl<C> OAuth2RefresherBuilder<C> {
 
     /// Persists a rotated refresh token. The hook is called with every new refresh token the
     /// server returns, and the new access token is handed to requests only after the hook
-    /// completes; refreshes wait for it (it has no timeout of its own, and it runs to its
-    /// end even when the layer stops waiting for the refresh: a hook that never returns
-    /// holds up every later refresh of this refresher).
+    /// completes; refreshes wait for it. It runs on even when the layer stops waiting for the
+    /// refresh, for as long as one token request may take ([`timeout`](Self::timeout)); a
+    /// hook that has not finished by then counts as failed (below), so that a hook that never
+    /// returns does not hold up every later refresh.
     ///
     /// # If the hook fails
     ///

@@ -88,8 +88,9 @@
 //! to a cancelled caller. When the layer itself stops waiting (its
 //! [`refresh_timeout`](crate::RefreshOptions::refresh_timeout) runs out, or the retries'
 //! total time), the refresher's exchange still runs to its end on a task of its own: the
-//! answer is read, a rotated refresh token kept and the rotation hook run to its end, and
-//! the next refresh waits for that before it chooses a refresh token. The refresher stores a rotated refresh token before anything else
+//! answer is read, a rotated refresh token kept and the rotation hook run (for as long as
+//! one token request may take), and the next refresh waits for that before it chooses a
+//! refresh token. The refresher stores a rotated refresh token before anything else
 //! happens with the answer (before the hook, before the access token is even checked). What
 //! cannot be saved is an answer that never arrives: if the token request
 //! [times out](OAuth2RefresherBuilder::timeout) or the connection breaks after the server
@@ -723,11 +724,11 @@ where
     /// The exchange runs to its end on a task of its own (on the current Tokio runtime):
     /// when the layer stops waiting for it (its refresh timeout, or no request waits any
     /// more), an answer still on its way is read, a rotated refresh token kept, and the
-    /// rotation hook run to its end, so that the next refresh presents the new refresh
-    /// token and what the hook persisted is never left a spent one. The next refresh waits
-    /// for it to end. A refresh the layer stops waiting for while it still waits for an
-    /// earlier one to end sends nothing. (The refresher's own
-    /// [`timeout`](OAuth2RefresherBuilder::timeout) still bounds each token request.)
+    /// rotation hook run, so that the next refresh presents the new refresh token and what
+    /// the hook persisted is never left a spent one. The next refresh waits for it to end. A
+    /// refresh the layer stops waiting for while it still waits for an earlier one to end
+    /// sends nothing. The refresher's own [`timeout`](OAuth2RefresherBuilder::timeout) bounds
+    /// each token request, and the hook too.
     fn refresh(&self, ctx: RefreshContext) -> Self::Future {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
