@@ -41,9 +41,14 @@
 //!   call), so a login or a logout through the key's handle after the eviction replaces it as
 //!   it would the token of a cell never evicted. A token without a refresh token is not kept
 //!   (nothing refreshes from it: the rebuilt cell's refresh is handed no token, as a key's
-//!   first one is), nor is any token when the refresher keeps the sessions itself
-//!   ([`KeyedRefresher::keeps_sessions`]: a token store, whose rebuilt cell takes the stored
-//!   session over).
+//!   first one is). When the refresher keeps the sessions itself
+//!   ([`KeyedRefresher::keeps_sessions`]: a token store), a token a refresh got is not kept
+//!   either (the rebuilt cell's refresh, handed no token, takes the stored session over);
+//!   only a login installed through the key's handle ([`TokenHandle::set_token`]) that no
+//!   refresh replaced yet is, in use or dropped by the invalidation right after it: the
+//!   refresher has not seen it, so the rebuilt cell's refresh is handed it as above, and a
+//!   store refresher stores it as a new login (never takes another session over for it,
+//!   another user's). It stays such a login in the rebuilt cell until a refresh replaces it.
 //!
 //! The ended sessions are remembered for at most ten times the capacity keys (at least
 //! 10,000); the tokens for at most as many keys as the capacity (at least 1,000), so that the
@@ -147,11 +152,17 @@ pub trait KeyedRefresher<K>: Send + Sync + 'static {
     /// hands it to the first refresh of the cell rebuilt for the key (see the
     /// [module docs](self)).
     ///
-    /// A refresher that returns true: the layer then keeps no token of an evicted key; its
-    /// rebuilt cell's refresh is handed none, and takes the stored session over (the store is
-    /// the session's truth: a token kept since the eviction may carry a refresh token other
-    /// processes rotated away meanwhile). An ended session is remembered in either case.
-    /// Read at each eviction; return the same answer every time.
+    /// A refresher that returns true: the layer then keeps no token of an evicted key that a
+    /// refresh got; its rebuilt cell's refresh is handed none, and takes the stored session
+    /// over (the store is the session's truth: a token kept since the eviction may carry a
+    /// refresh token other processes rotated away meanwhile). Only a login installed through
+    /// the key's handle ([`TokenHandle::set_token`], with a refresh token) that no refresh
+    /// replaced yet is kept, in use or dropped by the invalidation right after it: this
+    /// refresher has not seen it (a store does not hold it yet), so the rebuilt cell's first
+    /// refresh is handed it, as the cell's own would have been; take it for a new login
+    /// (never replace it by the stored session, which may be another user's). An ended
+    /// session is remembered in either case. Read at each eviction and each rebuild; return
+    /// the same answer every time.
     fn keeps_sessions(&self) -> bool {
         false
     }
@@ -260,8 +271,10 @@ struct Cells<K> {
     /// one an invalidation dropped and nothing replaced yet), and that token: a cell rebuilt
     /// for one hands it to its first refresh as the stale token, so a login's refresh token
     /// survives an eviction. Handed over once (taken when the cell is rebuilt). At most
-    /// `tokens_cap` ([`tokens_kept_for`]), the oldest forgotten first; none if `keep_tokens`
-    /// is false (the refresher keeps the sessions itself: [`KeyedRefresher::keeps_sessions`]).
+    /// `tokens_cap` ([`tokens_kept_for`]), the oldest forgotten first. If `keep_tokens` is
+    /// false (the refresher keeps the sessions itself: [`KeyedRefresher::keeps_sessions`]),
+    /// only logins the handle installed that no refresh replaced (the refresher never saw
+    /// them: [`TokenCell::installed_token`]).
     /// Secrets: `Cells` has no `Debug`.
     tokens: Kept<K, Token>,
     tokens_cap: usize,
@@ -361,8 +374,9 @@ impl<K: Clone + Eq + Hash> Cells<K> {
     }
 
     /// Evicts `key`'s cell: takes it out, keeping its ended session if it ended, or else its
-    /// last token if it carries a refresh token (and tokens are kept), for the cell rebuilt
-    /// for the key.
+    /// last token if it carries a refresh token, for the cell rebuilt for the key. If tokens
+    /// are not kept (the refresher keeps the sessions), only a login the handle installed
+    /// that no refresh replaced is: the refresher has not seen it (a store does not hold it).
     fn evict(&mut self, key: &K) -> bool {
         let Some(cell) = self.take_out(key) else {
             return false;
@@ -371,10 +385,14 @@ impl<K: Clone + Eq + Hash> Cells<K> {
             if self.ended.keep(key.clone(), ended, self.ended_cap) > 0 {
                 tracing::debug!("forgot the oldest ended session of an evicted key");
             }
-        } else if self.keep_tokens {
+        } else {
+            let token = if self.keep_tokens {
+                cell.last_token()
+            } else {
+                cell.installed_token()
+            };
             // A token without a refresh token is not needed to refresh: not kept.
-            let token = cell.last_token().filter(|t| t.refresh_token().is_some());
-            if let Some(token) = token {
+            if let Some(token) = token.filter(|t| t.refresh_token().is_some()) {
                 if self.tokens.keep(key.clone(), token, self.tokens_cap) > 0 {
                     tracing::debug!("forgot the oldest token of an evicted key");
                 }
@@ -512,7 +530,8 @@ where
             )
             .with_origin(self.origin.clone())
             .starting_after(cells.high_water)
-            .starting_stale(stale)
+            // Without `keep_tokens`, only a login is kept (`evict`): it stays one.
+            .starting_stale(stale, !cells.keep_tokens)
             .starting_ended(ended),
         );
         cells.insert(key.clone(), cell.clone(), now);
@@ -1113,16 +1132,94 @@ mod tests {
         tokens.sort_unstable();
         assert_eq!(tokens, [4, 8, 21]);
 
-        // A refresher that keeps the sessions itself: no token is kept; an ended session is.
+        // A refresher that keeps the sessions itself: an ended session is kept (for the
+        // tokens, see the next test).
         c.keep_tokens = false;
-        c.insert(30, cell_with("a30".to_owned(), Some("r30".to_owned())), 0);
-        assert!(c.evict(&30));
-        assert!(matches!(c.take_kept(&30), (None, None)));
         let cell = cell_with("a31".to_owned(), Some("r31".to_owned()));
         cell.clear();
         c.insert(31, cell, 0);
         assert!(c.evict(&31));
         assert!(matches!(c.take_kept(&31), (Some(_), None)));
+    }
+
+    /// Review (a login evicted before its first refresh, with a token store): a refresher
+    /// that keeps the sessions itself got no token of an evicted cell, so a login installed
+    /// through the handle that had not reached it was lost. Now only such a login is kept (in
+    /// use, or dropped by the invalidation right after it; with a refresh token), and a cell
+    /// rebuilt with it keeps it as a login until a refresh replaces it; a token a refresh got
+    /// is not kept.
+    #[tokio::test]
+    async fn a_refresher_that_keeps_the_sessions_gets_only_an_evicted_login_no_refresh_replaced() {
+        let options = RefreshOptions::default();
+        let mut c = cells(0);
+        c.keep_tokens = false;
+        let new_cell = || {
+            TokenCell::new(
+                |_: Option<Token>| async {
+                    let token = Token::bearer("refreshed")?;
+                    Ok::<_, RefreshError>(token.with_refresh_token("r-refreshed"))
+                },
+                None,
+            )
+        };
+        let login = |k: u32| {
+            let token = Token::bearer(format!("a{k}")).unwrap();
+            token.with_refresh_token(format!("r{k}"))
+        };
+        let installed = |k: u32| {
+            let cell = Arc::new(new_cell());
+            cell.install(login(k), &options);
+            cell
+        };
+        // Evicts `cell` as key `k`'s; what is kept of it (the access token), taken.
+        let evicted = |c: &mut Cells<u32>, k: u32, cell: Arc<TokenCell>| {
+            c.insert(k, cell, 0);
+            assert!(c.evict(&k));
+            match c.take_kept(&k) {
+                (None, token) => token.map(|t| t.secret().to_owned()),
+                (Some(_), _) => panic!("key {k}: ended"),
+            }
+        };
+
+        // A login in use: kept.
+        assert_eq!(evicted(&mut c, 40, installed(40)).as_deref(), Some("a40"));
+        // A login refreshed since: the refreshed token is not kept.
+        let cell = installed(41);
+        assert!(cell.force_refresh(&options).await.is_ok());
+        assert_eq!(cell.current_token().unwrap().secret(), "refreshed");
+        assert_eq!(evicted(&mut c, 41, cell), None);
+        // A login without a refresh token: not kept.
+        let cell = Arc::new(new_cell());
+        cell.install(Token::bearer("a42").unwrap(), &options);
+        assert_eq!(evicted(&mut c, 42, cell), None);
+        // A login the invalidation right after it dropped: kept.
+        let cell = installed(43);
+        cell.invalidate();
+        assert_eq!(evicted(&mut c, 43, cell).as_deref(), Some("a43"));
+        // A refreshed token an invalidation dropped: not kept.
+        let cell = installed(44);
+        assert!(cell.force_refresh(&options).await.is_ok());
+        cell.invalidate();
+        assert_eq!(evicted(&mut c, 44, cell), None);
+
+        // A cell rebuilt with a kept login: it is kept again if the cell is evicted before a
+        // refresh, also after an invalidation; not once a refresh replaced it.
+        let rebuilt = |c: &Cells<u32>, k: u32| {
+            let cell = new_cell().starting_after(c.high_water);
+            Arc::new(cell.starting_stale(Some(login(k)), true))
+        };
+        let cell = rebuilt(&c, 45);
+        assert_eq!(evicted(&mut c, 45, cell).as_deref(), Some("a45"));
+        let cell = rebuilt(&c, 46);
+        cell.invalidate();
+        assert_eq!(evicted(&mut c, 46, cell).as_deref(), Some("a46"));
+        let cell = rebuilt(&c, 47);
+        assert!(cell.force_refresh(&options).await.is_ok());
+        assert_eq!(evicted(&mut c, 47, cell), None);
+        // A token handed over that is not a login (tokens were kept then) is not one either.
+        let cell = new_cell().starting_after(c.high_water);
+        let cell = Arc::new(cell.starting_stale(Some(login(48)), false));
+        assert_eq!(evicted(&mut c, 48, cell), None);
     }
 
     /// Review A3: with every cell pinned, each new key walked the whole queue under the write

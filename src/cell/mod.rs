@@ -267,13 +267,30 @@ impl TokenCell {
         }
     }
 
+    /// The token the handle installed (a login) if no refresh replaced it since: in use, or
+    /// dropped by the invalidation right after the install (see `State::installed`); a
+    /// login a cell was started with ([`starting_stale`](Self::starting_stale)) counts too
+    /// until a refresh replaces it. Its refresher has not seen it, unless a refresh of it
+    /// failed, or got a token while the invalidation came (that token then). A secret.
+    pub(crate) fn installed_token(&self) -> Option<Token> {
+        self.read().installed().cloned()
+    }
+
     /// A new cell without a token whose first refresh is handed `stale` (a keyed layer's
     /// cell rebuilt for a key whose last cell left with a token: its refresh token survives
-    /// the eviction), if given; as after an invalidation, nothing else changes.
-    pub(crate) fn starting_stale(mut self, stale: Option<Token>) -> Self {
+    /// the eviction), if given; as after an invalidation, nothing else changes. `login`: the
+    /// token is a login the handle installed that no refresh replaced
+    /// ([`installed_token`](Self::installed_token)), and stays one for this cell until a
+    /// refresh replaces it (as if the handle had installed it at the cell's first
+    /// generation: `handed` is that generation, which changes nothing else, no refresh having
+    /// started before it). Called after [`starting_after`](Self::starting_after).
+    pub(crate) fn starting_stale(mut self, stale: Option<Token>, login: bool) -> Self {
         if let Some(stale) = stale {
             let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
             state.session = Session::Empty { stale: Some(stale) };
+            if login {
+                state.handed = state.generation;
+            }
         }
         self
     }

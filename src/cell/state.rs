@@ -360,6 +360,26 @@ impl<J: Clone> State<J> {
         }
     }
 
+    /// The token the handle installed (a login) if no refresh replaced it since: the token
+    /// in use at the generation of its install (`handed`), or the one the invalidation right
+    /// after the install dropped (`handed` one generation back; a cell started with a login
+    /// handed over sets `handed` to its first generation: see `TokenCell::starting_stale`).
+    /// In the second case it may instead be the token a refresh of the login got while the
+    /// invalidation came (handed on as the stale one, see [`finish`](Self::finish)): one the
+    /// refresher got from the login. A second invalidation in a row is not told from a
+    /// refresh and an invalidation: `None` then.
+    pub(crate) fn installed(&self) -> Option<&Token> {
+        match &self.session {
+            Session::Active(held) if self.handed == self.generation => Some(&held.token),
+            Session::Empty { stale: Some(token) }
+                if self.generation.saturating_sub(self.handed) <= 1 =>
+            {
+                Some(token)
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) fn ticket(&self) -> Ticket {
         Ticket {
             generation: self.generation,

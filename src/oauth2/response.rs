@@ -276,6 +276,28 @@ pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     crate::retry_after(headers).map(|delay| delay.min(MAX_RETRY_AFTER))
 }
 
+/// Runs the rotation hook, for as long as one token request may take (the refresher's
+/// `timeout`): the exchange runs to its end without its caller (see
+/// `TokenRefresher::refresh`), and a hook that never returns must not hold up every later
+/// refresh. A hook cut off counts as failed: its token stays marked as not persisted, and
+/// the next refresh calls the hook again.
+async fn run_hook(
+    hook: impl std::future::Future<Output = Result<(), crate::BoxError>>,
+    bound: std::time::Duration,
+) -> Result<(), crate::BoxError> {
+    if !crate::head::timer_here() {
+        return hook.await;
+    }
+    match tokio::time::timeout(bound, hook).await {
+        Ok(done) => done,
+        Err(_) => Err(format!(
+            "the rotation hook did not finish within {} ms",
+            bound.as_millis()
+        )
+        .into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,27 +367,5 @@ mod tests {
         assert_eq!(sanitize("invalid_grant", 64), "invalid_grant");
         assert_eq!(sanitize("a\"b\\c\nd\u{e9}", 64), "abcd");
         assert_eq!(sanitize(&"x".repeat(100), 64).len(), 64);
-    }
-}
-
-/// Runs the rotation hook, for as long as one token request may take (the refresher's
-/// `timeout`): the exchange runs to its end without its caller (see
-/// `TokenRefresher::refresh`), and a hook that never returns must not hold up every later
-/// refresh. A hook cut off counts as failed: its token stays marked as not persisted, and
-/// the next refresh calls the hook again.
-async fn run_hook(
-    hook: impl std::future::Future<Output = Result<(), crate::BoxError>>,
-    bound: std::time::Duration,
-) -> Result<(), crate::BoxError> {
-    if !crate::head::timer_here() {
-        return hook.await;
-    }
-    match tokio::time::timeout(bound, hook).await {
-        Ok(done) => done,
-        Err(_) => Err(format!(
-            "the rotation hook did not finish within {} ms",
-            bound.as_millis()
-        )
-        .into()),
     }
 }

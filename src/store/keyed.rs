@@ -23,13 +23,16 @@ use crate::token::Token;
 /// their tokens. It is called on each refresh, never on the hot path.
 ///
 /// The store keeps each key's session ([`KeyedRefresher::keeps_sessions`]): when the keyed
-/// layer evicts a key's cell, it keeps no token of it, and the cell rebuilt for the key takes
-/// the stored session over (an evicted logout stays a logout). A login installed through the
-/// key's handle ([`TokenHandle::set_token`](crate::TokenHandle::set_token)) reaches the store
-/// at its first refresh: a cell evicted before then takes the login with it (the rebuilt
-/// cell's refresh is handed no token, as a restarted process's first refresh is). A forced
-/// refresh ([`TokenHandle::refresh`](crate::TokenHandle::refresh)) right after the login
-/// stores it at once.
+/// layer evicts a key's cell, it keeps no token of it that a refresh got, and the cell
+/// rebuilt for the key takes the stored session over (an evicted logout stays a logout). A
+/// login installed through the key's handle
+/// ([`TokenHandle::set_token`](crate::TokenHandle::set_token), with a refresh token) reaches
+/// the store at its first refresh. If the key's cell is evicted before then, the layer keeps
+/// the login (for at most as many keys as its capacity, at least 1,000, the oldest forgotten
+/// first) and hands it to the rebuilt cell's first refresh, which refreshes it as a new login
+/// and stores the result: it is never replaced by the stored session, which may be another
+/// user's. A forced refresh ([`TokenHandle::refresh`](crate::TokenHandle::refresh)) right
+/// after the login stores it at once.
 ///
 /// # Example
 ///
@@ -275,10 +278,12 @@ where
     }
 
     /// True: the store keeps each key's session, so the keyed layer keeps no token of an
-    /// evicted key's cell, and the rebuilt cell's refresh takes the stored session over. (A
-    /// token kept since the eviction may carry a refresh token other processes rotated away
-    /// meanwhile, which this refresher, once it no longer recognises it, would take for a new
-    /// login and present again.)
+    /// evicted key's cell that a refresh got, and the rebuilt cell's refresh takes the stored
+    /// session over. (A token kept since the eviction may carry a refresh token other
+    /// processes rotated away meanwhile, which this refresher, once it no longer recognises
+    /// it, would take for a new login and present again.) A login installed through the
+    /// key's handle that no refresh replaced is kept and handed over: this refresher has not
+    /// seen it, takes it for a new login and stores it.
     fn keeps_sessions(&self) -> bool {
         true
     }
