@@ -142,19 +142,22 @@ impl UnauthorizedAfterRefresh {
 
     /// Whether the replay carried the same token with a new proof of possession (the server
     /// asked for one, e.g. with a DPoP nonce) and the server refused its proof again: no
-    /// token refresh ran for this request. `false`: refused after a token refresh.
+    /// token refresh ran between the two sends (the token may still come from a refresh the
+    /// request waited for before its first send). `false`: refused after a token refresh.
     pub fn proof_refused(&self) -> bool {
         self.proof_refused
     }
 
-    /// The response to the first attempt, which made the layer refresh; `None` for a request
-    /// that waited for a refresh before its first send. Also reachable through `source()`.
+    /// The response to the first attempt, which made the layer refresh (or, with
+    /// [`proof_refused`](Self::proof_refused), ask for a new proof); `None` for a request
+    /// that waited for a refresh before its only send. Also reachable through `source()`.
     pub fn first(&self) -> Option<&ResponseHead> {
         self.first.as_deref()
     }
 
-    /// The final refusal, sent with the refreshed token, with the first bytes of its body
-    /// ([`ResponseHead::body`], at most [`MAX_ERROR_BODY`]).
+    /// The final refusal (of the refreshed token, or with
+    /// [`proof_refused`](Self::proof_refused) of the new proof), with the first bytes of its
+    /// body ([`ResponseHead::body`], at most [`MAX_ERROR_BODY`]).
     pub fn last(&self) -> &ResponseHead {
         &self.last
     }

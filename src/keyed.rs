@@ -161,8 +161,7 @@ pub trait KeyedRefresher<K>: Send + Sync + 'static {
     /// refresher has not seen it (a store does not hold it yet), so the rebuilt cell's first
     /// refresh is handed it, as the cell's own would have been; take it for a new login
     /// (never replace it by the stored session, which may be another user's). An ended
-    /// session is remembered in either case. Read at each eviction and each rebuild; return
-    /// the same answer every time.
+    /// session is remembered in either case. Asked once, when the layer is made.
     fn keeps_sessions(&self) -> bool {
         false
     }
@@ -500,7 +499,6 @@ where
         }
         cells.ended_cap = ended_kept_for(limits.capacity);
         cells.tokens_cap = tokens_kept_for(limits.capacity);
-        cells.keep_tokens = !self.refresher.keeps_sessions();
         // One eviction makes room; a second one shrinks a map grown past its capacity while
         // the cells a walk looked at were all pinned.
         for _ in 0..2 {
@@ -663,10 +661,13 @@ where
     /// A keyed layer with the given per-key options.
     pub fn with_options(refresher: R, options: RefreshOptions) -> Self {
         let (events, _) = broadcast::channel(256);
+        // Asked once, here: never under the map's lock, and one answer for the layer's life.
+        let mut cells = Cells::new();
+        cells.keep_tokens = !refresher.keeps_sessions();
         Self {
             keyed: Arc::new(Keyed {
                 refresher: Arc::new(refresher),
-                cells: RwLock::new(Cells::new()),
+                cells: RwLock::new(cells),
                 limits: RwLock::new(Limits {
                     capacity: 10_000,
                     idle_ms: 30 * 60 * 1000,

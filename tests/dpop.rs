@@ -509,7 +509,7 @@ async fn a_token_endpoint_asking_for_a_nonce_again_is_retried_once_and_fails_tra
     .await;
 }
 
-/// Review item 2: a token endpoint's `400 invalid_dpop_proof` (a client clock off for `iat`, a
+/// A token endpoint's `400 invalid_dpop_proof` (a client clock off for `iat`, a
 /// stale nonce) refuses the proof, not the refresh token: a transient error, no session end,
 /// and a later refresh, with a new proof, gets a token.
 #[tokio::test]
@@ -1037,7 +1037,6 @@ async fn twenty_requests_refused_on_their_nonce_replays_cause_one_refresh() {
         // The first send of all could not carry the nonce: at least that request was refused
         // on its nonce replay.
         assert!(refused >= 1);
-        println!("{N} requests: {refused} refused on their nonce replays");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresher call");
         assert_eq!(s.token_stats.issued.load(Ordering::SeqCst), 1);
         let mut total = 0;

@@ -369,6 +369,10 @@ impl<J: Clone> State<J> {
     /// refresher got from the login. A second invalidation in a row is not told from a
     /// refresh and an invalidation: `None` then.
     pub(crate) fn installed(&self) -> Option<&Token> {
+        // `handed` 0: nothing was ever installed (an install stores at generation 1 or later).
+        if self.handed == 0 {
+            return None;
+        }
         match &self.session {
             Session::Active(held) if self.handed == self.generation => Some(&held.token),
             Session::Empty { stale: Some(token) }

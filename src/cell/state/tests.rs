@@ -707,3 +707,37 @@ fn invalidating_keeps_the_cool_down_and_the_failures_in_a_row() {
         Begin::Start
     ));
 }
+
+/// A token a refresh got is never taken for an installed login: a cell whose first refresh
+/// (at generation 0, nothing ever installed) got a token while an invalidation came, and
+/// whose second call failed, holds that token as the stale one one generation on; it is no
+/// login (the keyed layer would keep it on eviction for a refresher that keeps sessions).
+#[test]
+fn a_refreshed_token_handed_on_by_an_invalidation_is_no_installed_login() {
+    let t = now();
+    let mut st = S::new();
+    st.started(1, false, 0, false);
+    st.invalidate();
+    let got = token("from-refresh", Some(3600)).with_refresh_token("rt-1");
+    assert!(matches!(
+        st.finish(0, Ok(got), t, &no_cooldown()),
+        Finished::Again { .. }
+    ));
+    let (answer, _) = finish(
+        &mut st,
+        Err(RefreshError::transient("token endpoint down")),
+        t,
+        &no_cooldown(),
+    );
+    assert!(answer.is_err());
+    assert!(
+        matches!(&st.session, Session::Empty { stale: Some(s) } if s.secret() == "from-refresh")
+    );
+    assert!(st.installed().is_none());
+
+    // An install is a login, also once invalidated right after.
+    st.install(token("login", Some(3600)).with_refresh_token("rt-login"), t);
+    assert_eq!(st.installed().map(Token::secret), Some("login"));
+    st.invalidate();
+    assert_eq!(st.installed().map(Token::secret), Some("login"));
+}
