@@ -114,7 +114,7 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::ReplayBody;
-use crate::cell::TokenCell;
+use crate::cell::{Leftover, TokenCell};
 use crate::clock::Clock;
 use crate::config::{RefreshOptions, option_setters};
 use crate::error::MissingKey;
@@ -273,7 +273,7 @@ struct Cells<K> {
     /// `tokens_cap` ([`tokens_kept_for`]), the oldest forgotten first. If `keep_tokens` is
     /// false (the refresher keeps the sessions itself: [`KeyedRefresher::keeps_sessions`]),
     /// only logins the handle installed that no refresh replaced (the refresher never saw
-    /// them: [`TokenCell::installed_token`]).
+    /// them: `TokenCell::leftover`).
     /// Secrets: `Cells` has no `Debug`.
     tokens: Kept<K, Token>,
     tokens_cap: usize,
@@ -345,6 +345,10 @@ impl<K: Clone + Eq + Hash, V> Kept<K, V> {
 
     /// Takes what is kept for `key` (its slot goes stale).
     fn take(&mut self, key: &K) -> Option<V> {
+        // Usually empty: no hashing then (every new cell asks).
+        if self.map.is_empty() {
+            return None;
+        }
         self.map.remove(key).map(|(value, _)| value)
     }
 }
@@ -380,22 +384,20 @@ impl<K: Clone + Eq + Hash> Cells<K> {
         let Some(cell) = self.take_out(key) else {
             return false;
         };
-        if let Some(ended) = cell.ended() {
-            if self.ended.keep(key.clone(), ended, self.ended_cap) > 0 {
-                tracing::debug!("forgot the oldest ended session of an evicted key");
+        // One look under the cell's lock; a token without a refresh token is not needed to
+        // refresh, and not kept.
+        match cell.leftover(self.keep_tokens) {
+            Leftover::Ended(ended) => {
+                if self.ended.keep(key.clone(), ended, self.ended_cap) > 0 {
+                    tracing::debug!("forgot the oldest ended session of an evicted key");
+                }
             }
-        } else {
-            let token = if self.keep_tokens {
-                cell.last_token()
-            } else {
-                cell.installed_token()
-            };
-            // A token without a refresh token is not needed to refresh: not kept.
-            if let Some(token) = token.filter(|t| t.refresh_token().is_some()) {
+            Leftover::Token(token) => {
                 if self.tokens.keep(key.clone(), token, self.tokens_cap) > 0 {
                     tracing::debug!("forgot the oldest token of an evicted key");
                 }
             }
+            Leftover::Nothing => {}
         }
         true
     }

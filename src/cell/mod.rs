@@ -54,6 +54,15 @@ use crate::origin::Origin;
 use crate::refresher::{RefreshError, TokenRefresher};
 use crate::token::Token;
 
+/// What an evicted cell leaves behind ([`TokenCell::leftover`]).
+pub(crate) enum Leftover {
+    /// Its ended session: the cause and the token it could not replace.
+    Ended((Arc<RefreshError>, Option<Token>)),
+    /// A token with a refresh token, for the rebuilt cell's first refresh.
+    Token(Token),
+    Nothing,
+}
+
 /// What every waiter of one refresh polls: the shared answer, and where the refresh runs.
 #[derive(Clone)]
 pub(crate) struct Job {
@@ -236,14 +245,6 @@ impl TokenCell {
         st.flight.is_some() || st.cooling.as_ref().is_some_and(|c| c.until > now)
     }
 
-    /// The cause of the ended session and the token it could not replace, if it ended.
-    pub(crate) fn ended(&self) -> Option<(Arc<RefreshError>, Option<Token>)> {
-        match &self.read().session {
-            Session::Ended { cause, stale } => Some((cause.clone(), stale.clone())),
-            _ => None,
-        }
-    }
-
     /// A new cell whose session starts ended by `ended` (a keyed layer's cell rebuilt for a
     /// key whose last cell left ended), if given.
     pub(crate) fn starting_ended(
@@ -257,30 +258,38 @@ impl TokenCell {
         self
     }
 
-    /// The token a refresh of this cell would be handed now, if its session has not ended:
-    /// the token in use, or the one an invalidation dropped (not replaced yet). A secret.
-    pub(crate) fn last_token(&self) -> Option<Token> {
-        match &self.read().session {
-            Session::Active(held) => Some(held.token.clone()),
-            Session::Empty { stale } => stale.clone(),
-            Session::Ended { .. } => None,
+    /// What an evicted cell leaves behind, read under one lock: its ended session (the
+    /// cause and the token it could not replace), or else a token that carries a refresh
+    /// token (a secret): with `tokens`, the one a refresh would be handed now (in use, or
+    /// dropped by an invalidation and not replaced yet); without, only a login the handle
+    /// installed that no refresh replaced since (in use, or dropped by the invalidation right
+    /// after the install: see `State::installed`; a login a cell was started with by
+    /// [`starting_stale`](Self::starting_stale) counts too until a refresh replaces it).
+    pub(crate) fn leftover(&self, tokens: bool) -> Leftover {
+        let st = self.read();
+        if let Session::Ended { cause, stale } = &st.session {
+            return Leftover::Ended((cause.clone(), stale.clone()));
         }
-    }
-
-    /// The token the handle installed (a login) if no refresh replaced it since: in use, or
-    /// dropped by the invalidation right after the install (see `State::installed`); a
-    /// login a cell was started with ([`starting_stale`](Self::starting_stale)) counts too
-    /// until a refresh replaces it. Its refresher has not seen it, unless a refresh of it
-    /// failed, or got a token while the invalidation came (that token then). A secret.
-    pub(crate) fn installed_token(&self) -> Option<Token> {
-        self.read().installed().cloned()
+        let token = if tokens {
+            match &st.session {
+                Session::Active(held) => Some(&held.token),
+                Session::Empty { stale } => stale.as_ref(),
+                Session::Ended { .. } => None,
+            }
+        } else {
+            st.installed()
+        };
+        match token.filter(|t| t.refresh_token().is_some()) {
+            Some(token) => Leftover::Token(token.clone()),
+            None => Leftover::Nothing,
+        }
     }
 
     /// A new cell without a token whose first refresh is handed `stale` (a keyed layer's
     /// cell rebuilt for a key whose last cell left with a token: its refresh token survives
     /// the eviction), if given; as after an invalidation, nothing else changes. `login`: the
     /// token is a login the handle installed that no refresh replaced
-    /// ([`installed_token`](Self::installed_token)), and stays one for this cell until a
+    /// ([`leftover`](Self::leftover)), and stays one for this cell until a
     /// refresh replaces it (as if the handle had installed it at the cell's first
     /// generation: `handed` is that generation, which changes nothing else, no refresh having
     /// started before it). Called after [`starting_after`](Self::starting_after).
