@@ -79,6 +79,8 @@ impl Backoff {
 
     /// The whole refresh, attempts in flight included, ends within this time after its first
     /// attempt started: an attempt still running then is cut off as a transient failure.
+    /// Zero cuts off even the first attempt (every refresh then fails): for no retries, use
+    /// [`Backoff::none`] or [`max_attempts(1)`](Self::max_attempts).
     #[must_use]
     pub fn max_elapsed(mut self, total: Duration) -> Self {
         self.max_elapsed = total;
@@ -175,7 +177,8 @@ impl Default for Cooldown {
 }
 
 impl Cooldown {
-    /// A pause of `base` after the first failure, doubling up to `max`.
+    /// A pause of `base` after the first failure, doubling up to `max` (a `max` below
+    /// `base` is taken as `base`: a fixed pause).
     pub fn new(base: Duration, max: Duration) -> Self {
         Self {
             base,

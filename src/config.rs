@@ -300,12 +300,14 @@ impl RefreshOptions {
         self
     }
 
-    /// The most one refresher call may take (default 30 s), the OAuth 2.0 refresher's
-    /// persistence hook included. A call that takes longer is cut off as a transient failure,
-    /// so a refresher that never returns cannot wedge the layer. (Needs a Tokio runtime with a
-    /// timer; without a runtime there is no bound.) With a `store::StoreRefresher` the layer
-    /// only stops waiting: the token call, once made, runs to its end under the store's lease
-    /// and stores its answer (see its "Time limits").
+    /// The most one refresher call may take (default 30 s). A call that takes longer is cut
+    /// off as a transient failure, so a refresher that never returns cannot wedge the layer.
+    /// (Needs a Tokio runtime with a timer; without a runtime there is no bound.) With a
+    /// `store::StoreRefresher` or the OAuth 2.0 refresher the layer only stops waiting: the
+    /// token call, once made, runs to its end (under the store's lease, see its "Time
+    /// limits"; the OAuth 2.0 refresher's persistence hook included, bounded by that
+    /// refresher's own `timeout`) and keeps its answer for the next refresh. Zero cuts off
+    /// every call that is not ready at its first poll: every refresh then fails.
     #[must_use]
     pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
         self.refresh_timeout = timeout;

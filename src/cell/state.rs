@@ -722,6 +722,9 @@ impl<J: Clone> State<J> {
                 let err = Arc::new(err);
                 self.attempts += 1;
                 self.last_failure = Some(err.clone());
+                // A forced refresh of a session that had ended already (it may resume one):
+                // its failure ends nothing new, and `SessionEnded` is sent once per end.
+                let already_ended = matches!(self.session, Session::Ended { .. });
                 let stale =
                     match std::mem::replace(&mut self.session, Session::Empty { stale: None }) {
                         Session::Active(held) => Some(held.token),
@@ -740,7 +743,7 @@ impl<J: Clone> State<J> {
                             generation,
                             terminal: true,
                         }),
-                        Some(RefreshEvent::SessionEnded { generation }),
+                        (!already_ended).then_some(RefreshEvent::SessionEnded { generation }),
                     ],
                 )
             }

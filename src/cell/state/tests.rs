@@ -183,6 +183,28 @@ fn a_terminal_failure_ends_the_session_once_in_the_foreground_and_the_background
             })
         );
         assert!(matches!(st.lookup(t, POLICY), Lookup::Ended(_)));
+
+        // A forced refresh of the ended session that fails terminally again ends nothing new:
+        // `SessionEnded` is sent once per end.
+        st.started(2, false, 1, false);
+        let (answer, events) = finish(
+            &mut st,
+            Err(RefreshError::terminal("still revoked")),
+            t,
+            &no_cooldown(),
+        );
+        assert!(matches!(answer, Err(Unavailable::Rejected(_))));
+        assert_eq!(
+            events,
+            [
+                Some(RefreshEvent::RefreshFailed {
+                    generation: st.generation,
+                    terminal: true
+                }),
+                None
+            ]
+        );
+        assert!(matches!(st.lookup(t, POLICY), Lookup::Ended(_)));
     }
 }
 
