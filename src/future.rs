@@ -15,7 +15,7 @@ use crate::BoxError;
 use crate::body::{ReplayBody, ReplaySource};
 use crate::cell::FreshWait;
 use crate::head::{RequestCopy, ResponseHead};
-use crate::replay::{self, Admit, AfterNewProof, Granted, Recovery, Sent, Verdict};
+use crate::replay::{self, Admit, Granted, Recovery, Sent, Verdict};
 use crate::shared::Shared;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -639,12 +639,10 @@ where
         res.status(),
         res.headers(),
     ) {
-        AfterNewProof::Final => Ok(res),
-        AfterNewProof::ProofRefusedAgain => {
-            refused_again(&shared, Some(first_head), res, true).await
-        }
-        AfterNewProof::RefusedAgain => refused_again(&shared, Some(first_head), res, false).await,
-        AfterNewProof::TokenRefused => {
+        Verdict::Final => Ok(res),
+        Verdict::NewProof => refused_again(&shared, Some(first_head), res, true).await,
+        Verdict::RefusedAfterRefresh => refused_again(&shared, Some(first_head), res, false).await,
+        Verdict::Recover => {
             let refused = ResponseHead::new(res.status(), res.version(), res.headers().clone());
             replay::refresh_for_later(&shared, sent, &refused).await;
             Ok(res)

@@ -335,6 +335,18 @@ pub(crate) fn judge(
             return Verdict::NewProof;
         }
     }
+    judge_token(shared, sent, status, headers, redirected)
+}
+
+/// [`judge`] once the proof is not in question: is the response a refusal of the token, and
+/// what may follow it?
+fn judge_token(
+    shared: &Shared,
+    sent: Sent,
+    status: StatusCode,
+    headers: &HeaderMap,
+    redirected: bool,
+) -> Verdict {
     if !shared.options().triggers(status, headers) {
         return Verdict::Final;
     }
@@ -453,61 +465,32 @@ pub(crate) fn refused_again(
     refused
 }
 
-/// What the response to the replay after a new proof ([`Verdict::NewProof`]: the same token,
-/// a new proof) means for the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AfterNewProof {
-    /// The caller gets it as it is.
-    Final,
-    /// Its proof challenged again after its one replay (no refresh ran)
-    /// ([`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh) with
-    /// `proof_refused`, or the response with `unauthorized_as_response`).
-    ProofRefusedAgain,
-    /// Refused again after its one replay: its token, which a refresh the request waited for
-    /// produced, refused
-    /// ([`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh), or the response
-    /// with `unauthorized_as_response`).
-    RefusedAgain,
-    /// Its token refused, now that the proof passed (a server may check the proof first), and
-    /// no refresh ran for this request: a first refusal of the token, which cannot be
-    /// replayed (the nonce replay was its one replay). [`refresh_for_later`], then the caller
-    /// gets it as it is, as [`recover`] does for a refusal it cannot replay.
-    TokenRefused,
-}
-
-/// Step 5 after a new proof: is the replay (the same token, a new proof) refused, and for
-/// what? `challenged`: it asked for a new proof again ([`observe`]).
+/// Step 5 after a new proof ([`Verdict::NewProof`]: the replay carried the same token and a
+/// new proof): the replay's response judged as a first send's (`challenged`: it asked for a
+/// new proof again, [`observe`]). Its one replay spent, what follows differs:
+/// [`NewProof`](Verdict::NewProof) is a proof refused again and
+/// [`RefusedAfterRefresh`](Verdict::RefusedAfterRefresh) a token refused again after the
+/// refresh it waited for (both final: [`UnauthorizedAfterRefresh`], or the response with
+/// `unauthorized_as_response`); [`Recover`](Verdict::Recover) is a first refusal of its token
+/// (a server may check the proof first), which cannot be replayed: [`refresh_for_later`],
+/// and the caller gets it as it is, as [`recover`] does for a refusal it cannot replay.
+///
+/// [`UnauthorizedAfterRefresh`]: crate::error::UnauthorizedAfterRefresh
 pub(crate) fn after_new_proof(
     shared: &Shared,
     sent: Sent,
     challenged: bool,
     status: StatusCode,
     headers: &HeaderMap,
-) -> AfterNewProof {
+) -> Verdict {
     if challenged {
         tracing::warn!(
             status = status.as_u16(),
             "the proof was refused again on the replay with a new proof"
         );
-        return AfterNewProof::ProofRefusedAgain;
+        return Verdict::NewProof;
     }
-    if !shared.options().triggers(status, headers) {
-        return AfterNewProof::Final;
-    }
-    if sent.waited {
-        tracing::warn!(
-            generation = sent.ticket.generation,
-            status = status.as_u16(),
-            "request refused again after a token refresh (and a new proof)"
-        );
-        return AfterNewProof::RefusedAgain;
-    }
-    tracing::debug!(
-        generation = sent.ticket.generation,
-        status = status.as_u16(),
-        "token refused on the replay with a new proof; refreshing for later requests"
-    );
-    AfterNewProof::TokenRefused
+    judge_token(shared, sent, status, headers, false)
 }
 
 /// Records the refusal of `sent`'s token and gets a newer one for later requests, through the

@@ -151,7 +151,7 @@ use crate::body::{ReplayBody, ReplaySource};
 use crate::handle::TokenHandle;
 use crate::head::ResponseHead;
 use crate::layer::RefreshLayer;
-use crate::replay::{self, Admit, AfterNewProof, Recovery, Sent, Verdict};
+use crate::replay::{self, Admit, Recovery, Sent, Verdict};
 use crate::shared::Shared;
 
 /// A [`reqwest_middleware::Middleware`] that attaches the token of a [`RefreshLayer`],
@@ -462,14 +462,14 @@ impl Refused {
                     second.status(),
                     second.headers(),
                 ) {
-                    AfterNewProof::Final => Ok(second),
-                    AfterNewProof::ProofRefusedAgain => {
+                    Verdict::Final => Ok(second),
+                    Verdict::NewProof => {
                         refused_again(shared, Some(first_head), second, true).await
                     }
-                    AfterNewProof::RefusedAgain => {
+                    Verdict::RefusedAfterRefresh => {
                         refused_again(shared, Some(first_head), second, false).await
                     }
-                    AfterNewProof::TokenRefused => {
+                    Verdict::Recover => {
                         let refused = ResponseHead::from_reqwest_ref(&second);
                         replay::refresh_for_later(shared, sent, &refused).await;
                         Ok(second)

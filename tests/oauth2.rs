@@ -2947,6 +2947,61 @@ async fn persisted_once(persisted: &Persisted) {
     panic!("the rotated refresh token was never persisted");
 }
 
+/// A rotation hook that persists into `persisted` (counting its calls in `calls`), its first
+/// call only after `delay`: a slow secret store, slower than the layer waits.
+fn slow_first_hook(
+    persisted: &Persisted,
+    calls: &Arc<AtomicUsize>,
+    delay: Duration,
+) -> impl Fn(RefreshToken) -> Pin<Box<dyn Future<Output = Result<(), Infallible>> + Send>>
++ Send
++ Sync
++ 'static {
+    let (persisted, calls) = (persisted.clone(), calls.clone());
+    move |new: RefreshToken| {
+        let persisted = persisted.clone();
+        let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+        Box::pin(async move {
+            if first {
+                tokio::time::sleep(delay).await;
+            }
+            persisted.lock().unwrap().push(new.secret().to_owned());
+            Ok(())
+        })
+    }
+}
+
+/// The rotation the layer gave up on was kept and persisted without another refresh: the
+/// hook persisted every rotated refresh token, and the refresher holds the current one.
+async fn kept_and_persisted(
+    s: &Servers,
+    rt0: &str,
+    refresher: &OAuth2Refresher<TokenClient>,
+    persisted: &Persisted,
+) {
+    persisted_once(persisted).await;
+    assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+    assert_eq!(
+        Some(refresher.refresh_token().unwrap().secret().to_owned()),
+        s.token.current_of(rt0)
+    );
+}
+
+/// The next refresh (forced: the failed one's cool-down holds) presents the kept refresh
+/// token: the request succeeds, a second grant, no reuse, and the new rotation persisted.
+async fn next_refresh_presents_it(
+    client: ApiClient,
+    handle: &TokenHandle,
+    s: &Servers,
+    persisted: &Persisted,
+) {
+    handle.refresh().await.unwrap();
+    assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
+    assert_eq!(s.token.grants(), 2);
+    assert_eq!(s.token.reuse_detected(), 0);
+    assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+}
+
 /// The layer stops waiting for a refresh (its refresh timeout ran out) while the token
 /// endpoint, which has rotated the refresh token, still holds its answer: the exchange runs
 /// on without the layer, so the rotated refresh token is kept and persisted at once, and the
@@ -2968,19 +3023,8 @@ async fn an_exchange_the_layer_stops_waiting_for_still_keeps_and_persists_its_ro
         // The answer arrives after the layer gave up: kept and persisted without another
         // refresh.
         s.token.release();
-        persisted_once(&persisted).await;
-        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
-        assert_eq!(
-            Some(refresher.refresh_token().unwrap().secret().to_owned()),
-            s.token.current_of(&rt0)
-        );
-
-        // The next refresh (forced: the failed one's cool-down holds) presents it.
-        handle.refresh().await.unwrap();
-        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
-        assert_eq!(s.token.grants(), 2);
-        assert_eq!(s.token.reuse_detected(), 0);
-        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+        kept_and_persisted(&s, &rt0, &refresher, &persisted).await;
+        next_refresh_presents_it(client, &handle, &s, &persisted).await;
     })
     .await;
 }
@@ -2994,39 +3038,21 @@ async fn a_rotation_hook_the_layer_stops_waiting_for_runs_to_its_end() {
         let s = Servers::start(TokenConfig::default()).await;
         let (_, rt0) = s.token.login();
         let persisted = Persisted::default();
-        let slow = persisted.clone();
         let calls = Arc::new(AtomicUsize::new(0));
         let refresher = app(&s, &rt0)
-            .on_rotation(move |new: RefreshToken| {
-                let slow = slow.clone();
-                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-                async move {
-                    if first {
-                        // A slow secret store: longer than the layer waits.
-                        tokio::time::sleep(Duration::from_millis(600)).await;
-                    }
-                    slow.lock().unwrap().push(new.secret().to_owned());
-                    Ok::<_, Infallible>(())
-                }
-            })
+            .on_rotation(slow_first_hook(
+                &persisted,
+                &calls,
+                Duration::from_millis(600),
+            ))
             .build()
             .unwrap();
         let (client, handle) = impatient_client(refresher.clone(), Duration::from_millis(200));
         let first = get(client.clone(), s.api_url()).await;
         assert!(first.is_err(), "the layer stopped waiting for the hook");
         assert_eq!(s.token.grants(), 1);
-        persisted_once(&persisted).await;
-        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
-        assert_eq!(
-            Some(refresher.refresh_token().unwrap().secret().to_owned()),
-            s.token.current_of(&rt0)
-        );
-
-        handle.refresh().await.unwrap();
-        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
-        assert_eq!(s.token.grants(), 2);
-        assert_eq!(s.token.reuse_detected(), 0);
-        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+        kept_and_persisted(&s, &rt0, &refresher, &persisted).await;
+        next_refresh_presents_it(client, &handle, &s, &persisted).await;
     })
     .await;
 }
@@ -3100,21 +3126,13 @@ async fn refreshes_given_up_while_an_earlier_one_runs_send_nothing_later() {
         let s = Servers::start(TokenConfig::default()).await;
         let (_, rt0) = s.token.login();
         let persisted = Persisted::default();
-        let slow = persisted.clone();
         let calls = Arc::new(AtomicUsize::new(0));
-        let hook_calls = calls.clone();
         let refresher = app(&s, &rt0)
-            .on_rotation(move |new: RefreshToken| {
-                let slow = slow.clone();
-                let first = hook_calls.fetch_add(1, Ordering::SeqCst) == 0;
-                async move {
-                    if first {
-                        tokio::time::sleep(Duration::from_millis(1_500)).await;
-                    }
-                    slow.lock().unwrap().push(new.secret().to_owned());
-                    Ok::<_, Infallible>(())
-                }
-            })
+            .on_rotation(slow_first_hook(
+                &persisted,
+                &calls,
+                Duration::from_millis(1_500),
+            ))
             .build()
             .unwrap();
         let (client, handle) = impatient_client(refresher, Duration::from_millis(150));
@@ -3128,12 +3146,7 @@ async fn refreshes_given_up_while_an_earlier_one_runs_send_nothing_later() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(s.token.grants(), 1, "only the first exchange was sent");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-
-        handle.refresh().await.unwrap();
-        assert_eq!(get(client, s.api_url()).await.unwrap(), StatusCode::OK);
-        assert_eq!(s.token.grants(), 2);
-        assert_eq!(s.token.reuse_detected(), 0);
-        assert_eq!(*persisted.lock().unwrap(), s.token.rotated());
+        next_refresh_presents_it(client, &handle, &s, &persisted).await;
     })
     .await;
 }

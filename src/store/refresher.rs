@@ -2136,6 +2136,21 @@ mod tests {
                 .unwrap()
         }
 
+        /// A refresh of `held` that resumes the kept chain: every refresh token presented so
+        /// far is `presented` (`why`: what another one would be), and the set it gets carries
+        /// `carries`.
+        async fn resumes(
+            &self,
+            held: &RefreshContext,
+            presented: &[&str],
+            carries: &str,
+            why: &str,
+        ) {
+            let token = self.refresh(held).await;
+            assert_eq!(self.presented(), presented, "{why}");
+            assert_eq!(token.refresh_token(), Some(carries));
+        }
+
         fn writes_fail(&self, fail: bool) {
             self.store.writes_fail.store(fail, Ordering::SeqCst);
         }
@@ -2169,13 +2184,13 @@ mod tests {
         c.cut(&held("a0", "r0")).await;
         assert_eq!(c.presented(), ["r0"]);
         c.writes_fail(false);
-        let token = c.refresh(&held("a0", "r0")).await;
-        assert_eq!(
-            c.presented(),
-            ["r0", "r1"],
-            "the spent r0 was presented again"
-        );
-        assert_eq!(token.refresh_token(), Some("r2"));
+        c.resumes(
+            &held("a0", "r0"),
+            &["r0", "r1"],
+            "r2",
+            "the spent r0 was presented again",
+        )
+        .await;
         assert_eq!(c.stored_refresh_token().await.as_deref(), Some("r2"));
     }
 
@@ -2195,13 +2210,13 @@ mod tests {
         c.cut(&first).await;
         assert_eq!(c.presented(), ["r0", "r1"]);
         c.writes_fail(false);
-        let token = c.refresh(&first).await;
-        assert_eq!(
-            c.presented(),
-            ["r0", "r1", "r2"],
-            "a spent refresh token again"
-        );
-        assert_eq!(token.refresh_token(), Some("r3"));
+        c.resumes(
+            &first,
+            &["r0", "r1", "r2"],
+            "r3",
+            "a spent refresh token again",
+        )
+        .await;
     }
 
     /// Two refreshes cut off in a row, with the same token held, both writes failed: the
@@ -2215,13 +2230,13 @@ mod tests {
         c.cut(&held("a0", "r0")).await;
         assert_eq!(c.presented(), ["r0", "r1"]);
         c.writes_fail(false);
-        let token = c.refresh(&held("a0", "r0")).await;
-        assert_eq!(
-            c.presented(),
-            ["r0", "r1", "r2"],
-            "a spent refresh token again"
-        );
-        assert_eq!(token.refresh_token(), Some("r3"));
+        c.resumes(
+            &held("a0", "r0"),
+            &["r0", "r1", "r2"],
+            "r3",
+            "a spent refresh token again",
+        )
+        .await;
     }
 
     /// Two cut-off refreshes with another process's refusal of the spent stored refresh
@@ -2245,13 +2260,13 @@ mod tests {
         c.cut(&held("a0", "r0")).await;
         assert_eq!(c.presented(), ["r0", "r1"]);
         c.writes_fail(false);
-        let token = c.refresh(&held("a0", "r0")).await;
-        assert_eq!(
-            c.presented(),
-            ["r0", "r1", "r2"],
-            "a spent refresh token again"
-        );
-        assert_eq!(token.refresh_token(), Some("r3"));
+        c.resumes(
+            &held("a0", "r0"),
+            &["r0", "r1", "r2"],
+            "r3",
+            "a spent refresh token again",
+        )
+        .await;
     }
 
     /// A login from outside (a refresh token the store does not know) cut off with its write
@@ -2264,13 +2279,13 @@ mod tests {
         c.cut(&held("l-access", "l0")).await;
         assert_eq!(c.presented(), ["l0"]);
         c.writes_fail(false);
-        let token = c.refresh(&held("l-access", "l0")).await;
-        assert_eq!(
-            c.presented(),
-            ["l0", "r1"],
-            "the spent login refresh token again"
-        );
-        assert_eq!(token.refresh_token(), Some("r2"));
+        c.resumes(
+            &held("l-access", "l0"),
+            &["l0", "r1"],
+            "r2",
+            "the spent login refresh token again",
+        )
+        .await;
         let stored = c.stored_refresh_token().await;
         assert_eq!(stored.as_deref(), Some("r2"), "the login is stored for all");
     }
@@ -2286,13 +2301,13 @@ mod tests {
         c.cut(&held("a0", "r0")).await;
         *c.store.current.lock().unwrap() = MemoryStore::new();
         c.writes_fail(false);
-        let token = c.refresh(&held("a0", "r0")).await;
-        assert_eq!(
-            c.presented(),
-            ["r0", "r1"],
-            "the spent r0 was presented again"
-        );
-        assert_eq!(token.refresh_token(), Some("r2"));
+        c.resumes(
+            &held("a0", "r0"),
+            &["r0", "r1"],
+            "r2",
+            "the spent r0 was presented again",
+        )
+        .await;
         assert_eq!(c.stored_refresh_token().await.as_deref(), Some("r2"));
     }
 
@@ -2309,13 +2324,13 @@ mod tests {
         // A fresh process's view: it never handed `r0` to its layer (no lineage), only the
         // kept chain knows it.
         c.shared.inner.lineage.0.lock().unwrap().0.clear();
-        let token = c.refresh(&held("a0", "r0")).await;
-        assert_eq!(
-            c.presented(),
-            ["r0", "r1"],
-            "the spent r0 was presented again"
-        );
-        assert_eq!(token.refresh_token(), Some("r2"));
+        c.resumes(
+            &held("a0", "r0"),
+            &["r0", "r1"],
+            "r2",
+            "the spent r0 was presented again",
+        )
+        .await;
     }
 
     /// A set kept of a session logged out for every process (`clear` then
@@ -2356,13 +2371,13 @@ mod tests {
         c.cut(&held("l-access", "l0")).await;
         c.writes_fail(false);
         c.shared.log_out_everywhere().await.unwrap();
-        let token = c.refresh(&held("l-access", "l0")).await;
-        assert_eq!(
-            c.presented(),
-            ["l0", "r1"],
-            "the spent login refresh token again"
-        );
-        assert_eq!(token.refresh_token(), Some("r2"));
+        c.resumes(
+            &held("l-access", "l0"),
+            &["l0", "r1"],
+            "r2",
+            "the spent login refresh token again",
+        )
+        .await;
         assert_eq!(c.stored_refresh_token().await.as_deref(), Some("r2"));
     }
 
