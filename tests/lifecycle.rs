@@ -218,6 +218,48 @@ fn refresh_ahead_runs_one_background_refresh_without_delaying_requests() {
     });
 }
 
+/// A refusal that joins a background refresh makes it a foreground one: a transient failure
+/// of its attempt is retried with backoff, as for any refusal, and the request is replayed
+/// with the token of the retry (not failed after one background attempt).
+#[test]
+fn a_refusal_joining_a_background_refresh_gets_its_retries() {
+    run_paused(Duration::from_secs(3600), async {
+        let (issuer, gate) = Issuer::gated(Some(Duration::from_secs(100)), 1);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone())
+            .leeway(Duration::from_secs(5))
+            .refresh_ahead(Duration::from_secs(40));
+        let svc = layer.layer(api(seen.clone(), issuer.accepted.clone()));
+        svc.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(issuer.calls(), 1);
+
+        // Inside the window: a request starts the background refresh (held at the gate) and
+        // goes out with t1, which the API has revoked meanwhile.
+        tokio::time::advance(Duration::from_secs(70)).await;
+        *issuer.accepted.lock().unwrap() = "revoked".to_owned();
+        *issuer.fail.lock().unwrap() = Some(false);
+        let refused = tokio::spawn(svc.clone().oneshot(get("/refused")));
+        support::yield_until(
+            "the request was refused and the background refresh started",
+            support::YIELD_BOUND,
+            || seen.count() == 2 && issuer.calls() == 2,
+        )
+        .await;
+        for _ in 0..support::YIELD_BOUND {
+            tokio::task::yield_now().await;
+        }
+        // The background attempt fails; its retry (after a backoff) waits at the gate.
+        gate.add_permits(1);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(issuer.calls(), 3, "the failed attempt was retried");
+        *issuer.fail.lock().unwrap() = None;
+        gate.add_permits(1);
+        let res = refused.await.unwrap().expect("replayed after the retry");
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(seen.all(), ["Bearer t1", "Bearer t1", "Bearer t3"]);
+    });
+}
+
 #[test]
 fn failed_background_refresh_keeps_the_token_and_backs_off() {
     run_paused(Duration::from_secs(3600), async {
@@ -460,6 +502,86 @@ async fn late_401_for_a_token_older_than_an_installed_one_reuses_the_installed_o
         assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
         assert_eq!(seen.all(), ["Bearer old", "Bearer installed"]);
         assert_eq!(issuer.calls(), 0);
+    })
+    .await;
+}
+
+/// A late 401 for a token older than an installed one that the API has since refused: the
+/// refused token is not the answer. The late request waits for the refresh the refusal
+/// started and is replayed with its token; the refused token is sent once only.
+#[tokio::test]
+async fn late_401_for_an_older_token_never_reuses_an_installed_token_since_refused() {
+    guard(async {
+        let (issuer, gate) = Issuer::gated(None, 0);
+        let seen = Seen::default();
+        let layer = RefreshLayer::new(issuer.clone()).initial_token(Token::bearer("old").unwrap());
+        let handle = layer.token_handle();
+        // `old` is answered 401 once the test releases it, `installed` at once; the issuer's
+        // tokens are accepted.
+        let release = Arc::new(Semaphore::new(0));
+        let inner = {
+            let (seen, release) = (seen.clone(), release.clone());
+            service_fn(move |req: Request<ReplayBody<Body>>| {
+                seen.push(req.headers());
+                let auth = req.headers()[AUTHORIZATION].clone();
+                let release = release.clone();
+                async move {
+                    if auth == "Bearer old" {
+                        release.acquire().await.unwrap().forget();
+                    }
+                    let status = if auth == "Bearer old" || auth == "Bearer installed" {
+                        StatusCode::UNAUTHORIZED
+                    } else {
+                        StatusCode::OK
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(String::new())
+                            .unwrap(),
+                    )
+                }
+            })
+        };
+        let svc = layer.layer(inner);
+        let late = tokio::spawn(svc.clone().oneshot(get("/a")));
+        support::yield_until(
+            "the request with the old token reached the API",
+            support::YIELD_BOUND,
+            || seen.count() >= 1,
+        )
+        .await;
+        handle.set_token(Token::bearer("installed").unwrap());
+        let refused = tokio::spawn(svc.clone().oneshot(get("/c")));
+        support::yield_until(
+            "the installed token was refused and a refresh started",
+            support::YIELD_BOUND,
+            || issuer.calls() >= 1,
+        )
+        .await;
+        // The late 401 for `old` comes in while that refresh runs.
+        release.add_permits(1);
+        for _ in 0..support::YIELD_BOUND {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            seen.all()
+                .iter()
+                .filter(|a| *a == "Bearer installed")
+                .count(),
+            1,
+            "the refused token is not sent again: {:?}",
+            seen.all()
+        );
+        gate.add_permits(1);
+        let late = late.await.unwrap().expect("the late request is replayed");
+        assert_eq!(late.status(), StatusCode::OK);
+        assert_eq!(refused.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(issuer.calls(), 1, "one refresh for both");
+        assert_eq!(
+            seen.all(),
+            ["Bearer old", "Bearer installed", "Bearer t1", "Bearer t1"]
+        );
     })
     .await;
 }

@@ -106,8 +106,10 @@ impl std::error::Error for NoTimer {}
 
 /// Calls the refresher until it succeeds, fails terminally, or the backoff gives up. Each
 /// attempt is cut off at the refresh timeout and at the backoff's total bound, whichever
-/// comes first (with a runtime; without one there is no timer). `single`: one attempt only
-/// (background refreshes, and the first refresh after a failed one). `superseded`: whether
+/// comes first (with a runtime; without one there is no timer). `single`: whether to stop at
+/// the failed attempt (a background refresh nobody waits for, and the first refresh after a
+/// failed one); asked after each failure, as a caller may join a background refresh and
+/// make it a foreground one meanwhile. `superseded`: whether
 /// the handle installed or cleared a token since the round started; a retry is not made
 /// then: its answer would be discarded, and the refresher would be asked, after a logout,
 /// to refresh the session that ended.
@@ -115,7 +117,7 @@ pub(crate) async fn attempt_all(
     refresher: &dyn ErasedRefresher,
     ctx: RefreshContext,
     settings: &FlightSettings,
-    single: bool,
+    single: &(dyn Fn() -> bool + Send + Sync),
     superseded: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Token, RefreshError> {
     if has_runtime() && !crate::head::timer_here() {
@@ -133,7 +135,7 @@ pub(crate) async fn attempt_all(
             Ok(token) => return Ok(token),
             Err(err) => err,
         };
-        if err.is_terminal() || single || !has_runtime() {
+        if err.is_terminal() || single() || !has_runtime() {
             // No timer outside a Tokio runtime: report the failure itself.
             return Err(err);
         }

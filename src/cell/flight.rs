@@ -171,6 +171,7 @@ impl TokenCell {
     }
 
     /// Builds the job of a new refresh and records it as the flight. Called under the lock.
+    /// A background refresh stays one until a caller joins it (`State::begin`).
     fn start(
         self: &Arc<Self>,
         st: &mut State<Job>,
@@ -188,8 +189,9 @@ impl TokenCell {
             timeout: options.refresh_timeout,
             clock: options.clock.clone(),
         };
-        // After a failed refresh, one attempt per cool-down: retries are for blips.
-        let single = background || st.failures > 0;
+        // After a failed refresh, one attempt per cool-down: retries are for blips. (A
+        // background round makes one attempt while nobody waits for it; see `one_attempt`.)
+        let single = st.failures > 0;
         let generation = st.generation;
         let span = tracing::debug_span!(
             "token_refresh",
@@ -223,8 +225,16 @@ impl TokenCell {
                         move || cell.read().handed > at
                     };
                     let superseded = handed_since(generation);
-                    attempt_all(&*cell.refresher, ctx, &settings, single, &superseded).await
+                    // One attempt while nobody waits for a background round; retries once a
+                    // caller joined it (`State::begin` makes the flight a foreground one).
+                    let one_attempt = {
+                        let cell = Arc::clone(&cell);
+                        move || single || (in_background && unjoined(&cell, id))
+                    };
+                    attempt_all(&*cell.refresher, ctx, &settings, &one_attempt, &superseded).await
                 };
+                // A caller joined this background round: it counts as a foreground one.
+                in_background = in_background && unjoined(&cell, id);
                 let error = result.as_ref().err().map(ToString::to_string);
                 // The refresher was called in the foreground and failed transiently: the token
                 // endpoint is failing, whatever happened to the token meanwhile. (A terminal
@@ -540,4 +550,13 @@ impl Drop for Waiting {
             tracing::debug!("token refresh cancelled: its last driver was dropped");
         }
     }
+}
+
+/// Whether the background flight `id` still runs with nobody waiting for it: no caller joined
+/// it (which makes it a foreground one), and it was not abandoned or replaced.
+fn unjoined(cell: &TokenCell, id: u64) -> bool {
+    cell.read()
+        .flight
+        .as_ref()
+        .is_none_or(|f| f.id != id || f.background)
 }

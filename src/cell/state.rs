@@ -494,9 +494,13 @@ impl<J: Clone> State<J> {
     }
 
     /// What a waiter for a token newer than `ticket` gets without a refresh, if anything.
+    ///
+    /// Never a token a server refused: a late 401 for an older token, coming in after the
+    /// current one was refused, waits for the refresh that refusal started (or starts one).
     pub(crate) fn answer_since(&self, ticket: Ticket) -> Option<Answer> {
         if self.generation > ticket.generation {
             match &self.session {
+                Session::Active(_) if self.rejected == Some(self.generation) => {}
                 Session::Active(held) => {
                     return Some(Ok(Fresh {
                         ticket: self.ticket(),
@@ -540,7 +544,13 @@ impl<J: Clone> State<J> {
         {
             return None;
         }
-        self.flight.as_ref().map(|f| Begin::Join(f.job.clone()))
+        match &self.flight {
+            // A refusal joining a background refresh makes it a foreground one (`begin`,
+            // under the write lock).
+            Some(f) if f.background && need == Need::Refused => None,
+            Some(f) => Some(Begin::Join(f.job.clone())),
+            None => None,
+        }
     }
 
     /// A caller at `ticket` needs a newer token: answer, join the flight, or start one.
@@ -556,6 +566,14 @@ impl<J: Clone> State<J> {
         if let Some(flight) = &mut self.flight {
             if need == Need::Forced && flight.generation != self.generation {
                 flight.forced_at = Some(self.generation);
+            }
+            // A caller with nothing to fall back on (a refused token, a forced refresh) waits
+            // for a background refresh: from now on it is a foreground one, its transient
+            // failures retried with backoff and its outcome booked as a foreground refresh's
+            // (attempts, cool-down). A request inside the leeway keeps the background
+            // refresh's one attempt: after it fails, the still-valid token goes out.
+            if need != Need::BeforeSend {
+                flight.background = false;
             }
             return Begin::Join(flight.job.clone());
         }

@@ -585,6 +585,40 @@ fn a_failed_background_refresh_joined_inside_the_leeway_keeps_the_valid_token() 
 }
 
 #[test]
+fn a_refusal_joining_a_background_refresh_makes_it_a_foreground_one() {
+    let mut st = S::new();
+    let t = now();
+    let cooldown = Cooldown::new(Duration::from_secs(10), Duration::from_secs(10));
+    st.install(token("a", Some(600)), t);
+    let sent = st.ticket();
+    st.started(1, true, 1, false);
+    // A request inside the leeway joins it as it is, on the shared path.
+    assert!(matches!(
+        st.begin_shared(sent, Need::BeforeSend),
+        Some(Begin::Join(1))
+    ));
+    assert!(st.flight.as_ref().unwrap().background);
+    // A refusal takes the write lock (even of a token already marked refused), and from then
+    // on the flight is a foreground one.
+    assert!(st.begin_shared(sent, Need::Refused).is_none());
+    assert!(matches!(
+        st.begin(sent, Need::Refused, t.mono),
+        Begin::Join(1)
+    ));
+    assert!(!st.flight.as_ref().unwrap().background);
+    assert!(matches!(
+        st.begin_shared(sent, Need::Refused),
+        Some(Begin::Join(1))
+    ));
+    // Its transient failure is booked as a foreground one: a failure in a row, a cool-down.
+    let (answer, _) = finish(&mut st, Err(RefreshError::transient("503")), t, &cooldown);
+    assert!(matches!(answer, Err(Unavailable::Failed(_))));
+    assert_eq!(st.failures, 1);
+    assert!(st.cooling_at(t.mono).is_some());
+    assert!(st.ahead_not_before.is_none());
+}
+
+#[test]
 fn a_login_then_an_invalidation_during_a_refresh_keeps_the_logins_refresh_token() {
     let mut st = S::new();
     let t = now();
