@@ -2109,3 +2109,43 @@ async fn kept_sets_without_a_record_stay_apart_across_keys() {
         "key 1 presented its own spent refresh token: its kept set went with key 0's"
     );
 }
+
+/// Two records in one directory whose names are not UTF-8 (and would read the same once made
+/// text) each write through a temporary file of their own: many writes of both at once leave
+/// each record with its own session, and none fails.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_whose_names_are_not_utf8_never_share_a_temporary_file() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    let dir = TempDir::new("non-utf8");
+    let writes = |name: &'static [u8], access: &'static str| {
+        let store = FileStore::new(dir.path().join(OsStr::from_bytes(name)));
+        tokio::spawn(async move {
+            let lease = store
+                .try_lease(Duration::from_secs(60))
+                .await
+                .unwrap()
+                .unwrap();
+            for version in 1..=300u64 {
+                let token = Token::bearer(access).unwrap();
+                let record = Record::from_token(version, &token, SystemTime::now());
+                let written = store.compare_and_set(&lease, version - 1, &record).await;
+                assert_eq!(
+                    written.unwrap_or_else(|e| panic!("{access}, version {version}: {e}")),
+                    CasOutcome::Written,
+                    "{access}, version {version}"
+                );
+            }
+            store.release(lease).await.unwrap();
+            let stored = store.load().await.unwrap().unwrap();
+            assert_eq!(stored.version(), 300);
+            assert_eq!(stored.to_token().unwrap().secret(), access);
+        })
+    };
+    let a = writes(b"t\xff", "access-of-a");
+    let b = writes(b"t\xfe", "access-of-b");
+    a.await.unwrap();
+    b.await.unwrap();
+}

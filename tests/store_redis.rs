@@ -768,3 +768,69 @@ async fn a_wait_whose_read_stalls_ends_within_its_bound() {
     );
     long.abort();
 }
+
+/// A Redis user without permission for the store's channels (an ACL user created without
+/// `&<prefix>:*`: Redis 7's default): its compare-and-set writes the record and says so (the
+/// script's `PUBLISH` is refused, not the write), its lease is given back, and a wait for
+/// another process's write ends when the record changes (by polling), not in an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_channel_permissions_writes_and_waits_by_polling() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let created = redis.command(&[
+        b"ACL",
+        b"SETUSER",
+        b"app",
+        b"on",
+        b">app-pw-7c1e",
+        b"~acl:*",
+        b"resetchannels",
+        b"+@all",
+    ]);
+    assert_eq!(created.trim(), "+OK");
+    let url = redis
+        .url()
+        .replacen("redis://", "redis://app:app-pw-7c1e@", 1);
+    let writer = RedisStore::open(&url, "acl").unwrap();
+    let waiter = RedisStore::open(&url, "acl").unwrap();
+
+    let lease = writer
+        .try_lease(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let written = writer.compare_and_set(&lease, 0, &valid_record(1)).await;
+    assert_eq!(written.unwrap(), CasOutcome::Written);
+    assert!(redis.get("acl:record").is_some());
+    writer.release(lease).await.unwrap();
+    assert!(redis.get("acl:lease").is_none(), "the lease was given back");
+
+    // Nothing new: the wait ends at its bound, without an error.
+    within(
+        "a wait with nothing new",
+        waiter.wait_change(1, Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    // Another process writes version 2 while a long wait runs: the wait ends.
+    let wait = tokio::spawn(async move { waiter.wait_change(1, Duration::from_secs(60)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let lease = writer
+        .try_lease(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        writer
+            .compare_and_set(&lease, 1, &valid_record(2))
+            .await
+            .unwrap(),
+        CasOutcome::Written
+    );
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the wait saw the new version")
+        .unwrap()
+        .unwrap();
+}

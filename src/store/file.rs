@@ -1,5 +1,6 @@
 //! A store in one file, for the processes of one host.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,9 @@ use super::{CasOutcome, Lease, Record, StoreError, TokenStore, fence};
 ///   `fs4` crate) on `<path>.lock`. The OS releases it as soon as its holder exits or is
 ///   killed, so a dead holder never blocks the others; the TTL bounds the refresh the holder
 ///   runs under it (see [`StoreRefresher::lease_ttl`](super::StoreRefresher::lease_ttl)).
+///   A `<path>.lock` file left after a crash is therefore not stale and needs no cleaning:
+///   do not delete it (a lock held on a deleted file is no lock for the next process, and two
+///   processes could then present the same refresh token).
 /// - Waiters learn of a new version by polling the file, every 10 ms at first, backing off to
 ///   100 ms.
 ///
@@ -63,10 +67,12 @@ impl FileStore {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
         };
-        let name = record
-            .file_name()
-            .map_or_else(|| "token".into(), |n| n.to_string_lossy().into_owned());
-        let tmp = dir.join(format!(".{name}.tmp"));
+        // From the name as the OS has it (not a lossy text of it): two records whose names
+        // are not UTF-8 must not share a temporary file.
+        let mut name = OsString::from(".");
+        name.push(record.file_name().unwrap_or(OsStr::new("token")));
+        name.push(".tmp");
+        let tmp = dir.join(name);
         Self {
             paths: Arc::new(Paths {
                 record,

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -13,7 +14,9 @@ use tokio::sync::watch;
 use super::{CasOutcome, Lease, Record, StoreError, TokenStore, fence};
 
 /// The fenced compare-and-set: writes only if the lease still holds the caller's fencing
-/// value and the stored version is the expected one, then wakes the waiters. Keys of another
+/// value and the stored version is the expected one, then wakes the waiters. The `PUBLISH`
+/// is a `pcall`: a user without permission for the channel (an ACL without `&<prefix>:*`)
+/// has written the record all the same, and must hear so (its waiters poll). Keys of another
 /// type than a string are checked first (a `GET` of one is an error): a lease key of another
 /// type is no lease, a record key of another type is a corrupt record.
 const CAS: &str = r"
@@ -30,7 +33,7 @@ if cur then
 end
 if v ~= tonumber(ARGV[2]) then return 'version' end
 redis.call('SET', KEYS[1], ARGV[3])
-redis.call('PUBLISH', KEYS[3], ARGV[4])
+redis.pcall('PUBLISH', KEYS[3], ARGV[4])
 return 'ok'
 ";
 
@@ -38,7 +41,7 @@ return 'ok'
 const RELEASE: &str = r"
 if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', KEYS[2], 'released')
+  redis.pcall('PUBLISH', KEYS[2], 'released')
 end
 return 1
 ";
@@ -64,7 +67,16 @@ return 1
 ///   operation until the kernel gives the socket up. TCP keepalive probes also close such a
 ///   connection while it is idle.
 ///
-/// Needs Redis 6 or later (RESP3). Redis must keep what it acknowledged: a restart from an
+/// With Redis ACLs, the store's user needs the keys `~p:*`, the commands the store sends
+/// (`GET`, `SET`, `DEL`, `TYPE`, `EVALSHA` and `EVAL`, `SUBSCRIBE`, `UNSUBSCRIBE`, `PUBLISH`,
+/// besides the connection's handshake), and should have the channels `&p:*`. Without the
+/// channels (a new user's default since Redis 7) the store still works: Redis refuses the
+/// subscription, the store logs a warning once, and waits look at the record every 100 ms
+/// instead of being woken.
+///
+/// Needs Redis 6 or later (RESP3). Keys must not be evicted (`maxmemory-policy noeviction`,
+/// Redis's default: a policy such as `volatile-ttl` evicts the lease first). Redis must keep
+/// what it acknowledged: a restart from an
 /// RDB snapshot, or with `appendfsync everysec`, or a failover to a replica that lagged, can
 /// bring back an older record whose refresh token was already rotated away, and every process
 /// then presents that spent token. Where the token endpoint rotates refresh tokens and detects
@@ -108,6 +120,9 @@ struct Connection {
     subscribing: tokio::sync::Mutex<()>,
     cas: Script,
     release: Script,
+    /// Redis refused a `SUBSCRIBE` for want of permission (`NOPERM`: an ACL user without the
+    /// channels): every wait on this connection polls the record from then on.
+    polling: AtomicBool,
 }
 
 /// The channels subscribed on the connection, each while a store waits on it: a keyed layer
@@ -147,6 +162,9 @@ impl Channels {
 
 /// How many times the last wait to leave a channel tries to unsubscribe it, and the pause
 /// between tries (the connection manager reconnects meanwhile).
+/// How often a wait looks at the record when Redis refuses this user the store's channels.
+const POLL: Duration = Duration::from_millis(100);
+
 const UNSUBSCRIBE_TRIES: usize = 3;
 const UNSUBSCRIBE_PAUSE: Duration = Duration::from_millis(500);
 
@@ -265,8 +283,16 @@ impl Connection {
             c.attempted = Some(generation);
         }
         let result = manager.subscribe(channel).await;
-        self.settle(generation, result)
-            .map_err(|e| unavailable("SUBSCRIBE", e))?;
+        self.settle(generation, result).map_err(|e| {
+            if e.code() == Some("NOPERM") && !self.polling.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the Redis user may not subscribe to the store's channels (NOPERM): \
+                     waits for another process's refresh poll the record every {} ms",
+                    POLL.as_millis()
+                );
+            }
+            unavailable("SUBSCRIBE", e)
+        })?;
         if let Some(c) = self.channels.lock().get_mut(channel) {
             c.subscribed = Some(generation);
         }
@@ -411,6 +437,7 @@ impl RedisStore {
             }),
             channels,
             subscribing: tokio::sync::Mutex::new(()),
+            polling: AtomicBool::new(false),
             cas: Script::new(CAS),
             release: Script::new(RELEASE),
         });
@@ -455,6 +482,31 @@ impl RedisStore {
 
     fn settle<T>(&self, generation: u64, result: RedisResult<T>) -> RedisResult<T> {
         self.inner.conn.settle(generation, result)
+    }
+}
+
+impl RedisStore {
+    /// [`wait_change`](TokenStore::wait_change) without a subscription: looks at the record
+    /// every [`POLL`] until its version is past `seen` or `deadline` comes.
+    async fn poll_change(
+        &self,
+        seen: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), StoreError> {
+        loop {
+            let Ok(current) = tokio::time::timeout_at(deadline, self.load()).await else {
+                return Ok(());
+            };
+            if current?.map_or(0, |r| r.version()) > seen {
+                return Ok(());
+            }
+            let next = tokio::time::Instant::now() + POLL;
+            if next >= deadline {
+                tokio::time::sleep_until(deadline).await;
+                return Ok(());
+            }
+            tokio::time::sleep_until(next).await;
+        }
     }
 }
 
@@ -571,12 +623,22 @@ impl TokenStore for RedisStore {
         let deadline = now
             .checked_add(max)
             .unwrap_or_else(|| now + Duration::from_secs(86_400));
+        if self.inner.conn.polling.load(Ordering::Relaxed) {
+            return self.poll_change(seen, deadline).await;
+        }
         let Ok(watch) =
             tokio::time::timeout_at(deadline, self.inner.conn.watch(&self.inner.channel)).await
         else {
             return Ok(());
         };
-        let mut watch = watch?;
+        let mut watch = match watch {
+            Ok(watch) => watch,
+            // Refused the channel: looks at the record now and then instead.
+            Err(_) if self.inner.conn.polling.load(Ordering::Relaxed) => {
+                return self.poll_change(seen, deadline).await;
+            }
+            Err(err) => return Err(err),
+        };
         // A version published before the subscription is seen here.
         let Ok(current) = tokio::time::timeout_at(deadline, self.load()).await else {
             return Ok(());
