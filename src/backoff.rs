@@ -79,7 +79,9 @@ impl Backoff {
 
     /// The whole refresh, attempts in flight included, ends within this time after its first
     /// attempt started: an attempt still running then is cut off as a transient failure.
-    /// Zero cuts off even the first attempt (every refresh then fails): for no retries, use
+    /// Zero cuts off every attempt that is not ready at its first poll (a refresher that
+    /// answers at once still succeeds; any other refresh fails), as a zero
+    /// [`refresh_timeout`](crate::RefreshOptions::refresh_timeout) does: for no retries, use
     /// [`Backoff::none`] or [`max_attempts(1)`](Self::max_attempts).
     #[must_use]
     pub fn max_elapsed(mut self, total: Duration) -> Self {

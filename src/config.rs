@@ -457,7 +457,8 @@ impl RefreshOptions {
     }
 
     /// When the replay is refused again (or a request sent after a refresh is refused), give
-    /// the caller that final 401 response itself instead of
+    /// the caller that final refusal itself (the 401, or a gRPC `UNAUTHENTICATED` response,
+    /// which a tonic client then reports as `Code::Unauthenticated`) instead of
     /// [`UnauthorizedAfterRefresh`](crate::error::UnauthorizedAfterRefresh), as OkHttp, Ktor
     /// and axios do. Off by default.
     #[must_use]

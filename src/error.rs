@@ -55,7 +55,7 @@ pub struct RefreshFailed {
 }
 
 fn after(head: Option<&ResponseHead>) -> String {
-    head.map(|h| format!(" (after a {} response)", h.status()))
+    head.map(|h| format!(" (after a {} response)", h.refusal()))
         .unwrap_or_default()
 }
 
@@ -117,7 +117,7 @@ impl RefreshFailed {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
     "request refused with {} again after {}",
-    .last.status(),
+    .last.refusal(),
     if *.proof_refused { "a new proof of possession" } else { "a token refresh" }
 )]
 pub struct UnauthorizedAfterRefresh {

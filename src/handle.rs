@@ -171,7 +171,9 @@ impl TokenHandle {
     /// # Errors
     ///
     /// [`RefreshRejected`](crate::error::RefreshRejected) or
-    /// [`RefreshFailed`](crate::error::RefreshFailed); and
+    /// [`RefreshFailed`](crate::error::RefreshFailed);
+    /// [`SessionEnded`](crate::error::SessionEnded) when [`clear`](Self::clear) ends the
+    /// session while this refresh runs; and
     /// [`ReentrantRefresh`](crate::error::ReentrantRefresh) at once when called from inside
     /// the refresher (it would wait for itself).
     pub async fn refresh(&self) -> Result<TokenState, BoxError> {

@@ -62,9 +62,40 @@ impl ResponseHead {
     }
 }
 
+impl ResponseHead {
+    /// What refused the request, for messages: the HTTP status, or the gRPC status in the
+    /// headers of an HTTP 200 (a trailers-only gRPC response, as `UNAUTHENTICATED` is).
+    pub(crate) fn refusal(&self) -> Refusal<'_> {
+        Refusal(self)
+    }
+}
+
+/// See [`ResponseHead::refusal`].
+pub(crate) struct Refusal<'a>(&'a ResponseHead);
+
+impl std::fmt::Display for Refusal<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head = self.0;
+        let grpc = head
+            .headers
+            .get("grpc-status")
+            .filter(|_| head.status == StatusCode::OK);
+        match grpc.map(|v| v.as_bytes().trim_ascii()) {
+            Some(b"16") => f.write_str("gRPC status 16 (UNAUTHENTICATED)"),
+            // A server's text: a few bytes of it.
+            Some(code) => write!(
+                f,
+                "gRPC status {}",
+                String::from_utf8_lossy(&code[..code.len().min(16)])
+            ),
+            None => write!(f, "{}", head.status),
+        }
+    }
+}
+
 impl std::fmt::Display for ResponseHead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "a {} response", self.status)
+        write!(f, "a {} response", self.refusal())
     }
 }
 

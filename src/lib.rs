@@ -155,6 +155,13 @@
 //!
 //! A timeout for the whole call, retries included, goes outside `RetryLayer`.
 //!
+//! Inside, a redirect is told apart by the URL of the final response: a chain of redirects
+//! that ends at the URL the layer sent (to another origin and back) reads as that URL's own
+//! answer, and a 401 there is recovered from as a first refusal, although the hop back came
+//! without the token (dropped at the cross-origin hop). Such chains are rare; the caller then
+//! gets [`UnauthorizedAfterRefresh`](error::UnauthorizedAfterRefresh) after one refresh and
+//! one replay, never a loop. The reqwest middleware reads reqwest's own redirects the same way.
+//!
 //! If `FollowRedirectLayer` must sit outside this layer, every hop passes through this layer
 //! and gets the token unless its origin is not allowed: by default only the first origin the
 //! layer saw gets the token (see [`RefreshOptions::allowed_origins`]).

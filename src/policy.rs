@@ -177,22 +177,23 @@ impl Parser<'_> {
             challenge.params.push((name, value));
             self.skip_ws();
             match self.peek() {
-                Some(b',') => {
-                    // Another param of this challenge, or the next challenge.
-                    let save = self.pos;
-                    self.skip_ws_and_commas();
-                    if !self.at_param() {
-                        self.pos = save;
-                        return;
-                    }
-                }
+                Some(b',') => {}
                 None => return,
+                // Junk after the value (an unquoted value with a character a token may not
+                // have, such as `scope=read:user`): skipped to the next comma.
                 Some(_) => {
                     self.skip_junk();
                     if self.peek().is_none() {
                         return;
                     }
                 }
+            }
+            // At a comma: another param of this challenge, or the next challenge.
+            let save = self.pos;
+            self.skip_ws_and_commas();
+            if !self.at_param() {
+                self.pos = save;
+                return;
             }
         }
     }
@@ -401,6 +402,28 @@ mod tests {
 
     /// DPoP challenges follow the same rule (RFC 9449 §7.1): a proof or scope problem is not
     /// answered by a new token.
+    /// A param after a value with junk in it (`read:user` is not a token) stays with its
+    /// challenge: an `insufficient_scope` after it is seen, and no refresh is triggered.
+    #[test]
+    fn params_after_a_malformed_value_stay_with_their_challenge() {
+        for raw in [
+            r#"Bearer scope=read:user, error="insufficient_scope""#,
+            r#"Bearer realm=My API, error="insufficient_scope", Basic realm="x""#,
+        ] {
+            let c = parse_challenges(raw.as_bytes());
+            assert_eq!(c[0].scheme, "Bearer", "{raw}");
+            assert_eq!(c[0].param("error"), Some("insufficient_scope"), "{raw}");
+            assert!(
+                c.iter().skip(1).all(|c| c.scheme == "Basic"),
+                "{raw}: {c:?}"
+            );
+            assert!(
+                !default_trigger(StatusCode::UNAUTHORIZED, &h(&[raw])),
+                "{raw}"
+            );
+        }
+    }
+
     #[test]
     fn dpop_challenges_refresh_only_for_invalid_token() {
         let s = StatusCode::UNAUTHORIZED;

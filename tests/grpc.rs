@@ -279,3 +279,69 @@ async fn unauthenticated_for_insufficient_scope_is_returned_as_is() {
     .await
     .expect("no hang");
 }
+
+/// A call refused again after the refresh (the server refuses the new token too). By
+/// default tonic reports the layer's error as `Code::Unknown` (it maps only its own kinds of
+/// errors), with a message that names the gRPC refusal, and the typed
+/// `UnauthorizedAfterRefresh` as the status's source. With `unauthorized_as_response(true)`
+/// the server's own `UNAUTHENTICATED` reaches the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_refused_again_after_the_refresh_as_tonic_reports_it() {
+    use tower_auth_refresh::error::UnauthorizedAfterRefresh;
+
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (addr, seen) = grpc_server().await;
+        for as_response in [false, true] {
+            let refreshes = Arc::new(AtomicUsize::new(0));
+            // The refresher's token is refused as well.
+            let layer = RefreshLayer::new(counting(&refreshes, "refused-too-5d1c"))
+                .initial_token(Token::bearer(STALE).unwrap())
+                .unauthorized_as_response(as_response);
+            let http2: Client<HttpConnector, ReplayBody<tonic::body::Body>> =
+                Client::builder(TokioExecutor::new())
+                    .http2_only(true)
+                    .build_http();
+            let channel = ServiceBuilder::new().layer(layer).service(http2);
+            let mut client = tonic::client::Grpc::with_origin(
+                channel,
+                format!("http://{addr}").parse().unwrap(),
+            );
+            client.ready().await.unwrap();
+            let refused_before = seen.lock().unwrap().refused;
+            let status = client
+                .unary::<Bytes, Bytes, _>(
+                    tonic::Request::new(message(1)),
+                    PathAndQuery::from_static("/test.Echo/Call"),
+                    RawCodec,
+                )
+                .await
+                .expect_err("refused");
+            assert_eq!(refreshes.load(Ordering::SeqCst), 1, "one refresh");
+            assert_eq!(
+                seen.lock().unwrap().refused - refused_before,
+                2,
+                "sent, then replayed once"
+            );
+            if as_response {
+                assert_eq!(status.code(), Code::Unauthenticated);
+                assert_eq!(status.message(), "token expired");
+            } else {
+                assert_eq!(status.code(), Code::Unknown);
+                assert!(
+                    status
+                        .message()
+                        .contains("gRPC status 16 (UNAUTHENTICATED)"),
+                    "{}",
+                    status.message()
+                );
+                let source = std::error::Error::source(&status).expect("the layer's error");
+                assert!(
+                    source.downcast_ref::<UnauthorizedAfterRefresh>().is_some(),
+                    "{source:?}"
+                );
+            }
+        }
+    })
+    .await
+    .expect("no hang");
+}
