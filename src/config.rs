@@ -416,6 +416,12 @@ impl RefreshOptions {
     /// Allows the token over plain `http://` to hosts that are not loopback. Off by default:
     /// such a request fails with [`InsecureTransport`](crate::error::InsecureTransport)
     /// before anything is sent (`localhost`, `127.0.0.0/8` and `::1` are always allowed).
+    ///
+    /// The layer judges the URL, not the route: a client that sends plain `http://` through
+    /// a proxy (reqwest reads `HTTP_PROXY` from the environment, and does not leave
+    /// `localhost` out unless `NO_PROXY` says so) carries a loopback URL's token in cleartext
+    /// to the proxy. For loopback, build the client with `no_proxy()` or set
+    /// `NO_PROXY=localhost,127.0.0.1,::1`.
     #[must_use]
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
         self.allow_insecure_http = allow;

@@ -574,7 +574,8 @@ mod through_reqwest {
     /// next request to that server hangs the same way.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_chunked_body_the_server_stops_reading_gives_the_401_without_hanging() {
-        let (status, _) = early_401(12 * MIB, Kind::Chunked, 16 * MIB, AfterRefusal::Stall).await;
+        // Six times Linux's default largest send buffer (`net.ipv4.tcp_wmem`, 4 MiB).
+        let (status, _) = early_401(24 * MIB, Kind::Chunked, 32 * MIB, AfterRefusal::Stall).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 }
