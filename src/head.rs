@@ -37,6 +37,12 @@ impl ResponseHead {
         self
     }
 
+    /// What refused the request, for messages: the HTTP status, or the gRPC status in the
+    /// headers of an HTTP 200 (a trailers-only gRPC response, as `UNAUTHENTICATED` is).
+    pub(crate) fn refusal(&self) -> Refusal<'_> {
+        Refusal(self)
+    }
+
     /// The response's status.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -59,14 +65,6 @@ impl ResponseHead {
     /// [`unauthorized_as_response`](crate::RefreshOptions::unauthorized_as_response).
     pub fn body(&self) -> &Bytes {
         &self.body
-    }
-}
-
-impl ResponseHead {
-    /// What refused the request, for messages: the HTTP status, or the gRPC status in the
-    /// headers of an HTTP 200 (a trailers-only gRPC response, as `UNAUTHENTICATED` is).
-    pub(crate) fn refusal(&self) -> Refusal<'_> {
-        Refusal(self)
     }
 }
 

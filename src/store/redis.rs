@@ -160,11 +160,11 @@ impl Channels {
     }
 }
 
-/// How many times the last wait to leave a channel tries to unsubscribe it, and the pause
-/// between tries (the connection manager reconnects meanwhile).
 /// How often a wait looks at the record when Redis refuses this user the store's channels.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How many times the last wait to leave a channel tries to unsubscribe it, and the pause
+/// between tries (the connection manager reconnects meanwhile).
 const UNSUBSCRIBE_TRIES: usize = 3;
 const UNSUBSCRIBE_PAUSE: Duration = Duration::from_millis(500);
 
