@@ -507,10 +507,16 @@ mod through_reqwest {
     ) -> (StatusCode, Log) {
         let (addr, shared) = serve(after).await;
         let calls = Arc::new(AtomicUsize::new(0));
+        // A server that reads the rest lets the first send end: a long wait, which ends as
+        // soon as it does. One that stalls: a short one, to keep the test quick.
+        let wait = match after {
+            AfterRefusal::Drain => Duration::from_secs(8),
+            AfterRefusal::Stall => Duration::from_millis(500),
+        };
         let layer = RefreshLayer::new(counting(&calls, FRESH))
             .initial_token(Token::bearer(STALE).unwrap())
             .max_replay_body(cap)
-            .replay_body_wait(Duration::from_millis(500));
+            .replay_body_wait(wait);
         let inner = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
@@ -530,7 +536,7 @@ mod through_reqwest {
             .post(format!("http://{addr}/upload"))
             .body(body)
             .send();
-        let res = tokio::time::timeout(Duration::from_secs(10), sent)
+        let res = tokio::time::timeout(Duration::from_secs(30), sent)
             .await
             .unwrap_or_else(|_| panic!("{case}: the caller hung"))
             .unwrap_or_else(|e| panic!("{case}: {e:?}"));

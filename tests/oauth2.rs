@@ -2952,18 +2952,20 @@ async fn persisted_once(persisted: &Persisted) {
 fn slow_first_hook(
     persisted: &Persisted,
     calls: &Arc<AtomicUsize>,
-    delay: Duration,
+    release: &Arc<tokio::sync::Semaphore>,
 ) -> impl Fn(RefreshToken) -> Pin<Box<dyn Future<Output = Result<(), Infallible>> + Send>>
 + Send
 + Sync
 + 'static {
-    let (persisted, calls) = (persisted.clone(), calls.clone());
+    let (persisted, calls, release) = (persisted.clone(), calls.clone(), release.clone());
     move |new: RefreshToken| {
         let persisted = persisted.clone();
+        let release = release.clone();
         let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
         Box::pin(async move {
             if first {
-                tokio::time::sleep(delay).await;
+                // Held until the test releases it (no race with the layer's timers).
+                release.acquire().await.unwrap().forget();
             }
             persisted.lock().unwrap().push(new.secret().to_owned());
             Ok(())
@@ -3039,18 +3041,16 @@ async fn a_rotation_hook_the_layer_stops_waiting_for_runs_to_its_end() {
         let (_, rt0) = s.token.login();
         let persisted = Persisted::default();
         let calls = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
         let refresher = app(&s, &rt0)
-            .on_rotation(slow_first_hook(
-                &persisted,
-                &calls,
-                Duration::from_millis(600),
-            ))
+            .on_rotation(slow_first_hook(&persisted, &calls, &release))
             .build()
             .unwrap();
         let (client, handle) = impatient_client(refresher.clone(), Duration::from_millis(200));
         let first = get(client.clone(), s.api_url()).await;
         assert!(first.is_err(), "the layer stopped waiting for the hook");
         assert_eq!(s.token.grants(), 1);
+        release.add_permits(1);
         kept_and_persisted(&s, &rt0, &refresher, &persisted).await;
         next_refresh_presents_it(client, &handle, &s, &persisted).await;
     })
@@ -3127,12 +3127,9 @@ async fn refreshes_given_up_while_an_earlier_one_runs_send_nothing_later() {
         let (_, rt0) = s.token.login();
         let persisted = Persisted::default();
         let calls = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
         let refresher = app(&s, &rt0)
-            .on_rotation(slow_first_hook(
-                &persisted,
-                &calls,
-                Duration::from_millis(1_500),
-            ))
+            .on_rotation(slow_first_hook(&persisted, &calls, &release))
             .build()
             .unwrap();
         let (client, handle) = impatient_client(refresher, Duration::from_millis(150));
@@ -3141,6 +3138,7 @@ async fn refreshes_given_up_while_an_earlier_one_runs_send_nothing_later() {
         for _ in 0..5 {
             assert!(handle.refresh().await.is_err());
         }
+        release.add_permits(1);
         persisted_once(&persisted).await;
         // Long enough for queued exchanges, had there been any, to run.
         tokio::time::sleep(Duration::from_millis(500)).await;

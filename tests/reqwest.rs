@@ -705,7 +705,7 @@ async fn the_replay_is_the_request_as_reqwest_sent_it() {
                             .unwrap();
                     }
                     if parts.uri.path() == "/slow" {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
                     }
                     Response::new(Full::new(Bytes::from_static(b"done")))
                 }
@@ -745,10 +745,10 @@ async fn the_replay_is_the_request_as_reqwest_sent_it() {
         };
         assert_eq!(sent[1], replay);
 
-        // The request's timeout (300 ms) holds for the replay, answered after 5 s.
+        // The request's timeout (2 s) holds for the replay, answered after 30 s.
         let err = stale_client()
             .get(format!("http://{addr}/slow"))
-            .timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(2))
             .send()
             .await
             .unwrap_err();

@@ -724,6 +724,8 @@ fn chaos_soak_against_loopback_servers() {
         "a request reached the API {max_sends} times"
     );
     let ok_ids = o.ok_ids.lock().unwrap();
+    assert!(o.ok.get() > 0, "no request succeeded");
+    assert!(replays > 0, "no request was replayed");
     assert!(
         ok_ids.iter().all(|id| sends.contains_key(id)),
         "a request completed ok without reaching the API"

@@ -806,16 +806,22 @@ async fn a_user_without_channel_permissions_writes_and_waits_by_polling() {
     writer.release(lease).await.unwrap();
     assert!(redis.get("acl:lease").is_none(), "the lease was given back");
 
-    // Nothing new: the wait ends at its bound, without an error.
+    // Nothing new: the wait ends at its bound (not before: it waited), without an error.
+    let started = tokio::time::Instant::now();
     within(
         "a wait with nothing new",
         waiter.wait_change(1, Duration::from_millis(300)),
     )
     .await
     .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the wait waited"
+    );
     // Another process writes version 2 while a long wait runs: the wait ends.
     let wait = tokio::spawn(async move { waiter.wait_change(1, Duration::from_secs(60)).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!wait.is_finished(), "the wait ended with nothing new");
     let lease = writer
         .try_lease(Duration::from_secs(5))
         .await
