@@ -959,6 +959,38 @@ fn challenge_of(headers: &HeaderMap) -> &str {
         .unwrap_or_default()
 }
 
+/// Request 1 was answered with its own 401 (`invalid_token`) after its first send and one
+/// nonce replay, never a third send, and the refusal was refreshed for once, for later
+/// requests.
+fn refused_on_its_nonce_replay(
+    s: &Setup,
+    status: StatusCode,
+    headers: &HeaderMap,
+    calls: &AtomicUsize,
+) {
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(challenge_of(headers).contains("invalid_token"));
+    assert_eq!(
+        statuses_of(s, "1"),
+        [401, 401],
+        "the first send and one nonce replay, never a third"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one refresh, for later requests"
+    );
+}
+
+/// Request 2, after [`refused_on_its_nonce_replay`], went out once (the nonce known, the
+/// token fresh), with no other refresh.
+fn sent_once_with_the_new_token(s: &Setup, status: StatusCode, calls: &AtomicUsize) {
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(statuses_of(s, "2"), [200]);
+    assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), 3);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 /// Review: the first send is challenged for the nonce (`NewProof`), and the replay (same
 /// token, new proof with the nonce) is refused for its token. No refresh ran, so this is no
 /// `UnauthorizedAfterRefresh`: the refusal is recorded and refreshed for (once) as a first
@@ -976,28 +1008,14 @@ async fn a_token_refused_on_the_nonce_replay_is_refreshed_for_later_and_the_401_
             Ok(res) => res,
             Err(err) => panic!("the caller gets the 401 response, not an error: {err}"),
         };
-        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-        assert!(challenge_of(res.headers()).contains("invalid_token"));
-        assert_eq!(
-            statuses_of(&s, "1"),
-            [401, 401],
-            "the first send and one nonce replay, never a third"
-        );
+        refused_on_its_nonce_replay(&s, res.status(), res.headers(), &calls);
         assert_eq!(s.api_stats.nonce_challenges.load(Ordering::SeqCst), 1);
         assert_eq!(s.api_stats.token_refusals.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            1,
-            "one refresh, for later requests"
-        );
         assert_eq!(s.token_stats.issued.load(Ordering::SeqCst), 1);
 
         // The nonce is known and the token fresh: one send.
         let res = svc.oneshot(request(&s, 2)).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(statuses_of(&s, "2"), [200]);
-        assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), 3);
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        sent_once_with_the_new_token(&s, res.status(), &calls);
         assert!(s.api_stats.refused.lock().unwrap().is_empty());
     })
     .await;
@@ -1123,24 +1141,10 @@ async fn through_reqwest_a_token_refused_on_the_nonce_replay_is_refreshed_and_th
             Ok(res) => res,
             Err(err) => panic!("the caller gets the 401 response, not an error: {err}"),
         };
-        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-        assert!(challenge_of(res.headers()).contains("invalid_token"));
-        assert_eq!(
-            statuses_of(&s, "1"),
-            [401, 401],
-            "the first send and one nonce replay, never a third"
-        );
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            1,
-            "one refresh, for later requests"
-        );
+        refused_on_its_nonce_replay(&s, res.status(), res.headers(), &calls);
 
         let res = send("2").await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(statuses_of(&s, "2"), [200]);
-        assert_eq!(s.api_stats.sends.load(Ordering::SeqCst), 3);
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        sent_once_with_the_new_token(&s, res.status(), &calls);
     })
     .await;
 }

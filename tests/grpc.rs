@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 use tower::ServiceBuilder;
-use tower_auth_refresh::{RefreshLayer, ReplayBody, Token};
+use tower_auth_refresh::{Refresh, RefreshLayer, ReplayBody, Token};
 
 use support::counting;
 
@@ -168,6 +168,19 @@ async fn grpc_server() -> (SocketAddr, Arc<Mutex<Seen>>) {
     (addr, seen)
 }
 
+/// A tonic client for the server at `addr`, through `layer`, over a hyper-util HTTP/2 client.
+fn grpc_client(
+    layer: RefreshLayer,
+    addr: SocketAddr,
+) -> tonic::client::Grpc<Refresh<Client<HttpConnector, ReplayBody<tonic::body::Body>>>> {
+    let http2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let channel = ServiceBuilder::new().layer(layer).service(http2);
+    let origin: Uri = format!("http://{addr}").parse().unwrap();
+    tonic::client::Grpc::with_origin(channel, origin)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_unary_calls_refresh_once_and_replay_each_message_byte_for_byte() {
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -175,13 +188,7 @@ async fn hundred_concurrent_unary_calls_refresh_once_and_replay_each_message_byt
         let refreshes = Arc::new(AtomicUsize::new(0));
         let layer = RefreshLayer::new(counting(&refreshes, FRESH))
             .initial_token(Token::bearer(STALE).unwrap());
-        let http2: Client<HttpConnector, ReplayBody<tonic::body::Body>> =
-            Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build_http();
-        let channel = ServiceBuilder::new().layer(layer).service(http2);
-        let origin: Uri = format!("http://{addr}").parse().unwrap();
-        let client = tonic::client::Grpc::with_origin(channel, origin);
+        let client = grpc_client(layer, addr);
 
         let mut calls = tokio::task::JoinSet::new();
         for i in 0..CALLS {
@@ -256,13 +263,7 @@ async fn unauthenticated_for_insufficient_scope_is_returned_as_is() {
         let refreshes = Arc::new(AtomicUsize::new(0));
         let layer = RefreshLayer::new(counting(&refreshes, FRESH))
             .initial_token(Token::bearer(STALE).unwrap());
-        let http2: Client<HttpConnector, ReplayBody<tonic::body::Body>> =
-            Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build_http();
-        let channel = ServiceBuilder::new().layer(layer).service(http2);
-        let mut client =
-            tonic::client::Grpc::with_origin(channel, format!("http://{addr}").parse().unwrap());
+        let mut client = grpc_client(layer, addr);
         client.ready().await.unwrap();
         let status = client
             .unary::<Bytes, Bytes, _>(
@@ -297,15 +298,7 @@ async fn a_call_refused_again_after_the_refresh_as_tonic_reports_it() {
             let layer = RefreshLayer::new(counting(&refreshes, "refused-too-5d1c"))
                 .initial_token(Token::bearer(STALE).unwrap())
                 .unauthorized_as_response(as_response);
-            let http2: Client<HttpConnector, ReplayBody<tonic::body::Body>> =
-                Client::builder(TokioExecutor::new())
-                    .http2_only(true)
-                    .build_http();
-            let channel = ServiceBuilder::new().layer(layer).service(http2);
-            let mut client = tonic::client::Grpc::with_origin(
-                channel,
-                format!("http://{addr}").parse().unwrap(),
-            );
+            let mut client = grpc_client(layer, addr);
             client.ready().await.unwrap();
             let refused_before = seen.lock().unwrap().refused;
             let status = client

@@ -463,6 +463,37 @@ async fn handle_installs_clears_forces_and_reports() {
     .await;
 }
 
+/// An API that answers `Bearer old` only once the test adds a permit to `release` (a late
+/// response), refuses the `refused` headers with 401, and accepts anything else.
+fn late_api(
+    seen: &Seen,
+    release: &Arc<Semaphore>,
+    refused: &'static [&'static str],
+) -> impl InMemoryApi<String> {
+    let (seen, release) = (seen.clone(), release.clone());
+    service_fn(move |req: Request<ReplayBody<Body>>| {
+        seen.push(req.headers());
+        let auth = req.headers()[AUTHORIZATION].clone();
+        let release = release.clone();
+        async move {
+            if auth == "Bearer old" {
+                release.acquire().await.unwrap().forget();
+            }
+            let status = if refused.iter().any(|r| auth == *r) {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::OK
+            };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(String::new())
+                    .unwrap(),
+            )
+        }
+    })
+}
+
 #[tokio::test]
 async fn late_401_for_a_token_older_than_an_installed_one_reuses_the_installed_one() {
     guard(async {
@@ -472,24 +503,7 @@ async fn late_401_for_a_token_older_than_an_installed_one_reuses_the_installed_o
         let handle = layer.token_handle();
         // An API that holds the first response until the new token is installed.
         let release = Arc::new(Semaphore::new(0));
-        let inner = {
-            let (seen, release) = (seen.clone(), release.clone());
-            service_fn(move |req: Request<ReplayBody<Body>>| {
-                seen.push(req.headers());
-                let auth = req.headers()[AUTHORIZATION].clone();
-                let release = release.clone();
-                async move {
-                    if auth == "Bearer old" {
-                        release.acquire().await.unwrap().forget();
-                        return Ok::<_, Infallible>(
-                            Response::builder().status(401).body(String::new()).unwrap(),
-                        );
-                    }
-                    Ok(Response::new(String::new()))
-                }
-            })
-        };
-        let svc = layer.layer(inner);
+        let svc = layer.layer(late_api(&seen, &release, &["Bearer old"]));
         let call = tokio::spawn(svc.oneshot(get("/")));
         support::yield_until(
             "the request with the old token reached the API",
@@ -519,31 +533,11 @@ async fn late_401_for_an_older_token_never_reuses_an_installed_token_since_refus
         // `old` is answered 401 once the test releases it, `installed` at once; the issuer's
         // tokens are accepted.
         let release = Arc::new(Semaphore::new(0));
-        let inner = {
-            let (seen, release) = (seen.clone(), release.clone());
-            service_fn(move |req: Request<ReplayBody<Body>>| {
-                seen.push(req.headers());
-                let auth = req.headers()[AUTHORIZATION].clone();
-                let release = release.clone();
-                async move {
-                    if auth == "Bearer old" {
-                        release.acquire().await.unwrap().forget();
-                    }
-                    let status = if auth == "Bearer old" || auth == "Bearer installed" {
-                        StatusCode::UNAUTHORIZED
-                    } else {
-                        StatusCode::OK
-                    };
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(status)
-                            .body(String::new())
-                            .unwrap(),
-                    )
-                }
-            })
-        };
-        let svc = layer.layer(inner);
+        let svc = layer.layer(late_api(
+            &seen,
+            &release,
+            &["Bearer old", "Bearer installed"],
+        ));
         let late = tokio::spawn(svc.clone().oneshot(get("/a")));
         support::yield_until(
             "the request with the old token reached the API",

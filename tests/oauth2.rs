@@ -2948,28 +2948,47 @@ async fn persisted_once(persisted: &Persisted) {
 }
 
 /// A rotation hook that persists into `persisted` (counting its calls in `calls`), its first
-/// call only after `delay`: a slow secret store, slower than the layer waits.
-fn slow_first_hook(
-    persisted: &Persisted,
-    calls: &Arc<AtomicUsize>,
-    release: &Arc<tokio::sync::Semaphore>,
-) -> impl Fn(RefreshToken) -> Pin<Box<dyn Future<Output = Result<(), Infallible>> + Send>>
-+ Send
-+ Sync
-+ 'static {
-    let (persisted, calls, release) = (persisted.clone(), calls.clone(), release.clone());
-    move |new: RefreshToken| {
-        let persisted = persisted.clone();
-        let release = release.clone();
-        let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-        Box::pin(async move {
-            if first {
-                // Held until the test releases it (no race with the layer's timers).
-                release.acquire().await.unwrap().forget();
-            }
-            persisted.lock().unwrap().push(new.secret().to_owned());
-            Ok(())
-        })
+/// call held until the test calls [`release`](Self::release): a slow secret store, slower
+/// than the layer waits (a semaphore, not a sleep: no race with the layer's timers).
+struct HeldHook {
+    persisted: Persisted,
+    calls: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl HeldHook {
+    /// A refresher from `rt0` at `s`'s token endpoint, with a new held hook.
+    fn refresher(s: &Servers, rt0: &str) -> (Self, OAuth2Refresher<TokenClient>) {
+        let hook = Self {
+            persisted: Persisted::default(),
+            calls: Arc::new(AtomicUsize::new(0)),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        let (persisted, calls, gate) = (
+            hook.persisted.clone(),
+            hook.calls.clone(),
+            hook.gate.clone(),
+        );
+        let refresher = app(s, rt0)
+            .on_rotation(move |new: RefreshToken| {
+                let (persisted, gate) = (persisted.clone(), gate.clone());
+                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    persisted.lock().unwrap().push(new.secret().to_owned());
+                    Ok::<_, Infallible>(())
+                }
+            })
+            .build()
+            .unwrap();
+        (hook, refresher)
+    }
+
+    /// Lets the first call write.
+    fn release(&self) {
+        self.gate.add_permits(1);
     }
 }
 
@@ -3039,20 +3058,14 @@ async fn a_rotation_hook_the_layer_stops_waiting_for_runs_to_its_end() {
     guard(async {
         let s = Servers::start(TokenConfig::default()).await;
         let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let release = Arc::new(tokio::sync::Semaphore::new(0));
-        let refresher = app(&s, &rt0)
-            .on_rotation(slow_first_hook(&persisted, &calls, &release))
-            .build()
-            .unwrap();
+        let (hook, refresher) = HeldHook::refresher(&s, &rt0);
         let (client, handle) = impatient_client(refresher.clone(), Duration::from_millis(200));
         let first = get(client.clone(), s.api_url()).await;
         assert!(first.is_err(), "the layer stopped waiting for the hook");
         assert_eq!(s.token.grants(), 1);
-        release.add_permits(1);
-        kept_and_persisted(&s, &rt0, &refresher, &persisted).await;
-        next_refresh_presents_it(client, &handle, &s, &persisted).await;
+        hook.release();
+        kept_and_persisted(&s, &rt0, &refresher, &hook.persisted).await;
+        next_refresh_presents_it(client, &handle, &s, &hook.persisted).await;
     })
     .await;
 }
@@ -3125,26 +3138,20 @@ async fn refreshes_given_up_while_an_earlier_one_runs_send_nothing_later() {
     guard(async {
         let s = Servers::start(TokenConfig::default()).await;
         let (_, rt0) = s.token.login();
-        let persisted = Persisted::default();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let release = Arc::new(tokio::sync::Semaphore::new(0));
-        let refresher = app(&s, &rt0)
-            .on_rotation(slow_first_hook(&persisted, &calls, &release))
-            .build()
-            .unwrap();
+        let (hook, refresher) = HeldHook::refresher(&s, &rt0);
         let (client, handle) = impatient_client(refresher, Duration::from_millis(150));
         assert!(get(client.clone(), s.api_url()).await.is_err());
         // Forced refreshes while the first exchange's hook writes: each is given up.
         for _ in 0..5 {
             assert!(handle.refresh().await.is_err());
         }
-        release.add_permits(1);
-        persisted_once(&persisted).await;
+        hook.release();
+        persisted_once(&hook.persisted).await;
         // Long enough for queued exchanges, had there been any, to run.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(s.token.grants(), 1, "only the first exchange was sent");
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-        next_refresh_presents_it(client, &handle, &s, &persisted).await;
+        assert_eq!(hook.calls.load(Ordering::SeqCst), 1);
+        next_refresh_presents_it(client, &handle, &s, &hook.persisted).await;
     })
     .await;
 }
