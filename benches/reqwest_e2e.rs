@@ -99,7 +99,11 @@ async fn run(
                 stop.clone(),
                 done.clone(),
                 url.clone(),
-                payload.clone(),
+                if per_task_body() {
+                    Bytes::copy_from_slice(&payload)
+                } else {
+                    payload.clone()
+                },
             );
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
@@ -123,6 +127,12 @@ async fn run(
         rps: n as f64 / elapsed.as_secs_f64(),
         cpu_us: (cpu_end - cpu_start) * 1e6 / n.max(1) as f64,
     }
+}
+
+/// `REQWEST_BODY=per_task`: each of the requests in flight sends a 1 KiB body of its own
+/// instead of one shared by all (whose count of owners the two CPUs then update in turn).
+fn per_task_body() -> bool {
+    std::env::var("REQWEST_BODY").is_ok_and(|v| v == "per_task")
 }
 
 /// Sends `n` requests one after the other.

@@ -53,12 +53,12 @@
 //!
 //! - Bodies that reqwest keeps in memory (`String`, `Vec<u8>`, `Bytes`, `&'static str`, JSON
 //!   and form bodies, no body) up to [`RefreshLayer::max_replay_body`]: copied before the
-//!   first send, with the method, URL, headers, version and timeout: what
-//!   [`reqwest::Request::try_clone`] copies but the extensions a request brought from an
-//!   `http::Request`, which reqwest does not send (a middleware below this one that turns the
-//!   request back into an `http::Request` sees them on the first send only). The copy shares
-//!   the body's bytes. A larger one is sent once, as in the tower
-//!   layer.
+//!   first send, with the method, URL, headers (every value, in order, still marked
+//!   sensitive where it was), version and timeout: what [`reqwest::Request::try_clone`]
+//!   copies but the extensions a request brought from an `http::Request`, which reqwest does
+//!   not send (a middleware below this one that turns the request back into an
+//!   `http::Request` sees them on the first send only). The copy shares the body's bytes. A
+//!   larger one is sent once, as in the tower layer.
 //! - Streaming bodies (`reqwest::Body::wrap`, `wrap_stream`) not known to be larger than
 //!   [`RefreshLayer::max_replay_body`]: kept as they stream out, as the tower layer does; one
 //!   that ended within the cap is replayed.
@@ -224,9 +224,10 @@ impl RefreshMiddleware {
     /// Not an `async fn`: the request is captured once by the `async move` block (an
     /// `async fn` keeps a second copy of every argument). With the admission's and the first
     /// response's locals scoped to blocks that end before the next await, the future holds
-    /// the replay copy itself (no allocation of its own) and stays under the allocator's
-    /// small-size limit of 1,032 bytes: 960 bytes (`-Zprint-type-sizes`; it was 808 with the
-    /// copy boxed apart, 1,088 with the copy inline and the locals unscoped).
+    /// the replay copy itself (the copy's text is its only allocation) and stays under the
+    /// allocator's small-size limit of 1,032 bytes: 784 bytes (`-Zprint-type-sizes`; 960 when
+    /// the copy was a whole `reqwest::Request`, 808 with that copy boxed apart, 1,088 with it
+    /// inline and the locals unscoped).
     #[allow(clippy::manual_async_fn)]
     fn send<'a>(
         &'a self,
@@ -376,11 +377,12 @@ impl SentUrl {
     /// Whether `res` came from another URL than the one sent: a redirect reqwest followed.
     /// The fragment is never sent (a response's URL has none): it is not compared.
     fn redirected(&self, copy: &Option<Copy>, res: &Response) -> bool {
-        let sent = match copy {
-            Some(copy) => copy.url(),
-            None => self.0.as_deref().expect("kept without a copy"),
-        };
-        redirected(sent, res)
+        match (copy, self.0.as_deref()) {
+            (Some(copy), _) => copy.redirected(res),
+            (None, Some(sent)) => redirected(sent, res),
+            // Never: `keep` keeps a URL whenever there is no copy.
+            (None, None) => true,
+        }
     }
 }
 
@@ -397,6 +399,9 @@ fn redirected(sent: &reqwest::Url, res: &Response) -> bool {
 
 fn without_fragment(url: &reqwest::Url) -> &str {
     let text = url.as_str();
+    if url.fragment().is_none() {
+        return text;
+    }
     // A URL's text has at most one `#`, where its fragment starts.
     text.split_once('#').map_or(text, |(before, _)| before)
 }
@@ -435,7 +440,10 @@ impl Refused {
             Verdict::NewProof => {
                 // The proof was refused (a nonce challenge): the same token, a new proof, once.
                 let again = match (copy, token) {
-                    (Some(copy), Some(token)) => copy.into_request(wait).await.map(|r| (r, token)),
+                    (Some(copy), Some(token)) => copy
+                        .into_request(&method, first.url().clone(), wait)
+                        .await
+                        .map(|r| (r, token)),
                     _ => None,
                 };
                 let Some((mut again, token)) = again else {
@@ -481,7 +489,7 @@ impl Refused {
         let first_head = ResponseHead::from_reqwest_ref(&first);
         let replayable = async {
             match copy {
-                Some(copy) => copy.into_request(wait).await,
+                Some(copy) => copy.into_request(&method, first.url().clone(), wait).await,
                 None => None,
             }
         };
@@ -585,11 +593,14 @@ impl Middleware for RefreshMiddleware {
 
 /// What a request keeps to replay itself once.
 enum Copy {
-    /// A full copy made before the first send (the body is in memory).
-    Whole(Request),
-    /// The request without its body, and the body captured as it streams out.
+    /// A copy made before the first send (the body is in memory; `None` without one).
+    Whole {
+        head: Head,
+        body: Option<reqwest::Body>,
+    },
+    /// The request's head, and the body captured as it streams out.
     Captured {
-        head: Request,
+        head: Head,
         body: ReplaySource<reqwest::Body>,
     },
 }
@@ -599,21 +610,25 @@ impl Copy {
     /// replayed (a stream of unknown size or larger than `cap`).
     fn prepare(req: &mut Request, cap: usize) -> Option<Self> {
         match req.body().map(reqwest::Body::as_bytes) {
-            None => Some(Self::Whole(head_of(req))),
+            None => Some(Self::Whole {
+                head: Head::of(req),
+                body: None,
+            }),
             // In memory: both requests share its bytes, up to the cap, as in the tower layer.
             Some(Some(bytes)) => {
                 if bytes.len() > cap {
                     return None;
                 }
                 let body = share(req.body_mut().as_mut()?);
-                let mut copy = head_of(req);
-                *copy.body_mut() = Some(body);
-                Some(Self::Whole(copy))
+                Some(Self::Whole {
+                    head: Head::of(req),
+                    body: Some(body),
+                })
             }
             // A stream: kept as it goes out.
             Some(None) => {
                 let body = req.body_mut().take()?;
-                let head = head_of(req);
+                let head = Head::of(req);
                 let (body, source) = ReplayBody::new(body, cap);
                 *req.body_mut() = Some(reqwest::Body::wrap(body));
                 Some(Self::Captured {
@@ -624,47 +639,146 @@ impl Copy {
         }
     }
 
-    /// The URL of the request.
-    fn url(&self) -> &reqwest::Url {
-        match self {
-            Self::Whole(req) | Self::Captured { head: req, .. } => req.url(),
-        }
+    /// Whether `res`, the response to the first send, came from another URL than this
+    /// request's: a redirect reqwest followed.
+    fn redirected(&self, res: &Response) -> bool {
+        let (Self::Whole { head, .. } | Self::Captured { head, .. }) = self;
+        head.url() != without_fragment(res.url())
     }
 
-    /// The request to replay, if its body is complete (waiting up to `patience` for the
-    /// first send to let go of it).
-    async fn into_request(self, patience: Duration) -> Option<Request> {
-        match self {
-            Self::Whole(req) => Some(req),
-            Self::Captured { mut head, body } => {
+    /// The request to replay, sent to `url` (the first response's: see [`Head`]), if its
+    /// body is complete (waiting up to `patience` for the first send to let go of it) and its
+    /// head could be rebuilt.
+    async fn into_request(
+        self,
+        method: &http::Method,
+        url: reqwest::Url,
+        patience: Duration,
+    ) -> Option<Request> {
+        let (head, body) = match self {
+            Self::Whole { head, body } => (head, body),
+            Self::Captured { head, body } => {
                 body.settle(patience).await;
-                *head.body_mut() = Some(reqwest::Body::wrap(body.take()?));
-                Some(head)
+                (head, Some(reqwest::Body::wrap(body.take()?)))
             }
-        }
+        };
+        let mut req = head.into_request(method.clone(), url)?;
+        *req.body_mut() = body;
+        Some(req)
     }
 }
 
-/// A copy of what reqwest sends of `req` but its body: method, URL, headers, version and
-/// timeout.
+/// What reqwest sends of a request but its method and body, kept for its replay: the URL's
+/// text, the headers, the version and (if set) the timeout.
 ///
-/// Made field by field rather than with `Request::try_clone`, which in reqwest 0.13 builds an
-/// extensions map for the copy's timeout and drops it again: three allocations and their
-/// frees, about 790 of the 2,720 instructions per GET this middleware added to a static
-/// header (`benches/reqwest_e2e.rs`, BENCHMARKS.md).
-/// What `try_clone` copies besides, the extensions a request brought from an `http::Request`,
-/// reqwest 0.13 does not send (of its own extensions it reads only the timeout, copied here);
-/// a middleware below this one that turns the request back into an `http::Request` sees them
-/// on the first send only.
-fn head_of(req: &Request) -> Request {
-    let mut copy = Request::new(req.method().clone(), req.url().clone());
-    *copy.headers_mut() = req.headers().clone();
-    *copy.version_mut() = req.version();
-    // Only a timeout that is set: setting `None` would build the map for nothing.
-    if let Some(&timeout) = req.timeout() {
-        *copy.timeout_mut() = Some(timeout);
+/// The URL's text and every header's name and value are written one after the other into a
+/// single allocation: a clone of the URL and of the header map would take at least three
+/// (the URL's string, the map's two tables) and one more for each header value not yet shared
+/// (a value made from a `&str` shares its bytes only once cloned), and as many frees; with
+/// their copies they were about 1,300 of the 2,400 instructions this middleware added per
+/// POST to a static header (`benches/reqwest_e2e.rs`, BENCHMARKS.md). The replay, the rare
+/// path, builds the map again (the values checked again, each keeping whether it is
+/// sensitive) and takes the first response's URL: a replay follows only a response that came
+/// from the URL this request was sent to ([`Copy::redirected`]), which is the same URL but
+/// the fragment (never sent); the request's fragment is put back.
+///
+/// What `Request::try_clone` copies besides, the extensions a request brought from an
+/// `http::Request`, reqwest 0.13 does not send (of its own extensions it reads only the
+/// timeout, copied here); a middleware below this one that turns the request back into an
+/// `http::Request` sees them on the first send only.
+struct Head {
+    /// The URL's text, then for each header in the map's order: its name's length and its
+    /// value's (native `usize`s), whether the value is sensitive (one byte), the name and
+    /// the value.
+    text: Box<[u8]>,
+    /// Where the URL's text ends in `text`.
+    url_len: usize,
+    /// Where the URL's text before its fragment (what is sent) ends.
+    sent_len: usize,
+    version: http::Version,
+    timeout: Option<Duration>,
+}
+
+/// Bytes before each header's name and value in [`Head::text`]: two lengths and a flag.
+const HEADER_PREFIX: usize = 2 * size_of::<usize>() + 1;
+
+impl Head {
+    fn of(req: &Request) -> Self {
+        let url = req.url().as_str();
+        let headers = req.headers();
+        let len = headers.iter().fold(url.len(), |len, (name, value)| {
+            len + HEADER_PREFIX + name.as_str().len() + value.len()
+        });
+        let mut text = Vec::with_capacity(len);
+        text.extend_from_slice(url.as_bytes());
+        for (name, value) in headers {
+            let name = name.as_str().as_bytes();
+            text.extend_from_slice(&name.len().to_ne_bytes());
+            text.extend_from_slice(&value.len().to_ne_bytes());
+            text.push(u8::from(value.is_sensitive()));
+            text.extend_from_slice(name);
+            text.extend_from_slice(value.as_bytes());
+        }
+        Self {
+            text: text.into_boxed_slice(),
+            url_len: url.len(),
+            sent_len: without_fragment(req.url()).len(),
+            version: req.version(),
+            timeout: req.timeout().copied(),
+        }
     }
-    copy
+
+    /// The URL's text as sent (without its fragment).
+    fn url(&self) -> &str {
+        self.text_of(..self.sent_len)
+    }
+
+    /// The URL's fragment, if it has one.
+    fn fragment(&self) -> Option<&str> {
+        (self.url_len > self.sent_len).then(|| self.text_of(self.sent_len + 1..self.url_len))
+    }
+
+    /// Part of the URL's text: written from a `&str` and cut at its ends or after its `#`,
+    /// it is never out of bounds or split inside a character.
+    fn text_of(&self, range: impl std::slice::SliceIndex<[u8], Output = [u8]>) -> &str {
+        self.text
+            .get(range)
+            .and_then(|url| std::str::from_utf8(url).ok())
+            .unwrap_or_default()
+    }
+
+    /// The request again, without a body, sent to `url` with the request's fragment; `None`
+    /// if a header cannot be made again (a value made unchecked that a checked one cannot
+    /// hold).
+    fn into_request(self, method: http::Method, mut url: reqwest::Url) -> Option<Request> {
+        if url.fragment() != self.fragment() {
+            url.set_fragment(self.fragment());
+        }
+        let mut req = Request::new(method, url);
+        let headers = req.headers_mut();
+        let mut rest = self.text.get(self.url_len..)?;
+        while !rest.is_empty() {
+            let (name_len, after) = rest.split_first_chunk()?;
+            let (value_len, after) = after.split_first_chunk()?;
+            let (&sensitive, after) = after.split_first()?;
+            let name_len = usize::from_ne_bytes(*name_len);
+            let value_len = usize::from_ne_bytes(*value_len);
+            let (name, after) = after.split_at_checked(name_len)?;
+            let (value, after) = after.split_at_checked(value_len)?;
+            let name = http::HeaderName::from_bytes(name).ok()?;
+            let mut value = http::HeaderValue::from_bytes(value).ok()?;
+            value.set_sensitive(sensitive != 0);
+            headers.append(name, value);
+            rest = after;
+        }
+        *req.version_mut() = self.version;
+        // Only a timeout that is set: setting `None` would build reqwest's extensions map
+        // for nothing.
+        if let Some(timeout) = self.timeout {
+            *req.timeout_mut() = Some(timeout);
+        }
+        Some(req)
+    }
 }
 
 /// A second body with the bytes of `body`, an in-memory one, sharing them (what reqwest's own,
@@ -706,7 +820,9 @@ mod tests {
     use bytes::Bytes;
     use http_body_util::BodyExt;
 
-    use super::{head_of, share, whole};
+    use http::HeaderValue;
+
+    use super::{Head, share, whole};
 
     async fn bytes_of(body: reqwest::Body) -> Bytes {
         body.collect().await.unwrap().to_bytes()
@@ -757,31 +873,97 @@ mod tests {
     }
 
     /// The copy has what `try_clone` gives of every setting reqwest sends: method, URL,
-    /// headers, version and timeout (set or not); only the body is left to the caller.
+    /// headers (every value of a name, in order, sensitive or not, any bytes a value may
+    /// hold), version and timeout (set or not); only the body is left to the caller.
     #[test]
     fn the_head_copy_matches_try_clone() {
         let client = reqwest::Client::new();
+        let mut secret = HeaderValue::from_static("key-0123");
+        secret.set_sensitive(true);
         let requests = [
             client
-                .patch("http://127.0.0.1:1/a?b=c#d")
+                .patch("http://127.0.0.1:1/a?b=c")
                 .header("x-one", "1")
+                .header(
+                    "X-Two",
+                    HeaderValue::from_bytes(b"caf\xc3\xa9 \x80\xff").unwrap(),
+                )
                 .header("x-one", "2")
+                .header("x-api-key", secret)
+                .header("x-empty", "")
                 .basic_auth("user", Some("pw"))
                 .version(http::Version::HTTP_10)
                 .timeout(Duration::from_millis(1234))
                 .build()
                 .unwrap(),
             client.get("http://127.0.0.1:1/").build().unwrap(),
+            client
+                .post("http://[::1]:8080/p%20q/?x=%2F#frag")
+                .header("content-type", "application/json")
+                .build()
+                .unwrap(),
         ];
         for req in requests {
-            let copy = head_of(&req);
+            let head = Head::of(&req);
+            assert_eq!(head.url(), super::without_fragment(req.url()));
+            assert_eq!(head.fragment(), req.url().fragment());
+            // The replay takes the first response's URL, which has no fragment.
+            let mut sent = req.url().clone();
+            sent.set_fragment(None);
+            let copy = head.into_request(req.method().clone(), sent).unwrap();
             let cloned = req.try_clone().unwrap();
             assert_eq!(copy.method(), cloned.method());
             assert_eq!(copy.url(), cloned.url());
             assert_eq!(copy.headers(), cloned.headers());
+            let order = |r: &reqwest::Request| -> Vec<_> {
+                r.headers()
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.clone(), v.is_sensitive()))
+                    .collect()
+            };
+            assert_eq!(order(&copy), order(&cloned));
             assert_eq!(copy.version(), cloned.version());
             assert_eq!(copy.timeout(), cloned.timeout());
             assert!(copy.body().is_none());
         }
+    }
+
+    /// A head whose text was cut anywhere is never rebuilt into another request, and never
+    /// panics: it gives `None` or the headers before the cut, never a made-up one.
+    #[test]
+    fn a_cut_head_gives_no_request_and_no_panic() {
+        let req = reqwest::Client::new()
+            .get("http://127.0.0.1:1/a")
+            .header("x-one", "value-1")
+            .header("x-two", "value-2")
+            .build()
+            .unwrap();
+        let whole = Head::of(&req);
+        let url = req.url().clone();
+        for cut in whole.url_len..whole.text.len() {
+            let head = Head {
+                text: whole.text[..cut].into(),
+                url_len: whole.url_len,
+                sent_len: whole.sent_len,
+                version: whole.version,
+                timeout: whole.timeout,
+            };
+            let rebuilt = head.into_request(http::Method::GET, url.clone());
+            if let Some(rebuilt) = rebuilt {
+                for (name, value) in rebuilt.headers() {
+                    assert_eq!(req.headers().get(name), Some(value), "cut at {cut}");
+                }
+            }
+        }
+        // A URL length past the text: no request.
+        let head = Head {
+            text: whole.text.clone(),
+            url_len: whole.text.len() + 1,
+            sent_len: whole.text.len() + 1,
+            version: whole.version,
+            timeout: None,
+        };
+        assert_eq!(head.url(), "");
+        assert!(head.into_request(http::Method::GET, url).is_none());
     }
 }

@@ -667,13 +667,62 @@ struct Sent {
     uri: String,
     auth: String,
     trace: Option<String>,
+    /// Every header but `Authorization`, in the order they came.
+    headers: Vec<(String, Vec<u8>)>,
     body: Bytes,
 }
 
+/// What a middleware below the refresh middleware saw of one request: its URL (fragment and
+/// all) and each header but `Authorization`, with whether it is marked sensitive.
+#[derive(Debug, Clone, PartialEq)]
+struct Below {
+    url: String,
+    headers: Vec<(String, Vec<u8>, bool)>,
+    timeout: Option<Duration>,
+}
+
+/// Records [`Below`] for every request it passes on.
+struct Recorder(Arc<Mutex<Vec<Below>>>);
+
+// The signature `#[async_trait]` generates for `Middleware::handle`, written out.
+impl reqwest_middleware::Middleware for Recorder {
+    fn handle<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        req: reqwest::Request,
+        extensions: &'life1 mut http::Extensions,
+        next: reqwest_middleware::Next<'life2>,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = reqwest_middleware::Result<reqwest::Response>>
+                + Send
+                + 'async_trait,
+        >,
+    >
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.0.lock().unwrap().push(Below {
+            url: req.url().to_string(),
+            headers: req
+                .headers()
+                .iter()
+                .filter(|(name, _)| *name != AUTHORIZATION)
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec(), v.is_sensitive()))
+                .collect(),
+            timeout: req.timeout().copied(),
+        });
+        next.run(req, extensions)
+    }
+}
+
 /// The replay is the request as reqwest sent it the first time (the middleware copies it
-/// field by field, not with `Request::try_clone`): method, URL with its query, headers, HTTP
-/// version and body, with only the token changed; and the request's own timeout holds for the
-/// replay too (a replay without it would wait for the slow answer and succeed).
+/// field by field, not with `Request::try_clone`): method, URL with its query, headers (every
+/// value of a name, in order, any bytes, sensitive ones still marked so for a middleware
+/// below), HTTP version and body, with only the token changed; and the request's own timeout
+/// holds for the replay too (a replay without it would wait for the slow answer and succeed).
 #[tokio::test]
 async fn the_replay_is_the_request_as_reqwest_sent_it() {
     guard(async {
@@ -695,6 +744,12 @@ async fn the_replay_is_the_request_as_reqwest_sent_it() {
                             .headers
                             .get("x-trace")
                             .map(|v| v.to_str().unwrap().to_owned()),
+                        headers: parts
+                            .headers
+                            .iter()
+                            .filter(|(name, _)| *name != AUTHORIZATION)
+                            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                            .collect(),
                         body,
                     });
                     if auth != format!("Bearer {FRESH}") {
@@ -712,16 +767,31 @@ async fn the_replay_is_the_request_as_reqwest_sent_it() {
             }
         })
         .await;
+        let below = Arc::new(Mutex::new(Vec::<Below>::new()));
         let stale_client = || {
             let layer = RefreshLayer::new(counting_after(&Arc::default(), FRESH, Duration::ZERO))
                 .initial_token(Token::bearer(STALE).unwrap());
-            reqwest_client(layer.reqwest_middleware())
+            let inner = reqwest::Client::builder().no_proxy().build().unwrap();
+            ClientBuilder::new(inner)
+                .with(layer.reqwest_middleware())
+                .with(Recorder(below.clone()))
+                .build()
         };
 
+        let mut key = http::HeaderValue::from_static("key-5e1f");
+        key.set_sensitive(true);
         let res = stale_client()
-            .put(format!("http://{addr}/items/7?tag=a%20b&n=1"))
+            .put(format!("http://{addr}/items/7?tag=a%20b&n=1#part-2"))
             .version(http::Version::HTTP_10)
             .header("x-trace", "trace-1")
+            .header("x-multi", "one")
+            .header("X-Api-Key", key)
+            .header("x-multi", "two")
+            .header(
+                "x-bytes",
+                http::HeaderValue::from_bytes(b"caf\xc3\xa9 \x80").unwrap(),
+            )
+            .header("x-empty", "")
             .body(Bytes::from_static(b"\x00payload\xff"))
             .send()
             .await
@@ -736,9 +806,43 @@ async fn the_replay_is_the_request_as_reqwest_sent_it() {
             uri: "/items/7?tag=a%20b&n=1".to_owned(),
             auth: format!("Bearer {STALE}"),
             trace: Some("trace-1".to_owned()),
+            headers: sent[0].headers.clone(),
             body: Bytes::from_static(b"\x00payload\xff"),
         };
         assert_eq!(sent[0], first);
+        // Every header the caller set arrived, every value of a name in order, bytes as set.
+        let own: Vec<_> = first
+            .headers
+            .iter()
+            .filter(|(name, _)| name.starts_with("x-"))
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        assert_eq!(
+            own,
+            [
+                ("x-trace", &b"trace-1"[..]),
+                ("x-multi", b"one"),
+                ("x-multi", b"two"),
+                ("x-api-key", b"key-5e1f"),
+                ("x-bytes", b"caf\xc3\xa9 \x80"),
+                ("x-empty", b""),
+            ]
+        );
+        // Below the middleware, the replay is the first request again: the URL with its
+        // fragment (never sent), each header with its sensitivity, the timeout (none).
+        let below_seen = std::mem::take(&mut *below.lock().unwrap());
+        assert_eq!(below_seen.len(), 2);
+        assert_eq!(
+            below_seen[0].url,
+            format!("http://{addr}/items/7?tag=a%20b&n=1#part-2")
+        );
+        assert!(
+            below_seen[0]
+                .headers
+                .iter()
+                .any(|(name, _, sensitive)| name == "x-api-key" && *sensitive)
+        );
+        assert_eq!(below_seen[1], below_seen[0]);
         let replay = Sent {
             auth: format!("Bearer {FRESH}"),
             ..first
@@ -763,6 +867,8 @@ async fn the_replay_is_the_request_as_reqwest_sent_it() {
             auths,
             [format!("Bearer {STALE}"), format!("Bearer {FRESH}")]
         );
+        let timeouts: Vec<_> = below.lock().unwrap().iter().map(|b| b.timeout).collect();
+        assert_eq!(timeouts, [Some(Duration::from_secs(2)); 2]);
     })
     .await;
 }
