@@ -18,6 +18,10 @@
 //! (`REQWEST_LINE` = `static_header` | `refresh`) and case (`REQWEST_CASE` = `get` |
 //! `post_1k`) one after the other on a current-thread runtime, for callgrind.
 //!
+//! `REQWEST_BODY=per_task`: each of the 64 requests in flight sends a 1 KiB body of its
+//! own, not one `Bytes` shared by all (a check that the count of owners the two CPUs update
+//! in turn is not what the POST ratio measures; it was not).
+//!
 //! `REQWEST_AA=1` is the calibration run: the `refresh` line is a second static-header
 //! middleware on its own client, so the ratio shows what the bench reads for two identical lines
 //! (its bias and spread) on this machine and load.

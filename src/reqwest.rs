@@ -748,8 +748,11 @@ impl Head {
     }
 
     /// The request again, without a body, sent to `url` with the request's fragment; `None`
-    /// if a header cannot be made again (a value made unchecked that a checked one cannot
-    /// hold).
+    /// if a header cannot be made again. Every `HeaderValue` safe code can make passes
+    /// `HeaderValue::from_bytes` again; only one made with the `unsafe`
+    /// `from_maybe_shared_unchecked` in breach of its contract (bytes a header value may not
+    /// hold) does not, and its request is then not replayed: the caller gets the first
+    /// response, after the refresh.
     fn into_request(self, method: http::Method, mut url: reqwest::Url) -> Option<Request> {
         if url.fragment() != self.fragment() {
             url.set_fragment(self.fragment());
@@ -822,7 +825,7 @@ mod tests {
 
     use http::HeaderValue;
 
-    use super::{Head, share, whole};
+    use super::{HEADER_PREFIX, Head, share, whole};
 
     async fn bytes_of(body: reqwest::Body) -> Bytes {
         body.collect().await.unwrap().to_bytes()
@@ -928,41 +931,58 @@ mod tests {
         }
     }
 
-    /// A head whose text was cut anywhere is never rebuilt into another request, and never
-    /// panics: it gives `None` or the headers before the cut, never a made-up one.
+    /// A head whose text was cut or corrupted never panics and never makes up a header: cut
+    /// between two records it gives exactly the headers before the cut, in order; cut inside
+    /// a record, or with a length past its end, it gives no request.
     #[test]
-    fn a_cut_head_gives_no_request_and_no_panic() {
+    fn a_cut_or_corrupt_head_keeps_whole_records_only_and_never_panics() {
         let req = reqwest::Client::new()
             .get("http://127.0.0.1:1/a")
+            .header("x-multi", "a")
             .header("x-one", "value-1")
-            .header("x-two", "value-2")
+            .header("x-multi", "b")
             .build()
             .unwrap();
+        let all: Vec<_> = req.headers().iter().collect();
         let whole = Head::of(&req);
         let url = req.url().clone();
-        for cut in whole.url_len..whole.text.len() {
-            let head = Head {
-                text: whole.text[..cut].into(),
-                url_len: whole.url_len,
-                sent_len: whole.sent_len,
-                version: whole.version,
-                timeout: whole.timeout,
-            };
-            let rebuilt = head.into_request(http::Method::GET, url.clone());
-            if let Some(rebuilt) = rebuilt {
-                for (name, value) in rebuilt.headers() {
-                    assert_eq!(req.headers().get(name), Some(value), "cut at {cut}");
+        let with_text = |text: &[u8], url_len: usize| Head {
+            text: text.into(),
+            url_len,
+            sent_len: url_len,
+            version: whole.version,
+            timeout: whole.timeout,
+        };
+        // Where each record ends, in the map's order (the URL first).
+        let mut ends = vec![whole.url_len];
+        for (name, value) in &all {
+            ends.push(ends[ends.len() - 1] + HEADER_PREFIX + name.as_str().len() + value.len());
+        }
+        assert_eq!(ends[ends.len() - 1], whole.text.len());
+        for cut in whole.url_len..=whole.text.len() {
+            let rebuilt = with_text(&whole.text[..cut], whole.url_len)
+                .into_request(http::Method::GET, url.clone());
+            match ends.iter().position(|&end| end == cut) {
+                Some(records) => {
+                    let rebuilt = rebuilt.unwrap_or_else(|| panic!("cut at {cut}"));
+                    let got: Vec<_> = rebuilt.headers().iter().collect();
+                    assert_eq!(got, all[..records], "cut at {cut}");
                 }
+                None => assert!(rebuilt.is_none(), "cut at {cut}"),
+            }
+        }
+        // A name's or a value's length past the end of the text: no request.
+        let lengths = [whole.url_len, whole.url_len + size_of::<usize>()];
+        for at in lengths {
+            for len in [usize::MAX, whole.text.len()] {
+                let mut text = whole.text.to_vec();
+                text[at..at + size_of::<usize>()].copy_from_slice(&len.to_ne_bytes());
+                let head = with_text(&text, whole.url_len);
+                assert!(head.into_request(http::Method::GET, url.clone()).is_none());
             }
         }
         // A URL length past the text: no request.
-        let head = Head {
-            text: whole.text.clone(),
-            url_len: whole.text.len() + 1,
-            sent_len: whole.text.len() + 1,
-            version: whole.version,
-            timeout: None,
-        };
+        let head = with_text(&whole.text, whole.text.len() + 1);
         assert_eq!(head.url(), "");
         assert!(head.into_request(http::Method::GET, url).is_none());
     }
