@@ -224,9 +224,10 @@ impl RefreshMiddleware {
     /// Not an `async fn`: the request is captured once by the `async move` block (an
     /// `async fn` keeps a second copy of every argument). With the admission's and the first
     /// response's locals scoped to blocks that end before the next await, the future holds
-    /// the replay copy itself (the copy's text is its only allocation) and stays under the
-    /// allocator's small-size limit of 1,032 bytes: 784 bytes (`-Zprint-type-sizes`; 960 when
-    /// the copy was a whole `reqwest::Request`, 808 with that copy boxed apart, 1,088 with it
+    /// the replay copy itself (with a short head's text: no allocation of its own) and stays
+    /// under the allocator's small-size limit of 1,032 bytes: 872 bytes
+    /// (`-Zprint-type-sizes`; 784 with the copy's text always allocated apart, 960 when the
+    /// copy was a whole `reqwest::Request`, 808 with that copy boxed apart, 1,088 with it
     /// inline and the locals unscoped).
     #[allow(clippy::manual_async_fn)]
     fn send<'a>(
@@ -671,8 +672,10 @@ impl Copy {
 /// What reqwest sends of a request but its method and body, kept for its replay: the URL's
 /// text, the headers, the version and (if set) the timeout.
 ///
-/// The URL's text and every header's name and value are written one after the other into a
-/// single allocation: a clone of the URL and of the header map would take at least three
+/// The URL's text and every header's name and value are written one after the other into
+/// one buffer, kept in the request's future itself when it is short (up to 96 bytes: a URL
+/// and a header or two) and allocated once otherwise: a clone of the URL and of the header
+/// map would take at least three allocations
 /// (the URL's string, the map's two tables) and one more for each header value not yet shared
 /// (a value made from a `&str` shares its bytes only once cloned), and as many frees; with
 /// their copies they were about 1,300 of the 2,400 instructions this middleware added per
@@ -690,13 +693,78 @@ struct Head {
     /// The URL's text, then for each header in the map's order: its name's length and its
     /// value's (native `usize`s), whether the value is sensitive (one byte), the name and
     /// the value.
-    text: Box<[u8]>,
+    text: Text,
     /// Where the URL's text ends in `text`.
     url_len: usize,
     /// Where the URL's text before its fragment (what is sent) ends.
     sent_len: usize,
     version: http::Version,
     timeout: Option<Duration>,
+}
+
+/// Bytes of a [`Head::text`] kept in the request's future itself; a longer one is allocated
+/// apart. Every byte here is moved with the future (a larger one cost a POST more in moves
+/// than it saved in allocations: `benches/reqwest_e2e.rs`, 160 bytes against 96).
+const INLINE: usize = 96;
+
+/// [`Head::text`]: in the future itself when short (no allocation), on the heap otherwise.
+enum Text {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Text {
+    /// `len` bytes, written by `fill`.
+    #[inline(always)]
+    fn with(len: usize, fill: impl FnOnce(&mut [u8])) -> Self {
+        match u8::try_from(len) {
+            Ok(short) if len <= INLINE => {
+                let mut bytes = [0; INLINE];
+                if let Some(dst) = bytes.get_mut(..len) {
+                    fill(dst);
+                }
+                Self::Inline { len: short, bytes }
+            }
+            _ => {
+                let mut bytes = vec![0; len].into_boxed_slice();
+                fill(&mut bytes);
+                Self::Heap(bytes)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or_default(),
+            Self::Heap(bytes) => bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+impl From<&[u8]> for Text {
+    fn from(bytes: &[u8]) -> Self {
+        Self::with(bytes.len(), |dst| dst.copy_from_slice(bytes))
+    }
+}
+
+/// Writes into a slice from its start on (what does not fit is left out; [`Head::of`]
+/// sizes the slice to what it writes).
+struct Cursor<'a>(&'a mut [u8]);
+
+impl Cursor<'_> {
+    #[inline(always)]
+    fn put(&mut self, src: &[u8]) {
+        let dst = std::mem::take(&mut self.0);
+        if let Some((head, rest)) = dst.split_at_mut_checked(src.len()) {
+            head.copy_from_slice(src);
+            self.0 = rest;
+        }
+    }
 }
 
 /// Bytes before each header's name and value in [`Head::text`]: two lengths and a flag.
@@ -709,18 +777,20 @@ impl Head {
         let len = headers.iter().fold(url.len(), |len, (name, value)| {
             len + HEADER_PREFIX + name.as_str().len() + value.len()
         });
-        let mut text = Vec::with_capacity(len);
-        text.extend_from_slice(url.as_bytes());
-        for (name, value) in headers {
-            let name = name.as_str().as_bytes();
-            text.extend_from_slice(&name.len().to_ne_bytes());
-            text.extend_from_slice(&value.len().to_ne_bytes());
-            text.push(u8::from(value.is_sensitive()));
-            text.extend_from_slice(name);
-            text.extend_from_slice(value.as_bytes());
-        }
+        let text = Text::with(len, |dst| {
+            let mut at = Cursor(dst);
+            at.put(url.as_bytes());
+            for (name, value) in headers {
+                let name = name.as_str().as_bytes();
+                at.put(&name.len().to_ne_bytes());
+                at.put(&value.len().to_ne_bytes());
+                at.put(&[u8::from(value.is_sensitive())]);
+                at.put(name);
+                at.put(value.as_bytes());
+            }
+        });
         Self {
-            text: text.into_boxed_slice(),
+            text,
             url_len: url.len(),
             sent_len: without_fragment(req.url()).len(),
             version: req.version(),
@@ -825,7 +895,7 @@ mod tests {
 
     use http::HeaderValue;
 
-    use super::{HEADER_PREFIX, Head, share, whole};
+    use super::{HEADER_PREFIX, Head, INLINE, Text, share, whole};
 
     async fn bytes_of(body: reqwest::Body) -> Bytes {
         body.collect().await.unwrap().to_bytes()
@@ -906,8 +976,13 @@ mod tests {
                 .build()
                 .unwrap(),
         ];
+        let mut kinds = Vec::new();
         for req in requests {
             let head = Head::of(&req);
+            // Kept in the future up to `INLINE` bytes, allocated beyond.
+            let inline = matches!(head.text, Text::Inline { .. });
+            assert_eq!(inline, head.text.len() <= INLINE);
+            kinds.push(inline);
             assert_eq!(head.url(), super::without_fragment(req.url()));
             assert_eq!(head.fragment(), req.url().fragment());
             // The replay takes the first response's URL, which has no fragment.
@@ -929,6 +1004,7 @@ mod tests {
             assert_eq!(copy.timeout(), cloned.timeout());
             assert!(copy.body().is_none());
         }
+        assert_eq!(kinds, [false, true, true]);
     }
 
     /// A head whose text was cut or corrupted never panics and never makes up a header: cut
