@@ -568,7 +568,8 @@ where
     let replayable = async {
         let (head, source) = (head?, body?);
         source.settle(shared.options().replay_body_wait).await;
-        source.take().map(|body| (head, body))
+        let body = source.take()?;
+        Some((head.into_parts()?, body))
     };
     match replay::recover(&shared, sent, &first_head, &method, replayable).await {
         Recovery::ReturnFirst => Ok(Response::from_parts(first_parts, first_body)),
@@ -617,7 +618,8 @@ where
     let replay = async {
         let (head, source, header) = (head?, body?, header?);
         source.settle(wait).await;
-        source.take().map(|body| (head, body, header))
+        let body = source.take()?;
+        Some((head.into_parts()?, body, header))
     }
     .await;
     let Some((head, body, header)) = replay else {
@@ -664,7 +666,7 @@ struct Replayed<R> {
 async fn send_replay<S, B, ResBody>(
     svc: &mut S,
     shared: &Shared,
-    head: RequestCopy,
+    mut head: http::request::Parts,
     body: ReplayBody<B>,
     header: http::HeaderValue,
 ) -> Result<Replayed<Response<ResBody>>, BoxError>
@@ -672,7 +674,6 @@ where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
-    let mut head = head.into_parts();
     head.headers.insert(AUTHORIZATION, header);
     replay::prove(shared, &head.method, &head.uri, &mut head.headers).map_err(|f| f.into_box())?;
     let uri = head.uri.clone();

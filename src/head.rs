@@ -198,17 +198,22 @@ pub(crate) fn timer_here() -> bool {
     timer
 }
 
-/// A request's head, kept for its replay: `http::request::Parts` with the headers as a list.
+/// A request's head, kept for its replay: `http::request::Parts` with the headers written
+/// into one buffer ([`write_records`]).
 ///
 /// Every request that may be replayed keeps one, in its future. A `Parts` clone copies the
-/// header map (two allocations: its index and its entries) into 224 bytes; this keeps the
-/// headers in one allocation (none for a request without headers) in 152 bytes, and builds
-/// the map again only for a replay.
+/// header map (two allocations: its index and its entries) into 224 bytes, and a header value
+/// made from a `&str` (`HeaderValue::from_str`, what `Request::builder().header(name, "…")`
+/// makes) shares its bytes only once cloned: an allocation, an atomic exchange, and an atomic
+/// count for each later clone and drop. This copies the headers' bytes into one allocation
+/// (none for a request without headers of its own) in 144 bytes, and builds the map again
+/// only for a replay.
 pub(crate) struct RequestCopy {
     pub(crate) method: Method,
     pub(crate) uri: Uri,
     version: Version,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    /// The headers, as [`write_records`] writes them.
+    headers: Box<[u8]>,
     extensions: Extensions,
 }
 
@@ -228,17 +233,19 @@ impl RequestCopy {
     #[inline(always)]
     fn copy(parts: &http::request::Parts, tokens: usize) -> Self {
         // The URI first: its clone may take an atomic count, which waits for the stores
-        // before it (the header list's are many).
+        // before it.
         let uri = parts.uri.clone();
-        let mut headers = Vec::new();
-        let kept = parts.headers.len().saturating_sub(tokens);
-        if kept > 0 {
-            headers = Vec::with_capacity(kept);
-            for (name, value) in &parts.headers {
-                if tokens == 0 || name != AUTHORIZATION {
-                    headers.push((name.clone(), value.clone()));
-                }
-            }
+        let mut headers = Box::default();
+        if parts.headers.len() > tokens {
+            let kept = || {
+                parts
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| tokens == 0 || *name != AUTHORIZATION)
+            };
+            let mut buf = Vec::with_capacity(records_len(kept()));
+            write_records(kept(), |bytes| buf.extend_from_slice(bytes));
+            headers = buf.into_boxed_slice();
         }
         Self {
             method: parts.method.clone(),
@@ -249,19 +256,191 @@ impl RequestCopy {
         }
     }
 
-    /// The head again, for the replay.
-    pub(crate) fn into_parts(self) -> http::request::Parts {
+    /// The head again, for the replay; `None` if a header cannot be made again (see
+    /// [`read_records`]): the request is then not replayed.
+    pub(crate) fn into_parts(self) -> Option<http::request::Parts> {
         let (mut parts, ()) = http::Request::new(()).into_parts();
-        // The copy came from a map that held these entries, so the map can hold them again.
-        let mut headers = HeaderMap::try_with_capacity(self.headers.len()).unwrap_or_default();
-        for (name, value) in self.headers {
-            headers.append(name, value);
-        }
+        read_records(&self.headers, &mut parts.headers)?;
         parts.method = self.method;
         parts.uri = self.uri;
         parts.version = self.version;
-        parts.headers = headers;
         parts.extensions = self.extensions;
+        Some(parts)
+    }
+}
+
+/// Bytes before each header's name and value in [`write_records`]' output: two lengths and a
+/// flag.
+pub(crate) const HEADER_PREFIX: usize = 2 * size_of::<usize>() + 1;
+
+/// The bytes [`write_records`] writes for `headers`.
+#[inline(always)]
+pub(crate) fn records_len<'a>(
+    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) -> usize {
+    headers.fold(0, |len, (name, value)| {
+        len + HEADER_PREFIX + name.as_str().len() + value.len()
+    })
+}
+
+/// Writes `headers` to `put`, one record after the other: the name's length and the value's
+/// (native `usize`s), whether the value is sensitive (one byte), the name and the value. A
+/// copy of the bytes, so that a request's headers are kept for a replay in one allocation
+/// (the request's own keep the bytes they share with nobody).
+#[inline(always)]
+pub(crate) fn write_records<'a>(
+    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    mut put: impl FnMut(&[u8]),
+) {
+    for (name, value) in headers {
+        let name = name.as_str().as_bytes();
+        put(&name.len().to_ne_bytes());
+        put(&value.len().to_ne_bytes());
+        put(&[u8::from(value.is_sensitive())]);
+        put(name);
+        put(value.as_bytes());
+    }
+}
+
+/// Appends the headers [`write_records`] wrote in `records` to `map`, each value keeping
+/// whether it is sensitive. `None` if `records` is cut inside a record or a length runs past
+/// its end (never a panic, never a made-up header; the records before stay appended), or if
+/// a name or value is not one `http` accepts: every `HeaderValue` safe code can make passes
+/// `HeaderValue::from_bytes` again; only one made with the `unsafe`
+/// `from_maybe_shared_unchecked` in breach of its contract (bytes a header value may not
+/// hold) does not.
+pub(crate) fn read_records(mut rest: &[u8], map: &mut HeaderMap) -> Option<()> {
+    while !rest.is_empty() {
+        let (name_len, after) = rest.split_first_chunk()?;
+        let (value_len, after) = after.split_first_chunk()?;
+        let (&sensitive, after) = after.split_first()?;
+        let name_len = usize::from_ne_bytes(*name_len);
+        let value_len = usize::from_ne_bytes(*value_len);
+        let (name, after) = after.split_at_checked(name_len)?;
+        let (value, after) = after.split_at_checked(value_len)?;
+        let name = HeaderName::from_bytes(name).ok()?;
+        let mut value = HeaderValue::from_bytes(value).ok()?;
+        value.set_sensitive(sensitive != 0);
+        map.append(name, value);
+        rest = after;
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use http::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, HeaderMap, HeaderName, HeaderValue};
+    use http::{Method, Request, Version};
+
+    use super::{HEADER_PREFIX, RequestCopy, read_records, records_len, write_records};
+
+    fn records(map: &HeaderMap) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_records(map.iter(), |bytes| out.extend_from_slice(bytes));
+        assert_eq!(out.len(), records_len(map.iter()));
+        out
+    }
+
+    /// Every entry with its sensitivity, in the map's order.
+    fn entries(map: &HeaderMap) -> Vec<(HeaderName, HeaderValue, bool)> {
+        map.iter()
+            .map(|(n, v)| (n.clone(), v.clone(), v.is_sensitive()))
+            .collect()
+    }
+
+    fn a_map() -> HeaderMap {
+        let mut secret = HeaderValue::from_static("session=s3cr3t");
+        secret.set_sensitive(true);
+        let mut map = HeaderMap::new();
+        map.append("x-one", HeaderValue::from_static("1"));
+        map.append(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        map.append(
+            "X-Bytes",
+            HeaderValue::from_bytes(b"caf\xc3\xa9 \x80\xff").unwrap(),
+        );
+        map.append("x-one", HeaderValue::from_str("2").unwrap());
+        map.append(COOKIE, secret);
+        map.append("x-empty", HeaderValue::from_static(""));
+        let custom = HeaderName::from_bytes(String::from("x-custom-name").as_bytes()).unwrap();
+        map.append(custom, HeaderValue::from_str("v").unwrap());
+        map
+    }
+
+    /// The copy's head, made again for the replay, is the request's but the layer's token:
+    /// method, URI, version, extensions, and every header in order with every value's bytes
+    /// and sensitivity.
+    #[test]
+    fn a_request_copy_is_the_head_again_without_the_token() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Trace(u32);
+        let mut req = Request::builder()
+            .method(Method::PATCH)
+            .uri("http://api.example/a?b=c")
+            .version(Version::HTTP_10)
+            .extension(Trace(7))
+            .body(())
+            .unwrap();
+        *req.headers_mut() = a_map();
+        let (mut parts, ()) = req.into_parts();
+        let plain = RequestCopy::of(&parts).into_parts().unwrap();
+        assert_eq!(entries(&plain.headers), entries(&parts.headers));
+        // With the layer's token in the map (`insert`: where the map puts it), the copy
+        // leaves it out.
         parts
+            .headers
+            .insert(AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let again = RequestCopy::without_token(&parts).into_parts().unwrap();
+        parts.headers.remove(AUTHORIZATION);
+        assert_eq!(entries(&again.headers), entries(&parts.headers));
+        assert_eq!(again.method, Method::PATCH);
+        assert_eq!(again.uri, parts.uri);
+        assert_eq!(again.version, Version::HTTP_10);
+        assert_eq!(again.extensions.get::<Trace>(), Some(&Trace(7)));
+        // Nothing but the token: nothing kept (no allocation), nothing made up.
+        let mut only_token = HeaderMap::new();
+        only_token.insert(AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let (mut bare, ()) = Request::new(()).into_parts();
+        bare.headers = only_token;
+        let copy = RequestCopy::without_token(&bare);
+        assert!(copy.headers.is_empty());
+        assert!(copy.into_parts().unwrap().headers.is_empty());
+    }
+
+    /// Records cut or corrupted never panic and never make up a header: cut between two
+    /// records they give exactly the headers before the cut; cut inside one, or with a length
+    /// past the end, they give `None`.
+    #[test]
+    fn cut_or_corrupt_records_keep_whole_records_only_and_never_panic() {
+        let map = a_map();
+        let all = entries(&map);
+        let text = records(&map);
+        let mut ends = vec![0];
+        for (name, value, _) in &all {
+            ends.push(ends[ends.len() - 1] + HEADER_PREFIX + name.as_str().len() + value.len());
+        }
+        assert_eq!(ends[ends.len() - 1], text.len());
+        for cut in 0..=text.len() {
+            let mut got = HeaderMap::new();
+            let read = read_records(&text[..cut], &mut got);
+            match ends.iter().position(|&end| end == cut) {
+                Some(whole) => {
+                    assert_eq!(read, Some(()), "cut at {cut}");
+                    assert_eq!(entries(&got), all[..whole], "cut at {cut}");
+                }
+                None => assert_eq!(read, None, "cut at {cut}"),
+            }
+        }
+        // A name's or a value's length past the end: `None`.
+        for at in [0, size_of::<usize>()] {
+            for len in [usize::MAX, text.len()] {
+                let mut bad = text.clone();
+                bad[at..at + size_of::<usize>()].copy_from_slice(&len.to_ne_bytes());
+                assert_eq!(read_records(&bad, &mut HeaderMap::new()), None);
+            }
+        }
+        // A name `http` refuses: `None`.
+        let mut bad = text.clone();
+        bad[HEADER_PREFIX] = b' ';
+        assert_eq!(read_records(&bad, &mut HeaderMap::new()), None);
     }
 }

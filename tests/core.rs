@@ -338,6 +338,9 @@ async fn replay_repeats_method_uri_version_headers_extensions_and_body() {
                 .header("content-type", "application/json")
                 .header("x-multi", "1")
                 .header("x-multi", "2")
+                .header("x-bytes", &b"caf\xc3\xa9 \x80\xff"[..])
+                .header("x-empty", "")
+                .header(format!("x-custom-{}", 1), "v")
                 .body(Full::new(body.clone()))
                 .unwrap();
             let mut secret = HeaderValue::from_static("session=s3cr3t");
@@ -370,6 +373,12 @@ async fn replay_repeats_method_uri_version_headers_extensions_and_body() {
             );
             assert_eq!(replay.headers, expected, "{method}: headers");
             assert_eq!(replay.headers.get_all("x-multi").iter().count(), 2);
+            assert_eq!(
+                replay.headers["x-bytes"].as_bytes(),
+                b"caf\xc3\xa9 \x80\xff"
+            );
+            assert_eq!(replay.headers["x-empty"], "");
+            assert_eq!(replay.headers["x-custom-1"], "v");
             assert!(
                 replay.headers[http::header::COOKIE].is_sensitive(),
                 "{method}: a sensitive header stays sensitive in the replay"
