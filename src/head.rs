@@ -286,7 +286,8 @@ pub(crate) fn records_len<'a>(
 /// Writes `headers` to `put`, one record after the other: the name's length and the value's
 /// (native `usize`s), whether the value is sensitive (one byte), the name and the value. A
 /// copy of the bytes, so that a request's headers are kept for a replay in one allocation
-/// (the request's own keep the bytes they share with nobody).
+/// and its own values stay as they are (a clone would make the bytes of one made from a
+/// `&str` shared: see [`RequestCopy`]).
 #[inline(always)]
 pub(crate) fn write_records<'a>(
     headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
